@@ -1,0 +1,135 @@
+// kvfold: a fixed-size attention memory with a recurrent update, Mem = Update(S_kv, Mem_pre).
+//
+// Public C++ API. Plain pointers and sizes, no Python types. Every array is float32, C order.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace kvfold {
+
+// Bad input: the message names the argument, what was expected and what was received.
+struct ValueError : std::invalid_argument {
+    using std::invalid_argument::invalid_argument;
+};
+struct TypeError : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+// Storage type of the pairs a cache keeps (sinks, window, memory slots). Compute is float32.
+enum class DType : uint8_t { float32 = 0, float16 = 1, bfloat16 = 2 };
+DType parse_dtype(const std::string& name);
+const char* dtype_name(DType dtype);
+size_t dtype_size(DType dtype);
+
+// A rule parameter: float64 values with a shape ({} for a scalar).
+struct Array {
+    std::vector<int64_t> shape;
+    std::vector<double> data;
+};
+
+// A user-supplied fold (rules.Custom). Called for one batch row with all KV heads:
+// mem_k (H, slots, d_k), mem_v (H, slots, d_v) are updated in place from k (H, d_k), v (H, d_v);
+// count is the number of pairs folded before this one. It may throw; the cache is then restored.
+using CustomFold = std::function<void(float* mem_k, float* mem_v, const float* k, const float* v,
+                                      int64_t count)>;
+
+// What a rule is: its kind ("cumulative", "ema", ...) and its parameters. This is what Python
+// passes in and what the state format stores.
+struct RuleSpec {
+    std::string kind;
+    std::map<std::string, Array> arrays;
+    std::map<std::string, std::string> options;
+    CustomFold custom;  // kind == "custom" only
+};
+
+// Checks a rule's parameters without building a cache; throws ValueError naming the parameter.
+void check_rule(const RuleSpec& spec);
+
+struct Config {
+    int64_t batch_size = 1;
+    int64_t num_heads = 1;        // KV heads
+    int64_t head_dim = 1;         // d_k
+    int64_t value_dim = 1;        // d_v
+    int64_t num_query_heads = 1;  // a multiple of num_heads (grouped-query attention)
+    int64_t window = 0;           // pairs kept exactly, FIFO
+    int64_t sinks = 0;            // first pairs kept exactly forever
+    double scale = 0;             // score scale; 0 means 1 / sqrt(head_dim)
+    DType dtype = DType::float32;
+    bool check_finite = true;     // reject NaN / Inf in inputs
+};
+
+// Per-token values of the gated / delta matrix rules (null when not given).
+// decay: log-space gate, (B, H, T) or (B, H, T, d_k) per decay_per_key; beta: (B, H, T).
+struct TokenGates {
+    const float* decay = nullptr;
+    bool decay_per_key = false;
+    const float* beta = nullptr;
+};
+
+class MemoryCache {
+   public:
+    MemoryCache(const Config& config, const RuleSpec& rule);
+    MemoryCache(const MemoryCache& other);  // deep copy
+    MemoryCache& operator=(const MemoryCache&) = delete;
+    ~MemoryCache();
+
+    const Config& config() const;
+    const RuleSpec& rule() const;
+    float scale() const;
+    int64_t memory_slots() const;  // summary slots a row can show (0 for Drop and matrix rules)
+    bool matrix_memory() const;    // true for the linear-attention family (S is d_k x d_v)
+
+    // k (B, H, T, d_k), v (B, H, T, d_v): T tokens per row, in order.
+    void update(const float* k, const float* v, int64_t T, const TokenGates& gates = {});
+    // q (B, Hq, d_k) -> out (B, Hq, d_v).
+    void attend(const float* q, float* out);
+    // update with one token, then attend (the token sees itself).
+    void step(const float* q, const float* k, const float* v, float* out,
+              const TokenGates& gates = {});
+    // q (B, Hq, T, d_k), k (B, H, T, d_k), v (B, H, T, d_v) -> out (B, Hq, T, d_v); a loop of step.
+    void forward(const float* q, const float* k, const float* v, int64_t T, float* out,
+                 const TokenGates& gates = {});
+
+    // Summary slots, oldest first, zero where not yet filled: keys (B, H, slots, d_k), values
+    // (B, H, slots, d_v). Matrix rules: S (B, H, d_k, d_v) in keys, z (B, H, d_k) in values.
+    void memory(float* keys, float* values) const;
+    void load_memory(const float* keys, const float* values);
+
+    // The visible set per row [sinks | slots | window], oldest first, padded to visible_size():
+    // keys (B, H, n, d_k), values (B, H, n, d_v), mask (B, n).
+    int64_t visible_size() const;
+    void visible(float* keys, float* values, uint8_t* mask) const;
+
+    void reset();
+    void reset_rows(const int64_t* rows, int64_t count);
+    std::vector<int64_t> lengths() const;
+    size_t nbytes() const;
+
+    // Versioned little-endian binary state with CRC32; see README "Persistence and rollback".
+    std::string to_bytes() const;
+    static std::unique_ptr<MemoryCache> from_bytes(const void* data, size_t size);
+
+    struct Impl;
+
+   private:
+    explicit MemoryCache(std::unique_ptr<Impl> impl);
+    std::unique_ptr<Impl> impl_;
+};
+
+// The kernels chosen at load time: "scalar", "avx2", "avx512" or "neon".
+const char* simd_backend();
+// Backends this machine can run, best last.
+std::vector<std::string> available_backends();
+// Caps the backend (for tests); throws ValueError for an unknown or unavailable name.
+void set_simd_backend(const std::string& name);
+
+const char* version();
+
+}  // namespace kvfold

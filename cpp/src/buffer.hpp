@@ -1,0 +1,72 @@
+// Aligned storage split into equal per-lane slices. A lane is one (batch row, KV head).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <utility>
+
+namespace kvfold {
+
+constexpr size_t kAlign = 64;
+
+inline size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
+
+// Every buffer of a cache is a LaneBuffer: sized first (plan), allocated once (allocate), never
+// grown. Reset, copy, reorder and the state format treat all of them alike.
+class LaneBuffer {
+   public:
+    LaneBuffer() = default;
+    LaneBuffer(const LaneBuffer&) = delete;
+    LaneBuffer& operator=(const LaneBuffer&) = delete;
+    ~LaneBuffer() { std::free(data_); }
+
+    void plan(int64_t lanes, size_t bytes_per_lane) {
+        lanes_ = lanes;
+        lane_bytes_ = bytes_per_lane;
+        stride_ = bytes_per_lane ? round_up(bytes_per_lane, kAlign) : 0;
+    }
+    // SIZE_MAX when the size does not fit in memory at all.
+    size_t planned_bytes() const {
+        size_t n;
+        return __builtin_mul_overflow(stride_, static_cast<size_t>(lanes_), &n) ? SIZE_MAX : n;
+    }
+
+    void allocate() {
+        std::free(data_);
+        data_ = nullptr;
+        size_t n = planned_bytes();
+        if (n == 0) return;
+        data_ = static_cast<uint8_t*>(std::aligned_alloc(kAlign, n));
+        if (!data_) throw std::bad_alloc();
+        std::memset(data_, 0, n);
+    }
+
+    int64_t lanes() const { return lanes_; }
+    size_t stride() const { return stride_; }
+    size_t lane_bytes() const { return lane_bytes_; }  // without the alignment padding
+    size_t bytes() const { return data_ ? planned_bytes() : 0; }
+    uint8_t* data() { return data_; }
+    const uint8_t* data() const { return data_; }
+
+    template <class T = uint8_t>
+    T* lane(int64_t i) { return reinterpret_cast<T*>(data_ + stride_ * static_cast<size_t>(i)); }
+    template <class T = uint8_t>
+    const T* lane(int64_t i) const {
+        return reinterpret_cast<const T*>(data_ + stride_ * static_cast<size_t>(i));
+    }
+    void zero_lane(int64_t i) {
+        if (stride_) std::memset(lane(i), 0, stride_);
+    }
+
+   private:
+    uint8_t* data_ = nullptr;
+    int64_t lanes_ = 0;
+    size_t lane_bytes_ = 0;
+    size_t stride_ = 0;
+};
+
+}  // namespace kvfold

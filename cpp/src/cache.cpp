@@ -1,0 +1,515 @@
+// The model: per row and KV head, token t becomes a sink, enters the window, or (pushed out of the
+// window) is folded into the rule's memory; queries attend over [sinks | memory slots | window].
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "attention.hpp"
+#include "cache_impl.hpp"
+#include "parallel.hpp"
+
+namespace kvfold {
+
+const char* version() { return KVFOLD_VERSION; }
+
+DType parse_dtype(const std::string& name) {
+    if (name == "float32") return DType::float32;
+    if (name == "float16") return DType::float16;
+    if (name == "bfloat16") return DType::bfloat16;
+    throw ValueError("dtype: expected 'float32', 'float16' or 'bfloat16', got '" + name + "'");
+}
+const char* dtype_name(DType t) {
+    switch (t) {
+        case DType::float16: return "float16";
+        case DType::bfloat16: return "bfloat16";
+        default: return "float32";
+    }
+}
+size_t dtype_size(DType t) { return t == DType::float32 ? 4 : 2; }
+
+namespace {
+
+constexpr int64_t kMaxDim = int64_t(1) << 20;     // heads, head_dim, value_dim
+constexpr int64_t kMaxBatch = int64_t(1) << 24;
+constexpr int64_t kMaxTokens = int64_t(1) << 32;  // window, sinks
+
+void check_range(const char* name, int64_t value, int64_t lo, int64_t hi) {
+    if (value < lo || value > hi)
+        throw ValueError(std::string(name) + ": expected an integer in [" + std::to_string(lo) + ", " +
+                         std::to_string(hi) + "], got " + std::to_string(value));
+}
+
+size_t physical_memory() {
+    long pages = sysconf(_SC_PHYS_PAGES), size = sysconf(_SC_PAGE_SIZE);
+    return pages > 0 && size > 0 ? static_cast<size_t>(pages) * static_cast<size_t>(size) : SIZE_MAX;
+}
+
+std::string shape_str(const std::vector<int64_t>& shape) {
+    std::string s = "(";
+    for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+    return s + ")";
+}
+
+void check_finite(const char* name, const float* x, const std::vector<int64_t>& shape) {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    if (kernels().all_finite(x, n)) return;
+    int64_t i = 0;
+    while (std::isfinite(x[i])) ++i;
+    std::vector<int64_t> index(shape.size());
+    for (size_t a = shape.size(), rest = i; a-- > 0;) {
+        index[a] = static_cast<int64_t>(rest % shape[a]);
+        rest /= shape[a];
+    }
+    throw ValueError(std::string(name) + ": expected finite values, got " + (std::isnan(x[i]) ? "NaN" : "Inf") +
+                     " at index " + shape_str(index) + " (check_finite=False skips this check)");
+}
+
+// Per-thread scratch for float32 copies of stored rows; grows once, then never allocates.
+float* scratch(size_t n) {
+    thread_local std::vector<float> buf;
+    if (buf.size() < n) buf.resize(n);
+    return buf.data();
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Construction
+
+MemoryCache::Impl::Impl(const Config& c, const RuleSpec& s) : cfg(c), spec(s) {
+    check_range("batch_size", c.batch_size, 1, kMaxBatch);
+    check_range("num_heads", c.num_heads, 1, kMaxDim);
+    check_range("head_dim", c.head_dim, 1, kMaxDim);
+    check_range("value_dim", c.value_dim, 1, kMaxDim);
+    check_range("num_query_heads", c.num_query_heads, 1, kMaxDim);
+    if (c.num_query_heads % c.num_heads)
+        throw ValueError("num_query_heads: expected a multiple of num_heads=" + std::to_string(c.num_heads) +
+                         ", got " + std::to_string(c.num_query_heads));
+    check_range("window", c.window, 0, kMaxTokens);
+    check_range("sinks", c.sinks, 0, kMaxTokens);
+    if (c.scale == 0)
+        scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.head_dim)));
+    else if (std::isfinite(c.scale) && c.scale > 0 && std::isfinite(static_cast<float>(c.scale)))
+        scale = static_cast<float>(c.scale);
+    else
+        throw ValueError("scale: expected a finite number > 0, got " + std::to_string(c.scale));
+    if (c.dtype != DType::float32 && c.dtype != DType::float16 && c.dtype != DType::bfloat16)
+        throw ValueError("dtype: expected float32, float16 or bfloat16, got code " +
+                         std::to_string(static_cast<int>(c.dtype)));
+
+    rule = make_rule(spec);
+    lanes = c.batch_size * c.num_heads;
+    group = c.num_query_heads / c.num_heads;
+    rule->plan(Dims{lanes, c.num_heads, c.head_dim, c.value_dim, c.dtype});
+    const size_t es = dtype_size(c.dtype);
+    sink_k.plan(lanes, es * c.sinks * c.head_dim);
+    sink_v.plan(lanes, es * c.sinks * c.value_dim);
+    win_k.plan(lanes, es * c.window * c.head_dim);
+    win_v.plan(lanes, es * c.window * c.value_dim);
+
+    size_t need = planned_bytes(), have = physical_memory();
+    if (need > have)
+        throw ValueError("cache size: this configuration (batch_size=" + std::to_string(c.batch_size) +
+                         ", num_heads=" + std::to_string(c.num_heads) + ", window=" + std::to_string(c.window) +
+                         ", sinks=" + std::to_string(c.sinks) + ") needs " + std::to_string(need) +
+                         " bytes, more than this machine's " + std::to_string(have));
+}
+
+MemoryCache::Impl::Impl(const Impl& o) : Impl(o.cfg, o.spec) {
+    allocate();
+    copy_state_from(o);
+}
+
+void MemoryCache::Impl::copy_state_from(const Impl& o) {
+    auto dst = buffers();
+    auto src = o.buffers();
+    for (size_t i = 0; i < dst.size(); ++i)
+        if (dst[i]->bytes()) std::memcpy(dst[i]->data(), src[i]->data(), dst[i]->bytes());
+    length = o.length;
+}
+
+std::vector<LaneBuffer*> MemoryCache::Impl::buffers() {
+    std::vector<LaneBuffer*> all{&sink_k, &sink_v, &win_k, &win_v};
+    for (LaneBuffer* b : rule->buffers()) all.push_back(b);
+    return all;
+}
+
+std::vector<const LaneBuffer*> MemoryCache::Impl::buffers() const {
+    auto all = const_cast<Impl*>(this)->buffers();
+    return {all.begin(), all.end()};
+}
+
+size_t MemoryCache::Impl::planned_bytes() const {
+    size_t total = sizeof(int64_t) * static_cast<size_t>(cfg.batch_size);
+    for (const LaneBuffer* b : buffers()) {
+        size_t n = b->planned_bytes();
+        if (n == SIZE_MAX || total + n < total) return SIZE_MAX;
+        total += n;
+    }
+    return total;
+}
+
+void MemoryCache::Impl::allocate() {
+    for (LaneBuffer* b : buffers()) b->allocate();
+    length.assign(cfg.batch_size, 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The model, per lane
+
+namespace {
+
+struct Model {
+    MemoryCache::Impl& c;
+    int64_t dk() const { return c.cfg.head_dim; }
+    int64_t dv() const { return c.cfg.value_dim; }
+
+    // Puts a lane's token into its sink or window slot. Returns the fold count of the pair that
+    // must now be folded (-1 if none) and points fk/fv at it: the input itself when window = 0,
+    // else a float32 copy of the evicted pair in ek/ev.
+    int64_t place(int64_t lane, int64_t len, const float* kt, const float* vt, float* ek, float* ev,
+                  const float** fk, const float** fv) {
+        const Config& cfg = c.cfg;
+        const size_t es = dtype_size(cfg.dtype);
+        if (len < cfg.sinks) {
+            store_row(c.sink_k.lane(lane) + len * dk() * es, kt, dk(), cfg.dtype);
+            store_row(c.sink_v.lane(lane) + len * dv() * es, vt, dv(), cfg.dtype);
+            return -1;
+        }
+        int64_t j = len - cfg.sinks;  // index among non-sink tokens
+        if (cfg.window == 0) {
+            *fk = kt;
+            *fv = vt;
+            return j;
+        }
+        int64_t pos = j % cfg.window, count = -1;
+        uint8_t* wk = c.win_k.lane(lane) + pos * dk() * es;
+        uint8_t* wv = c.win_v.lane(lane) + pos * dv() * es;
+        if (j >= cfg.window) {
+            load_row(ek, wk, dk(), cfg.dtype);
+            load_row(ev, wv, dv(), cfg.dtype);
+            *fk = ek;
+            *fv = ev;
+            count = j - cfg.window;
+        }
+        store_row(wk, kt, dk(), cfg.dtype);
+        store_row(wv, vt, dv(), cfg.dtype);
+        return count;
+    }
+
+    // One lane takes T tokens (k: T x d_k, v: T x d_v) from a row length of len0.
+    void append_lane(int64_t lane, int64_t len0, const float* k, const float* v, int64_t T) {
+        float* ek = scratch(dk() + dv());
+        float* ev = ek + dk();
+        for (int64_t t = 0; t < T; ++t) {
+            const float *fk, *fv;
+            int64_t count = place(lane, len0 + t, k + t * dk(), v + t * dv(), ek, ev, &fk, &fv);
+            if (count >= 0) c.rule->fold(lane, fk, fv, count);
+        }
+    }
+
+    // Row-wise rules: token t of row b for all heads; k, v are (H, T, d) for this row.
+    void append_row_token(int64_t b, int64_t t, const float* k, const float* v, int64_t T,
+                          std::vector<float>& gather) {
+        const int64_t H = c.cfg.num_heads;
+        gather.resize(H * (dk() + dv()));
+        float* ek = gather.data();
+        float* ev = ek + H * dk();
+        int64_t count = -1;
+        for (int64_t h = 0; h < H; ++h) {
+            const float *fk, *fv;
+            float* hk = ek + h * dk();
+            float* hv = ev + h * dv();
+            count = place(b * H + h, c.length[b] + t, k + (h * T + t) * dk(), v + (h * T + t) * dv(), hk, hv,
+                          &fk, &fv);
+            if (count >= 0 && fk != hk) {
+                std::memcpy(hk, fk, sizeof(float) * dk());
+                std::memcpy(hv, fv, sizeof(float) * dv());
+            }
+        }
+        if (count >= 0) c.rule->fold_row(b, ek, ev, count);
+    }
+
+    // out (d_v) for query q (d_k) of a lane whose row has seen len tokens.
+    void attend_head(int64_t lane, int64_t len, const float* q, float* out) const {
+        const Config& cfg = c.cfg;
+        const DType t = cfg.dtype;
+        Segment segs[3] = {
+            {c.sink_k.lane(lane), c.sink_v.lane(lane), c.sinks_held(len), t},
+            {c.rule->slot_keys(lane), c.rule->slot_values(lane), c.rule->visible_slots(c.folded(len)),
+             DType::float32},
+            {c.win_k.lane(lane), c.win_v.lane(lane), c.window_held(len), t},
+        };
+        attend_segments(q, segs, 3, dk(), dv(), c.scale, out);
+    }
+
+    // All query heads of a lane: q rows at q0 + g * q_stride, outputs at o0 + g * o_stride.
+    void attend_lane(int64_t lane, int64_t len, const float* q0, int64_t q_stride, float* o0,
+                     int64_t o_stride) const {
+        for (int64_t g = 0; g < c.group; ++g) attend_head(lane, len, q0 + g * q_stride, o0 + g * o_stride);
+    }
+};
+
+double attend_flops(const MemoryCache::Impl& c) {
+    double rows = static_cast<double>(c.cfg.sinks + c.cfg.window + c.rule->max_slots() + 1);
+    return 2.0 * rows * static_cast<double>(c.cfg.head_dim + c.cfg.value_dim) * static_cast<double>(c.group);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Public API
+
+MemoryCache::MemoryCache(const Config& config, const RuleSpec& rule) : impl_(std::make_unique<Impl>(config, rule)) {
+    impl_->allocate();
+}
+MemoryCache::MemoryCache(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+MemoryCache::MemoryCache(const MemoryCache& other) {
+    std::lock_guard<std::mutex> lock(other.impl_->mu);
+    impl_ = std::make_unique<Impl>(*other.impl_);
+}
+MemoryCache::~MemoryCache() = default;
+
+const Config& MemoryCache::config() const { return impl_->cfg; }
+const RuleSpec& MemoryCache::rule() const { return impl_->spec; }
+float MemoryCache::scale() const { return impl_->scale; }
+int64_t MemoryCache::memory_slots() const { return impl_->rule->max_slots(); }
+bool MemoryCache::matrix_memory() const { return false; }
+
+namespace {
+
+// Validates a block of tokens before anything changes.
+void check_tokens(const MemoryCache::Impl& c, const float* k, const float* v, int64_t T, const TokenGates& gates) {
+    if (T < 1) throw ValueError("k: expected at least one token (T >= 1), got T=" + std::to_string(T));
+    if (gates.decay || gates.beta)
+        throw ValueError(std::string(gates.decay ? "decay" : "beta") + ": the " + c.spec.kind +
+                         " rule takes no per-token gates, got one");
+    if (!c.cfg.check_finite) return;
+    const Config& g = c.cfg;
+    check_finite("k", k, {g.batch_size, g.num_heads, T, g.head_dim});
+    check_finite("v", v, {g.batch_size, g.num_heads, T, g.value_dim});
+}
+
+void check_queries(const MemoryCache::Impl& c, const float* q, int64_t T) {
+    if (!c.cfg.check_finite) return;
+    const Config& g = c.cfg;
+    if (T == 0)
+        check_finite("q", q, {g.batch_size, g.num_query_heads, g.head_dim});
+    else
+        check_finite("q", q, {g.batch_size, g.num_query_heads, T, g.head_dim});
+}
+
+// Appends T tokens to every row. Row-wise (user) rules may throw: the state is then restored.
+void append(MemoryCache::Impl& c, const float* k, const float* v, int64_t T) {
+    const Config& g = c.cfg;
+    Model m{c};
+    if (!c.rule->folds_rows()) {
+        parallel_for(c.lanes, 4.0 * T * (g.head_dim + g.value_dim), [&](int64_t lo, int64_t hi) {
+            for (int64_t lane = lo; lane < hi; ++lane)
+                m.append_lane(lane, c.length[lane / g.num_heads], k + lane * T * g.head_dim,
+                              v + lane * T * g.value_dim, T);
+        });
+        for (int64_t& len : c.length) len += T;
+        return;
+    }
+    MemoryCache::Impl saved(c);
+    try {
+        std::vector<float> gather;
+        for (int64_t b = 0; b < g.batch_size; ++b) {
+            const float* kb = k + b * g.num_heads * T * g.head_dim;
+            const float* vb = v + b * g.num_heads * T * g.value_dim;
+            for (int64_t t = 0; t < T; ++t) m.append_row_token(b, t, kb, vb, T, gather);
+            c.length[b] += T;
+        }
+    } catch (...) {
+        c.copy_state_from(saved);
+        throw;
+    }
+}
+
+void attend_all(const MemoryCache::Impl& c, const float* q, float* out) {
+    const Config& g = c.cfg;
+    Model m{const_cast<MemoryCache::Impl&>(c)};
+    parallel_for(c.lanes, attend_flops(c), [&](int64_t lo, int64_t hi) {
+        for (int64_t lane = lo; lane < hi; ++lane) {
+            int64_t b = lane / g.num_heads, h = lane % g.num_heads;
+            int64_t hq = b * g.num_query_heads + h * c.group;  // first query head of this lane
+            m.attend_lane(lane, c.length[b], q + hq * g.head_dim, g.head_dim, out + hq * g.value_dim, g.value_dim);
+        }
+    });
+}
+
+}  // namespace
+
+void MemoryCache::update(const float* k, const float* v, int64_t T, const TokenGates& gates) {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    check_tokens(*impl_, k, v, T, gates);
+    append(*impl_, k, v, T);
+}
+
+void MemoryCache::attend(const float* q, float* out) {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    check_queries(*impl_, q, 0);
+    attend_all(*impl_, q, out);
+}
+
+void MemoryCache::step(const float* q, const float* k, const float* v, float* out, const TokenGates& gates) {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    check_tokens(*impl_, k, v, 1, gates);
+    check_queries(*impl_, q, 0);
+    append(*impl_, k, v, 1);
+    attend_all(*impl_, q, out);
+}
+
+void MemoryCache::forward(const float* q, const float* k, const float* v, int64_t T, float* out,
+                          const TokenGates& gates) {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    Impl& c = *impl_;
+    const Config& g = c.cfg;
+    check_tokens(c, k, v, T, gates);
+    check_queries(c, q, T);
+    const int64_t dk = g.head_dim, dv = g.value_dim, H = g.num_heads, Hq = g.num_query_heads;
+    Model m{c};
+    if (c.rule->folds_rows()) {  // token by token through the guarded row path
+        std::vector<float> kt(g.batch_size * H * dk), vt(g.batch_size * H * dv), qt(g.batch_size * Hq * dk),
+            ot(g.batch_size * Hq * dv);
+        Impl saved(c);
+        try {
+            for (int64_t t = 0; t < T; ++t) {
+                for (int64_t r = 0; r < g.batch_size * H; ++r) {
+                    std::memcpy(&kt[r * dk], k + (r * T + t) * dk, sizeof(float) * dk);
+                    std::memcpy(&vt[r * dv], v + (r * T + t) * dv, sizeof(float) * dv);
+                }
+                for (int64_t r = 0; r < g.batch_size * Hq; ++r) std::memcpy(&qt[r * dk], q + (r * T + t) * dk, sizeof(float) * dk);
+                append(c, kt.data(), vt.data(), 1);
+                attend_all(c, qt.data(), ot.data());
+                for (int64_t r = 0; r < g.batch_size * Hq; ++r) std::memcpy(out + (r * T + t) * dv, &ot[r * dv], sizeof(float) * dv);
+            }
+        } catch (...) {
+            c.copy_state_from(saved);
+            throw;
+        }
+        return;
+    }
+    parallel_for(c.lanes, T * (attend_flops(c) + 4.0 * (dk + dv)), [&](int64_t lo, int64_t hi) {
+        float* ek = nullptr;
+        for (int64_t lane = lo; lane < hi; ++lane) {
+            int64_t b = lane / H, h = lane % H, hq = b * Hq + h * c.group;
+            const float* kl = k + lane * T * dk;
+            const float* vl = v + lane * T * dv;
+            for (int64_t t = 0; t < T; ++t) {
+                int64_t len = c.length[b] + t;
+                ek = scratch(dk + dv);
+                const float *fk, *fv;
+                int64_t count = m.place(lane, len, kl + t * dk, vl + t * dv, ek, ek + dk, &fk, &fv);
+                if (count >= 0) c.rule->fold(lane, fk, fv, count);
+                m.attend_lane(lane, len + 1, q + (hq * T + t) * dk, T * dk, out + (hq * T + t) * dv, T * dv);
+            }
+        }
+    });
+    for (int64_t& len : c.length) len += T;
+}
+
+void MemoryCache::memory(float* keys, float* values) const {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    const Impl& c = *impl_;
+    const int64_t S = c.rule->max_slots(), dk = c.cfg.head_dim, dv = c.cfg.value_dim;
+    for (int64_t lane = 0; lane < c.lanes; ++lane) {
+        int64_t f = c.folded(c.length[lane / c.cfg.num_heads]);
+        int64_t shown = c.rule->visible_slots(f), oldest = c.rule->oldest_slot(f);
+        float* ko = keys + lane * S * dk;
+        float* vo = values + lane * S * dv;
+        std::memset(ko, 0, sizeof(float) * S * dk);
+        std::memset(vo, 0, sizeof(float) * S * dv);
+        for (int64_t s = 0; s < shown; ++s) {
+            int64_t src = (oldest + s) % S;
+            std::memcpy(ko + s * dk, c.rule->slot_keys(lane) + src * dk, sizeof(float) * dk);
+            std::memcpy(vo + s * dv, c.rule->slot_values(lane) + src * dv, sizeof(float) * dv);
+        }
+    }
+}
+
+int64_t MemoryCache::visible_size() const {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    int64_t n = 0;
+    for (int64_t len : impl_->length) n = std::max(n, impl_->visible_rows(len));
+    return n;
+}
+
+void MemoryCache::visible(float* keys, float* values, uint8_t* mask) const {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    const Impl& c = *impl_;
+    const Config& g = c.cfg;
+    const int64_t dk = g.head_dim, dv = g.value_dim, H = g.num_heads;
+    const size_t es = dtype_size(g.dtype);
+    int64_t n = 0;
+    for (int64_t len : c.length) n = std::max(n, c.visible_rows(len));
+    std::memset(keys, 0, sizeof(float) * c.lanes * n * dk);
+    std::memset(values, 0, sizeof(float) * c.lanes * n * dv);
+    for (int64_t b = 0; b < g.batch_size; ++b) {
+        int64_t len = c.length[b], shown = c.visible_rows(len);
+        for (int64_t i = 0; i < n; ++i) mask[b * n + i] = i < shown;
+    }
+    for (int64_t lane = 0; lane < c.lanes; ++lane) {
+        int64_t len = c.length[lane / H], row = 0;
+        float* ko = keys + lane * n * dk;
+        float* vo = values + lane * n * dv;
+        auto put = [&](const uint8_t* k, const uint8_t* v, DType t) {
+            load_row(ko + row * dk, k, dk, t);
+            load_row(vo + row * dv, v, dv, t);
+            ++row;
+        };
+        for (int64_t s = 0; s < c.sinks_held(len); ++s)
+            put(c.sink_k.lane(lane) + s * dk * es, c.sink_v.lane(lane) + s * dv * es, g.dtype);
+        int64_t f = c.folded(len), S = c.rule->max_slots();
+        for (int64_t s = 0; s < c.rule->visible_slots(f); ++s) {
+            int64_t src = (c.rule->oldest_slot(f) + s) % S;
+            put(reinterpret_cast<const uint8_t*>(c.rule->slot_keys(lane) + src * dk),
+                reinterpret_cast<const uint8_t*>(c.rule->slot_values(lane) + src * dv), DType::float32);
+        }
+        int64_t held = c.window_held(len), first = len - c.sinks_held(len) - held;
+        for (int64_t i = 0; i < held; ++i) {
+            int64_t pos = (first + i) % g.window;
+            put(c.win_k.lane(lane) + pos * dk * es, c.win_v.lane(lane) + pos * dv * es, g.dtype);
+        }
+    }
+}
+
+void MemoryCache::reset() {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    for (LaneBuffer* b : impl_->buffers())
+        if (b->bytes()) std::memset(b->data(), 0, b->bytes());
+    for (int64_t& len : impl_->length) len = 0;
+}
+
+void MemoryCache::reset_rows(const int64_t* rows, int64_t count) {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    Impl& c = *impl_;
+    const int64_t B = c.cfg.batch_size, H = c.cfg.num_heads;
+    for (int64_t i = 0; i < count; ++i)
+        if (rows[i] < 0 || rows[i] >= B)
+            throw ValueError("rows: expected row indices in [0, " + std::to_string(B) + "), got " +
+                             std::to_string(rows[i]) + " at position " + std::to_string(i));
+    for (int64_t i = 0; i < count; ++i) {
+        for (LaneBuffer* buf : c.buffers())
+            for (int64_t h = 0; h < H; ++h) buf->zero_lane(rows[i] * H + h);
+        c.length[rows[i]] = 0;
+    }
+}
+
+std::vector<int64_t> MemoryCache::lengths() const {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    return impl_->length;
+}
+
+size_t MemoryCache::nbytes() const {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    size_t total = sizeof(int64_t) * impl_->length.size();
+    for (const LaneBuffer* b : impl_->buffers()) total += b->bytes();
+    return total;
+}
+
+}  // namespace kvfold

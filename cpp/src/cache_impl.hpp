@@ -1,0 +1,48 @@
+// The cache's state, shared by cache.cpp (the model) and state_io.cpp (the state format).
+#pragma once
+
+#include <mutex>
+#include <vector>
+
+#include "buffer.hpp"
+#include "kvfold/kvfold.hpp"
+#include "rule.hpp"
+
+namespace kvfold {
+
+struct MemoryCache::Impl {
+    Config cfg;
+    RuleSpec spec;
+    std::unique_ptr<Rule> rule;
+    int64_t lanes = 0;   // batch rows x KV heads
+    int64_t group = 1;   // query heads per KV head
+    float scale = 1;
+    LaneBuffer sink_k, sink_v, win_k, win_v;  // storage dtype, [lanes][sinks|window][d]
+    std::vector<int64_t> length;              // tokens seen per row
+    mutable std::mutex mu;                    // one call at a time; the GIL is released
+
+    // Checks the configuration and sizes every buffer; allocates nothing.
+    Impl(const Config& config, const RuleSpec& rule_spec);
+    Impl(const Impl& other);  // deep copy of configuration and state
+    size_t planned_bytes() const;
+    void allocate();
+    // Copies lengths and every buffer from a cache of the same configuration.
+    void copy_state_from(const Impl& other);
+
+    // Every per-lane buffer: the cache's own, then the rule's.
+    std::vector<LaneBuffer*> buffers();
+    std::vector<const LaneBuffer*> buffers() const;
+
+    // Where a row's tokens sit, from its length.
+    int64_t sinks_held(int64_t len) const { return len < cfg.sinks ? len : cfg.sinks; }
+    int64_t window_held(int64_t len) const {
+        int64_t rest = len - sinks_held(len);
+        return rest < cfg.window ? rest : cfg.window;
+    }
+    int64_t folded(int64_t len) const { return len - sinks_held(len) - window_held(len); }
+    int64_t visible_rows(int64_t len) const {
+        return sinks_held(len) + rule->visible_slots(folded(len)) + window_held(len);
+    }
+};
+
+}  // namespace kvfold

@@ -1,0 +1,96 @@
+// Picks the kernel table once: the best ISA this CPU and OS support, capped by KVFOLD_SIMD.
+#include <atomic>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "kvfold/kvfold.hpp"
+#include "kernels.hpp"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+#endif
+
+namespace kvfold {
+namespace {
+
+#if defined(__x86_64__) || defined(_M_X64)
+uint64_t xgetbv0() {
+    uint32_t lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return (static_cast<uint64_t>(hi) << 32) | lo;
+}
+
+bool cpu_has_avx2() {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
+    bool osxsave = c & (1u << 27), fma = c & (1u << 12), f16c = c & (1u << 29), avx = c & (1u << 28);
+    if (!(osxsave && fma && f16c && avx)) return false;
+    if ((xgetbv0() & 0x6) != 0x6) return false;  // OS saves XMM and YMM state
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    return b & (1u << 5);
+}
+
+bool cpu_has_avx512() {
+    if (!cpu_has_avx2()) return false;
+    unsigned a, b, c, d;
+    if ((xgetbv0() & 0xe6) != 0xe6) return false;  // and opmask, ZMM_Hi256, Hi16_ZMM
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    bool f = b & (1u << 16), dq = b & (1u << 17), bw = b & (1u << 30), vl = b & (1u << 31);
+    return f && dq && bw && vl;
+}
+#endif
+
+// Tables this machine can run, worst first.
+std::vector<const Kernels*> runnable() {
+    std::vector<const Kernels*> out{scalar_kernels()};
+#if defined(__x86_64__) || defined(_M_X64)
+    if (avx2_kernels() && cpu_has_avx2()) out.push_back(avx2_kernels());
+    if (avx512_kernels() && cpu_has_avx512()) out.push_back(avx512_kernels());
+#elif defined(__aarch64__)
+    if (neon_kernels()) out.push_back(neon_kernels());
+#endif
+    return out;
+}
+
+const Kernels* pick(const std::string& cap) {
+    auto tables = runnable();
+    if (cap.empty()) return tables.back();
+    for (auto* t : tables)
+        if (cap == t->name) return t;
+    return nullptr;
+}
+
+const Kernels* initial() {
+    const char* env = std::getenv("KVFOLD_SIMD");
+    const Kernels* t = pick(env ? env : "");
+    // An unknown or unavailable cap in the environment falls back to the best table; the
+    // Python package reports it at import.
+    return t ? t : pick("");
+}
+
+std::atomic<const Kernels*> active{initial()};
+
+}  // namespace
+
+const Kernels& kernels() { return *active.load(std::memory_order_relaxed); }
+
+const char* simd_backend() { return kernels().name; }
+
+std::vector<std::string> available_backends() {
+    std::vector<std::string> names;
+    for (auto* t : runnable()) names.push_back(t->name);
+    return names;
+}
+
+void set_simd_backend(const std::string& name) {
+    const Kernels* t = pick(name);
+    if (!t) {
+        std::string have;
+        for (auto& n : available_backends()) have += (have.empty() ? "" : ", ") + n;
+        throw ValueError("simd backend: expected one of " + have + " on this machine, got '" + name + "'");
+    }
+    active.store(t);
+}
+
+}  // namespace kvfold

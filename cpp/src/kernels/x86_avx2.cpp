@@ -1,0 +1,220 @@
+// x86 AVX2 + FMA + F16C kernels. The target pragma keeps the rest of the build baseline x86-64.
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+#include <cmath>
+
+#include "../half.hpp"
+#include "kernels.hpp"
+
+// Headers stay outside the target region so no inline function of theirs is emitted with AVX2.
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+
+namespace kvfold {
+namespace {
+
+inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+inline __m256 load_f16(const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256 load_bf16(const uint16_t* p) {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256 load_f32(const float* p) { return _mm256_loadu_ps(p); }
+
+// exp(x) for x <= 0 (softmax after the max shift): Cephes polynomial, about 1 ulp.
+inline __m256 exp_ps(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.33654f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+template <class T, __m256 (*Load)(const T*), float (*Scalar)(T)>
+float dot(const float* a, const T* b, int64_t n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), Load(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), Load(b + i + 8), s1);
+    }
+    if (i + 8 <= n) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), Load(b + i), s0);
+        i += 8;
+    }
+    float s = hsum(_mm256_add_ps(s0, s1));
+    for (; i < n; ++i) s += a[i] * Scalar(b[i]);
+    return s;
+}
+
+template <class T, __m256 (*Load)(const T*), float (*Scalar)(T)>
+void axpy(float* y, float a, const T* x, int64_t n) {
+    __m256 va = _mm256_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, Load(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; ++i) y[i] += a * Scalar(x[i]);
+}
+
+inline float id(float x) { return x; }
+
+void f32_to_f16(uint16_t* y, const float* x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; ++i) y[i] = float_to_half(x[i]);
+}
+void f16_to_f32(float* y, const uint16_t* x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, load_f16(x + i));
+    for (; i < n; ++i) y[i] = half_to_float(x[i]);
+}
+void f32_to_bf16(uint16_t* y, const float* x, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) y[i] = float_to_bf16(x[i]);
+}
+void bf16_to_f32(float* y, const uint16_t* x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, load_bf16(x + i));
+    for (; i < n; ++i) y[i] = bf16_to_float(x[i]);
+}
+
+void scale(float* y, float a, int64_t n) {
+    __m256 va = _mm256_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_mul_ps(va, _mm256_loadu_ps(y + i)));
+    for (; i < n; ++i) y[i] *= a;
+}
+
+float max(const float* x, int64_t n) {
+    int64_t i = 0;
+    float m = x[0];
+    if (n >= 8) {
+        __m256 vm = _mm256_loadu_ps(x);
+        for (i = 8; i + 8 <= n; i += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(x + i));
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(vm), _mm256_extractf128_ps(vm, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        m = _mm_cvtss_f32(h);
+    }
+    for (; i < n; ++i) m = x[i] > m ? x[i] : m;
+    return m;
+}
+
+float exp_sum(float* x, float shift, int64_t n) {
+    __m256 vs = _mm256_set1_ps(shift), acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), vs));
+        _mm256_storeu_ps(x + i, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    float s = hsum(acc);
+    for (; i < n; ++i) {
+        x[i] = std::exp(x[i] - shift);
+        s += x[i];
+    }
+    return s;
+}
+
+bool all_finite(const float* x, int64_t n) {
+    // A float is finite when its exponent bits are not all ones.
+    const __m256i mask = _mm256_set1_epi32(0x7f800000);
+    __m256i bad = _mm256_setzero_si256();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256i e = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i)), mask);
+        bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(e, mask));
+    }
+    if (!_mm256_testz_si256(bad, bad)) return false;
+    for (; i < n; ++i)
+        if (!std::isfinite(x[i])) return false;
+    return true;
+}
+
+void add_f64(double* s, const float* x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4)
+        _mm256_storeu_pd(s + i, _mm256_add_pd(_mm256_loadu_pd(s + i), _mm256_cvtps_pd(_mm_loadu_ps(x + i))));
+    for (; i < n; ++i) s[i] += x[i];
+}
+void sub_f64(double* s, const float* x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4)
+        _mm256_storeu_pd(s + i, _mm256_sub_pd(_mm256_loadu_pd(s + i), _mm256_cvtps_pd(_mm_loadu_ps(x + i))));
+    for (; i < n; ++i) s[i] -= x[i];
+}
+void mul_f64(float* y, const double* s, double a, int64_t n) {
+    __m256d va = _mm256_set1_pd(a);
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) _mm_storeu_ps(y + i, _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_loadu_pd(s + i), va)));
+    for (; i < n; ++i) y[i] = static_cast<float>(s[i] * a);
+}
+void lerp_f64(double* s, const float* x, double a, int64_t n) {
+    __m256d va = _mm256_set1_pd(a);
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        __m256d vs = _mm256_loadu_pd(s + i);
+        __m256d d = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(x + i)), vs);
+        _mm256_storeu_pd(s + i, _mm256_fmadd_pd(va, d, vs));
+    }
+    for (; i < n; ++i) s[i] += a * (x[i] - s[i]);
+}
+void max_f32(float* y, const float* x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_max_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; ++i) y[i] = x[i] > y[i] ? x[i] : y[i];
+}
+
+const Kernels table = {
+    "avx2",
+    dot<float, load_f32, id>,
+    dot<uint16_t, load_f16, half_to_float>,
+    dot<uint16_t, load_bf16, bf16_to_float>,
+    axpy<float, load_f32, id>,
+    axpy<uint16_t, load_f16, half_to_float>,
+    axpy<uint16_t, load_bf16, bf16_to_float>,
+    f32_to_f16,
+    f16_to_f32,
+    f32_to_bf16,
+    bf16_to_f32,
+    scale,
+    max,
+    exp_sum,
+    all_finite,
+    add_f64,
+    sub_f64,
+    mul_f64,
+    lerp_f64,
+    max_f32,
+};
+
+}  // namespace
+
+const Kernels* avx2_kernels() { return &table; }
+
+}  // namespace kvfold
+#pragma GCC pop_options
+#else
+#include "kernels.hpp"
+namespace kvfold {
+const Kernels* avx2_kernels() { return nullptr; }
+}  // namespace kvfold
+#endif

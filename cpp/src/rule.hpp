@@ -1,0 +1,77 @@
+// A rule owns one thing: the memory that evicted pairs are folded into, per lane.
+// The cache owns sinks, window, attention and the row counters.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "buffer.hpp"
+#include "kernels/kernels.hpp"
+#include "kvfold/kvfold.hpp"
+
+namespace kvfold {
+
+struct Dims {
+    int64_t lanes = 0;  // batch rows x KV heads
+    int64_t heads = 0;  // KV heads
+    int64_t dk = 0, dv = 0;
+    DType dtype = DType::float32;
+};
+
+class Rule {
+   public:
+    virtual ~Rule() = default;
+
+    // Sizes the per-lane state; checks parameters that depend on the cache's shape.
+    virtual void plan(const Dims& dims) { dims_ = dims; }
+
+    // Folds one pair into lane `lane`; `count` pairs were folded into it before.
+    virtual void fold(int64_t lane, const float* k, const float* v, int64_t count) = 0;
+
+    // Summary rules: key/value slots (float32, [lanes][max_slots][d]) read by softmax attention.
+    virtual int64_t max_slots() const { return 0; }
+    // Slots holding something after `folded` folds; they are rows [0, n) of the lane's slots.
+    virtual int64_t visible_slots(int64_t folded) const { return folded > 0 ? max_slots() : 0; }
+    // Slot holding the oldest summary after `folded` folds (slots form a ring).
+    virtual int64_t oldest_slot(int64_t /*folded*/) const { return 0; }
+
+    // Custom rules fold a whole batch row (all heads) through a user callback, one thread.
+    virtual bool folds_rows() const { return false; }
+    virtual void fold_row(int64_t /*row*/, const float* /*k*/, const float* /*v*/, int64_t /*count*/) {}
+
+    const float* slot_keys(int64_t lane) const { return slot_k_.lane<float>(lane); }
+    const float* slot_values(int64_t lane) const { return slot_v_.lane<float>(lane); }
+    float* slot_keys(int64_t lane) { return slot_k_.lane<float>(lane); }
+    float* slot_values(int64_t lane) { return slot_v_.lane<float>(lane); }
+
+    // All per-lane state, for reset, copy, reorder and the state format.
+    const std::vector<LaneBuffer*>& buffers() const { return buffers_; }
+
+   protected:
+    // Plans the slot buffers and registers them together with the rule's own state.
+    void plan_slots(int64_t slots) {
+        slot_k_.plan(dims_.lanes, sizeof(float) * slots * dims_.dk);
+        slot_v_.plan(dims_.lanes, sizeof(float) * slots * dims_.dv);
+        buffers_ = {&slot_k_, &slot_v_};
+    }
+    void add_buffer(LaneBuffer& b, size_t bytes_per_lane) {
+        b.plan(dims_.lanes, bytes_per_lane);
+        buffers_.push_back(&b);
+    }
+
+    Dims dims_;
+    LaneBuffer slot_k_, slot_v_;
+    std::vector<LaneBuffer*> buffers_;
+};
+
+// Builds the rule a spec describes (parameters checked, nothing allocated).
+std::unique_ptr<Rule> make_rule(const RuleSpec& spec);
+
+// Parameter access for rule constructors: each throws ValueError naming the parameter.
+const Array& param(const RuleSpec& spec, const char* name);
+double scalar_param(const RuleSpec& spec, const char* name);
+int64_t int_param(const RuleSpec& spec, const char* name, int64_t lo, int64_t hi);
+std::string option(const RuleSpec& spec, const char* name, const std::vector<std::string>& allowed);
+
+}  // namespace kvfold

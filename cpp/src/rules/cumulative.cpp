@@ -1,0 +1,31 @@
+// Cumulative: Mem_i = (kv_i + i * Mem_{i-1}) / (i + 1), the mean of every folded pair.
+// The running sum is float64 so the mean keeps moving after 2^24 pairs.
+#include "../rule.hpp"
+
+namespace kvfold {
+namespace {
+class Cumulative final : public Rule {
+   public:
+    void plan(const Dims& d) override {
+        Rule::plan(d);
+        plan_slots(1);
+        add_buffer(sum_k_, sizeof(double) * d.dk);
+        add_buffer(sum_v_, sizeof(double) * d.dv);
+    }
+    void fold(int64_t lane, const float* k, const float* v, int64_t count) override {
+        const Kernels& K = kernels();
+        double inv = 1.0 / static_cast<double>(count + 1);
+        K.add_f64(sum_k_.lane<double>(lane), k, dims_.dk);
+        K.add_f64(sum_v_.lane<double>(lane), v, dims_.dv);
+        K.mul_f64(slot_keys(lane), sum_k_.lane<double>(lane), inv, dims_.dk);
+        K.mul_f64(slot_values(lane), sum_v_.lane<double>(lane), inv, dims_.dv);
+    }
+    int64_t max_slots() const override { return 1; }
+
+   private:
+    LaneBuffer sum_k_, sum_v_;
+};
+}  // namespace
+
+std::unique_ptr<Rule> make_cumulative(const RuleSpec&) { return std::make_unique<Cumulative>(); }
+}  // namespace kvfold

@@ -1,0 +1,38 @@
+// EMA: the first folded pair sets Mem; then Mem_i = (1 - alpha) Mem_{i-1} + alpha kv_i.
+// The state is float64: in float32 the rounding error of a small alpha grows like eps / alpha.
+#include "../rule.hpp"
+
+namespace kvfold {
+namespace {
+class EMA final : public Rule {
+   public:
+    explicit EMA(double alpha) : alpha_(alpha) {}
+    void plan(const Dims& d) override {
+        Rule::plan(d);
+        plan_slots(1);
+        add_buffer(mem_k_, sizeof(double) * d.dk);
+        add_buffer(mem_v_, sizeof(double) * d.dv);
+    }
+    void fold(int64_t lane, const float* k, const float* v, int64_t count) override {
+        const Kernels& K = kernels();
+        double a = count == 0 ? 1.0 : alpha_;  // lerp with weight 1 sets Mem to the pair
+        K.lerp_f64(mem_k_.lane<double>(lane), k, a, dims_.dk);
+        K.lerp_f64(mem_v_.lane<double>(lane), v, a, dims_.dv);
+        K.mul_f64(slot_keys(lane), mem_k_.lane<double>(lane), 1.0, dims_.dk);
+        K.mul_f64(slot_values(lane), mem_v_.lane<double>(lane), 1.0, dims_.dv);
+    }
+    int64_t max_slots() const override { return 1; }
+
+   private:
+    double alpha_;
+    LaneBuffer mem_k_, mem_v_;
+};
+}  // namespace
+
+std::unique_ptr<Rule> make_ema(const RuleSpec& spec) {
+    double alpha = scalar_param(spec, "alpha");
+    if (!(alpha > 0 && alpha <= 1))
+        throw ValueError("ema rule: alpha must be in (0, 1], got " + std::to_string(alpha));
+    return std::make_unique<EMA>(alpha);
+}
+}  // namespace kvfold

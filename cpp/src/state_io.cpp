@@ -1,0 +1,228 @@
+// The state format, version 1. Little-endian throughout:
+//   magic "KVFOLD\r\n" (8 bytes), u32 format version, u32 reserved (0)
+//   config: i64 batch_size, num_heads, head_dim, value_dim, num_query_heads, window, sinks;
+//           f64 scale (0 = default); u8 dtype (0 float32, 1 float16, 2 bfloat16); u8 check_finite
+//   rule:   str kind; u32 count, then per array: str name, u32 ndim, i64 shape[ndim], f64 data[...];
+//           u32 count, then per option: str name, str value
+//   i64 length[batch_size]
+//   u32 buffer count, then per buffer: u64 bytes per lane, then every lane's bytes in lane order
+//   u32 CRC32 (zlib's) of everything before it
+// A str is a u32 byte count and the bytes. Sizes are checked against the input before anything is
+// allocated.
+#include <algorithm>
+#include <array>
+#include <cstring>
+
+#include "cache_impl.hpp"
+
+namespace kvfold {
+namespace {
+
+constexpr char kMagic[8] = {'K', 'V', 'F', 'O', 'L', 'D', '\r', '\n'};
+constexpr uint32_t kFormatVersion = 1;
+constexpr uint32_t kMaxName = 1 << 12;
+
+bool little_endian_host() {
+    const uint16_t one = 1;
+    uint8_t first;
+    std::memcpy(&first, &one, 1);
+    return first == 1;
+}
+
+uint32_t crc32(const uint8_t* p, size_t n) {
+    static const auto table = [] {
+        std::array<uint32_t, 256> t{};
+        for (uint32_t i = 0; i < 256; ++i) {
+            uint32_t c = i;
+            for (int k = 0; k < 8; ++k) c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+            t[i] = c;
+        }
+        return t;
+    }();
+    uint32_t c = 0xFFFFFFFFu;
+    for (size_t i = 0; i < n; ++i) c = table[(c ^ p[i]) & 0xFF] ^ (c >> 8);
+    return c ^ 0xFFFFFFFFu;
+}
+
+class Writer {
+   public:
+    template <class T>
+    void put(T x) { raw(&x, sizeof(T)); }
+    void str(const std::string& s) {
+        put<uint32_t>(static_cast<uint32_t>(s.size()));
+        raw(s.data(), s.size());
+    }
+    void raw(const void* p, size_t n) { out.append(static_cast<const char*>(p), n); }
+    std::string out;
+};
+
+class Reader {
+   public:
+    Reader(const uint8_t* p, size_t n) : p_(p), n_(n) {}
+    size_t left() const { return n_ - at_; }
+    template <class T>
+    T get(const char* what) {
+        T x;
+        std::memcpy(&x, take(sizeof(T), what), sizeof(T));
+        return x;
+    }
+    std::string str(const char* what) {
+        uint32_t n = get<uint32_t>(what);
+        if (n > kMaxName) fail(std::string(what) + " is " + std::to_string(n) + " bytes long, at most " +
+                               std::to_string(kMaxName) + " allowed");
+        return std::string(reinterpret_cast<const char*>(take(n, what)), n);
+    }
+    const uint8_t* take(size_t n, const char* what) {
+        if (n > left())
+            fail("truncated: " + std::string(what) + " needs " + std::to_string(n) + " bytes at offset " +
+                 std::to_string(at_) + ", only " + std::to_string(left()) + " remain");
+        const uint8_t* p = p_ + at_;
+        at_ += n;
+        return p;
+    }
+    [[noreturn]] static void fail(const std::string& why) { throw ValueError("data: invalid kvfold state: " + why); }
+
+   private:
+    const uint8_t* p_;
+    size_t n_, at_ = 0;
+};
+
+}  // namespace
+
+std::string MemoryCache::to_bytes() const {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    const Impl& c = *impl_;
+    if (c.spec.kind == "custom")
+        throw ValueError("rule: Custom rules cannot be serialized (their function is Python code); "
+                         "use copy() within a process");
+    if (!little_endian_host()) throw ValueError("to_bytes: the state format needs a little-endian host");
+    Writer w;
+    w.raw(kMagic, 8);
+    w.put<uint32_t>(kFormatVersion);
+    w.put<uint32_t>(0);
+    const Config& g = c.cfg;
+    for (int64_t x : {g.batch_size, g.num_heads, g.head_dim, g.value_dim, g.num_query_heads, g.window, g.sinks})
+        w.put<int64_t>(x);
+    w.put<double>(g.scale);
+    w.put<uint8_t>(static_cast<uint8_t>(g.dtype));
+    w.put<uint8_t>(g.check_finite ? 1 : 0);
+    w.str(c.spec.kind);
+    w.put<uint32_t>(static_cast<uint32_t>(c.spec.arrays.size()));
+    for (const auto& [name, a] : c.spec.arrays) {
+        w.str(name);
+        w.put<uint32_t>(static_cast<uint32_t>(a.shape.size()));
+        for (int64_t d : a.shape) w.put<int64_t>(d);
+        w.raw(a.data.data(), sizeof(double) * a.data.size());
+    }
+    w.put<uint32_t>(static_cast<uint32_t>(c.spec.options.size()));
+    for (const auto& [name, value] : c.spec.options) {
+        w.str(name);
+        w.str(value);
+    }
+    w.raw(c.length.data(), sizeof(int64_t) * c.length.size());
+    auto bufs = c.buffers();
+    w.put<uint32_t>(static_cast<uint32_t>(bufs.size()));
+    for (const LaneBuffer* b : bufs) {
+        w.put<uint64_t>(b->lane_bytes());
+        for (int64_t lane = 0; lane < b->lanes() && b->lane_bytes(); ++lane) w.raw(b->lane(lane), b->lane_bytes());
+    }
+    w.put<uint32_t>(crc32(reinterpret_cast<const uint8_t*>(w.out.data()), w.out.size()));
+    return std::move(w.out);
+}
+
+std::unique_ptr<MemoryCache> MemoryCache::from_bytes(const void* data, size_t size) {
+    if (!little_endian_host()) throw ValueError("from_bytes: the state format needs a little-endian host");
+    const auto* bytes = static_cast<const uint8_t*>(data);
+    if (size < 8 + 4 + 4 + 4) Reader::fail("truncated: " + std::to_string(size) + " bytes is shorter than any state");
+    if (std::memcmp(bytes, kMagic, 8) != 0) Reader::fail("wrong magic (this is not a kvfold state)");
+    uint32_t version;
+    std::memcpy(&version, bytes + 8, 4);
+    if (version > kFormatVersion)
+        Reader::fail("format version " + std::to_string(version) + " is newer than this kvfold reads (" +
+                     std::to_string(kFormatVersion) + "); upgrade kvfold");
+    if (version == 0) Reader::fail("format version 0 does not exist");
+    uint32_t stored_crc;
+    std::memcpy(&stored_crc, bytes + size - 4, 4);
+    if (crc32(bytes, size - 4) != stored_crc) Reader::fail("CRC32 mismatch (the data is corrupted or truncated)");
+
+    Reader r(bytes + 16, size - 16 - 4);
+    Config g;
+    g.batch_size = r.get<int64_t>("batch_size");
+    g.num_heads = r.get<int64_t>("num_heads");
+    g.head_dim = r.get<int64_t>("head_dim");
+    g.value_dim = r.get<int64_t>("value_dim");
+    g.num_query_heads = r.get<int64_t>("num_query_heads");
+    g.window = r.get<int64_t>("window");
+    g.sinks = r.get<int64_t>("sinks");
+    g.scale = r.get<double>("scale");
+    uint8_t dtype = r.get<uint8_t>("dtype");
+    if (dtype > 2) Reader::fail("dtype code " + std::to_string(dtype) + " is not 0, 1 or 2");
+    g.dtype = static_cast<DType>(dtype);
+    g.check_finite = r.get<uint8_t>("check_finite") != 0;
+
+    RuleSpec spec;
+    spec.kind = r.str("rule kind");
+    uint32_t arrays = r.get<uint32_t>("rule array count");
+    for (uint32_t i = 0; i < arrays; ++i) {
+        std::string name = r.str("rule array name");
+        uint32_t ndim = r.get<uint32_t>("rule array rank");
+        if (ndim > 8) Reader::fail("rule array '" + name + "' has rank " + std::to_string(ndim) + ", at most 8");
+        Array a;
+        size_t count = 1;
+        for (uint32_t d = 0; d < ndim; ++d) {
+            int64_t n = r.get<int64_t>("rule array shape");
+            if (n < 0 || static_cast<uint64_t>(n) > r.left() / sizeof(double) ||
+                (count && static_cast<size_t>(n) > r.left() / sizeof(double) / count))
+                Reader::fail("rule array '" + name + "' claims more values than the data holds");
+            a.shape.push_back(n);
+            count *= static_cast<size_t>(n);
+        }
+        a.data.resize(count);
+        std::memcpy(a.data.data(), r.take(sizeof(double) * count, "rule array values"), sizeof(double) * count);
+        spec.arrays[name] = std::move(a);
+    }
+    uint32_t options = r.get<uint32_t>("rule option count");
+    for (uint32_t i = 0; i < options; ++i) {
+        std::string name = r.str("rule option name");
+        spec.options[name] = r.str("rule option value");
+    }
+    if (spec.kind == "custom") Reader::fail("Custom rules cannot be serialized");
+
+    if (g.batch_size < 1 || static_cast<uint64_t>(g.batch_size) > r.left() / sizeof(int64_t))
+        Reader::fail("batch_size " + std::to_string(g.batch_size) + " does not fit the data");
+    std::vector<int64_t> length(static_cast<size_t>(g.batch_size));
+    std::memcpy(length.data(), r.take(sizeof(int64_t) * length.size(), "lengths"), sizeof(int64_t) * length.size());
+    for (size_t b = 0; b < length.size(); ++b)
+        if (length[b] < 0) Reader::fail("length of row " + std::to_string(b) + " is negative");
+
+    auto impl = std::make_unique<Impl>(g, spec);  // validates configuration and rule; plans buffers
+    // Every state byte is in the data, so what is allocated is bounded by the input size.
+    size_t state = 0;
+    for (const LaneBuffer* b : impl->buffers()) {
+        size_t n;
+        if (__builtin_mul_overflow(b->lane_bytes(), static_cast<size_t>(b->lanes()), &n) ||
+            __builtin_add_overflow(state, n, &state))
+            state = SIZE_MAX;
+    }
+    if (state > r.left())
+        Reader::fail("the configuration needs " + (state == SIZE_MAX ? std::string("more") : std::to_string(state)) +
+                     " bytes of state, the data holds " + std::to_string(r.left()));
+    impl->allocate();
+    impl->length = std::move(length);
+    uint32_t nbuf = r.get<uint32_t>("buffer count");
+    auto bufs = impl->buffers();
+    if (nbuf != bufs.size())
+        Reader::fail("expected " + std::to_string(bufs.size()) + " buffers for this rule, got " + std::to_string(nbuf));
+    for (LaneBuffer* b : bufs) {
+        uint64_t lane_bytes = r.get<uint64_t>("buffer size");
+        if (lane_bytes != b->lane_bytes())
+            Reader::fail("a buffer holds " + std::to_string(lane_bytes) + " bytes per lane, the configuration needs " +
+                         std::to_string(b->lane_bytes()));
+        for (int64_t lane = 0; lane < b->lanes() && lane_bytes; ++lane)
+            std::memcpy(b->lane(lane), r.take(lane_bytes, "buffer"), lane_bytes);
+    }
+    if (r.left()) Reader::fail(std::to_string(r.left()) + " unexpected bytes after the last buffer");
+    return std::unique_ptr<MemoryCache>(new MemoryCache(std::move(impl)));
+}
+
+}  // namespace kvfold

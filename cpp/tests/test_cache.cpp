@@ -1,0 +1,149 @@
+// The model end to end through the public API.
+#include <cmath>
+#include <cstring>
+#include <random>
+
+#include "check.hpp"
+#include "kvfold/kvfold.hpp"
+
+using kvfold::Array;
+using kvfold::Config;
+using kvfold::MemoryCache;
+using kvfold::RuleSpec;
+
+namespace {
+
+RuleSpec rule(const char* kind, std::map<std::string, double> scalars = {}) {
+    RuleSpec s;
+    s.kind = kind;
+    for (auto& [k, v] : scalars) s.arrays[k] = Array{{}, {v}};
+    return s;
+}
+
+std::vector<float> random(size_t n, unsigned seed) {
+    std::mt19937 g(seed);
+    std::normal_distribution<float> d;
+    std::vector<float> x(n);
+    for (float& f : x) f = d(g);
+    return x;
+}
+
+Config config(int64_t B, int64_t H, int64_t d, int64_t window, int64_t sinks) {
+    Config c;
+    c.batch_size = B;
+    c.num_heads = H;
+    c.num_query_heads = H;
+    c.head_dim = d;
+    c.value_dim = d;
+    c.window = window;
+    c.sinks = sinks;
+    return c;
+}
+
+}  // namespace
+
+TEST(cumulative_is_the_mean) {
+    const int64_t d = 7, T = 50;
+    MemoryCache cache(config(1, 1, d, 0, 0), rule("cumulative"));
+    auto k = random(T * d, 1), v = random(T * d, 2);
+    cache.update(k.data(), v.data(), T);
+    std::vector<float> mk(d), mv(d);
+    cache.memory(mk.data(), mv.data());
+    for (int64_t i = 0; i < d; ++i) {
+        double sk = 0, sv = 0;
+        for (int64_t t = 0; t < T; ++t) sk += k[t * d + i], sv += v[t * d + i];
+        CHECK_NEAR(mk[i], sk / T, 1e-6);
+        CHECK_NEAR(mv[i], sv / T, 1e-6);
+    }
+}
+
+TEST(one_slot_attention_returns_its_value) {
+    const int64_t d = 17;
+    MemoryCache cache(config(1, 1, d, 0, 0), rule("ema", {{"alpha", 0.5}}));
+    auto k = random(d, 3), v = random(d, 4), q = random(d, 5);
+    std::vector<float> out(d);
+    cache.step(q.data(), k.data(), v.data(), out.data());
+    for (int64_t i = 0; i < d; ++i) CHECK_NEAR(out[i], v[i], 1e-6);
+}
+
+TEST(empty_cache_attends_to_zeros) {
+    MemoryCache cache(config(2, 3, 5, 4, 1), rule("drop"));
+    auto q = random(2 * 3 * 5, 6);
+    std::vector<float> out(2 * 3 * 5, 1.0f);
+    cache.attend(q.data(), out.data());
+    for (float x : out) CHECK(x == 0.0f);
+}
+
+TEST(window_longer_than_stream_is_full_attention) {
+    const int64_t d = 33, T = 70;
+    MemoryCache cache(config(1, 1, d, 128, 0), rule("drop"));
+    auto q = random(T * d, 7), k = random(T * d, 8), v = random(T * d, 9);
+    std::vector<float> out(T * d);
+    cache.forward(q.data(), k.data(), v.data(), T, out.data());
+    float scale = 1.0f / std::sqrt(float(d));
+    for (int64_t t = 0; t < T; t += 13) {
+        std::vector<double> w(t + 1);
+        double m = -1e300, z = 0;
+        for (int64_t j = 0; j <= t; ++j) {
+            double s = 0;
+            for (int64_t i = 0; i < d; ++i) s += double(q[t * d + i]) * k[j * d + i];
+            w[j] = s * scale;
+            m = std::max(m, w[j]);
+        }
+        for (auto& x : w) z += (x = std::exp(x - m));
+        for (int64_t i = 0; i < d; ++i) {
+            double o = 0;
+            for (int64_t j = 0; j <= t; ++j) o += w[j] / z * v[j * d + i];
+            CHECK_NEAR(out[t * d + i], o, 1e-5);
+        }
+    }
+}
+
+TEST(state_round_trip_is_bit_exact) {
+    const int64_t d = 9, T = 40;
+    RuleSpec spec = rule("compressive", {{"slots", 3}, {"rate", 4}});
+    spec.options["pool"] = "max";
+    Config c = config(2, 2, d, 5, 2);
+    c.dtype = kvfold::DType::float16;
+    MemoryCache cache(c, spec);
+    auto k = random(2 * 2 * T * d, 10), v = random(2 * 2 * T * d, 11);
+    cache.update(k.data(), v.data(), T);
+    std::string bytes = cache.to_bytes();
+    auto loaded = MemoryCache::from_bytes(bytes.data(), bytes.size());
+    CHECK(loaded->to_bytes() == bytes);
+    CHECK(loaded->nbytes() == cache.nbytes());
+    auto q = random(2 * 2 * d, 12);
+    std::vector<float> a(2 * 2 * d), b(2 * 2 * d);
+    cache.attend(q.data(), a.data());
+    loaded->attend(q.data(), b.data());
+    CHECK(std::memcmp(a.data(), b.data(), sizeof(float) * a.size()) == 0);
+    // Every single-byte corruption is caught.
+    for (size_t i = 0; i < bytes.size(); i += 7) {
+        std::string bad = bytes;
+        bad[i] = static_cast<char>(bad[i] ^ 0x5a);
+        CHECK_THROWS(MemoryCache::from_bytes(bad.data(), bad.size()), kvfold::ValueError);
+    }
+    for (size_t n = 0; n < bytes.size(); n += 11) CHECK_THROWS(MemoryCache::from_bytes(bytes.data(), n), kvfold::ValueError);
+}
+
+TEST(bad_configuration_is_a_value_error) {
+    CHECK_THROWS(MemoryCache(config(0, 1, 4, 0, 0), rule("drop")), kvfold::ValueError);
+    CHECK_THROWS(MemoryCache(config(1, 1, 4, -1, 0), rule("drop")), kvfold::ValueError);
+    CHECK_THROWS(MemoryCache(config(1, 1, 4, int64_t(1) << 32, 0), rule("drop")), kvfold::ValueError);
+    CHECK_THROWS(MemoryCache(config(1, 1, 4, 0, 0), rule("ema", {{"alpha", 0}})), kvfold::ValueError);
+    CHECK_THROWS(MemoryCache(config(1, 1, 4, 0, 0), rule("nonsense")), kvfold::ValueError);
+    Config c = config(1, 2, 4, 0, 0);
+    c.num_query_heads = 3;
+    CHECK_THROWS(MemoryCache(c, rule("drop")), kvfold::ValueError);
+}
+
+TEST(non_finite_input_is_rejected_and_changes_nothing) {
+    const int64_t d = 4;
+    MemoryCache cache(config(1, 1, d, 2, 0), rule("cumulative"));
+    auto k = random(d, 13), v = random(d, 14);
+    cache.update(k.data(), v.data(), 1);
+    std::string before = cache.to_bytes();
+    k[2] = NAN;
+    CHECK_THROWS(cache.update(k.data(), v.data(), 1), kvfold::ValueError);
+    CHECK(cache.to_bytes() == before);
+}

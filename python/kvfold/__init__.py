@@ -1,0 +1,133 @@
+"""kvfold: fixed-size attention memory for CPUs.
+
+A transformer's KV cache grows with every token. ``kvfold.MemoryCache`` keeps it at a fixed size:
+the first ``sinks`` pairs are kept exactly, the last ``window`` pairs too, and every pair pushed out
+of the window is folded into a small memory by an update rule, ``Mem = Update(S_kv, Mem_pre)``.
+Queries attend over ``[sinks | memory | window]``.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Optional
+
+from . import _core, rules
+from ._core import available_backends, simd_backend
+
+__version__: str = _core.__version__
+
+__all__ = ["MemoryCache", "rules", "reference", "simd_backend", "available_backends", "__version__"]
+
+
+def _size(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an integer, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+class MemoryCache(_core.MemoryCache):
+    """A fixed-size attention memory for ``batch_size`` rows of ``num_heads`` KV heads.
+
+    Per row and KV head, token t's pair (k_t, v_t) becomes a sink while fewer than ``sinks`` pairs
+    were seen, else enters the window (the last ``window`` pairs, FIFO); a pair pushed out of the
+    window (every non-sink pair when ``window=0``) is folded into the memory by ``rule``.
+    ``attend(q)`` is softmax attention of each query head over ``[sinks | memory slots | window]``
+    of its KV head (query head h reads KV head ``h // (num_query_heads // num_heads)``).
+
+    ``dtype`` ("float32", "float16", "bfloat16") is how sinks and window are stored; compute is float32.
+    Inputs of any real dtype and layout are converted; NaN/Inf is rejected unless ``check_finite=False``.
+    Bad input raises ValueError or TypeError and leaves the cache as it was.
+    """
+
+    def __init__(
+        self,
+        rule: Optional[rules.Rule],
+        num_heads: int,
+        head_dim: int,
+        value_dim: Optional[int] = None,
+        num_query_heads: Optional[int] = None,
+        batch_size: int = 1,
+        window: int = 0,
+        sinks: int = 0,
+        scale: Optional[float] = None,
+        dtype: str = "float32",
+        check_finite: bool = True,
+    ) -> None:
+        rule = rules.Drop() if rule is None else rule
+        if not isinstance(rule, rules.Rule):
+            raise TypeError(f"rule: expected a kvfold.rules rule (e.g. rules.Cumulative()), got {type(rule).__name__}")
+        num_heads = _size("num_heads", num_heads)
+        head_dim = _size("head_dim", head_dim)
+        value_dim = head_dim if value_dim is None else _size("value_dim", value_dim)
+        num_query_heads = num_heads if num_query_heads is None else _size("num_query_heads", num_query_heads)
+        if scale is None:
+            scale = 0.0
+        elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise TypeError(f"scale: expected a real number or None, got {type(scale).__name__} {scale!r}")
+        elif not float(scale) > 0:
+            raise ValueError(f"scale: expected a finite number > 0, got {scale!r}")
+        if not isinstance(dtype, str):
+            dtype = getattr(dtype, "__name__", str(dtype))
+        if not isinstance(check_finite, bool):
+            raise TypeError(f"check_finite: expected True or False, got {type(check_finite).__name__}")
+        super().__init__(
+            rule._spec(),
+            batch_size=_size("batch_size", batch_size),
+            num_heads=num_heads,
+            head_dim=head_dim,
+            value_dim=value_dim,
+            num_query_heads=num_query_heads,
+            window=_size("window", window),
+            sinks=_size("sinks", sinks),
+            scale=float(scale),
+            dtype=str(dtype),
+            check_finite=check_finite,
+        )
+        self._rule = rule
+
+    @property
+    def rule(self) -> rules.Rule:
+        """The update rule that folds evicted pairs into the memory."""
+        return self._rule
+
+    def copy(self) -> "MemoryCache":
+        """An independent deep copy (configuration and state)."""
+        new = type(self).__new__(type(self))
+        _core.MemoryCache.__init__(new, self)
+        new._rule = self._rule
+        return new
+
+    __copy__ = copy
+
+    def __deepcopy__(self, memo: Any) -> "MemoryCache":
+        return self.copy()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "MemoryCache":
+        """A cache from ``to_bytes()`` output; ValueError on truncated, corrupt or foreign data."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"data: expected bytes, got {type(data).__name__}")
+        new = cls.__new__(cls)
+        _core.MemoryCache.__init__(new, bytes(data))
+        new._rule = rules.from_spec(new._rule_spec)
+        return new
+
+    def __reduce__(self) -> Any:
+        return (_restore, (type(self), self.to_bytes()))
+
+    def __repr__(self) -> str:
+        lengths = self.length.tolist()
+        shown = lengths if len(lengths) <= 8 else lengths[:8] + ["..."]
+        return (
+            f"MemoryCache(rule={self.rule!r}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
+            f"value_dim={self.value_dim}, num_query_heads={self.num_query_heads}, batch_size={self.batch_size}, "
+            f"window={self.window}, sinks={self.sinks}, scale={self.scale:.6g}, dtype={self.dtype!r}, "
+            f"check_finite={self.check_finite}, length={shown}, nbytes={self.nbytes})"
+        )
+
+
+def _restore(cls: type, data: bytes) -> MemoryCache:
+    return cls.from_bytes(data)
+
+
+from . import reference  # noqa: E402  (reference imports rules only; kept last for a flat namespace)

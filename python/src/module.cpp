@@ -1,0 +1,346 @@
+// kvfold._core: the only file that knows about Python. Converts and checks arrays, releases the
+// GIL around the work, and turns the core's exceptions into ValueError / TypeError.
+#include <pybind11/functional.h>
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+#include "kvfold/kvfold.hpp"
+
+namespace py = pybind11;
+using kvfold::MemoryCache;
+
+namespace {
+
+using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+
+std::string shape_str(const std::vector<int64_t>& shape) {
+    std::string s = "(";
+    for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+    return s + (shape.size() == 1 ? ",)" : ")");
+}
+
+std::vector<int64_t> shape_of(const py::array& a) {
+    return std::vector<int64_t>(a.shape(), a.shape() + a.ndim());
+}
+
+// Any array-like of real numbers as a C-contiguous float32 array; no copy when it already is one.
+FloatArray as_floats(const char* name, const py::handle& obj) {
+    if (py::isinstance<FloatArray>(obj)) {
+        auto a = py::reinterpret_borrow<py::array>(obj);
+        if (a.flags() & py::array::c_style) return py::reinterpret_borrow<FloatArray>(obj);
+    }
+    py::array a;
+    try {
+        a = py::array::ensure(obj);
+    } catch (py::error_already_set&) {
+    }
+    if (!a) throw kvfold::TypeError(std::string(name) + ": expected a numeric array, got " +
+                                    std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
+    char kind = a.dtype().kind();
+    if (kind != 'f' && kind != 'i' && kind != 'u')
+        throw kvfold::TypeError(std::string(name) + ": expected real numbers (a float or integer dtype), got dtype " +
+                                std::string(py::str(a.dtype())));
+    return FloatArray::ensure(a);
+}
+
+// Checks a token block: (B, H, d) for one token or (B, H, T, d). Returns T, or 0 for the 3-D form.
+int64_t check_tokens(const char* name, const py::array& a, int64_t B, int64_t H, int64_t d,
+                     const char* heads, const char* dim, bool allow_single = true) {
+    auto s = shape_of(a);
+    bool ok3 = allow_single && s.size() == 3 && s[0] == B && s[1] == H && s[2] == d;
+    bool ok4 = s.size() == 4 && s[0] == B && s[1] == H && s[3] == d;
+    if (ok4 && s[2] == 0)
+        throw kvfold::ValueError(std::string(name) + ": expected at least one token (T >= 1), got shape " + shape_str(s));
+    if (ok3) return 0;
+    if (ok4) return s[2];
+    std::string want = "(B=" + std::to_string(B) + ", " + heads + "=" + std::to_string(H) + ", ";
+    std::string msg = std::string(name) + ": expected shape ";
+    if (allow_single) msg += want + dim + "=" + std::to_string(d) + ") for one token or ";
+    msg += want + "T, " + dim + "=" + std::to_string(d) + ")" + (allow_single ? " for a block" : "");
+    throw kvfold::ValueError(msg + ", got " + shape_str(s));
+}
+
+kvfold::RuleSpec make_spec(const py::tuple& spec) {
+    if (spec.size() != 4) throw kvfold::TypeError("rule: expected a kvfold rule");
+    kvfold::RuleSpec s;
+    s.kind = spec[0].cast<std::string>();
+    for (auto item : spec[1].cast<py::dict>()) {
+        auto a = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(item.second);
+        if (!a) throw kvfold::TypeError("rule parameter " + item.first.cast<std::string>() + ": expected numbers");
+        kvfold::Array arr;
+        arr.shape = shape_of(a);
+        arr.data.assign(a.data(), a.data() + a.size());
+        s.arrays[item.first.cast<std::string>()] = std::move(arr);
+    }
+    for (auto item : spec[2].cast<py::dict>())
+        s.options[item.first.cast<std::string>()] = item.second.cast<std::string>();
+    if (!spec[3].is_none()) throw kvfold::ValueError("rule: user functions are not supported by this rule kind");
+    return s;
+}
+
+py::tuple spec_tuple(const kvfold::RuleSpec& s) {
+    py::dict arrays, options;
+    for (const auto& [name, a] : s.arrays) {
+        py::array_t<double> x(std::vector<py::ssize_t>(a.shape.begin(), a.shape.end()));
+        std::copy(a.data.begin(), a.data.end(), x.mutable_data());
+        arrays[py::str(name)] = x;
+    }
+    for (const auto& [name, v] : s.options) options[py::str(name)] = v;
+    return py::make_tuple(s.kind, arrays, options, py::none());
+}
+
+py::array_t<float> new_floats(std::vector<py::ssize_t> shape) { return py::array_t<float>(shape); }
+
+// An out= array must be exactly what the result would be: float32, C order, writable.
+float* check_out(const py::object& out, const std::vector<int64_t>& shape) {
+    if (!py::isinstance<py::array>(out))
+        throw kvfold::TypeError("out: expected a numpy.ndarray, got " +
+                                std::string(py::str(py::type::handle_of(out).attr("__name__"))));
+    auto a = py::reinterpret_borrow<py::array>(out);
+    if (!a.dtype().is(py::dtype::of<float>()))
+        throw kvfold::TypeError("out: expected dtype float32, got " + std::string(py::str(a.dtype())));
+    if (shape_of(a) != shape)
+        throw kvfold::ValueError("out: expected shape " + shape_str(shape) + ", got " + shape_str(shape_of(a)));
+    if (!(a.flags() & py::array::c_style) || !a.writeable())
+        throw kvfold::ValueError("out: expected a writable C-contiguous array");
+    return static_cast<float*>(a.mutable_data());
+}
+
+struct Tokens {
+    FloatArray k, v;
+    int64_t T;     // tokens per row
+    bool single;   // given as (B, H, d)
+};
+
+Tokens read_tokens(const MemoryCache& c, const py::handle& k_obj, const py::handle& v_obj) {
+    const auto& g = c.config();
+    Tokens t{as_floats("k", k_obj), as_floats("v", v_obj), 0, false};
+    int64_t tk = check_tokens("k", t.k, g.batch_size, g.num_heads, g.head_dim, "H", "d_k");
+    int64_t tv = check_tokens("v", t.v, g.batch_size, g.num_heads, g.value_dim, "H", "d_v");
+    if ((tk == 0) != (tv == 0) || tk != tv)
+        throw kvfold::ValueError("v: expected the same tokens as k " + shape_str(shape_of(t.k)) + ", got shape " +
+                                 shape_str(shape_of(t.v)));
+    t.single = tk == 0;
+    t.T = t.single ? 1 : tk;
+    return t;
+}
+
+FloatArray read_query(const MemoryCache& c, const py::handle& q_obj) {
+    const auto& g = c.config();
+    FloatArray q = as_floats("q", q_obj);
+    std::vector<int64_t> want{g.batch_size, g.num_query_heads, g.head_dim};
+    if (shape_of(q) != want)
+        throw kvfold::ValueError("q: expected shape (B=" + std::to_string(g.batch_size) + ", Hq=" +
+                                 std::to_string(g.num_query_heads) + ", d_k=" + std::to_string(g.head_dim) +
+                                 "), got " + shape_str(shape_of(q)));
+    return q;
+}
+
+std::vector<int64_t> read_rows(const py::object& rows) {
+    py::array a;
+    try {
+        a = py::array::ensure(rows);
+    } catch (py::error_already_set&) {
+    }
+    if (!a || (a.dtype().kind() != 'i' && a.dtype().kind() != 'u' && a.size() > 0))
+        throw kvfold::TypeError("rows: expected a sequence of integer row indices, got " +
+                                std::string(py::str(py::repr(rows))));
+    if (a.ndim() > 1) throw kvfold::ValueError("rows: expected a 1-D sequence, got shape " + shape_str(shape_of(a)));
+    auto r = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(a);
+    return std::vector<int64_t>(r.data(), r.data() + r.size());
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+    m.doc() = "kvfold's C++ core. Use the kvfold package, not this module.";
+    py::register_exception_translator([](std::exception_ptr p) {
+        try {
+            if (p) std::rethrow_exception(p);
+        } catch (const kvfold::TypeError& e) {
+            PyErr_SetString(PyExc_TypeError, e.what());
+        }
+    });
+
+    m.def("simd_backend", &kvfold::simd_backend, "Name of the SIMD kernels in use: scalar, avx2, avx512 or neon.");
+    m.def("available_backends", &kvfold::available_backends, "SIMD backends this machine can run, best last.");
+    m.def("_set_simd_backend", &kvfold::set_simd_backend, py::arg("name"));
+    m.def("_check_rule", [](const py::tuple& spec) { kvfold::check_rule(make_spec(spec)); }, py::arg("spec"));
+    m.attr("__version__") = kvfold::version();
+
+    py::class_<MemoryCache>(m, "MemoryCache", py::dynamic_attr())
+        .def(py::init([](const py::tuple& spec, int64_t batch_size, int64_t num_heads, int64_t head_dim,
+                         int64_t value_dim, int64_t num_query_heads, int64_t window, int64_t sinks, double scale,
+                         const std::string& dtype, bool check_finite) {
+                 kvfold::Config c;
+                 c.batch_size = batch_size;
+                 c.num_heads = num_heads;
+                 c.head_dim = head_dim;
+                 c.value_dim = value_dim;
+                 c.num_query_heads = num_query_heads;
+                 c.window = window;
+                 c.sinks = sinks;
+                 c.scale = scale;
+                 c.dtype = kvfold::parse_dtype(dtype);
+                 c.check_finite = check_finite;
+                 return std::make_unique<MemoryCache>(c, make_spec(spec));
+             }),
+             py::arg("spec"), py::arg("batch_size"), py::arg("num_heads"), py::arg("head_dim"), py::arg("value_dim"),
+             py::arg("num_query_heads"), py::arg("window"), py::arg("sinks"), py::arg("scale"), py::arg("dtype"),
+             py::arg("check_finite"))
+        .def(py::init([](const MemoryCache& other) { return std::make_unique<MemoryCache>(other); }),
+             py::arg("other"))
+        .def(py::init([](const py::bytes& data) {
+                 std::string_view view = data;
+                 py::gil_scoped_release release;
+                 return MemoryCache::from_bytes(view.data(), view.size());
+             }),
+             py::arg("data"))
+        .def(
+            "update",
+            [](MemoryCache& c, const py::handle& k, const py::handle& v) {
+                Tokens t = read_tokens(c, k, v);
+                py::gil_scoped_release release;
+                c.update(t.k.data(), t.v.data(), t.T);
+            },
+            py::arg("k"), py::arg("v"),
+            "Feed tokens in order: k (B, H, d_k), v (B, H, d_v) for one token, or (B, H, T, d) for a block.")
+        .def(
+            "attend",
+            [](MemoryCache& c, const py::handle& q_obj, const py::object& out) {
+                const auto& g = c.config();
+                FloatArray q = read_query(c, q_obj);
+                py::array result = out.is_none() ? py::array(new_floats({g.batch_size, g.num_query_heads, g.value_dim}))
+                                                 : py::reinterpret_borrow<py::array>(out);
+                float* o = check_out(result, {g.batch_size, g.num_query_heads, g.value_dim});
+                {
+                    py::gil_scoped_release release;
+                    c.attend(q.data(), o);
+                }
+                return result;
+            },
+            py::arg("q"), py::kw_only(), py::arg("out") = py::none(),
+            "Softmax attention of q (B, Hq, d_k) over [sinks | memory | window]; returns (B, Hq, d_v) float32.")
+        .def(
+            "step",
+            [](MemoryCache& c, const py::handle& q_obj, const py::handle& k, const py::handle& v, const py::object& out) {
+                const auto& g = c.config();
+                FloatArray q = read_query(c, q_obj);
+                Tokens t = read_tokens(c, k, v);
+                if (!t.single)
+                    throw kvfold::ValueError("k: step takes one token, shape (B, H, d_k); use forward for blocks, got " +
+                                             shape_str(shape_of(t.k)));
+                py::array result = out.is_none() ? py::array(new_floats({g.batch_size, g.num_query_heads, g.value_dim}))
+                                                 : py::reinterpret_borrow<py::array>(out);
+                float* o = check_out(result, {g.batch_size, g.num_query_heads, g.value_dim});
+                {
+                    py::gil_scoped_release release;
+                    c.step(q.data(), t.k.data(), t.v.data(), o);
+                }
+                return result;
+            },
+            py::arg("q"), py::arg("k"), py::arg("v"), py::kw_only(), py::arg("out") = py::none(),
+            "Update with one token, then attend (the token sees itself).")
+        .def(
+            "forward",
+            [](MemoryCache& c, const py::handle& q_obj, const py::handle& k_obj, const py::handle& v_obj) {
+                const auto& g = c.config();
+                FloatArray q = as_floats("q", q_obj);
+                int64_t T = check_tokens("q", q, g.batch_size, g.num_query_heads, g.head_dim, "Hq", "d_k", false);
+                Tokens t = read_tokens(c, k_obj, v_obj);
+                if (t.single || t.T != T)
+                    throw kvfold::ValueError("k: expected shape (B=" + std::to_string(g.batch_size) + ", H=" +
+                                             std::to_string(g.num_heads) + ", T=" + std::to_string(T) + ", d_k=" +
+                                             std::to_string(g.head_dim) + ") to match q, got " + shape_str(shape_of(t.k)));
+                auto out = new_floats({g.batch_size, g.num_query_heads, T, g.value_dim});
+                {
+                    py::gil_scoped_release release;
+                    c.forward(q.data(), t.k.data(), t.v.data(), T, out.mutable_data());
+                }
+                return out;
+            },
+            py::arg("q"), py::arg("k"), py::arg("v"),
+            "q (B, Hq, T, d_k), k (B, H, T, d_k), v (B, H, T, d_v) -> (B, Hq, T, d_v): a loop of step.")
+        .def(
+            "memory",
+            [](const MemoryCache& c) {
+                const auto& g = c.config();
+                int64_t S = c.memory_slots();
+                auto k = new_floats({g.batch_size, g.num_heads, S, g.head_dim});
+                auto v = new_floats({g.batch_size, g.num_heads, S, g.value_dim});
+                {
+                    py::gil_scoped_release release;
+                    c.memory(k.mutable_data(), v.mutable_data());
+                }
+                return py::make_tuple(k, v);
+            },
+            "Copies of the memory slots, oldest first: keys (B, H, slots, d_k), values (B, H, slots, d_v).")
+        .def(
+            "visible",
+            [](const MemoryCache& c) {
+                const auto& g = c.config();
+                // visible_size and visible each lock; hold the size fixed by computing under one call
+                py::array_t<float> k, v;
+                py::array_t<bool> mask;
+                while (true) {
+                    int64_t n = c.visible_size();
+                    k = new_floats({g.batch_size, g.num_heads, n, g.head_dim});
+                    v = new_floats({g.batch_size, g.num_heads, n, g.value_dim});
+                    mask = py::array_t<bool>(std::vector<py::ssize_t>{g.batch_size, n});
+                    py::gil_scoped_release release;
+                    if (c.visible_size() != n) continue;  // another thread fed tokens in between
+                    c.visible(k.mutable_data(), v.mutable_data(), reinterpret_cast<uint8_t*>(mask.mutable_data()));
+                    break;
+                }
+                return py::make_tuple(k, v, mask);
+            },
+            "The visible set [sinks | slots | window] per row, oldest first, padded: keys (B, H, n, d_k), "
+            "values (B, H, n, d_v), mask (B, n).")
+        .def(
+            "reset",
+            [](MemoryCache& c, const py::object& rows) {
+                if (rows.is_none()) {
+                    py::gil_scoped_release release;
+                    c.reset();
+                    return;
+                }
+                auto r = read_rows(rows);
+                py::gil_scoped_release release;
+                c.reset_rows(r.data(), static_cast<int64_t>(r.size()));
+            },
+            py::arg("rows") = py::none(), "Back to empty, for all rows or the given rows.")
+        .def(
+            "to_bytes",
+            [](const MemoryCache& c) {
+                std::string s;
+                {
+                    py::gil_scoped_release release;
+                    s = c.to_bytes();
+                }
+                return py::bytes(s);
+            },
+            "The cache's configuration and state in kvfold's versioned binary format.")
+        .def_property_readonly("length", [](const MemoryCache& c) {
+            auto l = c.lengths();
+            py::array_t<int64_t> a(static_cast<py::ssize_t>(l.size()));
+            std::copy(l.begin(), l.end(), a.mutable_data());
+            return a;
+        }, "Tokens seen per row, (B,) int64.")
+        .def_property_readonly("nbytes", &MemoryCache::nbytes, "Bytes held by the cache; fixed at construction.")
+        .def_property_readonly("batch_size", [](const MemoryCache& c) { return c.config().batch_size; })
+        .def_property_readonly("num_heads", [](const MemoryCache& c) { return c.config().num_heads; })
+        .def_property_readonly("head_dim", [](const MemoryCache& c) { return c.config().head_dim; })
+        .def_property_readonly("value_dim", [](const MemoryCache& c) { return c.config().value_dim; })
+        .def_property_readonly("num_query_heads", [](const MemoryCache& c) { return c.config().num_query_heads; })
+        .def_property_readonly("window", [](const MemoryCache& c) { return c.config().window; })
+        .def_property_readonly("sinks", [](const MemoryCache& c) { return c.config().sinks; })
+        .def_property_readonly("scale", [](const MemoryCache& c) { return c.scale(); })
+        .def_property_readonly("dtype", [](const MemoryCache& c) { return kvfold::dtype_name(c.config().dtype); })
+        .def_property_readonly("check_finite", [](const MemoryCache& c) { return c.config().check_finite; })
+        .def_property_readonly("memory_slots", &MemoryCache::memory_slots, "Summary slots per row and head.")
+        .def_property_readonly("_rule_spec", [](const MemoryCache& c) { return spec_tuple(c.rule()); });
+}
