@@ -5,6 +5,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cfloat>
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -44,7 +46,25 @@ FloatArray as_floats(const char* name, const py::handle& obj) {
     if (kind != 'f' && kind != 'i' && kind != 'u')
         throw kvfold::TypeError(std::string(name) + ": expected real numbers (a float or integer dtype), got dtype " +
                                 std::string(py::str(a.dtype())));
-    return FloatArray::ensure(a);
+    if (kind == 'f' && a.itemsize() > 4) {
+        // Narrowed here rather than by NumPy, which warns on overflow: values beyond float32 become
+        // +-Inf, which the finite check then reports by index.
+        auto wide = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(a);
+        if (!wide) throw kvfold::ValueError(std::string(name) + ": could not convert dtype " +
+                                            std::string(py::str(a.dtype())) + " to float32");
+        FloatArray out(std::vector<py::ssize_t>(a.shape(), a.shape() + a.ndim()));
+        const double* src = wide.data();
+        float* dst = out.mutable_data();
+        for (py::ssize_t i = 0; i < wide.size(); ++i) {
+            double x = src[i];
+            dst[i] = x > FLT_MAX ? INFINITY : x < -FLT_MAX ? -INFINITY : static_cast<float>(x);
+        }
+        return out;
+    }
+    auto out = FloatArray::ensure(a);
+    if (!out) throw kvfold::ValueError(std::string(name) + ": could not convert dtype " +
+                                       std::string(py::str(a.dtype())) + " to float32");
+    return out;
 }
 
 // Checks a token block: (B, H, d) for one token or (B, H, T, d). Returns T, or 0 for the 3-D form.

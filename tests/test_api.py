@@ -1,0 +1,170 @@
+"""The Python surface: properties, conversions, copies, pickling, reset, threads."""
+
+import copy
+import pickle
+import threading
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose
+
+import kvfold
+from kvfold import reference, rules
+
+
+def make(**kw):
+    cfg = dict(num_heads=2, head_dim=4, value_dim=3, num_query_heads=4, batch_size=2, window=3, sinks=1)
+    cfg.update(kw)
+    return kvfold.MemoryCache(kw.pop("rule", rules.EMA(0.5)), **{k: v for k, v in cfg.items() if k != "rule"})
+
+
+def feed(cache, rng, T=9):
+    k = rng.standard_normal((cache.batch_size, cache.num_heads, T, cache.head_dim), dtype=np.float32)
+    v = rng.standard_normal((cache.batch_size, cache.num_heads, T, cache.value_dim), dtype=np.float32)
+    cache.update(k, v)
+    return k, v
+
+
+def query(cache, rng):
+    return rng.standard_normal((cache.batch_size, cache.num_query_heads, cache.head_dim), dtype=np.float32)
+
+
+def test_properties_and_repr():
+    c = kvfold.MemoryCache(rules.Compressive(4, 2, "max"), num_heads=2, head_dim=16, num_query_heads=8,
+                           batch_size=3, window=5, sinks=2, dtype="float16", check_finite=False)
+    assert (c.num_heads, c.head_dim, c.value_dim, c.num_query_heads) == (2, 16, 16, 8)
+    assert (c.batch_size, c.window, c.sinks, c.dtype, c.check_finite) == (3, 5, 2, "float16", False)
+    assert c.scale == pytest.approx(0.25)
+    assert c.rule == rules.Compressive(4, 2, "max")
+    assert c.memory_slots == 4
+    assert c.length.dtype == np.int64 and c.length.tolist() == [0, 0, 0]
+    assert "Compressive(slots=4, rate=2, pool='max')" in repr(c) and "window=5" in repr(c)
+    assert kvfold.__version__ == "0.1.0"
+    assert kvfold.simd_backend() in kvfold.available_backends()
+    with pytest.raises(AttributeError):
+        c.window = 3
+
+
+def test_rule_none_is_drop_and_reprs_are_readable():
+    assert kvfold.MemoryCache(None, num_heads=1, head_dim=2).rule == rules.Drop()
+    assert repr(rules.Weighted([1, 2])) == "Weighted(betas=(1.0, 2.0))"
+    assert repr(rules.EMA(0.5)) == "EMA(alpha=0.5)"
+    assert rules.Moving(3) == rules.Moving(3) and hash(rules.Moving(3)) == hash(rules.Moving(3))
+
+
+def test_explicit_scale_is_used(rng):
+    c = make(scale=0.7)
+    r = reference.ReferenceCache(rules.EMA(0.5), num_heads=2, head_dim=4, value_dim=3, num_query_heads=4,
+                                 batch_size=2, window=3, sinks=1, scale=0.7)
+    k, v = feed(c, rng)
+    r.update(k, v)
+    q = query(c, rng)
+    assert c.scale == pytest.approx(0.7)
+    assert_allclose(c.attend(q), r.attend(q), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64, np.int32, np.int64, np.uint8])
+def test_any_real_dtype_is_converted(dtype, rng):
+    a, b = make(), make()
+    k = rng.integers(-3, 4, (2, 2, 5, 4)).astype(dtype)
+    v = rng.integers(0, 4, (2, 2, 5, 3)).astype(dtype)
+    a.update(k, v)
+    b.update(k.astype(np.float32), v.astype(np.float32))
+    assert a.to_bytes() == b.to_bytes()
+
+
+def test_non_contiguous_and_list_inputs(rng):
+    a, b = make(), make()
+    k = rng.standard_normal((2, 2, 4, 10), dtype=np.float32)[..., ::2, ::3]  # (2, 2, 2, 4) strided
+    v = np.asfortranarray(rng.standard_normal((2, 2, 2, 3), dtype=np.float32))
+    a.update(k, v)
+    b.update(np.ascontiguousarray(k), np.ascontiguousarray(v))
+    assert a.to_bytes() == b.to_bytes()
+    q = query(a, rng)
+    assert_allclose(a.attend(q.tolist()), b.attend(q))
+
+
+def test_out_is_filled_and_returned(rng):
+    c = make()
+    feed(c, rng)
+    q = query(c, rng)
+    out = np.empty((2, 4, 3), np.float32)
+    assert c.attend(q, out=out) is out
+    assert_allclose(out, c.attend(q))
+    k = rng.standard_normal((2, 2, 4), dtype=np.float32)
+    v = rng.standard_normal((2, 2, 3), dtype=np.float32)
+    d = c.copy()
+    assert c.step(q, k, v, out=out) is out
+    assert_allclose(out, d.step(q, k, v))
+
+
+def test_copy_pickle_deepcopy_are_independent(rng):
+    c = make(rule=rules.Weighted((1, 2, 3)), dtype="bfloat16")
+    feed(c, rng)
+    q = query(c, rng)
+    for other in (c.copy(), copy.copy(c), copy.deepcopy(c), pickle.loads(pickle.dumps(c))):
+        assert type(other) is kvfold.MemoryCache
+        assert other.rule == c.rule and other.dtype == "bfloat16"
+        assert other.to_bytes() == c.to_bytes()
+        np.testing.assert_array_equal(other.attend(q), c.attend(q))
+        feed(other, rng, T=2)
+        assert other.length.tolist() == [11, 11] and c.length.tolist() == [9, 9]
+
+
+def test_reset_all_and_rows(rng):
+    c = make()
+    empty = make().to_bytes()
+    feed(c, rng)
+    c.reset(rows=[0, 1])
+    assert c.to_bytes() == empty
+    feed(c, rng)
+    c.reset()
+    assert c.to_bytes() == empty
+    c.reset(rows=[])
+    assert c.to_bytes() == empty
+
+
+def test_memory_and_visible_shapes(rng):
+    c = make(rule=rules.Compressive(3, 2))
+    mk, mv = c.memory()
+    assert mk.shape == (2, 2, 3, 4) and mv.shape == (2, 2, 3, 3)
+    k, v, m = c.visible()
+    assert k.shape == (2, 2, 0, 4) and m.shape == (2, 0) and m.dtype == bool
+    feed(c, rng, T=10)  # 1 sink, 3 window, 6 folded -> 3 compressed slots
+    k, v, m = c.visible()
+    assert k.shape == (2, 2, 7, 4) and m.all()
+
+
+def test_drop_has_no_slots(rng):
+    c = make(rule=rules.Drop())
+    feed(c, rng)
+    mk, mv = c.memory()
+    assert mk.shape == (2, 2, 0, 4)
+
+
+def test_two_threads_share_one_cache_safely(rng):
+    c = make(rule=rules.Cumulative(), batch_size=1, window=8)
+    k = rng.standard_normal((1, 2, 1, 4), dtype=np.float32)
+    v = rng.standard_normal((1, 2, 1, 3), dtype=np.float32)
+    q = rng.standard_normal((1, 4, 4), dtype=np.float32)
+    errors = []
+
+    def work():
+        try:
+            for _ in range(2000):
+                c.update(k, v)
+                out = c.attend(q)
+                assert np.isfinite(out).all()
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert c.length.tolist() == [4000]
+    # every pair is the same, so a consistent state has every visible row equal to it
+    keys, values, mask = c.visible()
+    assert_allclose(keys[0, :, :], np.broadcast_to(k[0, :, 0][:, None], keys[0].shape), rtol=1e-6)

@@ -1,0 +1,110 @@
+"""Laws the model must obey, checked over random configurations."""
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from numpy.testing import assert_allclose
+
+import kvfold
+from kvfold import rules
+
+SIZES = st.sampled_from([1, 3, 7, 17, 33])
+RULE = st.sampled_from(
+    [rules.Drop(), rules.Cumulative(), rules.Moving(4), rules.Weighted((1.0, 3.0)), rules.EMA(0.2),
+     rules.Compressive(2, 3), rules.Compressive(3, 2, "max")]
+)
+
+
+@st.composite
+def setups(draw):
+    H = draw(st.sampled_from([1, 2, 3]))
+    return dict(
+        rule=draw(RULE),
+        num_heads=H,
+        num_query_heads=H * draw(st.sampled_from([1, 2, 4])),
+        head_dim=draw(SIZES),
+        value_dim=draw(SIZES),
+        batch_size=draw(st.integers(1, 3)),
+        window=draw(st.integers(0, 6)),
+        sinks=draw(st.integers(0, 3)),
+    )
+
+
+def inputs(seed, cfg, T):
+    rng = np.random.default_rng(seed)
+    B, H, Hq = cfg["batch_size"], cfg["num_heads"], cfg["num_query_heads"]
+    q = rng.standard_normal((B, Hq, T, cfg["head_dim"]), dtype=np.float32)
+    k = rng.standard_normal((B, H, T, cfg["head_dim"]), dtype=np.float32)
+    v = rng.standard_normal((B, H, T, cfg["value_dim"]), dtype=np.float32)
+    return q, k, v
+
+
+@settings(max_examples=40, deadline=None)
+@given(cfg=setups(), T=st.integers(1, 30), seed=st.integers(0, 2**31))
+def test_forward_is_a_loop_of_step(cfg, T, seed):
+    q, k, v = inputs(seed, cfg, T)
+    a, b = kvfold.MemoryCache(**cfg), kvfold.MemoryCache(**cfg)
+    outs = np.stack([b.step(q[:, :, t], k[:, :, t], v[:, :, t]) for t in range(T)], axis=2)
+    np.testing.assert_array_equal(a.forward(q, k, v), outs)
+    assert a.to_bytes() == b.to_bytes()
+
+
+@settings(max_examples=40, deadline=None)
+@given(cfg=setups(), T=st.integers(1, 30), seed=st.integers(0, 2**31))
+def test_block_update_is_a_loop_of_single_updates(cfg, T, seed):
+    _, k, v = inputs(seed, cfg, T)
+    a, b = kvfold.MemoryCache(**cfg), kvfold.MemoryCache(**cfg)
+    a.update(k, v)
+    for t in range(T):
+        b.update(k[:, :, t], v[:, :, t])
+    assert a.to_bytes() == b.to_bytes()
+
+
+def causal_attention(q, k, v, scale, group):
+    B, Hq, T, _ = q.shape
+    out = np.zeros((B, Hq, T, v.shape[-1]))
+    for hq in range(Hq):
+        s = scale * np.einsum("btd,bsd->bts", q[:, hq].astype(np.float64), k[:, hq // group].astype(np.float64))
+        s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
+        w = np.exp(s - s.max(-1, keepdims=True))
+        out[:, hq] = (w / w.sum(-1, keepdims=True)) @ v[:, hq // group]
+    return out
+
+
+@settings(max_examples=30, deadline=None)
+@given(cfg=setups(), T=st.integers(1, 40), extra=st.integers(0, 5), seed=st.integers(0, 2**31))
+def test_window_covering_the_stream_is_full_causal_attention(cfg, T, extra, seed):
+    cfg = dict(cfg, rule=rules.Drop(), window=max(T - cfg["sinks"], 0) + extra)
+    q, k, v = inputs(seed, cfg, T)
+    cache = kvfold.MemoryCache(**cfg)
+    group = cfg["num_query_heads"] // cfg["num_heads"]
+    assert_allclose(cache.forward(q, k, v), causal_attention(q, k, v, cache.scale, group), rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=30, deadline=None)
+@given(cfg=setups(), T=st.integers(1, 60), seed=st.integers(0, 2**31))
+def test_cumulative_memory_is_the_mean_of_folded_pairs(cfg, T, seed):
+    cfg = dict(cfg, rule=rules.Cumulative())
+    _, k, v = inputs(seed, cfg, T)
+    cache = kvfold.MemoryCache(**cfg)
+    cache.update(k, v)
+    folded = max(T - cfg["sinks"] - cfg["window"], 0)
+    mk, mv = cache.memory()
+    if folded == 0:
+        assert not mk.any() and not mv.any()
+    else:
+        lo = cfg["sinks"]
+        assert_allclose(mk[:, :, 0], k[:, :, lo : lo + folded].astype(np.float64).mean(axis=2), rtol=1e-5, atol=1e-6)
+        assert_allclose(mv[:, :, 0], v[:, :, lo : lo + folded].astype(np.float64).mean(axis=2), rtol=1e-5, atol=1e-6)
+
+
+def test_nbytes_never_grows():
+    rng = np.random.default_rng(0)
+    for rule in [rules.Cumulative(), rules.Moving(16), rules.Compressive(4, 8), rules.Drop()]:
+        cache = kvfold.MemoryCache(rule, num_heads=2, head_dim=8, window=16, sinks=2)
+        before = cache.nbytes
+        k = rng.standard_normal((1, 2, 1000, 8), dtype=np.float32)
+        for _ in range(100):
+            cache.update(k, k)
+        assert cache.length[0] == 100_000
+        assert cache.nbytes == before

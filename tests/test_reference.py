@@ -1,0 +1,97 @@
+"""Every rule, through every path of the C++ cache, against kvfold.reference."""
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose
+
+import kvfold
+from kvfold import reference, rules
+
+from conftest import tokens
+
+RULES = [
+    rules.Drop(),
+    rules.Cumulative(),
+    rules.Moving(3),
+    rules.Moving(1),
+    rules.Weighted((0.5, 0.0, 2.0, 1.0)),
+    rules.EMA(0.3),
+    rules.EMA(1.0),
+    rules.Compressive(3, 2),
+    rules.Compressive(2, 3, pool="max"),
+    rules.Compressive(1, 1),
+]
+
+# (batch, KV heads, query heads, d_k, d_v, window, sinks)
+SHAPES = [
+    (1, 1, 1, 1, 1, 0, 0),
+    (2, 3, 3, 7, 5, 0, 0),
+    (1, 2, 6, 17, 3, 4, 0),
+    (3, 1, 4, 3, 33, 0, 2),
+    (2, 2, 4, 33, 7, 5, 3),
+    (1, 1, 1, 127, 17, 1, 1),
+]
+
+T = 23
+
+
+def make(rule, shape, cls=kvfold.MemoryCache):
+    B, H, Hq, dk, dv, window, sinks = shape
+    return cls(rule, num_heads=H, head_dim=dk, value_dim=dv, num_query_heads=Hq, batch_size=B, window=window, sinks=sinks)
+
+
+def data(rng, shape, T):
+    B, H, Hq, dk, dv, _, _ = shape
+    return tokens(rng, B, Hq, T, dk), tokens(rng, B, H, T, dk), tokens(rng, B, H, T, dv)
+
+
+def close(a, b):
+    assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", RULES, ids=repr)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_step_matches_reference(rule, shape, rng):
+    cache, ref = make(rule, shape), make(rule, shape, reference.ReferenceCache)
+    q, k, v = data(rng, shape, T)
+    for t in range(T):
+        close(cache.step(q[:, :, t], k[:, :, t], v[:, :, t]), ref.step(q[:, :, t], k[:, :, t], v[:, :, t]))
+    close(cache.memory()[0], ref.memory()[0])
+    close(cache.memory()[1], ref.memory()[1])
+    ck, cv, cm = cache.visible()
+    rk, rv, rm = ref.visible()
+    close(ck, rk)
+    close(cv, rv)
+    np.testing.assert_array_equal(cm, rm)
+    np.testing.assert_array_equal(cache.length, ref.length)
+
+
+@pytest.mark.parametrize("rule", RULES, ids=repr)
+@pytest.mark.parametrize("shape", SHAPES[1:5], ids=str)
+def test_blocks_and_forward_match_reference(rule, shape, rng):
+    cache, ref = make(rule, shape), make(rule, shape, reference.ReferenceCache)
+    q, k, v = data(rng, shape, T)
+    # an uneven split into blocks, then forward over the rest
+    for lo, hi in [(0, 1), (1, 6), (6, 13)]:
+        cache.update(k[:, :, lo:hi], v[:, :, lo:hi])
+        ref.update(k[:, :, lo:hi], v[:, :, lo:hi])
+        close(cache.attend(q[:, :, hi - 1]), ref.attend(q[:, :, hi - 1]))
+    close(cache.forward(q[:, :, 13:], k[:, :, 13:], v[:, :, 13:]), ref.forward(q[:, :, 13:], k[:, :, 13:], v[:, :, 13:]))
+    close(cache.memory()[1], ref.memory()[1])
+
+
+@pytest.mark.parametrize("rule", RULES, ids=repr)
+def test_rows_diverge_after_reset(rule, rng):
+    shape = (3, 2, 4, 5, 6, 3, 1)
+    cache, ref = make(rule, shape), make(rule, shape, reference.ReferenceCache)
+    q, k, v = data(rng, shape, 20)
+    cache.update(k[:, :, :9], v[:, :, :9])
+    ref.update(k[:, :, :9], v[:, :, :9])
+    cache.reset(rows=[1])
+    ref.reset(rows=[1])
+    close(cache.forward(q[:, :, 9:], k[:, :, 9:], v[:, :, 9:]), ref.forward(q[:, :, 9:], k[:, :, 9:], v[:, :, 9:]))
+    np.testing.assert_array_equal(cache.length, [20, 11, 20])
+    ck, cv, cm = cache.visible()
+    rk, rv, rm = ref.visible()
+    close(ck, rk)
+    np.testing.assert_array_equal(cm, rm)
