@@ -103,12 +103,14 @@ MemoryCache::Impl::Impl(const Config& c, const RuleSpec& s) : cfg(c), spec(s) {
     rule = make_rule(spec);
     lanes = c.batch_size * c.num_heads;
     group = c.num_query_heads / c.num_heads;
-    rule->plan(Dims{lanes, c.num_heads, c.head_dim, c.value_dim, c.dtype});
+    rule->plan(Dims{lanes, c.num_heads, c.head_dim, c.value_dim, c.dtype, c.num_query_heads});
     const size_t es = dtype_size(c.dtype);
     sink_k.plan(lanes, es * c.sinks * c.head_dim);
     sink_v.plan(lanes, es * c.sinks * c.value_dim);
     win_k.plan(lanes, es * c.window * c.head_dim);
     win_v.plan(lanes, es * c.window * c.value_dim);
+    if (rule->takes_decay() || rule->takes_beta()) gate_stride = 2 + (rule->takes_decay() ? c.head_dim : 0);
+    win_gates.plan(lanes, sizeof(float) * c.window * gate_stride);
 
     size_t need = planned_bytes(), have = physical_memory();
     if (need > have)
@@ -133,6 +135,7 @@ void MemoryCache::Impl::copy_state_from(const Impl& o) {
 
 std::vector<LaneBuffer*> MemoryCache::Impl::buffers() {
     std::vector<LaneBuffer*> all{&sink_k, &sink_v, &win_k, &win_v};
+    if (win_gates.lane_bytes()) all.push_back(&win_gates);
     for (LaneBuffer* b : rule->buffers()) all.push_back(b);
     return all;
 }
@@ -258,6 +261,140 @@ double attend_flops(const MemoryCache::Impl& c) {
     return 2.0 * rows * static_cast<double>(c.cfg.head_dim + c.cfg.value_dim) * static_cast<double>(c.group);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Matrix memories (the linear-attention family)
+//
+// The rule's S is read linearly. With sinks or a window, softmax attention over [sinks | window]
+// is read too, and the two are mixed as in Infini-attention:
+//   o = sigmoid(m) o_memory + (1 - sigmoid(m)) o_local.
+// Every token may bring gates (decay, beta); the window keeps them beside its pairs, so an evicted
+// pair is folded with its own gates. A decode step is one sweep over S (Rule::fold_read).
+
+struct MatrixModel {
+    MemoryCache::Impl& c;
+    const TokenGates& in;  // the block's per-token gates: decay (B, H, T[, d_k]), beta (B, H, T)
+    int64_t T;             // tokens per row in the block
+
+    int64_t dk() const { return c.cfg.head_dim; }
+    int64_t dv() const { return c.cfg.value_dim; }
+
+    TokenGate input_gate(int64_t lane, int64_t t) const {
+        TokenGate g;
+        if (in.decay) {
+            g.decay = in.decay + (lane * T + t) * (in.decay_per_key ? dk() : 1);
+            g.decay_per_key = in.decay_per_key;
+        }
+        if (in.beta) g.beta = in.beta + lane * T + t;
+        return g;
+    }
+
+    // Stores a token's gates with its window slot; returns the gates of the pair to fold now
+    // (copied to `evicted`, gate_stride floats), or the token's own when it is folded at once.
+    TokenGate place_gates(int64_t lane, int64_t len, const TokenGate& g, float* evicted) {
+        const Config& cfg = c.cfg;
+        if (c.gate_stride == 0 || cfg.window == 0 || len < cfg.sinks) return g;
+        const int64_t j = len - cfg.sinks;
+        float* slot = c.win_gates.lane<float>(lane) + (j % cfg.window) * c.gate_stride;
+        TokenGate out;
+        if (j >= cfg.window) {
+            std::memcpy(evicted, slot, sizeof(float) * c.gate_stride);
+            if (c.rule->takes_beta()) out.beta = evicted;
+            if (evicted[1] > 0) {
+                out.decay = evicted + 2;
+                out.decay_per_key = evicted[1] > 1;
+            }
+        }
+        slot[0] = g.beta ? *g.beta : 0.0f;
+        const int64_t n = g.decay ? (g.decay_per_key ? dk() : 1) : 0;
+        slot[1] = static_cast<float>(n);
+        if (n) std::memcpy(slot + 2, g.decay, sizeof(float) * n);
+        return out;
+    }
+
+    // The Infini-attention mix of the memory reads already in qs.out with softmax attention over
+    // [sinks | window] of a row that has seen len tokens. local: d_v floats of scratch.
+    void mix_local(int64_t lane, int64_t len, const LaneQueries& qs, float* local) const {
+        const Config& cfg = c.cfg;
+        if (cfg.sinks == 0 && cfg.window == 0) return;
+        const Kernels& K = kernels();
+        Segment segs[2] = {
+            {c.sink_k.lane(lane), c.sink_v.lane(lane), c.sinks_held(len), cfg.dtype},
+            {c.win_k.lane(lane), c.win_v.lane(lane), c.window_held(len), cfg.dtype},
+        };
+        for (int64_t j = 0; j < qs.count; ++j) {
+            float* out = qs.out + j * qs.out_stride;
+            attend_segments(qs.q + j * qs.q_stride, segs, 2, dk(), dv(), c.scale, local);
+            const float w = c.rule->memory_weight(qs.query_head + j);
+            K.scale(out, w, dv());
+            K.axpy_f32(out, 1.0f - w, local, dv());
+        }
+    }
+
+    // One token of a lane at row length len: placed, folded (its own pair or the evicted one) and,
+    // when qs has queries, answered after the update (the token sees itself).
+    void token(int64_t lane, int64_t len, const float* k, const float* v, const TokenGate& gate,
+               const LaneQueries& qs) {
+        float* ek = scratch(2 * dv() + dk() + c.gate_stride);
+        float* ev = ek + dk();
+        float* eg = ev + dv();
+        float* local = eg + c.gate_stride;
+        const float *fk, *fv;
+        int64_t count = Model{c}.place(lane, len, k, v, ek, ev, &fk, &fv);
+        TokenGate fg = place_gates(lane, len, gate, eg);
+        if (count >= 0)
+            c.rule->fold_read(lane, fk, fv, fg, qs);
+        else if (qs.count)
+            c.rule->read(lane, qs);
+        if (qs.count) mix_local(lane, len + 1, qs, local);
+    }
+
+    void attend(int64_t lane, int64_t len, const LaneQueries& qs) const {
+        c.rule->read(lane, qs);
+        mix_local(lane, len, qs, scratch(dv()));
+    }
+
+    // The group of query heads reading lane; query j of token t at q + (hq * T + t) * d_k.
+    LaneQueries queries(int64_t lane, const float* q, float* out, int64_t t) const {
+        const Config& g = c.cfg;
+        const int64_t b = lane / g.num_heads, h = lane % g.num_heads, hq = b * g.num_query_heads + h * c.group;
+        return LaneQueries{q + (hq * T + t) * dk(), c.group, T * dk(), out + (hq * T + t) * dv(), T * dv(), c.scale,
+                           h * c.group};
+    }
+};
+
+double matrix_flops(const MemoryCache::Impl& c) {
+    const Config& g = c.cfg;
+    return 2.0 * static_cast<double>(g.head_dim * g.value_dim) * static_cast<double>(3 + c.group) + attend_flops(c);
+}
+
+// T tokens into every row; with q (B, Hq, T, d_k) and out (B, Hq, T, d_v) each token's queries
+// are answered right after it (step and forward), else the memory is only updated.
+void matrix_run(MemoryCache::Impl& c, const float* k, const float* v, int64_t T, const TokenGates& gates,
+                const float* q, float* out) {
+    const Config& g = c.cfg;
+    parallel_for(c.lanes, T * matrix_flops(c), [&](int64_t lo, int64_t hi) {
+        MatrixModel m{c, gates, T};
+        for (int64_t lane = lo; lane < hi; ++lane) {
+            const int64_t len = c.length[lane / g.num_heads];
+            for (int64_t t = 0; t < T; ++t) {
+                LaneQueries qs = q ? m.queries(lane, q, out, t) : LaneQueries{};
+                m.token(lane, len + t, k + (lane * T + t) * g.head_dim, v + (lane * T + t) * g.value_dim,
+                        m.input_gate(lane, t), qs);
+            }
+        }
+    });
+    for (int64_t& len : c.length) len += T;
+}
+
+void matrix_attend(const MemoryCache::Impl& c, const float* q, float* out) {
+    const Config& g = c.cfg;
+    const TokenGates none;
+    parallel_for(c.lanes, matrix_flops(c), [&](int64_t lo, int64_t hi) {
+        MatrixModel m{const_cast<MemoryCache::Impl&>(c), none, 1};
+        for (int64_t lane = lo; lane < hi; ++lane) m.attend(lane, c.length[lane / g.num_heads], m.queries(lane, q, out, 0));
+    });
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -277,16 +414,49 @@ const Config& MemoryCache::config() const { return impl_->cfg; }
 const RuleSpec& MemoryCache::rule() const { return impl_->spec; }
 float MemoryCache::scale() const { return impl_->scale; }
 int64_t MemoryCache::memory_slots() const { return impl_->rule->max_slots(); }
-bool MemoryCache::matrix_memory() const { return false; }
+bool MemoryCache::matrix_memory() const { return impl_->rule->matrix(); }
 
 namespace {
+
+// Per-token gates are given exactly when the rule needs them (as ONNX LinearAttention does).
+void check_gates(const MemoryCache::Impl& c, const TokenGates& gates, int64_t T) {
+    const Rule& r = *c.rule;
+    const std::string& kind = c.spec.kind;
+    const char* names[2] = {"decay", "beta"};
+    const bool given[2] = {gates.decay != nullptr, gates.beta != nullptr};
+    const bool needed[2] = {r.takes_decay(), r.takes_beta()};
+    const bool used[2] = {kind == "gated" || kind == "gated_delta", kind == "delta" || kind == "gated_delta"};
+    for (int i = 0; i < 2; ++i) {
+        const std::string name = names[i];
+        if (given[i] && !needed[i]) {
+            if (!r.matrix())
+                throw ValueError(name + ": the " + kind + " rule takes no per-token gates, got " + name);
+            if (!used[i])
+                throw ValueError(name + ": the " + kind + " rule takes no " + name +
+                                 (i == 0 ? " (gated and gated_delta do)" : " (delta and gated_delta do)") + ", got one");
+            throw ValueError(name + ": this " + kind + " rule was built with a constant " + name +
+                             ", so it takes no per-token " + name + ", got one");
+        }
+        if (!given[i] && needed[i])
+            throw ValueError(name + ": the " + kind + " rule needs a per-token " + name +
+                             (i == 0 ? " (log-space, shape (B, H) or (B, H, d_k) per token)"
+                                     : " (shape (B, H) per token)") +
+                             " or a constant " + name + " given to the rule, got none");
+    }
+    if (!c.cfg.check_finite) return;
+    const Config& g = c.cfg;
+    if (gates.decay) {
+        std::vector<int64_t> shape{g.batch_size, g.num_heads, T};
+        if (gates.decay_per_key) shape.push_back(g.head_dim);
+        check_finite("decay", gates.decay, shape);
+    }
+    if (gates.beta) check_finite("beta", gates.beta, {g.batch_size, g.num_heads, T});
+}
 
 // Validates a block of tokens before anything changes.
 void check_tokens(const MemoryCache::Impl& c, const float* k, const float* v, int64_t T, const TokenGates& gates) {
     if (T < 1) throw ValueError("k: expected at least one token (T >= 1), got T=" + std::to_string(T));
-    if (gates.decay || gates.beta)
-        throw ValueError(std::string(gates.decay ? "decay" : "beta") + ": the " + c.spec.kind +
-                         " rule takes no per-token gates, got one");
+    check_gates(c, gates, T);
     if (!c.cfg.check_finite) return;
     const Config& g = c.cfg;
     check_finite("k", k, {g.batch_size, g.num_heads, T, g.head_dim});
@@ -302,8 +472,9 @@ void check_queries(const MemoryCache::Impl& c, const float* q, int64_t T) {
         check_finite("q", q, {g.batch_size, g.num_query_heads, T, g.head_dim});
 }
 
-// Appends T tokens to every row. Row-wise (user) rules may throw: the state is then restored.
-void append(MemoryCache::Impl& c, const float* k, const float* v, int64_t T) {
+// Appends T tokens to every row. Row-wise (user) rules may throw: the state is then restored,
+// unless the caller guards the state itself.
+void append(MemoryCache::Impl& c, const float* k, const float* v, int64_t T, bool guard = true) {
     const Config& g = c.cfg;
     Model m{c};
     if (!c.rule->folds_rows()) {
@@ -315,7 +486,7 @@ void append(MemoryCache::Impl& c, const float* k, const float* v, int64_t T) {
         for (int64_t& len : c.length) len += T;
         return;
     }
-    MemoryCache::Impl saved(c);
+    std::unique_ptr<MemoryCache::Impl> saved(guard ? new MemoryCache::Impl(c) : nullptr);
     try {
         std::vector<float> gather;
         for (int64_t b = 0; b < g.batch_size; ++b) {
@@ -325,7 +496,7 @@ void append(MemoryCache::Impl& c, const float* k, const float* v, int64_t T) {
             c.length[b] += T;
         }
     } catch (...) {
-        c.copy_state_from(saved);
+        if (saved) c.copy_state_from(*saved);
         throw;
     }
 }
@@ -347,12 +518,14 @@ void attend_all(const MemoryCache::Impl& c, const float* q, float* out) {
 void MemoryCache::update(const float* k, const float* v, int64_t T, const TokenGates& gates) {
     std::lock_guard<std::mutex> lock(impl_->mu);
     check_tokens(*impl_, k, v, T, gates);
+    if (impl_->rule->matrix()) return matrix_run(*impl_, k, v, T, gates, nullptr, nullptr);
     append(*impl_, k, v, T);
 }
 
 void MemoryCache::attend(const float* q, float* out) {
     std::lock_guard<std::mutex> lock(impl_->mu);
     check_queries(*impl_, q, 0);
+    if (impl_->rule->matrix()) return matrix_attend(*impl_, q, out);
     attend_all(*impl_, q, out);
 }
 
@@ -360,6 +533,7 @@ void MemoryCache::step(const float* q, const float* k, const float* v, float* ou
     std::lock_guard<std::mutex> lock(impl_->mu);
     check_tokens(*impl_, k, v, 1, gates);
     check_queries(*impl_, q, 0);
+    if (impl_->rule->matrix()) return matrix_run(*impl_, k, v, 1, gates, q, out);
     append(*impl_, k, v, 1);
     attend_all(*impl_, q, out);
 }
@@ -371,6 +545,7 @@ void MemoryCache::forward(const float* q, const float* k, const float* v, int64_
     const Config& g = c.cfg;
     check_tokens(c, k, v, T, gates);
     check_queries(c, q, T);
+    if (c.rule->matrix()) return matrix_run(c, k, v, T, gates, q, out);
     const int64_t dk = g.head_dim, dv = g.value_dim, H = g.num_heads, Hq = g.num_query_heads;
     Model m{c};
     if (c.rule->folds_rows()) {  // token by token through the guarded row path
@@ -384,7 +559,7 @@ void MemoryCache::forward(const float* q, const float* k, const float* v, int64_
                     std::memcpy(&vt[r * dv], v + (r * T + t) * dv, sizeof(float) * dv);
                 }
                 for (int64_t r = 0; r < g.batch_size * Hq; ++r) std::memcpy(&qt[r * dk], q + (r * T + t) * dk, sizeof(float) * dk);
-                append(c, kt.data(), vt.data(), 1);
+                append(c, kt.data(), vt.data(), 1, false);
                 attend_all(c, qt.data(), ot.data());
                 for (int64_t r = 0; r < g.batch_size * Hq; ++r) std::memcpy(out + (r * T + t) * dv, &ot[r * dv], sizeof(float) * dv);
             }
@@ -416,6 +591,15 @@ void MemoryCache::forward(const float* q, const float* k, const float* v, int64_
 void MemoryCache::memory(float* keys, float* values) const {
     std::lock_guard<std::mutex> lock(impl_->mu);
     const Impl& c = *impl_;
+    if (c.rule->matrix()) {
+        const int64_t dk = c.cfg.head_dim, dv = c.cfg.value_dim;
+        for (int64_t lane = 0; lane < c.lanes; ++lane) {
+            std::memcpy(keys + lane * dk * dv, c.rule->matrix_state(lane), sizeof(float) * dk * dv);
+            if (values && c.rule->normalizer(lane))
+                std::memcpy(values + lane * dk, c.rule->normalizer(lane), sizeof(float) * dk);
+        }
+        return;
+    }
     const int64_t S = c.rule->max_slots(), dk = c.cfg.head_dim, dv = c.cfg.value_dim;
     for (int64_t lane = 0; lane < c.lanes; ++lane) {
         int64_t f = c.folded(c.length[lane / c.cfg.num_heads]);
@@ -429,6 +613,29 @@ void MemoryCache::memory(float* keys, float* values) const {
             std::memcpy(ko + s * dk, c.rule->slot_keys(lane) + src * dk, sizeof(float) * dk);
             std::memcpy(vo + s * dv, c.rule->slot_values(lane) + src * dv, sizeof(float) * dv);
         }
+    }
+}
+
+void MemoryCache::load_memory(const float* keys, const float* values) {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    Impl& c = *impl_;
+    const Config& g = c.cfg;
+    const std::string& kind = c.spec.kind;
+    if (!c.rule->matrix())
+        throw ValueError("load_memory: the " + kind + " rule's memory cannot be set; only matrix rules "
+                         "(linear, gated, delta, gated_delta) take a state S");
+    const bool normalized = c.rule->normalizer(0) != nullptr;
+    if (normalized && !values)
+        throw ValueError("z: the normalized linear rule keeps z beside S; expected z of shape (B, H, d_k), got none");
+    if (!normalized && values) throw ValueError("z: the " + kind + " rule keeps no z (only normalize=True does), got one");
+    const int64_t dk = g.head_dim, dv = g.value_dim;
+    if (g.check_finite) {
+        check_finite("S", keys, {g.batch_size, g.num_heads, dk, dv});
+        if (values) check_finite("z", values, {g.batch_size, g.num_heads, dk});
+    }
+    for (int64_t lane = 0; lane < c.lanes; ++lane) {
+        std::memcpy(c.rule->matrix_state(lane), keys + lane * dk * dv, sizeof(float) * dk * dv);
+        if (values) std::memcpy(c.rule->normalizer(lane), values + lane * dk, sizeof(float) * dk);
     }
 }
 

@@ -18,6 +18,10 @@ struct MemoryCache::Impl {
     int64_t group = 1;   // query heads per KV head
     float scale = 1;
     LaneBuffer sink_k, sink_v, win_k, win_v;  // storage dtype, [lanes][sinks|window][d]
+    // Matrix rules with per-token gates: each window slot keeps its token's gates, gate_stride
+    // floats [beta, decay count (0, 1 or d_k), decay values], so an evicted pair folds with them.
+    LaneBuffer win_gates;
+    int64_t gate_stride = 0;
     std::vector<int64_t> length;              // tokens seen per row
     mutable std::mutex mu;                    // one call at a time; the GIL is released
 

@@ -17,6 +17,26 @@ struct Dims {
     int64_t heads = 0;  // KV heads
     int64_t dk = 0, dv = 0;
     DType dtype = DType::float32;
+    int64_t query_heads = 0;
+};
+
+// One token's gates for a matrix rule, null where the token brings none: decay is log-space,
+// d_k values (decay_per_key) or one for the head; beta is one value.
+struct TokenGate {
+    const float* decay = nullptr;
+    bool decay_per_key = false;
+    const float* beta = nullptr;
+};
+
+// Queries of one lane's group read together: q_j at q + j * q_stride (d_k floats), the answer
+// at out + j * out_stride (d_v floats); query_head is the first one's index among Hq.
+struct LaneQueries {
+    const float* q = nullptr;
+    int64_t count = 0, q_stride = 0;
+    float* out = nullptr;
+    int64_t out_stride = 0;
+    float scale = 1;
+    int64_t query_head = 0;
 };
 
 class Rule {
@@ -39,6 +59,22 @@ class Rule {
     // Custom rules fold a whole batch row (all heads) through a user callback, one thread.
     virtual bool folds_rows() const { return false; }
     virtual void fold_row(int64_t /*row*/, const float* /*k*/, const float* /*v*/, int64_t /*count*/) {}
+
+    // Matrix rules (the linear-attention family) hold S (d_k x d_v) per lane, read linearly; the
+    // cache calls fold_read and read instead of fold, and keeps the gates of windowed tokens.
+    virtual bool matrix() const { return false; }
+    virtual bool takes_decay() const { return false; }  // per-token decay needed
+    virtual bool takes_beta() const { return false; }   // per-token beta needed
+    // Folds one pair with its gates and answers the queries (none when qs.count == 0) from the
+    // updated memory, in one sweep over S.
+    virtual void fold_read(int64_t /*lane*/, const float* /*k*/, const float* /*v*/, const TokenGate& /*gate*/,
+                           const LaneQueries& /*qs*/) {}
+    virtual void read(int64_t /*lane*/, const LaneQueries& /*qs*/) const {}
+    // Infini-attention mix: the memory read's weight sigmoid(m) for query head hq.
+    virtual float memory_weight(int64_t /*hq*/) const { return 1; }
+    // S (d_k x d_v, row-major) and, for normalized rules, z (d_k) of a lane; null otherwise.
+    virtual float* matrix_state(int64_t /*lane*/) { return nullptr; }
+    virtual float* normalizer(int64_t /*lane*/) { return nullptr; }
 
     const float* slot_keys(int64_t lane) const { return slot_k_.lane<float>(lane); }
     const float* slot_values(int64_t lane) const { return slot_v_.lane<float>(lane); }

@@ -68,3 +68,138 @@ TEST(half_conversions_round_to_nearest_even) {
     CHECK(float_to_bf16(bits_float(0x3f818000u)) == 0x3f82);
     for (uint32_t h = 0; h < 0x7c00; ++h) CHECK(float_to_half(half_to_float(static_cast<uint16_t>(h))) == h);
 }
+
+TEST(gemv_and_exp_match_scalar) {
+    const Kernels& S = *scalar_kernels();
+    const Kernels& K = kernels();
+    for (int64_t rows : {1, 3, 4, 7, 17}) {
+        for (int64_t cols : kSizes) {
+            auto W = random_floats(rows * cols, 3), x = random_floats(cols, 4);
+            std::vector<float> y1(rows), y2(rows);
+            S.gemv(y1.data(), W.data(), x.data(), rows, cols);
+            K.gemv(y2.data(), W.data(), x.data(), rows, cols);
+            for (int64_t r = 0; r < rows; ++r) {
+                double want = 0;
+                for (int64_t c = 0; c < cols; ++c) want += double(W[r * cols + c]) * x[c];
+                CHECK_NEAR(y1[r], want, 1e-4);
+                CHECK_NEAR(y2[r], want, 1e-4);
+            }
+        }
+    }
+    for (int64_t n : kSizes) {
+        auto x = random_floats(n, 5);
+        for (float& f : x) f *= 8;
+        std::vector<float> y1(n), y2(n);
+        S.exp_f32(y1.data(), x.data(), n);
+        K.exp_f32(y2.data(), x.data(), n);
+        for (int64_t i = 0; i < n; ++i) {
+            CHECK_NEAR(y1[i], std::exp(double(x[i])), 1e-6);
+            CHECK(std::fabs(y2[i] - y1[i]) <= 2e-6f * y1[i]);
+        }
+    }
+}
+
+namespace {
+// S <- diag(a) S + k u^T and out_j = scale q_j^T S, in float64 from the formula.
+void matrix_step_naive(std::vector<double>& S, int64_t dk, int64_t dv, const std::vector<float>& a, const float* k,
+                       const float* v, bool delta, float beta, const float* q, int64_t nq, float scale,
+                       std::vector<double>& out) {
+    std::vector<double> u(v, v + dv);
+    if (delta)
+        for (int64_t j = 0; j < dv; ++j) {
+            double r = 0;
+            for (int64_t i = 0; i < dk; ++i) r += a[i] * S[i * dv + j] * k[i];
+            u[j] = beta * (v[j] - r);
+        }
+    for (int64_t i = 0; i < dk; ++i)
+        for (int64_t j = 0; j < dv; ++j) S[i * dv + j] = a[i] * S[i * dv + j] + k[i] * u[j];
+    out.assign(nq * dv, 0.0);
+    for (int64_t n = 0; n < nq; ++n)
+        for (int64_t i = 0; i < dk; ++i)
+            for (int64_t j = 0; j < dv; ++j) out[n * dv + j] += scale * q[n * dk + i] * S[i * dv + j];
+}
+}  // namespace
+
+TEST(matrix_step_and_read_match_the_formula) {
+    const Kernels& S = *scalar_kernels();
+    const Kernels& K = kernels();
+    const int64_t dims[] = {1, 3, 7, 8, 17, 33, 127};
+    unsigned seed = 10;
+    for (int64_t dk : dims)
+        for (int64_t dv : {int64_t(1), int64_t(7), int64_t(16), int64_t(17), int64_t(33), int64_t(127)})
+            for (int variant = 0; variant < 4; ++variant) {
+                const bool delta = variant & 1, per_key = variant & 2;
+                const int64_t nq = (dk + dv + variant) % 7;  // 0..6 queries: none, in registers, and beyond
+                auto S0 = random_floats(dk * dv, ++seed), k = random_floats(dk, ++seed), v = random_floats(dv, ++seed);
+                auto q = random_floats(nq * dk + 1, ++seed), g = random_floats(dk, ++seed);
+                for (float& x : k) x *= 0.3f;
+                std::vector<float> a(dk);
+                for (int64_t i = 0; i < dk; ++i) a[i] = per_key ? std::exp(-std::fabs(g[i])) : 0.8f;
+                std::vector<double> want_S(S0.begin(), S0.end()), want_out;
+                matrix_step_naive(want_S, dk, dv, a, k.data(), v.data(), delta, 0.7f, q.data(), nq, 0.5f, want_out);
+                for (const Kernels* table : {&S, &K}) {
+                    std::vector<float> Sm = S0, out(nq * dv + 1, -1.0f);
+                    MatrixPass m;
+                    m.S = Sm.data();
+                    m.dk = dk;
+                    m.dv = m.ld = dv;
+                    if (per_key)
+                        m.decay = a.data();
+                    else
+                        m.decay0 = 0.8f;
+                    m.k = k.data();
+                    m.v = v.data();
+                    m.delta = delta;
+                    m.beta = 0.7f;
+                    m.q = q.data();
+                    m.nq = nq;
+                    m.q_stride = dk;
+                    m.scale = 0.5f;
+                    m.out = out.data();
+                    m.out_stride = dv;
+                    table->matrix_step(m);
+                    for (int64_t i = 0; i < dk * dv; ++i) CHECK_NEAR(Sm[i], want_S[i], 1e-4);
+                    for (int64_t i = 0; i < nq * dv; ++i) CHECK_NEAR(out[i], want_out[i], 1e-4);
+                    CHECK(out[nq * dv] == -1.0f);  // nothing written past the outputs
+                    std::vector<float> again(nq * dv + 1, -1.0f);
+                    m.out = again.data();
+                    table->matrix_read(m);
+                    for (int64_t i = 0; i < nq * dv; ++i) CHECK_NEAR(again[i], want_out[i], 1e-4);
+                    CHECK(again[nq * dv] == -1.0f);
+                }
+            }
+}
+
+TEST(matrix_kernels_honour_the_row_stride) {
+    // A column window of a wider matrix: columns outside [4, 4 + dv) stay untouched.
+    const int64_t dk = 9, dv = 19, ld = 32;
+    auto S0 = random_floats(dk * ld, 40), k = random_floats(dk, 41), v = random_floats(dv, 42), q = random_floats(2 * dk, 43);
+    for (const Kernels* table : {scalar_kernels(), &kernels()}) {
+        std::vector<float> Sm = S0, out(2 * dv);
+        MatrixPass m;
+        m.S = Sm.data() + 4;
+        m.dk = dk;
+        m.dv = dv;
+        m.ld = ld;
+        m.k = k.data();
+        m.v = v.data();
+        m.delta = true;
+        m.q = q.data();
+        m.nq = 2;
+        m.q_stride = dk;
+        m.out = out.data();
+        m.out_stride = dv;
+        table->matrix_step(m);
+        for (int64_t i = 0; i < dk; ++i)
+            for (int64_t j = 0; j < ld; ++j)
+                if (j < 4 || j >= 4 + dv) CHECK(Sm[i * ld + j] == S0[i * ld + j]);
+        std::vector<double> want(S0.begin(), S0.end()), packed(dk * dv), want_out;
+        for (int64_t i = 0; i < dk; ++i)
+            for (int64_t j = 0; j < dv; ++j) packed[i * dv + j] = S0[i * ld + 4 + j];
+        matrix_step_naive(packed, dk, dv, std::vector<float>(dk, 1.0f), k.data(), v.data(), true, 1.0f, q.data(), 2,
+                          1.0f, want_out);
+        for (int64_t i = 0; i < dk; ++i)
+            for (int64_t j = 0; j < dv; ++j) CHECK_NEAR(Sm[i * ld + 4 + j], packed[i * dv + j], 1e-4);
+        for (int64_t i = 0; i < 2 * dv; ++i) CHECK_NEAR(out[i], want_out[i], 1e-4);
+    }
+}

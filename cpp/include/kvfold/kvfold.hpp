@@ -34,11 +34,18 @@ struct Array {
     std::vector<double> data;
 };
 
-// A user-supplied fold (rules.Custom). Called for one batch row with all KV heads:
-// mem_k (H, slots, d_k), mem_v (H, slots, d_v) are updated in place from k (H, d_k), v (H, d_v);
-// count is the number of pairs folded before this one. It may throw; the cache is then restored.
-using CustomFold = std::function<void(float* mem_k, float* mem_v, const float* k, const float* v,
-                                      int64_t count)>;
+// A user-supplied fold (rules.Custom), called for one batch row with all KV heads: mem_k
+// (heads, slots, d_k) and mem_v (heads, slots, d_v) are updated in place from k (heads, d_k) and
+// v (heads, d_v); count is the number of pairs folded before this one. It may throw; the cache is
+// then restored.
+struct CustomCall {
+    float* mem_k;
+    float* mem_v;
+    const float* k;
+    const float* v;
+    int64_t heads, slots, dk, dv, count;
+};
+using CustomFold = std::function<void(const CustomCall& call)>;
 
 // What a rule is: its kind ("cumulative", "ema", ...) and its parameters. This is what Python
 // passes in and what the state format stores.

@@ -6,6 +6,29 @@
 
 namespace kvfold {
 
+// One sweep over a matrix memory S (rows: key dimensions, columns: value dimensions) of one KV
+// head. matrix_step first updates S,
+//   S <- diag(a) S + k u^T,  u = v, or u = beta (v - (diag(a) S)^T k) for the delta rules,
+// with a_i = decay[i] (or decay0 for every row when decay is null), then reads the updated S for
+// nq queries, out_j = scale q_j^T S; column tile by column tile, so S is loaded from memory once.
+// matrix_read only reads (S, dk, dv, ld and the query fields).
+struct MatrixPass {
+    float* S;
+    int64_t dk, dv;  // rows, columns
+    int64_t ld;      // distance between rows of S, >= dv
+    const float* decay = nullptr;
+    float decay0 = 1;
+    const float* k = nullptr;  // d_k
+    const float* v = nullptr;  // d_v
+    bool delta = false;
+    float beta = 1;
+    const float* q = nullptr;  // nq queries of d_k floats, q_stride apart
+    int64_t nq = 0, q_stride = 0;
+    float scale = 1;
+    float* out = nullptr;      // nq outputs of d_v floats, out_stride apart
+    int64_t out_stride = 0;
+};
+
 struct Kernels {
     const char* name;
     // Rows in storage precision: f16 and bf16 rows are uint16_t bit patterns.
@@ -31,6 +54,12 @@ struct Kernels {
     void (*mul_f64)(float* y, const double* s, double a, int64_t n);  // y = s * a
     void (*lerp_f64)(double* s, const float* x, double a, int64_t n); // s += a * (x - s)
     void (*max_f32)(float* y, const float* x, int64_t n);             // y = max(y, x)
+
+    // Recurrent memories. A table may leave these null; dispatch then takes the next table down's.
+    void (*gemv)(float* y, const float* W, const float* x, int64_t rows, int64_t cols);  // y = W x
+    void (*exp_f32)(float* y, const float* x, int64_t n);                               // y = exp(x)
+    void (*matrix_step)(const MatrixPass& m);
+    void (*matrix_read)(const MatrixPass& m);
 };
 
 const Kernels& kernels();  // the active table

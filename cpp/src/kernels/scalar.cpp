@@ -80,10 +80,60 @@ void max_f32(float* y, const float* x, int64_t n) {
     for (int64_t i = 0; i < n; ++i) y[i] = x[i] > y[i] ? x[i] : y[i];
 }
 
+void gemv(float* y, const float* W, const float* x, int64_t rows, int64_t cols) {
+    for (int64_t r = 0; r < rows; ++r) y[r] = dot_f32(W + r * cols, x, cols);
+}
+void exp_f32(float* y, const float* x, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) y[i] = std::exp(x[i]);
+}
+
+constexpr int64_t kTile = 16;  // columns of S per sweep; the tile stays in L1 between its two passes
+
+void matrix_step(const MatrixPass& m) {
+    for (int64_t c = 0; c < m.dv; c += kTile) {
+        const int64_t w = m.dv - c < kTile ? m.dv - c : kTile;
+        float u[kTile];
+        for (int64_t j = 0; j < w; ++j) u[j] = m.v[c + j];
+        if (m.delta) {  // u = beta (v - (diag(a) S)^T k) over this tile's columns
+            float r[kTile] = {};
+            for (int64_t i = 0; i < m.dk; ++i) {
+                const float ak = (m.decay ? m.decay[i] : m.decay0) * m.k[i];
+                const float* row = m.S + i * m.ld + c;
+                for (int64_t j = 0; j < w; ++j) r[j] += ak * row[j];
+            }
+            for (int64_t j = 0; j < w; ++j) u[j] = m.beta * (u[j] - r[j]);
+        }
+        for (int64_t n = 0; n < m.nq; ++n)
+            for (int64_t j = 0; j < w; ++j) m.out[n * m.out_stride + c + j] = 0;
+        for (int64_t i = 0; i < m.dk; ++i) {
+            const float a = m.decay ? m.decay[i] : m.decay0, ki = m.k[i];
+            float* row = m.S + i * m.ld + c;
+            for (int64_t j = 0; j < w; ++j) row[j] = a * row[j] + ki * u[j];
+            for (int64_t n = 0; n < m.nq; ++n) {
+                const float qi = m.q[n * m.q_stride + i];
+                float* o = m.out + n * m.out_stride + c;
+                for (int64_t j = 0; j < w; ++j) o[j] += qi * row[j];
+            }
+        }
+        for (int64_t n = 0; n < m.nq; ++n)
+            for (int64_t j = 0; j < w; ++j) m.out[n * m.out_stride + c + j] *= m.scale;
+    }
+}
+
+void matrix_read(const MatrixPass& m) {
+    for (int64_t n = 0; n < m.nq; ++n) {
+        float* o = m.out + n * m.out_stride;
+        for (int64_t j = 0; j < m.dv; ++j) o[j] = 0;
+        for (int64_t i = 0; i < m.dk; ++i) axpy_f32(o, m.q[n * m.q_stride + i], m.S + i * m.ld, m.dv);
+        scale(o, m.scale, m.dv);
+    }
+}
+
 const Kernels table = {
     "scalar",  dot_f32,    dot_f16,    dot_bf16, axpy_f32, axpy_f16, axpy_bf16,
     f32_to_f16, f16_to_f32, f32_to_bf16, bf16_to_f32, scale,   max,      exp_sum,
     all_finite, add_f64,   sub_f64,    mul_f64,  lerp_f64, max_f32,
+    gemv,       exp_f32,   matrix_step, matrix_read,
 };
 
 }  // namespace

@@ -183,6 +183,188 @@ void max_f32(float* y, const float* x, int64_t n) {
     for (; i < n; ++i) y[i] = x[i] > y[i] ? x[i] : y[i];
 }
 
+// ---------------------------------------------------------------------------------------------
+// Recurrent memories: GEMV for the GRU cell, exp for log-space gates, and the matrix-memory sweep.
+
+void gemv(float* y, const float* W, const float* x, int64_t rows, int64_t cols) {
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) {  // four rows share each load of x
+        const float* w0 = W + r * cols;
+        const float *w1 = w0 + cols, *w2 = w1 + cols, *w3 = w2 + cols;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+               a3 = _mm256_setzero_ps();
+        int64_t c = 0;
+        for (; c + 8 <= cols; c += 8) {
+            __m256 vx = _mm256_loadu_ps(x + c);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + c), vx, a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + c), vx, a1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + c), vx, a2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + c), vx, a3);
+        }
+        float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
+        for (; c < cols; ++c) {
+            s0 += w0[c] * x[c];
+            s1 += w1[c] * x[c];
+            s2 += w2[c] * x[c];
+            s3 += w3[c] * x[c];
+        }
+        y[r] = s0, y[r + 1] = s1, y[r + 2] = s2, y[r + 3] = s3;
+    }
+    for (; r < rows; ++r) y[r] = dot<float, load_f32, id>(W + r * cols, x, cols);
+}
+
+// exp(x) over the whole float range: the input is clamped to [-87.3, 88.72] so 2^n stays a
+// normal float (results below 1e-38 become 1.2e-38, above FLT_MAX stay just below it).
+inline __m256 exp_any_ps(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33654f)), _mm256_set1_ps(88.72283f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    n = _mm256_min_ps(n, _mm256_set1_ps(127.0f));
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+void exp_f32(float* y, const float* x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, exp_any_ps(_mm256_loadu_ps(x + i)));
+    for (; i < n; ++i) y[i] = std::exp(x[i]);
+}
+
+// The matrix sweep works on tiles of 8 * NV columns; up to 4 queries ride along in registers and
+// further queries re-read the tile while it is still in L1.
+constexpr int kQueries = 4;
+
+// Second pass over a tile: S <- diag(a) S + k u^T row by row, and NQ queries read the new rows.
+template <int NV, int NQ>
+inline void update_tile(const MatrixPass& m, int64_t c, const __m256* u) {
+    __m256 acc[NQ > 0 ? NQ : 1][NV];
+    for (int j = 0; j < NQ; ++j)
+        for (int t = 0; t < NV; ++t) acc[j][t] = _mm256_setzero_ps();
+    const float* a = m.decay ? m.decay : &m.decay0;
+    const int64_t a_step = m.decay ? 1 : 0;
+    for (int64_t i = 0; i < m.dk; ++i) {
+        float* row = m.S + i * m.ld + c;
+        const __m256 ai = _mm256_set1_ps(a[i * a_step]), ki = _mm256_set1_ps(m.k[i]);
+        __m256 s[NV];
+        for (int t = 0; t < NV; ++t) {
+            s[t] = _mm256_fmadd_ps(ki, u[t], _mm256_mul_ps(ai, _mm256_loadu_ps(row + 8 * t)));
+            _mm256_storeu_ps(row + 8 * t, s[t]);
+        }
+        for (int j = 0; j < NQ; ++j) {
+            const __m256 qj = _mm256_set1_ps(m.q[j * m.q_stride + i]);
+            for (int t = 0; t < NV; ++t) acc[j][t] = _mm256_fmadd_ps(qj, s[t], acc[j][t]);
+        }
+    }
+    const __m256 scale = _mm256_set1_ps(m.scale);
+    for (int j = 0; j < NQ; ++j)
+        for (int t = 0; t < NV; ++t)
+            _mm256_storeu_ps(m.out + j * m.out_stride + c + 8 * t, _mm256_mul_ps(scale, acc[j][t]));
+}
+
+// NQ queries read a tile: out_j = scale q_j^T S over columns [c, c + 8 NV).
+template <int NV, int NQ>
+inline void read_tile(const MatrixPass& m, int64_t c, const float* q, float* out) {
+    __m256 acc[NQ][NV];
+    for (int j = 0; j < NQ; ++j)
+        for (int t = 0; t < NV; ++t) acc[j][t] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < m.dk; ++i) {
+        const float* row = m.S + i * m.ld + c;
+        __m256 s[NV];
+        for (int t = 0; t < NV; ++t) s[t] = _mm256_loadu_ps(row + 8 * t);
+        for (int j = 0; j < NQ; ++j) {
+            const __m256 qj = _mm256_set1_ps(q[j * m.q_stride + i]);
+            for (int t = 0; t < NV; ++t) acc[j][t] = _mm256_fmadd_ps(qj, s[t], acc[j][t]);
+        }
+    }
+    const __m256 scale = _mm256_set1_ps(m.scale);
+    for (int j = 0; j < NQ; ++j)
+        for (int t = 0; t < NV; ++t) _mm256_storeu_ps(out + j * m.out_stride + c + 8 * t, _mm256_mul_ps(scale, acc[j][t]));
+}
+
+template <int NV>
+void read_queries(const MatrixPass& m, int64_t c, int64_t first) {
+    for (int64_t j = first; j < m.nq; j += kQueries) {
+        const float* q = m.q + j * m.q_stride;
+        float* out = m.out + j * m.out_stride;
+        switch (m.nq - j < kQueries ? m.nq - j : kQueries) {
+            case 1: read_tile<NV, 1>(m, c, q, out); break;
+            case 2: read_tile<NV, 2>(m, c, q, out); break;
+            case 3: read_tile<NV, 3>(m, c, q, out); break;
+            default: read_tile<NV, 4>(m, c, q, out); break;
+        }
+    }
+}
+
+template <int NV>
+void step_tile(const MatrixPass& m, int64_t c) {
+    __m256 u[NV];
+    for (int t = 0; t < NV; ++t) u[t] = _mm256_loadu_ps(m.v + c + 8 * t);
+    if (m.delta) {  // first pass: u = beta (v - (diag(a) S)^T k) over this tile's columns
+        __m256 r0[NV], r1[NV];
+        for (int t = 0; t < NV; ++t) r0[t] = r1[t] = _mm256_setzero_ps();
+        const float* a = m.decay ? m.decay : &m.decay0;
+        const int64_t a_step = m.decay ? 1 : 0;
+        int64_t i = 0;
+        for (; i + 2 <= m.dk; i += 2) {
+            const __m256 w0 = _mm256_set1_ps(a[i * a_step] * m.k[i]);
+            const __m256 w1 = _mm256_set1_ps(a[(i + 1) * a_step] * m.k[i + 1]);
+            const float* row = m.S + i * m.ld + c;
+            for (int t = 0; t < NV; ++t) {
+                r0[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(row + 8 * t), r0[t]);
+                r1[t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(row + m.ld + 8 * t), r1[t]);
+            }
+        }
+        if (i < m.dk) {
+            const __m256 w0 = _mm256_set1_ps(a[i * a_step] * m.k[i]);
+            for (int t = 0; t < NV; ++t)
+                r0[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(m.S + i * m.ld + c + 8 * t), r0[t]);
+        }
+        const __m256 beta = _mm256_set1_ps(m.beta);
+        for (int t = 0; t < NV; ++t) u[t] = _mm256_mul_ps(beta, _mm256_sub_ps(u[t], _mm256_add_ps(r0[t], r1[t])));
+    }
+    switch (m.nq < kQueries ? m.nq : kQueries) {
+        case 0: update_tile<NV, 0>(m, c, u); break;
+        case 1: update_tile<NV, 1>(m, c, u); break;
+        case 2: update_tile<NV, 2>(m, c, u); break;
+        case 3: update_tile<NV, 3>(m, c, u); break;
+        default: update_tile<NV, 4>(m, c, u); break;
+    }
+    read_queries<NV>(m, c, kQueries);
+}
+
+// Columns past the last full 8-wide tile go to the scalar kernel, which is column-separable too.
+MatrixPass tail(const MatrixPass& m, int64_t c) {
+    MatrixPass t = m;
+    t.S = m.S + c;
+    t.dv = m.dv - c;
+    if (m.v) t.v = m.v + c;
+    if (m.out) t.out = m.out + c;
+    return t;
+}
+
+void matrix_step(const MatrixPass& m) {
+    int64_t c = 0;
+    for (; c + 16 <= m.dv; c += 16) step_tile<2>(m, c);
+    if (c + 8 <= m.dv) step_tile<1>(m, c), c += 8;
+    if (c < m.dv) scalar_kernels()->matrix_step(tail(m, c));
+}
+
+void matrix_read(const MatrixPass& m) {
+    int64_t c = 0;
+    for (; c + 16 <= m.dv; c += 16) read_queries<2>(m, c, 0);
+    if (c + 8 <= m.dv) read_queries<1>(m, c, 0), c += 8;
+    if (c < m.dv) scalar_kernels()->matrix_read(tail(m, c));
+}
+
 const Kernels table = {
     "avx2",
     dot<float, load_f32, id>,
@@ -204,6 +386,10 @@ const Kernels table = {
     mul_f64,
     lerp_f64,
     max_f32,
+    gemv,
+    exp_f32,
+    matrix_step,
+    matrix_read,
 };
 
 }  // namespace

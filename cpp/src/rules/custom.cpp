@@ -1,0 +1,62 @@
+// Custom(fn, slots): the user's own fold, fn(mem_k, mem_v, k, v, count) -> (new_mem_k, new_mem_v),
+// over one batch row with every KV head at once. The slots start at zero and are visible once a
+// pair has been folded; sinks, window, attention, GQA and batching are the cache's as for any rule.
+// The function may throw (or return something malformed): the cache then restores its state.
+#include <cstring>
+#include <vector>
+
+#include "../rule.hpp"
+
+namespace kvfold {
+namespace {
+
+class Custom final : public Rule {
+   public:
+    Custom(CustomFold fn, int64_t slots) : fn_(std::move(fn)), slots_(slots) {}
+    void plan(const Dims& d) override {
+        Rule::plan(d);
+        plan_slots(slots_);
+    }
+    void fold(int64_t, const float*, const float*, int64_t) override {}  // folds rows, see fold_row
+    bool folds_rows() const override { return true; }
+
+    // k (H, d_k), v (H, d_v): the pairs evicted from row `row`, one per head.
+    void fold_row(int64_t row, const float* k, const float* v, int64_t count) override {
+        const int64_t H = dims_.heads, nk = slots_ * dims_.dk, nv = slots_ * dims_.dv;
+        std::vector<float>& mem = buffer();
+        mem.resize(static_cast<size_t>(H * (nk + nv)));
+        float* mk = mem.data();
+        float* mv = mk + H * nk;
+        for (int64_t h = 0; h < H; ++h) {  // slot buffers are per lane; the callback sees one array
+            std::memcpy(mk + h * nk, slot_keys(row * H + h), sizeof(float) * nk);
+            std::memcpy(mv + h * nv, slot_values(row * H + h), sizeof(float) * nv);
+        }
+        fn_(CustomCall{mk, mv, k, v, H, slots_, dims_.dk, dims_.dv, count});
+        for (int64_t h = 0; h < H; ++h) {
+            std::memcpy(slot_keys(row * H + h), mk + h * nk, sizeof(float) * nk);
+            std::memcpy(slot_values(row * H + h), mv + h * nv, sizeof(float) * nv);
+        }
+    }
+    int64_t max_slots() const override { return slots_; }
+
+   private:
+    static std::vector<float>& buffer() {
+        thread_local std::vector<float> buf;
+        return buf;
+    }
+
+    CustomFold fn_;
+    int64_t slots_;
+};
+
+}  // namespace
+
+std::unique_ptr<Rule> make_custom(const RuleSpec& spec) {
+    for (const auto& [name, a] : spec.arrays)
+        if (name != "slots") throw ValueError("custom rule: takes no parameter '" + name + "'");
+    int64_t slots = int_param(spec, "slots", 1, int64_t(1) << 24);
+    if (!spec.custom) throw ValueError("custom rule: fn is required (a function folding one pair into the memory)");
+    return std::make_unique<Custom>(spec.custom, slots);
+}
+
+}  // namespace kvfold
