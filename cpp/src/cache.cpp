@@ -415,6 +415,7 @@ const RuleSpec& MemoryCache::rule() const { return impl_->spec; }
 float MemoryCache::scale() const { return impl_->scale; }
 int64_t MemoryCache::memory_slots() const { return impl_->rule->max_slots(); }
 bool MemoryCache::matrix_memory() const { return impl_->rule->matrix(); }
+bool MemoryCache::matrix_normalized() const { return impl_->rule->normalizer(0) != nullptr; }
 
 namespace {
 
@@ -624,7 +625,7 @@ void MemoryCache::load_memory(const float* keys, const float* values) {
     if (!c.rule->matrix())
         throw ValueError("load_memory: the " + kind + " rule's memory cannot be set; only matrix rules "
                          "(linear, gated, delta, gated_delta) take a state S");
-    const bool normalized = c.rule->normalizer(0) != nullptr;
+    const bool normalized = c.rule->normalizer(0) != nullptr;  // every lane alike
     if (normalized && !values)
         throw ValueError("z: the normalized linear rule keeps z beside S; expected z of shape (B, H, d_k), got none");
     if (!normalized && values) throw ValueError("z: the " + kind + " rule keeps no z (only normalize=True does), got one");

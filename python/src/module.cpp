@@ -84,6 +84,57 @@ int64_t check_tokens(const char* name, const py::array& a, int64_t B, int64_t H,
     throw kvfold::ValueError(msg + ", got " + shape_str(s));
 }
 
+std::string type_name(const py::handle& obj) {
+    return py::str(py::type::handle_of(obj).attr("__name__"));
+}
+
+py::array_t<float> copy_floats(std::vector<py::ssize_t> shape, const float* src) {
+    py::array_t<float> a(shape);
+    std::copy(src, src + a.size(), a.mutable_data());
+    return a;
+}
+
+// rules.Custom: the core calls the user's function with the GIL taken back (the binding released
+// it around the work). Copies of a cache share the function object, which is released under the GIL.
+kvfold::CustomFold custom_fold(const py::object& fn) {
+    if (!PyCallable_Check(fn.ptr()))
+        throw kvfold::TypeError("Custom: fn must be callable, got " + type_name(fn));
+    std::shared_ptr<py::object> held(new py::object(fn), [](py::object* f) {
+        py::gil_scoped_acquire gil;
+        delete f;
+    });
+    return [held](const kvfold::CustomCall& c) {
+        py::gil_scoped_acquire gil;
+        py::object result = (*held)(copy_floats({c.heads, c.slots, c.dk}, c.mem_k),
+                                    copy_floats({c.heads, c.slots, c.dv}, c.mem_v), copy_floats({c.heads, c.dk}, c.k),
+                                    copy_floats({c.heads, c.dv}, c.v), c.count);
+        if (!(py::isinstance<py::tuple>(result) || py::isinstance<py::list>(result)) || py::len(result) != 2)
+            throw kvfold::TypeError("Custom rule: fn must return a pair (new_mem_k, new_mem_v), got " + type_name(result) +
+                                    (py::isinstance<py::tuple>(result) || py::isinstance<py::list>(result)
+                                         ? " of length " + std::to_string(py::len(result))
+                                         : ""));
+        auto take = [&](const char* name, py::handle x, const std::vector<int64_t>& want, const char* dim) {
+            py::array a;
+            try {
+                a = py::array::ensure(x);
+            } catch (py::error_already_set&) {
+            }
+            if (!a || a.dtype().kind() != 'f')
+                throw kvfold::TypeError(std::string("Custom rule: fn's ") + name + " must be a float array, got " +
+                                        (a ? "dtype " + std::string(py::str(a.dtype())) : type_name(x)));
+            if (shape_of(a) != want)
+                throw kvfold::ValueError(std::string("Custom rule: fn's ") + name + " must have shape (H=" +
+                                         std::to_string(want[0]) + ", slots=" + std::to_string(want[1]) + ", " + dim +
+                                         "=" + std::to_string(want[2]) + "), got " + shape_str(shape_of(a)));
+            return as_floats(name, a);
+        };
+        FloatArray mk = take("new_mem_k", result[py::int_(0)], {c.heads, c.slots, c.dk}, "d_k");
+        FloatArray mv = take("new_mem_v", result[py::int_(1)], {c.heads, c.slots, c.dv}, "d_v");
+        std::copy(mk.data(), mk.data() + mk.size(), c.mem_k);
+        std::copy(mv.data(), mv.data() + mv.size(), c.mem_v);
+    };
+}
+
 kvfold::RuleSpec make_spec(const py::tuple& spec) {
     if (spec.size() != 4) throw kvfold::TypeError("rule: expected a kvfold rule");
     kvfold::RuleSpec s;
@@ -98,7 +149,10 @@ kvfold::RuleSpec make_spec(const py::tuple& spec) {
     }
     for (auto item : spec[2].cast<py::dict>())
         s.options[item.first.cast<std::string>()] = item.second.cast<std::string>();
-    if (!spec[3].is_none()) throw kvfold::ValueError("rule: user functions are not supported by this rule kind");
+    if (s.kind == "custom")
+        s.custom = custom_fold(spec[3]);
+    else if (!spec[3].is_none())
+        throw kvfold::ValueError("rule: only Custom rules take a function, got one for the " + s.kind + " rule");
     return s;
 }
 
@@ -147,6 +201,43 @@ Tokens read_tokens(const MemoryCache& c, const py::handle& k_obj, const py::hand
     t.single = tk == 0;
     t.T = t.single ? 1 : tk;
     return t;
+}
+
+// Per-token gates of the matrix rules, shaped like the tokens: decay (B, H[, T]) per head or
+// (B, H[, T], d_k) per key dimension, beta (B, H[, T]).
+struct Gates {
+    FloatArray decay, beta;
+    kvfold::TokenGates view;
+};
+
+Gates read_gates(const MemoryCache& c, const py::object& decay, const py::object& beta, const Tokens& t) {
+    const auto& g = c.config();
+    std::vector<int64_t> head{g.batch_size, g.num_heads};
+    std::string want = "(B=" + std::to_string(g.batch_size) + ", H=" + std::to_string(g.num_heads);
+    if (!t.single) {
+        head.push_back(t.T);
+        want += ", T=" + std::to_string(t.T);
+    }
+    std::vector<int64_t> key = head;
+    key.push_back(g.head_dim);
+    const std::string per = t.single ? " for one token" : " for a block";
+    Gates out;
+    if (!decay.is_none()) {
+        out.decay = as_floats("decay", decay);
+        auto s = shape_of(out.decay);
+        if (s != head && s != key)
+            throw kvfold::ValueError("decay: expected shape " + want + ") per head or " + want + ", d_k=" +
+                                     std::to_string(g.head_dim) + ") per key dimension" + per + ", got " + shape_str(s));
+        out.view.decay = out.decay.data();
+        out.view.decay_per_key = s == key;
+    }
+    if (!beta.is_none()) {
+        out.beta = as_floats("beta", beta);
+        if (shape_of(out.beta) != head)
+            throw kvfold::ValueError("beta: expected shape " + want + ")" + per + ", got " + shape_str(shape_of(out.beta)));
+        out.view.beta = out.beta.data();
+    }
+    return out;
 }
 
 FloatArray read_query(const MemoryCache& c, const py::handle& q_obj) {
@@ -212,7 +303,10 @@ PYBIND11_MODULE(_core, m) {
              py::arg("spec"), py::arg("batch_size"), py::arg("num_heads"), py::arg("head_dim"), py::arg("value_dim"),
              py::arg("num_query_heads"), py::arg("window"), py::arg("sinks"), py::arg("scale"), py::arg("dtype"),
              py::arg("check_finite"))
-        .def(py::init([](const MemoryCache& other) { return std::make_unique<MemoryCache>(other); }),
+        .def(py::init([](const MemoryCache& other) {
+                 py::gil_scoped_release release;  // a Custom rule's fold may hold the cache and wait for the GIL
+                 return std::make_unique<MemoryCache>(other);
+             }),
              py::arg("other"))
         .def(py::init([](const py::bytes& data) {
                  std::string_view view = data;
@@ -222,13 +316,16 @@ PYBIND11_MODULE(_core, m) {
              py::arg("data"))
         .def(
             "update",
-            [](MemoryCache& c, const py::handle& k, const py::handle& v) {
+            [](MemoryCache& c, const py::handle& k, const py::handle& v, const py::object& decay, const py::object& beta) {
                 Tokens t = read_tokens(c, k, v);
+                Gates gates = read_gates(c, decay, beta, t);
                 py::gil_scoped_release release;
-                c.update(t.k.data(), t.v.data(), t.T);
+                c.update(t.k.data(), t.v.data(), t.T, gates.view);
             },
-            py::arg("k"), py::arg("v"),
-            "Feed tokens in order: k (B, H, d_k), v (B, H, d_v) for one token, or (B, H, T, d) for a block.")
+            py::arg("k"), py::arg("v"), py::kw_only(), py::arg("decay") = py::none(), py::arg("beta") = py::none(),
+            "Feed tokens in order: k (B, H, d_k), v (B, H, d_v) for one token, or (B, H, T, d) for a block.\n"
+            "Matrix rules without constant gates take per-token decay (log-space; (B, H[, T]) or (B, H[, T], d_k))\n"
+            "and beta ((B, H[, T])).")
         .def(
             "attend",
             [](MemoryCache& c, const py::handle& q_obj, const py::object& out) {
@@ -247,27 +344,31 @@ PYBIND11_MODULE(_core, m) {
             "Softmax attention of q (B, Hq, d_k) over [sinks | memory | window]; returns (B, Hq, d_v) float32.")
         .def(
             "step",
-            [](MemoryCache& c, const py::handle& q_obj, const py::handle& k, const py::handle& v, const py::object& out) {
+            [](MemoryCache& c, const py::handle& q_obj, const py::handle& k, const py::handle& v, const py::object& decay,
+               const py::object& beta, const py::object& out) {
                 const auto& g = c.config();
                 FloatArray q = read_query(c, q_obj);
                 Tokens t = read_tokens(c, k, v);
                 if (!t.single)
                     throw kvfold::ValueError("k: step takes one token, shape (B, H, d_k); use forward for blocks, got " +
                                              shape_str(shape_of(t.k)));
+                Gates gates = read_gates(c, decay, beta, t);
                 py::array result = out.is_none() ? py::array(new_floats({g.batch_size, g.num_query_heads, g.value_dim}))
                                                  : py::reinterpret_borrow<py::array>(out);
                 float* o = check_out(result, {g.batch_size, g.num_query_heads, g.value_dim});
                 {
                     py::gil_scoped_release release;
-                    c.step(q.data(), t.k.data(), t.v.data(), o);
+                    c.step(q.data(), t.k.data(), t.v.data(), o, gates.view);
                 }
                 return result;
             },
-            py::arg("q"), py::arg("k"), py::arg("v"), py::kw_only(), py::arg("out") = py::none(),
-            "Update with one token, then attend (the token sees itself).")
+            py::arg("q"), py::arg("k"), py::arg("v"), py::kw_only(), py::arg("decay") = py::none(),
+            py::arg("beta") = py::none(), py::arg("out") = py::none(),
+            "Update with one token (and its decay/beta for matrix rules), then attend (the token sees itself).")
         .def(
             "forward",
-            [](MemoryCache& c, const py::handle& q_obj, const py::handle& k_obj, const py::handle& v_obj) {
+            [](MemoryCache& c, const py::handle& q_obj, const py::handle& k_obj, const py::handle& v_obj,
+               const py::object& decay, const py::object& beta) {
                 const auto& g = c.config();
                 FloatArray q = as_floats("q", q_obj);
                 int64_t T = check_tokens("q", q, g.batch_size, g.num_query_heads, g.head_dim, "Hq", "d_k", false);
@@ -276,19 +377,35 @@ PYBIND11_MODULE(_core, m) {
                     throw kvfold::ValueError("k: expected shape (B=" + std::to_string(g.batch_size) + ", H=" +
                                              std::to_string(g.num_heads) + ", T=" + std::to_string(T) + ", d_k=" +
                                              std::to_string(g.head_dim) + ") to match q, got " + shape_str(shape_of(t.k)));
+                Gates gates = read_gates(c, decay, beta, t);
                 auto out = new_floats({g.batch_size, g.num_query_heads, T, g.value_dim});
                 {
                     py::gil_scoped_release release;
-                    c.forward(q.data(), t.k.data(), t.v.data(), T, out.mutable_data());
+                    c.forward(q.data(), t.k.data(), t.v.data(), T, out.mutable_data(), gates.view);
                 }
                 return out;
             },
-            py::arg("q"), py::arg("k"), py::arg("v"),
+            py::arg("q"), py::arg("k"), py::arg("v"), py::kw_only(), py::arg("decay") = py::none(),
+            py::arg("beta") = py::none(),
             "q (B, Hq, T, d_k), k (B, H, T, d_k), v (B, H, T, d_v) -> (B, Hq, T, d_v): a loop of step.")
         .def(
             "memory",
-            [](const MemoryCache& c) {
+            [](const MemoryCache& c) -> py::object {
                 const auto& g = c.config();
+                if (c.matrix_memory()) {
+                    auto S = new_floats({g.batch_size, g.num_heads, g.head_dim, g.value_dim});
+                    if (!c.matrix_normalized()) {
+                        py::gil_scoped_release release;
+                        c.memory(S.mutable_data(), nullptr);
+                        return S;
+                    }
+                    auto z = new_floats({g.batch_size, g.num_heads, g.head_dim});
+                    {
+                        py::gil_scoped_release release;
+                        c.memory(S.mutable_data(), z.mutable_data());
+                    }
+                    return py::make_tuple(S, z);
+                }
                 int64_t S = c.memory_slots();
                 auto k = new_floats({g.batch_size, g.num_heads, S, g.head_dim});
                 auto v = new_floats({g.batch_size, g.num_heads, S, g.value_dim});
@@ -298,7 +415,33 @@ PYBIND11_MODULE(_core, m) {
                 }
                 return py::make_tuple(k, v);
             },
-            "Copies of the memory slots, oldest first: keys (B, H, slots, d_k), values (B, H, slots, d_v).")
+            "Copies of the memory slots, oldest first: keys (B, H, slots, d_k), values (B, H, slots, d_v).\n"
+            "Matrix rules: S (B, H, d_k, d_v), or (S, z) with z (B, H, d_k) when normalized.")
+        .def(
+            "load_memory",
+            [](MemoryCache& c, const py::handle& S_obj, const py::object& z_obj) {
+                const auto& g = c.config();
+                if (!c.matrix_memory()) c.load_memory(nullptr, nullptr);  // raises: only matrix rules take a state
+                FloatArray S = as_floats("S", S_obj);
+                std::vector<int64_t> want{g.batch_size, g.num_heads, g.head_dim, g.value_dim};
+                if (shape_of(S) != want)
+                    throw kvfold::ValueError("S: expected shape (B=" + std::to_string(want[0]) + ", H=" + std::to_string(want[1]) +
+                                             ", d_k=" + std::to_string(want[2]) + ", d_v=" + std::to_string(want[3]) +
+                                             "), got " + shape_str(shape_of(S)));
+                FloatArray z;
+                if (!z_obj.is_none()) {
+                    z = as_floats("z", z_obj);
+                    if (shape_of(z) != std::vector<int64_t>{g.batch_size, g.num_heads, g.head_dim})
+                        throw kvfold::ValueError("z: expected shape (B=" + std::to_string(want[0]) + ", H=" +
+                                                 std::to_string(want[1]) + ", d_k=" + std::to_string(want[2]) + "), got " +
+                                                 shape_str(shape_of(z)));
+                }
+                py::gil_scoped_release release;
+                c.load_memory(S.data(), z ? z.data() : nullptr);
+            },
+            py::arg("S"), py::arg("z") = py::none(),
+            "Matrix rules: set the memory S (B, H, d_k, d_v) (and z (B, H, d_k) when normalized), e.g. an ONNX\n"
+            "LinearAttention present_state, to continue from it.")
         .def(
             "visible",
             [](const MemoryCache& c) {
@@ -307,7 +450,11 @@ PYBIND11_MODULE(_core, m) {
                 py::array_t<float> k, v;
                 py::array_t<bool> mask;
                 while (true) {
-                    int64_t n = c.visible_size();
+                    int64_t n;
+                    {
+                        py::gil_scoped_release release;
+                        n = c.visible_size();
+                    }
                     k = new_floats({g.batch_size, g.num_heads, n, g.head_dim});
                     v = new_floats({g.batch_size, g.num_heads, n, g.value_dim});
                     mask = py::array_t<bool>(std::vector<py::ssize_t>{g.batch_size, n});
@@ -345,12 +492,19 @@ PYBIND11_MODULE(_core, m) {
             },
             "The cache's configuration and state in kvfold's versioned binary format.")
         .def_property_readonly("length", [](const MemoryCache& c) {
-            auto l = c.lengths();
+            std::vector<int64_t> l;
+            {
+                py::gil_scoped_release release;
+                l = c.lengths();
+            }
             py::array_t<int64_t> a(static_cast<py::ssize_t>(l.size()));
             std::copy(l.begin(), l.end(), a.mutable_data());
             return a;
         }, "Tokens seen per row, (B,) int64.")
-        .def_property_readonly("nbytes", &MemoryCache::nbytes, "Bytes held by the cache; fixed at construction.")
+        .def_property_readonly("nbytes", [](const MemoryCache& c) {
+            py::gil_scoped_release release;
+            return c.nbytes();
+        }, "Bytes held by the cache; fixed at construction.")
         .def_property_readonly("batch_size", [](const MemoryCache& c) { return c.config().batch_size; })
         .def_property_readonly("num_heads", [](const MemoryCache& c) { return c.config().num_heads; })
         .def_property_readonly("head_dim", [](const MemoryCache& c) { return c.config().head_dim; })
@@ -362,5 +516,7 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("dtype", [](const MemoryCache& c) { return kvfold::dtype_name(c.config().dtype); })
         .def_property_readonly("check_finite", [](const MemoryCache& c) { return c.config().check_finite; })
         .def_property_readonly("memory_slots", &MemoryCache::memory_slots, "Summary slots per row and head.")
+        .def_property_readonly("matrix_memory", &MemoryCache::matrix_memory,
+                               "True for the linear-attention family, whose memory is S (d_k x d_v) per head.")
         .def_property_readonly("_rule_spec", [](const MemoryCache& c) { return spec_tuple(c.rule()); });
 }

@@ -92,6 +92,7 @@ class MemoryCache {
     float scale() const;
     int64_t memory_slots() const;  // summary slots a row can show (0 for Drop and matrix rules)
     bool matrix_memory() const;    // true for the linear-attention family (S is d_k x d_v)
+    bool matrix_normalized() const;  // a matrix rule that also keeps z (d_k), normalize=True
 
     // k (B, H, T, d_k), v (B, H, T, d_v): T tokens per row, in order.
     void update(const float* k, const float* v, int64_t T, const TokenGates& gates = {});
@@ -105,8 +106,11 @@ class MemoryCache {
                  const TokenGates& gates = {});
 
     // Summary slots, oldest first, zero where not yet filled: keys (B, H, slots, d_k), values
-    // (B, H, slots, d_v). Matrix rules: S (B, H, d_k, d_v) in keys, z (B, H, d_k) in values.
+    // (B, H, slots, d_v). Matrix rules: S (B, H, d_k, d_v) in keys, z (B, H, d_k) in values
+    // (when normalized; values may be null otherwise).
     void memory(float* keys, float* values) const;
+    // Matrix rules only: sets S (B, H, d_k, d_v) and, when normalized, z (B, H, d_k; else null),
+    // e.g. the state of ONNX LinearAttention, to continue from it.
     void load_memory(const float* keys, const float* values);
 
     // The visible set per row [sinks | slots | window], oldest first, padded to visible_size():
