@@ -436,8 +436,9 @@ PYBIND11_MODULE(_core, m) {
                                                  std::to_string(want[1]) + ", d_k=" + std::to_string(want[2]) + "), got " +
                                                  shape_str(shape_of(z)));
                 }
+                const float* z_data = z_obj.is_none() ? nullptr : z.data();
                 py::gil_scoped_release release;
-                c.load_memory(S.data(), z ? z.data() : nullptr);
+                c.load_memory(S.data(), z_data);
             },
             py::arg("S"), py::arg("z") = py::none(),
             "Matrix rules: set the memory S (B, H, d_k, d_v) (and z (B, H, d_k) when normalized), e.g. an ONNX\n"

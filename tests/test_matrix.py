@@ -1,0 +1,385 @@
+"""Matrix memories (the linear-attention family) against kvfold.reference, and their laws."""
+
+import pickle
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from numpy.testing import assert_allclose
+
+import kvfold
+from kvfold import reference, rules
+
+
+@dataclass
+class Case:
+    name: str
+    rule: Callable[[int, int, int], rules.Rule]  # (H, Hq, d_k) -> rule
+    decay: Optional[str] = None  # per-token decay: None, "head" or "key"
+    beta: bool = False  # per-token beta
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def const_decay(H, dk=None):
+    """Deterministic log-space decays in [-0.6, -0.02]: (H,) or (H, d_k)."""
+    shape = (H,) if dk is None else (H, dk)
+    return -0.02 - 0.58 * (np.arange(np.prod(shape)).reshape(shape) % 7) / 6
+
+
+CASES = [
+    Case("linear", lambda H, Hq, dk: rules.Linear()),
+    Case("linear-elu1-normalized", lambda H, Hq, dk: rules.Linear("elu1", normalize=True, mix=0.7)),
+    Case("linear-relu", lambda H, Hq, dk: rules.Linear("relu", mix=-1.0)),
+    Case("gated-token-head", lambda H, Hq, dk: rules.Gated(), decay="head"),
+    Case("gated-token-key", lambda H, Hq, dk: rules.Gated(mix=np.linspace(-2, 2, Hq)), decay="key"),
+    Case("gated-const-head", lambda H, Hq, dk: rules.Gated(decay=const_decay(H))),
+    Case("gated-const-key", lambda H, Hq, dk: rules.Gated(decay=const_decay(H, dk))),
+    Case("delta-token", lambda H, Hq, dk: rules.Delta(), beta=True),
+    Case("delta-const-scalar", lambda H, Hq, dk: rules.Delta(beta=0.5, mix=1.5)),
+    Case("gated_delta-token-key", lambda H, Hq, dk: rules.GatedDelta(), decay="key", beta=True),
+    Case("gated_delta-token-head", lambda H, Hq, dk: rules.GatedDelta(), decay="head", beta=True),
+    Case("gated_delta-const", lambda H, Hq, dk: rules.GatedDelta(decay=const_decay(H), beta=np.linspace(0.2, 0.9, H))),
+    Case("gated_delta-const-key-token-beta", lambda H, Hq, dk: rules.GatedDelta(decay=const_decay(H, dk)), beta=True),
+]
+
+# (batch, KV heads, query heads, d_k, d_v, window, sinks)
+SHAPES = [
+    (1, 1, 1, 1, 1, 0, 0),
+    (2, 3, 3, 7, 5, 0, 0),
+    (1, 2, 6, 17, 3, 4, 0),
+    (3, 1, 4, 3, 33, 0, 2),
+    (2, 2, 4, 33, 7, 5, 3),
+    (1, 1, 1, 127, 17, 1, 1),
+    (1, 2, 2, 17, 127, 0, 0),
+]
+
+T = 17
+
+
+def make(case, shape, cls=kvfold.MemoryCache):
+    B, H, Hq, dk, dv, window, sinks = shape
+    return cls(case.rule(H, Hq, dk), num_heads=H, head_dim=dk, value_dim=dv, num_query_heads=Hq, batch_size=B,
+               window=window, sinks=sinks)
+
+
+def data(rng, case, shape, T):
+    """q, unit-norm k (so the delta rules stay stable), v, and the per-token gates the case needs."""
+    B, H, Hq, dk, dv, _, _ = shape
+    q = rng.standard_normal((B, Hq, T, dk)).astype(np.float32)
+    k = rng.standard_normal((B, H, T, dk))
+    k = (k / np.linalg.norm(k, axis=-1, keepdims=True)).astype(np.float32)
+    v = rng.standard_normal((B, H, T, dv)).astype(np.float32)
+    gates = {}
+    if case.decay:
+        shape_g = (B, H, T) if case.decay == "head" else (B, H, T, dk)
+        gates["decay"] = (-0.5 * rng.random(shape_g)).astype(np.float32)
+    if case.beta:
+        gates["beta"] = rng.uniform(0.1, 1.0, (B, H, T)).astype(np.float32)
+    return q, k, v, gates
+
+
+def at(gates, t):
+    return {name: g[:, :, t] for name, g in gates.items()}
+
+
+def span(gates, lo, hi):
+    return {name: g[:, :, lo:hi] for name, g in gates.items()}
+
+
+def close(a, b):
+    assert_allclose(a, b, rtol=1e-5, atol=2e-5)
+
+
+def memories(cache):
+    m = cache.memory()
+    return m if isinstance(m, tuple) else (m,)
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_step_matches_reference(case, shape, rng):
+    cache, ref = make(case, shape), make(case, shape, reference.ReferenceCache)
+    q, k, v, gates = data(rng, case, shape, T)
+    assert cache.matrix_memory and cache.memory_slots == 0
+    for t in range(T):
+        close(cache.step(q[:, :, t], k[:, :, t], v[:, :, t], **at(gates, t)),
+              ref.step(q[:, :, t], k[:, :, t], v[:, :, t], **at(gates, t)))
+    for mine, theirs in zip(memories(cache), memories(ref)):
+        close(mine, theirs)
+    ck, cv, cm = cache.visible()  # [sinks | window]: a matrix memory has no slots
+    rk, rv, rm = ref.visible()
+    close(ck, rk)
+    close(cv, rv)
+    np.testing.assert_array_equal(cm, rm)
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+@pytest.mark.parametrize("shape", SHAPES[1:6], ids=str)
+def test_blocks_and_forward_match_reference(case, shape, rng):
+    cache, ref = make(case, shape), make(case, shape, reference.ReferenceCache)
+    q, k, v, gates = data(rng, case, shape, T)
+    for lo, hi in [(0, 1), (1, 6), (6, 11)]:
+        cache.update(k[:, :, lo:hi], v[:, :, lo:hi], **span(gates, lo, hi))
+        ref.update(k[:, :, lo:hi], v[:, :, lo:hi], **span(gates, lo, hi))
+        close(cache.attend(q[:, :, hi - 1]), ref.attend(q[:, :, hi - 1]))
+    # a single token in the block form's 3-D shapes
+    cache.update(k[:, :, 11], v[:, :, 11], **at(gates, 11))
+    ref.update(k[:, :, 11], v[:, :, 11], **at(gates, 11))
+    close(cache.forward(q[:, :, 12:], k[:, :, 12:], v[:, :, 12:], **span(gates, 12, T)),
+          ref.forward(q[:, :, 12:], k[:, :, 12:], v[:, :, 12:], **span(gates, 12, T)))
+    for mine, theirs in zip(memories(cache), memories(ref)):
+        close(mine, theirs)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[9]], ids=repr)
+def test_rows_diverge_after_reset(case, rng):
+    shape = (3, 2, 4, 5, 6, 3, 1)
+    cache, ref = make(case, shape), make(case, shape, reference.ReferenceCache)
+    q, k, v, gates = data(rng, case, shape, 20)
+    cache.update(k[:, :, :9], v[:, :, :9], **span(gates, 0, 9))
+    ref.update(k[:, :, :9], v[:, :, :9], **span(gates, 0, 9))
+    cache.reset(rows=[1])
+    ref.reset(rows=[1])
+    close(cache.forward(q[:, :, 9:], k[:, :, 9:], v[:, :, 9:], **span(gates, 9, 20)),
+          ref.forward(q[:, :, 9:], k[:, :, 9:], v[:, :, 9:], **span(gates, 9, 20)))
+    np.testing.assert_array_equal(cache.length, [20, 11, 20])
+
+
+@st.composite
+def setups(draw):
+    H = draw(st.sampled_from([1, 2, 3]))
+    return dict(
+        case=draw(st.sampled_from(CASES)),
+        shape=(draw(st.integers(1, 3)), H, H * draw(st.sampled_from([1, 2, 4])), draw(st.sampled_from([1, 3, 7, 17, 33])),
+               draw(st.sampled_from([1, 3, 7, 17, 33])), draw(st.integers(0, 6)), draw(st.integers(0, 3))),
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(cfg=setups(), T=st.integers(1, 30), seed=st.integers(0, 2**31))
+def test_forward_is_a_loop_of_step(cfg, T, seed):
+    case, shape = cfg["case"], cfg["shape"]
+    q, k, v, gates = data(np.random.default_rng(seed), case, shape, T)
+    a, b = make(case, shape), make(case, shape)
+    outs = np.stack([b.step(q[:, :, t], k[:, :, t], v[:, :, t], **at(gates, t)) for t in range(T)], axis=2)
+    np.testing.assert_array_equal(a.forward(q, k, v, **gates), outs)
+    assert a.to_bytes() == b.to_bytes()
+
+
+@settings(max_examples=40, deadline=None)
+@given(cfg=setups(), T=st.integers(1, 30), seed=st.integers(0, 2**31))
+def test_block_update_is_a_loop_of_single_updates(cfg, T, seed):
+    case, shape = cfg["case"], cfg["shape"]
+    _, k, v, gates = data(np.random.default_rng(seed), case, shape, T)
+    a, b = make(case, shape), make(case, shape)
+    a.update(k, v, **gates)
+    for t in range(T):
+        b.update(k[:, :, t], v[:, :, t], **at(gates, t))
+    assert a.to_bytes() == b.to_bytes()
+
+
+def test_window_gates_travel_with_their_tokens(rng):
+    """A token's gates apply when it leaves the window, not the gates of the token that pushes it out."""
+    shape = (1, 1, 1, 4, 3, 2, 0)
+    case = CASES[9]  # gated delta, per-token per-key decay and beta
+    q, k, v, gates = data(rng, case, shape, 6)
+    cache = make(case, shape)
+    cache.update(k, v, **gates)
+    # folded: tokens 0..3 with their own gates, from S = 0
+    S = np.zeros((4, 3))
+    for t in range(4):
+        S, _ = reference.matrix_fold(rules.GatedDelta(), S[None], None, k[0, :, t].astype(np.float64),
+                                     v[0, :, t].astype(np.float64), gates["decay"][0, :, t], gates["beta"][0, :, t])
+        S = S[0]
+    close(cache.memory()[0, 0], S)
+
+
+def test_matrix_memory_state_round_trips(rng):
+    case = CASES[9]
+    shape = (2, 2, 4, 5, 3, 3, 1)
+    q, k, v, gates = data(rng, case, shape, 12)
+    cache = make(case, shape)
+    cache.update(k[:, :, :8], v[:, :, :8], **span(gates, 0, 8))
+    for other in (kvfold.MemoryCache.from_bytes(cache.to_bytes()), cache.copy()):
+        assert other.rule == cache.rule
+        np.testing.assert_array_equal(other.forward(q[:, :, 8:], k[:, :, 8:], v[:, :, 8:], **span(gates, 8, 12)),
+                                      cache.copy().forward(q[:, :, 8:], k[:, :, 8:], v[:, :, 8:], **span(gates, 8, 12)))
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[5]], ids=repr)
+def test_load_memory_sets_the_state(case, rng):
+    shape = (2, 2, 4, 5, 3, 2, 1)
+    q, k, v, gates = data(rng, case, shape, 10)
+    cache, ref = make(case, shape), make(case, shape, reference.ReferenceCache)
+    for c in (cache, ref):
+        c.update(k[:, :, :4], v[:, :, :4], **span(gates, 0, 4))
+    S = rng.standard_normal((2, 2, 5, 3)).astype(np.float32)
+    z = rng.random((2, 2, 5)).astype(np.float32) + 1
+    state = (S, z) if case.rule(2, 4, 5) == rules.Linear("elu1", normalize=True, mix=0.7) else (S,)
+    cache.load_memory(*state)
+    ref.load_memory(*state)
+    for mine, given in zip(memories(cache), state):
+        np.testing.assert_array_equal(mine, given)
+    close(cache.forward(q[:, :, 4:], k[:, :, 4:], v[:, :, 4:], **span(gates, 4, 10)),
+          ref.forward(q[:, :, 4:], k[:, :, 4:], v[:, :, 4:], **span(gates, 4, 10)))
+
+
+def test_nbytes_never_grows(rng):
+    cache = kvfold.MemoryCache(rules.GatedDelta(), num_heads=2, head_dim=8, window=16, sinks=2)
+    before = cache.nbytes
+    assert before >= 2 * 8 * 8 * 4 + 2 * 16 * (8 + 2) * 4  # S, and the window's gates beside its pairs
+    k = rng.standard_normal((1, 2, 1000, 8), dtype=np.float32) / 3
+    g = -rng.random((1, 2, 1000), dtype=np.float32)
+    b = rng.random((1, 2, 1000), dtype=np.float32)
+    for _ in range(20):
+        cache.update(k, k, decay=g, beta=b)
+    assert cache.length[0] == 20_000 and cache.nbytes == before
+    assert np.isfinite(cache.memory()).all()
+
+
+def test_empty_matrix_cache_attends_to_zeros():
+    cache = kvfold.MemoryCache(rules.Linear(), num_heads=2, head_dim=3, window=2, batch_size=2)
+    assert not cache.attend(np.ones((2, 2, 3))).any()
+
+
+# --- bad input: a clear error naming the argument, and the cache exactly as it was -------------
+
+
+def fed(rule, window=2, sinks=1, **gates):
+    cache = kvfold.MemoryCache(rule, num_heads=2, head_dim=4, value_dim=3, num_query_heads=4, batch_size=2,
+                               window=window, sinks=sinks)
+    rng = np.random.default_rng(0)
+    g = {}
+    if "decay" in gates:
+        g["decay"] = -rng.random((2, 2, 5))
+    if "beta" in gates:
+        g["beta"] = rng.random((2, 2, 5))
+    cache.update(rng.standard_normal((2, 2, 5, 4)) / 2, rng.standard_normal((2, 2, 5, 3)), **g)
+    return cache
+
+
+def unchanged(cache, call, error, *words):
+    before = cache.to_bytes()
+    with pytest.raises(error) as info:
+        call()
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
+    assert cache.to_bytes() == before
+
+
+K, V, Q = np.zeros((2, 2, 4)), np.zeros((2, 2, 3)), np.zeros((2, 4, 4))
+G, B1 = -np.ones((2, 2)), np.ones((2, 2))
+
+
+@pytest.mark.parametrize(
+    "rule, gates, kw, words",
+    [
+        (rules.Gated(), dict(decay=1), {}, ["decay", "needs a per-token decay", "got none"]),
+        (rules.GatedDelta(), dict(decay=1, beta=1), dict(decay=G), ["beta", "needs a per-token beta"]),
+        (rules.Delta(), dict(beta=1), {}, ["beta", "needs"]),
+        (rules.Linear(), {}, dict(decay=G), ["decay", "linear rule takes no decay"]),
+        (rules.Gated(), dict(decay=1), dict(decay=G, beta=B1), ["beta", "gated rule takes no beta"]),
+        (rules.Gated(decay=[-0.1, -0.2]), {}, dict(decay=G), ["decay", "constant decay"]),
+        (rules.Delta(beta=0.5), {}, dict(beta=B1), ["beta", "constant beta"]),
+        (rules.Cumulative(), {}, dict(beta=B1), ["beta", "cumulative rule takes no per-token gates"]),
+        (rules.Gated(), dict(decay=1), dict(decay=np.zeros((2, 3))), ["decay", "(B=2, H=2)", "d_k=4", "(2, 3)"]),
+        (rules.Gated(), dict(decay=1), dict(decay=np.zeros((2, 2, 1, 4))), ["decay", "one token"]),
+        (rules.Delta(), dict(beta=1), dict(beta=np.zeros((2, 2, 4))), ["beta", "(B=2, H=2)", "(2, 2, 4)"]),
+        (rules.Gated(), dict(decay=1), dict(decay=np.array([[0.0, np.nan], [0.0, 0.0]])), ["decay", "NaN", "(0, 1, 0)"]),
+        (rules.Delta(), dict(beta=1), dict(beta=np.array([[0.0, 0.0], [np.inf, 0.0]])), ["beta", "Inf", "(1, 0, 0)"]),
+        (rules.Gated(), dict(decay=1), dict(decay=np.zeros((2, 2), complex)), ["decay", "complex"]),
+    ],
+)
+def test_bad_gates(rule, gates, kw, words):
+    cache = fed(rule, **gates)
+    error = TypeError if "complex" in words else ValueError
+    unchanged(cache, lambda: cache.update(K, V, **kw), error, *words)
+    unchanged(cache, lambda: cache.step(Q, K, V, **kw), error, *words)
+
+
+def test_block_gates_must_match_the_block():
+    cache = fed(rules.GatedDelta(), decay=1, beta=1)
+    k, v, q = np.zeros((2, 2, 3, 4)), np.zeros((2, 2, 3, 3)), np.zeros((2, 4, 3, 4))
+    unchanged(cache, lambda: cache.update(k, v, decay=np.zeros((2, 2, 4)), beta=np.zeros((2, 2, 3))), ValueError,
+              "decay", "T=3", "for a block", "(2, 2, 4)")
+    unchanged(cache, lambda: cache.forward(q, k, v, decay=np.zeros((2, 2, 3)), beta=np.zeros((2, 2))), ValueError,
+              "beta", "(B=2, H=2, T=3)")
+    cache.forward(q, k, v, decay=np.zeros((2, 2, 3, 4)), beta=np.zeros((2, 2, 3)))  # per key dimension is fine
+    assert cache.length.tolist() == [8, 8]
+
+
+def test_check_finite_false_skips_the_gate_check():
+    cache = kvfold.MemoryCache(rules.Delta(), num_heads=1, head_dim=2, check_finite=False)
+    cache.update(np.zeros((1, 1, 2)), np.zeros((1, 1, 2)), beta=np.full((1, 1), np.nan))
+    assert cache.length.tolist() == [1]
+
+
+def test_load_memory_errors():
+    cache = fed(rules.Linear())
+    S = np.zeros((2, 2, 4, 3))
+    unchanged(cache, lambda: cache.load_memory(np.zeros((2, 2, 3, 4))), ValueError, "S", "(B=2, H=2, d_k=4, d_v=3)", "(2, 2, 3, 4)")
+    unchanged(cache, lambda: cache.load_memory(S, np.zeros((2, 2, 4))), ValueError, "z", "keeps no z")
+    bad = S.copy()
+    bad[1, 0, 2, 1] = np.nan
+    unchanged(cache, lambda: cache.load_memory(bad), ValueError, "S", "NaN", "(1, 0, 2, 1)")
+    unchanged(cache, lambda: cache.load_memory("S"), TypeError, "S")
+    normalized = fed(rules.Linear("elu1", normalize=True))
+    unchanged(normalized, lambda: normalized.load_memory(S), ValueError, "z", "got none")
+    unchanged(normalized, lambda: normalized.load_memory(S, np.zeros((2, 2, 3))), ValueError, "z", "(B=2, H=2, d_k=4)")
+    summary = fed(rules.Cumulative())
+    unchanged(summary, lambda: summary.load_memory(S), ValueError, "load_memory", "only matrix rules")
+
+
+@pytest.mark.parametrize(
+    "make, error, words",
+    [
+        (lambda: rules.Gated(decay=-0.5), ValueError, ["decay", "(H,) or (H, d_k)", "scalar"]),
+        (lambda: rules.Gated(decay=np.zeros((2, 2, 2))), ValueError, ["decay", "(2, 2, 2)"]),
+        (lambda: rules.Gated(decay=[0.0, np.nan]), ValueError, ["decay", "finite"]),
+        (lambda: rules.Gated(decay=[[0.0], [0.0, 1.0]]), ValueError, ["decay", "regular array"]),
+        (lambda: rules.Gated(decay="fast"), TypeError, ["decay"]),
+        (lambda: rules.Delta(beta=[[0.5]]), ValueError, ["beta", "scalar or of shape (H,)"]),
+        (lambda: rules.GatedDelta(beta=np.inf), ValueError, ["beta", "finite"]),
+        (lambda: rules.Linear("tanh"), ValueError, ["feature_map", "'elu1'", "tanh"]),
+        (lambda: rules.Linear(normalize=1), TypeError, ["normalize"]),
+        (lambda: rules.Linear(feature_map=None), TypeError, ["feature_map"]),
+        (lambda: rules.Linear(eps=0.0), ValueError, ["eps", "> 0"]),
+        (lambda: rules.Linear(mix="x"), TypeError, ["mix"]),
+        (lambda: rules.Delta(mix=np.zeros((2, 2))), ValueError, ["mix", "(Hq,)"]),
+    ],
+)
+def test_bad_rules(make, error, words):
+    with pytest.raises(error) as info:
+        make()
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
+
+
+@pytest.mark.parametrize(
+    "rule, words",
+    [
+        (rules.Gated(decay=[-0.1, -0.2, -0.3]), ["decay", "(H=2,)", "d_k=4", "(3,)"]),
+        (rules.Gated(decay=np.zeros((2, 5))), ["decay", "(2, 5)"]),
+        (rules.Delta(beta=[0.1, 0.2, 0.3]), ["beta", "(H=2,)", "(3,)"]),
+        (rules.Linear(mix=[0.0, 1.0]), ["mix", "(Hq=4,)", "(2,)"]),
+    ],
+)
+def test_rule_constants_must_fit_the_cache(rule, words):
+    with pytest.raises(ValueError) as info:
+        kvfold.MemoryCache(rule, num_heads=2, head_dim=4, num_query_heads=4)
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
+
+
+def test_rules_round_trip_through_saved_state(rng):
+    for rule in [rules.Linear("relu", normalize=True, eps=1e-3, mix=(0.5, -0.5)), rules.Gated(decay=const_decay(2, 3)),
+                 rules.Delta(beta=0.25), rules.GatedDelta(decay=(-0.1, -0.2), beta=(0.3, 0.4), mix=2.0)]:
+        cache = kvfold.MemoryCache(rule, num_heads=2, head_dim=3, window=1)
+        back = pickle.loads(pickle.dumps(cache))
+        assert back.rule == rule and hash(back.rule) == hash(rule)
+    assert repr(rules.GatedDelta(decay=(-0.1, -0.2), beta=0.5)) == "GatedDelta(decay=(-0.1, -0.2), beta=0.5, mix=0.0)"
