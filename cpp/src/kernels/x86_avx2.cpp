@@ -353,6 +353,8 @@ MatrixPass tail(const MatrixPass& m, int64_t c) {
 
 void matrix_step(const MatrixPass& m) {
     int64_t c = 0;
+    if (m.nq <= 1)  // registers to spare: wider tiles read longer runs of each row
+        for (; c + 32 <= m.dv; c += 32) step_tile<4>(m, c);
     for (; c + 16 <= m.dv; c += 16) step_tile<2>(m, c);
     if (c + 8 <= m.dv) step_tile<1>(m, c), c += 8;
     if (c < m.dv) scalar_kernels()->matrix_step(tail(m, c));
