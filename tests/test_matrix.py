@@ -383,3 +383,17 @@ def test_rules_round_trip_through_saved_state(rng):
         back = pickle.loads(pickle.dumps(cache))
         assert back.rule == rule and hash(back.rule) == hash(rule)
     assert repr(rules.GatedDelta(decay=(-0.1, -0.2), beta=0.5)) == "GatedDelta(decay=(-0.1, -0.2), beta=0.5, mix=0.0)"
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_storage_dtype_applies_to_sinks_and_window_only(dtype, rng):
+    """S stays float32: without sinks and window a half-precision cache computes exactly the same."""
+    case, shape = CASES[9], (2, 2, 4, 9, 5, 0, 0)
+    q, k, v, gates = data(rng, case, shape, 12)
+    kw = dict(num_heads=2, head_dim=9, value_dim=5, num_query_heads=4, batch_size=2)
+    full = kvfold.MemoryCache(rules.GatedDelta(), **kw)
+    half = kvfold.MemoryCache(rules.GatedDelta(), dtype=dtype, **kw)
+    np.testing.assert_array_equal(half.forward(q, k, v, **gates), full.forward(q, k, v, **gates))
+    windowed = kvfold.MemoryCache(rules.GatedDelta(), dtype=dtype, window=3, sinks=1, **kw)
+    ref = reference.ReferenceCache(rules.GatedDelta(), window=3, sinks=1, **kw)
+    assert_allclose(windowed.forward(q, k, v, **gates), ref.forward(q, k, v, **gates), rtol=2e-2, atol=2e-2)

@@ -32,7 +32,11 @@ class MemoryCache(_core.MemoryCache):
     were seen, else enters the window (the last ``window`` pairs, FIFO); a pair pushed out of the
     window (every non-sink pair when ``window=0``) is folded into the memory by ``rule``.
     ``attend(q)`` is softmax attention of each query head over ``[sinks | memory slots | window]``
-    of its KV head (query head h reads KV head ``h // (num_query_heads // num_heads)``).
+    of its KV head (query head h reads KV head ``h // (num_query_heads // num_heads)``). Matrix
+    rules (``rules.Linear``, ``Gated``, ``Delta``, ``GatedDelta``) keep S (d_k x d_v) per KV head
+    instead of slots and read it linearly, mixed with softmax attention over ``[sinks | window]``
+    when there are any; their per-token gates are the ``decay=`` and ``beta=`` keywords of
+    ``update``, ``step`` and ``forward``.
 
     ``dtype`` ("float32", "float16", "bfloat16") is how sinks and window are stored; compute is float32.
     Inputs of any real dtype and layout are converted; NaN/Inf is rejected unless ``check_finite=False``.
