@@ -299,7 +299,7 @@ struct MatrixModel {
         if (j >= cfg.window) {
             std::memcpy(evicted, slot, sizeof(float) * c.gate_stride);
             if (c.rule->takes_beta()) out.beta = evicted;
-            if (evicted[1] > 0) {
+            if (c.rule->takes_decay()) {  // every stored token has one: check_gates saw to it
                 out.decay = evicted + 2;
                 out.decay_per_key = evicted[1] > 1;
             }
@@ -426,7 +426,7 @@ void check_gates(const MemoryCache::Impl& c, const TokenGates& gates, int64_t T)
     const char* names[2] = {"decay", "beta"};
     const bool given[2] = {gates.decay != nullptr, gates.beta != nullptr};
     const bool needed[2] = {r.takes_decay(), r.takes_beta()};
-    const bool used[2] = {kind == "gated" || kind == "gated_delta", kind == "delta" || kind == "gated_delta"};
+    const bool used[2] = {r.uses_decay(), r.uses_beta()};
     for (int i = 0; i < 2; ++i) {
         const std::string name = names[i];
         if (given[i] && !needed[i]) {

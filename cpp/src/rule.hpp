@@ -63,6 +63,8 @@ class Rule {
     // Matrix rules (the linear-attention family) hold S (d_k x d_v) per lane, read linearly; the
     // cache calls fold_read and read instead of fold, and keeps the gates of windowed tokens.
     virtual bool matrix() const { return false; }
+    virtual bool uses_decay() const { return false; }   // gated: a decay, constant or per token
+    virtual bool uses_beta() const { return false; }    // delta: a beta, constant or per token
     virtual bool takes_decay() const { return false; }  // per-token decay needed
     virtual bool takes_beta() const { return false; }   // per-token beta needed
     // Folds one pair with its gates and answers the queries (none when qs.count == 0) from the

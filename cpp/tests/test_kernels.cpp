@@ -69,6 +69,12 @@ TEST(half_conversions_round_to_nearest_even) {
     for (uint32_t h = 0; h < 0x7c00; ++h) CHECK(float_to_half(half_to_float(static_cast<uint16_t>(h))) == h);
 }
 
+TEST(every_table_has_the_recurrent_kernels) {
+    // A table without its own (null) takes the next table down's, so none is ever missing.
+    const Kernels& K = kernels();
+    CHECK(K.gemv && K.exp_f32 && K.matrix_step && K.matrix_read);
+}
+
 TEST(gemv_and_exp_match_scalar) {
     const Kernels& S = *scalar_kernels();
     const Kernels& K = kernels();

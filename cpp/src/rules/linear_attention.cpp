@@ -78,6 +78,8 @@ class LinearAttention final : public Rule {
     }
 
     bool matrix() const override { return true; }
+    bool uses_decay() const override { return gated_; }
+    bool uses_beta() const override { return delta_; }
     bool takes_decay() const override { return gated_ && !has_decay_; }
     bool takes_beta() const override { return delta_ && !has_beta_; }
     float memory_weight(int64_t hq) const override { return weight_[hq]; }
