@@ -168,3 +168,9 @@ def test_two_threads_share_one_cache_safely(rng):
     # every pair is the same, so a consistent state has every visible row equal to it
     keys, values, mask = c.visible()
     assert_allclose(keys[0, :, :], np.broadcast_to(k[0, :, 0][:, None], keys[0].shape), rtol=1e-6)
+
+
+@pytest.mark.parametrize("rule", [rules.Moving(3), rules.Compressive(2, 3, "max"), rules.EMA(0.25), rules.Drop()], ids=repr)
+def test_every_rule_survives_pickling(rule):
+    c = make(rule=rule)
+    assert pickle.loads(pickle.dumps(c)).rule == rule
