@@ -15,6 +15,19 @@ def simd(request):
     _core._set_simd_backend(BACKENDS[-1])
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked one_backend (they exercise files, threads or memory, not the kernels) run once,
+    with the best backend."""
+    keep, drop = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        skip = item.get_closest_marker("one_backend") and params.get("simd", BACKENDS[-1]) != BACKENDS[-1]
+        (drop if skip else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

@@ -3,7 +3,6 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -60,6 +59,16 @@ class LaneBuffer {
     }
     void zero_lane(int64_t i) {
         if (stride_) std::memset(lane(i), 0, stride_);
+    }
+    // Copies lane `from` of `src` (a buffer planned alike, up to its lane count) into lane `to`.
+    void copy_lane(int64_t to, const LaneBuffer& src, int64_t from) {
+        if (stride_) std::memcpy(lane(to), src.lane(from), stride_);
+    }
+    void swap(LaneBuffer& o) noexcept {
+        std::swap(data_, o.data_);
+        std::swap(lanes_, o.lanes_);
+        std::swap(lane_bytes_, o.lane_bytes_);
+        std::swap(stride_, o.stride_);
     }
 
    private:

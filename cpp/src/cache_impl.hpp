@@ -32,6 +32,12 @@ struct MemoryCache::Impl {
     void allocate();
     // Copies lengths and every buffer from a cache of the same configuration.
     void copy_state_from(const Impl& other);
+    // Copies `count` rows of `src` (same configuration but for the batch size): row first + r
+    // takes src row src_rows[r] (batch_ops.cpp).
+    void copy_rows_from(const Impl& src, const int64_t* src_rows, int64_t count, int64_t first = 0);
+    // Takes the batch size, lengths, rule and buffers of `other` (same configuration but for the
+    // batch size) and gives it ours; the mutex stays (batch_ops.cpp).
+    void swap_state(Impl& other);
 
     // Every per-lane buffer: the cache's own, then the rule's.
     std::vector<LaneBuffer*> buffers();

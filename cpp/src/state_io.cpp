@@ -1,14 +1,25 @@
-// The state format, version 1. Little-endian throughout:
-//   magic "KVFOLD\r\n" (8 bytes), u32 format version, u32 reserved (0)
-//   config: i64 batch_size, num_heads, head_dim, value_dim, num_query_heads, window, sinks;
-//           f64 scale (0 = default); u8 dtype (0 float32, 1 float16, 2 bfloat16); u8 check_finite
-//   rule:   str kind; u32 count, then per array: str name, u32 ndim, i64 shape[ndim], f64 data[...];
-//           u32 count, then per option: str name, str value
-//   i64 length[batch_size]
-//   u32 buffer count, then per buffer: u64 bytes per lane, then every lane's bytes in lane order
-//   u32 CRC32 (zlib's) of everything before it
-// A str is a u32 byte count and the bytes. Sizes are checked against the input before anything is
-// allocated.
+// The state format, version 1: a cache's configuration and state, little-endian throughout.
+//
+//   offset  size  field
+//        0     8  magic "KVFOLD\r\n" (4b 56 46 4f 4c 44 0d 0a)
+//        8     4  u32 format version (1)
+//       12     4  u32 flags (0; reserved)
+//       16     8  u64 total size of the state in bytes, this header and the CRC included
+//       24        config: i64 batch_size, num_heads, head_dim, value_dim, num_query_heads, window,
+//                 sinks; f64 scale (0 = 1/sqrt(head_dim)); u8 dtype (0 float32, 1 float16,
+//                 2 bfloat16); u8 check_finite (0 or 1)
+//                 rule: str kind; u32 array count, then per array (by name): str name, u32 rank,
+//                 i64 shape[rank], f64 values[prod(shape)]; u32 option count, then per option (by
+//                 name): str name, str value
+//                 i64 length[batch_size]: tokens seen per row
+//                 u32 buffer count, then per buffer: u64 bytes per lane, then every lane's bytes,
+//                 lane = row * num_heads + head (the cache's sinks k, v and window k, v, then the
+//                 rule's buffers, in the order they are registered)
+//   total-4        u32 CRC32 (zlib's) of every byte before it
+//
+// A str is a u32 byte count (at most 4096) and the bytes; names (kind, parameter and option names)
+// are identifiers, option values printable ASCII. Readers check the header and the CRC
+// first, then every count against the bytes that remain, before anything is allocated.
 #include <algorithm>
 #include <array>
 #include <cstring>
@@ -21,6 +32,8 @@ namespace {
 constexpr char kMagic[8] = {'K', 'V', 'F', 'O', 'L', 'D', '\r', '\n'};
 constexpr uint32_t kFormatVersion = 1;
 constexpr uint32_t kMaxName = 1 << 12;
+constexpr size_t kHeader = 24;                      // magic, version, flags, total size
+constexpr int64_t kMaxLength = int64_t(1) << 62;    // tokens per row; far from overflow
 
 bool little_endian_host() {
     const uint16_t one = 1;
@@ -66,11 +79,22 @@ class Reader {
         std::memcpy(&x, take(sizeof(T), what), sizeof(T));
         return x;
     }
-    std::string str(const char* what) {
+    // Names are identifiers ([A-Za-z_][A-Za-z0-9_]*); other strings are printable ASCII.
+    std::string str(const char* what, bool identifier) {
         uint32_t n = get<uint32_t>(what);
         if (n > kMaxName) fail(std::string(what) + " is " + std::to_string(n) + " bytes long, at most " +
                                std::to_string(kMaxName) + " allowed");
-        return std::string(reinterpret_cast<const char*>(take(n, what)), n);
+        std::string s(reinterpret_cast<const char*>(take(n, what)), n);
+        for (size_t i = 0; i < s.size(); ++i) {
+            unsigned char c = static_cast<unsigned char>(s[i]);
+            bool letter = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_', digit = c >= '0' && c <= '9';
+            bool ok = identifier ? letter || (i > 0 && digit) : c >= 0x20 && c < 0x7f;
+            if (!ok)
+                fail(std::string(what) + " has byte " + std::to_string(c) + " at position " + std::to_string(i) +
+                     (identifier ? ", expected an identifier" : ", expected printable ASCII"));
+        }
+        if (identifier && s.empty()) fail(std::string(what) + " is empty");
+        return s;
     }
     const uint8_t* take(size_t n, const char* what) {
         if (n > left())
@@ -94,12 +118,14 @@ std::string MemoryCache::to_bytes() const {
     const Impl& c = *impl_;
     if (c.spec.kind == "custom")
         throw ValueError("rule: Custom rules cannot be serialized (their function is Python code); "
-                         "use copy() within a process");
+                         "use copy() or checkpoint() within a process");
     if (!little_endian_host()) throw ValueError("to_bytes: the state format needs a little-endian host");
     Writer w;
+    w.out.reserve(kHeader + 4096 + c.planned_bytes());
     w.raw(kMagic, 8);
     w.put<uint32_t>(kFormatVersion);
     w.put<uint32_t>(0);
+    w.put<uint64_t>(0);  // total size, filled in below
     const Config& g = c.cfg;
     for (int64_t x : {g.batch_size, g.num_heads, g.head_dim, g.value_dim, g.num_query_heads, g.window, g.sinks})
         w.put<int64_t>(x);
@@ -126,6 +152,8 @@ std::string MemoryCache::to_bytes() const {
         w.put<uint64_t>(b->lane_bytes());
         for (int64_t lane = 0; lane < b->lanes() && b->lane_bytes(); ++lane) w.raw(b->lane(lane), b->lane_bytes());
     }
+    const uint64_t total = w.out.size() + 4;
+    std::memcpy(&w.out[16], &total, 8);
     w.put<uint32_t>(crc32(reinterpret_cast<const uint8_t*>(w.out.data()), w.out.size()));
     return std::move(w.out);
 }
@@ -133,19 +161,33 @@ std::string MemoryCache::to_bytes() const {
 std::unique_ptr<MemoryCache> MemoryCache::from_bytes(const void* data, size_t size) {
     if (!little_endian_host()) throw ValueError("from_bytes: the state format needs a little-endian host");
     const auto* bytes = static_cast<const uint8_t*>(data);
-    if (size < 8 + 4 + 4 + 4) Reader::fail("truncated: " + std::to_string(size) + " bytes is shorter than any state");
-    if (std::memcmp(bytes, kMagic, 8) != 0) Reader::fail("wrong magic (this is not a kvfold state)");
-    uint32_t version;
+    if (size == 0) Reader::fail("empty input (0 bytes)");
+    if (std::memcmp(bytes, kMagic, std::min<size_t>(size, 8)) != 0)
+        Reader::fail("wrong magic: expected the bytes \"KVFOLD\\r\\n\", this is not a kvfold state");
+    if (size < kHeader)
+        Reader::fail("truncated: " + std::to_string(size) + " bytes, shorter than the " + std::to_string(kHeader) +
+                     "-byte header");
+    uint32_t version, flags;
+    uint64_t total;
     std::memcpy(&version, bytes + 8, 4);
+    std::memcpy(&flags, bytes + 12, 4);
+    std::memcpy(&total, bytes + 16, 8);
     if (version > kFormatVersion)
         Reader::fail("format version " + std::to_string(version) + " is newer than this kvfold reads (" +
                      std::to_string(kFormatVersion) + "); upgrade kvfold");
     if (version == 0) Reader::fail("format version 0 does not exist");
+    if (total < kHeader + 4) Reader::fail("the header claims " + std::to_string(total) + " bytes, less than any state");
+    if (size < total)
+        Reader::fail("truncated: the state is " + std::to_string(total) + " bytes, got " + std::to_string(size));
+    if (size > total)
+        Reader::fail(std::to_string(size - total) + " unexpected bytes after the end of the " + std::to_string(total) +
+                     "-byte state");
     uint32_t stored_crc;
     std::memcpy(&stored_crc, bytes + size - 4, 4);
-    if (crc32(bytes, size - 4) != stored_crc) Reader::fail("CRC32 mismatch (the data is corrupted or truncated)");
+    if (crc32(bytes, size - 4) != stored_crc) Reader::fail("CRC32 mismatch (the data is corrupted)");
+    if (flags != 0) Reader::fail("flags are " + std::to_string(flags) + ", expected 0 in format version 1");
 
-    Reader r(bytes + 16, size - 16 - 4);
+    Reader r(bytes + kHeader, size - kHeader - 4);
     Config g;
     g.batch_size = r.get<int64_t>("batch_size");
     g.num_heads = r.get<int64_t>("num_heads");
@@ -158,13 +200,16 @@ std::unique_ptr<MemoryCache> MemoryCache::from_bytes(const void* data, size_t si
     uint8_t dtype = r.get<uint8_t>("dtype");
     if (dtype > 2) Reader::fail("dtype code " + std::to_string(dtype) + " is not 0, 1 or 2");
     g.dtype = static_cast<DType>(dtype);
-    g.check_finite = r.get<uint8_t>("check_finite") != 0;
+    uint8_t check_finite = r.get<uint8_t>("check_finite");
+    if (check_finite > 1) Reader::fail("check_finite is " + std::to_string(check_finite) + ", expected 0 or 1");
+    g.check_finite = check_finite == 1;
 
     RuleSpec spec;
-    spec.kind = r.str("rule kind");
+    spec.kind = r.str("rule kind", true);
     uint32_t arrays = r.get<uint32_t>("rule array count");
     for (uint32_t i = 0; i < arrays; ++i) {
-        std::string name = r.str("rule array name");
+        std::string name = r.str("rule array name", true);
+        if (spec.arrays.count(name)) Reader::fail("rule array '" + name + "' appears twice");
         uint32_t ndim = r.get<uint32_t>("rule array rank");
         if (ndim > 8) Reader::fail("rule array '" + name + "' has rank " + std::to_string(ndim) + ", at most 8");
         Array a;
@@ -183,19 +228,27 @@ std::unique_ptr<MemoryCache> MemoryCache::from_bytes(const void* data, size_t si
     }
     uint32_t options = r.get<uint32_t>("rule option count");
     for (uint32_t i = 0; i < options; ++i) {
-        std::string name = r.str("rule option name");
-        spec.options[name] = r.str("rule option value");
+        std::string name = r.str("rule option name", true);
+        if (spec.options.count(name)) Reader::fail("rule option '" + name + "' appears twice");
+        spec.options[name] = r.str("rule option value", false);
     }
-    if (spec.kind == "custom") Reader::fail("Custom rules cannot be serialized");
+    if (spec.kind == "custom") Reader::fail("the rule is Custom, and Custom rules cannot be serialized");
 
     if (g.batch_size < 1 || static_cast<uint64_t>(g.batch_size) > r.left() / sizeof(int64_t))
         Reader::fail("batch_size " + std::to_string(g.batch_size) + " does not fit the data");
     std::vector<int64_t> length(static_cast<size_t>(g.batch_size));
     std::memcpy(length.data(), r.take(sizeof(int64_t) * length.size(), "lengths"), sizeof(int64_t) * length.size());
     for (size_t b = 0; b < length.size(); ++b)
-        if (length[b] < 0) Reader::fail("length of row " + std::to_string(b) + " is negative");
+        if (length[b] < 0 || length[b] > kMaxLength)
+            Reader::fail("length of row " + std::to_string(b) + " is " + std::to_string(length[b]) +
+                         ", expected 0 to 2^62");
 
-    auto impl = std::make_unique<Impl>(g, spec);  // validates configuration and rule; plans buffers
+    std::unique_ptr<Impl> impl;
+    try {
+        impl = std::make_unique<Impl>(g, spec);  // validates configuration and rule; plans buffers
+    } catch (const ValueError& e) {
+        Reader::fail(std::string("the stored configuration is invalid: ") + e.what());
+    }
     // Every state byte is in the data, so what is allocated is bounded by the input size.
     size_t state = 0;
     for (const LaneBuffer* b : impl->buffers()) {

@@ -9,14 +9,26 @@ Queries attend over ``[sinks | memory | window]``.
 from __future__ import annotations
 
 import numbers
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
-from . import _core, rules
+import numpy.typing as npt
+
+from . import _core, _state, rules
 from ._core import available_backends, simd_backend
+from ._state import Checkpoint
 
 __version__: str = _core.__version__
 
-__all__ = ["MemoryCache", "rules", "reference", "simd_backend", "available_backends", "__version__"]
+__all__ = [
+    "MemoryCache",
+    "Checkpoint",
+    "load",
+    "rules",
+    "reference",
+    "simd_backend",
+    "available_backends",
+    "__version__",
+]
 
 
 def _size(name: str, value: Any) -> int:
@@ -41,6 +53,10 @@ class MemoryCache(_core.MemoryCache):
     ``dtype`` ("float32", "float16", "bfloat16") is how sinks and window are stored; compute is float32.
     Inputs of any real dtype and layout are converted; NaN/Inf is rejected unless ``check_finite=False``.
     Bad input raises ValueError or TypeError and leaves the cache as it was.
+
+    State: ``to_bytes``/``from_bytes`` and ``save``/``kvfold.load`` persist it (a versioned binary
+    format with a CRC32), ``checkpoint``/``rollback`` snapshot and restore it, ``reorder``,
+    ``select`` and ``concat`` rearrange, split and join batch rows.
     """
 
     def __init__(
@@ -113,11 +129,60 @@ class MemoryCache(_core.MemoryCache):
             raise TypeError(f"data: expected bytes, got {type(data).__name__}")
         new = cls.__new__(cls)
         _core.MemoryCache.__init__(new, bytes(data))
-        new._rule = rules.from_spec(new._rule_spec)
+        try:
+            new._rule = rules.from_spec(new._rule_spec)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"data: invalid kvfold state: its rule cannot be rebuilt: {e}") from None
         return new
 
     def __reduce__(self) -> Any:
         return (_restore, (type(self), self.to_bytes()))
+
+    def save(self, path: _state.PathLike) -> None:
+        """Write ``to_bytes()`` to ``path`` atomically: ``path`` ends up holding either its previous
+        content or the whole new state, never a part of it, even on a crash or a full disk."""
+        _state.write_atomically(path, self.to_bytes())
+
+    # Checkpoints and batch operations -------------------------------------------------------
+
+    def checkpoint(self) -> Checkpoint:
+        """An immutable snapshot of the state, for ``rollback``. Costs one copy of the state."""
+        return Checkpoint._wrap(super().checkpoint(), self._rule)
+
+    def rollback(self, checkpoint: Checkpoint, rows: Optional[npt.ArrayLike] = None) -> None:
+        """Restore ``checkpoint`` bit-exactly: every row, or only ``rows``. The checkpoint may come
+        from this cache or from any cache of the same configuration; ValueError otherwise."""
+        if not isinstance(checkpoint, Checkpoint):
+            raise TypeError(f"checkpoint: expected a kvfold.Checkpoint from cache.checkpoint(), "
+                            f"got {type(checkpoint).__name__}")
+        if checkpoint.rule != self._rule:
+            raise ValueError(f"checkpoint: taken from a cache with rule={checkpoint.rule!r}, "
+                             f"this cache has rule={self._rule!r}")
+        super().rollback(checkpoint._state, rows)
+
+    def select(self, rows: npt.ArrayLike) -> "MemoryCache":
+        """A new cache of the given rows, in that order (rows may repeat)."""
+        new = type(self).__new__(type(self))
+        _core.MemoryCache.__init__(new, self, rows)
+        new._rule = self._rule
+        return new
+
+    @classmethod
+    def concat(cls, caches: Iterable["MemoryCache"]) -> "MemoryCache":
+        """A new cache holding the rows of every cache in order. The caches must have the same
+        configuration except for ``batch_size``."""
+        if isinstance(caches, (str, bytes, _core.MemoryCache)) or not hasattr(caches, "__iter__"):
+            raise TypeError(f"caches: expected a sequence of kvfold.MemoryCache, got {type(caches).__name__}")
+        caches = list(caches)
+        for i, c in enumerate(caches):
+            if not isinstance(c, MemoryCache):
+                raise TypeError(f"caches[{i}]: expected a kvfold.MemoryCache, got {type(c).__name__}")
+            if c.rule != caches[0].rule:
+                raise ValueError(f"caches[{i}]: expected rule={caches[0].rule!r} like caches[0], got rule={c.rule!r}")
+        new = cls.__new__(cls)
+        _core.MemoryCache.__init__(new, caches)
+        new._rule = caches[0].rule
+        return new
 
     def __repr__(self) -> str:
         lengths = self.length.tolist()
@@ -132,6 +197,11 @@ class MemoryCache(_core.MemoryCache):
 
 def _restore(cls: type, data: bytes) -> MemoryCache:
     return cls.from_bytes(data)
+
+
+def load(path: _state.PathLike) -> MemoryCache:
+    """The cache ``cache.save(path)`` wrote; ValueError if the file is not a valid kvfold state."""
+    return MemoryCache.from_bytes(_state.read_file(path))
 
 
 from . import reference  # noqa: E402  (reference imports rules only; kept last for a flat namespace)

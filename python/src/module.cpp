@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <atomic>
 #include <cfloat>
 #include <cmath>
 #include <string>
@@ -18,6 +19,18 @@ using kvfold::MemoryCache;
 namespace {
 
 using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+
+// Releases the GIL around the C++ work and counts the threads inside such a section, which the
+// tests read (holding the GIL) to see several caches compute at the same moment. (A Custom rule's
+// fold takes the GIL back for its Python call while still counted.)
+std::atomic<int> threads_without_gil{0};
+struct ReleaseGil {
+    ReleaseGil release;
+    ReleaseGil() { threads_without_gil.fetch_add(1, std::memory_order_relaxed); }
+    ~ReleaseGil() { threads_without_gil.fetch_sub(1, std::memory_order_relaxed); }
+    ReleaseGil(const ReleaseGil&) = delete;
+    ReleaseGil& operator=(const ReleaseGil&) = delete;
+};
 
 std::string shape_str(const std::vector<int64_t>& shape) {
     std::string s = "(";
@@ -251,18 +264,69 @@ FloatArray read_query(const MemoryCache& c, const py::handle& q_obj) {
     return q;
 }
 
-std::vector<int64_t> read_rows(const py::object& rows) {
+std::vector<int64_t> read_rows(const py::object& rows, const char* name = "rows") {
     py::array a;
     try {
         a = py::array::ensure(rows);
     } catch (py::error_already_set&) {
     }
     if (!a || (a.dtype().kind() != 'i' && a.dtype().kind() != 'u' && a.size() > 0))
-        throw kvfold::TypeError("rows: expected a sequence of integer row indices, got " +
+        throw kvfold::TypeError(std::string(name) + ": expected a sequence of integer row indices, got " +
                                 std::string(py::str(py::repr(rows))));
-    if (a.ndim() > 1) throw kvfold::ValueError("rows: expected a 1-D sequence, got shape " + shape_str(shape_of(a)));
+    if (a.ndim() > 1)
+        throw kvfold::ValueError(std::string(name) + ": expected a 1-D sequence, got shape " + shape_str(shape_of(a)));
     auto r = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(a);
     return std::vector<int64_t>(r.data(), r.data() + r.size());
+}
+
+// Calls in flight per cache, from sizing their arrays by its batch size until they return; read
+// and written with the GIL held. A reorder that changes the batch size is refused while any is.
+// A short list: it holds one entry per cache that some thread is calling right now.
+std::vector<std::pair<const MemoryCache*, int>>& calls_in_flight() {
+    static std::vector<std::pair<const MemoryCache*, int>> calls;
+    return calls;
+}
+bool in_flight(const MemoryCache& c) {
+    for (const auto& entry : calls_in_flight())
+        if (entry.first == &c) return true;
+    return false;
+}
+struct InFlight {
+    const MemoryCache* cache;
+    explicit InFlight(const MemoryCache& c) : cache(&c) {
+        for (auto& entry : calls_in_flight())
+            if (entry.first == cache) {
+                ++entry.second;
+                return;
+            }
+        calls_in_flight().emplace_back(cache, 1);
+    }
+    ~InFlight() {
+        auto& calls = calls_in_flight();
+        for (auto& entry : calls)
+            if (entry.first == cache && --entry.second == 0) {
+                entry = calls.back();
+                calls.pop_back();
+                return;
+            }
+    }
+    InFlight(const InFlight&) = delete;
+    InFlight& operator=(const InFlight&) = delete;
+};
+
+void reorder(MemoryCache& c, const std::vector<int64_t>& indices) {
+    const auto n = static_cast<int64_t>(indices.size());
+    if (n == c.config().batch_size) {  // same shape: other threads' calls stay valid
+        InFlight busy(c);                // and no other thread may change the batch meanwhile
+        ReleaseGil release;
+        c.reorder(indices.data(), n);
+        return;
+    }
+    // The GIL stays held, so no call can size its arrays by the old batch size meanwhile.
+    if (in_flight(c))
+        throw kvfold::ValueError("indices: cannot change the batch size from " + std::to_string(c.config().batch_size) +
+                                 " to " + std::to_string(n) + " while another thread is using this cache");
+    c.reorder(indices.data(), n);
 }
 
 }  // namespace
@@ -280,8 +344,21 @@ PYBIND11_MODULE(_core, m) {
     m.def("simd_backend", &kvfold::simd_backend, "Name of the SIMD kernels in use: scalar, avx2, avx512 or neon.");
     m.def("available_backends", &kvfold::available_backends, "SIMD backends this machine can run, best last.");
     m.def("_set_simd_backend", &kvfold::set_simd_backend, py::arg("name"));
+    m.def("_threads_without_gil", [] { return threads_without_gil.load(std::memory_order_relaxed); },
+          "Threads inside kvfold's C++ work with the GIL released, right now (for tests).");
     m.def("_check_rule", [](const py::tuple& spec) { kvfold::check_rule(make_spec(spec)); }, py::arg("spec"));
     m.attr("__version__") = kvfold::version();
+
+    py::class_<kvfold::Checkpoint>(m, "Checkpoint", "An immutable snapshot of a cache; see MemoryCache.checkpoint.")
+        .def_property_readonly("batch_size", [](const kvfold::Checkpoint& cp) { return cp.config().batch_size; })
+        .def_property_readonly("length", [](const kvfold::Checkpoint& cp) {
+            auto l = cp.lengths();
+            py::array_t<int64_t> a(static_cast<py::ssize_t>(l.size()));
+            std::copy(l.begin(), l.end(), a.mutable_data());
+            return a;
+        }, "Tokens seen per row when the checkpoint was taken, (B,) int64.")
+        .def_property_readonly("nbytes", &kvfold::Checkpoint::nbytes, "Bytes the checkpoint holds.")
+        .def_property_readonly("_rule_spec", [](const kvfold::Checkpoint& cp) { return spec_tuple(cp.rule()); });
 
     py::class_<MemoryCache>(m, "MemoryCache", py::dynamic_attr())
         .def(py::init([](const py::tuple& spec, int64_t batch_size, int64_t num_heads, int64_t head_dim,
@@ -304,22 +381,34 @@ PYBIND11_MODULE(_core, m) {
              py::arg("num_query_heads"), py::arg("window"), py::arg("sinks"), py::arg("scale"), py::arg("dtype"),
              py::arg("check_finite"))
         .def(py::init([](const MemoryCache& other) {
-                 py::gil_scoped_release release;  // a Custom rule's fold may hold the cache and wait for the GIL
+                 ReleaseGil release;  // a Custom rule's fold may hold the cache and wait for the GIL
                  return std::make_unique<MemoryCache>(other);
              }),
              py::arg("other"))
+        .def(py::init([](const MemoryCache& other, const py::object& rows) {
+                 auto r = read_rows(rows);
+                 ReleaseGil release;
+                 return other.select(r.data(), static_cast<int64_t>(r.size()));
+             }),
+             py::arg("other"), py::arg("rows"))
+        .def(py::init([](const std::vector<const MemoryCache*>& caches) {
+                 ReleaseGil release;
+                 return MemoryCache::concat(caches);
+             }),
+             py::arg("caches"))
         .def(py::init([](const py::bytes& data) {
                  std::string_view view = data;
-                 py::gil_scoped_release release;
+                 ReleaseGil release;
                  return MemoryCache::from_bytes(view.data(), view.size());
              }),
              py::arg("data"))
         .def(
             "update",
             [](MemoryCache& c, const py::handle& k, const py::handle& v, const py::object& decay, const py::object& beta) {
+                InFlight busy(c);
                 Tokens t = read_tokens(c, k, v);
                 Gates gates = read_gates(c, decay, beta, t);
-                py::gil_scoped_release release;
+                ReleaseGil release;
                 c.update(t.k.data(), t.v.data(), t.T, gates.view);
             },
             py::arg("k"), py::arg("v"), py::kw_only(), py::arg("decay") = py::none(), py::arg("beta") = py::none(),
@@ -329,13 +418,14 @@ PYBIND11_MODULE(_core, m) {
         .def(
             "attend",
             [](MemoryCache& c, const py::handle& q_obj, const py::object& out) {
+                InFlight busy(c);
                 const auto& g = c.config();
                 FloatArray q = read_query(c, q_obj);
                 py::array result = out.is_none() ? py::array(new_floats({g.batch_size, g.num_query_heads, g.value_dim}))
                                                  : py::reinterpret_borrow<py::array>(out);
                 float* o = check_out(result, {g.batch_size, g.num_query_heads, g.value_dim});
                 {
-                    py::gil_scoped_release release;
+                    ReleaseGil release;
                     c.attend(q.data(), o);
                 }
                 return result;
@@ -346,6 +436,7 @@ PYBIND11_MODULE(_core, m) {
             "step",
             [](MemoryCache& c, const py::handle& q_obj, const py::handle& k, const py::handle& v, const py::object& decay,
                const py::object& beta, const py::object& out) {
+                InFlight busy(c);
                 const auto& g = c.config();
                 FloatArray q = read_query(c, q_obj);
                 Tokens t = read_tokens(c, k, v);
@@ -357,7 +448,7 @@ PYBIND11_MODULE(_core, m) {
                                                  : py::reinterpret_borrow<py::array>(out);
                 float* o = check_out(result, {g.batch_size, g.num_query_heads, g.value_dim});
                 {
-                    py::gil_scoped_release release;
+                    ReleaseGil release;
                     c.step(q.data(), t.k.data(), t.v.data(), o, gates.view);
                 }
                 return result;
@@ -369,6 +460,7 @@ PYBIND11_MODULE(_core, m) {
             "forward",
             [](MemoryCache& c, const py::handle& q_obj, const py::handle& k_obj, const py::handle& v_obj,
                const py::object& decay, const py::object& beta) {
+                InFlight busy(c);
                 const auto& g = c.config();
                 FloatArray q = as_floats("q", q_obj);
                 int64_t T = check_tokens("q", q, g.batch_size, g.num_query_heads, g.head_dim, "Hq", "d_k", false);
@@ -380,7 +472,7 @@ PYBIND11_MODULE(_core, m) {
                 Gates gates = read_gates(c, decay, beta, t);
                 auto out = new_floats({g.batch_size, g.num_query_heads, T, g.value_dim});
                 {
-                    py::gil_scoped_release release;
+                    ReleaseGil release;
                     c.forward(q.data(), t.k.data(), t.v.data(), T, out.mutable_data(), gates.view);
                 }
                 return out;
@@ -391,17 +483,18 @@ PYBIND11_MODULE(_core, m) {
         .def(
             "memory",
             [](const MemoryCache& c) -> py::object {
+                InFlight busy(c);
                 const auto& g = c.config();
                 if (c.matrix_memory()) {
                     auto S = new_floats({g.batch_size, g.num_heads, g.head_dim, g.value_dim});
                     if (!c.matrix_normalized()) {
-                        py::gil_scoped_release release;
+                        ReleaseGil release;
                         c.memory(S.mutable_data(), nullptr);
                         return S;
                     }
                     auto z = new_floats({g.batch_size, g.num_heads, g.head_dim});
                     {
-                        py::gil_scoped_release release;
+                        ReleaseGil release;
                         c.memory(S.mutable_data(), z.mutable_data());
                     }
                     return py::make_tuple(S, z);
@@ -410,7 +503,7 @@ PYBIND11_MODULE(_core, m) {
                 auto k = new_floats({g.batch_size, g.num_heads, S, g.head_dim});
                 auto v = new_floats({g.batch_size, g.num_heads, S, g.value_dim});
                 {
-                    py::gil_scoped_release release;
+                    ReleaseGil release;
                     c.memory(k.mutable_data(), v.mutable_data());
                 }
                 return py::make_tuple(k, v);
@@ -420,6 +513,7 @@ PYBIND11_MODULE(_core, m) {
         .def(
             "load_memory",
             [](MemoryCache& c, const py::handle& S_obj, const py::object& z_obj) {
+                InFlight busy(c);
                 const auto& g = c.config();
                 if (!c.matrix_memory()) c.load_memory(nullptr, nullptr);  // raises: only matrix rules take a state
                 FloatArray S = as_floats("S", S_obj);
@@ -437,7 +531,7 @@ PYBIND11_MODULE(_core, m) {
                                                  shape_str(shape_of(z)));
                 }
                 const float* z_data = z_obj.is_none() ? nullptr : z.data();
-                py::gil_scoped_release release;
+                ReleaseGil release;
                 c.load_memory(S.data(), z_data);
             },
             py::arg("S"), py::arg("z") = py::none(),
@@ -446,6 +540,7 @@ PYBIND11_MODULE(_core, m) {
         .def(
             "visible",
             [](const MemoryCache& c) {
+                InFlight busy(c);
                 const auto& g = c.config();
                 // visible_size and visible each lock; hold the size fixed by computing under one call
                 py::array_t<float> k, v;
@@ -453,13 +548,13 @@ PYBIND11_MODULE(_core, m) {
                 while (true) {
                     int64_t n;
                     {
-                        py::gil_scoped_release release;
+                        ReleaseGil release;
                         n = c.visible_size();
                     }
                     k = new_floats({g.batch_size, g.num_heads, n, g.head_dim});
                     v = new_floats({g.batch_size, g.num_heads, n, g.value_dim});
                     mask = py::array_t<bool>(std::vector<py::ssize_t>{g.batch_size, n});
-                    py::gil_scoped_release release;
+                    ReleaseGil release;
                     if (c.visible_size() != n) continue;  // another thread fed tokens in between
                     c.visible(k.mutable_data(), v.mutable_data(), reinterpret_cast<uint8_t*>(mask.mutable_data()));
                     break;
@@ -472,21 +567,45 @@ PYBIND11_MODULE(_core, m) {
             "reset",
             [](MemoryCache& c, const py::object& rows) {
                 if (rows.is_none()) {
-                    py::gil_scoped_release release;
+                    ReleaseGil release;
                     c.reset();
                     return;
                 }
                 auto r = read_rows(rows);
-                py::gil_scoped_release release;
+                ReleaseGil release;
                 c.reset_rows(r.data(), static_cast<int64_t>(r.size()));
             },
             py::arg("rows") = py::none(), "Back to empty, for all rows or the given rows.")
+        .def(
+            "checkpoint",
+            [](const MemoryCache& c) {
+                ReleaseGil release;
+                return c.checkpoint();
+            },
+            "An immutable snapshot of the state; rollback restores it. Costs one copy of the state.")
+        .def(
+            "rollback",
+            [](MemoryCache& c, const kvfold::Checkpoint& cp, const py::object& rows) {
+                if (rows.is_none()) {
+                    ReleaseGil release;
+                    c.rollback(cp);
+                    return;
+                }
+                auto r = read_rows(rows);
+                ReleaseGil release;
+                c.rollback_rows(cp, r.data(), static_cast<int64_t>(r.size()));
+            },
+            py::arg("checkpoint"), py::arg("rows") = py::none(),
+            "Restore a checkpoint bit-exactly, for all rows or the given rows.")
+        .def(
+            "reorder", [](MemoryCache& c, const py::object& indices) { reorder(c, read_rows(indices, "indices")); },
+            py::arg("indices"), "In place: new row r is old row indices[r]; indices may repeat, the batch size may change.")
         .def(
             "to_bytes",
             [](const MemoryCache& c) {
                 std::string s;
                 {
-                    py::gil_scoped_release release;
+                    ReleaseGil release;
                     s = c.to_bytes();
                 }
                 return py::bytes(s);
@@ -495,7 +614,7 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("length", [](const MemoryCache& c) {
             std::vector<int64_t> l;
             {
-                py::gil_scoped_release release;
+                ReleaseGil release;
                 l = c.lengths();
             }
             py::array_t<int64_t> a(static_cast<py::ssize_t>(l.size()));
@@ -503,9 +622,9 @@ PYBIND11_MODULE(_core, m) {
             return a;
         }, "Tokens seen per row, (B,) int64.")
         .def_property_readonly("nbytes", [](const MemoryCache& c) {
-            py::gil_scoped_release release;
+            ReleaseGil release;
             return c.nbytes();
-        }, "Bytes held by the cache; fixed at construction.")
+        }, "Bytes held by the cache; fixed at construction, changed only by a reorder that changes the batch size.")
         .def_property_readonly("batch_size", [](const MemoryCache& c) { return c.config().batch_size; })
         .def_property_readonly("num_heads", [](const MemoryCache& c) { return c.config().num_heads; })
         .def_property_readonly("head_dim", [](const MemoryCache& c) { return c.config().head_dim; })

@@ -80,6 +80,22 @@ struct TokenGates {
     const float* beta = nullptr;
 };
 
+class MemoryCache;
+
+// An immutable snapshot of a cache: configuration, rule, per-row lengths and every buffer.
+// MemoryCache::checkpoint() makes one; rollback() restores it. Each costs one copy of the state.
+class Checkpoint {
+   public:
+    const Config& config() const;
+    const RuleSpec& rule() const;
+    std::vector<int64_t> lengths() const;
+    size_t nbytes() const;
+
+   private:
+    friend class MemoryCache;
+    std::shared_ptr<const MemoryCache> state_;
+};
+
 class MemoryCache {
    public:
     MemoryCache(const Config& config, const RuleSpec& rule);
@@ -126,6 +142,21 @@ class MemoryCache {
     // Versioned little-endian binary state with CRC32; see README "Persistence and rollback".
     std::string to_bytes() const;
     static std::unique_ptr<MemoryCache> from_bytes(const void* data, size_t size);
+
+    // Checkpoints (batch_ops.cpp). rollback restores a checkpoint bit-exactly, for every row or for
+    // `count` rows; it accepts a checkpoint of any cache with the same configuration (rule and every
+    // constructor argument, batch size included) and throws ValueError for any other.
+    Checkpoint checkpoint() const;
+    void rollback(const Checkpoint& checkpoint);
+    void rollback_rows(const Checkpoint& checkpoint, const int64_t* rows, int64_t count);
+
+    // Batch operations: new row r is old row indices[r]; indices may repeat. reorder works in place
+    // and makes the batch size `count` (callers that size arrays from config() must not race with a
+    // reorder that changes it); select returns a new cache.
+    void reorder(const int64_t* indices, int64_t count);
+    std::unique_ptr<MemoryCache> select(const int64_t* rows, int64_t count) const;
+    // The rows of every cache, in order. Configurations must match except for the batch size.
+    static std::unique_ptr<MemoryCache> concat(const std::vector<const MemoryCache*>& caches);
 
     struct Impl;
 
