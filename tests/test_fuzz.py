@@ -15,8 +15,10 @@ from hypothesis import strategies as st
 import kvfold
 from kvfold import rules
 
+_w = np.random.default_rng(1).standard_normal((2, 15, 5)) * 0.3  # GRU weights, D = d_k + d_v = 5
 RULES = [rules.Drop(), rules.Cumulative(), rules.Moving(3), rules.Weighted((1.0, 0.0, 2.0)), rules.EMA(0.4),
-         rules.Compressive(2, 2), rules.Compressive(3, 1, "max")]
+         rules.Compressive(2, 2), rules.Compressive(3, 1, "max"), rules.GRU(_w[0], _w[1]),
+         rules.Linear("elu1", normalize=True), rules.Gated(), rules.GatedDelta(decay=[-0.2, -0.1], beta=0.5)]
 
 
 def valid_states():
@@ -26,7 +28,8 @@ def valid_states():
         c = kvfold.MemoryCache(rule, num_heads=2, head_dim=3, value_dim=2, num_query_heads=2, batch_size=1 + i % 2,
                                window=i % 3, sinks=i % 2, dtype=["float32", "float16", "bfloat16"][i % 3])
         T = 1 + 2 * i
-        c.update(rng.standard_normal((c.batch_size, 2, T, 3)), rng.standard_normal((c.batch_size, 2, T, 2)))
+        gates = {"decay": -rng.random((c.batch_size, 2, T))} if rule == rules.Gated() else {}
+        c.update(rng.standard_normal((c.batch_size, 2, T, 3)), rng.standard_normal((c.batch_size, 2, T, 2)), **gates)
         states.append(c.to_bytes())
     return states
 
@@ -174,12 +177,16 @@ def test_public_api_with_random_arguments(data, tmp_path_factory):
         B, H, Hq, dk, dv = cache.batch_size, cache.num_heads, cache.num_query_heads, cache.head_dim, cache.value_dim
         T = draw(st.integers(1, 4))
         op = draw(st.sampled_from(OPS))
+        def gates(*shape):  # decay/beta: absent, or near the right shape (per head)
+            return {name: arrays(draw, shape) for name in ("decay", "beta") if draw(st.integers(0, 2)) == 0}
+
         calls = {
-            "update": lambda: cache.update(arrays(draw, (B, H, T, dk)), arrays(draw, (B, H, T, dv))),
+            "update": lambda: cache.update(arrays(draw, (B, H, T, dk)), arrays(draw, (B, H, T, dv)), **gates(B, H, T)),
             "attend": lambda: cache.attend(arrays(draw, (B, Hq, dk))),
-            "step": lambda: cache.step(arrays(draw, (B, Hq, dk)), arrays(draw, (B, H, dk)), arrays(draw, (B, H, dv))),
+            "step": lambda: cache.step(arrays(draw, (B, Hq, dk)), arrays(draw, (B, H, dk)), arrays(draw, (B, H, dv)),
+                                       **gates(B, H)),
             "forward": lambda: cache.forward(arrays(draw, (B, Hq, T, dk)), arrays(draw, (B, H, T, dk)),
-                                             arrays(draw, (B, H, T, dv))),
+                                             arrays(draw, (B, H, T, dv)), **gates(B, H, T)),
             "reset": lambda: cache.reset(rows=rows(draw, B) if draw(st.booleans()) else None),
             "reorder": lambda: cache.reorder(rows(draw, B)),
             "select": lambda: cache.select(rows(draw, B)),

@@ -17,7 +17,20 @@ import pytest
 import kvfold
 from kvfold import rules
 
-RULES = [
+_w = np.random.default_rng(11)
+GRU = rules.GRU(weight_ih=0.3 * _w.standard_normal((2, 24, 8)), weight_hh=0.3 * _w.standard_normal((2, 24, 8)),
+                bias_ih=0.1 * _w.standard_normal((2, 24)))  # per head; D = head_dim + value_dim = 8
+
+
+def max_and_decay(mem_k, mem_v, k, v, count):
+    """A Custom fold: slot 0 the running max, slot 1 a decaying sum."""
+    mk, mv = mem_k.copy(), mem_v.copy()
+    mk[:, 0], mv[:, 0] = (k, v) if count == 0 else (np.maximum(mk[:, 0], k), np.maximum(mv[:, 0], v))
+    mk[:, 1], mv[:, 1] = 0.5 * mk[:, 1] + k, 0.5 * mv[:, 1] + v
+    return mk, mv
+
+
+SERIALIZABLE = [
     rules.Drop(),
     rules.Cumulative(),
     rules.Moving(3),
@@ -25,7 +38,15 @@ RULES = [
     rules.EMA(0.3),
     rules.Compressive(2, 3),
     rules.Compressive(3, 2, "max"),
+    GRU,
+    rules.Linear(),
+    rules.Linear("elu1", normalize=True, mix=0.7),
+    rules.Gated(decay=[-0.1, -0.3]),
+    rules.Gated(mix=0.5),  # per-token decay
+    rules.Delta(beta=0.5),
+    rules.GatedDelta(),  # per-token decay and beta
 ]
+RULES = SERIALIZABLE + [rules.Custom(max_and_decay, slots=2)]
 DTYPES = ["float32", "float16", "bfloat16"]
 
 
@@ -35,12 +56,37 @@ def make(rule=rules.EMA(0.3), **kw):
     return kvfold.MemoryCache(rule, **cfg)
 
 
+def tokens(rule, rng, B, H, T, dk=5, dv=3):
+    """k (unit-norm rows, so the delta rules stay tame), v, and the per-token gates the rule takes."""
+    k = rng.standard_normal((B, H, T, dk))
+    k = (k / np.linalg.norm(k, axis=-1, keepdims=True)).astype(np.float32)
+    v = rng.standard_normal((B, H, T, dv)).astype(np.float32)
+    gates = {}
+    if getattr(rule, "decay", 0) is None:
+        gates["decay"] = (-0.5 * rng.random((B, H, T))).astype(np.float32)
+    if getattr(rule, "beta", 0) is None:
+        gates["beta"] = rng.uniform(0.1, 1.0, (B, H, T)).astype(np.float32)
+    return k, v, gates
+
+
+def part(gates, index):
+    """Gates of some rows and tokens: gates[name][index]."""
+    return {name: g[index] for name, g in gates.items()}
+
+
 def feed(cache, rng, T=11):
-    B, H = cache.batch_size, cache.num_heads
-    k = rng.standard_normal((B, H, T, cache.head_dim), dtype=np.float32)
-    v = rng.standard_normal((B, H, T, cache.value_dim), dtype=np.float32)
-    cache.update(k, v)
-    return k, v
+    k, v, gates = tokens(cache.rule, rng, cache.batch_size, cache.num_heads, T, cache.head_dim, cache.value_dim)
+    cache.update(k, v, **gates)
+    return k, v, gates
+
+
+def state(cache):
+    """Everything a cache holds, comparable bit for bit (Custom rules have no to_bytes)."""
+    if not isinstance(cache.rule, rules.Custom):
+        return cache.to_bytes()
+    keys, values, mask = cache.visible()
+    return (cache.batch_size, cache.length.tobytes(), *(m.tobytes() for m in cache.memory()), keys.tobytes(),
+            values.tobytes(), mask.tobytes())
 
 
 def queries(cache, rng, T=None):
@@ -123,7 +169,7 @@ def test_the_format_is_as_documented(rng):
     assert make(scale=None).to_bytes()[24 + 7 * 8 : 24 + 8 * 8] == struct.pack("<d", 0.0)  # default scale
 
 
-@pytest.mark.parametrize("rule", RULES, ids=repr)
+@pytest.mark.parametrize("rule", SERIALIZABLE, ids=repr)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_round_trip_is_bit_exact_and_continues_like_the_original(rule, dtype, rng):
     a = make(rule, dtype=dtype, batch_size=3)
@@ -134,9 +180,8 @@ def test_round_trip_is_bit_exact_and_continues_like_the_original(rule, dtype, rn
     assert b.to_bytes() == data and b.nbytes == a.nbytes
     for T in (1, 5, 9):
         q = queries(a, rng, T)
-        k = rng.standard_normal((3, 2, T, 5), dtype=np.float32)
-        v = rng.standard_normal((3, 2, T, 3), dtype=np.float32)
-        np.testing.assert_array_equal(a.forward(q, k, v), b.forward(q, k, v))
+        k, v, gates = tokens(rule, rng, 3, 2, T)
+        np.testing.assert_array_equal(a.forward(q, k, v, **gates), b.forward(q, k, v, **gates))
         assert a.to_bytes() == b.to_bytes()
     np.testing.assert_array_equal(a.visible()[0], b.visible()[0])
 
@@ -220,6 +265,16 @@ def test_every_truncation_and_every_byte_flip_is_caught(rng):
         bad[i] ^= 0x10
         with pytest.raises(ValueError):
             kvfold.MemoryCache.from_bytes(bytes(bad))
+
+
+def test_custom_rules_cannot_be_serialized(tmp_path, rng):
+    c = make(RULES[-1])
+    feed(c, rng)
+    for call in (c.to_bytes, lambda: c.save(tmp_path / "c.kvf"), lambda: pickle.dumps(c)):
+        with pytest.raises(ValueError, match="Custom rules cannot be serialized"):
+            call()
+    assert os.listdir(tmp_path) == []
+    assert state(c.copy()) == state(c)  # within a process, copies and checkpoints work
 
 
 def test_pickle_uses_the_format(rng):
@@ -353,15 +408,15 @@ def test_rollback_restores_bit_exactly(rule, rng):
     c = make(rule, batch_size=3, dtype="bfloat16")
     feed(c, rng)
     cp = c.checkpoint()
-    before = c.to_bytes()
+    before = state(c)
     assert cp.nbytes == c.nbytes and cp.batch_size == 3 and cp.length.tolist() == [11] * 3
     feed(c, rng, T=7)
-    assert c.to_bytes() != before
+    assert state(c) != before
     c.rollback(cp)
-    assert c.to_bytes() == before
+    assert state(c) == before
     feed(c, rng, T=2)
     c.rollback(cp)  # a checkpoint can be restored many times
-    assert c.to_bytes() == before
+    assert state(c) == before
 
 
 def test_rollback_of_some_rows(rng):
@@ -385,22 +440,22 @@ def test_speculative_decoding_equals_a_cache_that_saw_only_accepted_tokens(rule,
     """Checkpoint, verify k draft tokens, roll back, re-feed the accepted prefix."""
     spec = make(rule, window=window, sinks=sinks)
     truth = make(rule, window=window, sinks=sinks)
-    k, v = feed(spec, rng, T=5)
-    truth.update(k, v)
+    k, v, gates = feed(spec, rng, T=5)
+    truth.update(k, v, **gates)
     for _ in range(25):
         draft = int(rng.integers(1, 6))
         q = queries(spec, rng, draft)
-        k = rng.standard_normal((2, 2, draft, 5), dtype=np.float32)
-        v = rng.standard_normal((2, 2, draft, 3), dtype=np.float32)
+        k, v, gates = tokens(rule, rng, 2, 2, draft)
         cp = spec.checkpoint()
-        verified = spec.forward(q, k, v)  # scores every draft token
-        accepted = int(rng.integers(0, draft + 1))
+        verified = spec.forward(q, k, v, **gates)  # scores every draft token
+        n = int(rng.integers(0, draft + 1))  # accepted
         spec.rollback(cp)
-        if accepted:
-            spec.update(k[:, :, :accepted], v[:, :, :accepted])
-            expected = truth.forward(q[:, :, :accepted], k[:, :, :accepted], v[:, :, :accepted])
-            np.testing.assert_array_equal(verified[:, :, :accepted], expected)
-        assert spec.to_bytes() == truth.to_bytes()
+        if n:
+            accepted = part(gates, np.s_[:, :, :n])
+            spec.update(k[:, :, :n], v[:, :, :n], **accepted)
+            expected = truth.forward(q[:, :, :n], k[:, :, :n], v[:, :, :n], **accepted)
+            np.testing.assert_array_equal(verified[:, :, :n], expected)
+        assert state(spec) == state(truth)
     q = queries(spec, rng)
     np.testing.assert_array_equal(spec.attend(q), truth.attend(q))
 
@@ -492,27 +547,27 @@ def test_checkpoint_is_immutable_and_readable(rng):
 # Batch operations, against caches that were fed the rows in that order from the start
 
 
-def rows_fed(rule, order, k, v, **kw):
-    c = make(rule, batch_size=len(order), **kw)
-    c.update(k[order], v[order])
-    return c
-
-
 @pytest.mark.parametrize("rule", RULES, ids=repr)
 def test_reorder_select_concat_equal_caches_fed_in_that_order(rule, rng):
-    k = rng.standard_normal((3, 2, 13, 5), dtype=np.float32)
-    v = rng.standard_normal((3, 2, 13, 3), dtype=np.float32)
+    k, v, gates = tokens(rule, rng, 3, 2, 13)
     kw = dict(dtype="float16", window=3, sinks=2)
-    c = rows_fed(rule, [0, 1, 2], k, v, **kw)
+
+    def rows_fed(order):
+        c = make(rule, batch_size=len(order), **kw)
+        c.update(k[order], v[order], **part(gates, order))
+        return state(c)
+
+    c = make(rule, batch_size=3, **kw)
+    c.update(k, v, **gates)
     for order in ([2, 0, 1], [1, 1, 1, 0, 2, 2], [2], [0, 1, 2]):
-        assert c.select(order).to_bytes() == rows_fed(rule, order, k, v, **kw).to_bytes()
+        assert state(c.select(order)) == rows_fed(order)
     joined = kvfold.MemoryCache.concat([c.select([2]), c, c.select([1, 0])])
-    assert joined.to_bytes() == rows_fed(rule, [2, 0, 1, 2, 1, 0], k, v, **kw).to_bytes()
+    assert state(joined) == rows_fed([2, 0, 1, 2, 1, 0])
     assert joined.rule == rule and joined.batch_size == 6
     c.reorder([2, 2, 0, 1])  # in place; the batch grows
-    assert c.batch_size == 4 and c.to_bytes() == rows_fed(rule, [2, 2, 0, 1], k, v, **kw).to_bytes()
+    assert c.batch_size == 4 and state(c) == rows_fed([2, 2, 0, 1])
     c.reorder([3])  # and shrinks
-    assert c.to_bytes() == rows_fed(rule, [1], k, v, **kw).to_bytes()
+    assert state(c) == rows_fed([1])
     assert c.nbytes == make(rule, batch_size=1, **kw).nbytes
 
 
@@ -520,7 +575,7 @@ def test_beam_search_reorder_then_continue(rng):
     """Beams that are reordered and then fed equal beams that were fed that history from the start."""
     rule = rules.Compressive(2, 2)
     beams = make(rule, batch_size=1)
-    k0, v0 = feed(beams, rng, T=3)
+    k0, v0, _ = feed(beams, rng, T=3)
     beams.reorder([0, 0, 0, 0])
     history = [[(k0[0], v0[0])] for _ in range(4)]
     for _ in range(6):

@@ -13,8 +13,9 @@
 //                 name): str name, str value
 //                 i64 length[batch_size]: tokens seen per row
 //                 u32 buffer count, then per buffer: u64 bytes per lane, then every lane's bytes,
-//                 lane = row * num_heads + head (the cache's sinks k, v and window k, v, then the
-//                 rule's buffers, in the order they are registered)
+//                 lane = row * num_heads + head (the cache's sinks k, v, window k, v and, for matrix
+//                 rules with per-token gates, the window's gates; then the rule's buffers, in the
+//                 order they are registered)
 //   total-4        u32 CRC32 (zlib's) of every byte before it
 //
 // A str is a u32 byte count (at most 4096) and the bytes; names (kind, parameter and option names)

@@ -24,6 +24,20 @@ RuleSpec spec(const char* kind, std::map<std::string, std::vector<double>> param
     return s;
 }
 
+// A GRU over concat(k, v), D = 5 + 3, one weight set shared by the heads.
+RuleSpec gru() {
+    std::mt19937 g(9);
+    std::normal_distribution<double> d(0.0, 0.3);
+    RuleSpec s;
+    s.kind = "gru";
+    for (const char* name : {"weight_ih", "weight_hh"}) {
+        Array a{{24, 8}, std::vector<double>(24 * 8)};
+        for (double& x : a.data) x = d(g);
+        s.arrays[name] = a;
+    }
+    return s;
+}
+
 std::vector<RuleSpec> all_rules() {
     return {spec("drop"),
             spec("cumulative"),
@@ -31,7 +45,10 @@ std::vector<RuleSpec> all_rules() {
             spec("weighted", {{"betas", {0.5, 0.0, 2.0}}}),
             spec("ema", {{"alpha", {0.3}}}),
             spec("compressive", {{"slots", {2}}, {"rate", {3}}}),
-            spec("compressive", {{"slots", {3}}, {"rate", {2}}}, {{"pool", "max"}})};
+            spec("compressive", {{"slots", {3}}, {"rate", {2}}}, {{"pool", "max"}}),
+            gru(),
+            spec("linear", {{"eps", {1e-6}}, {"mix", {0.5}}}, {{"feature_map", "elu1"}, {"normalize", "true"}}),
+            spec("gated_delta", {{"decay", {-0.1, -0.4}}, {"beta", {0.5}}, {"mix", {0.0}}})};
 }
 
 Config config(int64_t B, kvfold::DType dtype = kvfold::DType::float16) {

@@ -25,7 +25,7 @@ using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>
 // fold takes the GIL back for its Python call while still counted.)
 std::atomic<int> threads_without_gil{0};
 struct ReleaseGil {
-    ReleaseGil release;
+    py::gil_scoped_release release;
     ReleaseGil() { threads_without_gil.fetch_add(1, std::memory_order_relaxed); }
     ~ReleaseGil() { threads_without_gil.fetch_sub(1, std::memory_order_relaxed); }
     ReleaseGil(const ReleaseGil&) = delete;
