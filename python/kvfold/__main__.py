@@ -36,6 +36,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="tokens per forward; 1 is token-by-token streaming (default 1)")
     ev.add_argument("--out", default="kvfold-eval", help="folder for eval.csv and eval.png (default kvfold-eval)")
     ev.add_argument("--ema-alpha", type=float, default=0.05, help="alpha of the EMA memories (default 0.05)")
+    ev.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: on a small shared machine more threads mostly wait)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     from .generate import RULE_HELP, parse_rule
@@ -67,7 +69,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .eval import run as evaluate
 
         evaluate(tokens=args.tokens, budgets=args.budgets, chunk=args.chunk, out=args.out,
-                 progress=not args.no_progress, ema_alpha=args.ema_alpha)
+                 progress=not args.no_progress, ema_alpha=args.ema_alpha, threads=args.threads)
         return 0
     if args.command == "generate":
         from .generate import run as generate

@@ -124,19 +124,46 @@ def run(
     out: str = "kvfold-eval",
     progress: bool = True,
     ema_alpha: float = 0.05,
+    threads: int = 1,
 ) -> List[Result]:
-    """Measures every memory of ``memories(budgets)``; writes ``out``/eval.csv and eval.png, prints a table."""
+    """Measures every memory of ``memories(budgets)``; writes ``out``/eval.csv and eval.png, prints a table.
+
+    ``threads``: torch threads while measuring (1 by default: on a small shared machine more threads
+    mostly wait for each other; here two threads made a decode step 5x slower than one)."""
     if tokens < 2:
         raise ValueError(f"tokens: expected at least 2, got {tokens}")
     if chunk < 1:
         raise ValueError(f"chunk: expected at least 1, got {chunk}")
+    if threads < 1:
+        raise ValueError(f"threads: expected at least 1, got {threads}")
     import torch
-    import torch.nn.functional as F
 
     from . import smollm2
 
     grid = memories(budgets, ema_alpha)
     model, tokenizer = smollm2.load()
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        results = _measure(model, tokenizer, grid, tokens, chunk, progress)
+    finally:
+        torch.set_num_threads(threads_before)
+    target = Path(out)
+    target.mkdir(parents=True, exist_ok=True)
+    write_csv(results, target / "eval.csv")
+    plot(results, grid, target / "eval.png", results[0].budget)
+    print(table(results, results[0].budget, chunk, model.config.num_hidden_layers, threads))
+    print(f"\nwrote {target / 'eval.csv'} and {target / 'eval.png'}")
+    return results
+
+
+def _measure(model: Any, tokenizer: Any, grid: Sequence[Memory], tokens: int, chunk: int,
+             progress: bool) -> List[Result]:
+    import torch
+    import torch.nn.functional as F
+
+    from . import smollm2
+
     text = smollm2.bundled_text()
     ids = tokenizer(text[: 16 * tokens], return_tensors="pt").input_ids[:, :tokens]
     if ids.shape[1] < tokens:
@@ -181,12 +208,6 @@ def run(
         )
         for m, t in zip(grid, tallies)
     ]
-    target = Path(out)
-    target.mkdir(parents=True, exist_ok=True)
-    write_csv(results, target / "eval.csv")
-    plot(results, grid, target / "eval.png", tokens)
-    print(table(results, tokens, chunk, model.config.num_hidden_layers))
-    print(f"\nwrote {target / 'eval.csv'} and {target / 'eval.png'}")
     return results
 
 
@@ -201,11 +222,12 @@ def write_csv(results: Sequence[Result], path: Path) -> None:
             writer.writerow(row)
 
 
-def table(results: Sequence[Result], tokens: int, chunk: int, layers: int) -> str:
+def table(results: Sequence[Result], tokens: int, chunk: int, layers: int, threads: int) -> str:
     """A Markdown table, ready for the README."""
     lines = [
-        f"SmolLM2-135M-Instruct (Q4_1 GGUF, float32 compute), {tokens} tokens of CPython's documentation, "
-        f"blocks of {chunk} token{'s' if chunk > 1 else ''}, {layers} layers",
+        f"SmolLM2-135M-Instruct (Q4_1 GGUF, float32 compute, {layers} layers), {tokens} tokens of CPython's "
+        f"documentation, blocks of {chunk} token{'s' if chunk > 1 else ''}, {threads} torch thread"
+        f"{'s' if threads > 1 else ''}",
         "",
         "| memory | pairs held | perplexity | KL(full ‖ memory) | top-1 agreement | bytes / layer | tokens/s |",
         "|---|---:|---:|---:|---:|---:|---:|",
