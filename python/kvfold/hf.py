@@ -91,6 +91,11 @@ class FoldLayer(CacheLayerMixin):
     # -- creation and the update ---------------------------------------------------------------
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if key_states.dim() != 4 or value_states.dim() != 4:
+            raise ValueError(
+                f"key_states, value_states: expected (B, H, T, d) tensors, got shapes {tuple(key_states.shape)} "
+                f"and {tuple(value_states.shape)}"
+            )
         batch, heads, _, head_dim = key_states.shape
         memory = MemoryCache(
             self.rule,
@@ -115,7 +120,7 @@ class FoldLayer(CacheLayerMixin):
             raise ValueError(
                 f"key_states: expected shape (B={want[0]}, H={want[1]}, T, d_k={want[2]}), got {tuple(key_states.shape)}"
             )
-        if value_states.dim() != 4 or value_states.shape[:3] != key_states.shape[:3] or value_states.shape[3] != m.value_dim:
+        if value_states.shape != (*key_states.shape[:3], m.value_dim):
             raise ValueError(
                 f"value_states: expected shape ({want[0]}, {want[1]}, {key_states.shape[2]}, d_v={m.value_dim}), "
                 f"got {tuple(value_states.shape)}"
