@@ -64,6 +64,24 @@ def test_window_longer_than_text_equals_dynamic_cache(model, ids, chunk):
     assert cache.get_seq_length() == LENGTH and len(cache.layers) == model.config.num_hidden_layers
 
 
+@pytest.mark.parametrize("family", ["Qwen2", "Mistral"])
+def test_other_llama_family_models(family, ids):
+    import transformers
+
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=512,
+    )
+    torch.manual_seed(1)
+    model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
+    expected = run(model, ids, DynamicCache(config=config), 4)
+    torch.testing.assert_close(run(model, ids, FoldCache(window=LENGTH), 4), expected, atol=1e-4, rtol=0)
+    got = run(model, ids, FoldCache(rules.Drop(), window=5, sinks=2), 4)
+    with torch.no_grad():
+        masked = model(ids, attention_mask=streaming_mask(LENGTH, 2, 5, 4).expand(2, 1, LENGTH, LENGTH)).logits
+    torch.testing.assert_close(got, masked, atol=1e-4, rtol=0)
+
+
 def test_generate_greedy_same_tokens_as_dynamic_cache(model, ids):
     prompt, mask = ids[:, :9], torch.ones_like(ids[:, :9])
     kw = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
