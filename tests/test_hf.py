@@ -7,8 +7,6 @@ StreamingLLM mask, and against kvfold.reference driven with the model's own keys
 import importlib.util
 import math
 import warnings
-from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -19,9 +17,8 @@ pytest.importorskip("transformers")
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # noqa: E402
 
-import kvfold  # noqa: E402
-from kvfold import hf, reference, rules  # noqa: E402
-from kvfold.hf import FoldCache  # noqa: E402
+from kvfold import reference, rules  # noqa: E402
+from kvfold.hf import FoldCache, FoldLayer  # noqa: E402
 
 VOCAB, LENGTH = 101, 37
 
@@ -161,6 +158,10 @@ def reference_logits(model, ids, rule, window, sinks, chunk):
     return torch.cat(out, 1)
 
 
+_weights = np.random.default_rng(3).normal(scale=0.3, size=(2, 48, 16))  # GRU over pairs of 8 + 8 numbers
+GRU = rules.GRU(_weights[0], _weights[1])
+
+
 @pytest.mark.parametrize(
     "rule, window, sinks",
     [
@@ -169,9 +170,11 @@ def reference_logits(model, ids, rule, window, sinks, chunk):
         (rules.Moving(4), 0, 0),
         (rules.Weighted((1.0, 2.0, 3.0)), 0, 0),
         (rules.Compressive(3, 4), 0, 0),
+        (GRU, 0, 0),
+        (rules.Custom(lambda mk, mv, k, v, count: (0.5 * mk + k[:, None], 0.5 * mv + v[:, None])), 0, 0),
         (rules.Cumulative(), 5, 2),
     ],
-    ids=repr,
+    ids=lambda x: type(x).__name__ if isinstance(x, rules.Rule) else str(x),
 )
 @pytest.mark.parametrize("chunk", [1, 6], ids=["decode", "chunked"])
 def test_summary_rule_matches_reference(model, ids, rule, window, sinks, chunk):
@@ -234,44 +237,16 @@ def test_bad_arguments():
     assert cache.get_seq_length() == 3 and cache.layers[0].memory.length.tolist() == [3]  # nothing changed
 
 
-@dataclass(frozen=True)
-class MatrixLike(rules.Rule):
-    """Stands for a linear-attention rule (its memory is S, d_k x d_v) without depending on one existing."""
-
-    kind: ClassVar[str] = "linear"
-
-    def __post_init__(self) -> None:
-        pass
+MATRIX_RULES = [rules.Linear(), rules.Gated(), rules.Delta(), rules.GatedDelta()]
 
 
-def matrix_rules():
-    made = [MatrixLike()]
-    for name in ("Linear", "Gated", "Delta", "GatedDelta"):  # the real ones, where this build has them
-        if hasattr(rules, name):
-            made.append(getattr(rules, name)())
-    return made
-
-
-@pytest.mark.parametrize("rule", matrix_rules(), ids=lambda r: type(r).__name__)
+@pytest.mark.parametrize("rule", MATRIX_RULES, ids=lambda r: type(r).__name__)
 def test_matrix_rules_are_refused(rule):
     with pytest.raises(ValueError, match="summary rule.*reads only key/value pairs"):
         FoldCache(rule)
-
-
-class CheckpointedMemory:
-    """A MemoryCache with checkpoint/rollback made of whole copies, for builds without them."""
-
-    def __init__(self, *args, **kwargs):
-        self._cache = kvfold.MemoryCache(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._cache, name)
-
-    def checkpoint(self):
-        return self._cache.copy()
-
-    def rollback(self, checkpoint):
-        self._cache = checkpoint.copy()
+    layer = FoldLayer(rule, window=4, sinks=0, dtype="float32")  # the cache itself says it holds a matrix
+    with pytest.raises(ValueError, match="summary rule.*reads only key/value pairs"):
+        layer.update(torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 1, 8))
 
 
 def test_crop_without_checkpoints_is_refused(model, ids):
@@ -284,18 +259,7 @@ def test_crop_without_checkpoints_is_refused(model, ids):
     assert not cache.is_croppable
 
 
-@pytest.mark.parametrize("memory_class", ["copies", "kvfold"])
-def test_crop_rolls_back_to_checkpoints(model, ids, monkeypatch, memory_class):
-    if memory_class == "copies":
-        monkeypatch.setattr(hf, "MemoryCache", CheckpointedMemory)
-    elif not hasattr(kvfold.MemoryCache, "checkpoint"):  # recording needs the checkpoint API
-        cache = FoldCache(rules.Cumulative(), window=3)
-        cache.activate_past_recording()
-        run(model, ids[:, :8], cache, 4)
-        assert not cache.is_croppable
-        with pytest.raises(ValueError, match="activate_past_recording"):
-            cache.crop(-2)
-        return
+def test_crop_rolls_back_to_checkpoints(model, ids):
     cache = FoldCache(rules.Cumulative(), window=3, sinks=1)
     cache.activate_past_recording()
     run(model, ids[:, :12], cache, 4)
@@ -316,12 +280,22 @@ def test_crop_rolls_back_to_checkpoints(model, ids, monkeypatch, memory_class):
 def test_beam_search(model, ids):
     prompt = ids[:1, :6]
     kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0)
-    if not hasattr(kvfold.MemoryCache, "reorder"):
-        with pytest.raises(NotImplementedError, match="MemoryCache.reorder"):
-            model.generate(prompt, cache=FoldCache(window=64), **kw)
-        return
     expected = model.generate(prompt, **kw)
     assert torch.equal(model.generate(prompt, cache=FoldCache(window=64), **kw), expected)
+
+
+def test_batch_rows_can_be_selected_and_repeated(model, ids):
+    cache = FoldCache(rules.EMA(0.2), window=4, sinks=1)
+    run(model, ids[:, :12], cache, 4)
+    cache.batch_select_indices(torch.tensor([1]))
+    cache.batch_repeat_interleave(3)
+    assert cache.batch_size == 3 and cache.get_seq_length() == 12
+    got = run(model, ids[[1, 1, 1], 12:20], cache, 4)
+    alone = FoldCache(rules.EMA(0.2), window=4, sinks=1)
+    run(model, ids[1:, :12], alone, 4)
+    expected = run(model, ids[1:, 12:20], alone, 4)
+    for row in range(3):
+        torch.testing.assert_close(got[row : row + 1], expected, atol=1e-5, rtol=0)
 
 
 def test_the_core_imports_without_torch():

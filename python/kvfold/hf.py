@@ -27,8 +27,8 @@ __all__ = ["FoldCache", "FoldLayer"]
 
 _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 # Rule kinds whose memory is a matrix read linearly (the linear-attention family): softmax attention in
-# the model cannot read them as key/value pairs.
-_MATRIX_KINDS = frozenset({"linear", "gated", "delta", "gated_delta", "gateddelta"})
+# the model cannot read them as key/value pairs. A cache also says so itself (matrix_memory).
+_MATRIX_KINDS = frozenset({"linear", "gated", "delta", "gated_delta"})
 
 
 def _storage_dtype(dtype: Any) -> str:
@@ -51,12 +51,7 @@ def _count(name: str, value: Any) -> int:
 
 def check_summary_rule(rule: rules.Rule, cache: Optional[MemoryCache] = None) -> None:
     """ValueError unless ``rule`` keeps key/value slots that softmax attention can read."""
-    kind = getattr(rule, "kind", "")
-    matrix = kind in _MATRIX_KINDS or bool(getattr(rule, "matrix", False))
-    if cache is not None and not matrix:
-        flag = getattr(cache, "matrix_memory", False)
-        matrix = bool(flag() if callable(flag) else flag) or (cache.memory_slots == 0 and kind != "drop")
-    if matrix:
+    if rule.kind in _MATRIX_KINDS or (cache is not None and cache.matrix_memory):
         raise ValueError(
             f"rule: FoldCache needs a summary rule (Drop, Cumulative, Moving, Weighted, EMA, Compressive or another "
             f"rule with key/value slots), got {type(rule).__name__}, whose memory is a d_k x d_v matrix read "
@@ -199,29 +194,21 @@ class FoldLayer(CacheLayerMixin):
 
     # -- rows: beam search and batch selection --------------------------------------------------
 
-    def _reorder(self, indices: Any, what: str) -> None:
-        if self.memory is None:
-            return
-        if not hasattr(self.memory, "reorder"):
-            raise NotImplementedError(
-                f"FoldCache.{what}: this kvfold build has no MemoryCache.reorder, which beam search and batch "
-                "selection need"
-            )
-        rows = np.asarray(torch.as_tensor(indices).cpu().numpy(), dtype=np.int64)
-        result = self.memory.reorder(rows)
-        if isinstance(result, MemoryCache):
-            self.memory = result
-        self._visible, self._history = None, []
+    def _reorder(self, indices: Any) -> None:
+        """New row r is old row indices[r] (rows may repeat; the batch size becomes len(indices))."""
+        if self.memory is not None:
+            self.memory.reorder(np.asarray(torch.as_tensor(indices).cpu().numpy(), dtype=np.int64))
+            self._visible, self._history = None, []
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._reorder(beam_idx, "reorder_cache")
+        self._reorder(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._reorder(indices, "batch_select_indices")
+        self._reorder(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.memory is not None:
-            self._reorder(np.repeat(np.arange(self.memory.batch_size), repeats), "batch_repeat_interleave")
+            self._reorder(np.repeat(np.arange(self.memory.batch_size), repeats))
 
     # -- rolling back -----------------------------------------------------------------------------
 
@@ -230,11 +217,8 @@ class FoldLayer(CacheLayerMixin):
         return self.record_past
 
     def activate_past_recording(self) -> None:
-        """Keep a checkpoint before each update so that ``crop`` can take tokens back (needs
-        ``MemoryCache.checkpoint``; without it, ``crop`` can remove no token)."""
-        self.record_past = hasattr(MemoryCache, "checkpoint") or (
-            self.memory is not None and hasattr(self.memory, "checkpoint")
-        )
+        """Keep a checkpoint before each update (a copy of the state) so that ``crop`` can take tokens back."""
+        self.record_past = True
 
     def crop(self, tokens_to_remove: int) -> None:
         """Removes the last ``-tokens_to_remove`` tokens (a positive value is the length to keep).
@@ -252,8 +236,7 @@ class FoldLayer(CacheLayerMixin):
             raise ValueError(
                 f"crop: cannot remove {self.seen - target} of {self.seen} tokens: kvfold folds tokens into a memory "
                 "and a fold cannot be undone"
-                + ("" if self.record_past else "; activate_past_recording() (with MemoryCache.checkpoint) records "
-                   "checkpoints to roll back to")
+                + ("" if self.record_past else "; activate_past_recording() records checkpoints to roll back to")
             )
         seen, checkpoint, k, v = starts[-1]
         assert self.memory is not None
@@ -310,13 +293,13 @@ class FoldCache(Cache):
         return self.layers[layer_idx].update(key_states, value_states)
 
     def activate_past_recording(self) -> None:
-        """Record checkpoints so that ``crop`` can take tokens back (needs ``MemoryCache.checkpoint``)."""
+        """Record a checkpoint before each update so that ``crop`` can take tokens back."""
         self._record_past = True
         super().activate_past_recording()
 
     @property
     def is_croppable(self) -> bool:
-        return self._record_past and hasattr(MemoryCache, "checkpoint") and all(layer.is_croppable for layer in self.layers)
+        return self._record_past and all(layer.is_croppable for layer in self.layers)
 
     @property
     def nbytes(self) -> int:
