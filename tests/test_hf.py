@@ -277,6 +277,15 @@ def test_crop_rolls_back_to_checkpoints(model, ids):
         cache.crop(-1)
 
 
+def test_assisted_decoding_crops_through_checkpoints(model):
+    prompt = torch.tensor([[5, 6, 7, 8, 9] * 4])  # repeats, so prompt lookup proposes drafts to reject
+    kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False, pad_token_id=0)
+    expected = model.generate(prompt, **kw)
+    cache = FoldCache(rules.Cumulative(), window=64)
+    assert torch.equal(model.generate(prompt, cache=cache, prompt_lookup_num_tokens=3, **kw), expected)
+    assert cache.is_croppable and cache.get_seq_length() == expected.shape[1] - 1
+
+
 def test_beam_search(model, ids):
     prompt = ids[:1, :6]
     kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0)
