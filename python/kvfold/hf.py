@@ -113,7 +113,8 @@ class FoldLayer(CacheLayerMixin):
         want = (m.batch_size, m.num_heads, m.head_dim)
         if key_states.dim() != 4 or (key_states.shape[0], key_states.shape[1], key_states.shape[3]) != want:
             raise ValueError(
-                f"key_states: expected shape (B={want[0]}, H={want[1]}, T, d_k={want[2]}), got {tuple(key_states.shape)}"
+                f"key_states: expected shape (B={want[0]}, H={want[1]}, T, d_k={want[2]}), "
+                f"got {tuple(key_states.shape)}"
             )
         if value_states.shape != (*key_states.shape[:3], m.value_dim):
             raise ValueError(
@@ -145,9 +146,10 @@ class FoldLayer(CacheLayerMixin):
                 "transformers attention mask cannot express that, so every row must have seen the same tokens"
             )
         k, v = _as_float32(key_states), _as_float32(value_states)
-        if self.record_past:
-            self._history.append((self.seen, self.memory.checkpoint(), k.copy(), v.copy()))
+        checkpoint = self.memory.checkpoint() if self.record_past else None
         self.memory.update(k, v)  # validates everything first: on error the state is unchanged
+        if checkpoint is not None:
+            self._history.append((self.seen, checkpoint, k.copy(), v.copy()))
         self.seen += key_states.shape[2]
         self._visible = None
         like = dict(device=key_states.device, dtype=key_states.dtype)
