@@ -5,6 +5,7 @@ import kvfold
 from kvfold import _core
 
 BACKENDS = kvfold.available_backends()
+INITIAL = kvfold.simd_backend()
 
 
 @pytest.fixture(params=BACKENDS, autouse=True)
@@ -12,7 +13,7 @@ def simd(request):
     """Every test runs once per SIMD backend this machine has."""
     _core._set_simd_backend(request.param)
     yield request.param
-    _core._set_simd_backend(BACKENDS[-1])
+    _core._set_simd_backend(INITIAL)
 
 
 def pytest_collection_modifyitems(config, items):

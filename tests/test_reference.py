@@ -95,3 +95,19 @@ def test_rows_diverge_after_reset(rule, rng):
     rk, rv, rm = ref.visible()
     close(ck, rk)
     np.testing.assert_array_equal(cm, rm)
+
+
+@pytest.mark.parametrize("rule", [rules.Drop(), rules.Cumulative(), rules.Compressive(3, 5)], ids=repr)
+@pytest.mark.parametrize("dims", [(33, 17), (128, 130)], ids=str)
+def test_long_windows_and_large_groups_match_reference(rule, dims, rng):
+    """Visible sets longer than one block of rows, query groups wider than one pass takes, and rows
+    of different lengths side by side."""
+    dk, dv = dims
+    shape = (2, 2, 20, dk, dv, 70, 3)  # 10 query heads per KV head; up to 3 + 3 + 70 visible rows
+    cache, ref = make(rule, shape), make(rule, shape, reference.ReferenceCache)
+    q, k, v = data(rng, shape, 150)
+    close(cache.forward(q[:, :, :90], k[:, :, :90], v[:, :, :90]), ref.forward(q[:, :, :90], k[:, :, :90], v[:, :, :90]))
+    cache.reset(rows=[0])
+    ref.reset(rows=[0])
+    for t in range(90, 150):
+        close(cache.step(q[:, :, t], k[:, :, t], v[:, :, t]), ref.step(q[:, :, t], k[:, :, t], v[:, :, t]))

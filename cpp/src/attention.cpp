@@ -1,6 +1,6 @@
 #include "attention.hpp"
 
-#include <cmath>
+#include <algorithm>
 #include <cstring>
 #include <limits>
 
@@ -9,57 +9,185 @@
 namespace kvfold {
 namespace {
 
-constexpr int64_t kBlock = 64;  // scores computed, exponentiated and applied per block of rows
+constexpr int64_t kBlock = 64;   // rows scored, exponentiated and applied together
+constexpr int64_t kGroup = 8;    // query heads that share a pass over the rows
 
-float dot_row(const Kernels& K, const float* q, const void* row, int64_t d, DType t) {
-    switch (t) {
-        case DType::float16: return K.dot_f16(q, static_cast<const uint16_t*>(row), d);
-        case DType::bfloat16: return K.dot_bf16(q, static_cast<const uint16_t*>(row), d);
-        default: return K.dot_f32(q, static_cast<const float*>(row), d);
+// A run of rows inside one segment.
+struct Rows {
+    const Segment* seg;
+    int64_t first, count;
+};
+
+// Walks the visible set in runs that never cross a segment boundary.
+class Cursor {
+   public:
+    Cursor(const Segment* segments, int count) : seg_(segments), end_(segments + count) {}
+    // The next run of at most n rows; count == 0 at the end.
+    Rows next(int64_t n) {
+        if (at_end()) return {nullptr, 0, 0};
+        Rows r{seg_, row_, std::min(n, seg_->rows - row_)};
+        row_ += r.count;
+        return r;
+    }
+    bool at_end() {
+        skip_empty();
+        return seg_ == end_;
+    }
+
+   private:
+    void skip_empty() {
+        while (seg_ != end_ && row_ == seg_->rows) {
+            ++seg_;
+            row_ = 0;
+        }
+    }
+
+    const Segment* seg_ = nullptr;
+    const Segment* end_ = nullptr;
+    int64_t row_ = 0;
+};
+
+template <class T>
+const T* rows_at(const void* base, int64_t first, int64_t d) {
+    return static_cast<const T*>(base) + first * d;
+}
+
+void score_rows(const Kernels& K, const Rows& r, const float* q, int64_t q_stride, int64_t nq, int64_t dk,
+                float scale, float* s, int64_t s_stride) {
+    const void* keys = r.seg->keys;
+    switch (r.seg->dtype) {
+        case DType::float16:
+            return K.scores_f16(q, q_stride, nq, rows_at<uint16_t>(keys, r.first, dk), r.count, dk, scale, s, s_stride);
+        case DType::bfloat16:
+            return K.scores_bf16(q, q_stride, nq, rows_at<uint16_t>(keys, r.first, dk), r.count, dk, scale, s, s_stride);
+        default:
+            return K.scores_f32(q, q_stride, nq, rows_at<float>(keys, r.first, dk), r.count, dk, scale, s, s_stride);
     }
 }
 
-void axpy_row(const Kernels& K, float* y, float a, const void* row, int64_t d, DType t) {
-    switch (t) {
-        case DType::float16: return K.axpy_f16(y, a, static_cast<const uint16_t*>(row), d);
-        case DType::bfloat16: return K.axpy_bf16(y, a, static_cast<const uint16_t*>(row), d);
-        default: return K.axpy_f32(y, a, static_cast<const float*>(row), d);
+void weigh_rows(const Kernels& K, const Rows& r, const float* p, int64_t p_stride, int64_t nq, int64_t dv,
+                float* out, int64_t out_stride, bool add) {
+    const void* values = r.seg->values;
+    switch (r.seg->dtype) {
+        case DType::float16:
+            return K.weighted_sum_f16(p, p_stride, nq, rows_at<uint16_t>(values, r.first, dv), r.count, dv, out,
+                                      out_stride, add);
+        case DType::bfloat16:
+            return K.weighted_sum_bf16(p, p_stride, nq, rows_at<uint16_t>(values, r.first, dv), r.count, dv, out,
+                                       out_stride, add);
+        default:
+            return K.weighted_sum_f32(p, p_stride, nq, rows_at<float>(values, r.first, dv), r.count, dv, out,
+                                      out_stride, add);
+    }
+}
+
+int64_t visible_rows(const Attention& a) {
+    int64_t n = 0;
+    for (int s = 0; s < a.count; ++s) n += a.segments[s].rows;
+    return n;
+}
+
+// A short visible set (at most kBlock rows: every decode step of a summary memory or a short
+// window) is one block: its scores, one softmax, and the weighted values, segment after segment.
+void score_short(const Kernels& K, const Attention& a, int64_t dk, float scale, float* s) {
+    for (int64_t seg = 0, at = 0; seg < a.count; at += a.segments[seg++].rows)
+        if (a.segments[seg].rows)
+            score_rows(K, Rows{&a.segments[seg], 0, a.segments[seg].rows}, a.q, a.q_stride, a.nq, dk, scale, s + at,
+                       kBlock);
+}
+
+void weigh_short(const Kernels& K, const Attention& a, int64_t dv, const float* p) {
+    for (int64_t seg = 0, at = 0; seg < a.count; at += a.segments[seg++].rows)
+        if (a.segments[seg].rows)
+            weigh_rows(K, Rows{&a.segments[seg], 0, a.segments[seg].rows}, p + at, kBlock, a.nq, dv, a.out,
+                       a.out_stride, at > 0);
+}
+
+// Scores of the next block of up to kBlock rows, which may span several segments, into
+// s (kBlock apart per query). Returns the rows scored; 0 when the cursor is at the end.
+int64_t score_block(const Kernels& K, Cursor& cursor, const Attention& a, int64_t dk, float scale, float* s) {
+    int64_t filled = 0;
+    for (Rows r; filled < kBlock && (r = cursor.next(kBlock - filled)).count; filled += r.count)
+        score_rows(K, r, a.q, a.q_stride, a.nq, dk, scale, s + filled, kBlock);
+    return filled;
+}
+
+// Adds (or, when !add, writes) the value rows of the block that starts at `from`, weighted by p.
+void weigh_block(const Kernels& K, Cursor from, int64_t filled, const float* p, const Attention& a, int64_t dv,
+                 bool add) {
+    for (int64_t done = 0; done < filled; add = true) {
+        Rows r = from.next(filled - done);
+        weigh_rows(K, r, p + done, kBlock, a.nq, dv, a.out, a.out_stride, add);
+        done += r.count;
+    }
+}
+
+// A long visible set: blocks of kBlock rows merged by an online softmax. Each block's weights are
+// taken against the running max; the output and the total are rescaled whenever the max grows,
+// and divided by the total at the end.
+void attend_long(const Kernels& K, const Attention& a, int64_t dk, int64_t dv, float scale) {
+    float scores[kGroup * kBlock];
+    float running_max[kGroup], total[kGroup];
+    for (int64_t i = 0; i < a.nq; ++i) {
+        running_max[i] = -std::numeric_limits<float>::infinity();
+        total[i] = 0;
+    }
+    Cursor cursor(a.segments, a.count);
+    for (bool add = false;; add = true) {
+        const Cursor block = cursor;
+        const int64_t filled = score_block(K, cursor, a, dk, scale, scores);
+        if (filled == 0) break;
+        for (int64_t i = 0; i < a.nq; ++i)
+            K.softmax_block(scores + i * kBlock, filled, &running_max[i], &total[i], a.out + i * a.out_stride, dv);
+        weigh_block(K, block, filled, scores, a, dv, add);
+    }
+    for (int64_t i = 0; i < a.nq; ++i) K.scale(a.out + i * a.out_stride, 1.0f / total[i], dv);
+}
+
+constexpr int kBatch = 4;  // problems taken through each step together
+
+// At most kBatch problems of at most kGroup query heads each. The short ones go step by step side
+// by side, so that their short dependency chains overlap.
+void attend_batch(const Kernels& K, const Attention* problems, int count, int64_t dk, int64_t dv, float scale) {
+    float scores[kBatch][kGroup * kBlock];
+    int64_t rows[kBatch];
+    for (int p = 0; p < count; ++p) {
+        rows[p] = visible_rows(problems[p]);
+        if (rows[p] > 0 && rows[p] <= kBlock) score_short(K, problems[p], dk, scale, scores[p]);
+    }
+    for (int p = 0; p < count; ++p)
+        if (rows[p] > 0 && rows[p] <= kBlock)
+            for (int64_t i = 0; i < problems[p].nq; ++i) K.softmax(scores[p] + i * kBlock, rows[p]);
+    for (int p = 0; p < count; ++p) {
+        const Attention& a = problems[p];
+        if (rows[p] == 0)
+            for (int64_t i = 0; i < a.nq; ++i) std::memset(a.out + i * a.out_stride, 0, sizeof(float) * dv);
+        else if (rows[p] <= kBlock)
+            weigh_short(K, a, dv, scores[p]);
+        else
+            attend_long(K, a, dk, dv, scale);
     }
 }
 
 }  // namespace
 
-void attend_segments(const float* q, const Segment* segments, int count, int64_t dk, int64_t dv,
-                     float scale, float* out) {
+void attend(const Attention* problems, int count, int64_t dk, int64_t dv, float scale) {
     const Kernels& K = kernels();
-    float scores[kBlock];
-    float running_max = -std::numeric_limits<float>::infinity();
-    float total = 0;
-    std::memset(out, 0, sizeof(float) * dv);
-    for (int s = 0; s < count; ++s) {
-        const Segment& seg = segments[s];
-        const size_t esize = dtype_size(seg.dtype);
-        const auto* keys = static_cast<const uint8_t*>(seg.keys);
-        const auto* values = static_cast<const uint8_t*>(seg.values);
-        for (int64_t start = 0; start < seg.rows; start += kBlock) {
-            int64_t n = seg.rows - start < kBlock ? seg.rows - start : kBlock;
-            for (int64_t j = 0; j < n; ++j)
-                scores[j] = scale * dot_row(K, q, keys + (start + j) * dk * esize, dk, seg.dtype);
-            float block_max = K.max(scores, n);
-            if (block_max > running_max) {
-                if (total > 0) {
-                    float shrink = std::exp(running_max - block_max);
-                    K.scale(out, shrink, dv);
-                    total *= shrink;
-                }
-                running_max = block_max;
+    // Problems are cut into pieces of at most kGroup query heads, and taken kBatch pieces at a time.
+    Attention batch[kBatch];
+    int n = 0;
+    for (int p = 0; p < count; ++p) {
+        const Attention& a = problems[p];
+        for (int64_t first = 0; first < a.nq; first += kGroup) {
+            batch[n++] = Attention{a.q + first * a.q_stride, a.q_stride, std::min(kGroup, a.nq - first), a.segments,
+                                   a.count, a.out + first * a.out_stride, a.out_stride};
+            if (n == kBatch) {
+                attend_batch(K, batch, n, dk, dv, scale);
+                n = 0;
             }
-            total += K.exp_sum(scores, running_max, n);
-            for (int64_t j = 0; j < n; ++j)
-                axpy_row(K, out, scores[j], values + (start + j) * dv * esize, dv, seg.dtype);
         }
     }
-    if (total > 0) K.scale(out, 1.0f / total, dv);
+    if (n) attend_batch(K, batch, n, dk, dv, scale);
 }
 
 void store_row(void* dst, const float* src, int64_t d, DType dtype) {

@@ -1,4 +1,4 @@
-// Softmax attention of one query over a visible set made of segments: [sinks | slots | window].
+// Softmax attention of query heads over a visible set made of segments: [sinks | slots | window].
 #pragma once
 
 #include <cstdint>
@@ -15,10 +15,22 @@ struct Segment {
     DType dtype;
 };
 
-// out (d_v) = softmax(scale * q.K) V over all segments, in one pass (online softmax).
-// A visible set with no rows yields zeros.
-void attend_segments(const float* q, const Segment* segments, int count, int64_t dk, int64_t dv,
-                     float scale, float* out);
+// The nq query heads that read one KV head (a grouped-query attention group) and that head's visible
+// set: query i at q + i * q_stride, its output (d_v) at out + i * out_stride.
+struct Attention {
+    const float* q;
+    int64_t q_stride, nq;
+    const Segment* segments;
+    int count;
+    float* out;
+    int64_t out_stride;
+};
+
+// out_i = softmax(scale * q_i . K) V over all segments, in one pass over the rows with an online
+// softmax; each key and value row is read once for the whole group. A visible set with no rows
+// yields zeros. Several problems at once (independent lanes) let their short dependency chains
+// overlap, which is what decides the time of small visible sets.
+void attend(const Attention* problems, int count, int64_t dk, int64_t dv, float scale);
 
 // Rows of a buffer in storage precision, converted to and from float32.
 void store_row(void* dst, const float* src, int64_t d, DType dtype);

@@ -236,23 +236,33 @@ struct Model {
         if (count >= 0) c.rule->fold_row(b, ek, ev, count);
     }
 
-    // out (d_v) for query q (d_k) of a lane whose row has seen len tokens.
-    void attend_head(int64_t lane, int64_t len, const float* q, float* out) const {
-        const Config& cfg = c.cfg;
-        const DType t = cfg.dtype;
-        Segment segs[3] = {
-            {c.sink_k.lane(lane), c.sink_v.lane(lane), c.sinks_held(len), t},
-            {c.rule->slot_keys(lane), c.rule->slot_values(lane), c.rule->visible_slots(c.folded(len)),
-             DType::float32},
-            {c.win_k.lane(lane), c.win_v.lane(lane), c.window_held(len), t},
-        };
-        attend_segments(q, segs, 3, dk(), dv(), c.scale, out);
+    // The visible set of a lane whose row has seen len tokens: [sinks | memory slots | window].
+    void visible_set(int64_t lane, int64_t len, Segment* segs) const {
+        const DType t = c.cfg.dtype;
+        segs[0] = {c.sink_k.lane(lane), c.sink_v.lane(lane), c.sinks_held(len), t};
+        segs[1] = {c.rule->slot_keys(lane), c.rule->slot_values(lane), c.rule->visible_slots(c.folded(len)),
+                   DType::float32};
+        segs[2] = {c.win_k.lane(lane), c.win_v.lane(lane), c.window_held(len), t};
     }
+};
 
+// Attention problems of up to kLanes lanes, handed to attend() together so that their short
+// dependency chains overlap.
+constexpr int kLanes = 4;
+struct LaneBatch {
+    Segment segs[kLanes][3];
+    Attention problems[kLanes];
+    int count = 0;
     // All query heads of a lane: q rows at q0 + g * q_stride, outputs at o0 + g * o_stride.
-    void attend_lane(int64_t lane, int64_t len, const float* q0, int64_t q_stride, float* o0,
-                     int64_t o_stride) const {
-        for (int64_t g = 0; g < c.group; ++g) attend_head(lane, len, q0 + g * q_stride, o0 + g * o_stride);
+    void add(const Model& m, int64_t lane, int64_t len, const float* q0, int64_t q_stride, float* o0,
+             int64_t o_stride) {
+        m.visible_set(lane, len, segs[count]);
+        problems[count] = Attention{q0, q_stride, m.c.group, segs[count], 3, o0, o_stride};
+        ++count;
+    }
+    void run(const Model& m) {
+        attend(problems, count, m.dk(), m.dv(), m.c.scale);
+        count = 0;
     }
 };
 
@@ -323,7 +333,8 @@ struct MatrixModel {
         };
         for (int64_t j = 0; j < qs.count; ++j) {
             float* out = qs.out + j * qs.out_stride;
-            attend_segments(qs.q + j * qs.q_stride, segs, 2, dk(), dv(), c.scale, local);
+            const Attention local_read{qs.q + j * qs.q_stride, 0, 1, segs, 2, local, 0};
+            kvfold::attend(&local_read, 1, dk(), dv(), c.scale);
             const float w = c.rule->memory_weight(qs.query_head + j);
             K.scale(out, w, dv());
             K.axpy_f32(out, 1.0f - w, local, dv());
@@ -506,12 +517,44 @@ void attend_all(const MemoryCache::Impl& c, const float* q, float* out) {
     const Config& g = c.cfg;
     Model m{const_cast<MemoryCache::Impl&>(c)};
     parallel_for(c.lanes, attend_flops(c), [&](int64_t lo, int64_t hi) {
+        LaneBatch batch;
         for (int64_t lane = lo; lane < hi; ++lane) {
             int64_t b = lane / g.num_heads, h = lane % g.num_heads;
             int64_t hq = b * g.num_query_heads + h * c.group;  // first query head of this lane
-            m.attend_lane(lane, c.length[b], q + hq * g.head_dim, g.head_dim, out + hq * g.value_dim, g.value_dim);
+            batch.add(m, lane, c.length[b], q + hq * g.head_dim, g.head_dim, out + hq * g.value_dim, g.value_dim);
+            if (batch.count == kLanes || lane + 1 == hi) batch.run(m);
         }
     });
+}
+
+// T tokens per lane, each placed (and folded) then attended while the lane's state is hot:
+// q (B, Hq, T, d_k), k (B, H, T, d_k), v (B, H, T, d_v) -> out (B, Hq, T, d_v). Lane-wise rules only.
+void run_lanes(MemoryCache::Impl& c, const float* q, const float* k, const float* v, int64_t T, float* out) {
+    const Config& g = c.cfg;
+    const int64_t dk = g.head_dim, dv = g.value_dim, H = g.num_heads, Hq = g.num_query_heads;
+    Model m{c};
+    parallel_for(c.lanes, T * (attend_flops(c) + 4.0 * (dk + dv)), [&](int64_t lo, int64_t hi) {
+        float* ek = scratch(dk + dv);
+        LaneBatch batch;
+        // One token: lanes side by side. A block: one lane at a time, so that each streams its own
+        // rows (the same offsets in T-token rows of several lanes would fight for cache sets).
+        const int64_t width = T == 1 ? kLanes : 1;
+        for (int64_t first = lo; first < hi; first += width) {
+            const int64_t last = std::min(hi, first + width);
+            for (int64_t t = 0; t < T; ++t) {
+                for (int64_t lane = first; lane < last; ++lane) {
+                    int64_t b = lane / H, h = lane % H, hq = b * Hq + h * c.group, len = c.length[b] + t;
+                    const float *fk, *fv;
+                    int64_t count = m.place(lane, len, k + (lane * T + t) * dk, v + (lane * T + t) * dv, ek, ek + dk,
+                                            &fk, &fv);
+                    if (count >= 0) c.rule->fold(lane, fk, fv, count);
+                    batch.add(m, lane, len + 1, q + (hq * T + t) * dk, T * dk, out + (hq * T + t) * dv, T * dv);
+                }
+                batch.run(m);
+            }
+        }
+    });
+    for (int64_t& len : c.length) len += T;
 }
 
 }  // namespace
@@ -535,8 +578,12 @@ void MemoryCache::step(const float* q, const float* k, const float* v, float* ou
     check_tokens(*impl_, k, v, 1, gates);
     check_queries(*impl_, q, 0);
     if (impl_->rule->matrix()) return matrix_run(*impl_, k, v, 1, gates, q, out);
-    append(*impl_, k, v, 1);
-    attend_all(*impl_, q, out);
+    if (impl_->rule->folds_rows()) {
+        append(*impl_, k, v, 1);
+        attend_all(*impl_, q, out);
+    } else {
+        run_lanes(*impl_, q, k, v, 1, out);
+    }
 }
 
 void MemoryCache::forward(const float* q, const float* k, const float* v, int64_t T, float* out,
@@ -548,7 +595,6 @@ void MemoryCache::forward(const float* q, const float* k, const float* v, int64_
     check_queries(c, q, T);
     if (c.rule->matrix()) return matrix_run(c, k, v, T, gates, q, out);
     const int64_t dk = g.head_dim, dv = g.value_dim, H = g.num_heads, Hq = g.num_query_heads;
-    Model m{c};
     if (c.rule->folds_rows()) {  // token by token through the guarded row path
         std::vector<float> kt(g.batch_size * H * dk), vt(g.batch_size * H * dv), qt(g.batch_size * Hq * dk),
             ot(g.batch_size * Hq * dv);
@@ -570,23 +616,7 @@ void MemoryCache::forward(const float* q, const float* k, const float* v, int64_
         }
         return;
     }
-    parallel_for(c.lanes, T * (attend_flops(c) + 4.0 * (dk + dv)), [&](int64_t lo, int64_t hi) {
-        float* ek = nullptr;
-        for (int64_t lane = lo; lane < hi; ++lane) {
-            int64_t b = lane / H, h = lane % H, hq = b * Hq + h * c.group;
-            const float* kl = k + lane * T * dk;
-            const float* vl = v + lane * T * dv;
-            for (int64_t t = 0; t < T; ++t) {
-                int64_t len = c.length[b] + t;
-                ek = scratch(dk + dv);
-                const float *fk, *fv;
-                int64_t count = m.place(lane, len, kl + t * dk, vl + t * dv, ek, ek + dk, &fk, &fv);
-                if (count >= 0) c.rule->fold(lane, fk, fv, count);
-                m.attend_lane(lane, len + 1, q + (hq * T + t) * dk, T * dk, out + (hq * T + t) * dv, T * dv);
-            }
-        }
-    });
-    for (int64_t& len : c.length) len += T;
+    run_lanes(c, q, k, v, T, out);
 }
 
 void MemoryCache::memory(float* keys, float* values) const {

@@ -1,4 +1,6 @@
 // Every SIMD table agrees with the scalar one, at odd sizes that exercise the tails.
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <random>
 
@@ -17,6 +19,10 @@ std::vector<float> random_floats(size_t n, unsigned seed) {
     return x;
 }
 const int64_t kSizes[] = {1, 3, 7, 8, 16, 17, 33, 127, 128, 300};
+void check_close(const std::vector<float>& a, const std::vector<float>& b, double tol) {
+    CHECK(a.size() == b.size());
+    for (size_t i = 0; i < a.size() && i < b.size(); ++i) CHECK_NEAR(a[i], b[i], tol);
+}
 }  // namespace
 
 TEST(kernels_match_scalar) {
@@ -50,9 +56,11 @@ TEST(kernels_match_scalar) {
         a[n / 2] = NAN;
         CHECK(!K.all_finite(a.data(), n));
         std::vector<double> s1(n, 1.0), s2(n, 1.0);
-        S.lerp_f64(s1.data(), b.data(), 0.25, n);
-        K.lerp_f64(s2.data(), b.data(), 0.25, n);
+        std::vector<float> f1(n), f2(n);
+        S.axpby_f64(s1.data(), 0.75, b.data(), 0.25, f1.data(), 0.5, n);
+        K.axpby_f64(s2.data(), 0.75, b.data(), 0.25, f2.data(), 0.5, n);
         for (int64_t i = 0; i < n; ++i) CHECK_NEAR(s1[i], s2[i], 1e-12);
+        for (int64_t i = 0; i < n; ++i) CHECK(f1[i] == static_cast<float>(0.5 * s1[i]) && std::fabs(f1[i] - f2[i]) <= 1e-6f);
     }
 }
 
@@ -207,5 +215,138 @@ TEST(matrix_kernels_honour_the_row_stride) {
         for (int64_t i = 0; i < dk; ++i)
             for (int64_t j = 0; j < dv; ++j) CHECK_NEAR(Sm[i * ld + 4 + j], packed[i * dv + j], 1e-4);
         for (int64_t i = 0; i < 2 * dv; ++i) CHECK_NEAR(out[i], want_out[i], 1e-4);
+    }
+}
+
+TEST(elementwise_kernels_match_scalar) {
+    const Kernels& S = *scalar_kernels();
+    const Kernels& K = kernels();
+    for (int64_t n : kSizes) {
+        auto a = random_floats(n, 3), b = random_floats(n, 4);
+        std::vector<uint16_t> h(n), bf(n);
+        S.f32_to_f16(h.data(), b.data(), n);
+        S.f32_to_bf16(bf.data(), b.data(), n);
+        std::vector<float> w1(n), w2(n);
+        S.f16_to_f32(w1.data(), h.data(), n);
+        K.f16_to_f32(w2.data(), h.data(), n);
+        CHECK(w1 == w2);
+        S.bf16_to_f32(w1.data(), bf.data(), n);
+        K.bf16_to_f32(w2.data(), bf.data(), n);
+        CHECK(w1 == w2);
+        std::vector<float> y1 = a, y2 = a;
+        S.axpy_f32(y1.data(), -0.75f, b.data(), n);
+        K.axpy_f32(y2.data(), -0.75f, b.data(), n);
+        check_close(y1, y2, 1e-6);
+        S.axpy_bf16(y1.data(), 0.25f, bf.data(), n);
+        K.axpy_bf16(y2.data(), 0.25f, bf.data(), n);
+        check_close(y1, y2, 1e-6);
+        S.scale(y1.data(), 3.0f, n);
+        K.scale(y2.data(), 3.0f, n);
+        check_close(y1, y2, 1e-6);
+        S.max_f32(y1.data(), b.data(), n);
+        K.max_f32(y2.data(), b.data(), n);
+        check_close(y1, y2, 1e-6);
+        std::vector<double> s1(n, 0.5), s2(n, 0.5);
+        S.add_f64(s1.data(), a.data(), n);
+        K.add_f64(s2.data(), a.data(), n);
+        S.sub_f64(s1.data(), b.data(), n);
+        K.sub_f64(s2.data(), b.data(), n);
+        for (int64_t i = 0; i < n; ++i) CHECK(s1[i] == s2[i]);  // float64 sums of float32: exact
+        S.mul_f64(w1.data(), s1.data(), 1.0 / 3.0, n);
+        K.mul_f64(w2.data(), s2.data(), 1.0 / 3.0, n);
+        CHECK(w1 == w2);
+        for (int64_t at : {int64_t(0), n / 2, n - 1}) {  // NaN or Inf anywhere, tails included
+            std::vector<float> x = a;
+            x[at] = at % 2 ? NAN : -INFINITY;
+            CHECK(!K.all_finite(x.data(), n));
+        }
+    }
+}
+
+// Bit patterns that need care: signed zeros, subnormals, the largest finite, Inf and NaN.
+TEST(conversions_of_special_values_match_scalar) {
+    const Kernels& S = *scalar_kernels();
+    const Kernels& K = kernels();
+    std::vector<float> x = {0.0f, -0.0f, 1e-40f, -1e-45f, 6e-8f, 3e-8f, 65504.0f, 65520.0f, 1e38f, -3.4e38f,
+                            INFINITY, -INFINITY, NAN, 1.00390625f, 1.0f + 1.0f / 128, -2.5f, 0.1f};
+    const int64_t n = static_cast<int64_t>(x.size());
+    std::vector<uint16_t> h1(n), h2(n), b1(n), b2(n);
+    S.f32_to_f16(h1.data(), x.data(), n);
+    K.f32_to_f16(h2.data(), x.data(), n);
+    CHECK(h1 == h2);
+    S.f32_to_bf16(b1.data(), x.data(), n);
+    K.f32_to_bf16(b2.data(), x.data(), n);
+    CHECK(b1 == b2);
+}
+
+// Block attention kernels against the scalar table, for several query heads, odd row counts and
+// sizes that exercise every tail, in each storage precision.
+TEST(attention_kernels_match_scalar) {
+    const Kernels& S = *scalar_kernels();
+    const Kernels& K = kernels();
+    for (int64_t d : {int64_t(1), int64_t(7), int64_t(16), int64_t(33), int64_t(128), int64_t(133)}) {
+        for (int64_t rows : {int64_t(1), int64_t(3), int64_t(4), int64_t(5), int64_t(17), int64_t(64)}) {
+            for (int64_t nq : {int64_t(1), int64_t(3)}) {
+                const int64_t stride = 70;
+                auto q = random_floats(nq * d, 5), k = random_floats(rows * d, 6), p = random_floats(nq * stride, 7);
+                std::vector<uint16_t> kh(rows * d), kb(rows * d);
+                S.f32_to_f16(kh.data(), k.data(), rows * d);
+                S.f32_to_bf16(kb.data(), k.data(), rows * d);
+                std::vector<float> s1(nq * stride), s2(nq * stride);
+                S.scores_f32(q.data(), d, nq, k.data(), rows, d, 0.5f, s1.data(), stride);
+                K.scores_f32(q.data(), d, nq, k.data(), rows, d, 0.5f, s2.data(), stride);
+                for (int64_t i = 0; i < nq; ++i)
+                    for (int64_t j = 0; j < rows; ++j) CHECK_NEAR(s1[i * stride + j], s2[i * stride + j], 1e-5);
+                S.scores_f16(q.data(), d, nq, kh.data(), rows, d, 0.5f, s1.data(), stride);
+                K.scores_f16(q.data(), d, nq, kh.data(), rows, d, 0.5f, s2.data(), stride);
+                for (int64_t i = 0; i < nq; ++i)
+                    for (int64_t j = 0; j < rows; ++j) CHECK_NEAR(s1[i * stride + j], s2[i * stride + j], 1e-5);
+                S.scores_bf16(q.data(), d, nq, kb.data(), rows, d, 0.5f, s1.data(), stride);
+                K.scores_bf16(q.data(), d, nq, kb.data(), rows, d, 0.5f, s2.data(), stride);
+                for (int64_t i = 0; i < nq; ++i)
+                    for (int64_t j = 0; j < rows; ++j) CHECK_NEAR(s1[i * stride + j], s2[i * stride + j], 1e-5);
+                for (bool add : {false, true}) {
+                    std::vector<float> o1(nq * (d + 2), 1.0f), o2 = o1;  // rows of d, 2 apart
+                    S.weighted_sum_f32(p.data(), stride, nq, k.data(), rows, d, o1.data(), d + 2, add);
+                    K.weighted_sum_f32(p.data(), stride, nq, k.data(), rows, d, o2.data(), d + 2, add);
+                    check_close(o1, o2, 1e-5);
+                    S.weighted_sum_f16(p.data(), stride, nq, kh.data(), rows, d, o1.data(), d + 2, add);
+                    K.weighted_sum_f16(p.data(), stride, nq, kh.data(), rows, d, o2.data(), d + 2, add);
+                    check_close(o1, o2, 1e-5);
+                    S.weighted_sum_bf16(p.data(), stride, nq, kb.data(), rows, d, o1.data(), d + 2, add);
+                    K.weighted_sum_bf16(p.data(), stride, nq, kb.data(), rows, d, o2.data(), d + 2, add);
+                    check_close(o1, o2, 1e-5);
+                    for (int64_t i = 0; i < nq; ++i) CHECK(o2[i * (d + 2) + d] == 1.0f && o2[i * (d + 2) + d + 1] == 1.0f);
+                }
+            }
+        }
+    }
+}
+
+// A softmax in one block equals the online softmax over any split into blocks.
+TEST(softmax_blocks_agree_with_one_softmax) {
+    const Kernels& K = kernels();
+    for (int64_t n : {int64_t(1), int64_t(5), int64_t(16), int64_t(40), int64_t(100)}) {
+        auto s = random_floats(n, 8);
+        for (float& x : s) x *= 4.0f;
+        std::vector<float> one = s;
+        K.softmax(one.data(), n);
+        double sum = 0;
+        for (float w : one) sum += w;
+        CHECK_NEAR(sum, 1.0, 1e-5);
+        const int64_t d = 9;
+        auto v = random_floats(n * d, 9);
+        std::vector<float> expect(d, 0.0f), acc(d, 0.0f);
+        for (int64_t j = 0; j < n; ++j)
+            for (int64_t c = 0; c < d; ++c) expect[c] += one[j] * v[j * d + c];
+        float running_max = -INFINITY, total = 0;
+        std::vector<float> part = s;
+        for (int64_t first = 0; first < n; first += 7) {  // blocks of 7 rows
+            int64_t m = std::min<int64_t>(7, n - first);
+            K.softmax_block(part.data() + first, m, &running_max, &total, acc.data(), d);
+            K.weighted_sum_f32(part.data() + first, 0, 1, v.data() + first * d, m, d, acc.data(), d, true);
+        }
+        K.scale(acc.data(), 1.0f / total, d);
+        check_close(acc, expect, 1e-5);
     }
 }

@@ -9,6 +9,8 @@ Queries attend over ``[sinks | memory | window]``.
 from __future__ import annotations
 
 import numbers
+import os
+import warnings
 from typing import Any, Iterable, Optional
 
 import numpy.typing as npt
@@ -19,6 +21,14 @@ from ._state import Checkpoint
 
 __version__: str = _core.__version__
 
+if os.environ.get("KVFOLD_SIMD") and os.environ["KVFOLD_SIMD"] not in _core._known_backends():
+    warnings.warn(
+        f"KVFOLD_SIMD: expected one of {', '.join(_core._known_backends())}, got {os.environ['KVFOLD_SIMD']!r}; "
+        f"using {simd_backend()}",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
 __all__ = [
     "MemoryCache",
     "Checkpoint",
@@ -27,6 +37,8 @@ __all__ = [
     "reference",
     "simd_backend",
     "available_backends",
+    "set_num_threads",
+    "get_num_threads",
     "__version__",
 ]
 
@@ -35,6 +47,23 @@ def _size(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name}: expected an integer, got {type(value).__name__} {value!r}")
     return int(value)
+
+
+def set_num_threads(num_threads: int) -> None:
+    """Threads a call may use, the calling thread included; default: the cores this process may use.
+
+    Work splits over (batch row x KV head) when there is enough of it; results are identical
+    whatever the count. One thread never pays for the pool.
+    """
+    num_threads = _size("num_threads", num_threads)
+    if not 1 <= num_threads <= _core.MAX_THREADS:
+        raise ValueError(f"num_threads: expected an integer in [1, {_core.MAX_THREADS}], got {num_threads}")
+    _core.set_num_threads(num_threads)
+
+
+def get_num_threads() -> int:
+    """Threads a call may use, the calling thread included."""
+    return _core.get_num_threads()
 
 
 class MemoryCache(_core.MemoryCache):

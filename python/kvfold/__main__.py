@@ -1,4 +1,4 @@
-"""Command line: ``python -m kvfold demo | eval | generate``."""
+"""Command line: ``python -m kvfold demo | eval | generate | bench``."""
 
 from __future__ import annotations
 
@@ -60,6 +60,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     gen.add_argument("--seed", type=int, default=0, help="with --sample (default 0)")
     gen.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
 
+    bench = commands.add_parser("bench", help="time kvfold against NumPy, PyTorch and ONNX Runtime")
+    bench.add_argument("--threads", type=int, nargs="+", default=[],
+                       help="thread counts to run (default: 1 and all cores)")
+    bench.add_argument("--cases", nargs="+", default=[], metavar="TEXT",
+                       help="only cases whose name contains one of these texts")
+    bench.add_argument("--rounds", type=int, default=5, help="timed rounds per case; the best counts (default 5)")
+    bench.add_argument("--quick", action="store_true", help="short rounds: a rough table in seconds")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .demo import run
@@ -77,6 +84,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         return generate(args.prompt, args.rule, window=args.window, sinks=args.sinks,
                         max_new_tokens=args.max_new_tokens, sample=args.sample, temperature=args.temperature,
                         top_p=args.top_p, seed=args.seed, chat=not args.raw)
+    if args.command == "bench":
+        from . import bench as b
+
+        cases = [c for c in b.CASES if not args.cases or any(t in c.name for t in args.cases)]
+        if not cases:
+            parser.error(f"--cases: no case name contains any of {args.cases}")
+        if any(n < 1 for n in args.threads):
+            parser.error(f"--threads: expected counts >= 1, got {args.threads}")
+        b.run(cases, threads=args.threads, rounds=1 if args.quick else args.rounds,
+              round_seconds=0.02 if args.quick else 0.15)
+        return 0
     return 2
 
 

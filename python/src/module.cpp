@@ -42,6 +42,15 @@ std::vector<int64_t> shape_of(const py::array& a) {
     return std::vector<int64_t>(a.shape(), a.shape() + a.ndim());
 }
 
+// Shape checks on the hot path allocate nothing (shape_of is for error messages).
+bool shape_is(const py::array& a, std::initializer_list<int64_t> dims) {
+    if (a.ndim() != static_cast<py::ssize_t>(dims.size())) return false;
+    const py::ssize_t* s = a.shape();
+    for (int64_t d : dims)
+        if (*s++ != d) return false;
+    return true;
+}
+
 // Any array-like of real numbers as a C-contiguous float32 array; no copy when it already is one.
 FloatArray as_floats(const char* name, const py::handle& obj) {
     if (py::isinstance<FloatArray>(obj)) {
@@ -83,18 +92,19 @@ FloatArray as_floats(const char* name, const py::handle& obj) {
 // Checks a token block: (B, H, d) for one token or (B, H, T, d). Returns T, or 0 for the 3-D form.
 int64_t check_tokens(const char* name, const py::array& a, int64_t B, int64_t H, int64_t d,
                      const char* heads, const char* dim, bool allow_single = true) {
-    auto s = shape_of(a);
-    bool ok3 = allow_single && s.size() == 3 && s[0] == B && s[1] == H && s[2] == d;
-    bool ok4 = s.size() == 4 && s[0] == B && s[1] == H && s[3] == d;
+    const py::ssize_t n = a.ndim(), *s = a.shape();
+    bool ok3 = allow_single && n == 3 && s[0] == B && s[1] == H && s[2] == d;
+    bool ok4 = n == 4 && s[0] == B && s[1] == H && s[3] == d;
     if (ok4 && s[2] == 0)
-        throw kvfold::ValueError(std::string(name) + ": expected at least one token (T >= 1), got shape " + shape_str(s));
+        throw kvfold::ValueError(std::string(name) + ": expected at least one token (T >= 1), got shape " +
+                                 shape_str(shape_of(a)));
     if (ok3) return 0;
     if (ok4) return s[2];
     std::string want = "(B=" + std::to_string(B) + ", " + heads + "=" + std::to_string(H) + ", ";
     std::string msg = std::string(name) + ": expected shape ";
     if (allow_single) msg += want + dim + "=" + std::to_string(d) + ") for one token or ";
     msg += want + "T, " + dim + "=" + std::to_string(d) + ")" + (allow_single ? " for a block" : "");
-    throw kvfold::ValueError(msg + ", got " + shape_str(s));
+    throw kvfold::ValueError(msg + ", got " + shape_str(shape_of(a)));
 }
 
 std::string type_name(const py::handle& obj) {
@@ -180,17 +190,28 @@ py::tuple spec_tuple(const kvfold::RuleSpec& s) {
     return py::make_tuple(s.kind, arrays, options, py::none());
 }
 
-py::array_t<float> new_floats(std::vector<py::ssize_t> shape) { return py::array_t<float>(shape); }
+// A new C-order float32 array, made straight through NumPy's C API: small calls are dominated by
+// such overheads, and pybind11's shape containers allocate.
+py::array_t<float> new_floats(std::initializer_list<py::ssize_t> shape) {
+    auto& api = py::detail::npy_api::get();
+    Py_intptr_t dims[8];
+    int nd = 0;
+    for (py::ssize_t d : shape) dims[nd++] = d;
+    PyObject* a = api.PyArray_NewFromDescr_(api.PyArray_Type_, py::dtype::of<float>().release().ptr(), nd, dims,
+                                            nullptr, nullptr, 0, nullptr);
+    if (!a) throw py::error_already_set();
+    return py::reinterpret_steal<py::array_t<float>>(a);
+}
 
 // An out= array must be exactly what the result would be: float32, C order, writable.
-float* check_out(const py::object& out, const std::vector<int64_t>& shape) {
+float* check_out(const py::object& out, std::initializer_list<int64_t> shape) {
     if (!py::isinstance<py::array>(out))
         throw kvfold::TypeError("out: expected a numpy.ndarray, got " +
                                 std::string(py::str(py::type::handle_of(out).attr("__name__"))));
     auto a = py::reinterpret_borrow<py::array>(out);
     if (!a.dtype().is(py::dtype::of<float>()))
         throw kvfold::TypeError("out: expected dtype float32, got " + std::string(py::str(a.dtype())));
-    if (shape_of(a) != shape)
+    if (!shape_is(a, shape))
         throw kvfold::ValueError("out: expected shape " + shape_str(shape) + ", got " + shape_str(shape_of(a)));
     if (!(a.flags() & py::array::c_style) || !a.writeable())
         throw kvfold::ValueError("out: expected a writable C-contiguous array");
@@ -256,8 +277,7 @@ Gates read_gates(const MemoryCache& c, const py::object& decay, const py::object
 FloatArray read_query(const MemoryCache& c, const py::handle& q_obj) {
     const auto& g = c.config();
     FloatArray q = as_floats("q", q_obj);
-    std::vector<int64_t> want{g.batch_size, g.num_query_heads, g.head_dim};
-    if (shape_of(q) != want)
+    if (!shape_is(q, {g.batch_size, g.num_query_heads, g.head_dim}))
         throw kvfold::ValueError("q: expected shape (B=" + std::to_string(g.batch_size) + ", Hq=" +
                                  std::to_string(g.num_query_heads) + ", d_k=" + std::to_string(g.head_dim) +
                                  "), got " + shape_str(shape_of(q)));
@@ -346,6 +366,11 @@ PYBIND11_MODULE(_core, m) {
     m.def("_set_simd_backend", &kvfold::set_simd_backend, py::arg("name"));
     m.def("_threads_without_gil", [] { return threads_without_gil.load(std::memory_order_relaxed); },
           "Threads inside kvfold's C++ work with the GIL released, right now (for tests).");
+    m.def("_known_backends", &kvfold::known_backends);
+    m.def("set_num_threads", &kvfold::set_num_threads, py::arg("num_threads"));
+    m.def("get_num_threads", &kvfold::get_num_threads,
+          "Threads a call may use, the calling thread included.");
+    m.attr("MAX_THREADS") = kvfold::kMaxThreads;
     m.def("_check_rule", [](const py::tuple& spec) { kvfold::check_rule(make_spec(spec)); }, py::arg("spec"));
     m.attr("__version__") = kvfold::version();
 

@@ -169,8 +169,19 @@ class MemoryCache {
 const char* simd_backend();
 // Backends this machine can run, best last.
 std::vector<std::string> available_backends();
-// Caps the backend (for tests); throws ValueError for an unknown or unavailable name.
+// Every backend name kvfold knows: scalar, avx2, avx512, neon.
+std::vector<std::string> known_backends();
+// Caps the backend, as the environment variable KVFOLD_SIMD does at load time: the best kernels at
+// or below the cap run (a cap above what the machine runs means the best it runs; a name of another
+// architecture caps nothing). Throws ValueError for a name kvfold does not know.
 void set_simd_backend(const std::string& name);
+
+// Threads a call may use, the calling thread included (work splits over batch rows x KV heads
+// when there is enough of it). Default: the cores this process may run on. Results do not depend
+// on it. set_num_threads throws ValueError outside [1, kMaxThreads].
+constexpr int64_t kMaxThreads = 1024;
+void set_num_threads(int64_t n);
+int get_num_threads();
 
 const char* version();
 

@@ -1,5 +1,347 @@
-// ARM NEON kernels: filled in with the aarch64 port.
+// ARM NEON (AdvSIMD) kernels for aarch64, where NEON is the baseline: the pragma only states it.
+// float16 rows convert with the native fcvtl / fcvtn instructions (round to nearest even).
+#if defined(__aarch64__)
+#include <arm_neon.h>
+
+#include <cmath>
+
+#include "../half.hpp"
+#include "kernels.hpp"
+
+// Headers stay outside the target region, as in the x86 files.
+#pragma GCC push_options
+#pragma GCC target("+simd")
+
+namespace kvfold {
+namespace {
+
+// 4 stored elements as float32, and one element for the tails.
+struct F32 {
+    using T = float;
+    static float32x4_t load(const float* p) { return vld1q_f32(p); }
+    static float one(float x) { return x; }
+};
+struct F16 {
+    using T = uint16_t;
+    static float32x4_t load(const uint16_t* p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
+    static float one(uint16_t h) { return half_to_float(h); }
+};
+struct BF16 {
+    using T = uint16_t;
+    static float32x4_t load(const uint16_t* p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
+    static float one(uint16_t h) { return bf16_to_float(h); }
+};
+
+// exp(x) for x <= 88.7 (softmax calls it after the max shift, x <= 0): Cephes polynomial, about
+// 1 ulp; inputs are clamped so that 2^n stays a normal float.
+inline float32x4_t exp_ps(float32x4_t x) {
+    x = vmaxq_f32(x, vdupq_n_f32(-87.33654f));
+    float32x4_t n = vminq_f32(vrndnq_f32(vmulq_n_f32(x, 1.44269504088896341f)), vdupq_n_f32(127.0f));
+    float32x4_t r = vfmsq_f32(x, n, vdupq_n_f32(0.693359375f));
+    r = vfmsq_f32(r, n, vdupq_n_f32(-2.12194440e-4f));
+    float32x4_t p = vdupq_n_f32(1.9875691500e-4f);
+    p = vfmaq_f32(vdupq_n_f32(1.3981999507e-3f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(8.3334519073e-3f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(4.1665795894e-2f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(1.6666665459e-1f), p, r);
+    p = vfmaq_f32(vdupq_n_f32(5.0000001201e-1f), p, r);
+    p = vfmaq_f32(vaddq_f32(r, vdupq_n_f32(1.0f)), vmulq_f32(p, r), r);
+    int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
+    return vmulq_f32(p, vreinterpretq_f32_s32(e));
+}
+
+template <class F>
+float dot(const float* a, const typename F::T* b, int64_t n) {
+    float32x4_t s0 = vdupq_n_f32(0), s1 = s0, s2 = s0, s3 = s0;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = vfmaq_f32(s0, vld1q_f32(a + i), F::load(b + i));
+        s1 = vfmaq_f32(s1, vld1q_f32(a + i + 4), F::load(b + i + 4));
+        s2 = vfmaq_f32(s2, vld1q_f32(a + i + 8), F::load(b + i + 8));
+        s3 = vfmaq_f32(s3, vld1q_f32(a + i + 12), F::load(b + i + 12));
+    }
+    for (; i + 4 <= n; i += 4) s0 = vfmaq_f32(s0, vld1q_f32(a + i), F::load(b + i));
+    float s = vaddvq_f32(vaddq_f32(vaddq_f32(s0, s1), vaddq_f32(s2, s3)));
+    for (; i < n; ++i) s += a[i] * F::one(b[i]);
+    return s;
+}
+
+template <class F>
+void axpy(float* y, float a, const typename F::T* x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vfmaq_n_f32(vld1q_f32(y + i), F::load(x + i), a));
+    for (; i < n; ++i) y[i] += a * F::one(x[i]);
+}
+
+template <class F>
+void widen(float* y, const typename F::T* x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(y + i, F::load(x + i));
+    for (; i < n; ++i) y[i] = F::one(x[i]);
+}
+
+void f32_to_f16(uint16_t* y, const float* x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) vst1_u16(y + i, vreinterpret_u16_f16(vcvt_f16_f32(vld1q_f32(x + i))));
+    for (; i < n; ++i) y[i] = float_to_half(x[i]);
+}
+
+// Round to nearest even on the bit pattern, NaN kept quiet: the scalar float_to_bf16, 4 at a time.
+void f32_to_bf16(uint16_t* y, const float* x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        float32x4_t v = vld1q_f32(x + i);
+        uint32x4_t u = vreinterpretq_u32_f32(v), high = vshrq_n_u32(u, 16);
+        uint32x4_t odd = vandq_u32(high, vdupq_n_u32(1));
+        uint32x4_t r = vshrq_n_u32(vaddq_u32(u, vaddq_u32(odd, vdupq_n_u32(0x7fff))), 16);
+        uint32x4_t nan = vorrq_u32(high, vdupq_n_u32(0x40));
+        r = vbslq_u32(vmvnq_u32(vceqq_f32(v, v)), nan, r);
+        vst1_u16(y + i, vmovn_u32(r));
+    }
+    for (; i < n; ++i) y[i] = float_to_bf16(x[i]);
+}
+
+void scale(float* y, float a, int64_t n) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vmulq_n_f32(vld1q_f32(y + i), a));
+    for (; i < n; ++i) y[i] *= a;
+}
+
+float max(const float* x, int64_t n) {
+    int64_t i = 0;
+    float m = x[0];
+    if (n >= 4) {
+        float32x4_t vm = vld1q_f32(x);
+        for (i = 4; i + 4 <= n; i += 4) vm = vmaxq_f32(vm, vld1q_f32(x + i));
+        m = vmaxvq_f32(vm);
+    }
+    for (; i < n; ++i) m = x[i] > m ? x[i] : m;
+    return m;
+}
+
+float exp_sum(float* x, float shift, int64_t n) {
+    float32x4_t vs = vdupq_n_f32(shift), acc = vdupq_n_f32(0);
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        float32x4_t e = exp_ps(vsubq_f32(vld1q_f32(x + i), vs));
+        vst1q_f32(x + i, e);
+        acc = vaddq_f32(acc, e);
+    }
+    float s = vaddvq_f32(acc);
+    for (; i < n; ++i) {
+        x[i] = std::exp(x[i] - shift);
+        s += x[i];
+    }
+    return s;
+}
+
+bool all_finite(const float* x, int64_t n) {
+    // A float is finite when its exponent bits are not all ones.
+    const uint32x4_t mask = vdupq_n_u32(0x7f800000);
+    uint32x4_t bad = vdupq_n_u32(0);
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4)
+        bad = vorrq_u32(bad, vceqq_u32(vandq_u32(vld1q_u32(reinterpret_cast<const uint32_t*>(x + i)), mask), mask));
+    if (vmaxvq_u32(bad)) return false;
+    for (; i < n; ++i)
+        if (!std::isfinite(x[i])) return false;
+    return true;
+}
+
+// float64 accumulators, 4 at a time (two registers of 2): s op= x.
+template <float64x2_t (*Op)(float64x2_t, float64x2_t)>
+void update_f64(double* s, const float* x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        float32x4_t x4 = vld1q_f32(x + i);
+        vst1q_f64(s + i, Op(vld1q_f64(s + i), vcvt_f64_f32(vget_low_f32(x4))));
+        vst1q_f64(s + i + 2, Op(vld1q_f64(s + i + 2), vcvt_high_f64_f32(x4)));
+    }
+    for (; i < n; ++i) vst1q_lane_f64(s + i, Op(vdupq_n_f64(s[i]), vdupq_n_f64(x[i])), 0);
+}
+inline float64x2_t plus(float64x2_t s, float64x2_t x) { return vaddq_f64(s, x); }
+inline float64x2_t minus(float64x2_t s, float64x2_t x) { return vsubq_f64(s, x); }
+
+void add_f64(double* s, const float* x, int64_t n) { update_f64<plus>(s, x, n); }
+void sub_f64(double* s, const float* x, int64_t n) { update_f64<minus>(s, x, n); }
+
+void axpby_f64(double* s, double a, const float* x, double b, float* y, double c, int64_t n) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        float32x4_t x4 = vld1q_f32(x + i);
+        float64x2_t lo = vfmaq_n_f64(vmulq_n_f64(vcvt_f64_f32(vget_low_f32(x4)), b), vld1q_f64(s + i), a);
+        float64x2_t hi = vfmaq_n_f64(vmulq_n_f64(vcvt_high_f64_f32(x4), b), vld1q_f64(s + i + 2), a);
+        vst1q_f64(s + i, lo);
+        vst1q_f64(s + i + 2, hi);
+        vst1q_f32(y + i, vcvt_high_f32_f64(vcvt_f32_f64(vmulq_n_f64(lo, c)), vmulq_n_f64(hi, c)));
+    }
+    for (; i < n; ++i) {
+        s[i] = a * s[i] + b * x[i];
+        y[i] = static_cast<float>(c * s[i]);
+    }
+}
+
+void mul_f64(float* y, const double* s, double a, int64_t n) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        float32x2_t lo = vcvt_f32_f64(vmulq_n_f64(vld1q_f64(s + i), a));
+        vst1q_f32(y + i, vcvt_high_f32_f64(lo, vmulq_n_f64(vld1q_f64(s + i + 2), a)));
+    }
+    for (; i < n; ++i) y[i] = static_cast<float>(s[i] * a);
+}
+
+void max_f32(float* y, const float* x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        float32x4_t vx = vld1q_f32(x + i), vy = vld1q_f32(y + i);
+        vst1q_f32(y + i, vbslq_f32(vcgtq_f32(vx, vy), vx, vy));  // x > y ? x : y, as the scalar table
+    }
+    for (; i < n; ++i) y[i] = x[i] > y[i] ? x[i] : y[i];
+}
+
+template <class F>
+void scores(const float* q, int64_t q_stride, int64_t nq, const typename F::T* k, int64_t rows, int64_t d,
+            float scale, float* s, int64_t s_stride) {
+    for (int64_t j = 0; j < rows; ++j, k += d)
+        for (int64_t i = 0; i < nq; ++i) s[i * s_stride + j] = scale * dot<F>(q + i * q_stride, k, d);
+}
+
+// o (4 R floats) += sum_j p_j v_j[0 : 4 R]: the output stays in registers while the rows stream by.
+template <class F, int R>
+void accumulate(const float* p, const typename F::T* v, int64_t rows, int64_t d, float* o, bool add) {
+    float32x4_t acc[R];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) acc[r] = add ? vld1q_f32(o + 4 * r) : vdupq_n_f32(0);
+    for (int64_t j = 0; j < rows; ++j, v += d) {
+        float w = p[j];
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) acc[r] = vfmaq_n_f32(acc[r], F::load(v + 4 * r), w);
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) vst1q_f32(o + 4 * r, acc[r]);
+}
+
+template <class F>
+void weighted_sum(const float* p, int64_t p_stride, int64_t nq, const typename F::T* v, int64_t rows, int64_t d,
+                  float* out, int64_t out_stride, bool add) {
+    using Acc = void (*)(const float*, const typename F::T*, int64_t, int64_t, float*, bool);
+    static constexpr Acc by_registers[8] = {nullptr,          accumulate<F, 1>, accumulate<F, 2>, accumulate<F, 3>,
+                                            accumulate<F, 4>, accumulate<F, 5>, accumulate<F, 6>, accumulate<F, 7>};
+    for (int64_t i = 0; i < nq; ++i) {
+        const float* pi = p + i * p_stride;
+        float* o = out + i * out_stride;
+        int64_t c = 0;
+        for (; c + 32 <= d; c += 32) accumulate<F, 8>(pi, v + c, rows, d, o + c, add);
+        if (int64_t regs = (d - c) / 4) {
+            by_registers[regs](pi, v + c, rows, d, o + c, add);
+            c += 4 * regs;
+        }
+        for (; c < d; ++c) {
+            float sum = add ? o[c] : 0.0f;
+            for (int64_t j = 0; j < rows; ++j) sum += pi[j] * F::one(v[j * d + c]);
+            o[c] = sum;
+        }
+    }
+}
+
+void softmax(float* s, int64_t n) {
+    float total = exp_sum(s, max(s, n), n);
+    scale(s, 1.0f / total, n);
+}
+
+void softmax_block(float* s, int64_t n, float* running_max, float* total, float* acc, int64_t d) {
+    float m = max(s, n);
+    if (m > *running_max) {
+        if (*total > 0) {
+            float shrink = std::exp(*running_max - m);
+            scale(acc, shrink, d);
+            *total *= shrink;
+        }
+        *running_max = m;
+    }
+    *total += exp_sum(s, *running_max, n);
+}
+
+// Recurrent memories: the GRU cell's matrix-vector product (four rows share each load of x) and
+// exp over the whole float range (inputs clamped so 2^n stays a normal float, as on AVX2).
+void gemv(float* y, const float* W, const float* x, int64_t rows, int64_t cols) {
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) {
+        const float* w0 = W + r * cols;
+        const float *w1 = w0 + cols, *w2 = w1 + cols, *w3 = w2 + cols;
+        float32x4_t a0 = vdupq_n_f32(0), a1 = a0, a2 = a0, a3 = a0;
+        int64_t c = 0;
+        for (; c + 4 <= cols; c += 4) {
+            float32x4_t vx = vld1q_f32(x + c);
+            a0 = vfmaq_f32(a0, vld1q_f32(w0 + c), vx);
+            a1 = vfmaq_f32(a1, vld1q_f32(w1 + c), vx);
+            a2 = vfmaq_f32(a2, vld1q_f32(w2 + c), vx);
+            a3 = vfmaq_f32(a3, vld1q_f32(w3 + c), vx);
+        }
+        float s0 = vaddvq_f32(a0), s1 = vaddvq_f32(a1), s2 = vaddvq_f32(a2), s3 = vaddvq_f32(a3);
+        for (; c < cols; ++c) {
+            s0 += w0[c] * x[c];
+            s1 += w1[c] * x[c];
+            s2 += w2[c] * x[c];
+            s3 += w3[c] * x[c];
+        }
+        y[r] = s0, y[r + 1] = s1, y[r + 2] = s2, y[r + 3] = s3;
+    }
+    for (; r < rows; ++r) y[r] = dot<F32>(x, W + r * cols, cols);
+}
+
+void exp_f32(float* y, const float* x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        vst1q_f32(y + i, exp_ps(vminq_f32(vld1q_f32(x + i), vdupq_n_f32(88.72283f))));
+    }
+    for (; i < n; ++i) y[i] = std::exp(x[i]);
+}
+
+const Kernels table = {
+    "neon",
+    dot<F32>,
+    dot<F16>,
+    dot<BF16>,
+    axpy<F32>,
+    axpy<F16>,
+    axpy<BF16>,
+    f32_to_f16,
+    widen<F16>,
+    f32_to_bf16,
+    widen<BF16>,
+    scale,
+    max,
+    exp_sum,
+    all_finite,
+    add_f64,
+    sub_f64,
+    mul_f64,
+    axpby_f64,
+    max_f32,
+    scores<F32>,
+    scores<F16>,
+    scores<BF16>,
+    weighted_sum<F32>,
+    weighted_sum<F16>,
+    weighted_sum<BF16>,
+    softmax,
+    softmax_block,
+    gemv,
+    exp_f32,
+    nullptr,  // matrix_step and matrix_read: the scalar table's until this one has its own
+    nullptr,
+};
+
+}  // namespace
+
+const Kernels* neon_kernels() { return &table; }
+
+}  // namespace kvfold
+#pragma GCC pop_options
+#else
 #include "kernels.hpp"
 namespace kvfold {
 const Kernels* neon_kernels() { return nullptr; }
 }  // namespace kvfold
+#endif

@@ -1,4 +1,5 @@
 // Picks the kernel table once: the best ISA this CPU and OS support, capped by KVFOLD_SIMD.
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <string>
@@ -71,19 +72,39 @@ const std::vector<const Kernels*>& runnable() {
     return tables;
 }
 
+// Every backend name, and this architecture's ladder of them, least capable first.
+const std::vector<std::string> kKnown = {"scalar", "avx2", "avx512", "neon"};
+#if defined(__x86_64__) || defined(_M_X64)
+const std::vector<std::string> kLadder = {"scalar", "avx2", "avx512"};
+#elif defined(__aarch64__)
+const std::vector<std::string> kLadder = {"scalar", "neon"};
+#else
+const std::vector<std::string> kLadder = {"scalar"};
+#endif
+
+int rung(const std::string& name) {
+    for (size_t i = 0; i < kLadder.size(); ++i)
+        if (kLadder[i] == name) return static_cast<int>(i);
+    return -1;
+}
+
+// The best table at or below the cap: a cap above what the machine runs means the best it runs,
+// and a name of another architecture caps nothing. Null for a name kvfold does not know.
 const Kernels* pick(const std::string& cap) {
     const auto& tables = runnable();
     if (cap.empty()) return tables.back();
+    if (std::find(kKnown.begin(), kKnown.end(), cap) == kKnown.end()) return nullptr;
+    const int limit = rung(cap);
+    const Kernels* best = tables.front();
     for (auto* t : tables)
-        if (cap == t->name) return t;
-    return nullptr;
+        if (limit < 0 || rung(t->name) <= limit) best = t;
+    return best;
 }
 
 const Kernels* initial() {
     const char* env = std::getenv("KVFOLD_SIMD");
     const Kernels* t = pick(env ? env : "");
-    // An unknown or unavailable cap in the environment falls back to the best table; the
-    // Python package reports it at import.
+    // An unknown name in the environment leaves the best table; the Python package warns at import.
     return t ? t : pick("");
 }
 
@@ -101,12 +122,14 @@ std::vector<std::string> available_backends() {
     return names;
 }
 
+std::vector<std::string> known_backends() { return kKnown; }
+
 void set_simd_backend(const std::string& name) {
     const Kernels* t = pick(name);
     if (!t) {
-        std::string have;
-        for (auto& n : available_backends()) have += (have.empty() ? "" : ", ") + n;
-        throw ValueError("simd backend: expected one of " + have + " on this machine, got '" + name + "'");
+        std::string names;
+        for (auto& n : kKnown) names += (names.empty() ? "" : ", ") + n;
+        throw ValueError("simd backend: expected one of " + names + ", got '" + name + "'");
     }
     active.store(t);
 }

@@ -52,9 +52,33 @@ struct Kernels {
     void (*add_f64)(double* s, const float* x, int64_t n);            // s += x
     void (*sub_f64)(double* s, const float* x, int64_t n);            // s -= x
     void (*mul_f64)(float* y, const double* s, double a, int64_t n);  // y = s * a
-    void (*lerp_f64)(double* s, const float* x, double a, int64_t n); // s += a * (x - s)
+    // One pass of a fold: s = a * s + b * x, then the visible slot y = c * s in float32.
+    void (*axpby_f64)(double* s, double a, const float* x, double b, float* y, double c, int64_t n);
     void (*max_f32)(float* y, const float* x, int64_t n);             // y = max(y, x)
 
+    // Attention over a block of rows, for nq query heads that share the rows (grouped-query
+    // attention reads each key and value row once for the whole group). Row j of k or v starts at
+    // k + j * d; query i at q + i * q_stride; its scores or weights at s + i * s_stride.
+    //   scores:       s_ij = scale * q_i . k_j
+    //   weighted_sum: out_i = (add ? out_i : 0) + sum_j p_ij v_j   (out_i at out + i * out_stride)
+    void (*scores_f32)(const float* q, int64_t q_stride, int64_t nq, const float* k, int64_t rows, int64_t d,
+                       float scale, float* s, int64_t s_stride);
+    void (*scores_f16)(const float* q, int64_t q_stride, int64_t nq, const uint16_t* k, int64_t rows, int64_t d,
+                       float scale, float* s, int64_t s_stride);
+    void (*scores_bf16)(const float* q, int64_t q_stride, int64_t nq, const uint16_t* k, int64_t rows, int64_t d,
+                        float scale, float* s, int64_t s_stride);
+    void (*weighted_sum_f32)(const float* p, int64_t p_stride, int64_t nq, const float* v, int64_t rows,
+                             int64_t d, float* out, int64_t out_stride, bool add);
+    void (*weighted_sum_f16)(const float* p, int64_t p_stride, int64_t nq, const uint16_t* v, int64_t rows,
+                             int64_t d, float* out, int64_t out_stride, bool add);
+    void (*weighted_sum_bf16)(const float* p, int64_t p_stride, int64_t nq, const uint16_t* v, int64_t rows,
+                              int64_t d, float* out, int64_t out_stride, bool add);
+    // s (n >= 1 scores) becomes softmax(s): a visible set that fits in one block.
+    void (*softmax)(float* s, int64_t n);
+    // One block of an online softmax: the n scores s become weights exp(s - m), m the running max
+    // (*max, updated); when the max grows, the output so far (acc, d) and *total are rescaled
+    // first. *total accumulates the weights. n >= 1.
+    void (*softmax_block)(float* s, int64_t n, float* max, float* total, float* acc, int64_t d);
     // Recurrent memories. A table may leave these null; dispatch then takes the next table down's.
     void (*gemv)(float* y, const float* W, const float* x, int64_t rows, int64_t cols);  // y = W x
     void (*exp_f32)(float* y, const float* x, int64_t n);                               // y = exp(x)

@@ -1,5 +1,6 @@
 // Portable kernels: the reference every SIMD table is tested against, and the fallback.
 #include <cmath>
+#include <cstring>
 
 #include "../half.hpp"
 #include "kernels.hpp"
@@ -73,8 +74,11 @@ void sub_f64(double* s, const float* x, int64_t n) {
 void mul_f64(float* y, const double* s, double a, int64_t n) {
     for (int64_t i = 0; i < n; ++i) y[i] = static_cast<float>(s[i] * a);
 }
-void lerp_f64(double* s, const float* x, double a, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) s[i] += a * (x[i] - s[i]);
+void axpby_f64(double* s, double a, const float* x, double b, float* y, double c, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+        s[i] = a * s[i] + b * x[i];
+        y[i] = static_cast<float>(c * s[i]);
+    }
 }
 void max_f32(float* y, const float* x, int64_t n) {
     for (int64_t i = 0; i < n; ++i) y[i] = x[i] > y[i] ? x[i] : y[i];
@@ -129,11 +133,73 @@ void matrix_read(const MatrixPass& m) {
     }
 }
 
+template <class T, float (*Dot)(const float*, const T*, int64_t)>
+void scores(const float* q, int64_t q_stride, int64_t nq, const T* k, int64_t rows, int64_t d, float scale,
+            float* s, int64_t s_stride) {
+    for (int64_t j = 0; j < rows; ++j)
+        for (int64_t i = 0; i < nq; ++i) s[i * s_stride + j] = scale * Dot(q + i * q_stride, k + j * d, d);
+}
+
+template <class T, void (*Axpy)(float*, float, const T*, int64_t)>
+void weighted_sum(const float* p, int64_t p_stride, int64_t nq, const T* v, int64_t rows, int64_t d, float* out,
+                  int64_t out_stride, bool add) {
+    for (int64_t i = 0; i < nq; ++i) {
+        if (!add) std::memset(out + i * out_stride, 0, sizeof(float) * d);
+        for (int64_t j = 0; j < rows; ++j) Axpy(out + i * out_stride, p[i * p_stride + j], v + j * d, d);
+    }
+}
+
+void softmax(float* s, int64_t n) {
+    float total = exp_sum(s, max(s, n), n);
+    scale(s, 1.0f / total, n);
+}
+
+void softmax_block(float* s, int64_t n, float* running_max, float* total, float* acc, int64_t d) {
+    float m = max(s, n);
+    if (m > *running_max) {
+        if (*total > 0) {
+            float shrink = std::exp(*running_max - m);
+            scale(acc, shrink, d);
+            *total *= shrink;
+        }
+        *running_max = m;
+    }
+    *total += exp_sum(s, *running_max, n);
+}
+
 const Kernels table = {
-    "scalar",  dot_f32,    dot_f16,    dot_bf16, axpy_f32, axpy_f16, axpy_bf16,
-    f32_to_f16, f16_to_f32, f32_to_bf16, bf16_to_f32, scale,   max,      exp_sum,
-    all_finite, add_f64,   sub_f64,    mul_f64,  lerp_f64, max_f32,
-    gemv,       exp_f32,   matrix_step, matrix_read,
+    "scalar",
+    dot_f32,
+    dot_f16,
+    dot_bf16,
+    axpy_f32,
+    axpy_f16,
+    axpy_bf16,
+    f32_to_f16,
+    f16_to_f32,
+    f32_to_bf16,
+    bf16_to_f32,
+    scale,
+    max,
+    exp_sum,
+    all_finite,
+    add_f64,
+    sub_f64,
+    mul_f64,
+    axpby_f64,
+    max_f32,
+    scores<float, dot_f32>,
+    scores<uint16_t, dot_f16>,
+    scores<uint16_t, dot_bf16>,
+    weighted_sum<float, axpy_f32>,
+    weighted_sum<uint16_t, axpy_f16>,
+    weighted_sum<uint16_t, axpy_bf16>,
+    softmax,
+    softmax_block,
+    gemv,
+    exp_f32,
+    matrix_step,
+    matrix_read,
 };
 
 }  // namespace

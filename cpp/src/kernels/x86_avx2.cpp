@@ -87,8 +87,20 @@ void f16_to_f32(float* y, const uint16_t* x, int64_t n) {
     for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, load_f16(x + i));
     for (; i < n; ++i) y[i] = half_to_float(x[i]);
 }
+// Round to nearest even on the bit pattern, NaN kept quiet: the scalar float_to_bf16, 8 at a time.
 void f32_to_bf16(uint16_t* y, const float* x, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) y[i] = float_to_bf16(x[i]);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i);
+        __m256i u = _mm256_castps_si256(v);
+        __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+        __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+        __m256i nan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+        r = _mm256_blendv_epi8(r, nan, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+        __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i), packed);
+    }
+    for (; i < n; ++i) y[i] = float_to_bf16(x[i]);
 }
 void bf16_to_f32(float* y, const uint16_t* x, int64_t n) {
     int64_t i = 0;
@@ -167,15 +179,18 @@ void mul_f64(float* y, const double* s, double a, int64_t n) {
     for (; i + 4 <= n; i += 4) _mm_storeu_ps(y + i, _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_loadu_pd(s + i), va)));
     for (; i < n; ++i) y[i] = static_cast<float>(s[i] * a);
 }
-void lerp_f64(double* s, const float* x, double a, int64_t n) {
-    __m256d va = _mm256_set1_pd(a);
+void axpby_f64(double* s, double a, const float* x, double b, float* y, double c, int64_t n) {
+    __m256d va = _mm256_set1_pd(a), vb = _mm256_set1_pd(b), vc = _mm256_set1_pd(c);
     int64_t i = 0;
     for (; i + 4 <= n; i += 4) {
-        __m256d vs = _mm256_loadu_pd(s + i);
-        __m256d d = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(x + i)), vs);
-        _mm256_storeu_pd(s + i, _mm256_fmadd_pd(va, d, vs));
+        __m256d vs = _mm256_fmadd_pd(va, _mm256_loadu_pd(s + i), _mm256_mul_pd(vb, _mm256_cvtps_pd(_mm_loadu_ps(x + i))));
+        _mm256_storeu_pd(s + i, vs);
+        _mm_storeu_ps(y + i, _mm256_cvtpd_ps(_mm256_mul_pd(vc, vs)));
     }
-    for (; i < n; ++i) s[i] += a * (x[i] - s[i]);
+    for (; i < n; ++i) {
+        s[i] = a * s[i] + b * x[i];
+        y[i] = static_cast<float>(c * s[i]);
+    }
 }
 void max_f32(float* y, const float* x, int64_t n) {
     int64_t i = 0;
@@ -367,6 +382,71 @@ void matrix_read(const MatrixPass& m) {
     if (c < m.dv) scalar_kernels()->matrix_read(tail(m, c));
 }
 
+template <class T, __m256 (*Load)(const T*), float (*Scalar)(T)>
+void scores(const float* q, int64_t q_stride, int64_t nq, const T* k, int64_t rows, int64_t d, float scale, float* s,
+            int64_t s_stride) {
+    for (int64_t j = 0; j < rows; ++j, k += d)
+        for (int64_t i = 0; i < nq; ++i) s[i * s_stride + j] = scale * dot<T, Load, Scalar>(q + i * q_stride, k, d);
+}
+
+// o (8 R floats) += sum_j p_j v_j[0 : 8 R]: the output stays in registers while the rows stream by.
+template <class T, __m256 (*Load)(const T*), int R>
+void accumulate(const float* p, const T* v, int64_t rows, int64_t d, float* o, bool add) {
+    __m256 acc[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[r] = add ? _mm256_loadu_ps(o + 8 * r) : _mm256_setzero_ps();
+    for (int64_t j = 0; j < rows; ++j, v += d) {
+        __m256 w = _mm256_set1_ps(p[j]);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(w, Load(v + 8 * r), acc[r]);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) _mm256_storeu_ps(o + 8 * r, acc[r]);
+}
+
+template <class T, __m256 (*Load)(const T*), float (*Scalar)(T)>
+void weighted_sum(const float* p, int64_t p_stride, int64_t nq, const T* v, int64_t rows, int64_t d, float* out,
+                  int64_t out_stride, bool add) {
+    using Acc = void (*)(const float*, const T*, int64_t, int64_t, float*, bool);
+    static constexpr Acc by_registers[8] = {nullptr,
+                                            accumulate<T, Load, 1>, accumulate<T, Load, 2>, accumulate<T, Load, 3>,
+                                            accumulate<T, Load, 4>, accumulate<T, Load, 5>, accumulate<T, Load, 6>,
+                                            accumulate<T, Load, 7>};
+    for (int64_t i = 0; i < nq; ++i) {
+        const float* pi = p + i * p_stride;
+        float* o = out + i * out_stride;
+        int64_t c = 0;
+        for (; c + 64 <= d; c += 64) accumulate<T, Load, 8>(pi, v + c, rows, d, o + c, add);
+        if (int64_t regs = (d - c) / 8) {
+            by_registers[regs](pi, v + c, rows, d, o + c, add);
+            c += 8 * regs;
+        }
+        for (; c < d; ++c) {
+            float sum = add ? o[c] : 0.0f;
+            for (int64_t j = 0; j < rows; ++j) sum += pi[j] * Scalar(v[j * d + c]);
+            o[c] = sum;
+        }
+    }
+}
+
+void softmax(float* s, int64_t n) {
+    float total = exp_sum(s, max(s, n), n);
+    scale(s, 1.0f / total, n);
+}
+
+void softmax_block(float* s, int64_t n, float* running_max, float* total, float* acc, int64_t d) {
+    float m = max(s, n);
+    if (m > *running_max) {
+        if (*total > 0) {
+            float shrink = std::exp(*running_max - m);
+            scale(acc, shrink, d);
+            *total *= shrink;
+        }
+        *running_max = m;
+    }
+    *total += exp_sum(s, *running_max, n);
+}
+
 const Kernels table = {
     "avx2",
     dot<float, load_f32, id>,
@@ -386,8 +466,16 @@ const Kernels table = {
     add_f64,
     sub_f64,
     mul_f64,
-    lerp_f64,
+    axpby_f64,
     max_f32,
+    scores<float, load_f32, id>,
+    scores<uint16_t, load_f16, half_to_float>,
+    scores<uint16_t, load_bf16, bf16_to_float>,
+    weighted_sum<float, load_f32, id>,
+    weighted_sum<uint16_t, load_f16, half_to_float>,
+    weighted_sum<uint16_t, load_bf16, bf16_to_float>,
+    softmax,
+    softmax_block,
     gemv,
     exp_f32,
     matrix_step,

@@ -1,5 +1,415 @@
-// x86 AVX-512 kernels: not yet specialised, this machine's AVX-512 table is filled in later.
+// x86 AVX-512 (F, DQ, BW, VL) kernels. Tails are masked loads and stores, so no kernel has a scalar
+// remainder loop. The target pragma keeps the rest of the build baseline x86-64.
+//
+// bfloat16 rounding uses integer arithmetic, not AVX512_BF16's vcvtneps2bf16: that instruction
+// flushes subnormals to zero, and every table must round exactly like the scalar one.
+#if defined(__x86_64__) || defined(_M_X64)
+// GCC 12 flags the deliberately undefined registers inside its own AVX-512 intrinsics (GCC bug
+// 105593); the warning is about the header, not this code.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#include <immintrin.h>
+
+#include <cmath>
+#include <type_traits>
+
+#include "../half.hpp"
+#include "kernels.hpp"
+
+// Headers stay outside the target region so no inline function of theirs is emitted with AVX-512.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,f16c")
+
+namespace kvfold {
+namespace {
+
+inline __mmask16 first(int64_t n) { return static_cast<__mmask16>((1u << n) - 1); }  // 0 <= n < 16
+inline __mmask8 first8(int64_t n) { return static_cast<__mmask8>((1u << n) - 1); }    // 0 <= n < 8
+
+// 16 stored elements as float32; the masked form reads only the lanes in m (others are 0).
+struct F32 {
+    using T = float;
+    static __m512 load(const float* p) { return _mm512_loadu_ps(p); }
+    static __m512 load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+};
+struct F16 {
+    using T = uint16_t;
+    static __m512 load(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+    static __m512 load(const uint16_t* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+};
+struct BF16 {
+    using T = uint16_t;
+    static __m512 widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+    static __m512 load(const uint16_t* p) { return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+    static __m512 load(const uint16_t* p, __mmask16 m) { return widen(_mm256_maskz_loadu_epi16(m, p)); }
+};
+
+// exp(x) for x <= 0 (softmax after the max shift): Cephes polynomial, about 1 ulp; scalef applies
+// 2^n exactly, down to subnormals and zero.
+inline __m512 exp_ps(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));  // exp underflows to 0 below this anyway
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+template <class F>
+float dot(const float* a, const typename F::T* b, int64_t n) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), F::load(b + i), s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), F::load(b + i + 16), s1);
+        s2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 32), F::load(b + i + 32), s2);
+        s3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 48), F::load(b + i + 48), s3);
+    }
+    for (; i + 16 <= n; i += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), F::load(b + i), s0);
+    if (i < n) {
+        __mmask16 m = first(n - i);
+        s1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), F::load(b + i, m), s1);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+}
+
+template <class F>
+void axpy(float* y, float a, const typename F::T* x, int64_t n) {
+    __m512 va = _mm512_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, F::load(x + i), _mm512_loadu_ps(y + i)));
+    if (i < n) {
+        __mmask16 m = first(n - i);
+        _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(va, F::load(x + i, m), _mm512_maskz_loadu_ps(m, y + i)));
+    }
+}
+
+template <class F>
+void widen(float* y, const typename F::T* x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, F::load(x + i));
+    if (i < n) _mm512_mask_storeu_ps(y + i, first(n - i), F::load(x + i, first(n - i)));
+}
+
+inline __m256i to_f16(__m512 v) { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+
+// Round to nearest even on the bit pattern, NaN kept quiet: the scalar float_to_bf16, 16 at a time.
+inline __m256i to_bf16(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    __m512i nan = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r, nan);
+    return _mm512_cvtepi32_epi16(r);
+}
+
+template <__m256i (*Narrow)(__m512)>
+void narrow(uint16_t* y, const float* x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i), Narrow(_mm512_loadu_ps(x + i)));
+    if (i < n) {
+        __mmask16 m = first(n - i);
+        _mm256_mask_storeu_epi16(y + i, m, Narrow(_mm512_maskz_loadu_ps(m, x + i)));
+    }
+}
+
+void scale(float* y, float a, int64_t n) {
+    __m512 va = _mm512_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_mul_ps(va, _mm512_loadu_ps(y + i)));
+    if (i < n) _mm512_mask_storeu_ps(y + i, first(n - i), _mm512_mul_ps(va, _mm512_maskz_loadu_ps(first(n - i), y + i)));
+}
+
+float max(const float* x, int64_t n) {
+    const __m512 lowest = _mm512_set1_ps(-INFINITY);
+    __m512 m = lowest;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(x + i));
+    if (i < n) m = _mm512_max_ps(m, _mm512_mask_loadu_ps(lowest, first(n - i), x + i));
+    return _mm512_reduce_max_ps(m);
+}
+
+float exp_sum(float* x, float shift, int64_t n) {
+    __m512 vs = _mm512_set1_ps(shift), acc = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), vs));
+        _mm512_storeu_ps(x + i, e);
+        acc = _mm512_add_ps(acc, e);
+    }
+    if (i < n) {
+        __mmask16 m = first(n - i);
+        __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), vs));
+        _mm512_mask_storeu_ps(x + i, m, e);
+        acc = _mm512_mask_add_ps(acc, m, acc, e);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+bool all_finite(const float* x, int64_t n) {
+    constexpr int kNanOrInf = 0x01 | 0x08 | 0x10 | 0x80;  // quiet NaN, +Inf, -Inf, signalling NaN
+    __mmask16 bad = 0;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) bad |= _mm512_fpclass_ps_mask(_mm512_loadu_ps(x + i), kNanOrInf);
+    if (i < n) bad |= _mm512_mask_fpclass_ps_mask(first(n - i), _mm512_maskz_loadu_ps(first(n - i), x + i), kNanOrInf);
+    return bad == 0;
+}
+
+// float64 accumulators: 8 at a time, s op= x.
+template <__m512d (*Op)(__m512d, __m512d)>
+void update_f64(double* s, const float* x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm512_storeu_pd(s + i, Op(_mm512_loadu_pd(s + i), _mm512_cvtps_pd(_mm256_loadu_ps(x + i))));
+    if (i < n) {
+        __mmask8 m = first8(n - i);
+        _mm512_mask_storeu_pd(s + i, m, Op(_mm512_maskz_loadu_pd(m, s + i), _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, x + i))));
+    }
+}
+inline __m512d plus(__m512d s, __m512d x) { return _mm512_add_pd(s, x); }
+inline __m512d minus(__m512d s, __m512d x) { return _mm512_sub_pd(s, x); }
+
+void add_f64(double* s, const float* x, int64_t n) { update_f64<plus>(s, x, n); }
+void sub_f64(double* s, const float* x, int64_t n) { update_f64<minus>(s, x, n); }
+
+void axpby_f64(double* s, double a, const float* x, double b, float* y, double c, int64_t n) {
+    __m512d va = _mm512_set1_pd(a), vb = _mm512_set1_pd(b), vc = _mm512_set1_pd(c);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m512d vs = _mm512_fmadd_pd(va, _mm512_loadu_pd(s + i), _mm512_mul_pd(vb, _mm512_cvtps_pd(_mm256_loadu_ps(x + i))));
+        _mm512_storeu_pd(s + i, vs);
+        _mm256_storeu_ps(y + i, _mm512_cvtpd_ps(_mm512_mul_pd(vc, vs)));
+    }
+    if (i < n) {
+        __mmask8 m = first8(n - i);
+        __m512d vx = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, x + i));
+        __m512d vs = _mm512_fmadd_pd(va, _mm512_maskz_loadu_pd(m, s + i), _mm512_mul_pd(vb, vx));
+        _mm512_mask_storeu_pd(s + i, m, vs);
+        _mm256_mask_storeu_ps(y + i, m, _mm512_cvtpd_ps(_mm512_mul_pd(vc, vs)));
+    }
+}
+
+void mul_f64(float* y, const double* s, double a, int64_t n) {
+    __m512d va = _mm512_set1_pd(a);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_loadu_pd(s + i), va)));
+    if (i < n) {
+        __mmask8 m = first8(n - i);
+        _mm256_mask_storeu_ps(y + i, m, _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_maskz_loadu_pd(m, s + i), va)));
+    }
+}
+
+void max_f32(float* y, const float* x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_max_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+    if (i < n) {
+        __mmask16 m = first(n - i);
+        _mm512_mask_storeu_ps(y + i, m, _mm512_max_ps(_mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, y + i)));
+    }
+}
+
+// Four rows against one query: four independent FMA chains keep both FMA pipes busy.
+template <class F>
+inline void dot4(const float* q, const typename F::T* k, int64_t d, float scale, float* s) {
+    const typename F::T* k1 = k + d;
+    const typename F::T* k2 = k + 2 * d;
+    const typename F::T* k3 = k + 3 * d;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= d; i += 16) {
+        __m512 x = _mm512_loadu_ps(q + i);
+        a0 = _mm512_fmadd_ps(x, F::load(k + i), a0);
+        a1 = _mm512_fmadd_ps(x, F::load(k1 + i), a1);
+        a2 = _mm512_fmadd_ps(x, F::load(k2 + i), a2);
+        a3 = _mm512_fmadd_ps(x, F::load(k3 + i), a3);
+    }
+    if (i < d) {
+        __mmask16 m = first(d - i);
+        __m512 x = _mm512_maskz_loadu_ps(m, q + i);
+        a0 = _mm512_fmadd_ps(x, F::load(k + i, m), a0);
+        a1 = _mm512_fmadd_ps(x, F::load(k1 + i, m), a1);
+        a2 = _mm512_fmadd_ps(x, F::load(k2 + i, m), a2);
+        a3 = _mm512_fmadd_ps(x, F::load(k3 + i, m), a3);
+    }
+    s[0] = scale * _mm512_reduce_add_ps(a0);
+    s[1] = scale * _mm512_reduce_add_ps(a1);
+    s[2] = scale * _mm512_reduce_add_ps(a2);
+    s[3] = scale * _mm512_reduce_add_ps(a3);
+}
+
+template <class F>
+void scores(const float* q, int64_t q_stride, int64_t nq, const typename F::T* k, int64_t rows, int64_t d,
+            float scale, float* s, int64_t s_stride) {
+    int64_t j = 0;
+    for (; j + 4 <= rows; j += 4, k += 4 * d) {
+        // float32 rows streamed from memory are read faster with the lines 16 rows ahead requested
+        // early; half rows are bound by their conversions, and the extra instructions only cost.
+        if (std::is_same<F, F32>::value)
+            for (int64_t r = 0; r < 4 * d * 4; r += 64) _mm_prefetch(reinterpret_cast<const char*>(k + 16 * d) + r, _MM_HINT_T0);
+        for (int64_t i = 0; i < nq; ++i) dot4<F>(q + i * q_stride, k, d, scale, s + i * s_stride + j);
+    }
+    for (; j < rows; ++j, k += d)
+        for (int64_t i = 0; i < nq; ++i) s[i * s_stride + j] = scale * dot<F>(q + i * q_stride, k, d);
+}
+
+// o (16 R floats, the last register masked by `last`) += sum_j p_j v_j[0 : 16 R]: the output stays
+// in registers while the rows stream by.
+template <class F, int R>
+void accumulate(const float* p, const typename F::T* v, int64_t rows, int64_t d, float* o, __mmask16 last, bool add) {
+    __m512 acc[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R - 1; ++r) acc[r] = add ? _mm512_loadu_ps(o + 16 * r) : _mm512_setzero_ps();
+    acc[R - 1] = add ? _mm512_maskz_loadu_ps(last, o + 16 * (R - 1)) : _mm512_setzero_ps();
+    for (int64_t j = 0; j < rows; ++j, v += d) {
+        __m512 w = _mm512_set1_ps(p[j]);
+#pragma GCC unroll 8
+        for (int r = 0; r < R - 1; ++r) acc[r] = _mm512_fmadd_ps(w, F::load(v + 16 * r), acc[r]);
+        acc[R - 1] = _mm512_fmadd_ps(w, F::load(v + 16 * (R - 1), last), acc[R - 1]);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R - 1; ++r) _mm512_storeu_ps(o + 16 * r, acc[r]);
+    _mm512_mask_storeu_ps(o + 16 * (R - 1), last, acc[R - 1]);
+}
+
+template <class F>
+void weighted_sum(const float* p, int64_t p_stride, int64_t nq, const typename F::T* v, int64_t rows, int64_t d,
+                  float* out, int64_t out_stride, bool add) {
+    using Acc = void (*)(const float*, const typename F::T*, int64_t, int64_t, float*, __mmask16, bool);
+    static constexpr Acc by_registers[9] = {nullptr,           accumulate<F, 1>, accumulate<F, 2>,
+                                            accumulate<F, 3>, accumulate<F, 4>, accumulate<F, 5>,
+                                            accumulate<F, 6>, accumulate<F, 7>, accumulate<F, 8>};
+    for (int64_t i = 0; i < nq; ++i) {
+        const float* pi = p + i * p_stride;
+        float* o = out + i * out_stride;
+        int64_t c = 0;
+        for (; c + 128 <= d; c += 128) accumulate<F, 8>(pi, v + c, rows, d, o + c, 0xffff, add);
+        if (c < d) {
+            int64_t rest = d - c, regs = (rest + 15) / 16;
+            __mmask16 last = rest % 16 ? first(rest % 16) : 0xffff;
+            by_registers[regs](pi, v + c, rows, d, o + c, last, add);
+        }
+    }
+}
+
+// Raises the running max to m, rescaling what was accumulated under the old one.
+inline void raise_max(float m, float* running_max, float* total, float* acc, int64_t d) {
+    if (m > *running_max) {
+        if (*total > 0) {
+            float shrink = std::exp(*running_max - m);
+            scale(acc, shrink, d);
+            *total *= shrink;
+        }
+        *running_max = m;
+    }
+}
+
+// Short blocks (n < 16) come from scores that were just stored one by one: a vector load would
+// wait until those stores reach the cache, so they move in and out of a register one at a time.
+inline __m512 gather_short(const float* s, int64_t n) {
+    __m512 x = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < n; ++j) x = _mm512_mask_broadcastss_ps(x, static_cast<__mmask16>(1u << j), _mm_load_ss(s + j));
+    return x;
+}
+inline void scatter_short(float* s, int64_t n, __m512 x) {
+    alignas(64) float w[16];
+    _mm512_store_ps(w, x);
+    for (int64_t j = 0; j < n; ++j) s[j] = w[j];
+}
+// exp(x - m) in the first n lanes, 0 in the others.
+inline __m512 exp_short(__m512 x, float m, int64_t n) {
+    return _mm512_maskz_mov_ps(first(n), exp_ps(_mm512_sub_ps(x, _mm512_set1_ps(m))));
+}
+
+void softmax(float* s, int64_t n) {
+    if (n >= 16) {
+        float total = exp_sum(s, max(s, n), n);
+        scale(s, 1.0f / total, n);
+        return;
+    }
+    __m512 x = gather_short(s, n);
+    __m512 e = exp_short(x, _mm512_reduce_max_ps(x), n);
+    scatter_short(s, n, _mm512_div_ps(e, _mm512_set1_ps(_mm512_reduce_add_ps(e))));
+}
+
+void softmax_block(float* s, int64_t n, float* running_max, float* total, float* acc, int64_t d) {
+    if (n >= 16) {
+        raise_max(max(s, n), running_max, total, acc, d);
+        *total += exp_sum(s, *running_max, n);
+        return;
+    }
+    __m512 x = gather_short(s, n);
+    raise_max(_mm512_reduce_max_ps(x), running_max, total, acc, d);
+    __m512 e = exp_short(x, *running_max, n);
+    *total += _mm512_reduce_add_ps(e);
+    scatter_short(s, n, e);
+}
+
+// Recurrent memories: the GRU cell's matrix-vector product (four rows share each load of x) and
+// exp over the whole float range.
+void gemv(float* y, const float* W, const float* x, int64_t rows, int64_t cols) {
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) dot4<F32>(x, W + r * cols, cols, 1.0f, y + r);
+    for (; r < rows; ++r) y[r] = dot<F32>(x, W + r * cols, cols);
+}
+
+inline __m512 exp_any_ps(__m512 x) { return exp_ps(_mm512_min_ps(x, _mm512_set1_ps(89.0f))); }  // beyond: +Inf
+
+void exp_f32(float* y, const float* x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, exp_any_ps(_mm512_loadu_ps(x + i)));
+    if (i < n) _mm512_mask_storeu_ps(y + i, first(n - i), exp_any_ps(_mm512_maskz_loadu_ps(first(n - i), x + i)));
+}
+
+const Kernels table = {
+    "avx512",
+    dot<F32>,
+    dot<F16>,
+    dot<BF16>,
+    axpy<F32>,
+    axpy<F16>,
+    axpy<BF16>,
+    narrow<to_f16>,
+    widen<F16>,
+    narrow<to_bf16>,
+    widen<BF16>,
+    scale,
+    max,
+    exp_sum,
+    all_finite,
+    add_f64,
+    sub_f64,
+    mul_f64,
+    axpby_f64,
+    max_f32,
+    scores<F32>,
+    scores<F16>,
+    scores<BF16>,
+    weighted_sum<F32>,
+    weighted_sum<F16>,
+    weighted_sum<BF16>,
+    softmax,
+    softmax_block,
+    gemv,
+    exp_f32,
+    nullptr,  // matrix_step and matrix_read: the AVX2 table's until this one has its own
+    nullptr,
+};
+
+}  // namespace
+
+const Kernels* avx512_kernels() { return &table; }
+
+}  // namespace kvfold
+#pragma GCC pop_options
+#else
 #include "kernels.hpp"
 namespace kvfold {
 const Kernels* avx512_kernels() { return nullptr; }
 }  // namespace kvfold
+#endif

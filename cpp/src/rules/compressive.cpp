@@ -49,8 +49,7 @@ class Compressive final : public Rule {
     }
     static void pool_mean(float* slot, double* sum, const float* x, int64_t d, int64_t at) {
         if (at == 0) std::memset(sum, 0, sizeof(double) * d);
-        kernels().add_f64(sum, x, d);
-        kernels().mul_f64(slot, sum, 1.0 / static_cast<double>(at + 1), d);
+        kernels().axpby_f64(sum, 1.0, x, 1.0, slot, 1.0 / static_cast<double>(at + 1), d);
     }
 
     int64_t slots_, rate_;

@@ -19,26 +19,27 @@ class Moving final : public Rule {
         add_buffer(sum_v_, sizeof(double) * d.dv);
     }
     void fold(int64_t lane, const float* k, const float* v, int64_t count) override {
-        push(ring_k_.lane<float>(lane), sum_k_.lane<double>(lane), k, dims_.dk, count);
-        push(ring_v_.lane<float>(lane), sum_v_.lane<double>(lane), v, dims_.dv, count);
         double inv = 1.0 / static_cast<double>(count + 1 < n_ ? count + 1 : n_);
-        kernels().mul_f64(slot_keys(lane), sum_k_.lane<double>(lane), inv, dims_.dk);
-        kernels().mul_f64(slot_values(lane), sum_v_.lane<double>(lane), inv, dims_.dv);
+        push(ring_k_.lane<float>(lane), sum_k_.lane<double>(lane), slot_keys(lane), k, dims_.dk, count, inv);
+        push(ring_v_.lane<float>(lane), sum_v_.lane<double>(lane), slot_values(lane), v, dims_.dv, count, inv);
     }
     int64_t max_slots() const override { return 1; }
 
    private:
-    void push(float* ring, double* sum, const float* x, int64_t d, int64_t count) const {
+    // Puts x in the ring, updates the sum and sets the slot to sum * inv.
+    void push(float* ring, double* sum, float* slot, const float* x, int64_t d, int64_t count, double inv) const {
         const Kernels& K = kernels();
         float* row = ring + (count % n_) * d;
-        if (count >= n_) K.sub_f64(sum, row, d);
-        std::memcpy(row, x, sizeof(float) * d);
         if (count >= n_ && (count + 1) % n_ == 0) {
+            std::memcpy(row, x, sizeof(float) * d);
             std::memset(sum, 0, sizeof(double) * d);
             for (int64_t r = 0; r < n_; ++r) K.add_f64(sum, ring + r * d, d);
-        } else {
-            K.add_f64(sum, x, d);
+            K.mul_f64(slot, sum, inv, d);
+            return;
         }
+        if (count >= n_) K.sub_f64(sum, row, d);
+        std::memcpy(row, x, sizeof(float) * d);
+        K.axpby_f64(sum, 1.0, x, 1.0, slot, inv, d);
     }
 
     int64_t n_;

@@ -1,0 +1,53 @@
+"""The benchmark's peers compute what kvfold computes, and ``python -m kvfold bench`` prints its table."""
+
+import numpy as np
+import pytest
+
+from kvfold import bench, rules
+from kvfold.__main__ import main
+
+PEERS = [p for p in bench.peers() if p.available]
+SMALL = [
+    bench.Case("ema", rules.EMA(0.3), heads=2, head_dim=8),
+    bench.Case("cumulative", rules.Cumulative(), window=5, sinks=1, heads=3, head_dim=16),
+    bench.Case("drop", rules.Drop(), window=7, sinks=2, heads=2, head_dim=8),
+]
+
+
+@pytest.mark.parametrize("case", SMALL, ids=lambda c: c.name)
+@pytest.mark.parametrize("peer", PEERS, ids=lambda p: p.name)
+def test_peers_agree_with_kvfold(peer, case):
+    if not peer.supports(case):
+        assert peer.name == "onnxruntime" and case.window == 0  # the only case a peer leaves out
+        return
+    assert bench._agreement(case, peer, threads=1) < 1e-5
+
+
+def test_peers_fill_from_empty_like_kvfold():
+    """Prefill runs peers from an empty memory: partly filled windows and sinks must agree too."""
+    case = bench.Case("fill", rules.Cumulative(), window=4, sinks=2, heads=2, head_dim=8)
+    data = bench.make_data(case, seed=3)
+    for peer in PEERS:
+        if peer.name == "onnxruntime":
+            continue
+        theirs, ours = peer.memory(case, 1), bench.KvfoldMemory(case)
+        for t in range(3):  # visible rows: 1, 2 sinks, then a window row; no memory yet
+            a = ours.step(data["q"][0] + t, data["k"][0] - t, data["v"][0] * t)
+            b = theirs.step(*(peer.convert(x) for x in (data["q"][0] + t, data["k"][0] - t, data["v"][0] * t)))
+            assert np.abs(a - np.asarray(b)).max() < 1e-5
+
+
+def test_bench_command_prints_a_table(capsys):
+    assert main(["bench", "--quick", "--threads", "1", "--cases", "tiny decode EMA"]) == 0
+    out = capsys.readouterr().out
+    assert "SIMD kernels:" in out and "cores" in out
+    row = next(line for line in out.splitlines() if line.startswith("tiny decode EMA"))
+    assert row.count("x)") == len(PEERS) - ("onnxruntime" in [p.name for p in PEERS])
+
+
+@pytest.mark.parametrize("args", [["--threads", "0"], ["--cases", "no such case"]])
+def test_bench_command_refuses_bad_arguments(args, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--quick", *args])
+    assert info.value.code == 2
+    assert args[0] in capsys.readouterr().err

@@ -1,0 +1,111 @@
+"""Threads: the thread count is validated, and results never depend on it."""
+
+import threading
+
+import numpy as np
+import pytest
+
+import kvfold
+from kvfold import rules
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    before = kvfold.get_num_threads()
+    yield
+    kvfold.set_num_threads(before)
+
+
+def test_thread_count_is_set_and_read():
+    assert kvfold.get_num_threads() >= 1
+    for n in (1, 2, 3, kvfold._core.MAX_THREADS):
+        kvfold.set_num_threads(n)
+        assert kvfold.get_num_threads() == n
+
+
+@pytest.mark.parametrize(
+    "value, error, words",
+    [
+        (0, ValueError, ["num_threads", "[1, 1024]", "got 0"]),
+        (-2, ValueError, ["num_threads", "got -2"]),
+        (1025, ValueError, ["num_threads", "got 1025"]),
+        (2**70, ValueError, ["num_threads", str(2**70)]),
+        (1.5, TypeError, ["num_threads", "integer", "float"]),
+        (True, TypeError, ["num_threads", "bool"]),
+        ("2", TypeError, ["num_threads", "str"]),
+    ],
+)
+def test_bad_thread_counts_are_refused(value, error, words):
+    kvfold.set_num_threads(2)
+    with pytest.raises(error) as info:
+        kvfold.set_num_threads(value)
+    for w in words:
+        assert w in str(info.value)
+    assert kvfold.get_num_threads() == 2
+
+
+CONFIGS = [
+    # enough lanes and rows that every call is shared out over the threads
+    dict(rule=rules.Cumulative(), batch_size=2, num_heads=8, num_query_heads=16, head_dim=64, window=80, sinks=2),
+    dict(rule=rules.EMA(0.2), batch_size=3, num_heads=4, num_query_heads=4, head_dim=96, window=0, sinks=0),
+    dict(rule=rules.Drop(), batch_size=1, num_heads=6, num_query_heads=24, head_dim=64, window=200, sinks=4,
+         dtype="float16"),
+]
+
+
+def run_everything(cfg, seed):
+    """update, attend, step and forward on one cache; every output and the final state."""
+    cfg = dict(cfg)
+    cache = kvfold.MemoryCache(cfg.pop("rule"), **cfg)
+    rng = np.random.default_rng(seed)
+    B, H, Hq, d = cache.batch_size, cache.num_heads, cache.num_query_heads, cache.head_dim
+    outs = []
+    cache.update(rng.standard_normal((B, H, 120, d), dtype=np.float32), rng.standard_normal((B, H, 120, d), dtype=np.float32))
+    outs.append(cache.attend(rng.standard_normal((B, Hq, d), dtype=np.float32)))
+    for _ in range(3):
+        outs.append(cache.step(rng.standard_normal((B, Hq, d), dtype=np.float32),
+                               rng.standard_normal((B, H, d), dtype=np.float32),
+                               rng.standard_normal((B, H, d), dtype=np.float32)))
+    outs.append(cache.forward(rng.standard_normal((B, Hq, 40, d), dtype=np.float32),
+                              rng.standard_normal((B, H, 40, d), dtype=np.float32),
+                              rng.standard_normal((B, H, 40, d), dtype=np.float32)))
+    return outs, cache.to_bytes()
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: repr(c["rule"]))
+def test_results_do_not_depend_on_the_thread_count(cfg):
+    kvfold.set_num_threads(1)
+    want_outs, want_state = run_everything(cfg, seed=5)
+    for n in (2, 3, 8):
+        kvfold.set_num_threads(n)
+        outs, state = run_everything(cfg, seed=5)
+        for a, b in zip(outs, want_outs):
+            np.testing.assert_array_equal(a, b)
+        assert state == want_state
+
+
+def test_caches_in_several_threads_share_the_pool():
+    """Callers from several threads at once: one uses the pool, the others run on their own thread;
+    each result is still exactly the single-threaded one."""
+    kvfold.set_num_threads(1)
+    want = [run_everything(CONFIGS[0], seed=s) for s in range(3)]
+    kvfold.set_num_threads(2)
+    got = [None] * 3
+    errors = []
+
+    def work(i):
+        try:
+            got[i] = run_everything(CONFIGS[0], seed=i)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for (outs, state), (want_outs, want_state) in zip(got, want):
+        for a, b in zip(outs, want_outs):
+            np.testing.assert_array_equal(a, b)
+        assert state == want_state
