@@ -13,6 +13,7 @@ from kvfold import _core
 LADDER = ["scalar", "neon"] if "neon" in kvfold.available_backends() else ["scalar", "avx2", "avx512"]
 
 
+@pytest.mark.one_backend
 def test_backends_are_named():
     have = kvfold.available_backends()
     assert have[0] == "scalar"
@@ -20,6 +21,7 @@ def test_backends_are_named():
     assert kvfold.simd_backend() in have
 
 
+@pytest.mark.one_backend
 @pytest.mark.parametrize("cap", ["scalar", "avx2", "avx512", "neon"])
 def test_a_cap_picks_the_best_backend_at_or_below_it(cap):
     have = kvfold.available_backends()
@@ -31,6 +33,7 @@ def test_a_cap_picks_the_best_backend_at_or_below_it(cap):
     assert kvfold.simd_backend() == want
 
 
+@pytest.mark.one_backend
 def test_unknown_backend_is_refused():
     before = kvfold.simd_backend()
     with pytest.raises(ValueError, match="expected one of scalar, avx2, avx512, neon, got 'sse9'"):
@@ -43,6 +46,7 @@ def run_python(code, **env):
                           check=True)
 
 
+@pytest.mark.one_backend
 def test_the_environment_caps_the_backend_at_import():
     out = run_python("import kvfold; print(kvfold.simd_backend())", KVFOLD_SIMD="scalar")
     assert out.stdout.strip() == "scalar"

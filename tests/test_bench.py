@@ -37,6 +37,7 @@ def test_peers_fill_from_empty_like_kvfold():
             assert np.abs(a - np.asarray(b)).max() < 1e-5
 
 
+@pytest.mark.one_backend
 def test_bench_command_prints_a_table(capsys):
     assert main(["bench", "--quick", "--threads", "1", "--cases", "tiny decode EMA"]) == 0
     out = capsys.readouterr().out
@@ -45,6 +46,7 @@ def test_bench_command_prints_a_table(capsys):
     assert row.count("x)") == len(PEERS) - ("onnxruntime" in [p.name for p in PEERS])
 
 
+@pytest.mark.one_backend
 @pytest.mark.parametrize("args", [["--threads", "0"], ["--cases", "no such case"]])
 def test_bench_command_refuses_bad_arguments(args, capsys):
     with pytest.raises(SystemExit) as info:

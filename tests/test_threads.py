@@ -16,6 +16,7 @@ def restore_threads():
     kvfold.set_num_threads(before)
 
 
+@pytest.mark.one_backend
 def test_thread_count_is_set_and_read():
     assert kvfold.get_num_threads() >= 1
     for n in (1, 2, 3, kvfold._core.MAX_THREADS):
@@ -23,6 +24,7 @@ def test_thread_count_is_set_and_read():
         assert kvfold.get_num_threads() == n
 
 
+@pytest.mark.one_backend
 @pytest.mark.parametrize(
     "value, error, words",
     [
@@ -84,6 +86,7 @@ def test_results_do_not_depend_on_the_thread_count(cfg):
         assert state == want_state
 
 
+@pytest.mark.one_backend
 def test_caches_in_several_threads_share_the_pool():
     """Callers from several threads at once: one uses the pool, the others run on their own thread;
     each result is still exactly the single-threaded one."""
