@@ -240,11 +240,12 @@ Tokens read_tokens(const MemoryCache& c, const py::handle& k_obj, const py::hand
 // Per-token gates of the matrix rules, shaped like the tokens: decay (B, H[, T]) per head or
 // (B, H[, T], d_k) per key dimension, beta (B, H[, T]).
 struct Gates {
-    FloatArray decay, beta;
+    py::object decay, beta;  // the arrays behind view, kept alive (a default FloatArray would allocate one)
     kvfold::TokenGates view;
 };
 
 Gates read_gates(const MemoryCache& c, const py::object& decay, const py::object& beta, const Tokens& t) {
+    if (decay.is_none() && beta.is_none()) return {};  // the common case costs nothing
     const auto& g = c.config();
     std::vector<int64_t> head{g.batch_size, g.num_heads};
     std::string want = "(B=" + std::to_string(g.batch_size) + ", H=" + std::to_string(g.num_heads);
@@ -257,19 +258,21 @@ Gates read_gates(const MemoryCache& c, const py::object& decay, const py::object
     const std::string per = t.single ? " for one token" : " for a block";
     Gates out;
     if (!decay.is_none()) {
-        out.decay = as_floats("decay", decay);
-        auto s = shape_of(out.decay);
+        FloatArray a = as_floats("decay", decay);
+        auto s = shape_of(a);
         if (s != head && s != key)
             throw kvfold::ValueError("decay: expected shape " + want + ") per head or " + want + ", d_k=" +
                                      std::to_string(g.head_dim) + ") per key dimension" + per + ", got " + shape_str(s));
-        out.view.decay = out.decay.data();
+        out.view.decay = a.data();
         out.view.decay_per_key = s == key;
+        out.decay = std::move(a);
     }
     if (!beta.is_none()) {
-        out.beta = as_floats("beta", beta);
-        if (shape_of(out.beta) != head)
-            throw kvfold::ValueError("beta: expected shape " + want + ")" + per + ", got " + shape_str(shape_of(out.beta)));
-        out.view.beta = out.beta.data();
+        FloatArray a = as_floats("beta", beta);
+        if (shape_of(a) != head)
+            throw kvfold::ValueError("beta: expected shape " + want + ")" + per + ", got " + shape_str(shape_of(a)));
+        out.view.beta = a.data();
+        out.beta = std::move(a);
     }
     return out;
 }
@@ -448,7 +451,8 @@ PYBIND11_MODULE(_core, m) {
                 FloatArray q = read_query(c, q_obj);
                 py::array result = out.is_none() ? py::array(new_floats({g.batch_size, g.num_query_heads, g.value_dim}))
                                                  : py::reinterpret_borrow<py::array>(out);
-                float* o = check_out(result, {g.batch_size, g.num_query_heads, g.value_dim});
+                float* o = out.is_none() ? static_cast<float*>(result.mutable_data())
+                                         : check_out(result, {g.batch_size, g.num_query_heads, g.value_dim});
                 {
                     ReleaseGil release;
                     c.attend(q.data(), o);
@@ -471,7 +475,8 @@ PYBIND11_MODULE(_core, m) {
                 Gates gates = read_gates(c, decay, beta, t);
                 py::array result = out.is_none() ? py::array(new_floats({g.batch_size, g.num_query_heads, g.value_dim}))
                                                  : py::reinterpret_borrow<py::array>(out);
-                float* o = check_out(result, {g.batch_size, g.num_query_heads, g.value_dim});
+                float* o = out.is_none() ? static_cast<float*>(result.mutable_data())
+                                         : check_out(result, {g.batch_size, g.num_query_heads, g.value_dim});
                 {
                     ReleaseGil release;
                     c.step(q.data(), t.k.data(), t.v.data(), o, gates.view);
