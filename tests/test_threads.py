@@ -16,6 +16,14 @@ def restore_threads():
     kvfold.set_num_threads(before)
 
 
+@pytest.fixture
+def share_everything():
+    """Every call with more than one lane goes through the pool, however small."""
+    before = kvfold._core._set_min_shared_flops(0)
+    yield
+    kvfold._core._set_min_shared_flops(before)
+
+
 @pytest.mark.one_backend
 def test_thread_count_is_set_and_read():
     assert kvfold.get_num_threads() >= 1
@@ -47,7 +55,6 @@ def test_bad_thread_counts_are_refused(value, error, words):
 
 
 CONFIGS = [
-    # enough lanes and rows that every call is shared out over the threads
     dict(rule=rules.Cumulative(), batch_size=2, num_heads=8, num_query_heads=16, head_dim=64, window=80, sinks=2),
     dict(rule=rules.EMA(0.2), batch_size=3, num_heads=4, num_query_heads=4, head_dim=96, window=0, sinks=0),
     dict(rule=rules.Drop(), batch_size=1, num_heads=6, num_query_heads=24, head_dim=64, window=200, sinks=4,
@@ -75,7 +82,7 @@ def run_everything(cfg, seed):
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: repr(c["rule"]))
-def test_results_do_not_depend_on_the_thread_count(cfg):
+def test_results_do_not_depend_on_the_thread_count(cfg, share_everything):
     kvfold.set_num_threads(1)
     want_outs, want_state = run_everything(cfg, seed=5)
     for n in (2, 3, 8):
@@ -87,7 +94,7 @@ def test_results_do_not_depend_on_the_thread_count(cfg):
 
 
 @pytest.mark.one_backend
-def test_caches_in_several_threads_share_the_pool():
+def test_caches_in_several_threads_share_the_pool(share_everything):
     """Callers from several threads at once: one uses the pool, the others run on their own thread;
     each result is still exactly the single-threaded one."""
     kvfold.set_num_threads(1)

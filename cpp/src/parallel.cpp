@@ -28,7 +28,10 @@
 namespace kvfold {
 namespace {
 
-constexpr double kMinSharedFlops = 2e5;  // below this, waking another thread costs more than it saves
+// Jobs with less work (a few hundred microseconds) run on the caller: a fork-join costs a wake-up
+// and a wait for the slowest thread, a decode step this small is bound by memory bandwidth that a
+// second core barely adds to, and a core busy with another process can stall it.
+std::atomic<double> min_shared_flops{1e7};
 constexpr int kSpins = 2000;             // pauses (tens of microseconds) before a waiting thread sleeps
 
 int default_threads() {
@@ -154,11 +157,13 @@ void set_num_threads(int64_t n) {
 
 int get_num_threads() { return num_threads.load(std::memory_order_relaxed); }
 
+double set_min_shared_flops(double flops) { return min_shared_flops.exchange(flops); }
+
 namespace detail {
 
 bool worth_sharing(int64_t n, double flops_per_item) {
     return n > 1 && num_threads.load(std::memory_order_relaxed) > 1 &&
-           static_cast<double>(n) * flops_per_item >= kMinSharedFlops && !in_job;
+           static_cast<double>(n) * flops_per_item >= min_shared_flops.load(std::memory_order_relaxed) && !in_job;
 }
 
 void run_shared(int64_t n, const RangeFn& fn) {

@@ -28,6 +28,7 @@ class RangeFn {
 namespace detail {
 bool worth_sharing(int64_t n, double flops_per_item);  // more than one thread and enough work
 void run_shared(int64_t n, const RangeFn& fn);
+
 }  // namespace detail
 
 // Runs fn(begin, end) over [0, n) in contiguous pieces. `flops_per_item` estimates the work of one

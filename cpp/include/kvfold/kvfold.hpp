@@ -182,6 +182,9 @@ void set_simd_backend(const std::string& name);
 constexpr int64_t kMaxThreads = 1024;
 void set_num_threads(int64_t n);
 int get_num_threads();
+// The least work (estimated flops) a call needs before it is shared out; returns the previous
+// value. Tests lower it to reach the pool with small shapes.
+double set_min_shared_flops(double flops);
 
 const char* version();
 
