@@ -174,3 +174,48 @@ def test_two_threads_share_one_cache_safely(rng):
 def test_every_rule_survives_pickling(rule):
     c = make(rule=rule)
     assert pickle.loads(pickle.dumps(c)).rule == rule
+
+
+def test_rules_say_whether_they_are_matrix_memories_and_which_gates_they_take():
+    assert not rules.Cumulative().matrix and not rules.GRU(np.zeros((6, 2)), np.zeros((6, 2))).matrix
+    assert rules.Linear().matrix and rules.Gated().matrix and rules.Delta().matrix and rules.GatedDelta().matrix
+    assert rules.Gated().per_token_gates == ("decay",)
+    assert rules.Gated(decay=[-0.1]).per_token_gates == ()
+    assert rules.Delta().per_token_gates == ("beta",)
+    assert rules.GatedDelta(beta=0.5).per_token_gates == ("decay",)
+    assert rules.GatedDelta().per_token_gates == ("decay", "beta")
+    assert rules.Linear().per_token_gates == () and rules.EMA(0.5).per_token_gates == ()
+
+
+def test_visible_into_caller_arrays_with_room_to_spare(rng):
+    c = make(rule=rules.Compressive(3, 2))
+    feed(c, rng, T=10)
+    keys, values, mask = c.visible()
+    assert c.visible_size == keys.shape[2] == 7
+    k_out = np.full((2, 2, 9, 4), 7.0, np.float32)
+    v_out = np.full((2, 2, 9, 3), 7.0, np.float32)
+    k2, v2, m2 = c.visible(out=(k_out, v_out))
+    assert k2 is k_out and v2 is v_out and m2.shape == (2, 9)
+    np.testing.assert_array_equal(k_out[:, :, :7], keys)
+    np.testing.assert_array_equal(v_out[:, :, :7], values)
+    assert not k_out[:, :, 7:].any() and not v_out[:, :, 7:].any()
+    assert m2[:, :7].all() and not m2[:, 7:].any()
+
+
+@pytest.mark.parametrize(
+    "out, error, words",
+    [
+        ((np.zeros((2, 2, 6, 4), np.float32), np.zeros((2, 2, 6, 3), np.float32)), ValueError, ["room for the 7", "6"]),
+        ((np.zeros((2, 2, 8, 4), np.float32), np.zeros((2, 2, 7, 3), np.float32)), ValueError, ["out", "(2, 2, 8, 3)"]),
+        ((np.zeros((2, 2, 8, 4)), np.zeros((2, 2, 8, 3))), TypeError, ["float32"]),
+        ((np.zeros((2, 8, 4), np.float32), np.zeros((2, 8, 3), np.float32)), ValueError, ["rows"]),
+        (np.zeros((2, 2, 8, 4), np.float32), TypeError, ["tuple"]),
+    ],
+)
+def test_visible_out_errors(out, error, words, rng):
+    c = make(rule=rules.Compressive(3, 2))
+    feed(c, rng, T=10)
+    with pytest.raises(error) as info:
+        c.visible(out=out)
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))

@@ -81,7 +81,8 @@ def check_loaded(cache, data):
     k = rng.standard_normal((B, H, 2, cache.head_dim), dtype=np.float32)
     v = rng.standard_normal((B, H, 2, cache.value_dim), dtype=np.float32)
     cache.attend(q)
-    cache.update(k, v)
+    gates = {"decay": np.zeros((B, H, 2)), "beta": np.ones((B, H, 2))}
+    cache.update(k, v, **{name: gates[name] for name in cache.rule.per_token_gates})
     cache.visible()
     cache.memory()
     cache.checkpoint()

@@ -144,6 +144,14 @@ void attend_long(const Kernels& K, const Attention& a, int64_t dk, int64_t dv, f
     for (int64_t i = 0; i < a.nq; ++i) K.scale(a.out + i * a.out_stride, 1.0f / total[i], dv);
 }
 
+// One visible row: the softmax gives it weight exp(0) / exp(0) = 1 exactly, so every query reads
+// its value as stored; scoring it would change nothing.
+void attend_one_row(const Attention& a, int64_t dv) {
+    for (int s = 0; s < a.count; ++s)
+        if (a.segments[s].rows)
+            for (int64_t i = 0; i < a.nq; ++i) load_row(a.out + i * a.out_stride, a.segments[s].values, dv, a.segments[s].dtype);
+}
+
 constexpr int kBatch = 4;  // problems taken through each step together
 
 // At most kBatch problems of at most kGroup query heads each. The short ones go step by step side
@@ -153,15 +161,17 @@ void attend_batch(const Kernels& K, const Attention* problems, int count, int64_
     int64_t rows[kBatch];
     for (int p = 0; p < count; ++p) {
         rows[p] = visible_rows(problems[p]);
-        if (rows[p] > 0 && rows[p] <= kBlock) score_short(K, problems[p], dk, scale, scores[p]);
+        if (rows[p] > 1 && rows[p] <= kBlock) score_short(K, problems[p], dk, scale, scores[p]);
     }
     for (int p = 0; p < count; ++p)
-        if (rows[p] > 0 && rows[p] <= kBlock)
+        if (rows[p] > 1 && rows[p] <= kBlock)
             for (int64_t i = 0; i < problems[p].nq; ++i) K.softmax(scores[p] + i * kBlock, rows[p]);
     for (int p = 0; p < count; ++p) {
         const Attention& a = problems[p];
         if (rows[p] == 0)
             for (int64_t i = 0; i < a.nq; ++i) std::memset(a.out + i * a.out_stride, 0, sizeof(float) * dv);
+        else if (rows[p] == 1)
+            attend_one_row(a, dv);
         else if (rows[p] <= kBlock)
             weigh_short(K, a, dv, scores[p]);
         else

@@ -677,7 +677,7 @@ int64_t MemoryCache::visible_size() const {
     return n;
 }
 
-void MemoryCache::visible(float* keys, float* values, uint8_t* mask) const {
+int64_t MemoryCache::visible(float* keys, float* values, uint8_t* mask, int64_t rows) const {
     std::lock_guard<std::mutex> lock(impl_->mu);
     const Impl& c = *impl_;
     const Config& g = c.cfg;
@@ -685,16 +685,15 @@ void MemoryCache::visible(float* keys, float* values, uint8_t* mask) const {
     const size_t es = dtype_size(g.dtype);
     int64_t n = 0;
     for (int64_t len : c.length) n = std::max(n, c.visible_rows(len));
-    std::memset(keys, 0, sizeof(float) * c.lanes * n * dk);
-    std::memset(values, 0, sizeof(float) * c.lanes * n * dv);
+    if (n > rows) return n;
     for (int64_t b = 0; b < g.batch_size; ++b) {
         int64_t len = c.length[b], shown = c.visible_rows(len);
-        for (int64_t i = 0; i < n; ++i) mask[b * n + i] = i < shown;
+        for (int64_t i = 0; i < rows; ++i) mask[b * rows + i] = i < shown;
     }
     for (int64_t lane = 0; lane < c.lanes; ++lane) {
         int64_t len = c.length[lane / H], row = 0;
-        float* ko = keys + lane * n * dk;
-        float* vo = values + lane * n * dv;
+        float* ko = keys + lane * rows * dk;
+        float* vo = values + lane * rows * dv;
         auto put = [&](const uint8_t* k, const uint8_t* v, DType t) {
             load_row(ko + row * dk, k, dk, t);
             load_row(vo + row * dv, v, dv, t);
@@ -713,7 +712,10 @@ void MemoryCache::visible(float* keys, float* values, uint8_t* mask) const {
             int64_t pos = (first + i) % g.window;
             put(c.win_k.lane(lane) + pos * dk * es, c.win_v.lane(lane) + pos * dv * es, g.dtype);
         }
+        std::memset(ko + row * dk, 0, sizeof(float) * (rows - row) * dk);  // the padding
+        std::memset(vo + row * dv, 0, sizeof(float) * (rows - row) * dv);
     }
+    return n;
 }
 
 void MemoryCache::reset() {

@@ -26,9 +26,6 @@ from . import MemoryCache, rules
 __all__ = ["FoldCache", "FoldLayer"]
 
 _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-# Rule kinds whose memory is a matrix read linearly (the linear-attention family): softmax attention in
-# the model cannot read them as key/value pairs. A cache also says so itself (matrix_memory).
-_MATRIX_KINDS = frozenset({"linear", "gated", "delta", "gated_delta"})
 
 
 def _storage_dtype(dtype: Any) -> str:
@@ -51,7 +48,7 @@ def _count(name: str, value: Any) -> int:
 
 def check_summary_rule(rule: rules.Rule, cache: Optional[MemoryCache] = None) -> None:
     """ValueError unless ``rule`` keeps key/value slots that softmax attention can read."""
-    if rule.kind in _MATRIX_KINDS or (cache is not None and cache.matrix_memory):
+    if rule.matrix or (cache is not None and cache.matrix_memory):
         raise ValueError(
             f"rule: FoldCache needs a summary rule (Drop, Cumulative, Moving, Weighted, EMA, Compressive or another "
             f"rule with key/value slots), got {type(rule).__name__}, whose memory is a d_k x d_v matrix read "
@@ -77,7 +74,6 @@ class FoldLayer(CacheLayerMixin):
         self.memory: Optional[MemoryCache] = None
         self.seen = 0  # tokens fed, the same for every row
         self.record_past = False
-        self._visible: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None  # of the current state
         self._history: List[Tuple[int, Any, np.ndarray, np.ndarray]] = []  # (seen, checkpoint, k, v) per update
 
     def __repr__(self) -> str:
@@ -124,46 +120,45 @@ class FoldLayer(CacheLayerMixin):
         if key_states.shape[2] == 0:
             raise ValueError(f"key_states: expected at least one token, got shape {tuple(key_states.shape)}")
 
-    def visible_set(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The memory's visible set (keys, values, per-row mask), computed once per state."""
-        if self._visible is None:
-            assert self.memory is not None
-            self._visible = self.memory.visible()
-        return self._visible
-
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Returns ``[visible set | new pairs]`` for the model's attention, then folds the new pairs in."""
+        """Returns ``[visible set | new pairs]`` for the model's attention, then folds the new pairs in.
+
+        The visible set is written by the cache straight into the tensors handed to the model, next
+        to the new pairs: one copy of each pair, the one the model's attention reads."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self._check(key_states, value_states)
-        assert self.memory is not None
-        keys, values, mask = self.visible_set()
-        if not mask.all():
+        memory = self.memory
+        assert memory is not None
+        (B, H, T, dk), dv = key_states.shape, value_states.shape[-1]
+        n = memory.visible_size
+        keys = torch.empty((B, H, n + T, dk), dtype=torch.float32)
+        values = torch.empty((B, H, n + T, dv), dtype=torch.float32)
+        _, _, mask = memory.visible(out=(keys.numpy(), values.numpy()))
+        if not mask[:, :n].all():
             raise ValueError(
                 f"FoldCache: rows of the batch see different numbers of pairs ({mask.sum(axis=1).tolist()}); a "
                 "transformers attention mask cannot express that, so every row must have seen the same tokens"
             )
         k, v = _as_float32(key_states), _as_float32(value_states)
-        checkpoint = self.memory.checkpoint() if self.record_past else None
-        self.memory.update(k, v)  # validates everything first: on error the state is unchanged
+        checkpoint = memory.checkpoint() if self.record_past else None
+        memory.update(k, v)  # validates everything first: on error the state is unchanged
         if checkpoint is not None:
             self._history.append((self.seen, checkpoint, k.copy(), v.copy()))
-        self.seen += key_states.shape[2]
-        self._visible = None
+        self.seen += T
+        keys[:, :, n:] = key_states
+        values[:, :, n:] = value_states
         like = dict(device=key_states.device, dtype=key_states.dtype)
-        return (
-            torch.cat([torch.from_numpy(keys).to(**like), key_states], dim=-2),
-            torch.cat([torch.from_numpy(values).to(**like), value_states], dim=-2),
-        )
+        return keys.to(**like), values.to(**like)
 
     # -- what the masks and the generation loop ask --------------------------------------------
 
     def get_mask_sizes(self, query_length: int) -> Tuple[int, int]:
         """(kv_length, kv_offset): the visible pairs stand at the positions just before the block, so the
         causal mask lets every query see all of them and the block's pairs up to itself."""
-        visible = self.visible_set()[2].shape[1] if self.is_initialized else 0
+        visible = self.memory.visible_size if self.memory is not None else 0
         return visible + query_length, self.seen - visible
 
     def get_seq_length(self) -> int:
@@ -186,7 +181,7 @@ class FoldLayer(CacheLayerMixin):
     def reset(self) -> None:
         if self.memory is not None:
             self.memory.reset()
-        self.seen, self._visible, self._history = 0, None, []
+        self.seen, self._history = 0, []
 
     def offload(self) -> None:  # the memory lives in host RAM already
         pass
@@ -200,7 +195,7 @@ class FoldLayer(CacheLayerMixin):
         """New row r is old row indices[r] (rows may repeat; the batch size becomes len(indices))."""
         if self.memory is not None:
             self.memory.reorder(np.asarray(torch.as_tensor(indices).cpu().numpy(), dtype=np.int64))
-            self._visible, self._history = None, []
+            self._history = []
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._reorder(beam_idx)
@@ -245,7 +240,7 @@ class FoldLayer(CacheLayerMixin):
         self.memory.rollback(checkpoint)
         if target > seen:
             self.memory.update(k[:, :, : target - seen], v[:, :, : target - seen])
-        self.seen, self._visible = target, None
+        self.seen = target
         self._history = [h for h in self._history if h[0] <= seen]
 
 

@@ -63,9 +63,18 @@ def _reals(rule: str, name: str, value: Any) -> Optional[Reals]:
 
 @dataclass(frozen=True)
 class Rule:
-    """Base of every rule. ``kind`` names it in the C++ core and in saved state."""
+    """Base of every rule. ``kind`` names it in the C++ core and in saved state; ``matrix`` is true for
+    the linear-attention family, whose memory is a d_k x d_v matrix read linearly, not key/value slots."""
 
     kind: ClassVar[str] = ""
+    matrix: ClassVar[bool] = False
+
+    @property
+    def per_token_gates(self) -> Tuple[str, ...]:
+        """The keyword gates (``"decay"``, ``"beta"``) every update must bring: those the rule uses
+        and was not given as constants."""
+        return tuple(name for name in ("decay", "beta") if name in {f.name for f in fields(self)}
+                     and getattr(self, name) is None)
 
     def __post_init__(self) -> None:
         _core._check_rule(self._spec())
@@ -258,6 +267,7 @@ class Linear(Rule):
     eps: float = 1e-6
     mix: Reals = 0.0
     kind: ClassVar[str] = "linear"
+    matrix: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.feature_map, str):
@@ -280,6 +290,7 @@ class Gated(Rule):
     decay: Optional[Reals] = None
     mix: Reals = 0.0
     kind: ClassVar[str] = "gated"
+    matrix: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         _matrix(self, "decay")
@@ -297,6 +308,7 @@ class Delta(Rule):
     beta: Optional[Reals] = None
     mix: Reals = 0.0
     kind: ClassVar[str] = "delta"
+    matrix: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         _matrix(self, "beta")
@@ -316,6 +328,7 @@ class GatedDelta(Rule):
     beta: Optional[Reals] = None
     mix: Reals = 0.0
     kind: ClassVar[str] = "gated_delta"
+    matrix: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         _matrix(self, "decay")

@@ -571,30 +571,57 @@ PYBIND11_MODULE(_core, m) {
             "LinearAttention present_state, to continue from it.")
         .def(
             "visible",
-            [](const MemoryCache& c) {
+            [](const MemoryCache& c, const py::object& out) {
                 InFlight busy(c);
                 const auto& g = c.config();
-                // visible_size and visible each lock; hold the size fixed by computing under one call
-                py::array_t<float> k, v;
-                py::array_t<bool> mask;
+                py::array k, v;
+                int64_t rows;
+                if (out.is_none()) {
+                    ReleaseGil release;
+                    rows = c.visible_size();
+                } else {
+                    if (!py::isinstance<py::tuple>(out) || py::len(out) != 2 || !py::isinstance<py::array>(out[py::int_(0)]) ||
+                        !py::isinstance<py::array>(out[py::int_(1)]))
+                        throw kvfold::TypeError("out: expected a tuple (keys, values) of numpy arrays");
+                    k = out[py::int_(0)];
+                    v = out[py::int_(1)];
+                    if (k.ndim() != 4)
+                        throw kvfold::ValueError("out: expected keys of shape (B, H, rows, d_k), got shape " +
+                                                 shape_str(shape_of(k)));
+                    rows = k.shape(2);
+                }
                 while (true) {
+                    if (out.is_none()) {
+                        k = new_floats({g.batch_size, g.num_heads, rows, g.head_dim});
+                        v = new_floats({g.batch_size, g.num_heads, rows, g.value_dim});
+                    }
+                    float* kd = check_out(k, {g.batch_size, g.num_heads, rows, g.head_dim});
+                    float* vd = check_out(v, {g.batch_size, g.num_heads, rows, g.value_dim});
+                    py::array_t<bool> mask(std::vector<py::ssize_t>{g.batch_size, rows});
+                    auto* md = reinterpret_cast<uint8_t*>(mask.mutable_data());
                     int64_t n;
                     {
                         ReleaseGil release;
-                        n = c.visible_size();
+                        n = c.visible(kd, vd, md, rows);
                     }
-                    k = new_floats({g.batch_size, g.num_heads, n, g.head_dim});
-                    v = new_floats({g.batch_size, g.num_heads, n, g.value_dim});
-                    mask = py::array_t<bool>(std::vector<py::ssize_t>{g.batch_size, n});
-                    ReleaseGil release;
-                    if (c.visible_size() != n) continue;  // another thread fed tokens in between
-                    c.visible(k.mutable_data(), v.mutable_data(), reinterpret_cast<uint8_t*>(mask.mutable_data()));
-                    break;
+                    if (n <= rows) return py::make_tuple(k, v, mask);
+                    if (!out.is_none())
+                        throw kvfold::ValueError("out: expected room for the " + std::to_string(n) +
+                                                 " visible pairs per head, got arrays of " + std::to_string(rows));
+                    rows = n;  // another thread fed tokens in between: size again
                 }
-                return py::make_tuple(k, v, mask);
             },
+            py::kw_only(), py::arg("out") = py::none(),
             "The visible set [sinks | slots | window] per row, oldest first, padded: keys (B, H, n, d_k), "
-            "values (B, H, n, d_v), mask (B, n).")
+            "values (B, H, n, d_v), mask (B, n). out=(keys, values): float32 arrays with room for at least n\n"
+            "rows per head (keys (B, H, rows, d_k)) are filled instead (padding rows with zeros) and returned.")
+        .def_property_readonly(
+            "visible_size",
+            [](const MemoryCache& c) {
+                ReleaseGil release;
+                return c.visible_size();
+            },
+            "Pairs in the largest row's visible set: the n of visible().")
         .def(
             "reset",
             [](MemoryCache& c, const py::object& rows) {

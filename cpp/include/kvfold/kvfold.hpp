@@ -129,10 +129,12 @@ class MemoryCache {
     // e.g. the state of ONNX LinearAttention, to continue from it.
     void load_memory(const float* keys, const float* values);
 
-    // The visible set per row [sinks | slots | window], oldest first, padded to visible_size():
-    // keys (B, H, n, d_k), values (B, H, n, d_v), mask (B, n).
+    // The visible set per row [sinks | slots | window], oldest first: n = visible_size() pairs in
+    // the largest row. visible() writes it padded with zeros to `rows` >= n rows per head: keys
+    // (B, H, rows, d_k), values (B, H, rows, d_v), mask (B, rows). It returns n; when n > rows
+    // (tokens arrived since the caller sized its arrays) it writes nothing.
     int64_t visible_size() const;
-    void visible(float* keys, float* values, uint8_t* mask) const;
+    int64_t visible(float* keys, float* values, uint8_t* mask, int64_t rows) const;
 
     void reset();
     void reset_rows(const int64_t* rows, int64_t count);
