@@ -4,6 +4,7 @@
 #include <time.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <functional>
@@ -32,7 +33,8 @@ struct Case {
     RuleSpec rule;
     int64_t heads, dim, window, sinks;
     kvfold::DType dtype;
-    int64_t prefill;  // 0: one decode step (update + attend) per token; T: forward over T tokens
+    int64_t prefill;     // 0: one decode step (update + attend) per token; T: forward over T tokens
+    bool gates = false;  // per-token decay and beta (per head), for the gated delta rule
 };
 
 std::vector<float> normal(size_t n, unsigned seed) {
@@ -77,14 +79,32 @@ double run(const Case& k) {
     const int64_t T = std::max<int64_t>(k.prefill, 1), n = k.heads * T * k.dim;
     auto q = normal(n, 1), kk = normal(n, 2), v = normal(n, 3);
     std::vector<float> out(n);
+    // Gates as a gated delta layer makes them: log decays in [-0.5, 0), betas in (0, 1), unit keys.
+    const int64_t fill_tokens = k.window + k.sinks + 1, gate_tokens = std::max(T, fill_tokens);
+    std::vector<float> decay(k.heads * gate_tokens), beta(k.heads * gate_tokens);
+    kvfold::TokenGates gates;
+    if (k.gates) {
+        std::mt19937 g(5);
+        std::uniform_real_distribution<float> u(0.01f, 0.99f);
+        for (float& x : decay) x = -0.5f * u(g);
+        for (float& x : beta) x = u(g);
+        gates.decay = decay.data();
+        gates.beta = beta.data();
+        for (int64_t row = 0; row < k.heads * T; ++row) {
+            float norm = 0;
+            for (int64_t i = 0; i < k.dim; ++i) norm += kk[row * k.dim + i] * kk[row * k.dim + i];
+            for (int64_t i = 0; i < k.dim; ++i) kk[row * k.dim + i] /= std::sqrt(norm);
+        }
+    }
     if (k.prefill) return seconds_per_call([&] {
                cache.reset();
-               cache.forward(q.data(), kk.data(), v.data(), T, out.data());
+               cache.forward(q.data(), kk.data(), v.data(), T, out.data(), gates);
            }) / T;
     // Fill sinks and window first: a decode step then evicts, folds and attends over a full window.
-    auto fill = normal(k.heads * (k.window + k.sinks + 1) * k.dim, 4);
-    cache.update(fill.data(), fill.data(), k.window + k.sinks + 1);
-    return seconds_per_call([&] { cache.step(q.data(), kk.data(), v.data(), out.data()); });
+    auto fill = normal(k.heads * fill_tokens * k.dim, 4);
+    for (float& x : fill) x *= 0.1f;
+    cache.update(fill.data(), fill.data(), fill_tokens, gates);
+    return seconds_per_call([&] { cache.step(q.data(), kk.data(), v.data(), out.data(), gates); });
 }
 
 std::vector<Case> cases() {
@@ -103,6 +123,12 @@ std::vector<Case> cases() {
         {"prefill cumulative w256 s4 T512", rule("cumulative"), 32, 128, 256, 4, f32, 512},
         {"prefill cumulative w256 s4 T2048", rule("cumulative"), 32, 128, 256, 4, f32, 2048},
         {"prefill ema w0 T2048", rule("ema", {{"alpha", 0.1}}), 32, 128, 0, 0, f32, 2048},
+        {"decode linear", rule("linear"), 32, 128, 0, 0, f32, 0},
+        {"decode gated_delta", rule("gated_delta"), 32, 128, 0, 0, f32, 0, true},
+        {"prefill linear T512", rule("linear"), 32, 128, 0, 0, f32, 512},
+        {"prefill linear T2048", rule("linear"), 32, 128, 0, 0, f32, 2048},
+        {"prefill gated_delta T512", rule("gated_delta"), 32, 128, 0, 0, f32, 512, true},
+        {"prefill gated_delta T2048", rule("gated_delta"), 32, 128, 0, 0, f32, 2048, true},
         {"tiny ema H1 d8", rule("ema", {{"alpha", 0.1}}), 1, 8, 0, 0, f32, 0},
         {"tiny cumulative w16 H1 d8", rule("cumulative"), 1, 8, 16, 0, f32, 0},
     };

@@ -80,7 +80,7 @@ TEST(half_conversions_round_to_nearest_even) {
 TEST(every_table_has_the_recurrent_kernels) {
     // A table without its own (null) takes the next table down's, so none is ever missing.
     const Kernels& K = kernels();
-    CHECK(K.gemv && K.exp_f32 && K.matrix_step && K.matrix_read);
+    CHECK(K.gemv && K.exp_f32 && K.matrix_step && K.matrix_read && K.gemm && K.solve_unit_lower);
 }
 
 TEST(gemv_and_exp_match_scalar) {
@@ -216,6 +216,70 @@ TEST(matrix_kernels_honour_the_row_stride) {
             for (int64_t j = 0; j < dv; ++j) CHECK_NEAR(Sm[i * ld + 4 + j], packed[i * dv + j], 1e-4);
         for (int64_t i = 0; i < 2 * dv; ++i) CHECK_NEAR(out[i], want_out[i], 1e-4);
     }
+}
+
+// The chunked prefill's matrix product at odd sizes, in every shape it is used in: against the
+// formula in float64, with padded rows so that writes past a row's end would show.
+TEST(gemm_matches_the_formula) {
+    const int64_t sizes[] = {1, 3, 7, 8, 9, 16, 17, 33, 64, 65, 130};
+    unsigned seed = 60;
+    for (int64_t m : sizes)
+        for (int64_t n : sizes)
+            for (int64_t k : {int64_t(1), int64_t(5), int64_t(17), int64_t(64), int64_t(129)})
+                for (int shape = 0; shape < 4; ++shape) {
+                    const bool lower_a = shape == 1, lower_c = shape == 2, accumulate = shape == 3;
+                    if ((m * n * k) % 3 && shape == 0 && m > 9) continue;  // a sample of the plain products
+                    const int64_t lda = k + 3, ldb = n + 5, ldc = n + 2;
+                    auto a = random_floats(m * lda, ++seed), b = random_floats(k * ldb, ++seed);
+                    auto c0 = random_floats(m * ldc, ++seed);
+                    if (lower_a)
+                        for (int64_t i = 0; i < m; ++i)
+                            for (int64_t p = i + 1; p < k; ++p) a[i * lda + p] = 0;
+                    std::vector<double> want(m * n);
+                    for (int64_t i = 0; i < m; ++i)
+                        for (int64_t j = 0; j < n; ++j) {
+                            double sum = 0;
+                            for (int64_t p = 0; p < k; ++p) sum += double(a[i * lda + p]) * b[p * ldb + j];
+                            want[i * n + j] = -0.5 * sum + (accumulate ? c0[i * ldc + j] : 0.0);
+                        }
+                    for (const Kernels* table : {scalar_kernels(), &kernels()}) {
+                        std::vector<float> c = c0;
+                        Gemm g;
+                        g.m = m, g.n = n, g.k = k;
+                        g.a = a.data(), g.lda = lda, g.b = b.data(), g.ldb = ldb, g.c = c.data(), g.ldc = ldc;
+                        g.alpha = -0.5f;
+                        g.accumulate = accumulate, g.lower_a = lower_a, g.lower_c = lower_c;
+                        table->gemm(g);
+                        for (int64_t i = 0; i < m; ++i) {
+                            for (int64_t j = 0; j < n; ++j)
+                                if (!lower_c || j <= i) CHECK_NEAR(c[i * ldc + j], want[i * n + j], 1e-4 * (1 + std::sqrt(double(k))));
+                            for (int64_t j = n; j < ldc; ++j) CHECK(c[i * ldc + j] == c0[i * ldc + j]);
+                        }
+                    }
+                }
+}
+
+TEST(triangular_solve_matches_the_formula) {
+    unsigned seed = 80;
+    for (int64_t m : {int64_t(1), int64_t(2), int64_t(7), int64_t(17), int64_t(33), int64_t(64)})
+        for (int64_t n : {int64_t(1), int64_t(3), int64_t(16), int64_t(17), int64_t(40), int64_t(70), int64_t(256)}) {
+            const int64_t lda = m + 1, ldx = n + 3;
+            auto a = random_floats(m * lda, ++seed), x0 = random_floats(m * ldx, ++seed);
+            for (float& f : a) f *= 0.2f;  // a well-conditioned I + a, as the delta rules make it
+            for (const Kernels* table : {scalar_kernels(), &kernels()}) {
+                std::vector<float> x = x0;
+                table->solve_unit_lower(a.data(), lda, x.data(), ldx, m, n);
+                // (I + strictly lower a) x == x0; the diagonal and above of a are never read
+                for (int64_t i = 0; i < m; ++i) {
+                    for (int64_t j = 0; j < n; ++j) {
+                        double lhs = x[i * ldx + j];
+                        for (int64_t s = 0; s < i; ++s) lhs += double(a[i * lda + s]) * x[s * ldx + j];
+                        CHECK_NEAR(lhs, x0[i * ldx + j], 1e-4);
+                    }
+                    for (int64_t j = n; j < ldx; ++j) CHECK(x[i * ldx + j] == x0[i * ldx + j]);
+                }
+            }
+        }
 }
 
 TEST(elementwise_kernels_match_scalar) {

@@ -298,6 +298,208 @@ void exp_f32(float* y, const float* x, int64_t n) {
     for (; i < n; ++i) y[i] = std::exp(x[i]);
 }
 
+// The matrix sweep works on tiles of 4 NV columns; up to 4 queries ride along in registers and
+// further queries re-read the tile while it is still in L1. Columns past the last group of 4 go to
+// the scalar kernel, which is column-separable too.
+constexpr int kQueries = 4;
+
+// Second pass over a tile: S <- diag(a) S + k u^T row by row, and NQ queries read the new rows.
+template <int NV, int NQ>
+inline void update_tile(const MatrixPass& m, int64_t c, const float32x4_t* u) {
+    float32x4_t acc[NQ > 0 ? NQ : 1][NV];
+    for (int j = 0; j < NQ; ++j)
+        for (int t = 0; t < NV; ++t) acc[j][t] = vdupq_n_f32(0);
+    const float* a = m.decay ? m.decay : &m.decay0;
+    const int64_t a_step = m.decay ? 1 : 0;
+    for (int64_t i = 0; i < m.dk; ++i) {
+        float* row = m.S + i * m.ld + c;
+        const float ai = a[i * a_step], ki = m.k[i];
+        float32x4_t s[NV];
+        for (int t = 0; t < NV; ++t) {
+            s[t] = vfmaq_n_f32(vmulq_n_f32(vld1q_f32(row + 4 * t), ai), u[t], ki);
+            vst1q_f32(row + 4 * t, s[t]);
+        }
+        for (int j = 0; j < NQ; ++j) {
+            const float qj = m.q[j * m.q_stride + i];
+            for (int t = 0; t < NV; ++t) acc[j][t] = vfmaq_n_f32(acc[j][t], s[t], qj);
+        }
+    }
+    for (int j = 0; j < NQ; ++j)
+        for (int t = 0; t < NV; ++t) vst1q_f32(m.out + j * m.out_stride + c + 4 * t, vmulq_n_f32(acc[j][t], m.scale));
+}
+
+// NQ queries read a tile: out_j = scale q_j^T S over columns [c, c + 4 NV).
+template <int NV, int NQ>
+inline void read_tile(const MatrixPass& m, int64_t c, const float* q, float* out) {
+    float32x4_t acc[NQ][NV];
+    for (int j = 0; j < NQ; ++j)
+        for (int t = 0; t < NV; ++t) acc[j][t] = vdupq_n_f32(0);
+    for (int64_t i = 0; i < m.dk; ++i) {
+        const float* row = m.S + i * m.ld + c;
+        float32x4_t s[NV];
+        for (int t = 0; t < NV; ++t) s[t] = vld1q_f32(row + 4 * t);
+        for (int j = 0; j < NQ; ++j) {
+            const float qj = q[j * m.q_stride + i];
+            for (int t = 0; t < NV; ++t) acc[j][t] = vfmaq_n_f32(acc[j][t], s[t], qj);
+        }
+    }
+    for (int j = 0; j < NQ; ++j)
+        for (int t = 0; t < NV; ++t) vst1q_f32(out + j * m.out_stride + c + 4 * t, vmulq_n_f32(acc[j][t], m.scale));
+}
+
+template <int NV>
+void read_queries(const MatrixPass& m, int64_t c, int64_t first) {
+    for (int64_t j = first; j < m.nq; j += kQueries) {
+        const float* q = m.q + j * m.q_stride;
+        float* out = m.out + j * m.out_stride;
+        switch (m.nq - j < kQueries ? m.nq - j : kQueries) {
+            case 1: read_tile<NV, 1>(m, c, q, out); break;
+            case 2: read_tile<NV, 2>(m, c, q, out); break;
+            case 3: read_tile<NV, 3>(m, c, q, out); break;
+            default: read_tile<NV, 4>(m, c, q, out); break;
+        }
+    }
+}
+
+template <int NV>
+void step_tile(const MatrixPass& m, int64_t c) {
+    float32x4_t u[NV];
+    for (int t = 0; t < NV; ++t) u[t] = vld1q_f32(m.v + c + 4 * t);
+    if (m.delta) {  // first pass: u = beta (v - (diag(a) S)^T k) over this tile's columns
+        float32x4_t r0[NV], r1[NV];
+        for (int t = 0; t < NV; ++t) r0[t] = r1[t] = vdupq_n_f32(0);
+        const float* a = m.decay ? m.decay : &m.decay0;
+        const int64_t a_step = m.decay ? 1 : 0;
+        int64_t i = 0;
+        for (; i + 2 <= m.dk; i += 2) {
+            const float w0 = a[i * a_step] * m.k[i], w1 = a[(i + 1) * a_step] * m.k[i + 1];
+            const float* row = m.S + i * m.ld + c;
+            for (int t = 0; t < NV; ++t) {
+                r0[t] = vfmaq_n_f32(r0[t], vld1q_f32(row + 4 * t), w0);
+                r1[t] = vfmaq_n_f32(r1[t], vld1q_f32(row + m.ld + 4 * t), w1);
+            }
+        }
+        if (i < m.dk) {
+            const float w0 = a[i * a_step] * m.k[i];
+            for (int t = 0; t < NV; ++t) r0[t] = vfmaq_n_f32(r0[t], vld1q_f32(m.S + i * m.ld + c + 4 * t), w0);
+        }
+        for (int t = 0; t < NV; ++t) u[t] = vmulq_n_f32(vsubq_f32(u[t], vaddq_f32(r0[t], r1[t])), m.beta);
+    }
+    switch (m.nq < kQueries ? m.nq : kQueries) {
+        case 0: update_tile<NV, 0>(m, c, u); break;
+        case 1: update_tile<NV, 1>(m, c, u); break;
+        case 2: update_tile<NV, 2>(m, c, u); break;
+        case 3: update_tile<NV, 3>(m, c, u); break;
+        default: update_tile<NV, 4>(m, c, u); break;
+    }
+    read_queries<NV>(m, c, kQueries);
+}
+
+MatrixPass columns_from(const MatrixPass& m, int64_t c) {
+    MatrixPass t = m;
+    t.S = m.S + c;
+    t.dv = m.dv - c;
+    if (m.v) t.v = m.v + c;
+    if (m.out) t.out = m.out + c;
+    return t;
+}
+
+void matrix_step(const MatrixPass& m) {
+    int64_t c = 0;
+    for (; c + 16 <= m.dv; c += 16) step_tile<4>(m, c);
+    for (; c + 4 <= m.dv; c += 4) step_tile<1>(m, c);
+    if (c < m.dv) scalar_kernels()->matrix_step(columns_from(m, c));
+}
+
+void matrix_read(const MatrixPass& m) {
+    int64_t c = 0;
+    for (; c + 16 <= m.dv; c += 16) read_queries<4>(m, c, 0);
+    for (; c + 4 <= m.dv; c += 4) read_queries<1>(m, c, 0);
+    if (c < m.dv) scalar_kernels()->matrix_read(columns_from(m, c));
+}
+
+// Chunked prefill. gemm: register tiles of R rows x 4 NV columns (16 accumulators at 4 x 16); each
+// row of b is loaded once per tile. Columns past the last group of 4 go to the scalar kernel.
+template <int R, int NV>
+void gemm_tile(const Gemm& g, int64_t i0, int64_t j0, int64_t k) {
+    float32x4_t acc[R][NV];
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < NV; ++t) acc[r][t] = vdupq_n_f32(0);
+    const float* a = g.a + i0 * g.lda;
+    const float* b = g.b + j0;
+    for (int64_t p = 0; p < k; ++p, b += g.ldb) {
+        float32x4_t bp[NV];
+        for (int t = 0; t < NV; ++t) bp[t] = vld1q_f32(b + 4 * t);
+        for (int r = 0; r < R; ++r) {
+            const float w = a[r * g.lda + p];
+            for (int t = 0; t < NV; ++t) acc[r][t] = vfmaq_n_f32(acc[r][t], bp[t], w);
+        }
+    }
+    for (int r = 0; r < R; ++r) {
+        float* c = g.c + (i0 + r) * g.ldc + j0;
+        for (int t = 0; t < NV; ++t)
+            vst1q_f32(c + 4 * t, g.accumulate ? vfmaq_n_f32(vld1q_f32(c + 4 * t), acc[r][t], g.alpha)
+                                              : vmulq_n_f32(acc[r][t], g.alpha));
+    }
+}
+
+template <int R>
+void gemm_cols(const Gemm& g, int64_t i0, int64_t j0, int64_t vectors, int64_t k) {
+    switch (vectors) {
+        case 1: gemm_tile<R, 1>(g, i0, j0, k); break;
+        case 2: gemm_tile<R, 2>(g, i0, j0, k); break;
+        case 3: gemm_tile<R, 3>(g, i0, j0, k); break;
+        default: gemm_tile<R, 4>(g, i0, j0, k); break;
+    }
+}
+
+void gemm(const Gemm& g) {
+    constexpr int64_t kRows = 4, kCols = 16;
+    const int64_t n4 = g.n / 4 * 4;
+    for (int64_t j0 = 0; j0 < n4; j0 += kCols) {
+        const int64_t vectors = (n4 - j0 < kCols ? n4 - j0 : kCols) / 4;
+        for (int64_t i0 = g.lower_c ? j0 / kRows * kRows : 0; i0 < g.m; i0 += kRows) {
+            const int64_t rows = g.m - i0 < kRows ? g.m - i0 : kRows;
+            const int64_t k = g.lower_a && i0 + rows < g.k ? i0 + rows : g.k;
+            switch (rows) {
+                case 1: gemm_cols<1>(g, i0, j0, vectors, k); break;
+                case 2: gemm_cols<2>(g, i0, j0, vectors, k); break;
+                case 3: gemm_cols<3>(g, i0, j0, vectors, k); break;
+                default: gemm_cols<4>(g, i0, j0, vectors, k); break;
+            }
+        }
+    }
+    if (n4 < g.n) {  // the last columns, all rows (lower_c's unwanted entries may be written)
+        Gemm rest = g;
+        rest.b = g.b + n4;
+        rest.c = g.c + n4;
+        rest.n = g.n - n4;
+        rest.lower_c = false;
+        scalar_kernels()->gemm(rest);
+    }
+}
+
+// Forward substitution on strips of 16 columns: row i, held in registers, takes off the rows
+// above it (already solved).
+template <int NV>
+void solve_strip(const float* a, int64_t lda, float* x, int64_t ldx, int64_t m) {
+    for (int64_t i = 1; i < m; ++i) {
+        float32x4_t acc[NV];
+        for (int t = 0; t < NV; ++t) acc[t] = vld1q_f32(x + i * ldx + 4 * t);
+        const float* ai = a + i * lda;
+        for (int64_t s = 0; s < i; ++s)
+            for (int t = 0; t < NV; ++t) acc[t] = vfmsq_n_f32(acc[t], vld1q_f32(x + s * ldx + 4 * t), ai[s]);
+        for (int t = 0; t < NV; ++t) vst1q_f32(x + i * ldx + 4 * t, acc[t]);
+    }
+}
+
+void solve_unit_lower(const float* a, int64_t lda, float* x, int64_t ldx, int64_t m, int64_t n) {
+    int64_t c = 0;
+    for (; c + 16 <= n; c += 16) solve_strip<4>(a, lda, x + c, ldx, m);
+    for (; c + 4 <= n; c += 4) solve_strip<1>(a, lda, x + c, ldx, m);
+    if (c < n) scalar_kernels()->solve_unit_lower(a, lda, x + c, ldx, m, n - c);
+}
+
 const Kernels table = {
     "neon",
     dot<F32>,
@@ -329,8 +531,10 @@ const Kernels table = {
     softmax_block,
     gemv,
     exp_f32,
-    nullptr,  // matrix_step and matrix_read: the scalar table's until this one has its own
-    nullptr,
+    matrix_step,
+    matrix_read,
+    gemm,
+    solve_unit_lower,
 };
 
 }  // namespace

@@ -44,12 +44,14 @@ bool cpu_has_avx512() {
 
 // A table may leave newer kernels null until its ISA has them; those come from the table below.
 const Kernels* with_fallbacks(const Kernels* t, const Kernels* below) {
-    if (!t->gemv || !t->exp_f32 || !t->matrix_step || !t->matrix_read) {
+    if (!t->gemv || !t->exp_f32 || !t->matrix_step || !t->matrix_read || !t->gemm || !t->solve_unit_lower) {
         auto* filled = new Kernels(*t);  // once per table, for the life of the process
         if (!filled->gemv) filled->gemv = below->gemv;
         if (!filled->exp_f32) filled->exp_f32 = below->exp_f32;
         if (!filled->matrix_step) filled->matrix_step = below->matrix_step;
         if (!filled->matrix_read) filled->matrix_read = below->matrix_read;
+        if (!filled->gemm) filled->gemm = below->gemm;
+        if (!filled->solve_unit_lower) filled->solve_unit_lower = below->solve_unit_lower;
         return filled;
     }
     return t;

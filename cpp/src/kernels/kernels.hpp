@@ -29,6 +29,25 @@ struct MatrixPass {
     int64_t out_stride = 0;
 };
 
+// A small matrix product, the building block of the chunked prefill (chunked.cpp):
+//   c = alpha a b, or c += alpha a b when accumulate,
+// with a m x k (row i at a + i * lda), b k x n (row p at b + p * ldb), c m x n (row i at c + i * ldc).
+// Two triangular shapes skip work:
+//   lower_a: a is lower triangular; its entries above the diagonal must be 0 (they may still be read).
+//   lower_c: only c[i][j] with j <= i is wanted; entries above the diagonal are left unspecified.
+struct Gemm {
+    int64_t m = 0, n = 0, k = 0;
+    const float* a = nullptr;
+    int64_t lda = 0;
+    const float* b = nullptr;
+    int64_t ldb = 0;
+    float* c = nullptr;
+    int64_t ldc = 0;
+    float alpha = 1;
+    bool accumulate = false;
+    bool lower_a = false, lower_c = false;
+};
+
 struct Kernels {
     const char* name;
     // Rows in storage precision: f16 and bf16 rows are uint16_t bit patterns.
@@ -84,6 +103,11 @@ struct Kernels {
     void (*exp_f32)(float* y, const float* x, int64_t n);                               // y = exp(x)
     void (*matrix_step)(const MatrixPass& m);
     void (*matrix_read)(const MatrixPass& m);
+    // Chunked prefill: the matrix product above, and a triangular solve in place,
+    //   x <- (I + a)^-1 x,  a strictly lower triangular m x m (entries on and above the diagonal
+    //   are not read), x m x n (row i at x + i * ldx).
+    void (*gemm)(const Gemm& g);
+    void (*solve_unit_lower)(const float* a, int64_t lda, float* x, int64_t ldx, int64_t m, int64_t n);
 };
 
 const Kernels& kernels();  // the active table

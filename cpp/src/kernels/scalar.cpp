@@ -133,6 +133,28 @@ void matrix_read(const MatrixPass& m) {
     }
 }
 
+// Row by row, each row of c built up from rows of b (the inner loop runs along rows of b and c).
+void gemm(const Gemm& g) {
+    for (int64_t i = 0; i < g.m; ++i) {
+        float* c = g.c + i * g.ldc;
+        const int64_t n = g.lower_c && i + 1 < g.n ? i + 1 : g.n;
+        const int64_t k = g.lower_a && i + 1 < g.k ? i + 1 : g.k;
+        if (!g.accumulate)
+            for (int64_t j = 0; j < n; ++j) c[j] = 0;
+        for (int64_t p = 0; p < k; ++p) {
+            const float w = g.alpha * g.a[i * g.lda + p];
+            const float* b = g.b + p * g.ldb;
+            for (int64_t j = 0; j < n; ++j) c[j] += w * b[j];
+        }
+    }
+}
+
+// Forward substitution: row i subtracts the rows above it, already solved.
+void solve_unit_lower(const float* a, int64_t lda, float* x, int64_t ldx, int64_t m, int64_t n) {
+    for (int64_t i = 1; i < m; ++i)
+        for (int64_t s = 0; s < i; ++s) axpy_f32(x + i * ldx, -a[i * lda + s], x + s * ldx, n);
+}
+
 template <class T, float (*Dot)(const float*, const T*, int64_t)>
 void scores(const float* q, int64_t q_stride, int64_t nq, const T* k, int64_t rows, int64_t d, float scale,
             float* s, int64_t s_stride) {
@@ -200,6 +222,8 @@ const Kernels table = {
     exp_f32,
     matrix_step,
     matrix_read,
+    gemm,
+    solve_unit_lower,
 };
 
 }  // namespace

@@ -382,6 +382,110 @@ void matrix_read(const MatrixPass& m) {
     if (c < m.dv) scalar_kernels()->matrix_read(tail(m, c));
 }
 
+// Chunked prefill. Vectors of 8 columns; the last one of a block is masked when it is partial
+// (masked moves are slower, so full vectors use plain ones).
+template <int NV>
+struct Tile {
+    __m256i mask;
+    bool partial;
+    explicit Tile(int64_t last) : partial(last < 8) {  // 1 <= last <= 8 columns in the last vector
+        mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(last)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    }
+    __m256 load(const float* p, int t) const {
+        return t + 1 == NV && partial ? _mm256_maskload_ps(p + 8 * t, mask) : _mm256_loadu_ps(p + 8 * t);
+    }
+    void store(float* p, int t, __m256 x) const {
+        if (t + 1 == NV && partial)
+            _mm256_maskstore_ps(p + 8 * t, mask, x);
+        else
+            _mm256_storeu_ps(p + 8 * t, x);
+    }
+};
+
+// gemm: register tiles of R rows x 16 columns (12 accumulators at R = 6); each row of b is loaded
+// once per tile and every a value is broadcast from memory.
+template <int R, int NV>
+void gemm_tile(const Gemm& g, int64_t i0, int64_t j0, int64_t k, const Tile<NV>& tile) {
+    __m256 acc[R][NV];
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < NV; ++t) acc[r][t] = _mm256_setzero_ps();
+    const float* a = g.a + i0 * g.lda;
+    const float* b = g.b + j0;
+    for (int64_t p = 0; p < k; ++p, b += g.ldb) {
+        __m256 bp[NV];
+        for (int t = 0; t < NV; ++t) bp[t] = tile.load(b, t);
+        for (int r = 0; r < R; ++r) {
+            const __m256 w = _mm256_broadcast_ss(a + r * g.lda + p);
+            for (int t = 0; t < NV; ++t) acc[r][t] = _mm256_fmadd_ps(w, bp[t], acc[r][t]);
+        }
+    }
+    const __m256 alpha = _mm256_set1_ps(g.alpha);
+    for (int r = 0; r < R; ++r) {
+        float* c = g.c + (i0 + r) * g.ldc + j0;
+        for (int t = 0; t < NV; ++t)
+            tile.store(c, t, g.accumulate ? _mm256_fmadd_ps(alpha, acc[r][t], tile.load(c, t))
+                                          : _mm256_mul_ps(alpha, acc[r][t]));
+    }
+}
+
+template <int NV>
+void gemm_rows(const Gemm& g, int64_t i0, int64_t rows, int64_t j0, int64_t k, const Tile<NV>& tile) {
+    switch (rows) {
+        case 1: gemm_tile<1, NV>(g, i0, j0, k, tile); break;
+        case 2: gemm_tile<2, NV>(g, i0, j0, k, tile); break;
+        case 3: gemm_tile<3, NV>(g, i0, j0, k, tile); break;
+        case 4: gemm_tile<4, NV>(g, i0, j0, k, tile); break;
+        case 5: gemm_tile<5, NV>(g, i0, j0, k, tile); break;
+        default: gemm_tile<6, NV>(g, i0, j0, k, tile); break;
+    }
+}
+
+// Column panels of b (16 columns) stay in L1 while the row tiles pass over them.
+void gemm(const Gemm& g) {
+    constexpr int64_t kRows = 6, kCols = 16;
+    for (int64_t j0 = 0; j0 < g.n; j0 += kCols) {
+        const int64_t w = g.n - j0 < kCols ? g.n - j0 : kCols;
+        for (int64_t i0 = g.lower_c ? j0 / kRows * kRows : 0; i0 < g.m; i0 += kRows) {
+            const int64_t rows = g.m - i0 < kRows ? g.m - i0 : kRows;
+            const int64_t k = g.lower_a && i0 + rows < g.k ? i0 + rows : g.k;
+            if (w > 8)
+                gemm_rows<2>(g, i0, rows, j0, k, Tile<2>(w - 8));
+            else
+                gemm_rows<1>(g, i0, rows, j0, k, Tile<1>(w));
+        }
+    }
+}
+
+// Forward substitution on strips of 32 columns: row i, held in registers, takes off the rows
+// above it (already solved) in two interleaved chains.
+template <int NV>
+void solve_strip(const float* a, int64_t lda, float* x, int64_t ldx, int64_t m, const Tile<NV>& tile) {
+    for (int64_t i = 1; i < m; ++i) {
+        __m256 acc0[NV], acc1[NV];
+        for (int t = 0; t < NV; ++t) acc0[t] = tile.load(x + i * ldx, t), acc1[t] = _mm256_setzero_ps();
+        const float* ai = a + i * lda;
+        int64_t s = 0;
+        for (; s + 2 <= i; s += 2) {
+            const __m256 w0 = _mm256_set1_ps(ai[s]), w1 = _mm256_set1_ps(ai[s + 1]);
+            for (int t = 0; t < NV; ++t) {
+                acc0[t] = _mm256_fnmadd_ps(w0, tile.load(x + s * ldx, t), acc0[t]);
+                acc1[t] = _mm256_fnmadd_ps(w1, tile.load(x + (s + 1) * ldx, t), acc1[t]);
+            }
+        }
+        if (s < i) {
+            const __m256 w0 = _mm256_set1_ps(ai[s]);
+            for (int t = 0; t < NV; ++t) acc0[t] = _mm256_fnmadd_ps(w0, tile.load(x + s * ldx, t), acc0[t]);
+        }
+        for (int t = 0; t < NV; ++t) tile.store(x + i * ldx, t, _mm256_add_ps(acc0[t], acc1[t]));
+    }
+}
+
+void solve_unit_lower(const float* a, int64_t lda, float* x, int64_t ldx, int64_t m, int64_t n) {
+    int64_t c = 0;
+    for (; c + 32 <= n; c += 32) solve_strip<4>(a, lda, x + c, ldx, m, Tile<4>(8));
+    for (; c < n; c += 8) solve_strip<1>(a, lda, x + c, ldx, m, Tile<1>(n - c < 8 ? n - c : 8));
+}
+
 template <class T, __m256 (*Load)(const T*), float (*Scalar)(T)>
 void scores(const float* q, int64_t q_stride, int64_t nq, const T* k, int64_t rows, int64_t d, float scale, float* s,
             int64_t s_stride) {
@@ -480,6 +584,8 @@ const Kernels table = {
     exp_f32,
     matrix_step,
     matrix_read,
+    gemm,
+    solve_unit_lower,
 };
 
 }  // namespace
