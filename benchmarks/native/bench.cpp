@@ -1,6 +1,6 @@
 // Native benchmark harness: time per token of kvfold's hot paths without Python in the way.
 // Build: cmake -B build-bench -DKVFOLD_BENCH=ON && cmake --build build-bench && build-bench/kvfold_bench
-// Usage: kvfold_bench [--threads N] [--backend NAME] [--cpu-time] [substring of case names...]
+// Usage: kvfold_bench [--threads N] [--backend NAME] [--chunk N] [--cpu-time] [substring of case names...]
 #include <time.h>
 
 #include <algorithm>
@@ -143,6 +143,8 @@ int main(int argc, char** argv) {
         std::string a = argv[i];
         if (a == "--threads" && i + 1 < argc)
             kvfold::set_num_threads(std::atoi(argv[++i]));
+        else if (a == "--chunk" && i + 1 < argc)
+            kvfold::set_chunk_size(std::atoi(argv[++i]));
         else if (a == "--cpu-time")
             cpu_time = true;
         else if (a == "--backend" && i + 1 < argc)
@@ -150,8 +152,9 @@ int main(int argc, char** argv) {
         else
             filters.push_back(a);
     }
-    std::printf("kvfold %s native benchmark: backend %s, %d thread(s), %s; B=1, Hq=H\n", kvfold::version(),
-                kvfold::simd_backend(), kvfold::get_num_threads(), cpu_time ? "CPU time" : "wall time");
+    std::printf("kvfold %s native benchmark: backend %s, %d thread(s), chunks of %d, %s; B=1, Hq=H\n",
+                kvfold::version(), kvfold::simd_backend(), kvfold::get_num_threads(),
+                static_cast<int>(kvfold::get_chunk_size()), cpu_time ? "CPU time" : "wall time");
     std::printf("%-36s %14s\n", "case", "us/token");
     for (const Case& k : cases()) {
         bool wanted = filters.empty();

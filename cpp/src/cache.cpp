@@ -8,6 +8,7 @@
 
 #include "attention.hpp"
 #include "cache_impl.hpp"
+#include "chunked.hpp"
 #include "parallel.hpp"
 
 namespace kvfold {
@@ -359,6 +360,86 @@ struct MatrixModel {
         if (qs.count) mix_local(lane, len + 1, qs, local);
     }
 
+    // T tokens of a lane (k, v: its rows; q, out: the whole block's, or null) in two passes, each
+    // the token loop's result: first the memory, its folds a chunk at a time (Rule::fold_read_run)
+    // with every query read right after the fold its token makes; then the tokens take their sink
+    // and window slots in turn and the queries mix in the softmax attention over them.
+    void block(int64_t lane, const float* k, const float* v, const float* q, float* out) {
+        const Config& cfg = c.cfg;
+        const int64_t len0 = c.length[lane / cfg.num_heads];
+        // Tokens before `folding` fold nothing (sinks, or a window not yet full); from there on,
+        // token t folds the pair window places before it, non-sink pair j0 + t - window.
+        const int64_t folding = std::min(T, std::max<int64_t>(0, cfg.sinks + cfg.window - len0));
+        const int64_t j0 = len0 - cfg.sinks;  // non-sink index of token 0
+        for (int64_t t = 0; q && t < folding; ++t) c.rule->read(lane, queries(lane, q, out, t));
+        const int64_t C = chunk_size(), es = static_cast<int64_t>(dtype_size(cfg.dtype));
+        const bool stored = cfg.window > 0 && cfg.dtype != DType::float32;  // pairs folded as stored, rounded
+        thread_local std::vector<const float*> rows;
+        thread_local std::vector<TokenGate> gates;
+        rows.resize(2 * C);
+        gates.resize(C);
+        float* copies = scratch(stored ? C * (dk() + dv()) : 0);
+        for (int64_t first = folding; first < T; first += C) {
+            const int64_t n = std::min(C, T - first);
+            for (int64_t i = 0; i < n; ++i) {
+                const int64_t pair = j0 + first + i - cfg.window, t = pair - j0;  // t >= 0: a token of this block
+                float* ck = copies + i * (dk() + dv());
+                float* cv = ck + dk();
+                TokenGate& gate = gates[i];
+                if (t >= 0) {
+                    rows[i] = k + t * dk(), rows[C + i] = v + t * dv();
+                    gate = input_gate(lane, t);
+                    if (stored) {
+                        round_to_storage(ck, rows[i], dk());
+                        round_to_storage(cv, rows[C + i], dv());
+                        rows[i] = ck, rows[C + i] = cv;
+                    }
+                } else {
+                    const int64_t pos = pair % cfg.window;
+                    const uint8_t* wk = c.win_k.lane(lane) + pos * dk() * es;
+                    const uint8_t* wv = c.win_v.lane(lane) + pos * dv() * es;
+                    if (stored) {
+                        load_row(ck, wk, dk(), cfg.dtype);
+                        load_row(cv, wv, dv(), cfg.dtype);
+                        rows[i] = ck, rows[C + i] = cv;
+                    } else {
+                        rows[i] = reinterpret_cast<const float*>(wk), rows[C + i] = reinterpret_cast<const float*>(wv);
+                    }
+                    gate = window_gate(lane, pos);
+                }
+            }
+            FoldRun run{n, rows.data(), rows.data() + C, gates.data(), {}, dk(), dv()};
+            if (q) run.qs = queries(lane, q, out, first);
+            c.rule->fold_read_run(lane, run);
+        }
+        if (cfg.sinks == 0 && cfg.window == 0) return;
+        float* evicted = scratch(2 * dv() + dk() + c.gate_stride);
+        for (int64_t t = 0; t < T; ++t) {
+            const float *fk, *fv;
+            Model{c}.place(lane, len0 + t, k + t * dk(), v + t * dv(), evicted, evicted + dk(), &fk, &fv);
+            place_gates(lane, len0 + t, input_gate(lane, t), evicted + dk() + dv());
+            if (q) mix_local(lane, len0 + t + 1, queries(lane, q, out, t), evicted + dk() + dv() + c.gate_stride);
+        }
+    }
+
+    // The gates kept beside window slot pos (none when the rule takes none per token).
+    TokenGate window_gate(int64_t lane, int64_t pos) const {
+        TokenGate g;
+        if (c.gate_stride == 0) return g;
+        const float* slot = c.win_gates.lane<float>(lane) + pos * c.gate_stride;
+        if (c.rule->takes_beta()) g.beta = slot;
+        if (c.rule->takes_decay()) g.decay = slot + 2, g.decay_per_key = slot[1] > 1;
+        return g;
+    }
+
+    // x as the window stores it: rounded to the storage precision.
+    void round_to_storage(float* y, const float* x, int64_t n) const {
+        thread_local std::vector<uint16_t> half;
+        half.resize(n);
+        store_row(half.data(), x, n, c.cfg.dtype);
+        load_row(y, half.data(), n, c.cfg.dtype);
+    }
+
     void attend(int64_t lane, int64_t len, const LaneQueries& qs) const {
         c.rule->read(lane, qs);
         mix_local(lane, len, qs, scratch(dv()));
@@ -386,6 +467,10 @@ void matrix_run(MemoryCache::Impl& c, const float* k, const float* v, int64_t T,
     parallel_for(c.lanes, T * matrix_flops(c), [&](int64_t lo, int64_t hi) {
         MatrixModel m{c, gates, T};
         for (int64_t lane = lo; lane < hi; ++lane) {
+            if (T > 1) {  // a block: chunked
+                m.block(lane, k + lane * T * g.head_dim, v + lane * T * g.value_dim, q, out);
+                continue;
+            }
             const int64_t len = c.length[lane / g.num_heads];
             for (int64_t t = 0; t < T; ++t) {
                 LaneQueries qs = q ? m.queries(lane, q, out, t) : LaneQueries{};

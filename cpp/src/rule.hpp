@@ -39,6 +39,18 @@ struct LaneQueries {
     int64_t query_head = 0;
 };
 
+// Pairs folded one after another into a lane's matrix memory, each read right after its fold
+// (a block's folds, a chunk at a time): pair i is k[i], v[i] with gates gate[i]; when qs.count > 0,
+// pair i's queries are those of qs moved on by i * q_step (and answered i * out_step further on).
+struct FoldRun {
+    int64_t n = 0;
+    const float* const* k = nullptr;
+    const float* const* v = nullptr;
+    const TokenGate* gate = nullptr;
+    LaneQueries qs;
+    int64_t q_step = 0, out_step = 0;
+};
+
 class Rule {
    public:
     virtual ~Rule() = default;
@@ -72,6 +84,8 @@ class Rule {
     virtual void fold_read(int64_t /*lane*/, const float* /*k*/, const float* /*v*/, const TokenGate& /*gate*/,
                            const LaneQueries& /*qs*/) {}
     virtual void read(int64_t /*lane*/, const LaneQueries& /*qs*/) const {}
+    // What fold_read does pair after pair, for a run of pairs at once (chunked: chunked.hpp).
+    virtual void fold_read_run(int64_t /*lane*/, const FoldRun& /*run*/) {}
     // Infini-attention mix: the memory read's weight sigmoid(m) for query head hq.
     virtual float memory_weight(int64_t /*hq*/) const { return 1; }
     // S (d_k x d_v, row-major) and, for normalized rules, z (d_k) of a lane; null otherwise.

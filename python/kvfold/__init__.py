@@ -39,6 +39,8 @@ __all__ = [
     "available_backends",
     "set_num_threads",
     "get_num_threads",
+    "set_chunk_size",
+    "get_chunk_size",
     "__version__",
 ]
 
@@ -64,6 +66,25 @@ def set_num_threads(num_threads: int) -> None:
 def get_num_threads() -> int:
     """Threads a call may use, the calling thread included."""
     return _core.get_num_threads()
+
+
+def set_chunk_size(chunk_size: int) -> None:
+    """Tokens per chunk when a matrix rule (``Linear``, ``Gated``, ``Delta``, ``GatedDelta``) takes a
+    block in ``forward`` or ``update``; default 64.
+
+    A block's folds into the matrix memory run a chunk at a time as small matrix products (the
+    chunked form of linear attention, with the WY form for the delta rules). The chunk size tunes
+    speed only: results change by float rounding at most.
+    """
+    chunk_size = _size("chunk_size", chunk_size)
+    if not 1 <= chunk_size <= _core.MAX_CHUNK:
+        raise ValueError(f"chunk_size: expected an integer in [1, {_core.MAX_CHUNK}], got {chunk_size}")
+    _core.set_chunk_size(chunk_size)
+
+
+def get_chunk_size() -> int:
+    """Tokens per chunk when a matrix rule takes a block."""
+    return _core.get_chunk_size()
 
 
 class MemoryCache(_core.MemoryCache):

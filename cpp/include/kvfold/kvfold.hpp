@@ -184,6 +184,12 @@ void set_simd_backend(const std::string& name);
 constexpr int64_t kMaxThreads = 1024;
 void set_num_threads(int64_t n);
 int get_num_threads();
+// Tokens per chunk when a matrix rule (the linear-attention family) takes a block: forward and
+// block updates run chunk by chunk as small matrix products. A knob for speed only: results change
+// by float rounding at most. set_chunk_size throws ValueError outside [1, kMaxChunk].
+constexpr int64_t kMaxChunk = 256;
+void set_chunk_size(int64_t n);
+int64_t get_chunk_size();
 // The least work (estimated flops) a call needs before it is shared out; returns the previous
 // value. Tests lower it to reach the pool with small shapes.
 double set_min_shared_flops(double flops);

@@ -423,20 +423,27 @@ void matrix_read(const MatrixPass& m) {
 template <int R, int NV>
 void gemm_tile(const Gemm& g, int64_t i0, int64_t j0, int64_t k) {
     float32x4_t acc[R][NV];
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
         for (int t = 0; t < NV; ++t) acc[r][t] = vdupq_n_f32(0);
     const float* a = g.a + i0 * g.lda;
     const float* b = g.b + j0;
     for (int64_t p = 0; p < k; ++p, b += g.ldb) {
         float32x4_t bp[NV];
+#pragma GCC unroll 8
         for (int t = 0; t < NV; ++t) bp[t] = vld1q_f32(b + 4 * t);
+#pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
             const float w = a[r * g.lda + p];
+#pragma GCC unroll 8
             for (int t = 0; t < NV; ++t) acc[r][t] = vfmaq_n_f32(acc[r][t], bp[t], w);
         }
     }
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
         float* c = g.c + (i0 + r) * g.ldc + j0;
+#pragma GCC unroll 8
         for (int t = 0; t < NV; ++t)
             vst1q_f32(c + 4 * t, g.accumulate ? vfmaq_n_f32(vld1q_f32(c + 4 * t), acc[r][t], g.alpha)
                                               : vmulq_n_f32(acc[r][t], g.alpha));
@@ -479,25 +486,63 @@ void gemm(const Gemm& g) {
     }
 }
 
-// Forward substitution on strips of 16 columns: row i, held in registers, takes off the rows
-// above it (already solved).
+// Forward substitution, register-blocked like gemm: a tile of 4 rows x 16 columns takes off the
+// rows above it (already solved) one loaded row at a time, then solves its own rows in registers.
+template <int R, int NV>
+void solve_tile(const float* a, int64_t lda, float* x, int64_t ldx, int64_t i0) {
+    float32x4_t acc[R][NV];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+        for (int t = 0; t < NV; ++t) acc[r][t] = vld1q_f32(x + (i0 + r) * ldx + 4 * t);
+    const float* ai = a + i0 * lda;
+    for (int64_t s = 0; s < i0; ++s) {
+        float32x4_t xs[NV];
+#pragma GCC unroll 8
+        for (int t = 0; t < NV; ++t) xs[t] = vld1q_f32(x + s * ldx + 4 * t);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+            for (int t = 0; t < NV; ++t) acc[r][t] = vfmsq_n_f32(acc[r][t], xs[t], ai[r * lda + s]);
+    }
+#pragma GCC unroll 8
+    for (int r = 1; r < R; ++r)
+#pragma GCC unroll 8
+        for (int s = 0; s < r; ++s)
+#pragma GCC unroll 8
+            for (int t = 0; t < NV; ++t) acc[r][t] = vfmsq_n_f32(acc[r][t], acc[s][t], ai[r * lda + i0 + s]);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+        for (int t = 0; t < NV; ++t) vst1q_f32(x + (i0 + r) * ldx + 4 * t, acc[r][t]);
+}
+
 template <int NV>
-void solve_strip(const float* a, int64_t lda, float* x, int64_t ldx, int64_t m) {
-    for (int64_t i = 1; i < m; ++i) {
-        float32x4_t acc[NV];
-        for (int t = 0; t < NV; ++t) acc[t] = vld1q_f32(x + i * ldx + 4 * t);
-        const float* ai = a + i * lda;
-        for (int64_t s = 0; s < i; ++s)
-            for (int t = 0; t < NV; ++t) acc[t] = vfmsq_n_f32(acc[t], vld1q_f32(x + s * ldx + 4 * t), ai[s]);
-        for (int t = 0; t < NV; ++t) vst1q_f32(x + i * ldx + 4 * t, acc[t]);
+void solve_rows(const float* a, int64_t lda, float* x, int64_t ldx, int64_t i0, int64_t rows) {
+    switch (rows) {
+        case 1: solve_tile<1, NV>(a, lda, x, ldx, i0); break;
+        case 2: solve_tile<2, NV>(a, lda, x, ldx, i0); break;
+        case 3: solve_tile<3, NV>(a, lda, x, ldx, i0); break;
+        default: solve_tile<4, NV>(a, lda, x, ldx, i0); break;
     }
 }
 
 void solve_unit_lower(const float* a, int64_t lda, float* x, int64_t ldx, int64_t m, int64_t n) {
-    int64_t c = 0;
-    for (; c + 16 <= n; c += 16) solve_strip<4>(a, lda, x + c, ldx, m);
-    for (; c + 4 <= n; c += 4) solve_strip<1>(a, lda, x + c, ldx, m);
-    if (c < n) scalar_kernels()->solve_unit_lower(a, lda, x + c, ldx, m, n - c);
+    constexpr int64_t kRows = 4;
+    const int64_t n4 = n / 4 * 4;
+    for (int64_t c = 0; c < n4; c += 16) {
+        const int64_t vectors = (n4 - c < 16 ? n4 - c : 16) / 4;
+        for (int64_t i0 = 0; i0 < m; i0 += kRows) {
+            const int64_t rows = m - i0 < kRows ? m - i0 : kRows;
+            switch (vectors) {
+                case 1: solve_rows<1>(a, lda, x + c, ldx, i0, rows); break;
+                case 2: solve_rows<2>(a, lda, x + c, ldx, i0, rows); break;
+                case 3: solve_rows<3>(a, lda, x + c, ldx, i0, rows); break;
+                default: solve_rows<4>(a, lda, x + c, ldx, i0, rows); break;
+            }
+        }
+    }
+    if (n4 < n) scalar_kernels()->solve_unit_lower(a, lda, x + n4, ldx, m, n - n4);
 }
 
 const Kernels table = {

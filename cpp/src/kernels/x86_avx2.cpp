@@ -407,21 +407,28 @@ struct Tile {
 template <int R, int NV>
 void gemm_tile(const Gemm& g, int64_t i0, int64_t j0, int64_t k, const Tile<NV>& tile) {
     __m256 acc[R][NV];
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
         for (int t = 0; t < NV; ++t) acc[r][t] = _mm256_setzero_ps();
     const float* a = g.a + i0 * g.lda;
     const float* b = g.b + j0;
     for (int64_t p = 0; p < k; ++p, b += g.ldb) {
         __m256 bp[NV];
+#pragma GCC unroll 8
         for (int t = 0; t < NV; ++t) bp[t] = tile.load(b, t);
+#pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
             const __m256 w = _mm256_broadcast_ss(a + r * g.lda + p);
+#pragma GCC unroll 8
             for (int t = 0; t < NV; ++t) acc[r][t] = _mm256_fmadd_ps(w, bp[t], acc[r][t]);
         }
     }
     const __m256 alpha = _mm256_set1_ps(g.alpha);
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
         float* c = g.c + (i0 + r) * g.ldc + j0;
+#pragma GCC unroll 8
         for (int t = 0; t < NV; ++t)
             tile.store(c, t, g.accumulate ? _mm256_fmadd_ps(alpha, acc[r][t], tile.load(c, t))
                                           : _mm256_mul_ps(alpha, acc[r][t]));
@@ -456,34 +463,65 @@ void gemm(const Gemm& g) {
     }
 }
 
-// Forward substitution on strips of 32 columns: row i, held in registers, takes off the rows
-// above it (already solved) in two interleaved chains.
+// Forward substitution, register-blocked like gemm: a tile of 6 rows x 16 columns takes off the
+// rows above it (already solved) one loaded row at a time, then solves its own rows in registers.
+template <int R, int NV>
+void solve_tile(const float* a, int64_t lda, float* x, int64_t ldx, int64_t i0, const Tile<NV>& tile) {
+    __m256 acc[R][NV];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+        for (int t = 0; t < NV; ++t) acc[r][t] = tile.load(x + (i0 + r) * ldx, t);
+    const float* ai = a + i0 * lda;
+    for (int64_t s = 0; s < i0; ++s) {
+        __m256 xs[NV];
+#pragma GCC unroll 8
+        for (int t = 0; t < NV; ++t) xs[t] = tile.load(x + s * ldx, t);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+            const __m256 w = _mm256_set1_ps(ai[r * lda + s]);
+#pragma GCC unroll 8
+            for (int t = 0; t < NV; ++t) acc[r][t] = _mm256_fnmadd_ps(w, xs[t], acc[r][t]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 1; r < R; ++r)
+#pragma GCC unroll 8
+        for (int s = 0; s < r; ++s) {
+            const __m256 w = _mm256_set1_ps(ai[r * lda + i0 + s]);
+#pragma GCC unroll 8
+            for (int t = 0; t < NV; ++t) acc[r][t] = _mm256_fnmadd_ps(w, acc[s][t], acc[r][t]);
+        }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+        for (int t = 0; t < NV; ++t) tile.store(x + (i0 + r) * ldx, t, acc[r][t]);
+}
+
 template <int NV>
-void solve_strip(const float* a, int64_t lda, float* x, int64_t ldx, int64_t m, const Tile<NV>& tile) {
-    for (int64_t i = 1; i < m; ++i) {
-        __m256 acc0[NV], acc1[NV];
-        for (int t = 0; t < NV; ++t) acc0[t] = tile.load(x + i * ldx, t), acc1[t] = _mm256_setzero_ps();
-        const float* ai = a + i * lda;
-        int64_t s = 0;
-        for (; s + 2 <= i; s += 2) {
-            const __m256 w0 = _mm256_set1_ps(ai[s]), w1 = _mm256_set1_ps(ai[s + 1]);
-            for (int t = 0; t < NV; ++t) {
-                acc0[t] = _mm256_fnmadd_ps(w0, tile.load(x + s * ldx, t), acc0[t]);
-                acc1[t] = _mm256_fnmadd_ps(w1, tile.load(x + (s + 1) * ldx, t), acc1[t]);
-            }
-        }
-        if (s < i) {
-            const __m256 w0 = _mm256_set1_ps(ai[s]);
-            for (int t = 0; t < NV; ++t) acc0[t] = _mm256_fnmadd_ps(w0, tile.load(x + s * ldx, t), acc0[t]);
-        }
-        for (int t = 0; t < NV; ++t) tile.store(x + i * ldx, t, _mm256_add_ps(acc0[t], acc1[t]));
+void solve_rows(const float* a, int64_t lda, float* x, int64_t ldx, int64_t i0, int64_t rows, const Tile<NV>& tile) {
+    switch (rows) {
+        case 1: solve_tile<1, NV>(a, lda, x, ldx, i0, tile); break;
+        case 2: solve_tile<2, NV>(a, lda, x, ldx, i0, tile); break;
+        case 3: solve_tile<3, NV>(a, lda, x, ldx, i0, tile); break;
+        case 4: solve_tile<4, NV>(a, lda, x, ldx, i0, tile); break;
+        case 5: solve_tile<5, NV>(a, lda, x, ldx, i0, tile); break;
+        default: solve_tile<6, NV>(a, lda, x, ldx, i0, tile); break;
     }
 }
 
 void solve_unit_lower(const float* a, int64_t lda, float* x, int64_t ldx, int64_t m, int64_t n) {
-    int64_t c = 0;
-    for (; c + 32 <= n; c += 32) solve_strip<4>(a, lda, x + c, ldx, m, Tile<4>(8));
-    for (; c < n; c += 8) solve_strip<1>(a, lda, x + c, ldx, m, Tile<1>(n - c < 8 ? n - c : 8));
+    constexpr int64_t kRows = 6, kCols = 16;
+    for (int64_t c = 0; c < n; c += kCols) {
+        const int64_t w = n - c < kCols ? n - c : kCols;
+        for (int64_t i0 = 0; i0 < m; i0 += kRows) {
+            const int64_t rows = m - i0 < kRows ? m - i0 : kRows;
+            if (w > 8)
+                solve_rows<2>(a, lda, x + c, ldx, i0, rows, Tile<2>(w - 8));
+            else
+                solve_rows<1>(a, lda, x + c, ldx, i0, rows, Tile<1>(w));
+        }
+    }
 }
 
 template <class T, __m256 (*Load)(const T*), float (*Scalar)(T)>

@@ -373,12 +373,18 @@ constexpr int kQueries = 4;
 
 template <int NV>
 struct Tile {
-    __mmask16 mask[NV];
-    explicit Tile(__mmask16 last) {
-        for (int t = 0; t < NV; ++t) mask[t] = t + 1 < NV ? 0xffff : last;
+    __mmask16 last;
+    explicit Tile(__mmask16 last_mask) : last(last_mask) {}
+    // Full vectors move unmasked: a masked store holds back the loads that follow it.
+    __m512 load(const float* p, int t) const {
+        return t + 1 < NV || last == 0xffff ? _mm512_loadu_ps(p + 16 * t) : _mm512_maskz_loadu_ps(last, p + 16 * t);
     }
-    __m512 load(const float* p, int t) const { return _mm512_maskz_loadu_ps(mask[t], p + 16 * t); }
-    void store(float* p, int t, __m512 x) const { _mm512_mask_storeu_ps(p + 16 * t, mask[t], x); }
+    void store(float* p, int t, __m512 x) const {
+        if (t + 1 < NV || last == 0xffff)
+            _mm512_storeu_ps(p + 16 * t, x);
+        else
+            _mm512_mask_storeu_ps(p + 16 * t, last, x);
+    }
 };
 
 // Second pass over a tile: S <- diag(a) S + k u^T row by row, and NQ queries read the new rows.
@@ -503,21 +509,28 @@ void matrix_read(const MatrixPass& m) {
 template <int R, int NV>
 void gemm_tile(const Gemm& g, int64_t i0, int64_t j0, int64_t k, const Tile<NV>& tile) {
     __m512 acc[R][NV];
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
         for (int t = 0; t < NV; ++t) acc[r][t] = _mm512_setzero_ps();
     const float* a = g.a + i0 * g.lda;
     const float* b = g.b + j0;
     for (int64_t p = 0; p < k; ++p, b += g.ldb) {
         __m512 bp[NV];
+#pragma GCC unroll 8
         for (int t = 0; t < NV; ++t) bp[t] = tile.load(b, t);
+#pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
             const __m512 w = _mm512_set1_ps(a[r * g.lda + p]);
+#pragma GCC unroll 8
             for (int t = 0; t < NV; ++t) acc[r][t] = _mm512_fmadd_ps(w, bp[t], acc[r][t]);
         }
     }
     const __m512 alpha = _mm512_set1_ps(g.alpha);
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
         float* c = g.c + (i0 + r) * g.ldc + j0;
+#pragma GCC unroll 8
         for (int t = 0; t < NV; ++t)
             tile.store(c, t, g.accumulate ? _mm512_fmadd_ps(alpha, acc[r][t], tile.load(c, t))
                                           : _mm512_mul_ps(alpha, acc[r][t]));
@@ -555,34 +568,67 @@ void gemm(const Gemm& g) {
     }
 }
 
-// Forward substitution on strips of 64 columns: row i, held in registers, takes off the rows
-// above it (already solved) in two interleaved chains.
+// Forward substitution, register-blocked like gemm: a tile of 8 rows x 32 columns takes off the
+// rows above it (already solved) one loaded row at a time, then solves its own rows in registers.
+template <int R, int NV>
+void solve_tile(const float* a, int64_t lda, float* x, int64_t ldx, int64_t i0, const Tile<NV>& tile) {
+    __m512 acc[R][NV];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+        for (int t = 0; t < NV; ++t) acc[r][t] = tile.load(x + (i0 + r) * ldx, t);
+    const float* ai = a + i0 * lda;
+    for (int64_t s = 0; s < i0; ++s) {
+        __m512 xs[NV];
+#pragma GCC unroll 8
+        for (int t = 0; t < NV; ++t) xs[t] = tile.load(x + s * ldx, t);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+            const __m512 w = _mm512_set1_ps(ai[r * lda + s]);
+#pragma GCC unroll 8
+            for (int t = 0; t < NV; ++t) acc[r][t] = _mm512_fnmadd_ps(w, xs[t], acc[r][t]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 1; r < R; ++r)
+#pragma GCC unroll 8
+        for (int s = 0; s < r; ++s) {
+            const __m512 w = _mm512_set1_ps(ai[r * lda + i0 + s]);
+#pragma GCC unroll 8
+            for (int t = 0; t < NV; ++t) acc[r][t] = _mm512_fnmadd_ps(w, acc[s][t], acc[r][t]);
+        }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+        for (int t = 0; t < NV; ++t) tile.store(x + (i0 + r) * ldx, t, acc[r][t]);
+}
+
 template <int NV>
-void solve_strip(const float* a, int64_t lda, float* x, int64_t ldx, int64_t m, const Tile<NV>& tile) {
-    for (int64_t i = 1; i < m; ++i) {
-        __m512 acc0[NV], acc1[NV];
-        for (int t = 0; t < NV; ++t) acc0[t] = tile.load(x + i * ldx, t), acc1[t] = _mm512_setzero_ps();
-        const float* ai = a + i * lda;
-        int64_t s = 0;
-        for (; s + 2 <= i; s += 2) {
-            const __m512 w0 = _mm512_set1_ps(ai[s]), w1 = _mm512_set1_ps(ai[s + 1]);
-            for (int t = 0; t < NV; ++t) {
-                acc0[t] = _mm512_fnmadd_ps(w0, tile.load(x + s * ldx, t), acc0[t]);
-                acc1[t] = _mm512_fnmadd_ps(w1, tile.load(x + (s + 1) * ldx, t), acc1[t]);
-            }
-        }
-        if (s < i) {
-            const __m512 w0 = _mm512_set1_ps(ai[s]);
-            for (int t = 0; t < NV; ++t) acc0[t] = _mm512_fnmadd_ps(w0, tile.load(x + s * ldx, t), acc0[t]);
-        }
-        for (int t = 0; t < NV; ++t) tile.store(x + i * ldx, t, _mm512_add_ps(acc0[t], acc1[t]));
+void solve_rows(const float* a, int64_t lda, float* x, int64_t ldx, int64_t i0, int64_t rows, const Tile<NV>& tile) {
+    switch (rows) {
+        case 1: solve_tile<1, NV>(a, lda, x, ldx, i0, tile); break;
+        case 2: solve_tile<2, NV>(a, lda, x, ldx, i0, tile); break;
+        case 3: solve_tile<3, NV>(a, lda, x, ldx, i0, tile); break;
+        case 4: solve_tile<4, NV>(a, lda, x, ldx, i0, tile); break;
+        case 5: solve_tile<5, NV>(a, lda, x, ldx, i0, tile); break;
+        case 6: solve_tile<6, NV>(a, lda, x, ldx, i0, tile); break;
+        case 7: solve_tile<7, NV>(a, lda, x, ldx, i0, tile); break;
+        default: solve_tile<8, NV>(a, lda, x, ldx, i0, tile); break;
     }
 }
 
 void solve_unit_lower(const float* a, int64_t lda, float* x, int64_t ldx, int64_t m, int64_t n) {
-    int64_t c = 0;
-    for (; c + 64 <= n; c += 64) solve_strip<4>(a, lda, x + c, ldx, m, Tile<4>(0xffff));
-    for (; c < n; c += 16) solve_strip<1>(a, lda, x + c, ldx, m, Tile<1>(tail(n - c)));
+    constexpr int64_t kRows = 8, kCols = 32;
+    for (int64_t c = 0; c < n; c += kCols) {
+        const int64_t w = n - c < kCols ? n - c : kCols;
+        for (int64_t i0 = 0; i0 < m; i0 += kRows) {
+            const int64_t rows = m - i0 < kRows ? m - i0 : kRows;
+            if (w > 16)
+                solve_rows<2>(a, lda, x + c, ldx, i0, rows, Tile<2>(tail(w - 16)));
+            else
+                solve_rows<1>(a, lda, x + c, ldx, i0, rows, Tile<1>(tail(w)));
+        }
+    }
 }
 
 const Kernels table = {

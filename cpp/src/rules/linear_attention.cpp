@@ -9,11 +9,14 @@
 // with every token. `linear` also has the normalized form with a feature map phi:
 //   S_t = S_{t-1} + phi(k_t) v_t^T,  z_t = z_{t-1} + phi(k_t),  o_t = phi(q_t)^T S_t / (phi(q_t)^T z_t + eps)
 // mix (scalar or (Hq,)) is the Infini-attention logit the cache uses when sinks or a window are
-// read too. A decode step is one sweep over S: kernels().matrix_step updates and reads together.
+// read too. A decode step is one sweep over S: kernels().matrix_step updates and reads together; a
+// block of tokens goes through fold_chunked (chunked.cpp) a chunk at a time.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
+#include "../chunked.hpp"
 #include "../rule.hpp"
 
 namespace kvfold {
@@ -110,6 +113,45 @@ class LinearAttention final : public Rule {
         if (normalize_) divide(lane, m);
     }
 
+    // A run of pairs: features, gates and queries gathered into rows for the chunked products.
+    void fold_read_run(int64_t lane, const FoldRun& run) override {
+        const int64_t n = run.n, dk = dims_.dk, dv = dims_.dv, h = lane % dims_.heads, nq = run.qs.count;
+        bool per_key = has_decay_ && decay_per_key_;
+        for (int64_t i = 0; gated_ && !has_decay_ && i < n; ++i) per_key |= run.gate[i].decay_per_key;
+        const int64_t gate_width = gated_ ? (per_key ? dk : 1) : 0, q_rows = phi_ == FeatureMap::identity ? 0 : nq * n;
+        float* k = scratch(static_cast<size_t>(n * (dk + dv + gate_width + 1) + q_rows * dk));
+        float* v = k + n * dk;
+        float* g = v + n * dv;
+        float* b = g + n * gate_width;
+        float* q = b + n;
+        for (int64_t i = 0; i < n; ++i) {
+            if (features(run.k[i], k + i * dk) == run.k[i]) std::memcpy(k + i * dk, run.k[i], sizeof(float) * dk);
+            std::memcpy(v + i * dv, run.v[i], sizeof(float) * dv);
+            if (gated_) log_decay(h, run.gate[i], per_key, g + i * gate_width);
+            if (delta_) b[i] = has_beta_ ? beta_[h] : *run.gate[i].beta;
+        }
+        ChunkInput in;
+        in.n = n, in.dk = dk, in.dv = dv;
+        in.k = k, in.v = v;
+        if (gated_) in.decay = g, in.decay_per_key = per_key;
+        if (delta_) in.beta = b;
+        in.nq = nq;
+        if (nq) {
+            in.q = run.qs.q, in.q_head = run.qs.q_stride, in.q_row = run.q_step;
+            if (q_rows) {
+                for (int64_t j = 0; j < nq; ++j)
+                    for (int64_t i = 0; i < n; ++i)
+                        features(run.qs.q + j * run.qs.q_stride + i * run.q_step, q + (j * n + i) * dk);
+                in.q = q, in.q_head = n * dk, in.q_row = dk;
+            }
+            in.out = run.qs.out, in.out_head = run.qs.out_stride, in.out_row = run.out_step;
+        }
+        in.scale = normalize_ ? 1.0f : run.qs.scale;
+        in.S = S_.lane<float>(lane);
+        if (normalize_) in.z = z_.lane<float>(lane), in.eps = eps_;
+        fold_chunked(in);
+    }
+
     void read(int64_t lane, const LaneQueries& qs) const override {
         float* tmp = scratch(static_cast<size_t>(qs.count * dims_.dk));
         MatrixPass m = const_cast<LinearAttention*>(this)->pass(lane, qs, tmp);
@@ -127,7 +169,10 @@ class LinearAttention final : public Rule {
         else
             throw ValueError(kind_ + " rule: decay must have shape (H=" + std::to_string(d.heads) + ",) or (H=" +
                              std::to_string(d.heads) + ", d_k=" + std::to_string(d.dk) + "), got " + shape_str(g.shape));
-        for (double x : g.data) decay_.push_back(static_cast<float>(std::exp(x)));
+        for (double x : g.data) {
+            decay_.push_back(static_cast<float>(std::exp(x)));
+            log_decay_.push_back(static_cast<float>(x));
+        }
     }
 
     // The sweep's memory and queries; phi(q) goes to qbuf when the feature map is not the identity.
@@ -165,6 +210,19 @@ class LinearAttention final : public Rule {
         }
     }
 
+    // A token's log decay: d_k values when per_key (a head's one value repeated), else one.
+    void log_decay(int64_t h, const TokenGate& gate, bool per_key, float* out) const {
+        const int64_t dk = dims_.dk;
+        const float* from = has_decay_ ? &log_decay_[decay_per_key_ ? h * dk : h] : gate.decay;
+        const bool from_per_key = has_decay_ ? decay_per_key_ : gate.decay_per_key;
+        if (!per_key)
+            out[0] = from[0];
+        else if (from_per_key)
+            std::memcpy(out, from, sizeof(float) * dk);
+        else
+            std::fill(out, out + dk, from[0]);
+    }
+
     // phi(x) into buf (or x itself for the identity).
     const float* features(const float* x, float* buf) const {
         const int64_t n = dims_.dk;
@@ -196,7 +254,7 @@ class LinearAttention final : public Rule {
     float eps_;
     Array decay_spec_, beta_spec_, mix_spec_;
     bool has_decay_ = false, has_beta_ = false, decay_per_key_ = false;
-    std::vector<float> decay_, beta_, weight_;  // exp(g) per head or head x key; beta per head; sigmoid(mix)
+    std::vector<float> decay_, log_decay_, beta_, weight_;  // exp(g) and g per head or head x key; beta per head; sigmoid(mix)
     LaneBuffer S_, z_;
 };
 
