@@ -27,6 +27,7 @@ struct MatrixPass {
     float scale = 1;
     float* out = nullptr;      // nq outputs of d_v floats, out_stride apart
     int64_t out_stride = 0;
+    const float* next = nullptr;  // the S swept next (same layout), if known: requested into L2 meanwhile
 };
 
 // A small matrix product, the building block of the chunked prefill (chunked.cpp):

@@ -397,6 +397,8 @@ inline void update_tile(const MatrixPass& m, int64_t c, const __m512* u, const T
     const int64_t a_step = m.decay ? 1 : 0;
     for (int64_t i = 0; i < m.dk; ++i) {
         float* row = m.S + i * m.ld + c;
+        if (m.next && m.delta)  // the next sweep's first pass then reads from L2, not L3
+            for (int t = 0; t < NV; ++t) _mm_prefetch(reinterpret_cast<const char*>(m.next + i * m.ld + c + 16 * t), _MM_HINT_T1);
         const __m512 ai = _mm512_set1_ps(a[i * a_step]), ki = _mm512_set1_ps(m.k[i]);
         __m512 s[NV];
         for (int t = 0; t < NV; ++t) {
@@ -484,10 +486,13 @@ void step_tile(const MatrixPass& m, int64_t c, __mmask16 last) {
     read_queries<NV>(m, c, kQueries, tile);
 }
 
-// Tiles of 32 columns (16 KB of S at d_k = 128, so the second pass finds the tile in L1); the
-// last tile takes what is left, masked.
+// One query: whole rows of 128 columns, so that S streams through in order. More queries: tiles
+// of 32 columns (16 KB of S at d_k = 128, so the second pass finds the tile in L1). The last tile
+// takes what is left, masked.
 void matrix_step(const MatrixPass& m) {
     int64_t c = 0;
+    if (m.nq <= 1)  // registers to spare: whole rows of 128 columns, so S streams in order
+        for (; c + 128 <= m.dv; c += 128) step_tile<8>(m, c, 0xffff);
     for (; c + 32 <= m.dv; c += 32) step_tile<2>(m, c, 0xffff);
     if (m.dv - c > 16)
         step_tile<2>(m, c, tail(m.dv - c - 16));

@@ -179,6 +179,7 @@ class LinearAttention final : public Rule {
     MatrixPass pass(int64_t lane, const LaneQueries& qs, float* qbuf) {
         MatrixPass m;
         m.S = S_.lane<float>(lane);
+        if (lane + 1 < dims_.lanes) m.next = S_.lane<float>(lane + 1);  // lanes go in order
         m.dk = dims_.dk;
         m.dv = m.ld = dims_.dv;
         m.nq = qs.count;
