@@ -1,6 +1,7 @@
 """Matrix memories (the linear-attention family) against kvfold.reference, and their laws."""
 
 import pickle
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -160,27 +161,133 @@ def setups(draw):
     )
 
 
+@contextmanager
+def chunks(n):
+    """Blocks run in chunks of n tokens inside the block."""
+    before = kvfold.get_chunk_size()
+    kvfold.set_chunk_size(n)
+    try:
+        yield
+    finally:
+        kvfold.set_chunk_size(before)
+
+
+def alike(a, b):
+    """Two caches fed the same tokens, one in blocks (chunked), one token by token: lengths, sinks
+    and window exactly alike, the matrix memory alike to float rounding."""
+    np.testing.assert_array_equal(a.length, b.length)
+    for x, y in zip(a.visible(), b.visible()):
+        np.testing.assert_array_equal(x, y)
+    for x, y in zip(memories(a), memories(b)):
+        assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
 @settings(max_examples=40, deadline=None)
-@given(cfg=setups(), T=st.integers(1, 30), seed=st.integers(0, 2**31))
-def test_forward_is_a_loop_of_step(cfg, T, seed):
+@given(cfg=setups(), T=st.integers(1, 30), chunk=st.sampled_from([1, 2, 3, 5, 8, 64]), seed=st.integers(0, 2**31))
+def test_forward_is_a_loop_of_step(cfg, T, chunk, seed):
+    """forward takes the block in chunks, step one token at a time: alike to float rounding."""
     case, shape = cfg["case"], cfg["shape"]
     q, k, v, gates = data(np.random.default_rng(seed), case, shape, T)
     a, b = make(case, shape), make(case, shape)
     outs = np.stack([b.step(q[:, :, t], k[:, :, t], v[:, :, t], **at(gates, t)) for t in range(T)], axis=2)
-    np.testing.assert_array_equal(a.forward(q, k, v, **gates), outs)
-    assert a.to_bytes() == b.to_bytes()
+    with chunks(chunk):
+        assert_allclose(a.forward(q, k, v, **gates), outs, rtol=1e-4, atol=1e-5)
+    alike(a, b)
 
 
 @settings(max_examples=40, deadline=None)
-@given(cfg=setups(), T=st.integers(1, 30), seed=st.integers(0, 2**31))
-def test_block_update_is_a_loop_of_single_updates(cfg, T, seed):
+@given(cfg=setups(), T=st.integers(1, 30), chunk=st.sampled_from([1, 2, 3, 5, 8, 64]), seed=st.integers(0, 2**31))
+def test_block_update_is_a_loop_of_single_updates(cfg, T, chunk, seed):
     case, shape = cfg["case"], cfg["shape"]
     _, k, v, gates = data(np.random.default_rng(seed), case, shape, T)
     a, b = make(case, shape), make(case, shape)
-    a.update(k, v, **gates)
+    with chunks(chunk):
+        a.update(k, v, **gates)
     for t in range(T):
         b.update(k[:, :, t], v[:, :, t], **at(gates, t))
-    assert a.to_bytes() == b.to_bytes()
+    alike(a, b)
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+@pytest.mark.parametrize("shape", [(2, 2, 4, 17, 9, 0, 0), (1, 2, 2, 33, 16, 5, 2)], ids=str)
+def test_chunk_size_changes_nothing_but_rounding(case, shape, rng):
+    """Long blocks (more chunks than one, sizes that do not divide T) against the token loop."""
+    T = 150
+    q, k, v, gates = data(rng, case, shape, T)
+    steps = make(case, shape)
+    want = np.stack([steps.step(q[:, :, t], k[:, :, t], v[:, :, t], **at(gates, t)) for t in range(T)], axis=2)
+    for chunk in (1, 7, 64, 256):
+        cache = make(case, shape)
+        with chunks(chunk):
+            cache.update(k[:, :, :20], v[:, :, :20], **span(gates, 0, 20))
+            out = cache.forward(q[:, :, 20:], k[:, :, 20:], v[:, :, 20:], **span(gates, 20, T))
+        assert_allclose(out, want[:, :, 20:], rtol=1e-4, atol=1e-5)
+        alike(cache, steps)
+
+
+@pytest.mark.parametrize("case", [CASES[4], CASES[9]], ids=repr)
+def test_strong_per_key_decays(case, rng):
+    """Per-key decays that add up to far more than a float's range within one chunk (the chunk is
+    then cut where the decay factors would leave [e^-30, e^30]), a reset (-90) and some growth."""
+    shape, T = (1, 2, 2, 16, 8, 0, 0), 120
+    q, k, v, gates = data(rng, case, shape, T)
+    g = -rng.uniform(0, 6, gates["decay"].shape).astype(np.float32)
+    g[:, :, ::9, :4] = 0.3
+    g[:, 1, 50, :] = -90
+    gates["decay"] = g
+    steps = make(case, shape)
+    want = np.stack([steps.step(q[:, :, t], k[:, :, t], v[:, :, t], **at(gates, t)) for t in range(T)], axis=2)
+    cache = make(case, shape)
+    out = cache.forward(q, k, v, **gates)
+    assert np.isfinite(out).all()
+    assert_allclose(out, want, rtol=1e-4, atol=1e-5)
+    alike(cache, steps)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_blocks_fold_the_window_pairs_as_stored(dtype, rng):
+    """With half-precision storage a pair leaves the window rounded; a block folds it so too."""
+    case, shape = CASES[9], (1, 2, 2, 9, 5, 4, 1)
+    q, k, v, gates = data(rng, case, shape, 40)
+    kw = dict(num_heads=2, head_dim=9, value_dim=5, window=4, sinks=1, dtype=dtype)
+    steps, blocks = kvfold.MemoryCache(rules.GatedDelta(), **kw), kvfold.MemoryCache(rules.GatedDelta(), **kw)
+    want = np.stack([steps.step(q[:, :, t], k[:, :, t], v[:, :, t], **at(gates, t)) for t in range(40)], axis=2)
+    with chunks(3):
+        out = np.concatenate([blocks.forward(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], **span(gates, lo, hi))
+                              for lo, hi in [(0, 2), (2, 13), (13, 40)]], axis=2)
+    assert_allclose(out, want, rtol=1e-4, atol=1e-5)
+    alike(blocks, steps)
+
+
+@pytest.mark.one_backend
+def test_chunk_size_is_set_and_read():
+    before = kvfold.get_chunk_size()
+    try:
+        for n in (1, 17, kvfold._core.MAX_CHUNK):
+            kvfold.set_chunk_size(n)
+            assert kvfold.get_chunk_size() == n
+    finally:
+        kvfold.set_chunk_size(before)
+
+
+@pytest.mark.one_backend
+@pytest.mark.parametrize(
+    "value, error, words",
+    [
+        (0, ValueError, ["chunk_size", "[1, 256]", "got 0"]),
+        (257, ValueError, ["chunk_size", "got 257"]),
+        (2**70, ValueError, ["chunk_size", str(2**70)]),
+        (8.0, TypeError, ["chunk_size", "integer", "float"]),
+        (True, TypeError, ["chunk_size", "bool"]),
+    ],
+)
+def test_bad_chunk_sizes_are_refused(value, error, words):
+    before = kvfold.get_chunk_size()
+    with pytest.raises(error) as info:
+        kvfold.set_chunk_size(value)
+    for w in words:
+        assert w in str(info.value)
+    assert kvfold.get_chunk_size() == before
 
 
 def test_window_gates_travel_with_their_tokens(rng):

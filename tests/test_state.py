@@ -454,7 +454,10 @@ def test_speculative_decoding_equals_a_cache_that_saw_only_accepted_tokens(rule,
             accepted = part(gates, np.s_[:, :, :n])
             spec.update(k[:, :, :n], v[:, :, :n], **accepted)
             expected = truth.forward(q[:, :, :n], k[:, :, :n], v[:, :, :n], **accepted)
-            np.testing.assert_array_equal(verified[:, :, :n], expected)
+            if spec.matrix_memory:  # blocks of different lengths run in different chunks
+                np.testing.assert_allclose(verified[:, :, :n], expected, rtol=1e-5, atol=1e-6)
+            else:
+                np.testing.assert_array_equal(verified[:, :, :n], expected)
         assert state(spec) == state(truth)
     q = queries(spec, rng)
     np.testing.assert_array_equal(spec.attend(q), truth.attend(q))
