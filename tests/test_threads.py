@@ -59,6 +59,8 @@ CONFIGS = [
     dict(rule=rules.EMA(0.2), batch_size=3, num_heads=4, num_query_heads=4, head_dim=96, window=0, sinks=0),
     dict(rule=rules.Drop(), batch_size=1, num_heads=6, num_query_heads=24, head_dim=64, window=200, sinks=4,
          dtype="float16"),
+    dict(rule=rules.Gated(decay=np.full((4, 32), -0.05)), batch_size=2, num_heads=4, num_query_heads=8, head_dim=32,
+         window=16, sinks=2),
 ]
 
 

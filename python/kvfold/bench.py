@@ -2,12 +2,18 @@
 
 Every implementation runs the same computation on the same data, in this process: a decode step
 (update with one token, then attend over ``[sinks | memory | window]``) or a prefill of T tokens
-(``MemoryCache.forward`` in kvfold, a loop of decode steps in the peers). The peers are plain,
-fair implementations: the visible set lives in one preallocated buffer updated in place (the window
-as a ring), and attention is one batched matrix product and softmax (NumPy), one
+(``MemoryCache.forward`` in kvfold, a loop of decode steps in the summary-rule peers). The peers are
+plain, fair implementations: the visible set lives in one preallocated buffer updated in place (the
+window as a ring), and attention is one batched matrix product and softmax (NumPy), one
 ``scaled_dot_product_attention`` call (PyTorch), or the ONNX ``Attention`` operator (ONNX Runtime;
 state kept by NumPy and bound without a copy). Their memory is float32; kvfold's summary rules keep
 float64 accumulators, which costs kvfold a little more.
+
+Matrix rules (the linear-attention family) have their own peers: NumPy and PyTorch keep S
+(H, d_k, d_v) and update it per decode step with broadcasting and batched matrix products, and run a
+prefill in the chunked form (chunks of 64 tokens, batched matrix products, a triangular solve for
+the delta rules); ONNX Runtime runs its ``LinearAttention`` contrib operator (com.microsoft), one
+call per decode step with the state bound in place, or one call for the whole prefill.
 
 Times are per token: the best of several rounds that take the implementations in turn, so that a busy
 machine slows them alike. Ratios are peer time over kvfold time. Before timing, each peer's outputs
@@ -19,11 +25,12 @@ and builds a ``memory`` for them. New rule families are added by adding entries 
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -42,10 +49,18 @@ class Case:
     dtype: str = "float32"
     heads: int = 32
     head_dim: int = 128
+    gates: bool = False  # matrix rules: per-token gates (a decay, a beta or both, one per head), as gated delta layers make them
 
     @property
     def prefill(self) -> bool:
         return self.tokens > 1
+
+    @property
+    def matrix(self) -> bool:
+        return isinstance(self.rule, MATRIX_RULES)
+
+
+MATRIX_RULES = (rules.Linear, rules.Gated, rules.Delta, rules.GatedDelta)
 
 
 CASES: List[Case] = [
@@ -59,14 +74,40 @@ CASES: List[Case] = [
     Case("prefill T2048 W256+S4+Cumulative", rules.Cumulative(), window=256, sinks=4, tokens=2048),
     Case("tiny decode EMA H1 d8", rules.EMA(0.1), heads=1, head_dim=8),
     Case("tiny decode W16 H1 d8", rules.Cumulative(), window=16, heads=1, head_dim=8),
+    Case("decode Linear", rules.Linear()),
+    Case("decode GatedDelta", rules.GatedDelta(), gates=True),
+    Case("prefill T512 Linear", rules.Linear(), tokens=512),
+    Case("prefill T2048 Linear", rules.Linear(), tokens=2048),
+    Case("prefill T512 GatedDelta", rules.GatedDelta(), tokens=512, gates=True),
+    Case("prefill T2048 GatedDelta", rules.GatedDelta(), tokens=2048, gates=True),
 ]
 
 
 def make_data(case: Case, seed: int = 0) -> Dict[str, np.ndarray]:
-    """Tokens for a case: q, k, v of shape (T, H, d), float32, the same for every implementation."""
+    """Tokens for a case: q, k, v of shape (T, H, d), float32, the same for every implementation;
+    for matrix rules unit-length keys (as the delta rules want them) and, with ``gates``, decay and
+    beta of shape (T, H)."""
     rng = np.random.default_rng(seed)
-    shape = (max(case.tokens, 1), case.heads, case.head_dim)
-    return {name: rng.standard_normal(shape, dtype=np.float32) for name in ("q", "k", "v")}
+    T = max(case.tokens, 1)
+    data = {name: rng.standard_normal((T, case.heads, case.head_dim), dtype=np.float32) for name in ("q", "k", "v")}
+    if case.matrix:
+        data["k"] /= np.linalg.norm(data["k"], axis=-1, keepdims=True)
+    if case.gates:
+        decay = -rng.uniform(0.01, 0.5, (T, case.heads)).astype(np.float32)
+        beta = rng.uniform(0.01, 0.99, (T, case.heads)).astype(np.float32)
+        if isinstance(case.rule, (rules.Gated, rules.GatedDelta)):
+            data["decay"] = decay
+        if isinstance(case.rule, (rules.Delta, rules.GatedDelta)):
+            data["beta"] = beta
+    return data
+
+
+GATES = ("decay", "beta")
+
+
+def split_gates(data: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(q, k, v) and the per-token gates of a case's data."""
+    return ({n: x for n, x in data.items() if n not in GATES}, {n: x for n, x in data.items() if n in GATES})
 
 
 def fill_tokens(case: Case) -> int:
@@ -75,8 +116,9 @@ def fill_tokens(case: Case) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Implementations. A memory takes tokens as (H, d) arrays (or tensors): update(k, v) places one
-# token, step(q, k, v) places one and returns the attention output (H, d).
+# Implementations. A memory takes tokens as (H, d) arrays (or tensors) and a matrix rule's gates as
+# (H,) keywords: update(k, v) places one token, step(q, k, v) places one and returns the attention
+# output (H, d). A memory with forward(q, k, v) takes a prefill of (T, H, d) tokens at once.
 
 
 class KvfoldMemory:
@@ -84,11 +126,11 @@ class KvfoldMemory:
         self.cache = MemoryCache(case.rule, num_heads=case.heads, head_dim=case.head_dim, window=case.window,
                                  sinks=case.sinks, dtype=case.dtype)
 
-    def update(self, k: np.ndarray, v: np.ndarray) -> None:
-        self.cache.update(k[None], v[None])
+    def update(self, k: np.ndarray, v: np.ndarray, **gates: np.ndarray) -> None:
+        self.cache.update(k[None], v[None], **{n: g[None] for n, g in gates.items()})
 
-    def step(self, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
-        return self.cache.step(q[None], k[None], v[None])[0]
+    def step(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, **gates: np.ndarray) -> np.ndarray:
+        return self.cache.step(q[None], k[None], v[None], **{n: g[None] for n, g in gates.items()})[0]
 
 
 class RingMemory:
@@ -208,6 +250,194 @@ class OrtMemory(NumpyMemory):
         return self.y[0, :, 0]
 
 
+# ---------------------------------------------------------------------------------------------
+# Matrix memories (the linear-attention family)
+
+
+def _matrix_kind(case: Case) -> Optional[str]:
+    """The ONNX update rule of a case the matrix peers run (per-token gates or none, no window, no
+    sinks, no feature map), else None."""
+    rule = case.rule
+    if not case.matrix or case.window or case.sinks or case.dtype != "float32":
+        return None
+    if isinstance(rule, rules.Linear):
+        return "linear" if rule.feature_map == "identity" and not rule.normalize and not case.gates else None
+    if getattr(rule, "decay", None) is not None or getattr(rule, "beta", None) is not None or not case.gates:
+        return None
+    return {rules.Gated: "gated", rules.Delta: "delta", rules.GatedDelta: "gated_delta"}[type(rule)]
+
+
+class ChunkedMatrix:
+    """S (H, d_k, d_v) in the peer's arrays, float32. A decode step folds one token with broadcasting
+    and batched matrix products, then reads S; forward runs the chunked form, chunks of 64 tokens
+    with every head at once: intra-chunk attention, a triangular solve for the delta rules, and the
+    chunk's state update, all as batched matrix products."""
+
+    chunk = 64
+
+    def __init__(self, case: Case, xp: Any, zeros: Callable[..., Any], lower: Any, eye: Any) -> None:
+        kind = _matrix_kind(case)
+        if kind is None:
+            raise ValueError(f"matrix peers run Linear() and per-token gated rules without window or sinks, not {case!r}")
+        self.gated, self.delta = kind in ("gated", "gated_delta"), kind in ("delta", "gated_delta")
+        self.xp, self.zeros, self.lower, self.eye = xp, zeros, lower, eye
+        self.S = zeros((case.heads, case.head_dim, case.head_dim))
+        self.scale = case.head_dim**-0.5
+
+    def update(self, k: Any, v: Any, decay: Any = None, beta: Any = None) -> None:
+        if self.gated:
+            self.S *= self.xp.exp(decay)[:, None, None]
+        u = beta[:, None] * (v - (k[:, None, :] @ self.S)[:, 0]) if self.delta else v
+        self.add_outer(k, u)
+
+    def step(self, q: Any, k: Any, v: Any, **gates: Any) -> Any:
+        self.update(k, v, **gates)
+        return self.scale * (q[:, None, :] @ self.S)[:, 0]
+
+    def forward(self, q: Any, k: Any, v: Any, decay: Any = None, beta: Any = None) -> Any:
+        xp = self.xp
+        q, k, v = (x.swapaxes(0, 1) for x in (q, k, v))  # (H, T, d)
+        H, T, dv = v.shape
+        out = self.zeros((H, T, dv))
+        S = self.S
+        for first in range(0, T, self.chunk):
+            end = min(T, first + self.chunk)
+            n = end - first
+            qc, kc, vc = q[:, first:end], k[:, first:end], v[:, first:end]
+            lower, strict = self.lower[:n, :n], self.lower[:n, :n] & ~self.eye[:n, :n]
+            D = None
+            if self.gated:  # g: cumulative log decay; D[t, s] = exp(g_t - g_s) for s <= t, else 0
+                g = decay[first:end].T.cumsum(1)
+                D = xp.exp(xp.where(lower, g[:, :, None] - g[:, None, :], -xp.inf))
+            u = vc
+            if self.delta:
+                b = beta[first:end].T[:, :, None]
+                A = kc @ kc.swapaxes(1, 2)
+                A = xp.where(strict, A * D if self.gated else A, 0) * b
+                wk = b * kc * (xp.exp(g)[:, :, None] if self.gated else 1)
+                u = self.solve_unit_lower(A, b * vc) - self.solve_unit_lower(A, wk) @ S
+            P = qc @ kc.swapaxes(1, 2)
+            P = xp.where(lower, P * D if self.gated else P, 0)
+            past = qc @ S
+            if self.gated:
+                past = past * xp.exp(g)[:, :, None]
+                S = xp.exp(g[:, -1])[:, None, None] * S + (kc * xp.exp(g[:, -1:] - g)[:, :, None]).swapaxes(1, 2) @ u
+            else:
+                S = S + kc.swapaxes(1, 2) @ u
+            out[:, first:end] = self.scale * (past + P @ u)
+        self.S = S
+        return out.swapaxes(0, 1)
+
+
+class NumpyMatrix(ChunkedMatrix):
+    def __init__(self, case: Case) -> None:
+        n = self.chunk
+        super().__init__(case, np, lambda shape: np.zeros(shape, np.float32), np.tri(n, dtype=bool), np.eye(n, dtype=bool))
+
+    def add_outer(self, k: np.ndarray, u: np.ndarray) -> None:
+        self.S += k[:, :, None] * u[:, None, :]
+
+    def solve_unit_lower(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.linalg.solve(a + np.eye(a.shape[-1], dtype=np.float32), b)
+
+
+class TorchMatrix(ChunkedMatrix):
+    def __init__(self, case: Case) -> None:
+        import torch
+
+        self.torch = torch
+        n = self.chunk
+        super().__init__(case, torch, lambda shape: torch.zeros(shape, dtype=torch.float32),
+                         torch.ones(n, n, dtype=torch.bool).tril(), torch.eye(n, dtype=torch.bool))
+
+    def add_outer(self, k: Any, u: Any) -> None:
+        self.S.baddbmm_(k[:, :, None], u[:, None, :])
+
+    def solve_unit_lower(self, a: Any, b: Any) -> Any:
+        return self.torch.linalg.solve_triangular(a, b, upper=False, unitriangular=True)
+
+    def step(self, q: Any, k: Any, v: Any, **gates: Any) -> Any:
+        with self.torch.inference_mode():
+            return super().step(q, k, v, **gates)
+
+    def forward(self, q: Any, k: Any, v: Any, **gates: Any) -> Any:
+        with self.torch.inference_mode():
+            return super().forward(q, k, v, **gates)
+
+
+@functools.lru_cache(maxsize=None)
+def _ort_linear_attention(kind: str, heads: int, head_dim: int, threads: int) -> Any:
+    """A session of ONNX Runtime's LinearAttention contrib operator (com.microsoft) for any T."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    H, d, f = heads, head_dim, TensorProto.FLOAT
+    shapes = {"query": [1, "T", H * d], "key": [1, "T", H * d], "value": [1, "T", H * d], "past_state": [1, H, d, d],
+              "decay": [1, "T", H], "beta": [1, "T", H]}
+    names = ["query", "key", "value", "past_state", "decay" if "gated" in kind else "", "beta" if "delta" in kind else ""]
+    while not names[-1]:
+        names.pop()
+    inputs = [helper.make_tensor_value_info(n, f, shapes[n]) for n in names if n]
+    outputs = [helper.make_tensor_value_info("output", f, [1, "T", H * d]),
+               helper.make_tensor_value_info("present_state", f, [1, H, d, d])]
+    node = helper.make_node("LinearAttention", names, ["output", "present_state"], domain="com.microsoft",
+                            q_num_heads=H, kv_num_heads=H, update_rule=kind)
+    model = helper.make_model(helper.make_graph([node], "linear_attention", inputs, outputs),
+                              opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+class OrtMatrix:
+    """ONNX Runtime's LinearAttention contrib operator: a decode step is one run with T = 1 and the
+    state bound in place (two buffers taken in turn, so it is never copied); forward is one run over
+    all T tokens from a zero state."""
+
+    def __init__(self, case: Case, threads: int) -> None:
+        kind = _matrix_kind(case)
+        if kind is None:
+            raise ValueError(f"matrix peers run Linear() and per-token gated rules without window or sinks, not {case!r}")
+        H, d = case.heads, case.head_dim
+        self.heads = H
+        self.session = _ort_linear_attention(kind, H, d, threads)
+        self.zero = np.zeros((1, H, d, d), np.float32)
+        self.state = [np.zeros((1, H, d, d), np.float32) for _ in range(2)]
+        self.inputs = {n: np.zeros((1, 1, H * d), np.float32) for n in ("query", "key", "value")}
+        self.inputs.update({n: np.zeros((1, 1, H), np.float32) for n in ("decay", "beta") if n in self.names()})
+        self.y = np.zeros((1, 1, H * d), np.float32)
+        self.bindings = []
+        for past, present in ((0, 1), (1, 0)):
+            b = self.session.io_binding()
+            for name, array in self.inputs.items():
+                b.bind_cpu_input(name, array)
+            b.bind_cpu_input("past_state", self.state[past])
+            b.bind_output("output", "cpu", 0, np.float32, list(self.y.shape), self.y.ctypes.data)
+            b.bind_output("present_state", "cpu", 0, np.float32, list(self.zero.shape), self.state[present].ctypes.data)
+            self.bindings.append(b)
+        self.turn = 0
+
+    def names(self) -> List[str]:
+        return [i.name for i in self.session.get_inputs()]
+
+    def update(self, k: np.ndarray, v: np.ndarray, **gates: np.ndarray) -> None:
+        self.step(np.zeros_like(k), k, v, **gates)
+
+    def step(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, **gates: np.ndarray) -> np.ndarray:
+        for name, x in (("query", q), ("key", k), ("value", v), *gates.items()):
+            self.inputs[name][0, 0] = x.reshape(-1)
+        self.session.run_with_iobinding(self.bindings[self.turn])
+        self.turn ^= 1
+        return self.y[0, 0].reshape(self.heads, -1)
+
+    def forward(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, **gates: np.ndarray) -> np.ndarray:
+        T = q.shape[0]
+        feeds = {"query": q.reshape(1, T, -1), "key": k.reshape(1, T, -1), "value": v.reshape(1, T, -1),
+                 "past_state": self.zero, **{n: g[None] for n, g in gates.items()}}
+        return self.session.run(["output"], feeds)[0].reshape(T, self.heads, -1)
+
+
 @dataclass
 class Peer:
     name: str
@@ -247,16 +477,20 @@ def peers() -> List[Peer]:
     summary_rules = (rules.Drop, rules.Cumulative, rules.EMA)
     torch = _installed("torch")
     ort = _installed("onnxruntime") if _installed("onnx") else None
+
+    def runs(c: Case) -> bool:
+        return isinstance(c.rule, summary_rules) or _matrix_kind(c) is not None
+
     return [
-        Peer("numpy", True, lambda c: isinstance(c.rule, summary_rules), lambda c, n: NumpyMemory(c),
+        Peer("numpy", True, runs, lambda c, n: NumpyMatrix(c) if c.matrix else NumpyMemory(c),
              set_threads=_numpy_blas_threads(), version=np.__version__),
-        Peer("torch", torch is not None, lambda c: isinstance(c.rule, summary_rules), lambda c, n: TorchMemory(c),
+        Peer("torch", torch is not None, runs, lambda c, n: TorchMatrix(c) if c.matrix else TorchMemory(c),
              convert=(lambda x: torch.from_numpy(np.ascontiguousarray(x))) if torch else (lambda x: x),
              set_threads=(lambda n: torch.set_num_threads(n)) if torch else (lambda n: None),
              version=getattr(torch, "__version__", "")),
         Peer("onnxruntime", ort is not None,
-             lambda c: isinstance(c.rule, summary_rules) and c.window > 0 and not c.prefill,
-             lambda c, n: OrtMemory(c, n), version=getattr(ort, "__version__", "")),
+             lambda c: (isinstance(c.rule, summary_rules) and c.window > 0 and not c.prefill) or _matrix_kind(c) is not None,
+             lambda c, n: OrtMatrix(c, n) if c.matrix else OrtMemory(c, n), version=getattr(ort, "__version__", "")),
     ]
 
 
@@ -266,51 +500,71 @@ def peers() -> List[Peer]:
 
 def _kvfold_runner(case: Case, data: Dict[str, np.ndarray]) -> Callable[[], Any]:
     """kvfold called as a user would: (B, H, d) or (B, H, T, d) arrays in, a new array out."""
+    tokens, gates = split_gates(data)
     if case.prefill:
-        q, k, v = (np.ascontiguousarray(data[name].transpose(1, 0, 2))[None] for name in ("q", "k", "v"))
-        return lambda: KvfoldMemory(case).cache.forward(q, k, v)
+        q, k, v = (np.ascontiguousarray(tokens[name].transpose(1, 0, 2))[None] for name in ("q", "k", "v"))
+        block_gates = {n: np.ascontiguousarray(g.T)[None] for n, g in gates.items()}
+        return lambda: KvfoldMemory(case).cache.forward(q, k, v, **block_gates)
     memory = KvfoldMemory(case)
+    first = {n: g[0] for n, g in gates.items()}
     for _ in range(fill_tokens(case)):
-        memory.update(data["k"][0], data["v"][0])
-    q, k, v = (data[name][0][None] for name in ("q", "k", "v"))
-    return lambda: memory.cache.step(q, k, v)
+        memory.update(tokens["k"][0], tokens["v"][0], **first)
+    q, k, v = (tokens[name][0][None] for name in ("q", "k", "v"))
+    step_gates = {n: g[None] for n, g in first.items()}
+    return lambda: memory.cache.step(q, k, v, **step_gates)
 
 
 def _peer_runner(memory_for: Callable[[], Any], case: Case, data: Dict[str, Any]) -> Callable[[], Any]:
-    """A peer's decode step, or its prefill: a loop of decode steps from an empty memory."""
-    q, k, v = data["q"], data["k"], data["v"]
+    """A peer's decode step, or its prefill from an empty memory: its forward when it has one, else
+    a loop of decode steps."""
+    tokens, gates = split_gates(data)
+    q, k, v = tokens["q"], tokens["k"], tokens["v"]
     if case.prefill:
         def prefill() -> Any:
             memory = memory_for()
+            if hasattr(memory, "forward"):
+                return memory.forward(q, k, v, **gates)
             for t in range(case.tokens):
-                out = memory.step(q[t], k[t], v[t])
+                out = memory.step(q[t], k[t], v[t], **{n: g[t] for n, g in gates.items()})
             return out
 
         return prefill
     memory = memory_for()
+    first = {n: g[0] for n, g in gates.items()}
     for _ in range(fill_tokens(case)):
-        memory.update(k[0], v[0])
+        memory.update(k[0], v[0], **first)
     q0, k0, v0 = q[0], k[0], v[0]
-    return lambda: memory.step(q0, k0, v0)
+    return lambda: memory.step(q0, k0, v0, **first)
 
 
 def _agreement(case: Case, peer: Peer, threads: int, steps: int = 4) -> float:
     """Largest difference between kvfold's and the peer's outputs over a few decode steps, once
     sinks, window and memory are full."""
-    data = make_data(case, seed=1)
+    fill = fill_tokens(case)
+    data = make_data(replace(case, tokens=fill + steps), seed=1)
     ours, theirs = KvfoldMemory(case), peer.memory(replace(case, tokens=1), threads)
-    rng = np.random.default_rng(2)
-    fill = rng.standard_normal((fill_tokens(case) + steps, case.heads, case.head_dim), dtype=np.float32)
     worst = 0.0
-    for t in range(fill_tokens(case)):
-        ours.update(fill[t], fill[-t - 1])
-        theirs.update(peer.convert(fill[t]), peer.convert(fill[-t - 1]))
-    for t in range(steps):
-        q, k, v = data["q"][0] * (t + 1), fill[t], fill[t + 1]
-        a = ours.step(q, k, v)
-        b = np.asarray(theirs.step(peer.convert(q), peer.convert(k), peer.convert(v)))
-        worst = max(worst, float(np.abs(a - b).max()))
+    for t in range(fill + steps):
+        tokens, gates = split_gates({n: x[t] for n, x in data.items()})
+        if t < fill:
+            ours.update(tokens["k"], tokens["v"], **gates)
+            theirs.update(*(peer.convert(tokens[n]) for n in ("k", "v")), **{n: peer.convert(g) for n, g in gates.items()})
+            continue
+        a = ours.step(tokens["q"], tokens["k"], tokens["v"], **gates)
+        b = theirs.step(*(peer.convert(tokens[n]) for n in ("q", "k", "v")), **{n: peer.convert(g) for n, g in gates.items()})
+        worst = max(worst, float(np.abs(a - np.asarray(b)).max()))
     return worst
+
+
+def _prefill_agreement(case: Case, peer: Peer, threads: int) -> float:
+    """Largest difference between kvfold's and the peer's prefill outputs, relative to the largest output."""
+    data = make_data(case, seed=1)
+    ours = np.asarray(_kvfold_runner(case, data)())[0].transpose(1, 0, 2)
+    theirs = np.asarray(_peer_runner(lambda: peer.memory(replace(case, tokens=1), threads), case,
+                                     {n: peer.convert(x) for n, x in data.items()})())
+    if not hasattr(peer.memory(replace(case, tokens=1), threads), "forward"):
+        ours = ours[-1]  # a loop of steps returns the last step's output
+    return float(np.abs(ours - theirs).max() / np.abs(ours).max())
 
 
 def time_per_token(runners: Dict[str, Callable[[], Any]], tokens: int, rounds: int = 5,
