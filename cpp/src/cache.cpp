@@ -410,6 +410,7 @@ struct MatrixModel {
             }
             FoldRun run{n, rows.data(), rows.data() + C, gates.data(), {}, dk(), dv()};
             if (q) run.qs = queries(lane, q, out, first);
+            if (first + C < T) request_rows(lane, k, v, q, first + C, std::min(C, T - first - C));
             c.rule->fold_read_run(lane, run);
         }
         if (cfg.sinks == 0 && cfg.window == 0) return;
@@ -420,6 +421,20 @@ struct MatrixModel {
             place_gates(lane, len0 + t, input_gate(lane, t), evicted + dk() + dv());
             if (q) mix_local(lane, len0 + t + 1, queries(lane, q, out, t), evicted + dk() + dv() + c.gate_stride);
         }
+    }
+
+    // Asks for the rows of the chunk that folds at tokens [t, t + n) while the one before it is
+    // computed: a long block's rows come from memory, at a pace the hardware prefetcher does not
+    // follow from chunk to chunk.
+    void request_rows(int64_t lane, const float* k, const float* v, const float* q, int64_t t, int64_t n) const {
+        auto request = [](const float* p, int64_t floats) {
+            for (int64_t i = 0; i < floats; i += 16) __builtin_prefetch(p + i, 0, 2);
+        };
+        const int64_t pairs = std::max<int64_t>(0, t - c.cfg.window);  // the pairs folded then
+        request(k + pairs * dk(), (t + n - c.cfg.window - pairs) * dk());
+        request(v + pairs * dv(), (t + n - c.cfg.window - pairs) * dv());
+        const int64_t hq = (lane / c.cfg.num_heads) * c.cfg.num_query_heads + (lane % c.cfg.num_heads) * c.group;
+        for (int64_t j = 0; q && j < c.group; ++j) request(q + ((hq + j) * T + t) * dk(), n * dk());
     }
 
     // The gates kept beside window slot pos (none when the rule takes none per token).

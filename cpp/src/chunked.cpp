@@ -36,7 +36,7 @@ namespace {
 
 constexpr float kSpan = 30;  // per-key decay: the widest range of c_t - c_0 within one piece
 
-std::atomic<int64_t> chunk{64};
+std::atomic<int64_t> chunk{32};
 
 // Per-thread working memory, carved into the buffers of one piece; grows once, then never allocates.
 class Arena {
@@ -56,11 +56,10 @@ class Arena {
     size_t used_ = 0;
 };
 
-// Rows of a (rows x cols, lda apart) into columns of t (cols x rows, ldt apart), each row scaled by
-// f[row] when f is given.
-void transpose(const float* a, int64_t lda, int64_t rows, int64_t cols, float* t, int64_t ldt, const float* f = nullptr) {
+// Rows of a (rows x cols, lda apart) into columns of t (cols x rows, ldt apart).
+void transpose(const float* a, int64_t lda, int64_t rows, int64_t cols, float* t, int64_t ldt) {
     for (int64_t c = 0; c < cols; ++c)  // strided loads (a is small, in L1) and contiguous stores
-        for (int64_t r = 0; r < rows; ++r) t[c * ldt + r] = f ? f[r] * a[r * lda + c] : a[r * lda + c];
+        for (int64_t r = 0; r < rows; ++r) t[c * ldt + r] = a[r * lda + c];
 }
 
 void multiply(float* y, const float* a, const float* b, int64_t n) {  // y = a (.) b
@@ -137,60 +136,67 @@ Decay decay_forms(const ChunkInput& in, Arena& arena) {
 // One piece of a run: n <= chunk_size() tokens, and for a per-key decay within kSpan.
 void fold_piece(const ChunkInput& in, Arena& arena) {
     const Kernels& K = kernels();
-    const int64_t n = in.n, dk = in.dk, dv = in.dv;
+    const int64_t n = in.n, dk = in.dk, dv = in.dv, ldk = in.k_row;
     arena.reset(static_cast<size_t>(4 * n * n + n * (12 * dk + 2 * dv + 20)));  // the most the takes below add up to
     const Decay d = decay_forms(in, arena);
 
-    // Keys as the products want them: ks = k_s / e_s (per key; else k_s), kt = ks^T (d_k x n), and
-    // kh = Kh^T, the keys that carry each token's update to the end of the piece.
+    // Keys as the products want them: ks = k_s / e_s (per key; else k_s) and kt = ks^T (d_k x n);
+    // kh, the keys that carry each token's update to the end of the piece (rows, used transposed).
     const float* ks = in.k;
+    int64_t ldks = ldk;
     if (d.per_key) {
         float* div = arena.take(n * dk);
-        for (int64_t i = 0; i < n * dk; ++i) div[i] = in.k[i] / d.e[i];
-        ks = div;
+        for (int64_t t = 0; t < n; ++t)
+            for (int64_t i = 0; i < dk; ++i) div[t * dk + i] = in.k[t * ldk + i] / d.e[t * dk + i];
+        ks = div, ldks = dk;
     }
     float* kt = arena.take(dk * n);
-    transpose(ks, dk, n, dk, kt, n);
-    const float* kh = kt;
-    if (d.per_key) {
+    transpose(ks, ldks, n, dk, kt, n);
+    const float* kh = in.k;
+    int64_t ldkh = ldk;
+    if (!d.none) {
         float* scaled = arena.take(n * dk);
-        for (int64_t t = 0; t < n; ++t) multiply(scaled + t * dk, ks + t * dk, d.e + (n - 1) * dk, dk);
-        float* khT = arena.take(dk * n);
-        transpose(scaled, dk, n, dk, khT, n);
-        kh = khT;
-    } else if (!d.none) {
-        float* khT = arena.take(dk * n);
-        transpose(in.k, dk, n, dk, khT, n, d.tail);
-        kh = khT;
+        for (int64_t t = 0; t < n; ++t) {
+            if (d.per_key)
+                multiply(scaled + t * dk, ks + t * dk, d.e + (n - 1) * dk, dk);
+            else
+                for (int64_t i = 0; i < dk; ++i) scaled[t * dk + i] = d.tail[t] * in.k[t * ldk + i];
+        }
+        kh = scaled, ldkh = dk;
     }
 
     // U: V itself, or the delta rules' solved updates.
     const float* U = in.v;
-    int64_t ldu = dv;
+    int64_t ldu = in.v_row;
     if (in.beta) {
         const int64_t ldx = dv + dk + 16;  // rows a cache line off a multiple of 4 KB apart: L1 sets stay apart
         const float* kq = in.k;  // k_t (.) e_t against ks: the per-key split of gamma_t / gamma_s
+        int64_t ldkq = ldk;
         if (d.per_key) {
             float* m = arena.take(n * dk);
-            multiply(m, in.k, d.e, n * dk);
-            kq = m;
+            for (int64_t t = 0; t < n; ++t) multiply(m + t * dk, in.k + t * ldk, d.e + t * dk, dk);
+            kq = m, ldkq = dk;
         }
         float* L = arena.take(n * n);
-        Gemm g = product(n, n, dk, kq, dk, kt, n, L, n);
+        Gemm g = product(n, n, dk, kq, ldkq, kt, n, L, n);
         g.lower_c = true;
         K.gemm(g);
         keep_lower(L, n, d.D, true);
         float* X = arena.take(n * ldx);
         for (int64_t t = 0; t < n; ++t) {
             const float b = in.beta[t];
+            const float* k = in.k + t * ldk;
+            const float* v = in.v + t * in.v_row;
             float* xv = X + t * ldx;
             float* xk = xv + dv;
             for (int64_t s = 0; s < t; ++s) L[t * n + s] *= b;
-            for (int64_t j = 0; j < dv; ++j) xv[j] = b * in.v[t * dv + j];
+            for (int64_t j = 0; j < dv; ++j) xv[j] = b * v[j];
             if (d.per_key)
-                for (int64_t i = 0; i < dk; ++i) xk[i] = b * in.k[t * dk + i] * d.gamma[t * dk + i];
-            else
-                for (int64_t i = 0; i < dk; ++i) xk[i] = (d.none ? b : b * d.gamma[t]) * in.k[t * dk + i];
+                for (int64_t i = 0; i < dk; ++i) xk[i] = b * k[i] * d.gamma[t * dk + i];
+            else {
+                const float w = d.none ? b : b * d.gamma[t];
+                for (int64_t i = 0; i < dk; ++i) xk[i] = w * k[i];
+            }
         }
         K.solve_unit_lower(L, n, X, ldx, n, ldx);
         Gemm w = product(n, dv, dk, X + dv, ldx, in.S, dv, X, ldx);  // U = X_v - X_k S_0
@@ -239,16 +245,17 @@ void fold_piece(const ChunkInput& in, Arena& arena) {
             }
     }
 
-    // The state at the end of the piece.
+    // The state at the end of the piece: S_n = diag(gamma_{n-1}) S_0 + Kh^T U.
     if (d.per_key)
         for (int64_t i = 0; i < dk; ++i) K.scale(in.S + i * dv, d.gamma[(n - 1) * dk + i], dv);
     else if (!d.none)
         K.scale(in.S, d.gamma[n - 1], dk * dv);
-    Gemm update = product(dk, dv, n, kh, n, U, ldu, in.S, dv);
+    Gemm update = product(dk, dv, n, kh, ldkh, U, ldu, in.S, dv);
+    update.trans_a = true;
     update.accumulate = true;
     K.gemm(update);
     if (in.z)
-        for (int64_t t = 0; t < n; ++t) K.axpy_f32(in.z, 1.0f, in.k + t * dk, dk);
+        for (int64_t t = 0; t < n; ++t) K.axpy_f32(in.z, 1.0f, in.k + t * ldk, dk);
 }
 
 // Tokens [0, n) of a per-key decay run that the first piece takes: as many as keep c_t - c_0
@@ -273,8 +280,8 @@ void fold_chunked(const ChunkInput& run) {
     for (int64_t first = 0; first < run.n;) {
         ChunkInput piece = run;
         piece.n = std::min(step, run.n - first);
-        piece.k = run.k + first * run.dk;
-        piece.v = run.v + first * run.dv;
+        piece.k = run.k + first * run.k_row;
+        piece.v = run.v + first * run.v_row;
         if (run.decay) piece.decay = run.decay + first * (run.decay_per_key ? run.dk : 1);
         if (run.beta) piece.beta = run.beta + first;
         if (run.nq) {

@@ -15,8 +15,9 @@ namespace kvfold {
 // z_t = z_{t-1} + k_t; no decay and no delta then).
 struct ChunkInput {
     int64_t n = 0, dk = 0, dv = 0;
-    const float* k = nullptr;      // n x d_k, features already applied
-    const float* v = nullptr;      // n x d_v
+    const float* k = nullptr;      // n rows of d_k, k_row apart, features already applied
+    const float* v = nullptr;      // n rows of d_v, v_row apart
+    int64_t k_row = 0, v_row = 0;
     const float* decay = nullptr;  // log decays, n x d_k when decay_per_key, else n; null: none
     bool decay_per_key = false;
     const float* beta = nullptr;   // n; null: not a delta rule

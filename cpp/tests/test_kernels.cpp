@@ -227,20 +227,21 @@ TEST(gemm_matches_the_formula) {
     for (int64_t m : sizes)
         for (int64_t n : sizes)
             for (int64_t k : {int64_t(1), int64_t(5), int64_t(17), int64_t(64), int64_t(129)})
-                for (int shape = 0; shape < 4; ++shape) {
-                    const bool lower_a = shape == 1, lower_c = shape == 2, accumulate = shape == 3;
+                for (int shape = 0; shape < 5; ++shape) {
+                    const bool lower_a = shape == 1, lower_c = shape == 2, accumulate = shape >= 3, trans_a = shape == 4;
                     if ((m * n * k) % 3 && shape == 0 && m > 9) continue;  // a sample of the plain products
-                    const int64_t lda = k + 3, ldb = n + 5, ldc = n + 2;
-                    auto a = random_floats(m * lda, ++seed), b = random_floats(k * ldb, ++seed);
+                    const int64_t lda = trans_a ? m + 3 : k + 3, ldb = n + 5, ldc = n + 2;
+                    auto a = random_floats((trans_a ? k : m) * lda, ++seed), b = random_floats(k * ldb, ++seed);
                     auto c0 = random_floats(m * ldc, ++seed);
+                    auto at = [&](int64_t i, int64_t p) -> float& { return trans_a ? a[p * lda + i] : a[i * lda + p]; };
                     if (lower_a)
                         for (int64_t i = 0; i < m; ++i)
-                            for (int64_t p = i + 1; p < k; ++p) a[i * lda + p] = 0;
+                            for (int64_t p = i + 1; p < k; ++p) at(i, p) = 0;
                     std::vector<double> want(m * n);
                     for (int64_t i = 0; i < m; ++i)
                         for (int64_t j = 0; j < n; ++j) {
                             double sum = 0;
-                            for (int64_t p = 0; p < k; ++p) sum += double(a[i * lda + p]) * b[p * ldb + j];
+                            for (int64_t p = 0; p < k; ++p) sum += double(at(i, p)) * b[p * ldb + j];
                             want[i * n + j] = -0.5 * sum + (accumulate ? c0[i * ldc + j] : 0.0);
                         }
                     for (const Kernels* table : {scalar_kernels(), &kernels()}) {
@@ -249,7 +250,7 @@ TEST(gemm_matches_the_formula) {
                         g.m = m, g.n = n, g.k = k;
                         g.a = a.data(), g.lda = lda, g.b = b.data(), g.ldb = ldb, g.c = c.data(), g.ldc = ldc;
                         g.alpha = -0.5f;
-                        g.accumulate = accumulate, g.lower_a = lower_a, g.lower_c = lower_c;
+                        g.accumulate = accumulate, g.trans_a = trans_a, g.lower_a = lower_a, g.lower_c = lower_c;
                         table->gemm(g);
                         for (int64_t i = 0; i < m; ++i) {
                             for (int64_t j = 0; j < n; ++j)

@@ -70,7 +70,7 @@ def get_num_threads() -> int:
 
 def set_chunk_size(chunk_size: int) -> None:
     """Tokens per chunk when a matrix rule (``Linear``, ``Gated``, ``Delta``, ``GatedDelta``) takes a
-    block in ``forward`` or ``update``; default 64.
+    block in ``forward`` or ``update``; default 32.
 
     A block's folds into the matrix memory run a chunk at a time as small matrix products (the
     chunked form of linear attention, with the WY form for the delta rules). The chunk size tunes

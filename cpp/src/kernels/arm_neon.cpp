@@ -427,15 +427,16 @@ void gemm_tile(const Gemm& g, int64_t i0, int64_t j0, int64_t k) {
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
         for (int t = 0; t < NV; ++t) acc[r][t] = vdupq_n_f32(0);
-    const float* a = g.a + i0 * g.lda;
+    const int64_t row = g.trans_a ? 1 : g.lda, col = g.trans_a ? g.lda : 1;  // a[i][p] at a + i * row + p * col
+    const float* a = g.a + i0 * row;
     const float* b = g.b + j0;
-    for (int64_t p = 0; p < k; ++p, b += g.ldb) {
+    for (int64_t p = 0; p < k; ++p, a += col, b += g.ldb) {
         float32x4_t bp[NV];
 #pragma GCC unroll 8
         for (int t = 0; t < NV; ++t) bp[t] = vld1q_f32(b + 4 * t);
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
-            const float w = a[r * g.lda + p];
+            const float w = a[r * row];
 #pragma GCC unroll 8
             for (int t = 0; t < NV; ++t) acc[r][t] = vfmaq_n_f32(acc[r][t], bp[t], w);
         }

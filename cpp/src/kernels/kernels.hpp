@@ -32,7 +32,8 @@ struct MatrixPass {
 
 // A small matrix product, the building block of the chunked prefill (chunked.cpp):
 //   c = alpha a b, or c += alpha a b when accumulate,
-// with a m x k (row i at a + i * lda), b k x n (row p at b + p * ldb), c m x n (row i at c + i * ldc).
+// with a m x k (row i at a + i * lda; with trans_a, a[i][p] is at a + p * lda + i: a k x m matrix
+// used transposed), b k x n (row p at b + p * ldb), c m x n (row i at c + i * ldc).
 // Two triangular shapes skip work:
 //   lower_a: a is lower triangular; its entries above the diagonal must be 0 (they may still be read).
 //   lower_c: only c[i][j] with j <= i is wanted; entries above the diagonal are left unspecified.
@@ -46,6 +47,7 @@ struct Gemm {
     int64_t ldc = 0;
     float alpha = 1;
     bool accumulate = false;
+    bool trans_a = false;
     bool lower_a = false, lower_c = false;
 };
 

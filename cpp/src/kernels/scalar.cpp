@@ -142,7 +142,7 @@ void gemm(const Gemm& g) {
         if (!g.accumulate)
             for (int64_t j = 0; j < n; ++j) c[j] = 0;
         for (int64_t p = 0; p < k; ++p) {
-            const float w = g.alpha * g.a[i * g.lda + p];
+            const float w = g.alpha * (g.trans_a ? g.a[p * g.lda + i] : g.a[i * g.lda + p]);
             const float* b = g.b + p * g.ldb;
             for (int64_t j = 0; j < n; ++j) c[j] += w * b[j];
         }

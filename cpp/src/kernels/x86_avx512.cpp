@@ -518,15 +518,16 @@ void gemm_tile(const Gemm& g, int64_t i0, int64_t j0, int64_t k, const Tile<NV>&
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
         for (int t = 0; t < NV; ++t) acc[r][t] = _mm512_setzero_ps();
-    const float* a = g.a + i0 * g.lda;
+    const int64_t row = g.trans_a ? 1 : g.lda, col = g.trans_a ? g.lda : 1;  // a[i][p] at a + i * row + p * col
+    const float* a = g.a + i0 * row;
     const float* b = g.b + j0;
-    for (int64_t p = 0; p < k; ++p, b += g.ldb) {
+    for (int64_t p = 0; p < k; ++p, a += col, b += g.ldb) {
         __m512 bp[NV];
 #pragma GCC unroll 8
         for (int t = 0; t < NV; ++t) bp[t] = tile.load(b, t);
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
-            const __m512 w = _mm512_set1_ps(a[r * g.lda + p]);
+            const __m512 w = _mm512_set1_ps(a[r * row]);
 #pragma GCC unroll 8
             for (int t = 0; t < NV; ++t) acc[r][t] = _mm512_fmadd_ps(w, bp[t], acc[r][t]);
         }

@@ -13,6 +13,7 @@
 // block of tokens goes through fold_chunked (chunked.cpp) a chunk at a time.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -23,6 +24,17 @@ namespace kvfold {
 namespace {
 
 enum class FeatureMap { identity, elu1, relu };
+
+// The distance (in floats) between rows that sit evenly apart in memory, else 0; width for one row.
+int64_t row_step(const float* const* rows, int64_t n, int64_t width) {
+    if (n < 2) return width;
+    const auto at = [&](int64_t i) { return static_cast<int64_t>(reinterpret_cast<uintptr_t>(rows[i])); };
+    const int64_t step = at(1) - at(0);
+    if (step <= 0 || step % static_cast<int64_t>(sizeof(float))) return 0;
+    for (int64_t i = 2; i < n; ++i)
+        if (at(i) - at(i - 1) != step) return 0;
+    return step / static_cast<int64_t>(sizeof(float));
+}
 
 float* scratch(size_t n) {
     thread_local std::vector<float> buf;
@@ -113,26 +125,29 @@ class LinearAttention final : public Rule {
         if (normalize_) divide(lane, m);
     }
 
-    // A run of pairs: features, gates and queries gathered into rows for the chunked products.
+    // A run of pairs: features, gates and queries gathered into rows for the chunked products
+    // (rows already evenly spaced, a block's own tokens, are read where they are).
     void fold_read_run(int64_t lane, const FoldRun& run) override {
         const int64_t n = run.n, dk = dims_.dk, dv = dims_.dv, h = lane % dims_.heads, nq = run.qs.count;
         bool per_key = has_decay_ && decay_per_key_;
         for (int64_t i = 0; gated_ && !has_decay_ && i < n; ++i) per_key |= run.gate[i].decay_per_key;
         const int64_t gate_width = gated_ ? (per_key ? dk : 1) : 0, q_rows = phi_ == FeatureMap::identity ? 0 : nq * n;
-        float* k = scratch(static_cast<size_t>(n * (dk + dv + gate_width + 1) + q_rows * dk));
-        float* v = k + n * dk;
-        float* g = v + n * dv;
+        const int64_t k_step = phi_ == FeatureMap::identity ? row_step(run.k, n, dk) : 0, v_step = row_step(run.v, n, dv);
+        float* k = scratch(static_cast<size_t>(n * ((k_step ? 0 : dk) + (v_step ? 0 : dv) + gate_width + 1) + q_rows * dk));
+        float* v = k + (k_step ? 0 : n * dk);
+        float* g = v + (v_step ? 0 : n * dv);
         float* b = g + n * gate_width;
         float* q = b + n;
         for (int64_t i = 0; i < n; ++i) {
-            if (features(run.k[i], k + i * dk) == run.k[i]) std::memcpy(k + i * dk, run.k[i], sizeof(float) * dk);
-            std::memcpy(v + i * dv, run.v[i], sizeof(float) * dv);
+            if (!k_step && features(run.k[i], k + i * dk) == run.k[i]) std::memcpy(k + i * dk, run.k[i], sizeof(float) * dk);
+            if (!v_step) std::memcpy(v + i * dv, run.v[i], sizeof(float) * dv);
             if (gated_) log_decay(h, run.gate[i], per_key, g + i * gate_width);
             if (delta_) b[i] = has_beta_ ? beta_[h] : *run.gate[i].beta;
         }
         ChunkInput in;
         in.n = n, in.dk = dk, in.dv = dv;
-        in.k = k, in.v = v;
+        in.k = k_step ? run.k[0] : k, in.k_row = k_step ? k_step : dk;
+        in.v = v_step ? run.v[0] : v, in.v_row = v_step ? v_step : dv;
         if (gated_) in.decay = g, in.decay_per_key = per_key;
         if (delta_) in.beta = b;
         in.nq = nq;
