@@ -1,5 +1,7 @@
 """The benchmark's peers compute what kvfold computes, and ``python -m kvfold bench`` prints its table."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -11,16 +13,30 @@ SMALL = [
     bench.Case("ema", rules.EMA(0.3), heads=2, head_dim=8),
     bench.Case("cumulative", rules.Cumulative(), window=5, sinks=1, heads=3, head_dim=16),
     bench.Case("drop", rules.Drop(), window=7, sinks=2, heads=2, head_dim=8),
+    bench.Case("linear", rules.Linear(), heads=2, head_dim=8),
+    bench.Case("gated delta", rules.GatedDelta(), heads=3, head_dim=16, gates=True),
 ]
+MATRIX = [c for c in SMALL if c.matrix] + [bench.Case("gated", rules.Gated(), heads=2, head_dim=8, gates=True),
+                                           bench.Case("delta", rules.Delta(), heads=2, head_dim=8, gates=True)]
 
 
 @pytest.mark.parametrize("case", SMALL, ids=lambda c: c.name)
 @pytest.mark.parametrize("peer", PEERS, ids=lambda p: p.name)
 def test_peers_agree_with_kvfold(peer, case):
-    if not peer.supports(case):
-        assert peer.name == "onnxruntime" and case.window == 0  # the only case a peer leaves out
+    if not peer.supports(case):  # ONNX Runtime's attention needs a window; its LinearAttention, a matrix rule
+        assert peer.name.startswith("onnxruntime") and not case.matrix
         return
     assert bench._agreement(case, peer, threads=1) < 1e-5
+
+
+@pytest.mark.parametrize("case", MATRIX, ids=lambda c: c.name)
+@pytest.mark.parametrize("peer", PEERS, ids=lambda p: p.name)
+def test_matrix_peers_prefill_like_kvfold(peer, case):
+    """The peers' own prefill (chunked, or ONNX Runtime's operator over all tokens): 150 tokens,
+    two chunks of 64 and a part of one."""
+    case = replace(case, tokens=150)
+    assert peer.supports(case)
+    assert bench._prefill_agreement(case, peer, threads=1) < 1e-5
 
 
 def test_peers_fill_from_empty_like_kvfold():
@@ -28,7 +44,7 @@ def test_peers_fill_from_empty_like_kvfold():
     case = bench.Case("fill", rules.Cumulative(), window=4, sinks=2, heads=2, head_dim=8)
     data = bench.make_data(case, seed=3)
     for peer in PEERS:
-        if peer.name == "onnxruntime":
+        if peer.name.startswith("onnxruntime"):  # they attend over full buffers only, or run matrix rules
             continue
         theirs, ours = peer.memory(case, 1), bench.KvfoldMemory(case)
         for t in range(3):  # visible rows: 1, 2 sinks, then a window row; no memory yet
@@ -43,7 +59,8 @@ def test_bench_command_prints_a_table(capsys):
     out = capsys.readouterr().out
     assert "SIMD kernels:" in out and "cores" in out
     row = next(line for line in out.splitlines() if line.startswith("tiny decode EMA"))
-    assert row.count("x)") == len(PEERS) - ("onnxruntime" in [p.name for p in PEERS])
+    case = next(c for c in bench.CASES if c.name.startswith("tiny decode EMA"))
+    assert row.count("x)") == sum(p.supports(case) for p in PEERS) == len(PEERS) - 2  # no ONNX Runtime column
 
 
 @pytest.mark.one_backend

@@ -366,8 +366,9 @@ class TorchMatrix(ChunkedMatrix):
 
 
 @functools.lru_cache(maxsize=None)
-def _ort_linear_attention(kind: str, heads: int, head_dim: int, threads: int) -> Any:
-    """A session of ONNX Runtime's LinearAttention contrib operator (com.microsoft) for any T."""
+def _ort_linear_attention(kind: str, heads: int, head_dim: int, threads: int, domain: str) -> Any:
+    """A session of ONNX Runtime's LinearAttention for any T: the contrib operator (domain
+    com.microsoft) or the ONNX operator (opset 27, domain "")."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -380,10 +381,11 @@ def _ort_linear_attention(kind: str, heads: int, head_dim: int, threads: int) ->
     inputs = [helper.make_tensor_value_info(n, f, shapes[n]) for n in names if n]
     outputs = [helper.make_tensor_value_info("output", f, [1, "T", H * d]),
                helper.make_tensor_value_info("present_state", f, [1, H, d, d])]
-    node = helper.make_node("LinearAttention", names, ["output", "present_state"], domain="com.microsoft",
+    node = helper.make_node("LinearAttention", names, ["output", "present_state"], domain=domain,
                             q_num_heads=H, kv_num_heads=H, update_rule=kind)
-    model = helper.make_model(helper.make_graph([node], "linear_attention", inputs, outputs),
-                              opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)])
+    opsets = [helper.make_opsetid("", 23), helper.make_opsetid(domain, 1)] if domain else [helper.make_opsetid("", 27)]
+    model = helper.make_model(helper.make_graph([node], "linear_attention", inputs, outputs), opset_imports=opsets)
+    model.ir_version = 10
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -391,17 +393,17 @@ def _ort_linear_attention(kind: str, heads: int, head_dim: int, threads: int) ->
 
 
 class OrtMatrix:
-    """ONNX Runtime's LinearAttention contrib operator: a decode step is one run with T = 1 and the
-    state bound in place (two buffers taken in turn, so it is never copied); forward is one run over
-    all T tokens from a zero state."""
+    """ONNX Runtime's LinearAttention: a decode step is one run with T = 1 and the state bound in
+    place (two buffers taken in turn, so it is never copied); forward is one run over all T tokens
+    from a zero state."""
 
-    def __init__(self, case: Case, threads: int) -> None:
+    def __init__(self, case: Case, threads: int, domain: str = "com.microsoft") -> None:
         kind = _matrix_kind(case)
         if kind is None:
             raise ValueError(f"matrix peers run Linear() and per-token gated rules without window or sinks, not {case!r}")
         H, d = case.heads, case.head_dim
         self.heads = H
-        self.session = _ort_linear_attention(kind, H, d, threads)
+        self.session = _ort_linear_attention(kind, H, d, threads, domain)
         self.zero = np.zeros((1, H, d, d), np.float32)
         self.state = [np.zeros((1, H, d, d), np.float32) for _ in range(2)]
         self.inputs = {n: np.zeros((1, 1, H * d), np.float32) for n in ("query", "key", "value")}
@@ -491,7 +493,19 @@ def peers() -> List[Peer]:
         Peer("onnxruntime", ort is not None,
              lambda c: (isinstance(c.rule, summary_rules) and c.window > 0 and not c.prefill) or _matrix_kind(c) is not None,
              lambda c, n: OrtMatrix(c, n) if c.matrix else OrtMemory(c, n), version=getattr(ort, "__version__", "")),
+        # The same runtime's ONNX-standard operator (opset 27), slower than its contrib twin: for reference.
+        Peer("onnxruntime-opset27", ort is not None and _has_opset27(ort), lambda c: _matrix_kind(c) is not None,
+             lambda c, n: OrtMatrix(c, n, domain=""), version=getattr(ort, "__version__", "")),
     ]
+
+
+def _has_opset27(ort: Any) -> bool:
+    """Whether this ONNX Runtime runs the ONNX LinearAttention operator (opset 27)."""
+    try:
+        _ort_linear_attention("linear", 1, 1, 1, "")
+        return True
+    except Exception:  # an older runtime refuses the opset or the operator
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
