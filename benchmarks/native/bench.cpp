@@ -125,6 +125,8 @@ std::vector<Case> cases() {
         {"prefill ema w0 T2048", rule("ema", {{"alpha", 0.1}}), 32, 128, 0, 0, f32, 2048},
         {"decode linear", rule("linear"), 32, 128, 0, 0, f32, 0},
         {"decode gated_delta", rule("gated_delta"), 32, 128, 0, 0, f32, 0, true},
+        {"decode gated_delta H8", rule("gated_delta"), 8, 128, 0, 0, f32, 0, true},
+        {"decode linear H8", rule("linear"), 8, 128, 0, 0, f32, 0},
         {"prefill linear T512", rule("linear"), 32, 128, 0, 0, f32, 512},
         {"prefill linear T2048", rule("linear"), 32, 128, 0, 0, f32, 2048},
         {"prefill gated_delta T512", rule("gated_delta"), 32, 128, 0, 0, f32, 512, true},

@@ -84,8 +84,14 @@ class Rule {
     virtual void fold_read(int64_t /*lane*/, const float* /*k*/, const float* /*v*/, const TokenGate& /*gate*/,
                            const LaneQueries& /*qs*/) {}
     virtual void read(int64_t /*lane*/, const LaneQueries& /*qs*/) const {}
-    // What fold_read does pair after pair, for a run of pairs at once (chunked: chunked.hpp).
-    virtual void fold_read_run(int64_t /*lane*/, const FoldRun& /*run*/) {}
+    // fold_read pair after pair; a rule may compute the same another way (chunked.hpp).
+    virtual void fold_read_run(int64_t lane, const FoldRun& run) {
+        for (int64_t i = 0; i < run.n; ++i) {
+            LaneQueries qs = run.qs;
+            if (qs.count) qs.q += i * run.q_step, qs.out += i * run.out_step;
+            fold_read(lane, run.k[i], run.v[i], run.gate[i], qs);
+        }
+    }
     // Infini-attention mix: the memory read's weight sigmoid(m) for query head hq.
     virtual float memory_weight(int64_t /*hq*/) const { return 1; }
     // S (d_k x d_v, row-major) and, for normalized rules, z (d_k) of a lane; null otherwise.

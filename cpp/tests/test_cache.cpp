@@ -214,3 +214,45 @@ TEST(matrix_state_with_windowed_gates_round_trips) {
     CHECK_THROWS(cache.update(k2.data(), k2.data(), 1), kvfold::ValueError);
     CHECK(cache.to_bytes() == loaded->to_bytes());
 }
+
+TEST(matrix_forward_in_chunks_is_a_loop_of_step) {
+    // Sinks, a window of float16 pairs, grouped queries and two rows: the block runs chunked (its
+    // folds in chunks of 4 pairs, some from the window) and the steps token by token.
+    const int64_t B = 2, H = 2, Hq = 4, dk = 9, dv = 5, T = 25;
+    Config c = config(B, H, dk, 3, 2);
+    c.num_query_heads = Hq;
+    c.value_dim = dv;
+    c.dtype = kvfold::DType::float16;
+    MemoryCache blocks(c, rule("gated_delta")), steps(c, rule("gated_delta"));
+    auto q = random(B * Hq * T * dk, 40), k = random(B * H * T * dk, 41), v = random(B * H * T * dv, 42),
+         g = random(B * H * T, 43), beta = random(B * H * T, 44);
+    for (auto& x : k) x *= 0.3f;
+    for (auto& x : g) x = -std::fabs(x) * 0.3f;
+    for (auto& x : beta) x = std::fabs(x) * 0.5f;
+    kvfold::TokenGates gates;
+    gates.decay = g.data();
+    gates.beta = beta.data();
+    kvfold::set_chunk_size(4);
+    std::vector<float> out(B * Hq * T * dv);
+    blocks.forward(q.data(), k.data(), v.data(), T, out.data(), gates);
+    kvfold::set_chunk_size(32);
+    std::vector<float> qt(B * Hq * dk), kt(B * H * dk), vt(B * H * dv), gt(B * H), bt(B * H), ot(B * Hq * dv);
+    for (int64_t t = 0; t < T; ++t) {
+        for (int64_t r = 0; r < B * Hq; ++r) std::memcpy(&qt[r * dk], &q[(r * T + t) * dk], sizeof(float) * dk);
+        for (int64_t r = 0; r < B * H; ++r) {
+            std::memcpy(&kt[r * dk], &k[(r * T + t) * dk], sizeof(float) * dk);
+            std::memcpy(&vt[r * dv], &v[(r * T + t) * dv], sizeof(float) * dv);
+            gt[r] = g[r * T + t], bt[r] = beta[r * T + t];
+        }
+        kvfold::TokenGates one;
+        one.decay = gt.data();
+        one.beta = bt.data();
+        steps.step(qt.data(), kt.data(), vt.data(), ot.data(), one);
+        for (int64_t r = 0; r < B * Hq; ++r)
+            for (int64_t j = 0; j < dv; ++j) CHECK_NEAR(out[(r * T + t) * dv + j], ot[r * dv + j], 1e-4);
+    }
+    std::vector<float> S1(B * H * dk * dv), S2(S1.size());
+    blocks.memory(S1.data(), nullptr);
+    steps.memory(S2.data(), nullptr);
+    for (size_t i = 0; i < S1.size(); ++i) CHECK_NEAR(S1[i], S2[i], 1e-4);
+}
