@@ -42,29 +42,14 @@ bool cpu_has_avx512() {
 }
 #endif
 
-// A table may leave newer kernels null until its ISA has them; those come from the table below.
-const Kernels* with_fallbacks(const Kernels* t, const Kernels* below) {
-    if (!t->gemv || !t->exp_f32 || !t->matrix_step || !t->matrix_read || !t->gemm || !t->solve_unit_lower) {
-        auto* filled = new Kernels(*t);  // once per table, for the life of the process
-        if (!filled->gemv) filled->gemv = below->gemv;
-        if (!filled->exp_f32) filled->exp_f32 = below->exp_f32;
-        if (!filled->matrix_step) filled->matrix_step = below->matrix_step;
-        if (!filled->matrix_read) filled->matrix_read = below->matrix_read;
-        if (!filled->gemm) filled->gemm = below->gemm;
-        if (!filled->solve_unit_lower) filled->solve_unit_lower = below->solve_unit_lower;
-        return filled;
-    }
-    return t;
-}
-
 // Tables this machine can run, worst first.
 std::vector<const Kernels*> detect() {
     std::vector<const Kernels*> out{scalar_kernels()};
 #if defined(__x86_64__) || defined(_M_X64)
-    if (avx2_kernels() && cpu_has_avx2()) out.push_back(with_fallbacks(avx2_kernels(), out.back()));
-    if (avx512_kernels() && cpu_has_avx512()) out.push_back(with_fallbacks(avx512_kernels(), out.back()));
+    if (avx2_kernels() && cpu_has_avx2()) out.push_back(avx2_kernels());
+    if (avx512_kernels() && cpu_has_avx512()) out.push_back(avx512_kernels());
 #elif defined(__aarch64__)
-    if (neon_kernels()) out.push_back(with_fallbacks(neon_kernels(), out.back()));
+    if (neon_kernels()) out.push_back(neon_kernels());
 #endif
     return out;
 }

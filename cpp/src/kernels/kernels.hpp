@@ -101,7 +101,7 @@ struct Kernels {
     // (*max, updated); when the max grows, the output so far (acc, d) and *total are rescaled
     // first. *total accumulates the weights. n >= 1.
     void (*softmax_block)(float* s, int64_t n, float* max, float* total, float* acc, int64_t d);
-    // Recurrent memories. A table may leave these null; dispatch then takes the next table down's.
+    // Recurrent memories.
     void (*gemv)(float* y, const float* W, const float* x, int64_t rows, int64_t cols);  // y = W x
     void (*exp_f32)(float* y, const float* x, int64_t n);                               // y = exp(x)
     void (*matrix_step)(const MatrixPass& m);
