@@ -60,7 +60,8 @@ void check_run(const RuleSpec& spec, bool decay, bool per_key, bool beta, unsign
         run.qs.out = got.data();
         chunked->fold_read_run(lane, run);
         for (size_t i = 0; i < got.size(); ++i) CHECK_NEAR(got[i], want[i], 2e-5);
-        for (int64_t i = 0; i < dk * dv; ++i) CHECK_NEAR(chunked->matrix_state(lane)[i], one_by_one->matrix_state(lane)[i], 2e-5);
+        for (int64_t i = 0; i < dk * dv; ++i)
+            CHECK_NEAR(chunked->matrix_state(lane)[i], one_by_one->matrix_state(lane)[i], 2e-5);
         if (float* z = chunked->normalizer(lane))
             for (int64_t i = 0; i < dk; ++i) CHECK_NEAR(z[i], one_by_one->normalizer(lane)[i], 2e-5);
         CHECK(chunked->matrix_state(0)[0] == 0.0f);  // the other lane untouched

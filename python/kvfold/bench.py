@@ -49,7 +49,7 @@ class Case:
     dtype: str = "float32"
     heads: int = 32
     head_dim: int = 128
-    gates: bool = False  # matrix rules: per-token gates (a decay, a beta or both, one per head), as gated delta layers make them
+    gates: bool = False  # matrix rules: per-token decay and/or beta, one per head (as gated delta layers make them)
 
     @property
     def prefill(self) -> bool:
@@ -562,10 +562,12 @@ def _agreement(case: Case, peer: Peer, threads: int, steps: int = 4) -> float:
         tokens, gates = split_gates({n: x[t] for n, x in data.items()})
         if t < fill:
             ours.update(tokens["k"], tokens["v"], **gates)
-            theirs.update(*(peer.convert(tokens[n]) for n in ("k", "v")), **{n: peer.convert(g) for n, g in gates.items()})
+            theirs.update(*(peer.convert(tokens[n]) for n in ("k", "v")),
+                          **{n: peer.convert(g) for n, g in gates.items()})
             continue
         a = ours.step(tokens["q"], tokens["k"], tokens["v"], **gates)
-        b = theirs.step(*(peer.convert(tokens[n]) for n in ("q", "k", "v")), **{n: peer.convert(g) for n, g in gates.items()})
+        b = theirs.step(*(peer.convert(tokens[n]) for n in ("q", "k", "v")),
+                        **{n: peer.convert(g) for n, g in gates.items()})
         worst = max(worst, float(np.abs(a - np.asarray(b)).max()))
     return worst
 

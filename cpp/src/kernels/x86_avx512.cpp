@@ -398,7 +398,8 @@ inline void update_tile(const MatrixPass& m, int64_t c, const __m512* u, const T
     for (int64_t i = 0; i < m.dk; ++i) {
         float* row = m.S + i * m.ld + c;
         if (m.next && m.delta)  // the next sweep's first pass then reads from L2, not L3
-            for (int t = 0; t < NV; ++t) _mm_prefetch(reinterpret_cast<const char*>(m.next + i * m.ld + c + 16 * t), _MM_HINT_T1);
+            for (int t = 0; t < NV; ++t)
+                _mm_prefetch(reinterpret_cast<const char*>(m.next + i * m.ld + c + 16 * t), _MM_HINT_T1);
         const __m512 ai = _mm512_set1_ps(a[i * a_step]), ki = _mm512_set1_ps(m.k[i]);
         __m512 s[NV];
         for (int t = 0; t < NV; ++t) {

@@ -125,21 +125,26 @@ class LinearAttention final : public Rule {
         if (normalize_) divide(lane, m);
     }
 
-    // A run of pairs: features, gates and queries gathered into rows for the chunked products
-    // (rows already evenly spaced, a block's own tokens, are read where they are).
+    // A run of pairs in the rows the chunked products take: keys and queries through the feature
+    // map, gates with the rule's constants filled in. Rows already evenly spaced in memory (a
+    // block's own tokens) are read where they are.
     void fold_read_run(int64_t lane, const FoldRun& run) override {
         const int64_t n = run.n, dk = dims_.dk, dv = dims_.dv, h = lane % dims_.heads, nq = run.qs.count;
+        const bool identity = phi_ == FeatureMap::identity;
         bool per_key = has_decay_ && decay_per_key_;
         for (int64_t i = 0; gated_ && !has_decay_ && i < n; ++i) per_key |= run.gate[i].decay_per_key;
-        const int64_t gate_width = gated_ ? (per_key ? dk : 1) : 0, q_rows = phi_ == FeatureMap::identity ? 0 : nq * n;
-        const int64_t k_step = phi_ == FeatureMap::identity ? row_step(run.k, n, dk) : 0, v_step = row_step(run.v, n, dv);
-        float* k = scratch(static_cast<size_t>(n * ((k_step ? 0 : dk) + (v_step ? 0 : dv) + gate_width + 1) + q_rows * dk));
-        float* v = k + (k_step ? 0 : n * dk);
-        float* g = v + (v_step ? 0 : n * dv);
+        const int64_t gate_width = gated_ ? (per_key ? dk : 1) : 0;
+        const int64_t k_step = identity ? row_step(run.k, n, dk) : 0, v_step = row_step(run.v, n, dv);
+        // scratch: keys | values (when copied) | log decays | betas | queries (through phi)
+        const int64_t k_floats = k_step ? 0 : n * dk, v_floats = v_step ? 0 : n * dv, q_floats = identity ? 0 : nq * n * dk;
+        float* k = scratch(static_cast<size_t>(k_floats + v_floats + n * (gate_width + 1) + q_floats));
+        float* v = k + k_floats;
+        float* g = v + v_floats;
         float* b = g + n * gate_width;
         float* q = b + n;
         for (int64_t i = 0; i < n; ++i) {
-            if (!k_step && features(run.k[i], k + i * dk) == run.k[i]) std::memcpy(k + i * dk, run.k[i], sizeof(float) * dk);
+            if (!k_step && features(run.k[i], k + i * dk) == run.k[i])
+                std::memcpy(k + i * dk, run.k[i], sizeof(float) * dk);
             if (!v_step) std::memcpy(v + i * dv, run.v[i], sizeof(float) * dv);
             if (gated_) log_decay(h, run.gate[i], per_key, g + i * gate_width);
             if (delta_) b[i] = has_beta_ ? beta_[h] : *run.gate[i].beta;
@@ -153,7 +158,7 @@ class LinearAttention final : public Rule {
         in.nq = nq;
         if (nq) {
             in.q = run.qs.q, in.q_head = run.qs.q_stride, in.q_row = run.q_step;
-            if (q_rows) {
+            if (!identity) {
                 for (int64_t j = 0; j < nq; ++j)
                     for (int64_t i = 0; i < n; ++i)
                         features(run.qs.q + j * run.qs.q_stride + i * run.q_step, q + (j * n + i) * dk);
@@ -270,7 +275,8 @@ class LinearAttention final : public Rule {
     float eps_;
     Array decay_spec_, beta_spec_, mix_spec_;
     bool has_decay_ = false, has_beta_ = false, decay_per_key_ = false;
-    std::vector<float> decay_, log_decay_, beta_, weight_;  // exp(g) and g per head or head x key; beta per head; sigmoid(mix)
+    std::vector<float> decay_, log_decay_;  // exp(g) and g, per head or head x key
+    std::vector<float> beta_, weight_;      // beta per head; sigmoid(mix) per query head
     LaneBuffer S_, z_;
 };
 
