@@ -514,7 +514,8 @@ PYBIND11_MODULE(_core, m) {
             },
             py::arg("q"), py::arg("k"), py::arg("v"), py::kw_only(), py::arg("decay") = py::none(),
             py::arg("beta") = py::none(),
-            "q (B, Hq, T, d_k), k (B, H, T, d_k), v (B, H, T, d_v) -> (B, Hq, T, d_v): a loop of step.")
+            "q (B, Hq, T, d_k), k (B, H, T, d_k), v (B, H, T, d_v) -> (B, Hq, T, d_v): a loop of step "
+            "(matrix rules run it chunked: equal to float rounding).")
         .def(
             "memory",
             [](const MemoryCache& c) -> py::object {
