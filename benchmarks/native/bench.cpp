@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "kvfold/kvfold.hpp"
+#include "kernels/kernels.hpp"
 #include "parallel.hpp"
 
 using kvfold::Config;
@@ -125,8 +126,7 @@ std::vector<Case> cases() {
         {"prefill ema w0 T2048", rule("ema", {{"alpha", 0.1}}), 32, 128, 0, 0, f32, 2048},
         {"decode linear", rule("linear"), 32, 128, 0, 0, f32, 0},
         {"decode gated_delta", rule("gated_delta"), 32, 128, 0, 0, f32, 0, true},
-        {"decode gated_delta H8", rule("gated_delta"), 8, 128, 0, 0, f32, 0, true},
-        {"decode linear H8", rule("linear"), 8, 128, 0, 0, f32, 0},
+        {"decode gated_delta H8 (S in L2)", rule("gated_delta"), 8, 128, 0, 0, f32, 0, true},
         {"prefill linear T512", rule("linear"), 32, 128, 0, 0, f32, 512},
         {"prefill linear T2048", rule("linear"), 32, 128, 0, 0, f32, 2048},
         {"prefill gated_delta T512", rule("gated_delta"), 32, 128, 0, 0, f32, 512, true},
@@ -135,6 +135,34 @@ std::vector<Case> cases() {
         {"tiny cumulative w16 H1 d8", rule("cumulative"), 1, 8, 16, 0, f32, 0},
     };
     return all;
+}
+
+// The chunked prefill's matrix products alone, at its shapes (chunks of 32, d = 128): the rate of
+// arithmetic a prefill is bound by.
+void matrix_product_rates(const std::vector<std::string>& filters) {
+    struct Shape {
+        const char* name;
+        int64_t m, n, k;
+        bool trans_a, lower_c;
+    };
+    const Shape shapes[] = {{"gemm Q S (32x128 by 128x128)", 32, 128, 128, false, false},
+                            {"gemm K^T U (128x32 by 32x128)", 128, 128, 32, true, false},
+                            {"gemm Q K^T (32x128 by 128x32, lower)", 32, 32, 128, false, true}};
+    bool header = false;
+    for (const Shape& s : shapes) {
+        bool wanted = filters.empty();
+        for (auto& f : filters) wanted |= std::string(s.name).find(f) != std::string::npos;
+        if (!wanted) continue;
+        if (!header) std::printf("\n%-36s %14s\n", "matrix product", "GFLOP/s"), header = true;
+        auto a = normal(s.m * s.k, 5), b = normal(s.k * s.n, 6);
+        std::vector<float> c(s.m * s.n);
+        kvfold::Gemm g;
+        g.m = s.m, g.n = s.n, g.k = s.k;
+        g.a = a.data(), g.lda = s.trans_a ? s.m : s.k, g.b = b.data(), g.ldb = s.n, g.c = c.data(), g.ldc = s.n;
+        g.trans_a = s.trans_a, g.lower_c = s.lower_c;
+        const double flops = 2.0 * s.m * s.n * s.k * (s.lower_c ? 0.5 : 1.0);  // lower: the half that is wanted
+        std::printf("%-36s %14.1f\n", s.name, flops / seconds_per_call([&] { kvfold::kernels().gemm(g); }) * 1e-9);
+    }
 }
 
 }  // namespace
@@ -163,5 +191,6 @@ int main(int argc, char** argv) {
         for (auto& f : filters) wanted |= k.name.find(f) != std::string::npos;
         if (wanted) std::printf("%-36s %14.3f\n", k.name.c_str(), run(k) * 1e6);
     }
+    matrix_product_rates(filters);
     return 0;
 }
