@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cassert>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -48,6 +49,7 @@ class Arena {
     float* take(size_t n) {
         float* p = buf_.data() + used_;
         used_ += n;
+        assert(used_ <= buf_.size());
         return p;
     }
 
