@@ -7,7 +7,10 @@ plain, fair implementations: the visible set lives in one preallocated buffer up
 window as a ring), and attention is one batched matrix product and softmax (NumPy), one
 ``scaled_dot_product_attention`` call (PyTorch), or the ONNX ``Attention`` operator (ONNX Runtime;
 state kept by NumPy and bound without a copy). Their memory is float32; kvfold's summary rules keep
-float64 accumulators, which costs kvfold a little more.
+float64 accumulators, which costs kvfold a little more. One more PyTorch column, ``torch-cat``, runs
+windows the way they are often written (growing tensors joined by ``torch.cat`` and sliced back to
+the window, as transformers' sliding-window caches do): the straightforward code the issue's targets
+were first measured with.
 
 Matrix rules (the linear-attention family) have their own peers: NumPy and PyTorch keep S
 (H, d_k, d_v) and update it per decode step with broadcasting and batched matrix products, and run a
@@ -214,6 +217,53 @@ class TorchMemory(RingMemory):
             self.update(k, v)
             rows = self.visible()
             return self.sdpa(q[:, None, :], self.K[:, rows], self.V[:, rows])[:, 0]
+
+
+class TorchCatMemory:
+    """PyTorch written the straightforward way: sinks and window are tensors that grow by
+    ``torch.cat`` and are sliced back to the window (as transformers' sliding-window caches do), a
+    pair leaving the window is folded into the memory slot, and attention is one
+    ``scaled_dot_product_attention`` over ``torch.cat([sinks, slot, window])``."""
+
+    def __init__(self, case: Case) -> None:
+        import torch
+
+        if not isinstance(case.rule, (rules.Drop, rules.Cumulative, rules.EMA)):
+            raise ValueError(f"peers implement Drop, Cumulative and EMA memories, not {case.rule!r}")
+        self.torch, self.rule, self.sinks, self.window = torch, case.rule, case.sinks, case.window
+        empty = torch.zeros((case.heads, 0, case.head_dim))
+        self.sink_k, self.sink_v, self.win_k, self.win_v, self.slot_k, self.slot_v = (empty,) * 6
+        self.sum_k = self.sum_v = 0.0  # Cumulative's running sums
+        self.seen = self.folded = 0
+
+    def fold(self, k: Any, v: Any) -> None:
+        if isinstance(self.rule, rules.Cumulative):
+            self.sum_k, self.sum_v = self.sum_k + k, self.sum_v + v
+            self.slot_k, self.slot_v = (x[:, None] / (self.folded + 1) for x in (self.sum_k, self.sum_v))
+        elif isinstance(self.rule, rules.EMA):
+            a = 1.0 if self.folded == 0 else self.rule.alpha
+            self.slot_k = (1 - a) * self.slot_k + a * k[:, None] if self.folded else k[:, None]
+            self.slot_v = (1 - a) * self.slot_v + a * v[:, None] if self.folded else v[:, None]
+        self.folded += 1
+
+    def update(self, k: Any, v: Any) -> None:
+        cat = self.torch.cat
+        with self.torch.inference_mode():
+            if self.seen < self.sinks:
+                self.sink_k, self.sink_v = cat([self.sink_k, k[:, None]], 1), cat([self.sink_v, v[:, None]], 1)
+            else:
+                self.win_k, self.win_v = cat([self.win_k, k[:, None]], 1), cat([self.win_v, v[:, None]], 1)
+                if self.win_k.shape[1] > self.window:
+                    self.fold(self.win_k[:, 0], self.win_v[:, 0])
+                    self.win_k, self.win_v = self.win_k[:, 1:], self.win_v[:, 1:]
+        self.seen += 1
+
+    def step(self, q: Any, k: Any, v: Any) -> Any:
+        self.update(k, v)
+        with self.torch.inference_mode():
+            keys = self.torch.cat([self.sink_k, self.slot_k, self.win_k], 1)
+            values = self.torch.cat([self.sink_v, self.slot_v, self.win_v], 1)
+            return self.torch.nn.functional.scaled_dot_product_attention(q[:, None, :], keys, values)[:, 0]
 
 
 class OrtMemory(NumpyMemory):
@@ -487,6 +537,12 @@ def peers() -> List[Peer]:
         Peer("numpy", True, runs, lambda c, n: NumpyMatrix(c) if c.matrix else NumpyMemory(c),
              set_threads=_numpy_blas_threads(), version=np.__version__),
         Peer("torch", torch is not None, runs, lambda c, n: TorchMatrix(c) if c.matrix else TorchMemory(c),
+             convert=(lambda x: torch.from_numpy(np.ascontiguousarray(x))) if torch else (lambda x: x),
+             set_threads=(lambda n: torch.set_num_threads(n)) if torch else (lambda n: None),
+             version=getattr(torch, "__version__", "")),
+        # The same computation as PyTorch users often write it (growing tensors, torch.cat): for reference.
+        Peer("torch-cat", torch is not None, lambda c: isinstance(c.rule, summary_rules) and c.window > 0,
+             lambda c, n: TorchCatMemory(c),
              convert=(lambda x: torch.from_numpy(np.ascontiguousarray(x))) if torch else (lambda x: x),
              set_threads=(lambda n: torch.set_num_threads(n)) if torch else (lambda n: None),
              version=getattr(torch, "__version__", "")),
