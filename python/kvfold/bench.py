@@ -9,8 +9,8 @@ window as a ring), and attention is one batched matrix product and softmax (NumP
 state kept by NumPy and bound without a copy). Their memory is float32; kvfold's summary rules keep
 float64 accumulators, which costs kvfold a little more. One more PyTorch column, ``torch-cat``, runs
 windows the way they are often written (growing tensors joined by ``torch.cat`` and sliced back to
-the window, as transformers' sliding-window caches do): the straightforward code the issue's targets
-were first measured with.
+the window, as transformers' sliding-window caches do): the straightforward code a cache usually
+starts from.
 
 Matrix rules (the linear-attention family) have their own peers: NumPy and PyTorch keep S
 (H, d_k, d_v) and update it per decode step with broadcasting and batched matrix products, and run a
