@@ -298,6 +298,117 @@ void weighted_sum(const float* p, int64_t p_stride, int64_t nq, const typename F
     }
 }
 
+// bfloat16 rows are widened in pairs: a 32-bit lane holds two values, the even one becomes a float
+// by a shift and the odd one by a mask, in place. That is one cheap operation per 16 values where
+// widening them in order takes a lane-crossing shuffle, which bounds the step. Sums then run over
+// the even and the odd elements apart: queries are split the same way, and weighted sums are
+// interleaved back at the end.
+inline __m512 even_bf16(__m512i x) { return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)); }
+inline __m512 odd_bf16(__m512i x) { return _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(int(0xffff0000u)))); }
+inline __mmask32 first32(int64_t n) { return n >= 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1; }  // 0 <= n
+// Block b of a row of nb blocks (32 values each; the last one holds what `last` selects).
+inline __m512i load_block(const uint16_t* row, int64_t b, int64_t nb, __mmask32 last) {
+    return b + 1 < nb || last == ~__mmask32(0) ? _mm512_loadu_si512(row + 32 * b) : _mm512_maskz_loadu_epi16(last, row + 32 * b);
+}
+
+// Scores of the rows against one query of d = 32 (NB - 1) + (values in `last`), split into NB
+// blocks of even and odd values held in registers; two rows at a time keep four FMA chains going.
+template <int NB>
+void scores_split_bf16(const float* q, const uint16_t* k, int64_t rows, int64_t d, float scale, float* s) {
+    const __mmask32 last = first32(d - 32 * (NB - 1));
+    const __m512i even_idx = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odd_idx = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    __m512 qe[NB], qo[NB];
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) {
+        const int64_t n = d - 32 * b;
+        const __m512 lo = _mm512_maskz_loadu_ps(tail(n), q + 32 * b);
+        const __m512 hi = n > 16 ? _mm512_maskz_loadu_ps(tail(n - 16), q + 32 * b + 16) : _mm512_setzero_ps();
+        qe[b] = _mm512_permutex2var_ps(lo, even_idx, hi);
+        qo[b] = _mm512_permutex2var_ps(lo, odd_idx, hi);
+    }
+    int64_t j = 0;
+    for (; j + 2 <= rows; j += 2, k += 2 * d) {
+        __m512 e0 = _mm512_setzero_ps(), o0 = _mm512_setzero_ps(), e1 = _mm512_setzero_ps(), o1 = _mm512_setzero_ps();
+#pragma GCC unroll 4
+        for (int b = 0; b < NB; ++b) {
+            const __m512i x0 = load_block(k, b, NB, last), x1 = load_block(k + d, b, NB, last);
+            e0 = _mm512_fmadd_ps(qe[b], even_bf16(x0), e0);
+            o0 = _mm512_fmadd_ps(qo[b], odd_bf16(x0), o0);
+            e1 = _mm512_fmadd_ps(qe[b], even_bf16(x1), e1);
+            o1 = _mm512_fmadd_ps(qo[b], odd_bf16(x1), o1);
+        }
+        s[j] = scale * _mm512_reduce_add_ps(_mm512_add_ps(e0, o0));
+        s[j + 1] = scale * _mm512_reduce_add_ps(_mm512_add_ps(e1, o1));
+    }
+    if (j < rows) {
+        __m512 e0 = _mm512_setzero_ps(), o0 = _mm512_setzero_ps();
+#pragma GCC unroll 4
+        for (int b = 0; b < NB; ++b) {
+            const __m512i x0 = load_block(k, b, NB, last);
+            e0 = _mm512_fmadd_ps(qe[b], even_bf16(x0), e0);
+            o0 = _mm512_fmadd_ps(qo[b], odd_bf16(x0), o0);
+        }
+        s[j] = scale * _mm512_reduce_add_ps(_mm512_add_ps(e0, o0));
+    }
+}
+
+void scores_bf16(const float* q, int64_t q_stride, int64_t nq, const uint16_t* k, int64_t rows, int64_t d,
+                 float scale, float* s, int64_t s_stride) {
+    using Split = void (*)(const float*, const uint16_t*, int64_t, int64_t, float, float*);
+    static constexpr Split by_blocks[5] = {nullptr, scores_split_bf16<1>, scores_split_bf16<2>, scores_split_bf16<3>,
+                                           scores_split_bf16<4>};
+    const int64_t nb = (d + 31) / 32;
+    if (nb > 4) return scores<BF16>(q, q_stride, nq, k, rows, d, scale, s, s_stride);  // the split needs registers
+    for (int64_t i = 0; i < nq; ++i) by_blocks[nb](q + i * q_stride, k, rows, d, scale, s + i * s_stride);
+}
+
+// o[0 : n] (+)= sum_j p_j v_j[0 : n] for n = 32 (NB - 1) + (values in `last`), kept in 2 NB registers.
+template <int NB>
+void accumulate_bf16(const float* p, const uint16_t* v, int64_t rows, int64_t d, float* o, int64_t n, bool add) {
+    const __mmask32 last = first32(n - 32 * (NB - 1));
+    __m512 even[NB], odd[NB];
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) even[b] = odd[b] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < rows; ++j, v += d) {
+        const __m512 w = _mm512_set1_ps(p[j]);
+#pragma GCC unroll 4
+        for (int b = 0; b < NB; ++b) {
+            const __m512i x = load_block(v, b, NB, last);
+            even[b] = _mm512_fmadd_ps(w, even_bf16(x), even[b]);
+            odd[b] = _mm512_fmadd_ps(w, odd_bf16(x), odd[b]);
+        }
+    }
+    const __m512i lo_idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i hi_idx = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) {
+        const int64_t count = n - 32 * b;  // values of o this block holds: 32, or fewer in the last
+        const __mmask16 lo_mask = tail(count), hi_mask = count > 16 ? tail(count - 16) : 0;
+        __m512 lo = _mm512_permutex2var_ps(even[b], lo_idx, odd[b]), hi = _mm512_permutex2var_ps(even[b], hi_idx, odd[b]);
+        if (add) {
+            lo = _mm512_add_ps(lo, _mm512_maskz_loadu_ps(lo_mask, o + 32 * b));
+            hi = _mm512_add_ps(hi, _mm512_maskz_loadu_ps(hi_mask, o + 32 * b + 16));
+        }
+        _mm512_mask_storeu_ps(o + 32 * b, lo_mask, lo);
+        _mm512_mask_storeu_ps(o + 32 * b + 16, hi_mask, hi);
+    }
+}
+
+void weighted_sum_bf16(const float* p, int64_t p_stride, int64_t nq, const uint16_t* v, int64_t rows, int64_t d,
+                       float* out, int64_t out_stride, bool add) {
+    using Acc = void (*)(const float*, const uint16_t*, int64_t, int64_t, float*, int64_t, bool);
+    static constexpr Acc by_blocks[5] = {nullptr, accumulate_bf16<1>, accumulate_bf16<2>, accumulate_bf16<3>,
+                                         accumulate_bf16<4>};
+    for (int64_t i = 0; i < nq; ++i) {
+        const float* pi = p + i * p_stride;
+        float* o = out + i * out_stride;
+        int64_t c = 0;
+        for (; c + 128 <= d; c += 128) accumulate_bf16<4>(pi, v + c, rows, d, o + c, 128, add);
+        if (c < d) by_blocks[(d - c + 31) / 32](pi, v + c, rows, d, o + c, d - c, add);
+    }
+}
+
 // Raises the running max to m, rescaling what was accumulated under the old one.
 inline void raise_max(float m, float* running_max, float* total, float* acc, int64_t d) {
     if (m > *running_max) {
@@ -661,10 +772,10 @@ const Kernels table = {
     max_f32,
     scores<F32>,
     scores<F16>,
-    scores<BF16>,
+    scores_bf16,
     weighted_sum<F32>,
     weighted_sum<F16>,
-    weighted_sum<BF16>,
+    weighted_sum_bf16,
     softmax,
     softmax_block,
     gemv,
