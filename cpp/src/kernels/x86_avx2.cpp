@@ -572,6 +572,96 @@ void weighted_sum(const float* p, int64_t p_stride, int64_t nq, const T* v, int6
     }
 }
 
+// bfloat16 rows of whole 16-value blocks are widened in pairs: a 32-bit lane holds two values, the
+// even one becomes a float by a shift and the odd one by a mask, in place, where widening them in
+// order takes a shuffle that bounds the step. Sums run over the even and the odd elements apart:
+// queries are split the same way, weighted sums interleaved back at the end.
+inline __m256 even_bf16(__m256i x) { return _mm256_castsi256_ps(_mm256_slli_epi32(x, 16)); }
+inline __m256 odd_bf16(__m256i x) { return _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(int(0xffff0000u)))); }
+inline __m256i load_block(const uint16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+constexpr int64_t kPairBlocks = 32;  // rows of up to 512 values go in pairs
+
+void scores_bf16(const float* q, int64_t q_stride, int64_t nq, const uint16_t* k, int64_t rows, int64_t d, float scale,
+                 float* s, int64_t s_stride) {
+    if (d % 16 || d > 16 * kPairBlocks) return scores<uint16_t, load_bf16, bf16_to_float>(q, q_stride, nq, k, rows, d, scale, s, s_stride);
+    const int64_t nb = d / 16;
+    __m256 qe[kPairBlocks], qo[kPairBlocks];
+    for (int64_t i = 0; i < nq; ++i, s += s_stride) {
+        const float* qi = q + i * q_stride;
+        for (int64_t b = 0; b < nb; ++b) {  // [q0 q2 q8 q10 q4 q6 q12 q14] -> [q0 q2 q4 ... q14]
+            const __m256 lo = _mm256_loadu_ps(qi + 16 * b), hi = _mm256_loadu_ps(qi + 16 * b + 8);
+            qe[b] = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(lo, hi, 0x88)), 0xd8));
+            qo[b] = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(lo, hi, 0xdd)), 0xd8));
+        }
+        const uint16_t* kj = k;
+        int64_t j = 0;
+        for (; j + 2 <= rows; j += 2, kj += 2 * d) {  // two rows: four independent FMA chains
+            __m256 e0 = _mm256_setzero_ps(), o0 = _mm256_setzero_ps(), e1 = _mm256_setzero_ps(), o1 = _mm256_setzero_ps();
+            for (int64_t b = 0; b < nb; ++b) {
+                const __m256i x0 = load_block(kj + 16 * b), x1 = load_block(kj + d + 16 * b);
+                e0 = _mm256_fmadd_ps(qe[b], even_bf16(x0), e0);
+                o0 = _mm256_fmadd_ps(qo[b], odd_bf16(x0), o0);
+                e1 = _mm256_fmadd_ps(qe[b], even_bf16(x1), e1);
+                o1 = _mm256_fmadd_ps(qo[b], odd_bf16(x1), o1);
+            }
+            s[j] = scale * hsum(_mm256_add_ps(e0, o0));
+            s[j + 1] = scale * hsum(_mm256_add_ps(e1, o1));
+        }
+        if (j < rows) {
+            __m256 e0 = _mm256_setzero_ps(), o0 = _mm256_setzero_ps();
+            for (int64_t b = 0; b < nb; ++b) {
+                const __m256i x0 = load_block(kj + 16 * b);
+                e0 = _mm256_fmadd_ps(qe[b], even_bf16(x0), e0);
+                o0 = _mm256_fmadd_ps(qo[b], odd_bf16(x0), o0);
+            }
+            s[j] = scale * hsum(_mm256_add_ps(e0, o0));
+        }
+    }
+}
+
+// o[0 : 16 NB] (+)= sum_j p_j v_j[0 : 16 NB], in 2 NB registers.
+template <int NB>
+void accumulate_bf16(const float* p, const uint16_t* v, int64_t rows, int64_t d, float* o, bool add) {
+    __m256 even[NB], odd[NB];
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) even[b] = odd[b] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < rows; ++j, v += d) {
+        const __m256 w = _mm256_set1_ps(p[j]);
+#pragma GCC unroll 4
+        for (int b = 0; b < NB; ++b) {
+            const __m256i x = load_block(v + 16 * b);
+            even[b] = _mm256_fmadd_ps(w, even_bf16(x), even[b]);
+            odd[b] = _mm256_fmadd_ps(w, odd_bf16(x), odd[b]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) {  // [e0 o0 e1 o1 e4 o4 e5 o5], [e2 o2 e3 o3 e6 o6 e7 o7] -> in order
+        const __m256 lo = _mm256_unpacklo_ps(even[b], odd[b]), hi = _mm256_unpackhi_ps(even[b], odd[b]);
+        __m256 first = _mm256_permute2f128_ps(lo, hi, 0x20), second = _mm256_permute2f128_ps(lo, hi, 0x31);
+        if (add) {
+            first = _mm256_add_ps(first, _mm256_loadu_ps(o + 16 * b));
+            second = _mm256_add_ps(second, _mm256_loadu_ps(o + 16 * b + 8));
+        }
+        _mm256_storeu_ps(o + 16 * b, first);
+        _mm256_storeu_ps(o + 16 * b + 8, second);
+    }
+}
+
+void weighted_sum_bf16(const float* p, int64_t p_stride, int64_t nq, const uint16_t* v, int64_t rows, int64_t d,
+                       float* out, int64_t out_stride, bool add) {
+    if (d % 16)
+        return weighted_sum<uint16_t, load_bf16, bf16_to_float>(p, p_stride, nq, v, rows, d, out, out_stride, add);
+    using Acc = void (*)(const float*, const uint16_t*, int64_t, int64_t, float*, bool);
+    static constexpr Acc by_blocks[4] = {nullptr, accumulate_bf16<1>, accumulate_bf16<2>, accumulate_bf16<3>};
+    for (int64_t i = 0; i < nq; ++i) {
+        const float* pi = p + i * p_stride;
+        float* o = out + i * out_stride;
+        int64_t c = 0;
+        for (; c + 64 <= d; c += 64) accumulate_bf16<4>(pi, v + c, rows, d, o + c, add);
+        if (c < d) by_blocks[(d - c) / 16](pi, v + c, rows, d, o + c, add);
+    }
+}
+
 void softmax(float* s, int64_t n) {
     float total = exp_sum(s, max(s, n), n);
     scale(s, 1.0f / total, n);
@@ -613,10 +703,10 @@ const Kernels table = {
     max_f32,
     scores<float, load_f32, id>,
     scores<uint16_t, load_f16, half_to_float>,
-    scores<uint16_t, load_bf16, bf16_to_float>,
+    scores_bf16,
     weighted_sum<float, load_f32, id>,
     weighted_sum<uint16_t, load_f16, half_to_float>,
-    weighted_sum<uint16_t, load_bf16, bf16_to_float>,
+    weighted_sum_bf16,
     softmax,
     softmax_block,
     gemv,
