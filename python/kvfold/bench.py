@@ -71,6 +71,7 @@ CASES: List[Case] = [
     Case("decode Cumulative, window 0", rules.Cumulative()),
     Case("decode W256+S4+Cumulative", rules.Cumulative(), window=256, sinks=4),
     Case("decode W256+S4+Cumulative f16", rules.Cumulative(), window=256, sinks=4, dtype="float16"),
+    Case("decode W256+S4+Cumulative bf16", rules.Cumulative(), window=256, sinks=4, dtype="bfloat16"),
     Case("decode W4096+S4 (Drop)", rules.Drop(), window=4096, sinks=4),
     Case("decode W4096+S4 (Drop) f16", rules.Drop(), window=4096, sinks=4, dtype="float16"),
     Case("prefill T512 W256+S4+Cumulative", rules.Cumulative(), window=256, sinks=4, tokens=512),
@@ -640,8 +641,11 @@ def _prefill_agreement(case: Case, peer: Peer, threads: int) -> float:
 
 
 def time_per_token(runners: Dict[str, Callable[[], Any]], tokens: int, rounds: int = 5,
-                   round_seconds: float = 0.15) -> Dict[str, float]:
-    """Seconds per token of each runner: the best of `rounds` rounds that take the runners in turn."""
+                   round_seconds: float = 0.15, settle_seconds: float = 0.0) -> Dict[str, float]:
+    """Seconds per token of each runner: the best of `rounds` rounds that take the runners in turn.
+    With several threads, each runner's turn starts `settle_seconds` after the previous one ends:
+    thread pools (OpenBLAS, OpenMP, ONNX Runtime) keep spinning for a while after their work and
+    would otherwise take cores from whichever runner comes next."""
     calls = {}
     for name, run in runners.items():  # warm up, and size each round to about round_seconds
         start, n = time.perf_counter(), 0
@@ -652,6 +656,7 @@ def time_per_token(runners: Dict[str, Callable[[], Any]], tokens: int, rounds: i
     best = {name: float("inf") for name in runners}
     for _ in range(rounds):
         for name, run in runners.items():
+            time.sleep(settle_seconds)
             start = time.perf_counter()
             for _ in range(calls[name]):
                 run()
@@ -691,7 +696,7 @@ def run(cases: Sequence[Case] = tuple(CASES), threads: Sequence[int] = (), round
     before = get_num_threads()
     print_fn(f"kvfold {__version__} bench on {machine()}; SIMD kernels: {simd_backend()}")
     print_fn("peers: " + ", ".join(f"{p.name} {p.version}" for p in found) +
-             "; B=1, query heads = KV heads, d_k = d_v, float32 unless marked f16 (kvfold's storage)")
+             "; B=1, query heads = KV heads, d_k = d_v, float32 unless marked f16 or bf16 (kvfold's storage)")
     print_fn("times in microseconds per token; (N.Nx) = peer time / kvfold time; - = peer does not run this case")
     rows: List[Dict[str, Any]] = []
     try:
@@ -710,7 +715,7 @@ def run(cases: Sequence[Case] = tuple(CASES), threads: Sequence[int] = (), round
                         pdata = {key: p.convert(value) for key, value in data.items()}
                         runners[p.name] = _peer_runner(lambda p=p, c=case, n=n: p.memory(replace(c, tokens=1), n),
                                                        case, pdata)
-                times = time_per_token(runners, case.tokens, rounds, round_seconds)
+                times = time_per_token(runners, case.tokens, rounds, round_seconds, settle_seconds=0.1 if n > 1 else 0.0)
                 row = {"case": case.name, "threads": n, "us": {k: t * 1e6 for k, t in times.items()}}
                 cells = f"{case.name:38s} {times['kvfold'] * 1e6:9.2f}"
                 for p in found:
