@@ -16,7 +16,8 @@ def round_bf16(x):
 
 
 ROUND = {"float16": lambda x: x.astype(np.float16).astype(np.float32), "bfloat16": round_bf16}
-RULES = [rules.Drop(), rules.Cumulative(), rules.EMA(0.3), rules.Compressive(2, 3, "max")]
+RULES = [rules.Drop(), rules.Cumulative(), rules.EMA(0.3), rules.Moving(3), rules.Weighted([1.0, 2.0, 3.0]),
+         rules.Compressive(2, 3), rules.Compressive(2, 3, "max")]
 
 
 def cache(rule, dtype, **kw):
@@ -36,22 +37,44 @@ def test_storage_bytes_halve(dtype):
     wide, narrow = cache(rules.Drop(), "float32"), cache(rules.Drop(), dtype)
     lengths = 8 * wide.batch_size  # the per-row token counts stay int64
     assert narrow.nbytes - lengths == (wide.nbytes - lengths) // 2
-    # Rules keep their own state in float32 / float64: only sinks and window halve.
+    # The memory slots halve too; a rule's own state (Moving's float64 sums and ring of pairs) stays.
+    slot_bytes = 2 * 3 * (32 + 64) * 4  # one float32 slot per lane
     a, b = cache(rules.Moving(4), "float32"), cache(rules.Moving(4), dtype)
+    assert a.nbytes - b.nbytes == (wide.nbytes - lengths) // 2 + slot_bytes // 2
+    # A GRU's slot is its hidden state: it stays float32.
+    n = 32 + 64
+    gru = rules.GRU(np.zeros((3 * n, n), np.float32), np.zeros((3 * n, n), np.float32))
+    a, b = cache(gru, "float32"), cache(gru, dtype)
     assert a.nbytes - b.nbytes == (wide.nbytes - lengths) // 2
+
+
+def attend_visible(c, q):
+    """Softmax attention of q (B, Hq, d_k) over the cache's visible set, in float64."""
+    keys, values, mask = (np.asarray(x, np.float64) if x.dtype != bool else x for x in c.visible())
+    group = q.shape[1] // keys.shape[1]
+    keys, values = np.repeat(keys, group, axis=1), np.repeat(values, group, axis=1)
+    s = np.einsum("bhd,bhnd->bhn", q.astype(np.float64), keys) * c.scale
+    s = np.where(mask[:, None, :], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("bhn,bhnd->bhd", p / p.sum(-1, keepdims=True), values)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("rule", RULES, ids=repr)
 def test_half_storage_is_the_float32_model_on_rounded_pairs(rule, dtype):
-    """With a window, every pair is stored (sink or window) before anything reads or folds it, so a
-    half-precision cache is exactly a float32 cache fed the rounded pairs."""
+    """With a window, every pair is stored (sink or window) before anything reads or folds it, and a
+    slot is the float32 rule's slot rounded once: a half-precision cache holds exactly what a float32
+    cache fed the rounded pairs holds, rounded, and attends over it in float32."""
     q, k, v = stream(3)
     half, wide = cache(rule, dtype), cache(rule, "float32")
-    a = half.forward(q, k, v)
-    b = wide.forward(q, ROUND[dtype](k), ROUND[dtype](v))
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(half.memory()[1], wide.memory()[1], rtol=1e-6, atol=1e-7)
+    half.forward(q, k, v)
+    wide.forward(q, ROUND[dtype](k), ROUND[dtype](v))
+    for a, b in zip(half.memory(), wide.memory()):
+        np.testing.assert_array_equal(a, ROUND[dtype](b))
+    for a, b in zip(half.visible()[:2], wide.visible()[:2]):
+        np.testing.assert_array_equal(a, ROUND[dtype](b))
+    last = q[:, :, -1]
+    np.testing.assert_allclose(half.attend(last), attend_visible(half, last), rtol=1e-5, atol=1e-6)
 
 
 # Bounds on the error against the float32 cache: the L2 error of each output vector relative to its

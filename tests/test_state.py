@@ -163,8 +163,8 @@ def test_the_format_is_as_documented(rng):
     assert f["kind"] == "compressive" and f["options"] == {"pool": "max"}
     assert {k: a.tolist() for k, a in f["arrays"].items()} == {"slots": 3.0, "rate": 2.0}
     assert f["length"] == [11, 11, 11]
-    # sinks k, v and window k, v (float16), then the rule's slots k, v (float32)
-    assert f["lane_bytes"] == [1 * 5 * 2, 1 * 3 * 2, 4 * 5 * 2, 4 * 3 * 2, 3 * 5 * 4, 3 * 3 * 4]
+    # sinks k, v and window k, v, then the rule's slots k, v: all float16
+    assert f["lane_bytes"] == [1 * 5 * 2, 1 * 3 * 2, 4 * 5 * 2, 4 * 3 * 2, 3 * 5 * 2, 3 * 3 * 2]
     assert f["crc"] == zlib.crc32(data[:-4])
     assert make(scale=None).to_bytes()[24 + 7 * 8 : 24 + 8 * 8] == struct.pack("<d", 0.0)  # default scale
 

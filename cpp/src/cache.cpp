@@ -241,8 +241,8 @@ struct Model {
     void visible_set(int64_t lane, int64_t len, Segment* segs) const {
         const DType t = c.cfg.dtype;
         segs[0] = {c.sink_k.lane(lane), c.sink_v.lane(lane), c.sinks_held(len), t};
-        segs[1] = {c.rule->slot_keys(lane), c.rule->slot_values(lane), c.rule->visible_slots(c.folded(len)),
-                   DType::float32};
+        segs[1] = {c.rule->slot_key(lane, 0), c.rule->slot_value(lane, 0), c.rule->visible_slots(c.folded(len)),
+                   c.rule->slot_dtype()};
         segs[2] = {c.win_k.lane(lane), c.win_v.lane(lane), c.window_held(len), t};
     }
 };
@@ -741,8 +741,8 @@ void MemoryCache::memory(float* keys, float* values) const {
         std::memset(vo, 0, sizeof(float) * S * dv);
         for (int64_t s = 0; s < shown; ++s) {
             int64_t src = (oldest + s) % S;
-            std::memcpy(ko + s * dk, c.rule->slot_keys(lane) + src * dk, sizeof(float) * dk);
-            std::memcpy(vo + s * dv, c.rule->slot_values(lane) + src * dv, sizeof(float) * dv);
+            load_row(ko + s * dk, c.rule->slot_key(lane, src), dk, c.rule->slot_dtype());
+            load_row(vo + s * dv, c.rule->slot_value(lane, src), dv, c.rule->slot_dtype());
         }
     }
 }
@@ -804,8 +804,8 @@ int64_t MemoryCache::visible(float* keys, float* values, uint8_t* mask, int64_t 
         int64_t f = c.folded(len), S = c.rule->max_slots();
         for (int64_t s = 0; s < c.rule->visible_slots(f); ++s) {
             int64_t src = (c.rule->oldest_slot(f) + s) % S;
-            put(reinterpret_cast<const uint8_t*>(c.rule->slot_keys(lane) + src * dk),
-                reinterpret_cast<const uint8_t*>(c.rule->slot_values(lane) + src * dv), DType::float32);
+            put(static_cast<const uint8_t*>(c.rule->slot_key(lane, src)),
+                static_cast<const uint8_t*>(c.rule->slot_value(lane, src)), c.rule->slot_dtype());
         }
         int64_t held = c.window_held(len), first = len - c.sinks_held(len) - held;
         for (int64_t i = 0; i < held; ++i) {

@@ -61,8 +61,13 @@ class Rule {
     // Folds one pair into lane `lane`; `count` pairs were folded into it before.
     virtual void fold(int64_t lane, const float* k, const float* v, int64_t count) = 0;
 
-    // Summary rules: key/value slots (float32, [lanes][max_slots][d]) read by softmax attention.
+    // Summary rules: key/value slots ([lanes][max_slots][d]) read by softmax attention, stored in
+    // the cache's dtype, except where they are the rule's state itself (float32).
     virtual int64_t max_slots() const { return 0; }
+    // GRU and Custom carry their state in the slots; the averages keep theirs in their own buffers
+    // (float64 sums, rings of pairs) and write the slots as a copy to read.
+    virtual bool slots_are_state() const { return false; }
+    DType slot_dtype() const { return slots_are_state() ? DType::float32 : dims_.dtype; }
     // Slots holding something after `folded` folds; they are rows [0, n) of the lane's slots.
     virtual int64_t visible_slots(int64_t folded) const { return folded > 0 ? max_slots() : 0; }
     // Slot holding the oldest summary after `folded` folds (slots form a ring).
@@ -98,19 +103,38 @@ class Rule {
     virtual float* matrix_state(int64_t /*lane*/) { return nullptr; }
     virtual float* normalizer(int64_t /*lane*/) { return nullptr; }
 
-    const float* slot_keys(int64_t lane) const { return slot_k_.lane<float>(lane); }
-    const float* slot_values(int64_t lane) const { return slot_v_.lane<float>(lane); }
-    float* slot_keys(int64_t lane) { return slot_k_.lane<float>(lane); }
-    float* slot_values(int64_t lane) { return slot_v_.lane<float>(lane); }
+    // Slot s of a lane, as stored (slot_dtype()).
+    const void* slot_key(int64_t lane, int64_t s) const { return slot_k_.lane(lane) + s * dims_.dk * slot_bytes(); }
+    const void* slot_value(int64_t lane, int64_t s) const { return slot_v_.lane(lane) + s * dims_.dv * slot_bytes(); }
 
     // All per-lane state, for reset, copy, reorder and the state format.
     const std::vector<LaneBuffer*>& buffers() const { return buffers_; }
 
    protected:
+    int64_t slot_bytes() const { return slot_dtype() == DType::float32 ? 4 : 2; }  // per value
+    // A lane's slots as float32, for the rules whose state they are.
+    float* state_keys(int64_t lane) { return slot_k_.lane<float>(lane); }
+    float* state_values(int64_t lane) { return slot_v_.lane<float>(lane); }
+
+    // Slot s of a lane as float32 rows for a fold to update: the slot itself when slots are
+    // float32, else a per-thread copy, widened here and rounded back into the slot by store().
+    class SlotEdit {
+       public:
+        SlotEdit(Rule& rule, int64_t lane, int64_t s);
+        float* keys() { return k_; }
+        float* values() { return v_; }
+        void store();
+
+       private:
+        Rule& rule_;
+        void *key_, *value_;
+        float *k_, *v_;
+    };
+
     // Plans the slot buffers and registers them together with the rule's own state.
     void plan_slots(int64_t slots) {
-        slot_k_.plan(dims_.lanes, sizeof(float) * slots * dims_.dk);
-        slot_v_.plan(dims_.lanes, sizeof(float) * slots * dims_.dv);
+        slot_k_.plan(dims_.lanes, slot_bytes() * slots * dims_.dk);
+        slot_v_.plan(dims_.lanes, slot_bytes() * slots * dims_.dv);
         buffers_ = {&slot_k_, &slot_v_};
     }
     void add_buffer(LaneBuffer& b, size_t bytes_per_lane) {

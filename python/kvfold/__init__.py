@@ -100,7 +100,8 @@ class MemoryCache(_core.MemoryCache):
     when there are any; their per-token gates are the ``decay=`` and ``beta=`` keywords of
     ``update``, ``step`` and ``forward``.
 
-    ``dtype`` ("float32", "float16", "bfloat16") is how sinks and window are stored; compute is float32.
+    ``dtype`` ("float32", "float16", "bfloat16") is how sinks, window and memory slots are stored (GRU and
+    Custom slots, being their state, and matrix memories stay float32); compute is float32.
     Inputs of any real dtype and layout are converted; NaN/Inf is rejected unless ``check_finite=False``.
     Bad input raises ValueError or TypeError and leaves the cache as it was.
 

@@ -249,7 +249,7 @@ class FoldCache(Cache):
 
     ``rule`` folds the pairs pushed out of the window (``None`` means ``rules.Drop()``: a sliding window,
     StreamingLLM with ``sinks``); ``window`` recent pairs and the first ``sinks`` pairs are kept exactly.
-    ``dtype`` is how sinks and window are stored ("float32", "float16", "bfloat16" or a torch dtype).
+    ``dtype`` is how sinks, window and memory slots are stored ("float32", "float16", "bfloat16" or a torch dtype).
     Only summary rules: their slots are key/value pairs the model's softmax attention reads.
     """
 

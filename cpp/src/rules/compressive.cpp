@@ -19,9 +19,10 @@ class Compressive final : public Rule {
         }
     }
     void fold(int64_t lane, const float* k, const float* v, int64_t count) override {
-        int64_t at = count % rate_, slot = (count / rate_) % slots_;
-        float* sk = slot_keys(lane) + slot * dims_.dk;
-        float* sv = slot_values(lane) + slot * dims_.dv;
+        int64_t at = count % rate_;
+        SlotEdit slot(*this, lane, (count / rate_) % slots_);
+        float* sk = slot.keys();
+        float* sv = slot.values();
         if (max_) {
             pool_max(sk, k, dims_.dk, at);
             pool_max(sv, v, dims_.dv, at);
@@ -29,6 +30,7 @@ class Compressive final : public Rule {
             pool_mean(sk, sum_k_.lane<double>(lane), k, dims_.dk, at);
             pool_mean(sv, sum_v_.lane<double>(lane), v, dims_.dv, at);
         }
+        slot.store();
     }
     int64_t max_slots() const override { return slots_; }
     int64_t visible_slots(int64_t folded) const override {

@@ -15,8 +15,10 @@ class Cumulative final : public Rule {
     void fold(int64_t lane, const float* k, const float* v, int64_t count) override {
         const Kernels& K = kernels();
         double inv = 1.0 / static_cast<double>(count + 1);
-        K.axpby_f64(sum_k_.lane<double>(lane), 1.0, k, 1.0, slot_keys(lane), inv, dims_.dk);
-        K.axpby_f64(sum_v_.lane<double>(lane), 1.0, v, 1.0, slot_values(lane), inv, dims_.dv);
+        SlotEdit slot(*this, lane, 0);
+        K.axpby_f64(sum_k_.lane<double>(lane), 1.0, k, 1.0, slot.keys(), inv, dims_.dk);
+        K.axpby_f64(sum_v_.lane<double>(lane), 1.0, v, 1.0, slot.values(), inv, dims_.dv);
+        slot.store();
     }
     int64_t max_slots() const override { return 1; }
 

@@ -28,16 +28,17 @@ class Custom final : public Rule {
         float* mk = mem.data();
         float* mv = mk + H * nk;
         for (int64_t h = 0; h < H; ++h) {  // slot buffers are per lane; the callback sees one array
-            std::memcpy(mk + h * nk, slot_keys(row * H + h), sizeof(float) * nk);
-            std::memcpy(mv + h * nv, slot_values(row * H + h), sizeof(float) * nv);
+            std::memcpy(mk + h * nk, state_keys(row * H + h), sizeof(float) * nk);
+            std::memcpy(mv + h * nv, state_values(row * H + h), sizeof(float) * nv);
         }
         fn_(CustomCall{mk, mv, k, v, H, slots_, dims_.dk, dims_.dv, count});
         for (int64_t h = 0; h < H; ++h) {
-            std::memcpy(slot_keys(row * H + h), mk + h * nk, sizeof(float) * nk);
-            std::memcpy(slot_values(row * H + h), mv + h * nv, sizeof(float) * nv);
+            std::memcpy(state_keys(row * H + h), mk + h * nk, sizeof(float) * nk);
+            std::memcpy(state_values(row * H + h), mv + h * nv, sizeof(float) * nv);
         }
     }
     int64_t max_slots() const override { return slots_; }
+    bool slots_are_state() const override { return true; }
 
    private:
     static std::vector<float>& buffer() {

@@ -16,8 +16,10 @@ class EMA final : public Rule {
     void fold(int64_t lane, const float* k, const float* v, int64_t count) override {
         const Kernels& K = kernels();
         double a = count == 0 ? 1.0 : alpha_;  // weight 1 sets Mem to the pair (Mem starts at zero)
-        K.axpby_f64(mem_k_.lane<double>(lane), 1.0 - a, k, a, slot_keys(lane), 1.0, dims_.dk);
-        K.axpby_f64(mem_v_.lane<double>(lane), 1.0 - a, v, a, slot_values(lane), 1.0, dims_.dv);
+        SlotEdit slot(*this, lane, 0);
+        K.axpby_f64(mem_k_.lane<double>(lane), 1.0 - a, k, a, slot.keys(), 1.0, dims_.dk);
+        K.axpby_f64(mem_v_.lane<double>(lane), 1.0 - a, v, a, slot.values(), 1.0, dims_.dv);
+        slot.store();
     }
     int64_t max_slots() const override { return 1; }
 

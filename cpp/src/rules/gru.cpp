@@ -61,14 +61,14 @@ class GRU final : public Rule {
         float* gh = gi + 3 * D;
         std::memcpy(x, k, sizeof(float) * dk);
         std::memcpy(x + dk, v, sizeof(float) * dv);
-        std::memcpy(h, slot_keys(lane), sizeof(float) * dk);
-        std::memcpy(h + dk, slot_values(lane), sizeof(float) * dv);
+        std::memcpy(h, state_keys(lane), sizeof(float) * dk);
+        std::memcpy(h + dk, state_values(lane), sizeof(float) * dv);
         K.gemv(gi, w_ih_.data() + set * 3 * D * D, x, 3 * D, D);
         K.gemv(gh, w_hh_.data() + set * 3 * D * D, h, 3 * D, D);
         K.axpy_f32(gi, 1.0f, b_ih_.data() + set * 3 * D, 3 * D);
         K.axpy_f32(gh, 1.0f, b_hh_.data() + set * 3 * D, 3 * D);
-        float* mk = slot_keys(lane);
-        float* mv = slot_values(lane);
+        float* mk = state_keys(lane);
+        float* mv = state_values(lane);
         for (int64_t i = 0; i < D; ++i) {
             float r = sigmoid(gi[i] + gh[i]);
             float z = sigmoid(gi[D + i] + gh[D + i]);
@@ -78,6 +78,7 @@ class GRU final : public Rule {
         }
     }
     int64_t max_slots() const override { return 1; }
+    bool slots_are_state() const override { return true; }
 
    private:
     int64_t D_, sets_;

@@ -20,8 +20,10 @@ class Moving final : public Rule {
     }
     void fold(int64_t lane, const float* k, const float* v, int64_t count) override {
         double inv = 1.0 / static_cast<double>(count + 1 < n_ ? count + 1 : n_);
-        push(ring_k_.lane<float>(lane), sum_k_.lane<double>(lane), slot_keys(lane), k, dims_.dk, count, inv);
-        push(ring_v_.lane<float>(lane), sum_v_.lane<double>(lane), slot_values(lane), v, dims_.dv, count, inv);
+        SlotEdit slot(*this, lane, 0);
+        push(ring_k_.lane<float>(lane), sum_k_.lane<double>(lane), slot.keys(), k, dims_.dk, count, inv);
+        push(ring_v_.lane<float>(lane), sum_v_.lane<double>(lane), slot.values(), v, dims_.dv, count, inv);
+        slot.store();
     }
     int64_t max_slots() const override { return 1; }
 

@@ -22,8 +22,10 @@ class Weighted final : public Rule {
         add_buffer(ring_v_, sizeof(float) * n() * d.dv);
     }
     void fold(int64_t lane, const float* k, const float* v, int64_t count) override {
-        mix(ring_k_.lane<float>(lane), slot_keys(lane), k, dims_.dk, count);
-        mix(ring_v_.lane<float>(lane), slot_values(lane), v, dims_.dv, count);
+        SlotEdit slot(*this, lane, 0);
+        mix(ring_k_.lane<float>(lane), slot.keys(), k, dims_.dk, count);
+        mix(ring_v_.lane<float>(lane), slot.values(), v, dims_.dv, count);
+        slot.store();
     }
     int64_t max_slots() const override { return 1; }
 
