@@ -67,7 +67,7 @@ class Rule {
     // GRU and Custom carry their state in the slots; the averages keep theirs in their own buffers
     // (float64 sums, rings of pairs) and write the slots as a copy to read.
     virtual bool slots_are_state() const { return false; }
-    DType slot_dtype() const { return slots_are_state() ? DType::float32 : dims_.dtype; }
+    DType slot_dtype() const { return slot_dtype_; }
     // Slots holding something after `folded` folds; they are rows [0, n) of the lane's slots.
     virtual int64_t visible_slots(int64_t folded) const { return folded > 0 ? max_slots() : 0; }
     // Slot holding the oldest summary after `folded` folds (slots form a ring).
@@ -111,7 +111,7 @@ class Rule {
     const std::vector<LaneBuffer*>& buffers() const { return buffers_; }
 
    protected:
-    int64_t slot_bytes() const { return slot_dtype() == DType::float32 ? 4 : 2; }  // per value
+    int64_t slot_bytes() const { return slot_dtype_ == DType::float32 ? 4 : 2; }  // per value
     // A lane's slots as float32, for the rules whose state they are.
     float* state_keys(int64_t lane) { return slot_k_.lane<float>(lane); }
     float* state_values(int64_t lane) { return slot_v_.lane<float>(lane); }
@@ -120,12 +120,23 @@ class Rule {
     // float32, else a per-thread copy, widened here and rounded back into the slot by store().
     class SlotEdit {
        public:
-        SlotEdit(Rule& rule, int64_t lane, int64_t s);
+        SlotEdit(Rule& rule, int64_t lane, int64_t s)
+            : rule_(rule),
+              key_(rule.slot_k_.lane(lane) + s * rule.dims_.dk * rule.slot_bytes()),
+              value_(rule.slot_v_.lane(lane) + s * rule.dims_.dv * rule.slot_bytes()),
+              k_(static_cast<float*>(key_)),
+              v_(static_cast<float*>(value_)) {
+            if (rule.slot_dtype_ != DType::float32) widen();
+        }
         float* keys() { return k_; }
         float* values() { return v_; }
-        void store();
+        void store() {
+            if (rule_.slot_dtype_ != DType::float32) narrow();
+        }
 
        private:
+        void widen();
+        void narrow();
         Rule& rule_;
         void *key_, *value_;
         float *k_, *v_;
@@ -133,6 +144,7 @@ class Rule {
 
     // Plans the slot buffers and registers them together with the rule's own state.
     void plan_slots(int64_t slots) {
+        slot_dtype_ = slots_are_state() ? DType::float32 : dims_.dtype;
         slot_k_.plan(dims_.lanes, slot_bytes() * slots * dims_.dk);
         slot_v_.plan(dims_.lanes, slot_bytes() * slots * dims_.dv);
         buffers_ = {&slot_k_, &slot_v_};
@@ -144,6 +156,7 @@ class Rule {
 
     Dims dims_;
     LaneBuffer slot_k_, slot_v_;
+    DType slot_dtype_ = DType::float32;
     std::vector<LaneBuffer*> buffers_;
 };
 
