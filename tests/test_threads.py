@@ -121,3 +121,22 @@ def test_caches_in_several_threads_share_the_pool(share_everything):
         for a, b in zip(outs, want_outs):
             np.testing.assert_array_equal(a, b)
         assert state == want_state
+
+
+@pytest.mark.one_backend
+@pytest.mark.parametrize("where", [0, 65536 * 3 + 7, -1])
+def test_threads_share_the_finite_check_and_find_every_nan(where, share_everything):
+    """A long block is checked in pieces on several threads: a NaN in any piece is found, named by
+    its index, and the cache is left as it was."""
+    kvfold.set_num_threads(3)
+    cache = kvfold.MemoryCache(rules.Cumulative(), num_heads=2, head_dim=64, window=4)
+    k = np.ones((1, 2, 2000, 64), np.float32)  # 256000 values: four pieces
+    before = cache.to_bytes()
+    k.reshape(-1)[where] = np.nan
+    index = np.unravel_index(where % k.size, k.shape)
+    with pytest.raises(ValueError, match=r"k: expected finite values, got NaN at index \(%s\)" % ", ".join(map(str, index))):
+        cache.update(k, np.ones_like(k))
+    assert cache.to_bytes() == before
+    k.reshape(-1)[where] = 1.0
+    cache.update(k, np.ones_like(k))  # and a clean block passes
+    assert cache.length.tolist() == [2000]
