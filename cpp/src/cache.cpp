@@ -59,6 +59,7 @@ std::string shape_str(const std::vector<int64_t>& shape) {
 bool all_finite(const float* x, int64_t n) {
     constexpr int64_t kPiece = 1 << 16;
     constexpr double kCostPerValue = 8;
+    if (n <= kPiece) return kernels().all_finite(x, n);  // a decode step's few values
     std::atomic<bool> finite{true};
     parallel_for((n + kPiece - 1) / kPiece, kCostPerValue * kPiece, [&](int64_t lo, int64_t hi) {
         const int64_t begin = lo * kPiece, end = std::min(n, hi * kPiece);
