@@ -15,6 +15,7 @@
 #include "kvfold/kvfold.hpp"
 #include "kernels/kernels.hpp"
 #include "parallel.hpp"
+#include "../../cpp/tests/fixtures.hpp"
 
 using kvfold::Config;
 using kvfold::MemoryCache;
@@ -22,12 +23,8 @@ using kvfold::RuleSpec;
 
 namespace {
 
-RuleSpec rule(const char* kind, std::map<std::string, double> scalars = {}) {
-    RuleSpec s;
-    s.kind = kind;
-    for (auto& [k, v] : scalars) s.arrays[k] = kvfold::Array{{}, {v}};
-    return s;
-}
+using fixtures::normal;
+using fixtures::rule;
 
 struct Case {
     std::string name;
@@ -38,13 +35,6 @@ struct Case {
     bool gates = false;  // per-token decay and beta (per head), for the gated delta rule
 };
 
-std::vector<float> normal(size_t n, unsigned seed) {
-    std::mt19937 g(seed);
-    std::normal_distribution<float> d;
-    std::vector<float> x(n);
-    for (float& f : x) f = d(g);
-    return x;
-}
 
 bool cpu_time = false;  // --cpu-time: the calling thread's CPU time, blind to other processes
 

@@ -4,6 +4,7 @@
 #include <random>
 
 #include "check.hpp"
+#include "fixtures.hpp"
 #include "kvfold/kvfold.hpp"
 
 using kvfold::Array;
@@ -13,12 +14,7 @@ using kvfold::RuleSpec;
 
 namespace {
 
-RuleSpec rule(const char* kind, std::map<std::string, double> scalars = {}) {
-    RuleSpec s;
-    s.kind = kind;
-    for (auto& [k, v] : scalars) s.arrays[k] = Array{{}, {v}};
-    return s;
-}
+using fixtures::rule;
 
 std::vector<float> random(size_t n, unsigned seed) {
     std::mt19937 g(seed);

@@ -6,18 +6,14 @@
 
 #include "../src/rule.hpp"
 #include "check.hpp"
+#include "fixtures.hpp"
 
 using namespace kvfold;
 
 namespace {
 
-std::vector<float> normal(size_t n, unsigned seed, float scale = 1.0f) {
-    std::mt19937 g(seed);
-    std::normal_distribution<float> d;
-    std::vector<float> x(n);
-    for (float& f : x) f = scale * d(g);
-    return x;
-}
+using fixtures::normal;
+using fixtures::rule;
 
 std::unique_ptr<Rule> planned(const RuleSpec& spec, const Dims& dims) {
     auto rule = make_rule(spec);
@@ -69,28 +65,22 @@ void check_run(const RuleSpec& spec, bool decay, bool per_key, bool beta, unsign
     set_chunk_size(32);
 }
 
-RuleSpec spec(const char* kind) {
-    RuleSpec s;
-    s.kind = kind;
-    return s;
-}
-
 }  // namespace
 
 TEST(chunked_fold_equals_the_pair_by_pair_fold) {
-    check_run(spec("linear"), false, false, false, 1);
-    RuleSpec normalized = spec("linear");
+    check_run(rule("linear"), false, false, false, 1);
+    RuleSpec normalized = rule("linear");
     normalized.options = {{"feature_map", "elu1"}, {"normalize", "true"}};
     check_run(normalized, false, false, false, 2);
-    RuleSpec relu = spec("linear");
+    RuleSpec relu = rule("linear");
     relu.options = {{"feature_map", "relu"}};
     check_run(relu, false, false, false, 3);
-    check_run(spec("gated"), true, false, false, 4);
-    check_run(spec("gated"), true, true, false, 5);
-    check_run(spec("delta"), false, false, true, 6);
-    check_run(spec("gated_delta"), true, false, true, 7);
-    check_run(spec("gated_delta"), true, true, true, 8);
-    RuleSpec constants = spec("gated_delta");  // the rule's own gates: one decay per key, one beta per head
+    check_run(rule("gated"), true, false, false, 4);
+    check_run(rule("gated"), true, true, false, 5);
+    check_run(rule("delta"), false, false, true, 6);
+    check_run(rule("gated_delta"), true, false, true, 7);
+    check_run(rule("gated_delta"), true, true, true, 8);
+    RuleSpec constants = rule("gated_delta");  // the rule's own gates: one decay per key, one beta per head
     constants.arrays["decay"] = Array{{2, 17}, std::vector<double>(34, -0.2)};
     constants.arrays["beta"] = Array{{2}, {0.3, 0.7}};
     check_run(constants, false, false, false, 9);

@@ -7,17 +7,12 @@
 #include "../src/half.hpp"
 #include "../src/kernels/kernels.hpp"
 #include "check.hpp"
+#include "fixtures.hpp"
 
 using namespace kvfold;
 
 namespace {
-std::vector<float> random_floats(size_t n, unsigned seed) {
-    std::mt19937 g(seed);
-    std::normal_distribution<float> d;
-    std::vector<float> x(n);
-    for (float& f : x) f = d(g);
-    return x;
-}
+using fixtures::normal;
 const int64_t kSizes[] = {1, 3, 7, 8, 16, 17, 33, 127, 128, 300};
 void check_close(const std::vector<float>& a, const std::vector<float>& b, double tol) {
     CHECK(a.size() == b.size());
@@ -29,7 +24,7 @@ TEST(kernels_match_scalar) {
     const Kernels& S = *scalar_kernels();
     const Kernels& K = kernels();
     for (int64_t n : kSizes) {
-        auto a = random_floats(n, 1), b = random_floats(n, 2);
+        auto a = normal(n, 1), b = normal(n, 2);
         std::vector<uint16_t> h(n), bf(n);
         S.f32_to_f16(h.data(), b.data(), n);
         S.f32_to_bf16(bf.data(), b.data(), n);
@@ -89,7 +84,7 @@ TEST(gemv_and_exp_match_scalar) {
     const Kernels& K = kernels();
     for (int64_t rows : {1, 3, 4, 7, 17}) {
         for (int64_t cols : kSizes) {
-            auto W = random_floats(rows * cols, 3), x = random_floats(cols, 4);
+            auto W = normal(rows * cols, 3), x = normal(cols, 4);
             std::vector<float> y1(rows), y2(rows);
             S.gemv(y1.data(), W.data(), x.data(), rows, cols);
             K.gemv(y2.data(), W.data(), x.data(), rows, cols);
@@ -102,7 +97,7 @@ TEST(gemv_and_exp_match_scalar) {
         }
     }
     for (int64_t n : kSizes) {
-        auto x = random_floats(n, 5);
+        auto x = normal(n, 5);
         for (float& f : x) f *= 8;
         std::vector<float> y1(n), y2(n);
         S.exp_f32(y1.data(), x.data(), n);
@@ -145,8 +140,8 @@ TEST(matrix_step_and_read_match_the_formula) {
             for (int variant = 0; variant < 4; ++variant) {
                 const bool delta = variant & 1, per_key = variant & 2;
                 const int64_t nq = (dk + dv + variant) % 7;  // 0..6 queries: none, in registers, and beyond
-                auto S0 = random_floats(dk * dv, ++seed), k = random_floats(dk, ++seed), v = random_floats(dv, ++seed);
-                auto q = random_floats(nq * dk + 1, ++seed), g = random_floats(dk, ++seed);
+                auto S0 = normal(dk * dv, ++seed), k = normal(dk, ++seed), v = normal(dv, ++seed);
+                auto q = normal(nq * dk + 1, ++seed), g = normal(dk, ++seed);
                 for (float& x : k) x *= 0.3f;
                 std::vector<float> a(dk);
                 for (int64_t i = 0; i < dk; ++i) a[i] = per_key ? std::exp(-std::fabs(g[i])) : 0.8f;
@@ -189,7 +184,7 @@ TEST(matrix_step_and_read_match_the_formula) {
 TEST(matrix_kernels_honour_the_row_stride) {
     // A column window of a wider matrix: columns outside [4, 4 + dv) stay untouched.
     const int64_t dk = 9, dv = 19, ld = 32;
-    auto S0 = random_floats(dk * ld, 40), k = random_floats(dk, 41), v = random_floats(dv, 42), q = random_floats(2 * dk, 43);
+    auto S0 = normal(dk * ld, 40), k = normal(dk, 41), v = normal(dv, 42), q = normal(2 * dk, 43);
     for (const Kernels* table : {scalar_kernels(), &kernels()}) {
         std::vector<float> Sm = S0, out(2 * dv);
         MatrixPass m;
@@ -232,8 +227,8 @@ TEST(gemm_matches_the_formula) {
                     const bool lower_a = shape == 1, lower_c = shape == 2, accumulate = shape >= 3, trans_a = shape == 4;
                     if ((m * n * k) % 3 && shape == 0 && m > 9) continue;  // a sample of the plain products
                     const int64_t lda = trans_a ? m + 3 : k + 3, ldb = n + 5, ldc = n + 2;
-                    auto a = random_floats((trans_a ? k : m) * lda, ++seed), b = random_floats(k * ldb, ++seed);
-                    auto c0 = random_floats(m * ldc, ++seed);
+                    auto a = normal((trans_a ? k : m) * lda, ++seed), b = normal(k * ldb, ++seed);
+                    auto c0 = normal(m * ldc, ++seed);
                     auto at = [&](int64_t i, int64_t p) -> float& { return trans_a ? a[p * lda + i] : a[i * lda + p]; };
                     if (lower_a)
                         for (int64_t i = 0; i < m; ++i)
@@ -267,7 +262,7 @@ TEST(triangular_solve_matches_the_formula) {
     for (int64_t m : {int64_t(1), int64_t(2), int64_t(7), int64_t(17), int64_t(33), int64_t(64)})
         for (int64_t n : {int64_t(1), int64_t(3), int64_t(16), int64_t(17), int64_t(40), int64_t(70), int64_t(256)}) {
             const int64_t lda = m + 1, ldx = n + 3;
-            auto a = random_floats(m * lda, ++seed), x0 = random_floats(m * ldx, ++seed);
+            auto a = normal(m * lda, ++seed), x0 = normal(m * ldx, ++seed);
             for (float& f : a) f *= 0.2f;  // a well-conditioned I + a, as the delta rules make it
             for (const Kernels* table : {scalar_kernels(), &kernels()}) {
                 std::vector<float> x = x0;
@@ -289,7 +284,7 @@ TEST(elementwise_kernels_match_scalar) {
     const Kernels& S = *scalar_kernels();
     const Kernels& K = kernels();
     for (int64_t n : kSizes) {
-        auto a = random_floats(n, 3), b = random_floats(n, 4);
+        auto a = normal(n, 3), b = normal(n, 4);
         std::vector<uint16_t> h(n), bf(n);
         S.f32_to_f16(h.data(), b.data(), n);
         S.f32_to_bf16(bf.data(), b.data(), n);
@@ -355,7 +350,7 @@ TEST(attention_kernels_match_scalar) {
         for (int64_t rows : {int64_t(1), int64_t(3), int64_t(4), int64_t(5), int64_t(17), int64_t(64)}) {
             for (int64_t nq : {int64_t(1), int64_t(3)}) {
                 const int64_t stride = 70;
-                auto q = random_floats(nq * d, 5), k = random_floats(rows * d, 6), p = random_floats(nq * stride, 7);
+                auto q = normal(nq * d, 5), k = normal(rows * d, 6), p = normal(nq * stride, 7);
                 std::vector<uint16_t> kh(rows * d), kb(rows * d);
                 S.f32_to_f16(kh.data(), k.data(), rows * d);
                 S.f32_to_bf16(kb.data(), k.data(), rows * d);
@@ -394,7 +389,7 @@ TEST(attention_kernels_match_scalar) {
 TEST(softmax_blocks_agree_with_one_softmax) {
     const Kernels& K = kernels();
     for (int64_t n : {int64_t(1), int64_t(5), int64_t(16), int64_t(40), int64_t(100)}) {
-        auto s = random_floats(n, 8);
+        auto s = normal(n, 8);
         for (float& x : s) x *= 4.0f;
         std::vector<float> one = s;
         K.softmax(one.data(), n);
@@ -402,7 +397,7 @@ TEST(softmax_blocks_agree_with_one_softmax) {
         for (float w : one) sum += w;
         CHECK_NEAR(sum, 1.0, 1e-5);
         const int64_t d = 9;
-        auto v = random_floats(n * d, 9);
+        auto v = normal(n * d, 9);
         std::vector<float> expect(d, 0.0f), acc(d, 0.0f);
         for (int64_t j = 0; j < n; ++j)
             for (int64_t c = 0; c < d; ++c) expect[c] += one[j] * v[j * d + c];
