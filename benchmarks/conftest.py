@@ -1,13 +1,13 @@
 """pytest-benchmark suite: ``pytest benchmarks --benchmark-only`` (not collected by the main ``pytest``).
 
-Each benchmark group is one case of ``kvfold.bench``; kvfold and every installed peer that runs the
+Each benchmark group is one case of ``kvfold.tools.bench``; kvfold and every installed peer that runs the
 case are timed side by side on the same data, single-threaded unless the case says otherwise.
 """
 
 import pytest
 
 import kvfold
-from kvfold import bench
+from kvfold.tools import bench
 
 
 @pytest.fixture(autouse=True)

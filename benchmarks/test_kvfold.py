@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import kvfold
-from kvfold import bench, rules
+from kvfold import rules
+from kvfold.tools import bench
 
 # Summary rules no peer implements: kvfold alone, to follow the cost of each fold.
 KVFOLD_ONLY = [

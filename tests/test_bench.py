@@ -5,7 +5,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from kvfold import bench, rules
+from kvfold import rules
+from kvfold.tools import bench
 from kvfold.__main__ import main
 
 PEERS = [p for p in bench.peers() if p.available]

@@ -4,7 +4,7 @@ import pytest
 
 from kvfold import rules
 from kvfold.__main__ import main
-from kvfold.generate import parse_rule
+from kvfold.tools.generate import parse_rule
 
 
 @pytest.mark.parametrize(

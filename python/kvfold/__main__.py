@@ -40,7 +40,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="torch threads (default 1: on a small shared machine more threads mostly wait)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    from .generate import RULE_HELP, parse_rule
+    from .tools.generate import RULE_HELP, parse_rule
 
     def rule_arg(text: str):
         try:
@@ -69,23 +69,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     bench.add_argument("--quick", action="store_true", help="short rounds: a rough table in seconds")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        from .demo import run
+        from .tools.demo import run
 
         return run(tokens=args.tokens, check=args.check, heads=args.heads, head_dim=args.head_dim)
     if args.command == "eval":
-        from .eval import run as evaluate
+        from .tools.eval import run as evaluate
 
         evaluate(tokens=args.tokens, budgets=args.budgets, chunk=args.chunk, out=args.out,
                  progress=not args.no_progress, ema_alpha=args.ema_alpha, threads=args.threads)
         return 0
     if args.command == "generate":
-        from .generate import run as generate
+        from .tools.generate import run as generate
 
         return generate(args.prompt, args.rule, window=args.window, sinks=args.sinks,
                         max_new_tokens=args.max_new_tokens, sample=args.sample, temperature=args.temperature,
                         top_p=args.top_p, seed=args.seed, chat=not args.raw)
     if args.command == "bench":
-        from . import bench as b
+        from .tools import bench as b
 
         cases = [c for c in b.CASES if not args.cases or any(t in c.name for t in args.cases)]
         if not cases:

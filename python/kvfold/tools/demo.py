@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from . import MemoryCache, reference, rules, simd_backend
+from .. import MemoryCache, reference, rules, simd_backend
 
 
 def _stream(rng: np.random.Generator, tokens: int, heads: int, query_heads: int, d: int):

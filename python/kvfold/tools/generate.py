@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from . import rules
+from .. import rules
 
 RULE_HELP = (
     "drop | cumulative | moving:N | weighted:B1,B2,... | ema:ALPHA | compressive:SLOTS,RATE[,max] | "
@@ -50,7 +50,7 @@ def run(
     from transformers import DynamicCache, TextStreamer
 
     from . import smollm2
-    from .hf import FoldCache
+    from ..hf import FoldCache
 
     model, tokenizer = smollm2.load()
     if chat:

@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import MemoryCache, __version__, get_num_threads, rules, set_num_threads, simd_backend
+from .. import MemoryCache, __version__, get_num_threads, rules, set_num_threads, simd_backend
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
-from . import rules
+from .. import rules
 
 
 @dataclass
@@ -34,7 +34,7 @@ class Memory:
     def make_cache(self) -> Any:
         from transformers import DynamicCache
 
-        from .hf import FoldCache
+        from ..hf import FoldCache
 
         return DynamicCache() if self.rule is None else FoldCache(self.rule, window=self.window, sinks=self.sinks)
 
