@@ -16,6 +16,7 @@ from typing import Any, Iterable, Optional
 import numpy.typing as npt
 
 from . import _core, _state, rules
+from ._checks import integer
 from ._core import available_backends, simd_backend
 from ._state import Checkpoint
 
@@ -45,19 +46,13 @@ __all__ = [
 ]
 
 
-def _size(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an integer, got {type(value).__name__} {value!r}")
-    return int(value)
-
-
 def set_num_threads(num_threads: int) -> None:
     """Threads a call may use, the calling thread included; default: the cores this process may use.
 
     Work splits over (batch row x KV head) when there is enough of it; results are identical
     whatever the count. One thread never pays for the pool.
     """
-    num_threads = _size("num_threads", num_threads)
+    num_threads = integer("num_threads", num_threads)
     if not 1 <= num_threads <= _core.MAX_THREADS:
         raise ValueError(f"num_threads: expected an integer in [1, {_core.MAX_THREADS}], got {num_threads}")
     _core.set_num_threads(num_threads)
@@ -76,7 +71,7 @@ def set_chunk_size(chunk_size: int) -> None:
     chunked form of linear attention, with the WY form for the delta rules). The chunk size tunes
     speed only: results change by float rounding at most.
     """
-    chunk_size = _size("chunk_size", chunk_size)
+    chunk_size = integer("chunk_size", chunk_size)
     if not 1 <= chunk_size <= _core.MAX_CHUNK:
         raise ValueError(f"chunk_size: expected an integer in [1, {_core.MAX_CHUNK}], got {chunk_size}")
     _core.set_chunk_size(chunk_size)
@@ -127,10 +122,10 @@ class MemoryCache(_core.MemoryCache):
         rule = rules.Drop() if rule is None else rule
         if not isinstance(rule, rules.Rule):
             raise TypeError(f"rule: expected a kvfold.rules rule (e.g. rules.Cumulative()), got {type(rule).__name__}")
-        num_heads = _size("num_heads", num_heads)
-        head_dim = _size("head_dim", head_dim)
-        value_dim = head_dim if value_dim is None else _size("value_dim", value_dim)
-        num_query_heads = num_heads if num_query_heads is None else _size("num_query_heads", num_query_heads)
+        num_heads = integer("num_heads", num_heads)
+        head_dim = integer("head_dim", head_dim)
+        value_dim = head_dim if value_dim is None else integer("value_dim", value_dim)
+        num_query_heads = num_heads if num_query_heads is None else integer("num_query_heads", num_query_heads)
         if scale is None:
             scale = 0.0
         elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
@@ -143,13 +138,13 @@ class MemoryCache(_core.MemoryCache):
             raise TypeError(f"check_finite: expected True or False, got {type(check_finite).__name__}")
         super().__init__(
             rule._spec(),
-            batch_size=_size("batch_size", batch_size),
+            batch_size=integer("batch_size", batch_size),
             num_heads=num_heads,
             head_dim=head_dim,
             value_dim=value_dim,
             num_query_heads=num_query_heads,
-            window=_size("window", window),
-            sinks=_size("sinks", sinks),
+            window=integer("window", window),
+            sinks=integer("sinks", sinks),
             scale=float(scale),
             dtype=str(dtype),
             check_finite=check_finite,

@@ -14,7 +14,6 @@ Needs torch and transformers (``pip install kvfold[hf]``); the rest of kvfold do
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, List, Optional, Tuple
 
 import numpy as np
@@ -22,6 +21,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import MemoryCache, rules
+from ._checks import integer
 
 __all__ = ["FoldCache", "FoldLayer"]
 
@@ -36,14 +36,6 @@ def _storage_dtype(dtype: Any) -> str:
     if dtype not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"dtype: expected 'float32', 'float16' or 'bfloat16', got {dtype!r}")
     return dtype
-
-
-def _count(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an integer >= 0, got {type(value).__name__} {value!r}")
-    if value < 0:
-        raise ValueError(f"{name}: expected an integer >= 0, got {value}")
-    return int(value)
 
 
 def check_summary_rule(rule: rules.Rule, cache: Optional[MemoryCache] = None) -> None:
@@ -265,7 +257,7 @@ class FoldCache(Cache):
         if not isinstance(rule, rules.Rule):
             raise TypeError(f"rule: expected a kvfold.rules rule (e.g. rules.Cumulative()), got {type(rule).__name__}")
         check_summary_rule(rule)
-        self.rule, self.window, self.sinks = rule, _count("window", window), _count("sinks", sinks)
+        self.rule, self.window, self.sinks = rule, integer("window", window, 0), integer("sinks", sinks, 0)
         self.storage_dtype = _storage_dtype(dtype)
         if not isinstance(check_finite, bool):
             raise TypeError(f"check_finite: expected True or False, got {type(check_finite).__name__}")

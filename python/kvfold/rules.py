@@ -20,6 +20,7 @@ from typing import Any, Callable, ClassVar, Dict, Optional, Tuple, Union
 import numpy as np
 
 from . import _core
+from ._checks import integer
 
 __all__ = [
     "Rule", "Drop", "Cumulative", "Moving", "Weighted", "EMA", "Compressive", "GRU",
@@ -33,12 +34,6 @@ def _real(rule: str, name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{rule}: {name} must be a real number, got {type(value).__name__} {value!r}")
     return float(value)
-
-
-def _integer(rule: str, name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{rule}: {name} must be an integer, got {type(value).__name__} {value!r}")
-    return int(value)
 
 
 def _frozen(a: np.ndarray) -> Reals:
@@ -131,7 +126,7 @@ class Moving(Rule):
     kind: ClassVar[str] = "moving"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "n", _integer("Moving", "n", self.n))
+        object.__setattr__(self, "n", integer("Moving: n", self.n))
         super().__post_init__()
 
 
@@ -181,8 +176,8 @@ class Compressive(Rule):
     kind: ClassVar[str] = "compressive"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "slots", _integer("Compressive", "slots", self.slots))
-        object.__setattr__(self, "rate", _integer("Compressive", "rate", self.rate))
+        object.__setattr__(self, "slots", integer("Compressive: slots", self.slots))
+        object.__setattr__(self, "rate", integer("Compressive: rate", self.rate))
         if not isinstance(self.pool, str):
             raise TypeError(f"Compressive: pool must be 'mean' or 'max', got {type(self.pool).__name__}")
         super().__post_init__()
@@ -355,7 +350,7 @@ class Custom(Rule):
     def __post_init__(self) -> None:
         if not callable(self.fn):
             raise TypeError(f"Custom: fn must be callable, got {type(self.fn).__name__}")
-        object.__setattr__(self, "slots", _integer("Custom", "slots", self.slots))
+        object.__setattr__(self, "slots", integer("Custom: slots", self.slots))
         super().__post_init__()
 
     def _spec(self) -> Tuple[str, Dict[str, Any], Dict[str, str], Any]:

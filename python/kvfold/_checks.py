@@ -1,0 +1,17 @@
+"""Argument checks shared by the library: one place for the wording of a bad-argument error."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Optional
+
+
+def integer(name: str, value: Any, minimum: Optional[int] = None) -> int:
+    """``value`` as an int. TypeError unless it is an integer (a bool is not one); ValueError if it is
+    below ``minimum``. Both messages name the argument, what it expects and what it got."""
+    expected = "an integer" if minimum is None else f"an integer >= {minimum}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}: expected {expected}, got {value}")
+    return int(value)
