@@ -206,7 +206,7 @@ std::unique_ptr<MemoryCache> MemoryCache::concat(const std::vector<const MemoryC
             throw ValueError("caches[" + std::to_string(i) + "]: expected " + expected + " like caches[0], got " +
                              theirs + " (caches to concatenate differ only in batch_size)");
         batches.push_back(c.cfg.batch_size);
-        if (__builtin_add_overflow(total, c.cfg.batch_size, &total))
+        if (add_overflow(total, c.cfg.batch_size, &total))
             throw ValueError("caches: the batch sizes add up to more than 2^63 rows");
     }
     Config g = first->cfg;

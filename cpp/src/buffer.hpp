@@ -8,6 +8,8 @@
 #include <new>
 #include <utility>
 
+#include "platform.hpp"
+
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -26,7 +28,7 @@ class LaneBuffer {
     LaneBuffer() = default;
     LaneBuffer(const LaneBuffer&) = delete;
     LaneBuffer& operator=(const LaneBuffer&) = delete;
-    ~LaneBuffer() { std::free(data_); }
+    ~LaneBuffer() { aligned_free(data_); }
 
     void plan(int64_t lanes, size_t bytes_per_lane) {
         lanes_ = lanes;
@@ -36,19 +38,19 @@ class LaneBuffer {
     // SIZE_MAX when the size does not fit in memory at all.
     size_t planned_bytes() const {
         size_t n;
-        return __builtin_mul_overflow(stride_, static_cast<size_t>(lanes_), &n) ? SIZE_MAX : n;
+        return mul_overflow(stride_, static_cast<size_t>(lanes_), &n) ? SIZE_MAX : n;
     }
 
     void allocate() {
-        std::free(data_);
+        aligned_free(data_);
         data_ = nullptr;
         size_t n = planned_bytes();
         if (n == 0) return;
         // Buffers of megabytes (long windows) are streamed through at every step: on 2 MB pages
         // the walk does not miss the TLB every 4 KB.
         const bool large = n >= kHugePage;
-        void* p = nullptr;
-        if (posix_memalign(&p, large ? kHugePage : kAlign, n) != 0) throw std::bad_alloc();
+        void* p = aligned_alloc_bytes(large ? kHugePage : kAlign, n);
+        if (!p) throw std::bad_alloc();
         data_ = static_cast<uint8_t*>(p);
 #if defined(MADV_HUGEPAGE)
         // Only whole huge pages inside the buffer, so it never holds more memory than it says.

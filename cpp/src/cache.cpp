@@ -1,7 +1,5 @@
 // The model: per row and KV head, token t becomes a sink, enters the window, or (pushed out of the
 // window) is folded into the rule's memory; queries attend over [sinks | memory slots | window].
-#include <unistd.h>
-
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -11,6 +9,7 @@
 #include "cache_impl.hpp"
 #include "chunked.hpp"
 #include "parallel.hpp"
+#include "platform.hpp"
 
 namespace kvfold {
 
@@ -41,11 +40,6 @@ void check_range(const char* name, int64_t value, int64_t lo, int64_t hi) {
     if (value < lo || value > hi)
         throw ValueError(std::string(name) + ": expected an integer in [" + std::to_string(lo) + ", " +
                          std::to_string(hi) + "], got " + std::to_string(value));
-}
-
-size_t physical_memory() {
-    long pages = sysconf(_SC_PHYS_PAGES), size = sysconf(_SC_PAGE_SIZE);
-    return pages > 0 && size > 0 ? static_cast<size_t>(pages) * static_cast<size_t>(size) : SIZE_MAX;
 }
 
 std::string shape_str(const std::vector<int64_t>& shape) {
@@ -443,7 +437,7 @@ struct MatrixModel {
     // follow from chunk to chunk.
     void request_rows(int64_t lane, const float* k, const float* v, const float* q, int64_t t, int64_t n) const {
         auto request = [](const float* p, int64_t floats) {
-            for (int64_t i = 0; i < floats; i += 16) __builtin_prefetch(p + i, 0, 2);
+            for (int64_t i = 0; i < floats; i += 16) prefetch(p + i);
         };
         const int64_t pairs = std::max<int64_t>(0, t - c.cfg.window);  // the pairs folded then
         request(k + pairs * dk(), (t + n - c.cfg.window - pairs) * dk());

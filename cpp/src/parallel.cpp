@@ -3,8 +3,12 @@
 // so back-to-back jobs (a decode loop) do not pay for a wake-up each time.
 #include "parallel.hpp"
 
-#include <pthread.h>
-#include <sched.h>
+#if defined(__linux__)
+#include <sched.h>  // sched_getaffinity
+#endif
+#if !defined(_WIN32)
+#include <pthread.h>  // pthread_atfork
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -19,7 +23,7 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #define KVFOLD_PAUSE() _mm_pause()
-#elif defined(__aarch64__)
+#elif defined(__aarch64__) && (defined(__GNUC__) || defined(__clang__))
 #define KVFOLD_PAUSE() __asm__ __volatile__("yield")
 #else
 #define KVFOLD_PAUSE() ((void)0)
@@ -35,8 +39,10 @@ std::atomic<double> min_shared_flops{1e7};
 constexpr int kSpins = 2000;             // pauses (tens of microseconds) before a waiting thread sleeps
 
 int default_threads() {
+#if defined(__linux__) && defined(CPU_COUNT)
     cpu_set_t set;
     if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
     return std::max(1u, std::thread::hardware_concurrency());
 }
 
@@ -136,8 +142,10 @@ Pool* pool = nullptr;
 
 struct PoolOwner {
     PoolOwner() {
+#if !defined(_WIN32)
         // A forked child has the parent's pool object but none of its threads: forget it.
         pthread_atfork(nullptr, nullptr, [] { pool = nullptr; });
+#endif
     }
     ~PoolOwner() {
         std::lock_guard<std::mutex> lock(pool_mu);

@@ -254,8 +254,7 @@ std::unique_ptr<MemoryCache> MemoryCache::from_bytes(const void* data, size_t si
     size_t state = 0;
     for (const LaneBuffer* b : impl->buffers()) {
         size_t n;
-        if (__builtin_mul_overflow(b->lane_bytes(), static_cast<size_t>(b->lanes()), &n) ||
-            __builtin_add_overflow(state, n, &state))
+        if (mul_overflow(b->lane_bytes(), static_cast<size_t>(b->lanes()), &n) || add_overflow(state, n, &state))
             state = SIZE_MAX;
     }
     if (state > r.left())

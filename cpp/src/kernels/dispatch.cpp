@@ -8,7 +8,9 @@
 #include "kvfold/kvfold.hpp"
 #include "kernels.hpp"
 
-#if defined(__x86_64__) || defined(_M_X64)
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(_MSC_VER) && !defined(__clang__)
+#include <intrin.h>
+#elif defined(__x86_64__) || defined(_M_X64)
 #include <cpuid.h>
 #endif
 
@@ -16,19 +18,38 @@ namespace kvfold {
 namespace {
 
 #if defined(__x86_64__) || defined(_M_X64)
+#if defined(_MSC_VER) && !defined(__clang__)
+uint64_t xgetbv0() { return _xgetbv(0); }
+
+// Registers of cpuid leaf/subleaf; false when the CPU has no such leaf.
+bool cpuid_count(unsigned leaf, unsigned sub, unsigned* a, unsigned* b, unsigned* c, unsigned* d) {
+    int r[4];
+    __cpuid(r, 0);
+    if (static_cast<unsigned>(r[0]) < leaf) return false;
+    __cpuidex(r, static_cast<int>(leaf), static_cast<int>(sub));
+    *a = static_cast<unsigned>(r[0]), *b = static_cast<unsigned>(r[1]);
+    *c = static_cast<unsigned>(r[2]), *d = static_cast<unsigned>(r[3]);
+    return true;
+}
+#else
 uint64_t xgetbv0() {
     uint32_t lo, hi;
     __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
     return (static_cast<uint64_t>(hi) << 32) | lo;
 }
 
+bool cpuid_count(unsigned leaf, unsigned sub, unsigned* a, unsigned* b, unsigned* c, unsigned* d) {
+    return __get_cpuid_count(leaf, sub, a, b, c, d);
+}
+#endif
+
 bool cpu_has_avx2() {
     unsigned a, b, c, d;
-    if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
+    if (!cpuid_count(1, 0, &a, &b, &c, &d)) return false;
     bool osxsave = c & (1u << 27), fma = c & (1u << 12), f16c = c & (1u << 29), avx = c & (1u << 28);
     if (!(osxsave && fma && f16c && avx)) return false;
     if ((xgetbv0() & 0x6) != 0x6) return false;  // OS saves XMM and YMM state
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (!cpuid_count(7, 0, &a, &b, &c, &d)) return false;
     return b & (1u << 5);
 }
 
@@ -36,7 +57,7 @@ bool cpu_has_avx512() {
     if (!cpu_has_avx2()) return false;
     unsigned a, b, c, d;
     if ((xgetbv0() & 0xe6) != 0xe6) return false;  // and opmask, ZMM_Hi256, Hi16_ZMM
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (!cpuid_count(7, 0, &a, &b, &c, &d)) return false;
     bool f = b & (1u << 16), dq = b & (1u << 17), bw = b & (1u << 30), vl = b & (1u << 31);
     return f && dq && bw && vl;
 }

@@ -1,0 +1,82 @@
+// The few things each compiler or OS spells differently: overflow-checked arithmetic, a prefetch
+// hint, aligned allocation and the machine's memory. GCC and Clang (Linux, macOS, musl) take the
+// builtins; MSVC (Windows) takes the portable branches.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <type_traits>
+
+#if defined(_WIN32)
+#include <malloc.h>
+#endif
+#if defined(_MSC_VER) && !defined(__clang__) && defined(_M_X64)
+#include <immintrin.h>
+#endif
+
+namespace kvfold {
+
+// *out = a * b (or a + b); true when the exact result does not fit in T.
+template <class T>
+bool mul_overflow(T a, T b, T* out) {
+#if defined(__GNUC__) || defined(__clang__)
+    return __builtin_mul_overflow(a, b, out);
+#else
+    static_assert(std::is_unsigned<T>::value, "mul_overflow: unsigned types only without the builtin");
+    *out = a * b;
+    return a != 0 && *out / a != b;
+#endif
+}
+
+template <class T>
+bool add_overflow(T a, T b, T* out) {
+#if defined(__GNUC__) || defined(__clang__)
+    return __builtin_add_overflow(a, b, out);
+#else
+    if (std::is_unsigned<T>::value) {
+        *out = a + b;
+        return *out < a;
+    }
+    if ((b > 0 && a > std::numeric_limits<T>::max() - b) || (b < 0 && a < std::numeric_limits<T>::min() - b))
+        return true;
+    *out = a + b;
+    return false;
+#endif
+}
+
+// Asks for the cache line at p ahead of a read (into L2 and closer).
+inline void prefetch(const void* p) {
+#if defined(__GNUC__) || defined(__clang__)
+    __builtin_prefetch(p, 0, 2);
+#elif defined(_M_X64)
+    _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T1);
+#else
+    (void)p;
+#endif
+}
+
+// Memory aligned to `align` (a power of two, a multiple of sizeof(void*)), or null; release it
+// with aligned_free.
+inline void* aligned_alloc_bytes(size_t align, size_t n) {
+#if defined(_WIN32)
+    return _aligned_malloc(n, align);
+#else
+    void* p = nullptr;
+    return posix_memalign(&p, align, n) == 0 ? p : nullptr;
+#endif
+}
+
+inline void aligned_free(void* p) {
+#if defined(_WIN32)
+    _aligned_free(p);
+#else
+    std::free(p);
+#endif
+}
+
+// Bytes of physical memory, or SIZE_MAX when the OS does not say.
+size_t physical_memory();
+
+}  // namespace kvfold
