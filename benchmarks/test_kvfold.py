@@ -41,8 +41,9 @@ def test_time_per_call(benchmark, case, impl, threads):
     else:
         peer = PEERS[impl]
         peer.set_threads(threads)
-        run = bench._peer_runner(lambda: peer.memory(replace(case, tokens=1), threads), case,
-                                 {k: peer.convert(v) for k, v in data.items()})
+        run = bench._peer_runner(
+            lambda: peer.memory(replace(case, tokens=1), threads), case, {k: peer.convert(v) for k, v in data.items()}
+        )
     benchmark.group = f"{case.name}, {threads} thread(s)"
     benchmark.extra_info["tokens"] = case.tokens
     if case.prefill:

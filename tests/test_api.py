@@ -30,8 +30,17 @@ def query(cache, rng):
 
 
 def test_properties_and_repr():
-    c = kvfold.MemoryCache(rules.Compressive(4, 2, "max"), num_heads=2, head_dim=16, num_query_heads=8,
-                           batch_size=3, window=5, sinks=2, dtype="float16", check_finite=False)
+    c = kvfold.MemoryCache(
+        rules.Compressive(4, 2, "max"),
+        num_heads=2,
+        head_dim=16,
+        num_query_heads=8,
+        batch_size=3,
+        window=5,
+        sinks=2,
+        dtype="float16",
+        check_finite=False,
+    )
     assert (c.num_heads, c.head_dim, c.value_dim, c.num_query_heads) == (2, 16, 16, 8)
     assert (c.batch_size, c.window, c.sinks, c.dtype, c.check_finite) == (3, 5, 2, "float16", False)
     assert c.scale == pytest.approx(0.25)
@@ -54,8 +63,17 @@ def test_rule_none_is_drop_and_reprs_are_readable():
 
 def test_explicit_scale_is_used(rng):
     c = make(scale=0.7)
-    r = reference.ReferenceCache(rules.EMA(0.5), num_heads=2, head_dim=4, value_dim=3, num_query_heads=4,
-                                 batch_size=2, window=3, sinks=1, scale=0.7)
+    r = reference.ReferenceCache(
+        rules.EMA(0.5),
+        num_heads=2,
+        head_dim=4,
+        value_dim=3,
+        num_query_heads=4,
+        batch_size=2,
+        window=3,
+        sinks=1,
+        scale=0.7,
+    )
     k, v = feed(c, rng)
     r.update(k, v)
     q = query(c, rng)
@@ -170,7 +188,9 @@ def test_two_threads_share_one_cache_safely(rng):
     assert_allclose(keys[0, :, :], np.broadcast_to(k[0, :, 0][:, None], keys[0].shape), rtol=1e-6)
 
 
-@pytest.mark.parametrize("rule", [rules.Moving(3), rules.Compressive(2, 3, "max"), rules.EMA(0.25), rules.Drop()], ids=repr)
+@pytest.mark.parametrize(
+    "rule", [rules.Moving(3), rules.Compressive(2, 3, "max"), rules.EMA(0.25), rules.Drop()], ids=repr
+)
 def test_every_rule_survives_pickling(rule):
     c = make(rule=rule)
     assert pickle.loads(pickle.dumps(c)).rule == rule

@@ -42,8 +42,9 @@ def test_unknown_backend_is_refused():
 
 
 def run_python(code, **env):
-    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
-                          check=True)
+    return subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, check=True
+    )
 
 
 @pytest.mark.one_backend

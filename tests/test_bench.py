@@ -17,8 +17,10 @@ SMALL = [
     bench.Case("linear", rules.Linear(), heads=2, head_dim=8),
     bench.Case("gated delta", rules.GatedDelta(), heads=3, head_dim=16, gates=True),
 ]
-MATRIX = [c for c in SMALL if c.matrix] + [bench.Case("gated", rules.Gated(), heads=2, head_dim=8, gates=True),
-                                           bench.Case("delta", rules.Delta(), heads=2, head_dim=8, gates=True)]
+MATRIX = [c for c in SMALL if c.matrix] + [
+    bench.Case("gated", rules.Gated(), heads=2, head_dim=8, gates=True),
+    bench.Case("delta", rules.Delta(), heads=2, head_dim=8, gates=True),
+]
 
 
 @pytest.mark.parametrize("case", SMALL, ids=lambda c: c.name)
@@ -26,7 +28,8 @@ MATRIX = [c for c in SMALL if c.matrix] + [bench.Case("gated", rules.Gated(), he
 def test_peers_agree_with_kvfold(peer, case):
     if not peer.supports(case):  # ONNX Runtime's attention and torch.cat windows need a window
         assert (peer.name.startswith("onnxruntime") and not case.matrix) or (
-            peer.name == "torch-cat" and (case.matrix or case.window == 0))
+            peer.name == "torch-cat" and (case.matrix or case.window == 0)
+        )
         return
     assert bench._agreement(case, peer, threads=1) < 1e-5
 
@@ -65,7 +68,9 @@ def test_bench_command_prints_a_table(capsys):
     assert "SIMD kernels:" in out and "cores" in out
     row = next(line for line in out.splitlines() if line.startswith("tiny decode EMA"))
     case = next(c for c in bench.CASES if c.name.startswith("tiny decode EMA"))
-    assert row.count("x)") == sum(p.supports(case) for p in PEERS) == len(PEERS) - 3  # no ONNX Runtime or torch-cat column (window 0)
+    assert (
+        row.count("x)") == sum(p.supports(case) for p in PEERS) == len(PEERS) - 3
+    )  # no ONNX Runtime or torch-cat column (window 0)
 
 
 @pytest.mark.one_backend

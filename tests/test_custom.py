@@ -28,13 +28,20 @@ def max_and_decay(mem_k, mem_v, k, v, count):
 RULE = rules.Custom(max_and_decay, slots=2)
 
 # (batch, KV heads, query heads, d_k, d_v, window, sinks)
-SHAPES = [(1, 1, 1, 1, 1, 0, 0), (2, 3, 3, 7, 5, 0, 0), (1, 2, 6, 17, 3, 4, 0), (3, 1, 4, 3, 33, 0, 2),
-          (2, 2, 4, 33, 7, 5, 3)]
+SHAPES = [
+    (1, 1, 1, 1, 1, 0, 0),
+    (2, 3, 3, 7, 5, 0, 0),
+    (1, 2, 6, 17, 3, 4, 0),
+    (3, 1, 4, 3, 33, 0, 2),
+    (2, 2, 4, 33, 7, 5, 3),
+]
 
 
 def make(shape, rule=RULE, cls=kvfold.MemoryCache):
     B, H, Hq, dk, dv, window, sinks = shape
-    return cls(rule, num_heads=H, head_dim=dk, value_dim=dv, num_query_heads=Hq, batch_size=B, window=window, sinks=sinks)
+    return cls(
+        rule, num_heads=H, head_dim=dk, value_dim=dv, num_query_heads=Hq, batch_size=B, window=window, sinks=sinks
+    )
 
 
 def data(rng, shape, T):
@@ -88,8 +95,9 @@ def test_fn_sees_one_row_with_every_head_and_the_fold_count(rng):
         calls.append((mem_k.shape, mem_v.shape, k.shape, v.shape, mem_k.dtype, count))
         return mem_k + 1, mem_v.astype(np.float64) - 1  # any float dtype is taken
 
-    cache = kvfold.MemoryCache(rules.Custom(record, slots=3), num_heads=2, head_dim=4, value_dim=5, batch_size=2,
-                               window=2, sinks=1)
+    cache = kvfold.MemoryCache(
+        rules.Custom(record, slots=3), num_heads=2, head_dim=4, value_dim=5, batch_size=2, window=2, sinks=1
+    )
     _, k, v = data(rng, (2, 2, 2, 4, 5, 0, 0), 6)
     cache.update(k, v)  # per row: 1 sink, 2 in the window, 3 folded
     assert [c[5] for c in calls] == [0, 1, 2] * 2
@@ -123,8 +131,11 @@ def test_bad_results_raise_and_change_nothing(result, error, words, rng):
     cache.update(k[:, :, :6], v[:, :, :6])
     before = state(cache, q[:, :, 0])
     fail["now"] = True
-    for call in (lambda: cache.update(k[:, :, 6:], v[:, :, 6:]), lambda: cache.forward(q[:, :, 6:], k[:, :, 6:], v[:, :, 6:]),
-                 lambda: cache.step(q[:, :, 6], k[:, :, 6], v[:, :, 6])):
+    for call in (
+        lambda: cache.update(k[:, :, 6:], v[:, :, 6:]),
+        lambda: cache.forward(q[:, :, 6:], k[:, :, 6:], v[:, :, 6:]),
+        lambda: cache.step(q[:, :, 6], k[:, :, 6], v[:, :, 6]),
+    ):
         with pytest.raises(error) as info:
             call()
         for w in words:

@@ -9,8 +9,9 @@ from kvfold import rules
 
 @pytest.fixture
 def cache(rng):
-    c = kvfold.MemoryCache(rules.Cumulative(), num_heads=2, head_dim=4, value_dim=3, num_query_heads=4,
-                           batch_size=2, window=2, sinks=1)
+    c = kvfold.MemoryCache(
+        rules.Cumulative(), num_heads=2, head_dim=4, value_dim=3, num_query_heads=4, batch_size=2, window=2, sinks=1
+    )
     c.update(rng.standard_normal((2, 2, 5, 4)), rng.standard_normal((2, 2, 5, 3)))
     return c
 
@@ -84,7 +85,9 @@ def test_query_and_out_errors(cache):
     unchanged(cache, lambda: cache.attend(Q, out=np.zeros((2, 4, 4), np.float32)), ValueError, "out", "(2, 4, 3)")
     unchanged(cache, lambda: cache.attend(Q, out=np.zeros((2, 4, 3), np.float32).T.copy().T), ValueError, "out")
     unchanged(cache, lambda: cache.attend(Q, out=[0.0]), TypeError, "out")
-    unchanged(cache, lambda: cache.step(Q, np.zeros((2, 2, 1, 4)), np.zeros((2, 2, 1, 3))), ValueError, "step", "forward")
+    unchanged(
+        cache, lambda: cache.step(Q, np.zeros((2, 2, 1, 4)), np.zeros((2, 2, 1, 3))), ValueError, "step", "forward"
+    )
     unchanged(cache, lambda: cache.forward(Q, K, V), ValueError, "q")
     q4 = np.zeros((2, 4, 3, 4))
     unchanged(cache, lambda: cache.forward(q4, np.zeros((2, 2, 2, 4)), np.zeros((2, 2, 2, 3))), ValueError, "k", "T=3")

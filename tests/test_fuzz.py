@@ -16,17 +16,36 @@ import kvfold
 from kvfold import rules
 
 _w = np.random.default_rng(1).standard_normal((2, 15, 5)) * 0.3  # GRU weights, D = d_k + d_v = 5
-RULES = [rules.Drop(), rules.Cumulative(), rules.Moving(3), rules.Weighted((1.0, 0.0, 2.0)), rules.EMA(0.4),
-         rules.Compressive(2, 2), rules.Compressive(3, 1, "max"), rules.GRU(_w[0], _w[1]),
-         rules.Linear("elu1", normalize=True), rules.Gated(), rules.GatedDelta(decay=[-0.2, -0.1], beta=0.5)]
+RULES = [
+    rules.Drop(),
+    rules.Cumulative(),
+    rules.Moving(3),
+    rules.Weighted((1.0, 0.0, 2.0)),
+    rules.EMA(0.4),
+    rules.Compressive(2, 2),
+    rules.Compressive(3, 1, "max"),
+    rules.GRU(_w[0], _w[1]),
+    rules.Linear("elu1", normalize=True),
+    rules.Gated(),
+    rules.GatedDelta(decay=[-0.2, -0.1], beta=0.5),
+]
 
 
 def valid_states():
     rng = np.random.default_rng(0)
     states = []
     for i, rule in enumerate(RULES):
-        c = kvfold.MemoryCache(rule, num_heads=2, head_dim=3, value_dim=2, num_query_heads=2, batch_size=1 + i % 2,
-                               window=i % 3, sinks=i % 2, dtype=["float32", "float16", "bfloat16"][i % 3])
+        c = kvfold.MemoryCache(
+            rule,
+            num_heads=2,
+            head_dim=3,
+            value_dim=2,
+            num_query_heads=2,
+            batch_size=1 + i % 2,
+            window=i % 3,
+            sinks=i % 2,
+            dtype=["float32", "float16", "bfloat16"][i % 3],
+        )
         T = 1 + 2 * i
         gates = {"decay": -rng.random((c.batch_size, 2, T))} if rule == rules.Gated() else {}
         c.update(rng.standard_normal((c.batch_size, 2, T, 3)), rng.standard_normal((c.batch_size, 2, T, 2)), **gates)
@@ -56,8 +75,11 @@ def mutated_states(draw):
         elif op == "byte" and data:
             data[at] = draw(st.integers(0, 255))
         elif op in ("int64", "uint32"):
-            fmt, value = ("<q", draw(st.sampled_from(INTERESTING))) if op == "int64" else (
-                "<I", draw(st.sampled_from(INTERESTING)) % 2**32)
+            fmt, value = (
+                ("<q", draw(st.sampled_from(INTERESTING)))
+                if op == "int64"
+                else ("<I", draw(st.sampled_from(INTERESTING)) % 2**32)
+            )
             data[at : at + struct.calcsize(fmt)] = struct.pack(fmt, value)
         elif op == "float":
             data[at : at + 8] = struct.pack("<d", draw(st.sampled_from([0.0, -0.0, 1e308, float("nan"), float("inf")])))
@@ -102,8 +124,13 @@ def test_from_bytes_of_mutated_states(data):
 
 @pytest.mark.one_backend
 @FUZZ
-@given(data=st.one_of(st.binary(max_size=300), st.binary(max_size=300).map(lambda b: b"KVFOLD\r\n" + b),
-                      st.binary(min_size=16, max_size=300).map(lambda b: reseal(b"KVFOLD\r\n\x01\0\0\0\0\0\0\0" + b))))
+@given(
+    data=st.one_of(
+        st.binary(max_size=300),
+        st.binary(max_size=300).map(lambda b: b"KVFOLD\r\n" + b),
+        st.binary(min_size=16, max_size=300).map(lambda b: reseal(b"KVFOLD\r\n\x01\0\0\0\0\0\0\0" + b)),
+    )
+)
 def test_from_bytes_of_random_bytes(data):
     try:
         cache = kvfold.MemoryCache.from_bytes(data)
@@ -154,8 +181,21 @@ def save_and_load(cache, path):
     assert kvfold.load(path).to_bytes() == cache.to_bytes()
 
 
-OPS = ["update", "attend", "step", "forward", "reset", "reorder", "select", "rollback", "concat", "memory",
-       "visible", "copy", "save"]
+OPS = [
+    "update",
+    "attend",
+    "step",
+    "forward",
+    "reset",
+    "reorder",
+    "select",
+    "rollback",
+    "concat",
+    "memory",
+    "visible",
+    "copy",
+    "save",
+]
 
 
 @FUZZ
@@ -164,11 +204,17 @@ def test_public_api_with_random_arguments(data, tmp_path_factory):
     draw = data.draw
     rule = draw(st.sampled_from(RULES))
     H = draw(st.integers(1, 3))
-    config = dict(num_heads=size(draw, H), head_dim=size(draw, draw(st.integers(1, 9))),
-                  value_dim=size(draw, draw(st.integers(1, 5))), num_query_heads=size(draw, H * draw(st.integers(1, 2))),
-                  batch_size=size(draw, draw(st.integers(1, 3))), window=size(draw, draw(st.integers(0, 4))),
-                  sinks=size(draw, draw(st.integers(0, 2))), dtype=draw(st.sampled_from(["float32", "bfloat16", "int8"])),
-                  scale=draw(st.sampled_from([None, 0.5, 0.0, -1.0, float("nan"), "x"])))
+    config = dict(
+        num_heads=size(draw, H),
+        head_dim=size(draw, draw(st.integers(1, 9))),
+        value_dim=size(draw, draw(st.integers(1, 5))),
+        num_query_heads=size(draw, H * draw(st.integers(1, 2))),
+        batch_size=size(draw, draw(st.integers(1, 3))),
+        window=size(draw, draw(st.integers(0, 4))),
+        sinks=size(draw, draw(st.integers(0, 2))),
+        dtype=draw(st.sampled_from(["float32", "bfloat16", "int8"])),
+        scale=draw(st.sampled_from([None, 0.5, 0.0, -1.0, float("nan"), "x"])),
+    )
     try:
         cache = kvfold.MemoryCache(rule, **config)
     except (ValueError, TypeError):
@@ -178,21 +224,25 @@ def test_public_api_with_random_arguments(data, tmp_path_factory):
         B, H, Hq, dk, dv = cache.batch_size, cache.num_heads, cache.num_query_heads, cache.head_dim, cache.value_dim
         T = draw(st.integers(1, 4))
         op = draw(st.sampled_from(OPS))
+
         def gates(*shape):  # decay/beta: absent, or near the right shape (per head)
             return {name: arrays(draw, shape) for name in ("decay", "beta") if draw(st.integers(0, 2)) == 0}
 
         calls = {
             "update": lambda: cache.update(arrays(draw, (B, H, T, dk)), arrays(draw, (B, H, T, dv)), **gates(B, H, T)),
             "attend": lambda: cache.attend(arrays(draw, (B, Hq, dk))),
-            "step": lambda: cache.step(arrays(draw, (B, Hq, dk)), arrays(draw, (B, H, dk)), arrays(draw, (B, H, dv)),
-                                       **gates(B, H)),
-            "forward": lambda: cache.forward(arrays(draw, (B, Hq, T, dk)), arrays(draw, (B, H, T, dk)),
-                                             arrays(draw, (B, H, T, dv)), **gates(B, H, T)),
+            "step": lambda: cache.step(
+                arrays(draw, (B, Hq, dk)), arrays(draw, (B, H, dk)), arrays(draw, (B, H, dv)), **gates(B, H)
+            ),
+            "forward": lambda: cache.forward(
+                arrays(draw, (B, Hq, T, dk)), arrays(draw, (B, H, T, dk)), arrays(draw, (B, H, T, dv)), **gates(B, H, T)
+            ),
             "reset": lambda: cache.reset(rows=rows(draw, B) if draw(st.booleans()) else None),
             "reorder": lambda: cache.reorder(rows(draw, B)),
             "select": lambda: cache.select(rows(draw, B)),
-            "rollback": lambda: cache.rollback(draw(st.sampled_from(checkpoints)),
-                                               rows=rows(draw, B) if draw(st.booleans()) else None),
+            "rollback": lambda: cache.rollback(
+                draw(st.sampled_from(checkpoints)), rows=rows(draw, B) if draw(st.booleans()) else None
+            ),
             "concat": lambda: kvfold.MemoryCache.concat([cache, draw(st.sampled_from([cache, cache.select([0]), 3]))]),
             "memory": lambda: cache.memory(),
             "visible": lambda: cache.visible(),

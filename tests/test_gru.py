@@ -15,11 +15,15 @@ from conftest import tokens
 def weights(rng, D, heads=None, bias=True):
     lead = () if heads is None else (heads,)
     s = 1 / np.sqrt(D)
-    w = dict(weight_ih=rng.uniform(-s, s, lead + (3 * D, D)).astype(np.float32),
-             weight_hh=rng.uniform(-s, s, lead + (3 * D, D)).astype(np.float32))
+    w = dict(
+        weight_ih=rng.uniform(-s, s, lead + (3 * D, D)).astype(np.float32),
+        weight_hh=rng.uniform(-s, s, lead + (3 * D, D)).astype(np.float32),
+    )
     if bias:
-        w.update(bias_ih=rng.uniform(-s, s, lead + (3 * D,)).astype(np.float32),
-                 bias_hh=rng.uniform(-s, s, lead + (3 * D,)).astype(np.float32))
+        w.update(
+            bias_ih=rng.uniform(-s, s, lead + (3 * D,)).astype(np.float32),
+            bias_hh=rng.uniform(-s, s, lead + (3 * D,)).astype(np.float32),
+        )
     return w
 
 
@@ -49,8 +53,13 @@ def test_matches_torch_grucell(per_head, dk, dv, rng):
 
 
 # (batch, KV heads, query heads, d_k, d_v, window, sinks)
-SHAPES = [(1, 1, 1, 1, 1, 0, 0), (2, 3, 3, 7, 5, 0, 0), (1, 2, 6, 17, 3, 4, 0), (3, 1, 4, 3, 33, 0, 2),
-          (2, 2, 4, 33, 7, 5, 3)]
+SHAPES = [
+    (1, 1, 1, 1, 1, 0, 0),
+    (2, 3, 3, 7, 5, 0, 0),
+    (1, 2, 6, 17, 3, 4, 0),
+    (3, 1, 4, 3, 33, 0, 2),
+    (2, 2, 4, 33, 7, 5, 3),
+]
 
 
 @pytest.mark.parametrize("per_head, bias", [(False, True), (True, True), (False, False)])
@@ -63,10 +72,18 @@ def test_matches_reference(shape, per_head, bias, rng):
     T = 15
     q, k, v = tokens(rng, B, Hq, T, dk), tokens(rng, B, H, T, dk), tokens(rng, B, H, T, dv)
     for t in range(8):
-        assert_allclose(cache.step(q[:, :, t], k[:, :, t], v[:, :, t]), ref.step(q[:, :, t], k[:, :, t], v[:, :, t]),
-                        rtol=1e-5, atol=1e-6)
-    assert_allclose(cache.forward(q[:, :, 8:], k[:, :, 8:], v[:, :, 8:]), ref.forward(q[:, :, 8:], k[:, :, 8:], v[:, :, 8:]),
-                    rtol=1e-5, atol=1e-6)
+        assert_allclose(
+            cache.step(q[:, :, t], k[:, :, t], v[:, :, t]),
+            ref.step(q[:, :, t], k[:, :, t], v[:, :, t]),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+    assert_allclose(
+        cache.forward(q[:, :, 8:], k[:, :, 8:], v[:, :, 8:]),
+        ref.forward(q[:, :, 8:], k[:, :, 8:], v[:, :, 8:]),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     for mine, theirs in zip(cache.memory(), ref.memory()):
         assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6)
 
@@ -89,7 +106,8 @@ def test_rule_value_semantics(rng):
     assert a == b and hash(a) == hash(b)
     assert a != rules.GRU(w["weight_ih"], w["weight_hh"])
     assert repr(rules.GRU(w["weight_ih"], w["weight_hh"])) == (
-        "GRU(weight_ih=<float32 (12, 4)>, weight_hh=<float32 (12, 4)>, bias_ih=None, bias_hh=None)")
+        "GRU(weight_ih=<float32 (12, 4)>, weight_hh=<float32 (12, 4)>, bias_ih=None, bias_hh=None)"
+    )
     assert not a.weight_ih.flags.writeable
     w64 = rules.GRU(w["weight_ih"].astype(np.float64), w["weight_hh"].tolist())
     assert w64.weight_ih.dtype == np.float32 and w64.weight_hh.dtype == np.float32
@@ -98,12 +116,28 @@ def test_rule_value_semantics(rng):
 @pytest.mark.parametrize(
     "make, error, words",
     [
-        (lambda w: rules.GRU(w["weight_ih"][:, :3], w["weight_hh"][:, :3]), ValueError, ["weight_ih", "(3*D, D)", "(12, 3)"]),
+        (
+            lambda w: rules.GRU(w["weight_ih"][:, :3], w["weight_hh"][:, :3]),
+            ValueError,
+            ["weight_ih", "(3*D, D)", "(12, 3)"],
+        ),
         (lambda w: rules.GRU(w["weight_ih"], w["weight_hh"][:9]), ValueError, ["weight_hh", "(12, 4)", "(9, 4)"]),
-        (lambda w: rules.GRU(w["weight_ih"], w["weight_hh"], bias_ih=w["bias_ih"][:5]), ValueError, ["bias_ih", "(12,)"]),
-        (lambda w: rules.GRU(w["weight_ih"], w["weight_hh"], bias_hh=np.zeros((2, 12))), ValueError, ["bias_hh", "(12,)"]),
+        (
+            lambda w: rules.GRU(w["weight_ih"], w["weight_hh"], bias_ih=w["bias_ih"][:5]),
+            ValueError,
+            ["bias_ih", "(12,)"],
+        ),
+        (
+            lambda w: rules.GRU(w["weight_ih"], w["weight_hh"], bias_hh=np.zeros((2, 12))),
+            ValueError,
+            ["bias_hh", "(12,)"],
+        ),
         (lambda w: rules.GRU(w["weight_ih"] * np.nan, w["weight_hh"]), ValueError, ["weight_ih", "finite"]),
-        (lambda w: rules.GRU(w["weight_ih"].astype(np.float64) * 1e39, w["weight_hh"]), ValueError, ["weight_ih", "finite"]),
+        (
+            lambda w: rules.GRU(w["weight_ih"].astype(np.float64) * 1e39, w["weight_hh"]),
+            ValueError,
+            ["weight_ih", "finite"],
+        ),
         (lambda w: rules.GRU("weights", w["weight_hh"]), TypeError, ["weight_ih"]),
         (lambda w: rules.GRU(w["weight_ih"].astype(complex), w["weight_hh"]), TypeError, ["weight_ih", "complex"]),
         (lambda w: rules.GRU(w["weight_ih"], None), TypeError, ["weight_hh"]),

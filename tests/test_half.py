@@ -16,8 +16,15 @@ def round_bf16(x):
 
 
 ROUND = {"float16": lambda x: x.astype(np.float16).astype(np.float32), "bfloat16": round_bf16}
-RULES = [rules.Drop(), rules.Cumulative(), rules.EMA(0.3), rules.Moving(3), rules.Weighted([1.0, 2.0, 3.0]),
-         rules.Compressive(2, 3), rules.Compressive(2, 3, "max")]
+RULES = [
+    rules.Drop(),
+    rules.Cumulative(),
+    rules.EMA(0.3),
+    rules.Moving(3),
+    rules.Weighted([1.0, 2.0, 3.0]),
+    rules.Compressive(2, 3),
+    rules.Compressive(2, 3, "max"),
+]
 
 
 def cache(rule, dtype, **kw):
@@ -28,8 +35,11 @@ def cache(rule, dtype, **kw):
 
 def stream(seed, T=40):
     rng = np.random.default_rng(seed)
-    return (rng.standard_normal((2, 6, T, 32), dtype=np.float32), rng.standard_normal((2, 3, T, 32), dtype=np.float32),
-            rng.standard_normal((2, 3, T, 64), dtype=np.float32))
+    return (
+        rng.standard_normal((2, 6, T, 32), dtype=np.float32),
+        rng.standard_normal((2, 3, T, 32), dtype=np.float32),
+        rng.standard_normal((2, 3, T, 64), dtype=np.float32),
+    )
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

@@ -27,8 +27,14 @@ VOCAB, LENGTH = 101, 37
 def model(request):
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
-        num_key_value_heads=2, max_position_embeddings=512, attn_implementation=request.param,
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        attn_implementation=request.param,
     )
     m = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # larger weights than the default init, so that attention is far from uniform
@@ -66,8 +72,13 @@ def test_other_llama_family_models(family, ids):
     import transformers
 
     config = getattr(transformers, f"{family}Config")(
-        vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
-        num_key_value_heads=2, max_position_embeddings=512,
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
     )
     torch.manual_seed(1)
     model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
@@ -124,8 +135,9 @@ def reference_logits(model, ids, rule, window, sinks, chunk):
     d = cfg.hidden_size // cfg.num_attention_heads
     group = cfg.num_attention_heads // cfg.num_key_value_heads
     memories = [
-        reference.ReferenceCache(rule, num_heads=cfg.num_key_value_heads, head_dim=d, batch_size=ids.shape[0],
-                                 window=window, sinks=sinks)
+        reference.ReferenceCache(
+            rule, num_heads=cfg.num_key_value_heads, head_dim=d, batch_size=ids.shape[0], window=window, sinks=sinks
+        )
         for _ in inner.layers
     ]
     out = []

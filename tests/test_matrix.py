@@ -64,8 +64,16 @@ T = 17
 
 def make(case, shape, cls=kvfold.MemoryCache):
     B, H, Hq, dk, dv, window, sinks = shape
-    return cls(case.rule(H, Hq, dk), num_heads=H, head_dim=dk, value_dim=dv, num_query_heads=Hq, batch_size=B,
-               window=window, sinks=sinks)
+    return cls(
+        case.rule(H, Hq, dk),
+        num_heads=H,
+        head_dim=dk,
+        value_dim=dv,
+        num_query_heads=Hq,
+        batch_size=B,
+        window=window,
+        sinks=sinks,
+    )
 
 
 def data(rng, case, shape, T):
@@ -108,8 +116,10 @@ def test_step_matches_reference(case, shape, rng):
     q, k, v, gates = data(rng, case, shape, T)
     assert cache.matrix_memory and cache.memory_slots == 0
     for t in range(T):
-        close(cache.step(q[:, :, t], k[:, :, t], v[:, :, t], **at(gates, t)),
-              ref.step(q[:, :, t], k[:, :, t], v[:, :, t], **at(gates, t)))
+        close(
+            cache.step(q[:, :, t], k[:, :, t], v[:, :, t], **at(gates, t)),
+            ref.step(q[:, :, t], k[:, :, t], v[:, :, t], **at(gates, t)),
+        )
     for mine, theirs in zip(memories(cache), memories(ref)):
         close(mine, theirs)
     ck, cv, cm = cache.visible()  # [sinks | window]: a matrix memory has no slots
@@ -131,8 +141,10 @@ def test_blocks_and_forward_match_reference(case, shape, rng):
     # a single token in the block form's 3-D shapes
     cache.update(k[:, :, 11], v[:, :, 11], **at(gates, 11))
     ref.update(k[:, :, 11], v[:, :, 11], **at(gates, 11))
-    close(cache.forward(q[:, :, 12:], k[:, :, 12:], v[:, :, 12:], **span(gates, 12, T)),
-          ref.forward(q[:, :, 12:], k[:, :, 12:], v[:, :, 12:], **span(gates, 12, T)))
+    close(
+        cache.forward(q[:, :, 12:], k[:, :, 12:], v[:, :, 12:], **span(gates, 12, T)),
+        ref.forward(q[:, :, 12:], k[:, :, 12:], v[:, :, 12:], **span(gates, 12, T)),
+    )
     for mine, theirs in zip(memories(cache), memories(ref)):
         close(mine, theirs)
 
@@ -146,8 +158,10 @@ def test_rows_diverge_after_reset(case, rng):
     ref.update(k[:, :, :9], v[:, :, :9], **span(gates, 0, 9))
     cache.reset(rows=[1])
     ref.reset(rows=[1])
-    close(cache.forward(q[:, :, 9:], k[:, :, 9:], v[:, :, 9:], **span(gates, 9, 20)),
-          ref.forward(q[:, :, 9:], k[:, :, 9:], v[:, :, 9:], **span(gates, 9, 20)))
+    close(
+        cache.forward(q[:, :, 9:], k[:, :, 9:], v[:, :, 9:], **span(gates, 9, 20)),
+        ref.forward(q[:, :, 9:], k[:, :, 9:], v[:, :, 9:], **span(gates, 9, 20)),
+    )
     np.testing.assert_array_equal(cache.length, [20, 11, 20])
 
 
@@ -156,8 +170,15 @@ def setups(draw):
     H = draw(st.sampled_from([1, 2, 3]))
     return dict(
         case=draw(st.sampled_from(CASES)),
-        shape=(draw(st.integers(1, 3)), H, H * draw(st.sampled_from([1, 2, 4])), draw(st.sampled_from([1, 3, 7, 17, 33])),
-               draw(st.sampled_from([1, 3, 7, 17, 33])), draw(st.integers(0, 6)), draw(st.integers(0, 3))),
+        shape=(
+            draw(st.integers(1, 3)),
+            H,
+            H * draw(st.sampled_from([1, 2, 4])),
+            draw(st.sampled_from([1, 3, 7, 17, 33])),
+            draw(st.sampled_from([1, 3, 7, 17, 33])),
+            draw(st.integers(0, 6)),
+            draw(st.integers(0, 3)),
+        ),
     )
 
 
@@ -253,8 +274,13 @@ def test_blocks_fold_the_window_pairs_as_stored(dtype, rng):
     steps, blocks = kvfold.MemoryCache(rules.GatedDelta(), **kw), kvfold.MemoryCache(rules.GatedDelta(), **kw)
     want = np.stack([steps.step(q[:, :, t], k[:, :, t], v[:, :, t], **at(gates, t)) for t in range(40)], axis=2)
     with chunks(3):
-        out = np.concatenate([blocks.forward(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], **span(gates, lo, hi))
-                              for lo, hi in [(0, 2), (2, 13), (13, 40)]], axis=2)
+        out = np.concatenate(
+            [
+                blocks.forward(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], **span(gates, lo, hi))
+                for lo, hi in [(0, 2), (2, 13), (13, 40)]
+            ],
+            axis=2,
+        )
     assert_allclose(out, want, rtol=1e-4, atol=1e-5)
     alike(blocks, steps)
 
@@ -300,8 +326,15 @@ def test_window_gates_travel_with_their_tokens(rng):
     # folded: tokens 0..3 with their own gates, from S = 0
     S = np.zeros((4, 3))
     for t in range(4):
-        S, _ = reference.matrix_fold(rules.GatedDelta(), S[None], None, k[0, :, t].astype(np.float64),
-                                     v[0, :, t].astype(np.float64), gates["decay"][0, :, t], gates["beta"][0, :, t])
+        S, _ = reference.matrix_fold(
+            rules.GatedDelta(),
+            S[None],
+            None,
+            k[0, :, t].astype(np.float64),
+            v[0, :, t].astype(np.float64),
+            gates["decay"][0, :, t],
+            gates["beta"][0, :, t],
+        )
         S = S[0]
     close(cache.memory()[0, 0], S)
 
@@ -314,8 +347,10 @@ def test_matrix_memory_state_round_trips(rng):
     cache.update(k[:, :, :8], v[:, :, :8], **span(gates, 0, 8))
     for other in (kvfold.MemoryCache.from_bytes(cache.to_bytes()), cache.copy()):
         assert other.rule == cache.rule
-        np.testing.assert_array_equal(other.forward(q[:, :, 8:], k[:, :, 8:], v[:, :, 8:], **span(gates, 8, 12)),
-                                      cache.copy().forward(q[:, :, 8:], k[:, :, 8:], v[:, :, 8:], **span(gates, 8, 12)))
+        np.testing.assert_array_equal(
+            other.forward(q[:, :, 8:], k[:, :, 8:], v[:, :, 8:], **span(gates, 8, 12)),
+            cache.copy().forward(q[:, :, 8:], k[:, :, 8:], v[:, :, 8:], **span(gates, 8, 12)),
+        )
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[5]], ids=repr)
@@ -332,8 +367,10 @@ def test_load_memory_sets_the_state(case, rng):
     ref.load_memory(*state)
     for mine, given in zip(memories(cache), state):
         np.testing.assert_array_equal(mine, given)
-    close(cache.forward(q[:, :, 4:], k[:, :, 4:], v[:, :, 4:], **span(gates, 4, 10)),
-          ref.forward(q[:, :, 4:], k[:, :, 4:], v[:, :, 4:], **span(gates, 4, 10)))
+    close(
+        cache.forward(q[:, :, 4:], k[:, :, 4:], v[:, :, 4:], **span(gates, 4, 10)),
+        ref.forward(q[:, :, 4:], k[:, :, 4:], v[:, :, 4:], **span(gates, 4, 10)),
+    )
 
 
 def test_nbytes_never_grows(rng):
@@ -358,8 +395,9 @@ def test_empty_matrix_cache_attends_to_zeros():
 
 
 def fed(rule, window=2, sinks=1, **gates):
-    cache = kvfold.MemoryCache(rule, num_heads=2, head_dim=4, value_dim=3, num_query_heads=4, batch_size=2,
-                               window=window, sinks=sinks)
+    cache = kvfold.MemoryCache(
+        rule, num_heads=2, head_dim=4, value_dim=3, num_query_heads=4, batch_size=2, window=window, sinks=sinks
+    )
     rng = np.random.default_rng(0)
     g = {}
     if "decay" in gates:
@@ -397,7 +435,12 @@ G, B1 = -np.ones((2, 2)), np.ones((2, 2))
         (rules.Gated(), dict(decay=1), dict(decay=np.zeros((2, 3))), ["decay", "(B=2, H=2)", "d_k=4", "(2, 3)"]),
         (rules.Gated(), dict(decay=1), dict(decay=np.zeros((2, 2, 1, 4))), ["decay", "one token"]),
         (rules.Delta(), dict(beta=1), dict(beta=np.zeros((2, 2, 4))), ["beta", "(B=2, H=2)", "(2, 2, 4)"]),
-        (rules.Gated(), dict(decay=1), dict(decay=np.array([[0.0, np.nan], [0.0, 0.0]])), ["decay", "NaN", "(0, 1, 0)"]),
+        (
+            rules.Gated(),
+            dict(decay=1),
+            dict(decay=np.array([[0.0, np.nan], [0.0, 0.0]])),
+            ["decay", "NaN", "(0, 1, 0)"],
+        ),
         (rules.Delta(), dict(beta=1), dict(beta=np.array([[0.0, 0.0], [np.inf, 0.0]])), ["beta", "Inf", "(1, 0, 0)"]),
         (rules.Gated(), dict(decay=1), dict(decay=np.zeros((2, 2), complex)), ["decay", "complex"]),
     ],
@@ -412,10 +455,22 @@ def test_bad_gates(rule, gates, kw, words):
 def test_block_gates_must_match_the_block():
     cache = fed(rules.GatedDelta(), decay=1, beta=1)
     k, v, q = np.zeros((2, 2, 3, 4)), np.zeros((2, 2, 3, 3)), np.zeros((2, 4, 3, 4))
-    unchanged(cache, lambda: cache.update(k, v, decay=np.zeros((2, 2, 4)), beta=np.zeros((2, 2, 3))), ValueError,
-              "decay", "T=3", "for a block", "(2, 2, 4)")
-    unchanged(cache, lambda: cache.forward(q, k, v, decay=np.zeros((2, 2, 3)), beta=np.zeros((2, 2))), ValueError,
-              "beta", "(B=2, H=2, T=3)")
+    unchanged(
+        cache,
+        lambda: cache.update(k, v, decay=np.zeros((2, 2, 4)), beta=np.zeros((2, 2, 3))),
+        ValueError,
+        "decay",
+        "T=3",
+        "for a block",
+        "(2, 2, 4)",
+    )
+    unchanged(
+        cache,
+        lambda: cache.forward(q, k, v, decay=np.zeros((2, 2, 3)), beta=np.zeros((2, 2))),
+        ValueError,
+        "beta",
+        "(B=2, H=2, T=3)",
+    )
     cache.forward(q, k, v, decay=np.zeros((2, 2, 3, 4)), beta=np.zeros((2, 2, 3)))  # per key dimension is fine
     assert cache.length.tolist() == [8, 8]
 
@@ -429,7 +484,14 @@ def test_check_finite_false_skips_the_gate_check():
 def test_load_memory_errors():
     cache = fed(rules.Linear())
     S = np.zeros((2, 2, 4, 3))
-    unchanged(cache, lambda: cache.load_memory(np.zeros((2, 2, 3, 4))), ValueError, "S", "(B=2, H=2, d_k=4, d_v=3)", "(2, 2, 3, 4)")
+    unchanged(
+        cache,
+        lambda: cache.load_memory(np.zeros((2, 2, 3, 4))),
+        ValueError,
+        "S",
+        "(B=2, H=2, d_k=4, d_v=3)",
+        "(2, 2, 3, 4)",
+    )
     unchanged(cache, lambda: cache.load_memory(S, np.zeros((2, 2, 4))), ValueError, "z", "keeps no z")
     bad = S.copy()
     bad[1, 0, 2, 1] = np.nan
@@ -484,8 +546,12 @@ def test_rule_constants_must_fit_the_cache(rule, words):
 
 
 def test_rules_round_trip_through_saved_state(rng):
-    for rule in [rules.Linear("relu", normalize=True, eps=1e-3, mix=(0.5, -0.5)), rules.Gated(decay=const_decay(2, 3)),
-                 rules.Delta(beta=0.25), rules.GatedDelta(decay=(-0.1, -0.2), beta=(0.3, 0.4), mix=2.0)]:
+    for rule in [
+        rules.Linear("relu", normalize=True, eps=1e-3, mix=(0.5, -0.5)),
+        rules.Gated(decay=const_decay(2, 3)),
+        rules.Delta(beta=0.25),
+        rules.GatedDelta(decay=(-0.1, -0.2), beta=(0.3, 0.4), mix=2.0),
+    ]:
         cache = kvfold.MemoryCache(rule, num_heads=2, head_dim=3, window=1)
         back = pickle.loads(pickle.dumps(cache))
         assert back.rule == rule and hash(back.rule) == hash(rule)

@@ -22,9 +22,11 @@ if "LinearAttention" not in {s.name for s in onnx.defs.get_all_schemas()}:  # pr
 def linear_attention_model(update_rule, B, T, H, Hq, dk, dv, decay_last=None, beta_last=None, past=False):
     """A one-node ONNX model; inputs in ONNX's layout (B, T, heads * d)."""
     f = TensorProto.FLOAT
-    inputs = [helper.make_tensor_value_info("query", f, [B, T, Hq * dk]),
-              helper.make_tensor_value_info("key", f, [B, T, H * dk]),
-              helper.make_tensor_value_info("value", f, [B, T, H * dv])]
+    inputs = [
+        helper.make_tensor_value_info("query", f, [B, T, Hq * dk]),
+        helper.make_tensor_value_info("key", f, [B, T, H * dk]),
+        helper.make_tensor_value_info("value", f, [B, T, H * dv]),
+    ]
     names = ["query", "key", "value", "", "", ""]
     if past:
         inputs.append(helper.make_tensor_value_info("past_state", f, [B, H, dk, dv]))
@@ -37,11 +39,16 @@ def linear_attention_model(update_rule, B, T, H, Hq, dk, dv, decay_last=None, be
         names[5] = "beta"
     while names[-1] == "":
         names.pop()
-    node = helper.make_node("LinearAttention", names, ["output", "present_state"], q_num_heads=Hq, kv_num_heads=H,
-                            update_rule=update_rule)
-    outputs = [helper.make_tensor_value_info("output", f, None), helper.make_tensor_value_info("present_state", f, None)]
-    model = helper.make_model(helper.make_graph([node], "linear_attention", inputs, outputs),
-                              opset_imports=[helper.make_opsetid("", 27)])
+    node = helper.make_node(
+        "LinearAttention", names, ["output", "present_state"], q_num_heads=Hq, kv_num_heads=H, update_rule=update_rule
+    )
+    outputs = [
+        helper.make_tensor_value_info("output", f, None),
+        helper.make_tensor_value_info("present_state", f, None),
+    ]
+    model = helper.make_model(
+        helper.make_graph([node], "linear_attention", inputs, outputs), opset_imports=[helper.make_opsetid("", 27)]
+    )
     model.ir_version = 10
     return model
 
@@ -119,14 +126,18 @@ def variant_inputs(rng, variant, B, T, H, dk):
             b = rng.uniform(0.1, 1.0, (B, H, T)).astype(np.float32)
             kw["beta"] = b
             feeds["beta"] = np.ascontiguousarray(b.transpose(0, 2, 1))
-    cls = {"linear": rules.Linear, "gated": rules.Gated, "delta": rules.Delta, "gated_delta": rules.GatedDelta}[update_rule]
+    cls = {"linear": rules.Linear, "gated": rules.Gated, "delta": rules.Delta, "gated_delta": rules.GatedDelta}[
+        update_rule
+    ]
     return cls(**rule_args), kw, feeds
 
 
 def gate_sizes(feeds):
     """The last dimension of ONNX's decay and beta inputs, None for an absent one."""
-    return dict(decay_last=feeds["decay"].shape[-1] if "decay" in feeds else None,
-                beta_last=feeds["beta"].shape[-1] if "beta" in feeds else None)
+    return dict(
+        decay_last=feeds["decay"].shape[-1] if "decay" in feeds else None,
+        beta_last=feeds["beta"].shape[-1] if "beta" in feeds else None,
+    )
 
 
 def run_onnx(session, q, k, v, feeds, past=None):
@@ -158,15 +169,20 @@ def test_onnx_requires_exactly_the_gates_kvfold_requires(rng):
     with pytest.raises(ValueError, match="decay"):
         cache.update(np.ones((1, 1, 2)), np.ones((1, 1, 2)), decay=np.zeros((1, 1)), beta=np.ones((1, 1)))
     model = linear_attention_model("delta", 1, 1, 1, 1, 2, 2, decay_last=1, beta_last=1)
-    feeds = dict(query=np.ones((1, 1, 2), np.float32), key=np.ones((1, 1, 2), np.float32),
-                 value=np.ones((1, 1, 2), np.float32), decay=np.zeros((1, 1, 1), np.float32),
-                 beta=np.ones((1, 1, 1), np.float32))
+    feeds = dict(
+        query=np.ones((1, 1, 2), np.float32),
+        key=np.ones((1, 1, 2), np.float32),
+        value=np.ones((1, 1, 2), np.float32),
+        decay=np.zeros((1, 1, 1), np.float32),
+        beta=np.ones((1, 1, 1), np.float32),
+    )
     with pytest.raises(ValueError, match="decay"):
         ReferenceEvaluator(model).run(None, feeds)
 
 
-@pytest.mark.parametrize("variant", [VARIANTS[0], VARIANTS[2], VARIANTS[6], VARIANTS[9]],
-                         ids=lambda v: "-".join(str(x) for x in v))
+@pytest.mark.parametrize(
+    "variant", [VARIANTS[0], VARIANTS[2], VARIANTS[6], VARIANTS[9]], ids=lambda v: "-".join(str(x) for x in v)
+)
 def test_continue_an_onnxruntime_state_and_back(variant, rng):
     ort = pytest.importorskip("onnxruntime")
     B, T, H, Hq, dk, dv = 2, 12, 2, 4, 16, 8
@@ -177,22 +193,33 @@ def test_continue_an_onnxruntime_state_and_back(variant, rng):
     model = linear_attention_model(variant[0], B, half, H, Hq, dk, dv, **gate_sizes(feeds), past=True)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     zero = np.zeros((B, H, dk, dv), np.float32)
-    ort_first, ort_state = run_onnx(sess, q[:, :, :half], k[:, :, :half], v[:, :, :half],
-                                    {n: a[:, :half] for n, a in feeds.items()}, zero)
-    ort_second, ort_final = run_onnx(sess, q[:, :, half:], k[:, :, half:], v[:, :, half:],
-                                     {n: a[:, half:] for n, a in feeds.items()}, ort_state)
+    ort_first, ort_state = run_onnx(
+        sess, q[:, :, :half], k[:, :, :half], v[:, :, :half], {n: a[:, :half] for n, a in feeds.items()}, zero
+    )
+    ort_second, ort_final = run_onnx(
+        sess, q[:, :, half:], k[:, :, half:], v[:, :, half:], {n: a[:, half:] for n, a in feeds.items()}, ort_state
+    )
 
     # ONNX Runtime's state continued in kvfold
     cache = kvfold.MemoryCache(rule, num_heads=H, head_dim=dk, value_dim=dv, num_query_heads=Hq, batch_size=B)
     cache.load_memory(ort_state)
-    assert_allclose(cache.forward(q[:, :, half:], k[:, :, half:], v[:, :, half:], **{n: a[:, :, half:] for n, a in kw.items()}),
-                    ort_second, rtol=1e-4, atol=1e-5)
+    assert_allclose(
+        cache.forward(q[:, :, half:], k[:, :, half:], v[:, :, half:], **{n: a[:, :, half:] for n, a in kw.items()}),
+        ort_second,
+        rtol=1e-4,
+        atol=1e-5,
+    )
     assert_allclose(cache.memory(), ort_final, rtol=1e-4, atol=1e-5)
 
     # kvfold's state continued in ONNX Runtime
     cache = kvfold.MemoryCache(rule, num_heads=H, head_dim=dk, value_dim=dv, num_query_heads=Hq, batch_size=B)
-    assert_allclose(cache.forward(q[:, :, :half], k[:, :, :half], v[:, :, :half], **{n: a[:, :, :half] for n, a in kw.items()}),
-                    ort_first, rtol=1e-4, atol=1e-5)
-    again, _ = run_onnx(sess, q[:, :, half:], k[:, :, half:], v[:, :, half:],
-                        {n: a[:, half:] for n, a in feeds.items()}, cache.memory())
+    assert_allclose(
+        cache.forward(q[:, :, :half], k[:, :, :half], v[:, :, :half], **{n: a[:, :, :half] for n, a in kw.items()}),
+        ort_first,
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    again, _ = run_onnx(
+        sess, q[:, :, half:], k[:, :, half:], v[:, :, half:], {n: a[:, half:] for n, a in feeds.items()}, cache.memory()
+    )
     assert_allclose(again, ort_second, rtol=1e-4, atol=1e-5)

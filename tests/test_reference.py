@@ -37,7 +37,9 @@ T = 23
 
 def make(rule, shape, cls=kvfold.MemoryCache):
     B, H, Hq, dk, dv, window, sinks = shape
-    return cls(rule, num_heads=H, head_dim=dk, value_dim=dv, num_query_heads=Hq, batch_size=B, window=window, sinks=sinks)
+    return cls(
+        rule, num_heads=H, head_dim=dk, value_dim=dv, num_query_heads=Hq, batch_size=B, window=window, sinks=sinks
+    )
 
 
 def data(rng, shape, T):
@@ -76,7 +78,9 @@ def test_blocks_and_forward_match_reference(rule, shape, rng):
         cache.update(k[:, :, lo:hi], v[:, :, lo:hi])
         ref.update(k[:, :, lo:hi], v[:, :, lo:hi])
         close(cache.attend(q[:, :, hi - 1]), ref.attend(q[:, :, hi - 1]))
-    close(cache.forward(q[:, :, 13:], k[:, :, 13:], v[:, :, 13:]), ref.forward(q[:, :, 13:], k[:, :, 13:], v[:, :, 13:]))
+    close(
+        cache.forward(q[:, :, 13:], k[:, :, 13:], v[:, :, 13:]), ref.forward(q[:, :, 13:], k[:, :, 13:], v[:, :, 13:])
+    )
     close(cache.memory()[1], ref.memory()[1])
 
 
@@ -106,7 +110,9 @@ def test_long_windows_and_large_groups_match_reference(rule, dims, rng):
     shape = (2, 2, 20, dk, dv, 70, 3)  # 10 query heads per KV head; up to 3 + 3 + 70 visible rows
     cache, ref = make(rule, shape), make(rule, shape, reference.ReferenceCache)
     q, k, v = data(rng, shape, 150)
-    close(cache.forward(q[:, :, :90], k[:, :, :90], v[:, :, :90]), ref.forward(q[:, :, :90], k[:, :, :90], v[:, :, :90]))
+    close(
+        cache.forward(q[:, :, :90], k[:, :, :90], v[:, :, :90]), ref.forward(q[:, :, :90], k[:, :, :90], v[:, :, :90])
+    )
     cache.reset(rows=[0])
     ref.reset(rows=[0])
     for t in range(90, 150):

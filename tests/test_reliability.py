@@ -156,8 +156,14 @@ def run_stream(cache, seed, steps=300):
     return np.stack(outs)
 
 
-PARALLEL_RULES = [rules.Cumulative(), rules.Moving(5), rules.EMA(0.1), rules.Compressive(3, 4), rules.Drop(),
-                  rules.Weighted((1.0, 2.0))]
+PARALLEL_RULES = [
+    rules.Cumulative(),
+    rules.Moving(5),
+    rules.EMA(0.1),
+    rules.Compressive(3, 4),
+    rules.Drop(),
+    rules.Weighted((1.0, 2.0)),
+]
 
 
 @pytest.mark.one_backend
@@ -300,8 +306,9 @@ def test_resident_memory_is_flat_over_a_million_decode_steps():
     q = rng.standard_normal((1, 4, 8), dtype=np.float32)
     k = rng.standard_normal((1, 2, 8), dtype=np.float32)
     out = np.empty((1, 4, 8), np.float32)
-    scratch = kvfold.MemoryCache(rules.Compressive(4, 2), num_heads=2, head_dim=8, num_query_heads=4, window=16,
-                                 sinks=2)
+    scratch = kvfold.MemoryCache(
+        rules.Compressive(4, 2), num_heads=2, head_dim=8, num_query_heads=4, window=16, sinks=2
+    )
 
     def run(steps):
         for i in range(steps):

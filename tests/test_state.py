@@ -18,8 +18,11 @@ import kvfold
 from kvfold import rules
 
 _w = np.random.default_rng(11)
-GRU = rules.GRU(weight_ih=0.3 * _w.standard_normal((2, 24, 8)), weight_hh=0.3 * _w.standard_normal((2, 24, 8)),
-                bias_ih=0.1 * _w.standard_normal((2, 24)))  # per head; D = head_dim + value_dim = 8
+GRU = rules.GRU(
+    weight_ih=0.3 * _w.standard_normal((2, 24, 8)),
+    weight_hh=0.3 * _w.standard_normal((2, 24, 8)),
+    bias_ih=0.1 * _w.standard_normal((2, 24)),
+)  # per head; D = head_dim + value_dim = 8
 
 
 def max_and_decay(mem_k, mem_v, k, v, count):
@@ -85,8 +88,14 @@ def state(cache):
     if not isinstance(cache.rule, rules.Custom):
         return cache.to_bytes()
     keys, values, mask = cache.visible()
-    return (cache.batch_size, cache.length.tobytes(), *(m.tobytes() for m in cache.memory()), keys.tobytes(),
-            values.tobytes(), mask.tobytes())
+    return (
+        cache.batch_size,
+        cache.length.tobytes(),
+        *(m.tobytes() for m in cache.memory()),
+        keys.tobytes(),
+        values.tobytes(),
+        mask.tobytes(),
+    )
 
 
 def queries(cache, rng, T=None):
@@ -157,8 +166,9 @@ def test_the_format_is_as_documented(rng):
     data = c.to_bytes()
     f = parse(data)
     assert f["magic"] == b"KVFOLD\r\n" and f["version"] == 1 and f["flags"] == 0 and f["total"] == len(data)
-    assert [f[n] for n in ("batch_size", "num_heads", "head_dim", "value_dim", "num_query_heads", "window", "sinks")] == [
-        3, 2, 5, 3, 4, 4, 1]
+    assert [
+        f[n] for n in ("batch_size", "num_heads", "head_dim", "value_dim", "num_query_heads", "window", "sinks")
+    ] == [3, 2, 5, 3, 4, 4, 1]
     assert (f["scale"], f["dtype"], f["check_finite"]) == (0.5, 1, 0)
     assert f["kind"] == "compressive" and f["options"] == {"pool": "max"}
     assert {k: a.tolist() for k, a in f["arrays"].items()} == {"slots": 3.0, "rate": 2.0}
@@ -215,29 +225,44 @@ def bad_states(data):
     yield "flags", reseal(body[:12] + struct.pack("<I", 1) + body[16:]), ["flags are 1"]
     config = 24
     yield "negative batch", reseal(body[:config] + struct.pack("<q", -1) + body[config + 8 :]), ["batch_size -1"]
-    yield "huge batch", reseal(body[:config] + struct.pack("<q", 2**40) + body[config + 8 :]), ["batch_size 1099511627776"]
+    yield (
+        "huge batch",
+        reseal(body[:config] + struct.pack("<q", 2**40) + body[config + 8 :]),
+        ["batch_size 1099511627776"],
+    )
     window = config + 5 * 8
-    yield "huge window", reseal(body[:window] + struct.pack("<q", 10**6) + body[window + 8 :]), [
-        "the configuration needs 128000512 bytes of state, the data holds"]
-    yield "absurd window", reseal(body[:window] + struct.pack("<q", 2**31) + body[window + 8 :]), [
-        "needs 274877908496 bytes, more than this machine's"]
+    yield (
+        "huge window",
+        reseal(body[:window] + struct.pack("<q", 10**6) + body[window + 8 :]),
+        ["the configuration needs 128000512 bytes of state, the data holds"],
+    )
+    yield (
+        "absurd window",
+        reseal(body[:window] + struct.pack("<q", 2**31) + body[window + 8 :]),
+        ["needs 274877908496 bytes, more than this machine's"],
+    )
     yield "bad window", reseal(body[:window] + struct.pack("<q", -3) + body[window + 8 :]), ["window", "-3"]
     heads = config + 8
-    yield "heads", reseal(body[:heads] + struct.pack("<q", 3) + body[heads + 8 :]), [
-        "stored configuration is invalid: num_query_heads: expected a multiple of num_heads=3, got 4"]
+    yield (
+        "heads",
+        reseal(body[:heads] + struct.pack("<q", 3) + body[heads + 8 :]),
+        ["stored configuration is invalid: num_query_heads: expected a multiple of num_heads=3, got 4"],
+    )
     head_dim = config + 16
-    yield "huge head_dim", reseal(body[:head_dim] + struct.pack("<q", 2**19) + body[head_dim + 8 :]), [
-        "bytes of state"]
+    yield "huge head_dim", reseal(body[:head_dim] + struct.pack("<q", 2**19) + body[head_dim + 8 :]), ["bytes of state"]
     dtype = config + 7 * 8 + 8
     yield "dtype code", reseal(body[:dtype] + b"\x07" + body[dtype + 1 :]), ["dtype code 7"]
-    yield "check_finite", reseal(body[:dtype + 1] + b"\x05" + body[dtype + 2 :]), ["check_finite is 5"]
+    yield "check_finite", reseal(body[: dtype + 1] + b"\x05" + body[dtype + 2 :]), ["check_finite is 5"]
     scale = config + 7 * 8
     yield "nan scale", reseal(body[:scale] + struct.pack("<d", float("nan")) + body[scale + 8 :]), ["scale"]
     kind = dtype + 2
     yield "huge name", reseal(body[:kind] + struct.pack("<I", 2**31) + body[kind + 4 :]), ["2147483648 bytes long"]
-    yield "unknown rule", reseal(body[:kind + 4] + b"xyz" + body[kind + 7 :]), ["rule: expected one of", "'xyz'"]
-    yield "custom rule", reseal(body[:kind] + struct.pack("<I", 6) + b"custom" + body[kind + 7 :]), [
-        "Custom rules cannot be serialized"]
+    yield "unknown rule", reseal(body[: kind + 4] + b"xyz" + body[kind + 7 :]), ["rule: expected one of", "'xyz'"]
+    yield (
+        "custom rule",
+        reseal(body[:kind] + struct.pack("<I", 6) + b"custom" + body[kind + 7 :]),
+        ["Custom rules cannot be serialized"],
+    )
 
 
 def test_bad_input_gets_a_precise_value_error(rng):
@@ -613,11 +638,17 @@ def test_batch_operation_errors_leave_the_cache_unchanged(rng):
         (lambda: kvfold.MemoryCache.concat([]), ValueError, "caches: expected at least one cache, got none"),
         (lambda: kvfold.MemoryCache.concat(c), TypeError, "caches: expected a sequence of kvfold.MemoryCache"),
         (lambda: kvfold.MemoryCache.concat([c, 3]), TypeError, "caches[1]: expected a kvfold.MemoryCache, got int"),
-        (lambda: kvfold.MemoryCache.concat([c, make(window=2)]), ValueError,
-         "caches[1]: expected window=4 like caches[0], got window=2"),
+        (
+            lambda: kvfold.MemoryCache.concat([c, make(window=2)]),
+            ValueError,
+            "caches[1]: expected window=4 like caches[0], got window=2",
+        ),
         (lambda: kvfold.MemoryCache.concat([c, make(dtype="bfloat16")]), ValueError, "dtype=float32"),
-        (lambda: kvfold.MemoryCache.concat([c, c, make(rules.Moving(3))]), ValueError,
-         "caches[2]: expected rule=EMA(alpha=0.3) like caches[0], got rule=Moving(n=3)"),
+        (
+            lambda: kvfold.MemoryCache.concat([c, c, make(rules.Moving(3))]),
+            ValueError,
+            "caches[2]: expected rule=EMA(alpha=0.3) like caches[0], got rule=Moving(n=3)",
+        ),
     ]
     for call, error, words in cases:
         with pytest.raises(error) as info:

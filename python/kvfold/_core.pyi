@@ -40,17 +40,32 @@ class MemoryCache:
     # check_finite), (other) for a copy, (other, rows) for select, (caches) for concat, (data) from bytes
     def __init__(self, *args: Any, **kwargs: Any) -> None: ...
     def update(
-        self, k: npt.ArrayLike, v: npt.ArrayLike, *, decay: Optional[npt.ArrayLike] = None,
-        beta: Optional[npt.ArrayLike] = None
+        self,
+        k: npt.ArrayLike,
+        v: npt.ArrayLike,
+        *,
+        decay: Optional[npt.ArrayLike] = None,
+        beta: Optional[npt.ArrayLike] = None,
     ) -> None: ...
     def attend(self, q: npt.ArrayLike, *, out: Optional[npt.NDArray[np.float32]] = None) -> npt.NDArray[np.float32]: ...
     def step(
-        self, q: npt.ArrayLike, k: npt.ArrayLike, v: npt.ArrayLike, *, decay: Optional[npt.ArrayLike] = None,
-        beta: Optional[npt.ArrayLike] = None, out: Optional[npt.NDArray[np.float32]] = None
+        self,
+        q: npt.ArrayLike,
+        k: npt.ArrayLike,
+        v: npt.ArrayLike,
+        *,
+        decay: Optional[npt.ArrayLike] = None,
+        beta: Optional[npt.ArrayLike] = None,
+        out: Optional[npt.NDArray[np.float32]] = None,
     ) -> npt.NDArray[np.float32]: ...
     def forward(
-        self, q: npt.ArrayLike, k: npt.ArrayLike, v: npt.ArrayLike, *, decay: Optional[npt.ArrayLike] = None,
-        beta: Optional[npt.ArrayLike] = None
+        self,
+        q: npt.ArrayLike,
+        k: npt.ArrayLike,
+        v: npt.ArrayLike,
+        *,
+        decay: Optional[npt.ArrayLike] = None,
+        beta: Optional[npt.ArrayLike] = None,
     ) -> npt.NDArray[np.float32]: ...
     # summary rules: (keys, values); matrix rules: S, or (S, z) when normalized
     def memory(

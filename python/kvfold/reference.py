@@ -93,8 +93,15 @@ def feature_map(name: str, x: np.ndarray) -> np.ndarray:
     return x
 
 
-def matrix_fold(rule: rules.Rule, S: np.ndarray, z: Optional[np.ndarray], k: np.ndarray, v: np.ndarray,
-                decay: Optional[np.ndarray], beta: Optional[np.ndarray]) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+def matrix_fold(
+    rule: rules.Rule,
+    S: np.ndarray,
+    z: Optional[np.ndarray],
+    k: np.ndarray,
+    v: np.ndarray,
+    decay: Optional[np.ndarray],
+    beta: Optional[np.ndarray],
+) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """One token into S (H, d_k, d_v) (and z (H, d_k)): k (H, d_k), v (H, d_v); decay the log-space
     gate, (H,) or (H, d_k), beta (H,), each the token's own or the rule's constant."""
     H, dk = k.shape
@@ -183,8 +190,9 @@ class ReferenceCache:
         cut = max(len(rest) - self.window, 0)
         return sinks, rest[:cut], rest[cut:]
 
-    def update(self, k: np.ndarray, v: np.ndarray, decay: Optional[np.ndarray] = None,
-               beta: Optional[np.ndarray] = None) -> None:
+    def update(
+        self, k: np.ndarray, v: np.ndarray, decay: Optional[np.ndarray] = None, beta: Optional[np.ndarray] = None
+    ) -> None:
         k, v = np.asarray(k, np.float64), np.asarray(v, np.float64)
         single = k.ndim == 3
         if single:
@@ -196,9 +204,14 @@ class ReferenceCache:
             bt = None if bt is None else bt[:, :, None]
         for b in range(self.batch_size):
             for t in range(k.shape[2]):
-                self.history[b].append((k[b, :, t].copy(), v[b, :, t].copy(),
-                                        None if g is None else g[b, :, t].copy(),
-                                        None if bt is None else bt[b, :, t].copy()))
+                self.history[b].append(
+                    (
+                        k[b, :, t].copy(),
+                        v[b, :, t].copy(),
+                        None if g is None else g[b, :, t].copy(),
+                        None if bt is None else bt[b, :, t].copy(),
+                    )
+                )
 
     def _matrix_state(self, b: int) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         """Row b's S (H, d_k, d_v) and z (H, d_k), folding from a loaded state if there is one."""
@@ -217,8 +230,11 @@ class ReferenceCache:
             states = [self._matrix_state(b) for b in range(self.batch_size)]
             S = np.stack([s for s, _ in states])
             return (S, np.stack([z for _, z in states])) if self.normalized else S
-        slots = {rules.Drop: 0, rules.Compressive: getattr(self.rule, "slots", 0),
-                 rules.Custom: getattr(self.rule, "slots", 0)}.get(type(self.rule), 1)
+        slots = {
+            rules.Drop: 0,
+            rules.Compressive: getattr(self.rule, "slots", 0),
+            rules.Custom: getattr(self.rule, "slots", 0),
+        }.get(type(self.rule), 1)
         keys = np.zeros((self.batch_size, self.num_heads, slots, self.head_dim))
         values = np.zeros((self.batch_size, self.num_heads, slots, self.value_dim))
         for b in range(self.batch_size):
@@ -228,8 +244,11 @@ class ReferenceCache:
 
     def load_memory(self, S: np.ndarray, z: Optional[np.ndarray] = None) -> None:
         for b in range(self.batch_size):
-            self.loaded[b] = (np.asarray(S[b], np.float64).copy(),
-                              None if z is None else np.asarray(z[b], np.float64).copy(), len(self._split(b)[1]))
+            self.loaded[b] = (
+                np.asarray(S[b], np.float64).copy(),
+                None if z is None else np.asarray(z[b], np.float64).copy(),
+                len(self._split(b)[1]),
+            )
 
     def visible_row(self, b: int) -> Tuple[np.ndarray, np.ndarray]:
         """Row b's visible set [sinks | slots | window], oldest first: (H, n, d_k), (H, n, d_v)."""
@@ -266,18 +285,40 @@ class ReferenceCache:
                     out[b, hq] = local
                     continue
                 memory = matrix_read(self.rule, S[h], None if z is None else z[h], q[b, hq], self.scale)
-                out[b, hq] = memory if self.sinks == 0 and self.window == 0 else mix[hq] * memory + (1 - mix[hq]) * local
+                out[b, hq] = (
+                    memory if self.sinks == 0 and self.window == 0 else mix[hq] * memory + (1 - mix[hq]) * local
+                )
         return out
 
-    def step(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, decay: Optional[np.ndarray] = None,
-             beta: Optional[np.ndarray] = None) -> np.ndarray:
+    def step(
+        self,
+        q: np.ndarray,
+        k: np.ndarray,
+        v: np.ndarray,
+        decay: Optional[np.ndarray] = None,
+        beta: Optional[np.ndarray] = None,
+    ) -> np.ndarray:
         self.update(k, v, decay, beta)
         return self.attend(q)
 
-    def forward(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, decay: Optional[np.ndarray] = None,
-                beta: Optional[np.ndarray] = None) -> np.ndarray:
-        steps = [self.step(q[:, :, t], k[:, :, t], v[:, :, t], None if decay is None else decay[:, :, t],
-                           None if beta is None else beta[:, :, t]) for t in range(q.shape[2])]
+    def forward(
+        self,
+        q: np.ndarray,
+        k: np.ndarray,
+        v: np.ndarray,
+        decay: Optional[np.ndarray] = None,
+        beta: Optional[np.ndarray] = None,
+    ) -> np.ndarray:
+        steps = [
+            self.step(
+                q[:, :, t],
+                k[:, :, t],
+                v[:, :, t],
+                None if decay is None else decay[:, :, t],
+                None if beta is None else beta[:, :, t],
+            )
+            for t in range(q.shape[2])
+        ]
         return np.stack(steps, axis=2)
 
     def reset(self, rows: Optional[List[int]] = None) -> None:

@@ -23,8 +23,20 @@ from . import _core
 from ._checks import integer
 
 __all__ = [
-    "Rule", "Drop", "Cumulative", "Moving", "Weighted", "EMA", "Compressive", "GRU",
-    "Linear", "Gated", "Delta", "GatedDelta", "Custom", "from_spec",
+    "Rule",
+    "Drop",
+    "Cumulative",
+    "Moving",
+    "Weighted",
+    "EMA",
+    "Compressive",
+    "GRU",
+    "Linear",
+    "Gated",
+    "Delta",
+    "GatedDelta",
+    "Custom",
+    "from_spec",
 ]
 
 Reals = Union[float, Tuple[Any, ...]]  # a real number, or nested tuples of them
@@ -46,7 +58,9 @@ def _reals(rule: str, name: str, value: Any) -> Optional[Reals]:
     if value is None:
         return None
     if isinstance(value, (str, bytes, bool)):
-        raise TypeError(f"{rule}: {name} must be a real number or an array of them, got {type(value).__name__} {value!r}")
+        raise TypeError(
+            f"{rule}: {name} must be a real number or an array of them, got {type(value).__name__} {value!r}"
+        )
     try:
         a = np.asarray(value)
     except ValueError as e:  # ragged nesting
@@ -68,8 +82,9 @@ class Rule:
     def per_token_gates(self) -> Tuple[str, ...]:
         """The keyword gates (``"decay"``, ``"beta"``) every update must bring: those the rule uses
         and was not given as constants."""
-        return tuple(name for name in ("decay", "beta") if name in {f.name for f in fields(self)}
-                     and getattr(self, name) is None)
+        return tuple(
+            name for name in ("decay", "beta") if name in {f.name for f in fields(self)} and getattr(self, name) is None
+        )
 
     def __post_init__(self) -> None:
         _core._check_rule(self._spec())
@@ -216,7 +231,9 @@ class GRU(Rule):
                 raise TypeError(f"GRU: {f.name} must be an array of real numbers, got dtype {a.dtype}")
             wide = a.astype(np.float64)
             if not np.all(np.abs(wide) <= np.finfo(np.float32).max):
-                raise ValueError(f"GRU: {f.name} must hold finite float32 values, got {wide[~(np.abs(wide) <= 3.4e38)][0]}")
+                raise ValueError(
+                    f"GRU: {f.name} must hold finite float32 values, got {wide[~(np.abs(wide) <= 3.4e38)][0]}"
+                )
             a = wide.astype(np.float32)
             a.setflags(write=False)
             object.__setattr__(self, f.name, a)
@@ -231,11 +248,15 @@ class GRU(Rule):
         )
 
     def __hash__(self) -> int:
-        return hash(tuple(None if a is None else (a.shape, a.tobytes()) for a in (getattr(self, f.name) for f in fields(self))))
+        return hash(
+            tuple(None if a is None else (a.shape, a.tobytes()) for a in (getattr(self, f.name) for f in fields(self)))
+        )
 
     def __repr__(self) -> str:
-        parts = [f"{f.name}={'None' if getattr(self, f.name) is None else f'<float32 {getattr(self, f.name).shape}>'}"
-                 for f in fields(self)]
+        parts = [
+            f"{f.name}={'None' if getattr(self, f.name) is None else f'<float32 {getattr(self, f.name).shape}>'}"
+            for f in fields(self)
+        ]
         return f"GRU({', '.join(parts)})"
 
     @classmethod
@@ -266,7 +287,9 @@ class Linear(Rule):
 
     def __post_init__(self) -> None:
         if not isinstance(self.feature_map, str):
-            raise TypeError(f"Linear: feature_map must be 'identity', 'elu1' or 'relu', got {type(self.feature_map).__name__}")
+            raise TypeError(
+                f"Linear: feature_map must be 'identity', 'elu1' or 'relu', got {type(self.feature_map).__name__}"
+            )
         if not isinstance(self.normalize, bool):
             raise TypeError(f"Linear: normalize must be True or False, got {type(self.normalize).__name__}")
         object.__setattr__(self, "eps", _real("Linear", "eps", self.eps))

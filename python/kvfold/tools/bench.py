@@ -127,8 +127,14 @@ def fill_tokens(case: Case) -> int:
 
 class KvfoldMemory:
     def __init__(self, case: Case) -> None:
-        self.cache = MemoryCache(case.rule, num_heads=case.heads, head_dim=case.head_dim, window=case.window,
-                                 sinks=case.sinks, dtype=case.dtype)
+        self.cache = MemoryCache(
+            case.rule,
+            num_heads=case.heads,
+            head_dim=case.head_dim,
+            window=case.window,
+            sinks=case.sinks,
+            dtype=case.dtype,
+        )
 
     def update(self, k: np.ndarray, v: np.ndarray, **gates: np.ndarray) -> None:
         self.cache.update(k[None], v[None], **{n: g[None] for n, g in gates.items()})
@@ -329,7 +335,9 @@ class ChunkedMatrix:
     def __init__(self, case: Case, xp: Any, zeros: Callable[..., Any], lower: Any, eye: Any) -> None:
         kind = _matrix_kind(case)
         if kind is None:
-            raise ValueError(f"matrix peers run Linear() and per-token gated rules without window or sinks, not {case!r}")
+            raise ValueError(
+                f"matrix peers run Linear() and per-token gated rules without window or sinks, not {case!r}"
+            )
         self.gated, self.delta = kind in ("gated", "gated_delta"), kind in ("delta", "gated_delta")
         self.xp, self.zeros, self.lower, self.eye = xp, zeros, lower, eye
         self.S = zeros((case.heads, case.head_dim, case.head_dim))
@@ -383,7 +391,9 @@ class ChunkedMatrix:
 class NumpyMatrix(ChunkedMatrix):
     def __init__(self, case: Case) -> None:
         n = self.chunk
-        super().__init__(case, np, lambda shape: np.zeros(shape, np.float32), np.tri(n, dtype=bool), np.eye(n, dtype=bool))
+        super().__init__(
+            case, np, lambda shape: np.zeros(shape, np.float32), np.tri(n, dtype=bool), np.eye(n, dtype=bool)
+        )
 
     def add_outer(self, k: np.ndarray, u: np.ndarray) -> None:
         self.S += k[:, :, None] * u[:, None, :]
@@ -398,8 +408,13 @@ class TorchMatrix(ChunkedMatrix):
 
         self.torch = torch
         n = self.chunk
-        super().__init__(case, torch, lambda shape: torch.zeros(shape, dtype=torch.float32),
-                         torch.ones(n, n, dtype=torch.bool).tril(), torch.eye(n, dtype=torch.bool))
+        super().__init__(
+            case,
+            torch,
+            lambda shape: torch.zeros(shape, dtype=torch.float32),
+            torch.ones(n, n, dtype=torch.bool).tril(),
+            torch.eye(n, dtype=torch.bool),
+        )
 
     def add_outer(self, k: Any, u: Any) -> None:
         self.S.baddbmm_(k[:, :, None], u[:, None, :])
@@ -424,16 +439,38 @@ def _ort_linear_attention(kind: str, heads: int, head_dim: int, threads: int, do
     from onnx import TensorProto, helper
 
     H, d, f = heads, head_dim, TensorProto.FLOAT
-    shapes = {"query": [1, "T", H * d], "key": [1, "T", H * d], "value": [1, "T", H * d], "past_state": [1, H, d, d],
-              "decay": [1, "T", H], "beta": [1, "T", H]}
-    names = ["query", "key", "value", "past_state", "decay" if "gated" in kind else "", "beta" if "delta" in kind else ""]
+    shapes = {
+        "query": [1, "T", H * d],
+        "key": [1, "T", H * d],
+        "value": [1, "T", H * d],
+        "past_state": [1, H, d, d],
+        "decay": [1, "T", H],
+        "beta": [1, "T", H],
+    }
+    names = [
+        "query",
+        "key",
+        "value",
+        "past_state",
+        "decay" if "gated" in kind else "",
+        "beta" if "delta" in kind else "",
+    ]
     while not names[-1]:
         names.pop()
     inputs = [helper.make_tensor_value_info(n, f, shapes[n]) for n in names if n]
-    outputs = [helper.make_tensor_value_info("output", f, [1, "T", H * d]),
-               helper.make_tensor_value_info("present_state", f, [1, H, d, d])]
-    node = helper.make_node("LinearAttention", names, ["output", "present_state"], domain=domain,
-                            q_num_heads=H, kv_num_heads=H, update_rule=kind)
+    outputs = [
+        helper.make_tensor_value_info("output", f, [1, "T", H * d]),
+        helper.make_tensor_value_info("present_state", f, [1, H, d, d]),
+    ]
+    node = helper.make_node(
+        "LinearAttention",
+        names,
+        ["output", "present_state"],
+        domain=domain,
+        q_num_heads=H,
+        kv_num_heads=H,
+        update_rule=kind,
+    )
     opsets = [helper.make_opsetid("", 23), helper.make_opsetid(domain, 1)] if domain else [helper.make_opsetid("", 27)]
     model = helper.make_model(helper.make_graph([node], "linear_attention", inputs, outputs), opset_imports=opsets)
     model.ir_version = 10
@@ -451,7 +488,9 @@ class OrtMatrix:
     def __init__(self, case: Case, threads: int, domain: str = "com.microsoft") -> None:
         kind = _matrix_kind(case)
         if kind is None:
-            raise ValueError(f"matrix peers run Linear() and per-token gated rules without window or sinks, not {case!r}")
+            raise ValueError(
+                f"matrix peers run Linear() and per-token gated rules without window or sinks, not {case!r}"
+            )
         H, d = case.heads, case.head_dim
         self.heads = H
         self.session = _ort_linear_attention(kind, H, d, threads, domain)
@@ -486,8 +525,13 @@ class OrtMatrix:
 
     def forward(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, **gates: np.ndarray) -> np.ndarray:
         T = q.shape[0]
-        feeds = {"query": q.reshape(1, T, -1), "key": k.reshape(1, T, -1), "value": v.reshape(1, T, -1),
-                 "past_state": self.zero, **{n: g[None] for n, g in gates.items()}}
+        feeds = {
+            "query": q.reshape(1, T, -1),
+            "key": k.reshape(1, T, -1),
+            "value": v.reshape(1, T, -1),
+            "past_state": self.zero,
+            **{n: g[None] for n, g in gates.items()},
+        }
         return self.session.run(["output"], feeds)[0].reshape(T, self.heads, -1)
 
 
@@ -535,24 +579,50 @@ def peers() -> List[Peer]:
         return isinstance(c.rule, summary_rules) or _matrix_kind(c) is not None
 
     return [
-        Peer("numpy", True, runs, lambda c, n: NumpyMatrix(c) if c.matrix else NumpyMemory(c),
-             set_threads=_numpy_blas_threads(), version=np.__version__),
-        Peer("torch", torch is not None, runs, lambda c, n: TorchMatrix(c) if c.matrix else TorchMemory(c),
-             convert=(lambda x: torch.from_numpy(np.ascontiguousarray(x))) if torch else (lambda x: x),
-             set_threads=(lambda n: torch.set_num_threads(n)) if torch else (lambda n: None),
-             version=getattr(torch, "__version__", "")),
+        Peer(
+            "numpy",
+            True,
+            runs,
+            lambda c, n: NumpyMatrix(c) if c.matrix else NumpyMemory(c),
+            set_threads=_numpy_blas_threads(),
+            version=np.__version__,
+        ),
+        Peer(
+            "torch",
+            torch is not None,
+            runs,
+            lambda c, n: TorchMatrix(c) if c.matrix else TorchMemory(c),
+            convert=(lambda x: torch.from_numpy(np.ascontiguousarray(x))) if torch else (lambda x: x),
+            set_threads=(lambda n: torch.set_num_threads(n)) if torch else (lambda n: None),
+            version=getattr(torch, "__version__", ""),
+        ),
         # The same computation as PyTorch users often write it (growing tensors, torch.cat): for reference.
-        Peer("torch-cat", torch is not None, lambda c: isinstance(c.rule, summary_rules) and c.window > 0,
-             lambda c, n: TorchCatMemory(c),
-             convert=(lambda x: torch.from_numpy(np.ascontiguousarray(x))) if torch else (lambda x: x),
-             set_threads=(lambda n: torch.set_num_threads(n)) if torch else (lambda n: None),
-             version=getattr(torch, "__version__", "")),
-        Peer("onnxruntime", ort is not None,
-             lambda c: (isinstance(c.rule, summary_rules) and c.window > 0 and not c.prefill) or _matrix_kind(c) is not None,
-             lambda c, n: OrtMatrix(c, n) if c.matrix else OrtMemory(c, n), version=getattr(ort, "__version__", "")),
+        Peer(
+            "torch-cat",
+            torch is not None,
+            lambda c: isinstance(c.rule, summary_rules) and c.window > 0,
+            lambda c, n: TorchCatMemory(c),
+            convert=(lambda x: torch.from_numpy(np.ascontiguousarray(x))) if torch else (lambda x: x),
+            set_threads=(lambda n: torch.set_num_threads(n)) if torch else (lambda n: None),
+            version=getattr(torch, "__version__", ""),
+        ),
+        Peer(
+            "onnxruntime",
+            ort is not None,
+            lambda c: (
+                (isinstance(c.rule, summary_rules) and c.window > 0 and not c.prefill) or _matrix_kind(c) is not None
+            ),
+            lambda c, n: OrtMatrix(c, n) if c.matrix else OrtMemory(c, n),
+            version=getattr(ort, "__version__", ""),
+        ),
         # The same runtime's ONNX-standard operator (opset 27), slower than its contrib twin: for reference.
-        Peer("onnxruntime-opset27", ort is not None and _has_opset27(ort), lambda c: _matrix_kind(c) is not None,
-             lambda c, n: OrtMatrix(c, n, domain=""), version=getattr(ort, "__version__", "")),
+        Peer(
+            "onnxruntime-opset27",
+            ort is not None and _has_opset27(ort),
+            lambda c: _matrix_kind(c) is not None,
+            lambda c, n: OrtMatrix(c, n, domain=""),
+            version=getattr(ort, "__version__", ""),
+        ),
     ]
 
 
@@ -591,6 +661,7 @@ def _peer_runner(memory_for: Callable[[], Any], case: Case, data: Dict[str, Any]
     tokens, gates = split_gates(data)
     q, k, v = tokens["q"], tokens["k"], tokens["v"]
     if case.prefill:
+
         def prefill() -> Any:
             memory = memory_for()
             if hasattr(memory, "forward"):
@@ -619,12 +690,14 @@ def _agreement(case: Case, peer: Peer, threads: int, steps: int = 4) -> float:
         tokens, gates = split_gates({n: x[t] for n, x in data.items()})
         if t < fill:
             ours.update(tokens["k"], tokens["v"], **gates)
-            theirs.update(*(peer.convert(tokens[n]) for n in ("k", "v")),
-                          **{n: peer.convert(g) for n, g in gates.items()})
+            theirs.update(
+                *(peer.convert(tokens[n]) for n in ("k", "v")), **{n: peer.convert(g) for n, g in gates.items()}
+            )
             continue
         a = ours.step(tokens["q"], tokens["k"], tokens["v"], **gates)
-        b = theirs.step(*(peer.convert(tokens[n]) for n in ("q", "k", "v")),
-                        **{n: peer.convert(g) for n, g in gates.items()})
+        b = theirs.step(
+            *(peer.convert(tokens[n]) for n in ("q", "k", "v")), **{n: peer.convert(g) for n, g in gates.items()}
+        )
         worst = max(worst, float(np.abs(a - np.asarray(b)).max()))
     return worst
 
@@ -633,15 +706,23 @@ def _prefill_agreement(case: Case, peer: Peer, threads: int) -> float:
     """Largest difference between kvfold's and the peer's prefill outputs, relative to the largest output."""
     data = make_data(case, seed=1)
     ours = np.asarray(_kvfold_runner(case, data)())[0].transpose(1, 0, 2)
-    theirs = np.asarray(_peer_runner(lambda: peer.memory(replace(case, tokens=1), threads), case,
-                                     {n: peer.convert(x) for n, x in data.items()})())
+    theirs = np.asarray(
+        _peer_runner(
+            lambda: peer.memory(replace(case, tokens=1), threads), case, {n: peer.convert(x) for n, x in data.items()}
+        )()
+    )
     if not hasattr(peer.memory(replace(case, tokens=1), threads), "forward"):
         ours = ours[-1]  # a loop of steps returns the last step's output
     return float(np.abs(ours - theirs).max() / np.abs(ours).max())
 
 
-def time_per_token(runners: Dict[str, Callable[[], Any]], tokens: int, rounds: int = 5,
-                   round_seconds: float = 0.15, settle_seconds: float = 0.0) -> Dict[str, float]:
+def time_per_token(
+    runners: Dict[str, Callable[[], Any]],
+    tokens: int,
+    rounds: int = 5,
+    round_seconds: float = 0.15,
+    settle_seconds: float = 0.0,
+) -> Dict[str, float]:
     """Seconds per token of each runner: the best of `rounds` rounds that take the runners in turn.
     With several threads, each runner's turn starts `settle_seconds` after the previous one ends:
     thread pools (OpenBLAS, OpenMP, ONNX Runtime) keep spinning for a while after their work and
@@ -688,15 +769,23 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def run(cases: Sequence[Case] = tuple(CASES), threads: Sequence[int] = (), rounds: int = 5,
-        round_seconds: float = 0.15, print_fn: Callable[[str], None] = print) -> List[Dict[str, Any]]:
+def run(
+    cases: Sequence[Case] = tuple(CASES),
+    threads: Sequence[int] = (),
+    rounds: int = 5,
+    round_seconds: float = 0.15,
+    print_fn: Callable[[str], None] = print,
+) -> List[Dict[str, Any]]:
     """Times every case for kvfold and each installed peer; prints tables; returns the rows."""
     threads = list(threads) or sorted({1, available_cores()})
     found = [p for p in peers() if p.available]
     before = get_num_threads()
     print_fn(f"kvfold {__version__} bench on {machine()}; SIMD kernels: {simd_backend()}")
-    print_fn("peers: " + ", ".join(f"{p.name} {p.version}" for p in found) +
-             "; B=1, query heads = KV heads, d_k = d_v, float32 unless marked f16 or bf16 (kvfold's storage)")
+    print_fn(
+        "peers: "
+        + ", ".join(f"{p.name} {p.version}" for p in found)
+        + "; B=1, query heads = KV heads, d_k = d_v, float32 unless marked f16 or bf16 (kvfold's storage)"
+    )
     print_fn("times in microseconds per token; (N.Nx) = peer time / kvfold time; - = peer does not run this case")
     rows: List[Dict[str, Any]] = []
     try:
@@ -713,9 +802,12 @@ def run(cases: Sequence[Case] = tuple(CASES), threads: Sequence[int] = (), round
                 for p in found:
                     if p.supports(case):
                         pdata = {key: p.convert(value) for key, value in data.items()}
-                        runners[p.name] = _peer_runner(lambda p=p, c=case, n=n: p.memory(replace(c, tokens=1), n),
-                                                       case, pdata)
-                times = time_per_token(runners, case.tokens, rounds, round_seconds, settle_seconds=0.1 if n > 1 else 0.0)
+                        runners[p.name] = _peer_runner(
+                            lambda p=p, c=case, n=n: p.memory(replace(c, tokens=1), n), case, pdata
+                        )
+                times = time_per_token(
+                    runners, case.tokens, rounds, round_seconds, settle_seconds=0.1 if n > 1 else 0.0
+                )
                 row = {"case": case.name, "threads": n, "us": {k: t * 1e6 for k, t in times.items()}}
                 cells = f"{case.name:38s} {times['kvfold'] * 1e6:9.2f}"
                 for p in found:

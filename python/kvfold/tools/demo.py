@@ -40,8 +40,10 @@ def run(tokens: int = 20000, check: int = 256, heads: int = 8, head_dim: int = 6
     ]
     rng = np.random.default_rng(0)
     q, k, v = _stream(rng, tokens, heads, query_heads, head_dim)
-    print(f"kvfold demo: {tokens} tokens, {heads} KV heads, {query_heads} query heads, head_dim {head_dim}, "
-          f"kernels: {simd_backend()}")
+    print(
+        f"kvfold demo: {tokens} tokens, {heads} KV heads, {query_heads} query heads, head_dim {head_dim}, "
+        f"kernels: {simd_backend()}"
+    )
     print(f"{'memory':32s} {'cache bytes':>12s} {'tokens/s':>10s} {'max rel. diff vs reference':>27s}")
     worst = 0.0
     for name, rule, window, sinks in memories:
@@ -61,6 +63,8 @@ def run(tokens: int = 20000, check: int = 256, heads: int = 8, head_dim: int = 6
         assert cache.nbytes == before, "cache grew"
         worst = max(worst, diff)
         print(f"{name:32s} {cache.nbytes:12d} {rate:10.0f} {diff:27.2e}")
-    print(f"diff: over the first {check} tokens; tokens/s: the rest, one step() call per token. "
-          "The cache size never changed.")
+    print(
+        f"diff: over the first {check} tokens; tokens/s: the rest, one step() call per token. "
+        "The cache size never changed."
+    )
     return 0 if worst < 1e-4 else 1

@@ -65,11 +65,21 @@ def memories(budgets: Sequence[int], ema_alpha: float = 0.05) -> List[Memory]:
             Memory(f"window {n}", "window", rules.Drop(), window=n, budget=n),
             Memory(f"sinks 4 + window {n - 4}", "sinks 4 + window", rules.Drop(), window=n - 4, sinks=4, budget=n),
             Memory(f"window {n - 1} + cumulative", "window + cumulative", rules.Cumulative(), window=n - 1, budget=n),
-            Memory(f"window {n - 1} + ema({ema_alpha:g})", f"window + ema({ema_alpha:g})", rules.EMA(ema_alpha),
-                   window=n - 1, budget=n),
+            Memory(
+                f"window {n - 1} + ema({ema_alpha:g})",
+                f"window + ema({ema_alpha:g})",
+                rules.EMA(ema_alpha),
+                window=n - 1,
+                budget=n,
+            ),
             Memory(f"window {n - 1} + moving({n})", "window + moving(N)", rules.Moving(n), window=n - 1, budget=n),
-            Memory(f"window {n - c} + compressive({c}x8)", "window + compressive(N/8 x 8)", rules.Compressive(c, 8),
-                   window=n - c, budget=n),
+            Memory(
+                f"window {n - c} + compressive({c}x8)",
+                "window + compressive(N/8 x 8)",
+                rules.Compressive(c, 8),
+                window=n - c,
+                budget=n,
+            ),
         ]
     grid.append(Memory("cumulative, window 0", "cumulative, window 0", rules.Cumulative(), budget=1))
     return grid
@@ -157,8 +167,9 @@ def run(
     return results
 
 
-def _measure(model: Any, tokenizer: Any, grid: Sequence[Memory], tokens: int, chunk: int,
-             progress: bool) -> List[Result]:
+def _measure(
+    model: Any, tokenizer: Any, grid: Sequence[Memory], tokens: int, chunk: int, progress: bool
+) -> List[Result]:
     import torch
     import torch.nn.functional as F
 
@@ -217,8 +228,12 @@ def write_csv(results: Sequence[Result], path: Path) -> None:
         writer.writeheader()
         for r in results:
             row = asdict(r)
-            row.update(perplexity=f"{r.perplexity:.4f}", kl=f"{r.kl:.5f}", top1=f"{r.top1:.4f}",
-                       tokens_per_s=f"{r.tokens_per_s:.1f}")
+            row.update(
+                perplexity=f"{r.perplexity:.4f}",
+                kl=f"{r.kl:.5f}",
+                top1=f"{r.top1:.4f}",
+                tokens_per_s=f"{r.tokens_per_s:.1f}",
+            )
             writer.writerow(row)
 
 
@@ -257,8 +272,15 @@ def plot(results: Sequence[Result], grid: Sequence[Memory], path: Path, tokens: 
         for ax, column in zip(axes, (1, 2)):
             if column == 2 and kind == "full cache":  # KL 0: off a log axis
                 continue
-            ax.plot(xs, [p[column] for p in points], marker=markers[i % len(markers)], color=f"C{i}", label=kind,
-                    markersize=11 if kind == "full cache" else 6, linestyle="-" if len(xs) > 1 else "none")
+            ax.plot(
+                xs,
+                [p[column] for p in points],
+                marker=markers[i % len(markers)],
+                color=f"C{i}",
+                label=kind,
+                markersize=11 if kind == "full cache" else 6,
+                linestyle="-" if len(xs) > 1 else "none",
+            )
     full = results[0]
     axes[0].axhline(full.perplexity, color="grey", linestyle=":", linewidth=1)
     axes[0].set_ylabel("perplexity (lower is better)")

@@ -54,8 +54,9 @@ def run(
 
     model, tokenizer = smollm2.load()
     if chat:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
     else:
         text = prompt
     inputs = tokenizer(text, return_tensors="pt")
@@ -82,4 +83,3 @@ def run(
         f"{cache.get_seq_length()} tokens seen]"
     )
     return 0
-
