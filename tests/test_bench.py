@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from kvfold import rules
-from kvfold.tools import bench
 from kvfold.__main__ import main
+from kvfold.tools import bench
 
 PEERS = [p for p in bench.peers() if p.available]
 SMALL = [

@@ -9,9 +9,8 @@ import pytest
 from numpy.testing import assert_allclose
 
 import kvfold
-from kvfold import reference, rules
-
 from conftest import tokens
+from kvfold import reference, rules
 
 
 def max_and_decay(mem_k, mem_v, k, v, count):

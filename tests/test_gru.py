@@ -7,9 +7,8 @@ import pytest
 from numpy.testing import assert_allclose
 
 import kvfold
-from kvfold import reference, rules
-
 from conftest import tokens
+from kvfold import reference, rules
 
 
 def weights(rng, D, heads=None, bias=True):

@@ -365,8 +365,8 @@ def test_load_memory_sets_the_state(case, rng):
     state = (S, z) if case.rule(2, 4, 5) == rules.Linear("elu1", normalize=True, mix=0.7) else (S,)
     cache.load_memory(*state)
     ref.load_memory(*state)
-    for mine, given in zip(memories(cache), state):
-        np.testing.assert_array_equal(mine, given)
+    for mine, loaded in zip(memories(cache), state):
+        np.testing.assert_array_equal(mine, loaded)
     close(
         cache.forward(q[:, :, 4:], k[:, :, 4:], v[:, :, 4:], **span(gates, 4, 10)),
         ref.forward(q[:, :, 4:], k[:, :, 4:], v[:, :, 4:], **span(gates, 4, 10)),

@@ -5,9 +5,8 @@ import pytest
 from numpy.testing import assert_allclose
 
 import kvfold
-from kvfold import reference, rules
-
 from conftest import tokens
+from kvfold import reference, rules
 
 RULES = [
     rules.Drop(),

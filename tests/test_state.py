@@ -53,7 +53,8 @@ RULES = SERIALIZABLE + [rules.Custom(max_and_decay, slots=2)]
 DTYPES = ["float32", "float16", "bfloat16"]
 
 
-def make(rule=rules.EMA(0.3), **kw):
+def make(rule=None, **kw):
+    rule = rules.EMA(0.3) if rule is None else rule
     cfg = dict(num_heads=2, head_dim=5, value_dim=3, num_query_heads=4, batch_size=2, window=4, sinks=1)
     cfg.update(kw)
     return kvfold.MemoryCache(rule, **cfg)

@@ -189,7 +189,7 @@ def _measure(
             block = ids[:, start : start + chunk]
             scored = min(block.shape[1], tokens - 1 - start)  # the last token has nothing to predict
             reference = None
-            for memory, tally in zip(grid, tallies):
+            for tally in tallies:
                 began = time.perf_counter()
                 logits = model(block, cache=tally.cache).logits[0, :scored]
                 tally.seconds += time.perf_counter() - began

@@ -49,8 +49,8 @@ def run(
     import torch
     from transformers import DynamicCache, TextStreamer
 
-    from . import smollm2
     from ..hf import FoldCache
+    from . import smollm2
 
     model, tokenizer = smollm2.load()
     if chat:
