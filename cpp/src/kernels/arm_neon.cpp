@@ -13,71 +13,70 @@
 #pragma GCC target("+simd")
 
 namespace kvfold {
-namespace {
+namespace neon {
 
-// 4 stored elements as float32, and one element for the tails.
-struct F32 {
-    using T = float;
-    static float32x4_t load(const float* p) { return vld1q_f32(p); }
-    static float one(float x) { return x; }
-};
-struct F16 {
-    using T = uint16_t;
-    static float32x4_t load(const uint16_t* p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
-    static float one(uint16_t h) { return half_to_float(h); }
-};
-struct BF16 {
-    using T = uint16_t;
-    static float32x4_t load(const uint16_t* p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
-    static float one(uint16_t h) { return bf16_to_float(h); }
+// The vector traits simd-inl.hpp is written over: 4 floats.
+struct V {
+    using F = float32x4_t;
+    static constexpr int kLanes = 4;
+    static F zero() { return vdupq_n_f32(0); }
+    static F set1(float x) { return vdupq_n_f32(x); }
+    static F load(const float* p) { return vld1q_f32(p); }
+    static void store(float* p, F x) { vst1q_f32(p, x); }
+    static F load_f16(const uint16_t* p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
+    static F load_bf16(const uint16_t* p) { return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16)); }
+    static F add(F a, F b) { return vaddq_f32(a, b); }
+    static F sub(F a, F b) { return vsubq_f32(a, b); }
+    static F mul(F a, F b) { return vmulq_f32(a, b); }
+    static F min(F a, F b) { return vminq_f32(a, b); }
+    static F max(F a, F b) { return vmaxq_f32(a, b); }
+    static F fma(F a, F b, F c) { return vfmaq_f32(c, a, b); }
+    static F fnma(F a, F b, F c) { return vfmsq_f32(c, a, b); }
+    static F round(F x) { return vrndnq_f32(x); }
+    static F pow2(F p, F n) {  // 2^n built in the exponent bits: n within [-126, 127]
+        int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
+        return vmulq_f32(p, vreinterpretq_f32_s32(e));
+    }
+    static float sum(F x) { return vaddvq_f32(x); }
 };
 
-// exp(x) for x <= 88.7 (softmax calls it after the max shift, x <= 0): Cephes polynomial, about
-// 1 ulp; inputs are clamped so that 2^n stays a normal float.
-inline float32x4_t exp_ps(float32x4_t x) {
-    x = vmaxq_f32(x, vdupq_n_f32(-87.33654f));
-    float32x4_t n = vminq_f32(vrndnq_f32(vmulq_n_f32(x, 1.44269504088896341f)), vdupq_n_f32(127.0f));
-    float32x4_t r = vfmsq_f32(x, n, vdupq_n_f32(0.693359375f));
-    r = vfmsq_f32(r, n, vdupq_n_f32(-2.12194440e-4f));
-    float32x4_t p = vdupq_n_f32(1.9875691500e-4f);
-    p = vfmaq_f32(vdupq_n_f32(1.3981999507e-3f), p, r);
-    p = vfmaq_f32(vdupq_n_f32(8.3334519073e-3f), p, r);
-    p = vfmaq_f32(vdupq_n_f32(4.1665795894e-2f), p, r);
-    p = vfmaq_f32(vdupq_n_f32(1.6666665459e-1f), p, r);
-    p = vfmaq_f32(vdupq_n_f32(5.0000001201e-1f), p, r);
-    p = vfmaq_f32(vaddq_f32(r, vdupq_n_f32(1.0f)), vmulq_f32(p, r), r);
-    int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
-    return vmulq_f32(p, vreinterpretq_f32_s32(e));
-}
+#include "simd-inl.hpp"
 
-template <class F>
-float dot(const float* a, const typename F::T* b, int64_t n) {
+// exp(x) for x <= 88.7 (softmax calls it after the max shift, x <= 0): inputs are clamped so that
+// 2^n stays a normal float.
+inline F exp_neg(F x) { return exp_clamped<true>(V::max(x, V::set1(-87.33654f))); }
+
+// exp(x) over the whole float range, as on AVX2.
+inline F exp_any(F x) { return exp_neg(V::min(x, V::set1(88.72283f))); }
+
+template <class E>
+float dot(const float* a, const typename E::T* b, int64_t n) {
     float32x4_t s0 = vdupq_n_f32(0), s1 = s0, s2 = s0, s3 = s0;
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
-        s0 = vfmaq_f32(s0, vld1q_f32(a + i), F::load(b + i));
-        s1 = vfmaq_f32(s1, vld1q_f32(a + i + 4), F::load(b + i + 4));
-        s2 = vfmaq_f32(s2, vld1q_f32(a + i + 8), F::load(b + i + 8));
-        s3 = vfmaq_f32(s3, vld1q_f32(a + i + 12), F::load(b + i + 12));
+        s0 = vfmaq_f32(s0, vld1q_f32(a + i), E::load(b + i));
+        s1 = vfmaq_f32(s1, vld1q_f32(a + i + 4), E::load(b + i + 4));
+        s2 = vfmaq_f32(s2, vld1q_f32(a + i + 8), E::load(b + i + 8));
+        s3 = vfmaq_f32(s3, vld1q_f32(a + i + 12), E::load(b + i + 12));
     }
-    for (; i + 4 <= n; i += 4) s0 = vfmaq_f32(s0, vld1q_f32(a + i), F::load(b + i));
+    for (; i + 4 <= n; i += 4) s0 = vfmaq_f32(s0, vld1q_f32(a + i), E::load(b + i));
     float s = vaddvq_f32(vaddq_f32(vaddq_f32(s0, s1), vaddq_f32(s2, s3)));
-    for (; i < n; ++i) s += a[i] * F::one(b[i]);
+    for (; i < n; ++i) s += a[i] * E::one(b[i]);
     return s;
 }
 
-template <class F>
-void axpy(float* y, float a, const typename F::T* x, int64_t n) {
+template <class E>
+void axpy(float* y, float a, const typename E::T* x, int64_t n) {
     int64_t i = 0;
-    for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vfmaq_n_f32(vld1q_f32(y + i), F::load(x + i), a));
-    for (; i < n; ++i) y[i] += a * F::one(x[i]);
+    for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vfmaq_n_f32(vld1q_f32(y + i), E::load(x + i), a));
+    for (; i < n; ++i) y[i] += a * E::one(x[i]);
 }
 
-template <class F>
-void widen(float* y, const typename F::T* x, int64_t n) {
+template <class E>
+void widen(float* y, const typename E::T* x, int64_t n) {
     int64_t i = 0;
-    for (; i + 4 <= n; i += 4) vst1q_f32(y + i, F::load(x + i));
-    for (; i < n; ++i) y[i] = F::one(x[i]);
+    for (; i + 4 <= n; i += 4) vst1q_f32(y + i, E::load(x + i));
+    for (; i < n; ++i) y[i] = E::one(x[i]);
 }
 
 void f32_to_f16(uint16_t* y, const float* x, int64_t n) {
@@ -123,7 +122,7 @@ float exp_sum(float* x, float shift, int64_t n) {
     float32x4_t vs = vdupq_n_f32(shift), acc = vdupq_n_f32(0);
     int64_t i = 0;
     for (; i + 4 <= n; i += 4) {
-        float32x4_t e = exp_ps(vsubq_f32(vld1q_f32(x + i), vs));
+        float32x4_t e = exp_neg(vsubq_f32(vld1q_f32(x + i), vs));
         vst1q_f32(x + i, e);
         acc = vaddq_f32(acc, e);
     }
@@ -199,68 +198,52 @@ void max_f32(float* y, const float* x, int64_t n) {
     for (; i < n; ++i) y[i] = x[i] > y[i] ? x[i] : y[i];
 }
 
-template <class F>
-void scores(const float* q, int64_t q_stride, int64_t nq, const typename F::T* k, int64_t rows, int64_t d,
+template <class E>
+void scores(const float* q, int64_t q_stride, int64_t nq, const typename E::T* k, int64_t rows, int64_t d,
             float scale, float* s, int64_t s_stride) {
     for (int64_t j = 0; j < rows; ++j, k += d)
-        for (int64_t i = 0; i < nq; ++i) s[i * s_stride + j] = scale * dot<F>(q + i * q_stride, k, d);
+        for (int64_t i = 0; i < nq; ++i) s[i * s_stride + j] = scale * dot<E>(q + i * q_stride, k, d);
 }
 
 // o (4 R floats) += sum_j p_j v_j[0 : 4 R]: the output stays in registers while the rows stream by.
-template <class F, int R>
-void accumulate(const float* p, const typename F::T* v, int64_t rows, int64_t d, float* o, bool add) {
+template <class E, int R>
+void accumulate(const float* p, const typename E::T* v, int64_t rows, int64_t d, float* o, bool add) {
     float32x4_t acc[R];
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) acc[r] = add ? vld1q_f32(o + 4 * r) : vdupq_n_f32(0);
     for (int64_t j = 0; j < rows; ++j, v += d) {
         float w = p[j];
 #pragma GCC unroll 16
-        for (int r = 0; r < R; ++r) acc[r] = vfmaq_n_f32(acc[r], F::load(v + 4 * r), w);
+        for (int r = 0; r < R; ++r) acc[r] = vfmaq_n_f32(acc[r], E::load(v + 4 * r), w);
     }
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) vst1q_f32(o + 4 * r, acc[r]);
 }
 
-template <class F>
-void weighted_sum(const float* p, int64_t p_stride, int64_t nq, const typename F::T* v, int64_t rows, int64_t d,
+template <class E>
+void weighted_sum(const float* p, int64_t p_stride, int64_t nq, const typename E::T* v, int64_t rows, int64_t d,
                   float* out, int64_t out_stride, bool add) {
-    using Acc = void (*)(const float*, const typename F::T*, int64_t, int64_t, float*, bool);
-    static constexpr Acc by_registers[8] = {nullptr,          accumulate<F, 1>, accumulate<F, 2>, accumulate<F, 3>,
-                                            accumulate<F, 4>, accumulate<F, 5>, accumulate<F, 6>, accumulate<F, 7>};
+    using Acc = void (*)(const float*, const typename E::T*, int64_t, int64_t, float*, bool);
+    static constexpr Acc by_registers[8] = {nullptr,          accumulate<E, 1>, accumulate<E, 2>, accumulate<E, 3>,
+                                            accumulate<E, 4>, accumulate<E, 5>, accumulate<E, 6>, accumulate<E, 7>};
     for (int64_t i = 0; i < nq; ++i) {
         const float* pi = p + i * p_stride;
         float* o = out + i * out_stride;
         int64_t c = 0;
-        for (; c + 32 <= d; c += 32) accumulate<F, 8>(pi, v + c, rows, d, o + c, add);
+        for (; c + 32 <= d; c += 32) accumulate<E, 8>(pi, v + c, rows, d, o + c, add);
         if (int64_t regs = (d - c) / 4) {
             by_registers[regs](pi, v + c, rows, d, o + c, add);
             c += 4 * regs;
         }
         for (; c < d; ++c) {
             float sum = add ? o[c] : 0.0f;
-            for (int64_t j = 0; j < rows; ++j) sum += pi[j] * F::one(v[j * d + c]);
+            for (int64_t j = 0; j < rows; ++j) sum += pi[j] * E::one(v[j * d + c]);
             o[c] = sum;
         }
     }
 }
 
-void softmax(float* s, int64_t n) {
-    float total = exp_sum(s, max(s, n), n);
-    scale(s, 1.0f / total, n);
-}
-
-void softmax_block(float* s, int64_t n, float* running_max, float* total, float* acc, int64_t d) {
-    float m = max(s, n);
-    if (m > *running_max) {
-        if (*total > 0) {
-            float shrink = std::exp(*running_max - m);
-            scale(acc, shrink, d);
-            *total *= shrink;
-        }
-        *running_max = m;
-    }
-    *total += exp_sum(s, *running_max, n);
-}
+#include "softmax-inl.hpp"
 
 // Recurrent memories: the GRU cell's matrix-vector product (four rows share each load of x) and
 // exp over the whole float range (inputs clamped so 2^n stays a normal float, as on AVX2).
@@ -293,7 +276,7 @@ void gemv(float* y, const float* W, const float* x, int64_t rows, int64_t cols) 
 void exp_f32(float* y, const float* x, int64_t n) {
     int64_t i = 0;
     for (; i + 4 <= n; i += 4) {
-        vst1q_f32(y + i, exp_ps(vminq_f32(vld1q_f32(x + i), vdupq_n_f32(88.72283f))));
+        vst1q_f32(y + i, exp_any(vld1q_f32(x + i)));
     }
     for (; i < n; ++i) y[i] = std::exp(x[i]);
 }
@@ -583,9 +566,9 @@ const Kernels table = {
     solve_unit_lower,
 };
 
-}  // namespace
+}  // namespace neon
 
-const Kernels* neon_kernels() { return &table; }
+const Kernels* neon_kernels() { return &neon::table; }
 
 }  // namespace kvfold
 #pragma GCC pop_options

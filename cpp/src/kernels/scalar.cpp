@@ -6,7 +6,7 @@
 #include "kernels.hpp"
 
 namespace kvfold {
-namespace {
+namespace scalar {
 
 float dot_f32(const float* a, const float* b, int64_t n) {
     float s = 0;
@@ -171,23 +171,7 @@ void weighted_sum(const float* p, int64_t p_stride, int64_t nq, const T* v, int6
     }
 }
 
-void softmax(float* s, int64_t n) {
-    float total = exp_sum(s, max(s, n), n);
-    scale(s, 1.0f / total, n);
-}
-
-void softmax_block(float* s, int64_t n, float* running_max, float* total, float* acc, int64_t d) {
-    float m = max(s, n);
-    if (m > *running_max) {
-        if (*total > 0) {
-            float shrink = std::exp(*running_max - m);
-            scale(acc, shrink, d);
-            *total *= shrink;
-        }
-        *running_max = m;
-    }
-    *total += exp_sum(s, *running_max, n);
-}
+#include "softmax-inl.hpp"
 
 const Kernels table = {
     "scalar",
@@ -226,8 +210,8 @@ const Kernels table = {
     solve_unit_lower,
 };
 
-}  // namespace
+}  // namespace scalar
 
-const Kernels* scalar_kernels() { return &table; }
+const Kernels* scalar_kernels() { return &scalar::table; }
 
 }  // namespace kvfold

@@ -12,7 +12,7 @@
 #pragma GCC target("avx2,fma,f16c")
 
 namespace kvfold {
-namespace {
+namespace avx2 {
 
 inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -20,60 +20,69 @@ inline float hsum(__m256 v) {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
-inline __m256 load_f16(const uint16_t* p) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-inline __m256 load_bf16(const uint16_t* p) {
-    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-inline __m256 load_f32(const float* p) { return _mm256_loadu_ps(p); }
 
-// exp(x) for x <= 0 (softmax after the max shift): Cephes polynomial, about 1 ulp.
-inline __m256 exp_ps(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.33654f));
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
+// The vector traits simd-inl.hpp is written over: 8 floats.
+struct V {
+    using F = __m256;
+    static constexpr int kLanes = 8;
+    static F zero() { return _mm256_setzero_ps(); }
+    static F set1(float x) { return _mm256_set1_ps(x); }
+    static F load(const float* p) { return _mm256_loadu_ps(p); }
+    static void store(float* p, F x) { _mm256_storeu_ps(p, x); }
+    static F load_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+    static F load_bf16(const uint16_t* p) {
+        __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    static F add(F a, F b) { return _mm256_add_ps(a, b); }
+    static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+    static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+    static F min(F a, F b) { return _mm256_min_ps(a, b); }
+    static F max(F a, F b) { return _mm256_max_ps(a, b); }
+    static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+    static F fnma(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
+    static F round(F x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+    static F pow2(F p, F n) {  // 2^n built in the exponent bits: n within [-126, 127]
+        __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+        return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    }
+    static float sum(F x) { return hsum(x); }
+};
 
-template <class T, __m256 (*Load)(const T*), float (*Scalar)(T)>
-float dot(const float* a, const T* b, int64_t n) {
+#include "simd-inl.hpp"
+
+// exp(x) for x <= 0 (softmax after the max shift): 2^n stays a normal float down to -87.3.
+inline F exp_neg(F x) { return exp_clamped<false>(V::max(x, V::set1(-87.33654f))); }
+
+// exp(x) over the whole float range: the input is clamped to [-87.3, 88.72] so 2^n stays a
+// normal float (results below 1e-38 become 1.2e-38, above FLT_MAX stay just below it).
+inline F exp_any(F x) { return exp_clamped<true>(V::min(V::max(x, V::set1(-87.33654f)), V::set1(88.72283f))); }
+
+template <class E>
+float dot(const float* a, const typename E::T* b, int64_t n) {
     __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), Load(b + i), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), Load(b + i + 8), s1);
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), E::load(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), E::load(b + i + 8), s1);
     }
     if (i + 8 <= n) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), Load(b + i), s0);
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), E::load(b + i), s0);
         i += 8;
     }
     float s = hsum(_mm256_add_ps(s0, s1));
-    for (; i < n; ++i) s += a[i] * Scalar(b[i]);
+    for (; i < n; ++i) s += a[i] * E::one(b[i]);
     return s;
 }
 
-template <class T, __m256 (*Load)(const T*), float (*Scalar)(T)>
-void axpy(float* y, float a, const T* x, int64_t n) {
+template <class E>
+void axpy(float* y, float a, const typename E::T* x, int64_t n) {
     __m256 va = _mm256_set1_ps(a);
     int64_t i = 0;
     for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, Load(x + i), _mm256_loadu_ps(y + i)));
-    for (; i < n; ++i) y[i] += a * Scalar(x[i]);
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, E::load(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; ++i) y[i] += a * E::one(x[i]);
 }
-
-inline float id(float x) { return x; }
 
 void f32_to_f16(uint16_t* y, const float* x, int64_t n) {
     int64_t i = 0;
@@ -84,7 +93,7 @@ void f32_to_f16(uint16_t* y, const float* x, int64_t n) {
 }
 void f16_to_f32(float* y, const uint16_t* x, int64_t n) {
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, load_f16(x + i));
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, V::load_f16(x + i));
     for (; i < n; ++i) y[i] = half_to_float(x[i]);
 }
 // Round to nearest even on the bit pattern, NaN kept quiet: the scalar float_to_bf16, 8 at a time.
@@ -104,7 +113,7 @@ void f32_to_bf16(uint16_t* y, const float* x, int64_t n) {
 }
 void bf16_to_f32(float* y, const uint16_t* x, int64_t n) {
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, load_bf16(x + i));
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, V::load_bf16(x + i));
     for (; i < n; ++i) y[i] = bf16_to_float(x[i]);
 }
 
@@ -134,7 +143,7 @@ float exp_sum(float* x, float shift, int64_t n) {
     __m256 vs = _mm256_set1_ps(shift), acc = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
-        __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), vs));
+        __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(x + i), vs));
         _mm256_storeu_ps(x + i, e);
         acc = _mm256_add_ps(acc, e);
     }
@@ -225,32 +234,12 @@ void gemv(float* y, const float* W, const float* x, int64_t rows, int64_t cols) 
         }
         y[r] = s0, y[r + 1] = s1, y[r + 2] = s2, y[r + 3] = s3;
     }
-    for (; r < rows; ++r) y[r] = dot<float, load_f32, id>(W + r * cols, x, cols);
-}
-
-// exp(x) over the whole float range: the input is clamped to [-87.3, 88.72] so 2^n stays a
-// normal float (results below 1e-38 become 1.2e-38, above FLT_MAX stay just below it).
-inline __m256 exp_any_ps(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33654f)), _mm256_set1_ps(88.72283f));
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    n = _mm256_min_ps(n, _mm256_set1_ps(127.0f));
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    for (; r < rows; ++r) y[r] = dot<F32>(W + r * cols, x, cols);
 }
 
 void exp_f32(float* y, const float* x, int64_t n) {
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, exp_any_ps(_mm256_loadu_ps(x + i)));
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, exp_any(_mm256_loadu_ps(x + i)));
     for (; i < n; ++i) y[i] = std::exp(x[i]);
 }
 
@@ -525,48 +514,48 @@ void solve_unit_lower(const float* a, int64_t lda, float* x, int64_t ldx, int64_
     }
 }
 
-template <class T, __m256 (*Load)(const T*), float (*Scalar)(T)>
-void scores(const float* q, int64_t q_stride, int64_t nq, const T* k, int64_t rows, int64_t d, float scale, float* s,
+template <class E>
+void scores(const float* q, int64_t q_stride, int64_t nq, const typename E::T* k, int64_t rows, int64_t d, float scale, float* s,
             int64_t s_stride) {
     for (int64_t j = 0; j < rows; ++j, k += d)
-        for (int64_t i = 0; i < nq; ++i) s[i * s_stride + j] = scale * dot<T, Load, Scalar>(q + i * q_stride, k, d);
+        for (int64_t i = 0; i < nq; ++i) s[i * s_stride + j] = scale * dot<E>(q + i * q_stride, k, d);
 }
 
 // o (8 R floats) += sum_j p_j v_j[0 : 8 R]: the output stays in registers while the rows stream by.
-template <class T, __m256 (*Load)(const T*), int R>
-void accumulate(const float* p, const T* v, int64_t rows, int64_t d, float* o, bool add) {
+template <class E, int R>
+void accumulate(const float* p, const typename E::T* v, int64_t rows, int64_t d, float* o, bool add) {
     __m256 acc[R];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) acc[r] = add ? _mm256_loadu_ps(o + 8 * r) : _mm256_setzero_ps();
     for (int64_t j = 0; j < rows; ++j, v += d) {
         __m256 w = _mm256_set1_ps(p[j]);
 #pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(w, Load(v + 8 * r), acc[r]);
+        for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(w, E::load(v + 8 * r), acc[r]);
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) _mm256_storeu_ps(o + 8 * r, acc[r]);
 }
 
-template <class T, __m256 (*Load)(const T*), float (*Scalar)(T)>
-void weighted_sum(const float* p, int64_t p_stride, int64_t nq, const T* v, int64_t rows, int64_t d, float* out,
+template <class E>
+void weighted_sum(const float* p, int64_t p_stride, int64_t nq, const typename E::T* v, int64_t rows, int64_t d, float* out,
                   int64_t out_stride, bool add) {
-    using Acc = void (*)(const float*, const T*, int64_t, int64_t, float*, bool);
+    using Acc = void (*)(const float*, const typename E::T*, int64_t, int64_t, float*, bool);
     static constexpr Acc by_registers[8] = {nullptr,
-                                            accumulate<T, Load, 1>, accumulate<T, Load, 2>, accumulate<T, Load, 3>,
-                                            accumulate<T, Load, 4>, accumulate<T, Load, 5>, accumulate<T, Load, 6>,
-                                            accumulate<T, Load, 7>};
+                                            accumulate<E, 1>, accumulate<E, 2>, accumulate<E, 3>,
+                                            accumulate<E, 4>, accumulate<E, 5>, accumulate<E, 6>,
+                                            accumulate<E, 7>};
     for (int64_t i = 0; i < nq; ++i) {
         const float* pi = p + i * p_stride;
         float* o = out + i * out_stride;
         int64_t c = 0;
-        for (; c + 64 <= d; c += 64) accumulate<T, Load, 8>(pi, v + c, rows, d, o + c, add);
+        for (; c + 64 <= d; c += 64) accumulate<E, 8>(pi, v + c, rows, d, o + c, add);
         if (int64_t regs = (d - c) / 8) {
             by_registers[regs](pi, v + c, rows, d, o + c, add);
             c += 8 * regs;
         }
         for (; c < d; ++c) {
             float sum = add ? o[c] : 0.0f;
-            for (int64_t j = 0; j < rows; ++j) sum += pi[j] * Scalar(v[j * d + c]);
+            for (int64_t j = 0; j < rows; ++j) sum += pi[j] * E::one(v[j * d + c]);
             o[c] = sum;
         }
     }
@@ -583,7 +572,7 @@ constexpr int64_t kPairBlocks = 32;  // rows of up to 512 values go in pairs
 
 void scores_bf16(const float* q, int64_t q_stride, int64_t nq, const uint16_t* k, int64_t rows, int64_t d, float scale,
                  float* s, int64_t s_stride) {
-    if (d % 16 || d > 16 * kPairBlocks) return scores<uint16_t, load_bf16, bf16_to_float>(q, q_stride, nq, k, rows, d, scale, s, s_stride);
+    if (d % 16 || d > 16 * kPairBlocks) return scores<BF16>(q, q_stride, nq, k, rows, d, scale, s, s_stride);
     const int64_t nb = d / 16;
     __m256 qe[kPairBlocks], qo[kPairBlocks];
     for (int64_t i = 0; i < nq; ++i, s += s_stride) {
@@ -650,7 +639,7 @@ void accumulate_bf16(const float* p, const uint16_t* v, int64_t rows, int64_t d,
 void weighted_sum_bf16(const float* p, int64_t p_stride, int64_t nq, const uint16_t* v, int64_t rows, int64_t d,
                        float* out, int64_t out_stride, bool add) {
     if (d % 16)
-        return weighted_sum<uint16_t, load_bf16, bf16_to_float>(p, p_stride, nq, v, rows, d, out, out_stride, add);
+        return weighted_sum<BF16>(p, p_stride, nq, v, rows, d, out, out_stride, add);
     using Acc = void (*)(const float*, const uint16_t*, int64_t, int64_t, float*, bool);
     static constexpr Acc by_blocks[4] = {nullptr, accumulate_bf16<1>, accumulate_bf16<2>, accumulate_bf16<3>};
     for (int64_t i = 0; i < nq; ++i) {
@@ -662,32 +651,16 @@ void weighted_sum_bf16(const float* p, int64_t p_stride, int64_t nq, const uint1
     }
 }
 
-void softmax(float* s, int64_t n) {
-    float total = exp_sum(s, max(s, n), n);
-    scale(s, 1.0f / total, n);
-}
-
-void softmax_block(float* s, int64_t n, float* running_max, float* total, float* acc, int64_t d) {
-    float m = max(s, n);
-    if (m > *running_max) {
-        if (*total > 0) {
-            float shrink = std::exp(*running_max - m);
-            scale(acc, shrink, d);
-            *total *= shrink;
-        }
-        *running_max = m;
-    }
-    *total += exp_sum(s, *running_max, n);
-}
+#include "softmax-inl.hpp"
 
 const Kernels table = {
     "avx2",
-    dot<float, load_f32, id>,
-    dot<uint16_t, load_f16, half_to_float>,
-    dot<uint16_t, load_bf16, bf16_to_float>,
-    axpy<float, load_f32, id>,
-    axpy<uint16_t, load_f16, half_to_float>,
-    axpy<uint16_t, load_bf16, bf16_to_float>,
+    dot<F32>,
+    dot<F16>,
+    dot<BF16>,
+    axpy<F32>,
+    axpy<F16>,
+    axpy<BF16>,
     f32_to_f16,
     f16_to_f32,
     f32_to_bf16,
@@ -701,11 +674,11 @@ const Kernels table = {
     mul_f64,
     axpby_f64,
     max_f32,
-    scores<float, load_f32, id>,
-    scores<uint16_t, load_f16, half_to_float>,
+    scores<F32>,
+    scores<F16>,
     scores_bf16,
-    weighted_sum<float, load_f32, id>,
-    weighted_sum<uint16_t, load_f16, half_to_float>,
+    weighted_sum<F32>,
+    weighted_sum<F16>,
     weighted_sum_bf16,
     softmax,
     softmax_block,
@@ -717,9 +690,9 @@ const Kernels table = {
     solve_unit_lower,
 };
 
-}  // namespace
+}  // namespace avx2
 
-const Kernels* avx2_kernels() { return &table; }
+const Kernels* avx2_kernels() { return &avx2::table; }
 
 }  // namespace kvfold
 #pragma GCC pop_options

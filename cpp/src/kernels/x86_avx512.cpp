@@ -21,82 +21,81 @@
 #pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,f16c")
 
 namespace kvfold {
-namespace {
+namespace avx512 {
 
 inline __mmask16 first(int64_t n) { return static_cast<__mmask16>((1u << n) - 1); }  // 0 <= n < 16
 inline __mmask16 tail(int64_t n) { return n >= 16 ? 0xffff : first(n); }                 // 1 <= n
 inline __mmask8 first8(int64_t n) { return static_cast<__mmask8>((1u << n) - 1); }    // 0 <= n < 8
 
-// 16 stored elements as float32; the masked form reads only the lanes in m (others are 0).
-struct F32 {
-    using T = float;
-    static __m512 load(const float* p) { return _mm512_loadu_ps(p); }
-    static __m512 load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-};
-struct F16 {
-    using T = uint16_t;
-    static __m512 load(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-    static __m512 load(const uint16_t* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
-};
-struct BF16 {
-    using T = uint16_t;
-    static __m512 widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
-    static __m512 load(const uint16_t* p) { return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-    static __m512 load(const uint16_t* p, __mmask16 m) { return widen(_mm256_maskz_loadu_epi16(m, p)); }
+// The vector traits simd-inl.hpp is written over: 16 floats; the masked loads read only the lanes
+// in m (the others are 0).
+struct V {
+    using F = __m512;
+    static constexpr int kLanes = 16;
+    static F zero() { return _mm512_setzero_ps(); }
+    static F set1(float x) { return _mm512_set1_ps(x); }
+    static F load(const float* p) { return _mm512_loadu_ps(p); }
+    static F load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+    static void store(float* p, F x) { _mm512_storeu_ps(p, x); }
+    static F load_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+    static F load_f16(const uint16_t* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+    static F widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+    static F load_bf16(const uint16_t* p) { return widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+    static F load_bf16(const uint16_t* p, __mmask16 m) { return widen_bf16(_mm256_maskz_loadu_epi16(m, p)); }
+    static F add(F a, F b) { return _mm512_add_ps(a, b); }
+    static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+    static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+    static F min(F a, F b) { return _mm512_min_ps(a, b); }
+    static F max(F a, F b) { return _mm512_max_ps(a, b); }
+    static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+    static F fnma(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
+    static F round(F x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+    static F pow2(F p, F n) { return _mm512_scalef_ps(p, n); }  // exact, down to subnormals and zero
+    static float sum(F x) { return _mm512_reduce_add_ps(x); }
 };
 
-// exp(x) for x <= 0 (softmax after the max shift): Cephes polynomial, about 1 ulp; scalef applies
-// 2^n exactly, down to subnormals and zero.
-inline __m512 exp_ps(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));  // exp underflows to 0 below this anyway
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
+#include "simd-inl.hpp"
 
-template <class F>
-float dot(const float* a, const typename F::T* b, int64_t n) {
+// exp(x) for x <= 0 (softmax after the max shift); exp underflows to 0 below -104 anyway.
+inline F exp_neg(F x) { return exp_clamped<false>(V::max(x, V::set1(-104.0f))); }
+
+// exp(x) over the whole float range: beyond 89, +Inf.
+inline F exp_any(F x) { return exp_neg(V::min(x, V::set1(89.0f))); }
+
+template <class E>
+float dot(const float* a, const typename E::T* b, int64_t n) {
     __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i + 64 <= n; i += 64) {
-        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), F::load(b + i), s0);
-        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), F::load(b + i + 16), s1);
-        s2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 32), F::load(b + i + 32), s2);
-        s3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 48), F::load(b + i + 48), s3);
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), E::load(b + i), s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), E::load(b + i + 16), s1);
+        s2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 32), E::load(b + i + 32), s2);
+        s3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 48), E::load(b + i + 48), s3);
     }
-    for (; i + 16 <= n; i += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), F::load(b + i), s0);
+    for (; i + 16 <= n; i += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), E::load(b + i), s0);
     if (i < n) {
         __mmask16 m = first(n - i);
-        s1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), F::load(b + i, m), s1);
+        s1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), E::load(b + i, m), s1);
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
 }
 
-template <class F>
-void axpy(float* y, float a, const typename F::T* x, int64_t n) {
+template <class E>
+void axpy(float* y, float a, const typename E::T* x, int64_t n) {
     __m512 va = _mm512_set1_ps(a);
     int64_t i = 0;
-    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, F::load(x + i), _mm512_loadu_ps(y + i)));
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, E::load(x + i), _mm512_loadu_ps(y + i)));
     if (i < n) {
         __mmask16 m = first(n - i);
-        _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(va, F::load(x + i, m), _mm512_maskz_loadu_ps(m, y + i)));
+        _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(va, E::load(x + i, m), _mm512_maskz_loadu_ps(m, y + i)));
     }
 }
 
-template <class F>
-void widen(float* y, const typename F::T* x, int64_t n) {
+template <class E>
+void widen(float* y, const typename E::T* x, int64_t n) {
     int64_t i = 0;
-    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, F::load(x + i));
-    if (i < n) _mm512_mask_storeu_ps(y + i, first(n - i), F::load(x + i, first(n - i)));
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, E::load(x + i));
+    if (i < n) _mm512_mask_storeu_ps(y + i, first(n - i), E::load(x + i, first(n - i)));
 }
 
 inline __m256i to_f16(__m512 v) { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
@@ -141,13 +140,13 @@ float exp_sum(float* x, float shift, int64_t n) {
     __m512 vs = _mm512_set1_ps(shift), acc = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
-        __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), vs));
+        __m512 e = exp_neg(_mm512_sub_ps(_mm512_loadu_ps(x + i), vs));
         _mm512_storeu_ps(x + i, e);
         acc = _mm512_add_ps(acc, e);
     }
     if (i < n) {
         __mmask16 m = first(n - i);
-        __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), vs));
+        __m512 e = exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), vs));
         _mm512_mask_storeu_ps(x + i, m, e);
         acc = _mm512_mask_add_ps(acc, m, acc, e);
     }
@@ -216,27 +215,27 @@ void max_f32(float* y, const float* x, int64_t n) {
 }
 
 // Four rows against one query: four independent FMA chains keep both FMA pipes busy.
-template <class F>
-inline void dot4(const float* q, const typename F::T* k, int64_t d, float scale, float* s) {
-    const typename F::T* k1 = k + d;
-    const typename F::T* k2 = k + 2 * d;
-    const typename F::T* k3 = k + 3 * d;
+template <class E>
+inline void dot4(const float* q, const typename E::T* k, int64_t d, float scale, float* s) {
+    const typename E::T* k1 = k + d;
+    const typename E::T* k2 = k + 2 * d;
+    const typename E::T* k3 = k + 3 * d;
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i + 16 <= d; i += 16) {
         __m512 x = _mm512_loadu_ps(q + i);
-        a0 = _mm512_fmadd_ps(x, F::load(k + i), a0);
-        a1 = _mm512_fmadd_ps(x, F::load(k1 + i), a1);
-        a2 = _mm512_fmadd_ps(x, F::load(k2 + i), a2);
-        a3 = _mm512_fmadd_ps(x, F::load(k3 + i), a3);
+        a0 = _mm512_fmadd_ps(x, E::load(k + i), a0);
+        a1 = _mm512_fmadd_ps(x, E::load(k1 + i), a1);
+        a2 = _mm512_fmadd_ps(x, E::load(k2 + i), a2);
+        a3 = _mm512_fmadd_ps(x, E::load(k3 + i), a3);
     }
     if (i < d) {
         __mmask16 m = first(d - i);
         __m512 x = _mm512_maskz_loadu_ps(m, q + i);
-        a0 = _mm512_fmadd_ps(x, F::load(k + i, m), a0);
-        a1 = _mm512_fmadd_ps(x, F::load(k1 + i, m), a1);
-        a2 = _mm512_fmadd_ps(x, F::load(k2 + i, m), a2);
-        a3 = _mm512_fmadd_ps(x, F::load(k3 + i, m), a3);
+        a0 = _mm512_fmadd_ps(x, E::load(k + i, m), a0);
+        a1 = _mm512_fmadd_ps(x, E::load(k1 + i, m), a1);
+        a2 = _mm512_fmadd_ps(x, E::load(k2 + i, m), a2);
+        a3 = _mm512_fmadd_ps(x, E::load(k3 + i, m), a3);
     }
     s[0] = scale * _mm512_reduce_add_ps(a0);
     s[1] = scale * _mm512_reduce_add_ps(a1);
@@ -244,25 +243,25 @@ inline void dot4(const float* q, const typename F::T* k, int64_t d, float scale,
     s[3] = scale * _mm512_reduce_add_ps(a3);
 }
 
-template <class F>
-void scores(const float* q, int64_t q_stride, int64_t nq, const typename F::T* k, int64_t rows, int64_t d,
+template <class E>
+void scores(const float* q, int64_t q_stride, int64_t nq, const typename E::T* k, int64_t rows, int64_t d,
             float scale, float* s, int64_t s_stride) {
     int64_t j = 0;
     for (; j + 4 <= rows; j += 4, k += 4 * d) {
         // float32 rows streamed from memory are read faster with the lines 16 rows ahead requested
         // early; half rows are bound by their conversions, and the extra instructions only cost.
-        if (std::is_same<F, F32>::value)
+        if (std::is_same<E, F32>::value)
             for (int64_t r = 0; r < 4 * d * 4; r += 64) _mm_prefetch(reinterpret_cast<const char*>(k + 16 * d) + r, _MM_HINT_T0);
-        for (int64_t i = 0; i < nq; ++i) dot4<F>(q + i * q_stride, k, d, scale, s + i * s_stride + j);
+        for (int64_t i = 0; i < nq; ++i) dot4<E>(q + i * q_stride, k, d, scale, s + i * s_stride + j);
     }
     for (; j < rows; ++j, k += d)
-        for (int64_t i = 0; i < nq; ++i) s[i * s_stride + j] = scale * dot<F>(q + i * q_stride, k, d);
+        for (int64_t i = 0; i < nq; ++i) s[i * s_stride + j] = scale * dot<E>(q + i * q_stride, k, d);
 }
 
 // o (16 R floats, the last register masked by `last`) += sum_j p_j v_j[0 : 16 R]: the output stays
 // in registers while the rows stream by.
-template <class F, int R>
-void accumulate(const float* p, const typename F::T* v, int64_t rows, int64_t d, float* o, __mmask16 last, bool add) {
+template <class E, int R>
+void accumulate(const float* p, const typename E::T* v, int64_t rows, int64_t d, float* o, __mmask16 last, bool add) {
     __m512 acc[R];
 #pragma GCC unroll 8
     for (int r = 0; r < R - 1; ++r) acc[r] = add ? _mm512_loadu_ps(o + 16 * r) : _mm512_setzero_ps();
@@ -270,26 +269,26 @@ void accumulate(const float* p, const typename F::T* v, int64_t rows, int64_t d,
     for (int64_t j = 0; j < rows; ++j, v += d) {
         __m512 w = _mm512_set1_ps(p[j]);
 #pragma GCC unroll 8
-        for (int r = 0; r < R - 1; ++r) acc[r] = _mm512_fmadd_ps(w, F::load(v + 16 * r), acc[r]);
-        acc[R - 1] = _mm512_fmadd_ps(w, F::load(v + 16 * (R - 1), last), acc[R - 1]);
+        for (int r = 0; r < R - 1; ++r) acc[r] = _mm512_fmadd_ps(w, E::load(v + 16 * r), acc[r]);
+        acc[R - 1] = _mm512_fmadd_ps(w, E::load(v + 16 * (R - 1), last), acc[R - 1]);
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R - 1; ++r) _mm512_storeu_ps(o + 16 * r, acc[r]);
     _mm512_mask_storeu_ps(o + 16 * (R - 1), last, acc[R - 1]);
 }
 
-template <class F>
-void weighted_sum(const float* p, int64_t p_stride, int64_t nq, const typename F::T* v, int64_t rows, int64_t d,
+template <class E>
+void weighted_sum(const float* p, int64_t p_stride, int64_t nq, const typename E::T* v, int64_t rows, int64_t d,
                   float* out, int64_t out_stride, bool add) {
-    using Acc = void (*)(const float*, const typename F::T*, int64_t, int64_t, float*, __mmask16, bool);
-    static constexpr Acc by_registers[9] = {nullptr,           accumulate<F, 1>, accumulate<F, 2>,
-                                            accumulate<F, 3>, accumulate<F, 4>, accumulate<F, 5>,
-                                            accumulate<F, 6>, accumulate<F, 7>, accumulate<F, 8>};
+    using Acc = void (*)(const float*, const typename E::T*, int64_t, int64_t, float*, __mmask16, bool);
+    static constexpr Acc by_registers[9] = {nullptr,           accumulate<E, 1>, accumulate<E, 2>,
+                                            accumulate<E, 3>, accumulate<E, 4>, accumulate<E, 5>,
+                                            accumulate<E, 6>, accumulate<E, 7>, accumulate<E, 8>};
     for (int64_t i = 0; i < nq; ++i) {
         const float* pi = p + i * p_stride;
         float* o = out + i * out_stride;
         int64_t c = 0;
-        for (; c + 128 <= d; c += 128) accumulate<F, 8>(pi, v + c, rows, d, o + c, 0xffff, add);
+        for (; c + 128 <= d; c += 128) accumulate<E, 8>(pi, v + c, rows, d, o + c, 0xffff, add);
         if (c < d) {
             int64_t rest = d - c, regs = (rest + 15) / 16;
             __mmask16 last = rest % 16 ? first(rest % 16) : 0xffff;
@@ -409,20 +408,11 @@ void weighted_sum_bf16(const float* p, int64_t p_stride, int64_t nq, const uint1
     }
 }
 
-// Raises the running max to m, rescaling what was accumulated under the old one.
-inline void raise_max(float m, float* running_max, float* total, float* acc, int64_t d) {
-    if (m > *running_max) {
-        if (*total > 0) {
-            float shrink = std::exp(*running_max - m);
-            scale(acc, shrink, d);
-            *total *= shrink;
-        }
-        *running_max = m;
-    }
-}
+#include "softmax-inl.hpp"
 
 // Short blocks (n < 16) come from scores that were just stored one by one: a vector load would
 // wait until those stores reach the cache, so they move in and out of a register one at a time.
+// Longer ones take the shared softmax above.
 inline __m512 gather_short(const float* s, int64_t n) {
     __m512 x = _mm512_set1_ps(-INFINITY);
     for (int64_t j = 0; j < n; ++j) x = _mm512_mask_broadcastss_ps(x, static_cast<__mmask16>(1u << j), _mm_load_ss(s + j));
@@ -435,26 +425,18 @@ inline void scatter_short(float* s, int64_t n, __m512 x) {
 }
 // exp(x - m) in the first n lanes, 0 in the others.
 inline __m512 exp_short(__m512 x, float m, int64_t n) {
-    return _mm512_maskz_mov_ps(first(n), exp_ps(_mm512_sub_ps(x, _mm512_set1_ps(m))));
+    return _mm512_maskz_mov_ps(first(n), exp_neg(_mm512_sub_ps(x, _mm512_set1_ps(m))));
 }
 
-void softmax(float* s, int64_t n) {
-    if (n >= 16) {
-        float total = exp_sum(s, max(s, n), n);
-        scale(s, 1.0f / total, n);
-        return;
-    }
+void softmax_short(float* s, int64_t n) {
+    if (n >= 16) return softmax(s, n);
     __m512 x = gather_short(s, n);
     __m512 e = exp_short(x, _mm512_reduce_max_ps(x), n);
     scatter_short(s, n, _mm512_div_ps(e, _mm512_set1_ps(_mm512_reduce_add_ps(e))));
 }
 
-void softmax_block(float* s, int64_t n, float* running_max, float* total, float* acc, int64_t d) {
-    if (n >= 16) {
-        raise_max(max(s, n), running_max, total, acc, d);
-        *total += exp_sum(s, *running_max, n);
-        return;
-    }
+void softmax_block_short(float* s, int64_t n, float* running_max, float* total, float* acc, int64_t d) {
+    if (n >= 16) return softmax_block(s, n, running_max, total, acc, d);
     __m512 x = gather_short(s, n);
     raise_max(_mm512_reduce_max_ps(x), running_max, total, acc, d);
     __m512 e = exp_short(x, *running_max, n);
@@ -470,12 +452,11 @@ void gemv(float* y, const float* W, const float* x, int64_t rows, int64_t cols) 
     for (; r < rows; ++r) y[r] = dot<F32>(x, W + r * cols, cols);
 }
 
-inline __m512 exp_any_ps(__m512 x) { return exp_ps(_mm512_min_ps(x, _mm512_set1_ps(89.0f))); }  // beyond: +Inf
 
 void exp_f32(float* y, const float* x, int64_t n) {
     int64_t i = 0;
-    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, exp_any_ps(_mm512_loadu_ps(x + i)));
-    if (i < n) _mm512_mask_storeu_ps(y + i, first(n - i), exp_any_ps(_mm512_maskz_loadu_ps(first(n - i), x + i)));
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, exp_any(_mm512_loadu_ps(x + i)));
+    if (i < n) _mm512_mask_storeu_ps(y + i, first(n - i), exp_any(_mm512_maskz_loadu_ps(first(n - i), x + i)));
 }
 
 // The matrix sweep works on tiles of 16 NV columns (the last vector masked by `last`); up to 4
@@ -776,8 +757,8 @@ const Kernels table = {
     weighted_sum<F32>,
     weighted_sum<F16>,
     weighted_sum_bf16,
-    softmax,
-    softmax_block,
+    softmax_short,
+    softmax_block_short,
     gemv,
     exp_f32,
     matrix_step,
@@ -786,9 +767,9 @@ const Kernels table = {
     solve_unit_lower,
 };
 
-}  // namespace
+}  // namespace avx512
 
-const Kernels* avx512_kernels() { return &table; }
+const Kernels* avx512_kernels() { return &avx512::table; }
 
 }  // namespace kvfold
 #pragma GCC pop_options
