@@ -12,21 +12,23 @@
 #include <string>
 #include <vector>
 
+#include "kvfold.h"  // KVFOLD_API: what the shared library exports
+
 namespace kvfold {
 
 // Bad input: the message names the argument, what was expected and what was received.
-struct ValueError : std::invalid_argument {
+struct KVFOLD_API ValueError : std::invalid_argument {
     using std::invalid_argument::invalid_argument;
 };
-struct TypeError : std::runtime_error {
+struct KVFOLD_API TypeError : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
 
 // Storage type of the pairs a cache keeps (sinks, window, memory slots). Compute is float32.
 enum class DType : uint8_t { float32 = 0, float16 = 1, bfloat16 = 2 };
-DType parse_dtype(const std::string& name);
-const char* dtype_name(DType dtype);
-size_t dtype_size(DType dtype);
+KVFOLD_API DType parse_dtype(const std::string& name);
+KVFOLD_API const char* dtype_name(DType dtype);
+KVFOLD_API size_t dtype_size(DType dtype);
 
 // A rule parameter: float64 values with a shape ({} for a scalar).
 struct Array {
@@ -57,7 +59,7 @@ struct RuleSpec {
 };
 
 // Checks a rule's parameters without building a cache; throws ValueError naming the parameter.
-void check_rule(const RuleSpec& spec);
+KVFOLD_API void check_rule(const RuleSpec& spec);
 
 struct Config {
     int64_t batch_size = 1;
@@ -84,7 +86,7 @@ class MemoryCache;
 
 // An immutable snapshot of a cache: configuration, rule, per-row lengths and every buffer.
 // MemoryCache::checkpoint() makes one; rollback() restores it. Each costs one copy of the state.
-class Checkpoint {
+class KVFOLD_API Checkpoint {
    public:
     const Config& config() const;
     const RuleSpec& rule() const;
@@ -96,7 +98,7 @@ class Checkpoint {
     std::shared_ptr<const MemoryCache> state_;
 };
 
-class MemoryCache {
+class KVFOLD_API MemoryCache {
    public:
     MemoryCache(const Config& config, const RuleSpec& rule);
     MemoryCache(const MemoryCache& other);  // deep copy
@@ -168,32 +170,32 @@ class MemoryCache {
 };
 
 // The kernels chosen at load time: "scalar", "avx2", "avx512" or "neon".
-const char* simd_backend();
+KVFOLD_API const char* simd_backend();
 // Backends this machine can run, best last.
-std::vector<std::string> available_backends();
+KVFOLD_API std::vector<std::string> available_backends();
 // Every backend name kvfold knows: scalar, avx2, avx512, neon.
-std::vector<std::string> known_backends();
+KVFOLD_API std::vector<std::string> known_backends();
 // Caps the backend, as the environment variable KVFOLD_SIMD does at load time: the best kernels at
 // or below the cap run (a cap above what the machine runs means the best it runs; a name of another
 // architecture caps nothing). Throws ValueError for a name kvfold does not know.
-void set_simd_backend(const std::string& name);
+KVFOLD_API void set_simd_backend(const std::string& name);
 
 // Threads a call may use, the calling thread included (work splits over batch rows x KV heads
 // when there is enough of it). Default: the cores this process may run on. Results do not depend
 // on it. set_num_threads throws ValueError outside [1, kMaxThreads].
 constexpr int64_t kMaxThreads = 1024;
-void set_num_threads(int64_t n);
-int get_num_threads();
+KVFOLD_API void set_num_threads(int64_t n);
+KVFOLD_API int get_num_threads();
 // Tokens per chunk when a matrix rule (the linear-attention family) takes a block: forward and
 // block updates run chunk by chunk as small matrix products. A knob for speed only: results change
 // by float rounding at most. set_chunk_size throws ValueError outside [1, kMaxChunk].
 constexpr int64_t kMaxChunk = 256;
-void set_chunk_size(int64_t n);
-int64_t get_chunk_size();
+KVFOLD_API void set_chunk_size(int64_t n);
+KVFOLD_API int64_t get_chunk_size();
 // The least work (estimated flops) a call needs before it is shared out; returns the previous
 // value. Tests lower it to reach the pool with small shapes.
-double set_min_shared_flops(double flops);
+KVFOLD_API double set_min_shared_flops(double flops);
 
-const char* version();
+KVFOLD_API const char* version();
 
 }  // namespace kvfold
