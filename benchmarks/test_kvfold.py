@@ -1,8 +1,6 @@
 """One decode step per rule family, window attention (W 256 and 4096), prefill (T 512 and 2048) and
 small shapes, for kvfold and its peers. The result of every timed call is checked."""
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 
@@ -41,9 +39,7 @@ def test_time_per_call(benchmark, case, impl, threads):
     else:
         peer = PEERS[impl]
         peer.set_threads(threads)
-        run = bench._peer_runner(
-            lambda: peer.memory(replace(case, tokens=1), threads), case, {k: peer.convert(v) for k, v in data.items()}
-        )
+        run = bench._peer_runner(peer, case, data, threads)
     benchmark.group = f"{case.name}, {threads} thread(s)"
     benchmark.extra_info["tokens"] = case.tokens
     if case.prefill:

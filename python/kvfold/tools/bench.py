@@ -119,6 +119,23 @@ def fill_tokens(case: Case) -> int:
     return case.sinks + case.window + 3
 
 
+def feed(memory: Any, data: Dict[str, np.ndarray], convert: Callable[[np.ndarray], Any] = lambda x: x) -> None:
+    """Places every token of ``data`` ((T, H, d) arrays, (T, H) gates) into ``memory``, in order: one
+    ``extend`` call when the memory has one (a long window then costs one copy, not one per token),
+    else one ``update`` per token."""
+    tokens, gates = split_gates(data)
+    if hasattr(memory, "extend"):
+        memory.extend(convert(tokens["k"]), convert(tokens["v"]), **{n: convert(g) for n, g in gates.items()})
+        return
+    for t in range(len(tokens["k"])):
+        memory.update(convert(tokens["k"][t]), convert(tokens["v"][t]), **{n: convert(g[t]) for n, g in gates.items()})
+
+
+def repeat_first(data: Dict[str, np.ndarray], count: int) -> Dict[str, np.ndarray]:
+    """``count`` copies of the first token of ``data``: the filler before a timed decode step."""
+    return {n: np.repeat(x[:1], count, axis=0) for n, x in data.items()}
+
+
 # ---------------------------------------------------------------------------------------------
 # Implementations. A memory takes tokens as (H, d) arrays (or tensors) and a matrix rule's gates as
 # (H,) keywords: update(k, v) places one token, step(q, k, v) places one and returns the attention
@@ -138,6 +155,11 @@ class KvfoldMemory:
 
     def update(self, k: np.ndarray, v: np.ndarray, **gates: np.ndarray) -> None:
         self.cache.update(k[None], v[None], **{n: g[None] for n, g in gates.items()})
+
+    def extend(self, k: np.ndarray, v: np.ndarray, **gates: np.ndarray) -> None:
+        """T tokens, (T, H, d) each and (T, H) gates, in one block."""
+        k, v = (np.ascontiguousarray(x.transpose(1, 0, 2))[None] for x in (k, v))
+        self.cache.update(k, v, **{n: np.ascontiguousarray(g.T)[None] for n, g in gates.items()})
 
     def step(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, **gates: np.ndarray) -> np.ndarray:
         return self.cache.step(q[None], k[None], v[None], **{n: g[None] for n, g in gates.items()})[0]
@@ -254,16 +276,22 @@ class TorchCatMemory:
         self.folded += 1
 
     def update(self, k: Any, v: Any) -> None:
+        self.extend(k[None], v[None])
+
+    def extend(self, k: Any, v: Any) -> None:
+        """Places T tokens, (T, H, d) each, as T updates would, with one ``torch.cat`` per tensor."""
         cat = self.torch.cat
         with self.torch.inference_mode():
-            if self.seen < self.sinks:
-                self.sink_k, self.sink_v = cat([self.sink_k, k[:, None]], 1), cat([self.sink_v, v[:, None]], 1)
-            else:
-                self.win_k, self.win_v = cat([self.win_k, k[:, None]], 1), cat([self.win_v, v[:, None]], 1)
-                if self.win_k.shape[1] > self.window:
+            k, v = k.transpose(0, 1), v.transpose(0, 1)  # (H, T, d)
+            n = max(0, min(k.shape[1], self.sinks - self.seen))
+            if n:
+                self.sink_k, self.sink_v = cat([self.sink_k, k[:, :n]], 1), cat([self.sink_v, v[:, :n]], 1)
+            if n < k.shape[1]:
+                self.win_k, self.win_v = cat([self.win_k, k[:, n:]], 1), cat([self.win_v, v[:, n:]], 1)
+                while self.win_k.shape[1] > self.window:
                     self.fold(self.win_k[:, 0], self.win_v[:, 0])
                     self.win_k, self.win_v = self.win_k[:, 1:], self.win_v[:, 1:]
-        self.seen += 1
+        self.seen += k.shape[1]
 
     def step(self, q: Any, k: Any, v: Any) -> Any:
         self.update(k, v)
@@ -647,23 +675,21 @@ def _kvfold_runner(case: Case, data: Dict[str, np.ndarray]) -> Callable[[], Any]
         block_gates = {n: np.ascontiguousarray(g.T)[None] for n, g in gates.items()}
         return lambda: KvfoldMemory(case).cache.forward(q, k, v, **block_gates)
     memory = KvfoldMemory(case)
-    first = {n: g[0] for n, g in gates.items()}
-    for _ in range(fill_tokens(case)):
-        memory.update(tokens["k"][0], tokens["v"][0], **first)
+    feed(memory, repeat_first(data, fill_tokens(case)))
     q, k, v = (tokens[name][0][None] for name in ("q", "k", "v"))
-    step_gates = {n: g[None] for n, g in first.items()}
+    step_gates = {n: g[0][None] for n, g in gates.items()}
     return lambda: memory.cache.step(q, k, v, **step_gates)
 
 
-def _peer_runner(memory_for: Callable[[], Any], case: Case, data: Dict[str, Any]) -> Callable[[], Any]:
+def _peer_runner(peer: Peer, case: Case, data: Dict[str, np.ndarray], threads: int) -> Callable[[], Any]:
     """A peer's decode step, or its prefill from an empty memory: its forward when it has one, else
     a loop of decode steps."""
-    tokens, gates = split_gates(data)
+    tokens, gates = split_gates({n: peer.convert(x) for n, x in data.items()})
     q, k, v = tokens["q"], tokens["k"], tokens["v"]
     if case.prefill:
 
         def prefill() -> Any:
-            memory = memory_for()
+            memory = peer.memory(replace(case, tokens=1), threads)
             if hasattr(memory, "forward"):
                 return memory.forward(q, k, v, **gates)
             for t in range(case.tokens):
@@ -671,10 +697,9 @@ def _peer_runner(memory_for: Callable[[], Any], case: Case, data: Dict[str, Any]
             return out
 
         return prefill
-    memory = memory_for()
+    memory = peer.memory(replace(case, tokens=1), threads)
+    feed(memory, repeat_first(data, fill_tokens(case)), peer.convert)
     first = {n: g[0] for n, g in gates.items()}
-    for _ in range(fill_tokens(case)):
-        memory.update(k[0], v[0], **first)
     q0, k0, v0 = q[0], k[0], v[0]
     return lambda: memory.step(q0, k0, v0, **first)
 
@@ -685,15 +710,11 @@ def _agreement(case: Case, peer: Peer, threads: int, steps: int = 4) -> float:
     fill = fill_tokens(case)
     data = make_data(replace(case, tokens=fill + steps), seed=1)
     ours, theirs = KvfoldMemory(case), peer.memory(replace(case, tokens=1), threads)
+    feed(ours, {n: x[:fill] for n, x in data.items()})
+    feed(theirs, {n: x[:fill] for n, x in data.items()}, peer.convert)
     worst = 0.0
-    for t in range(fill + steps):
+    for t in range(fill, fill + steps):
         tokens, gates = split_gates({n: x[t] for n, x in data.items()})
-        if t < fill:
-            ours.update(tokens["k"], tokens["v"], **gates)
-            theirs.update(
-                *(peer.convert(tokens[n]) for n in ("k", "v")), **{n: peer.convert(g) for n, g in gates.items()}
-            )
-            continue
         a = ours.step(tokens["q"], tokens["k"], tokens["v"], **gates)
         b = theirs.step(
             *(peer.convert(tokens[n]) for n in ("q", "k", "v")), **{n: peer.convert(g) for n, g in gates.items()}
@@ -706,11 +727,7 @@ def _prefill_agreement(case: Case, peer: Peer, threads: int) -> float:
     """Largest difference between kvfold's and the peer's prefill outputs, relative to the largest output."""
     data = make_data(case, seed=1)
     ours = np.asarray(_kvfold_runner(case, data)())[0].transpose(1, 0, 2)
-    theirs = np.asarray(
-        _peer_runner(
-            lambda: peer.memory(replace(case, tokens=1), threads), case, {n: peer.convert(x) for n, x in data.items()}
-        )()
-    )
+    theirs = np.asarray(_peer_runner(peer, case, data, threads)())
     if not hasattr(peer.memory(replace(case, tokens=1), threads), "forward"):
         ours = ours[-1]  # a loop of steps returns the last step's output
     return float(np.abs(ours - theirs).max() / np.abs(ours).max())
@@ -801,10 +818,7 @@ def run(
                 runners = {"kvfold": _kvfold_runner(case, data)}
                 for p in found:
                     if p.supports(case):
-                        pdata = {key: p.convert(value) for key, value in data.items()}
-                        runners[p.name] = _peer_runner(
-                            lambda p=p, c=case, n=n: p.memory(replace(c, tokens=1), n), case, pdata
-                        )
+                        runners[p.name] = _peer_runner(p, case, data, n)
                 times = time_per_token(
                     runners, case.tokens, rounds, round_seconds, settle_seconds=0.1 if n > 1 else 0.0
                 )
