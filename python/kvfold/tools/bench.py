@@ -31,9 +31,10 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple
 
 import numpy as np
 
@@ -704,23 +705,31 @@ def _peer_runner(peer: Peer, case: Case, data: Dict[str, np.ndarray], threads: i
     return lambda: memory.step(q0, k0, v0, **first)
 
 
-def _agreement(case: Case, peer: Peer, threads: int, steps: int = 4) -> float:
-    """Largest difference between kvfold's and the peer's outputs over a few decode steps, once
+def _agreements(case: Case, peers: Sequence[Peer], threads: int, steps: int = 4) -> Dict[str, float]:
+    """Largest difference between kvfold's and each peer's outputs over a few decode steps, once
     sinks, window and memory are full."""
     fill = fill_tokens(case)
     data = make_data(replace(case, tokens=fill + steps), seed=1)
-    ours, theirs = KvfoldMemory(case), peer.memory(replace(case, tokens=1), threads)
-    feed(ours, {n: x[:fill] for n, x in data.items()})
-    feed(theirs, {n: x[:fill] for n, x in data.items()}, peer.convert)
-    worst = 0.0
-    for t in range(fill, fill + steps):
-        tokens, gates = split_gates({n: x[t] for n, x in data.items()})
-        a = ours.step(tokens["q"], tokens["k"], tokens["v"], **gates)
-        b = theirs.step(
-            *(peer.convert(tokens[n]) for n in ("q", "k", "v")), **{n: peer.convert(g) for n, g in gates.items()}
-        )
-        worst = max(worst, float(np.abs(a - np.asarray(b)).max()))
-    return worst
+
+    def outputs(memory: Any, convert: Callable[[np.ndarray], Any]) -> np.ndarray:
+        feed(memory, {n: x[:fill] for n, x in data.items()}, convert)
+        out = []
+        for t in range(fill, fill + steps):
+            tokens, gates = split_gates({n: convert(x[t]) for n, x in data.items()})
+            # a copy: some peers return a view of a buffer the next step overwrites
+            out.append(np.asarray(memory.step(tokens["q"], tokens["k"], tokens["v"], **gates)).copy())
+        return np.stack(out)
+
+    ours = outputs(KvfoldMemory(case), lambda x: x)
+    return {
+        p.name: float(np.abs(ours - outputs(p.memory(replace(case, tokens=1), threads), p.convert)).max())
+        for p in peers
+    }
+
+
+def _agreement(case: Case, peer: Peer, threads: int, steps: int = 4) -> float:
+    """Largest difference between kvfold's and the peer's outputs over a few decode steps."""
+    return _agreements(case, [peer], threads, steps)[peer.name]
 
 
 def _prefill_agreement(case: Case, peer: Peer, threads: int) -> float:
@@ -739,27 +748,61 @@ def time_per_token(
     rounds: int = 5,
     round_seconds: float = 0.15,
     settle_seconds: float = 0.0,
+    warmup_calls: int = 2,
+    progress: Callable[[str], None] = lambda text: None,
 ) -> Dict[str, float]:
     """Seconds per token of each runner: the best of `rounds` rounds that take the runners in turn.
-    With several threads, each runner's turn starts `settle_seconds` after the previous one ends:
-    thread pools (OpenBLAS, OpenMP, ONNX Runtime) keep spinning for a while after their work and
-    would otherwise take cores from whichever runner comes next."""
+    Each runner first runs `warmup_calls` times (more if they take less than a quarter of
+    `round_seconds`), which sizes its rounds to about `round_seconds`. With several threads, each
+    runner's turn starts `settle_seconds` after the previous one ends: thread pools (OpenBLAS,
+    OpenMP, ONNX Runtime) keep spinning for a while after their work and would otherwise take cores
+    from whichever runner comes next. `progress` hears what runs next."""
     calls = {}
-    for name, run in runners.items():  # warm up, and size each round to about round_seconds
+    for name, run in runners.items():
+        progress(f"{name} warm-up")
         start, n = time.perf_counter(), 0
-        while n < 2 or (time.perf_counter() - start < round_seconds / 4 and n < 100_000):
+        while n < warmup_calls or (time.perf_counter() - start < round_seconds / 4 and n < 100_000):
             run()
             n += 1
         calls[name] = max(1, int(n * round_seconds / 4 / max(time.perf_counter() - start, 1e-9)))
     best = {name: float("inf") for name in runners}
-    for _ in range(rounds):
+    for r in range(rounds):
         for name, run in runners.items():
+            progress(f"{name} round {r + 1}/{rounds}")
             time.sleep(settle_seconds)
             start = time.perf_counter()
             for _ in range(calls[name]):
                 run()
             best[name] = min(best[name], (time.perf_counter() - start) / calls[name] / tokens)
     return best
+
+
+class Status:
+    """What the benchmark is doing, on one line of stderr: rewritten in place on a terminal; elsewhere
+    (a log) a line at most every few seconds, so that long cases show progress without flooding it."""
+
+    def __init__(self, stream: Optional[TextIO] = None, every: float = 5.0) -> None:
+        self.stream = sys.stderr if stream is None else stream
+        self.tty = self.stream.isatty()
+        self.every, self.last, self.width = every, -float("inf"), 0
+
+    def __call__(self, text: str) -> None:
+        if self.tty:
+            self.stream.write("\r" + text.ljust(self.width))
+            self.width = len(text)
+        elif time.monotonic() - self.last >= self.every:
+            self.stream.write(text + "\n")
+            self.last = time.monotonic()
+        else:
+            return
+        self.stream.flush()
+
+    def clear(self) -> None:
+        """Clears the line (on a terminal) before the table prints under it."""
+        if self.tty and self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
+            self.width = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -792,11 +835,17 @@ def run(
     rounds: int = 5,
     round_seconds: float = 0.15,
     print_fn: Callable[[str], None] = print,
+    quick: bool = False,
+    status: Optional[Status] = None,
 ) -> List[Dict[str, Any]]:
-    """Times every case for kvfold and each installed peer; prints tables; returns the rows."""
+    """Times every case for kvfold and each installed peer; prints tables; returns the rows.
+
+    ``quick``: one warm-up call per implementation instead of two, and the outputs checked on at most
+    4 heads. ``status`` (a ``Status``, default none) reports progress inside each case."""
     threads = list(threads) or sorted({1, available_cores()})
     found = [p for p in peers() if p.available]
     before = get_num_threads()
+    report = status if status is not None else (lambda text: None)
     print_fn(f"kvfold {__version__} bench on {machine()}; SIMD kernels: {simd_backend()}")
     print_fn(
         "peers: "
@@ -813,14 +862,23 @@ def run(
             header = f"{'threads: ' + str(n):38s} {'kvfold':>9s}" + "".join(f" {p.name:>20s}" for p in found)
             print_fn("")
             print_fn(header)
-            for case in cases:
+            for i, case in enumerate(cases):
+                where = f"[{i + 1}/{len(cases)}] {case.name}, {n} thread{'s' if n > 1 else ''}:"
+                report(f"{where} data and kvfold setup")
                 data = make_data(case)
                 runners = {"kvfold": _kvfold_runner(case, data)}
                 for p in found:
                     if p.supports(case):
+                        report(f"{where} {p.name} setup")
                         runners[p.name] = _peer_runner(p, case, data, n)
                 times = time_per_token(
-                    runners, case.tokens, rounds, round_seconds, settle_seconds=0.1 if n > 1 else 0.0
+                    runners,
+                    case.tokens,
+                    rounds,
+                    round_seconds,
+                    settle_seconds=0.1 if n > 1 else 0.0,
+                    warmup_calls=1 if quick else 2,
+                    progress=lambda text, where=where: report(f"{where} {text}"),
                 )
                 row = {"case": case.name, "threads": n, "us": {k: t * 1e6 for k, t in times.items()}}
                 cells = f"{case.name:38s} {times['kvfold'] * 1e6:9.2f}"
@@ -829,13 +887,27 @@ def run(
                         cells += f" {times[p.name] * 1e6:11.1f} ({times[p.name] / times['kvfold']:5.1f}x)"
                     else:
                         cells += f" {'-':>20s}"
+                if status is not None:
+                    status.clear()
                 print_fn(cells)
                 rows.append(row)
+        print_fn("")
+        for case in cases:
+            if case.prefill:
+                continue
+            checked = replace(case, heads=min(case.heads, 4)) if quick else case
+            report(f"checking outputs: {case.name}")
+            found_here = [p for p in found if p.supports(case)]
+            worst = _agreements(checked, found_here, threads=1)
+            if status is not None:
+                status.clear()
+            heads = f" ({checked.heads} heads)" if checked.heads != case.heads else ""
+            print_fn(
+                f"max |kvfold - peer| over 4 steps, {case.name}{heads}: "
+                + ", ".join(f"{name} {value:.0e}" for name, value in worst.items())
+            )
     finally:
         set_num_threads(before)
-    print_fn("")
-    for case in cases:
-        if not case.prefill:
-            checks = [f"{p.name} {_agreement(case, p, 1):.0e}" for p in found if p.supports(case)]
-            print_fn(f"max |kvfold - peer| over 4 steps, {case.name}: " + ", ".join(checks))
+        if status is not None:
+            status.clear()
     return rows
