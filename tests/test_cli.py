@@ -1,7 +1,14 @@
-"""The command line's parsing (no model needed)."""
+"""The command line: parsing, checks before anything loads, the demo (no model needed)."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
 
+import kvfold
 from kvfold import rules
 from kvfold.__main__ import main
 from kvfold.tools.generate import parse_rule
@@ -44,3 +51,116 @@ def test_bad_command_lines_exit_with_usage(argv, capsys):
         main(argv)
     assert exit.value.code == 2
     assert "usage: kvfold" in capsys.readouterr().err
+
+
+def run_kvfold(*args, path=None):
+    """``python -m kvfold ARGS`` in a fresh interpreter; ``path`` goes first on PYTHONPATH."""
+    env = dict(os.environ)
+    if path is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(path), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-m", "kvfold", *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.one_backend
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0
+    assert capsys.readouterr().out.strip() == f"kvfold {kvfold.__version__}"
+
+
+@pytest.mark.one_backend
+def test_the_console_script_and_python_m_both_run():
+    assert run_kvfold("--version").stdout.strip() == f"kvfold {kvfold.__version__}"
+    script = Path(sys.executable).parent / ("kvfold.exe" if os.name == "nt" else "kvfold")
+    out = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip() == f"kvfold {kvfold.__version__}"
+
+
+BAD_NUMBERS = [
+    ["demo", "--tokens", "-5"],
+    ["demo", "--tokens", "0"],
+    ["demo", "--check", "-1"],
+    ["demo", "--heads", "0"],
+    ["demo", "--head-dim", "0"],
+    ["demo", "--heads", "two"],
+    ["eval", "--tokens", "1"],
+    ["eval", "--chunk", "0"],
+    ["eval", "--threads", "0"],
+    ["eval", "--ema-alpha", "0"],
+    ["eval", "--ema-alpha", "1.5"],
+    ["generate", "--prompt", "hi", "--window", "-5"],
+    ["generate", "--prompt", "hi", "--sinks", "-1"],
+    ["generate", "--prompt", "hi", "--max-new-tokens", "0"],
+    ["generate", "--prompt", "hi", "--temperature", "0"],
+    ["generate", "--prompt", "hi", "--temperature", "nan"],
+    ["generate", "--prompt", "hi", "--top-p", "1.5"],
+    ["generate", "--prompt", "hi", "--seed", "-1"],
+    ["bench", "--rounds", "0"],
+    ["bench", "--threads", "1", "0"],
+]
+
+
+@pytest.mark.one_backend
+@pytest.mark.parametrize("argv", BAD_NUMBERS, ids=" ".join)
+def test_bad_numbers_are_usage_errors_before_anything_loads(argv, capsys, monkeypatch):
+    from kvfold.tools import bench, demo, smollm2
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a tool ran on a bad command line")
+
+    for module, name in [(smollm2, "load"), (smollm2, "model_file"), (bench, "run"), (demo, "run")]:
+        monkeypatch.setattr(module, name, loaded)
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: kvfold" in err
+    flag = [a for a in argv if a.startswith("--")][-1]
+    assert f"argument {flag}: expected " in err and repr(argv[-1]) in err
+
+
+def hidden(tmp_path, module):
+    """A folder that, first on PYTHONPATH, makes ``import module`` fail as if it were not installed."""
+    (tmp_path / module).mkdir()
+    (tmp_path / module / "__init__.py").write_text(f"raise ImportError({'No module named ' + module!r})\n")
+    return tmp_path
+
+
+@pytest.mark.one_backend
+@pytest.mark.parametrize("module", ["torch", "transformers"])
+@pytest.mark.parametrize("argv", [["generate", "--prompt", "hi"], ["eval", "--tokens", "16"]], ids=lambda a: a[0])
+def test_model_commands_without_their_packages_say_what_to_install(tmp_path, module, argv):
+    out = run_kvfold(*argv, path=hidden(tmp_path, module))
+    assert out.returncode == 1
+    assert out.stdout == ""
+    assert out.stderr.strip() == (
+        f"kvfold {argv[0]}: needs {module}, which is not installed: install kvfold[hf] (pip install 'kvfold[hf]')"
+    )
+
+
+@pytest.mark.one_backend
+def test_demo_compares_with_the_reference_and_a_full_cache(capsys):
+    assert main(["demo", "--tokens", "300", "--check", "40", "--heads", "2", "--head-dim", "8"]) == 0
+    out = capsys.readouterr().out
+    full = 300 * 2 * 8 * 2 * 4  # tokens x heads x (key + value) x float32
+    assert f"full float32 KV cache of these 300 tokens would hold {full:,} bytes" in out
+    assert "kvfold.reference (kvfold's NumPy implementation written from the formulas)" in out
+    rows = [line for line in out.splitlines() if line.startswith(("window", "sinks", "cumulative", "gated"))]
+    assert len(rows) == 10
+    for row in rows:
+        assert float(row.split()[-1]) < 1e-4  # the relative difference from the reference
+
+
+@pytest.mark.one_backend
+def test_the_demo_stream_comes_in_blocks():
+    from kvfold.tools.demo import _stream
+
+    blocks = list(_stream(2500, heads=2, query_heads=4, d=8, block=1024))
+    assert [len(q) for q, _, _ in blocks] == [1024, 1024, 452]
+    for q, k, v in blocks:
+        assert q.shape[1:] == (4, 8) and k.shape[1:] == v.shape[1:] == (2, 8)
+    again = list(_stream(2500, heads=2, query_heads=4, d=8, block=1024))
+    for a, b in zip(blocks, again):
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)

