@@ -4,9 +4,12 @@
 #include <arm_neon.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "../half.hpp"
+#include "../platform.hpp"
 #include "kernels.hpp"
+#include "target.hpp"
 
 // Headers stay outside the target region, as in the x86 files.
 #pragma GCC push_options
@@ -14,6 +17,7 @@
 
 namespace kvfold {
 namespace neon {
+namespace {
 
 // The vector traits simd-inl.hpp is written over: 4 floats.
 struct V {
@@ -38,6 +42,7 @@ struct V {
         return vmulq_f32(p, vreinterpretq_f32_s32(e));
     }
     static float sum(F x) { return vaddvq_f32(x); }
+    static constexpr bool kRequestNext = false;  // see update_tile
 };
 
 #include "simd-inl.hpp"
@@ -281,252 +286,16 @@ void exp_f32(float* y, const float* x, int64_t n) {
     for (; i < n; ++i) y[i] = std::exp(x[i]);
 }
 
-// The matrix sweep works on tiles of 4 NV columns; up to 4 queries ride along in registers and
-// further queries re-read the tile while it is still in L1. Columns past the last group of 4 go to
-// the scalar kernel, which is column-separable too.
-constexpr int kQueries = 4;
+// NEON has no masked moves: the tiled kernels take whole vectors, and the columns past the last
+// whole vector go to the scalar table.
+// The matrix sweep: tiles of 16 columns.
+void matrix_step(const MatrixPass& m) { tiled_matrix_step<Whole, 4, 4>(m); }
+void matrix_read(const MatrixPass& m) { tiled_matrix_read<Whole, 4>(m); }
 
-// Second pass over a tile: S <- diag(a) S + k u^T row by row, and NQ queries read the new rows.
-template <int NV, int NQ>
-inline void update_tile(const MatrixPass& m, int64_t c, const float32x4_t* u) {
-    float32x4_t acc[NQ > 0 ? NQ : 1][NV];
-    for (int j = 0; j < NQ; ++j)
-        for (int t = 0; t < NV; ++t) acc[j][t] = vdupq_n_f32(0);
-    const float* a = m.decay ? m.decay : &m.decay0;
-    const int64_t a_step = m.decay ? 1 : 0;
-    for (int64_t i = 0; i < m.dk; ++i) {
-        float* row = m.S + i * m.ld + c;
-        const float ai = a[i * a_step], ki = m.k[i];
-        float32x4_t s[NV];
-        for (int t = 0; t < NV; ++t) {
-            s[t] = vfmaq_n_f32(vmulq_n_f32(vld1q_f32(row + 4 * t), ai), u[t], ki);
-            vst1q_f32(row + 4 * t, s[t]);
-        }
-        for (int j = 0; j < NQ; ++j) {
-            const float qj = m.q[j * m.q_stride + i];
-            for (int t = 0; t < NV; ++t) acc[j][t] = vfmaq_n_f32(acc[j][t], s[t], qj);
-        }
-    }
-    for (int j = 0; j < NQ; ++j)
-        for (int t = 0; t < NV; ++t) vst1q_f32(m.out + j * m.out_stride + c + 4 * t, vmulq_n_f32(acc[j][t], m.scale));
-}
-
-// NQ queries read a tile: out_j = scale q_j^T S over columns [c, c + 4 NV).
-template <int NV, int NQ>
-inline void read_tile(const MatrixPass& m, int64_t c, const float* q, float* out) {
-    float32x4_t acc[NQ][NV];
-    for (int j = 0; j < NQ; ++j)
-        for (int t = 0; t < NV; ++t) acc[j][t] = vdupq_n_f32(0);
-    for (int64_t i = 0; i < m.dk; ++i) {
-        const float* row = m.S + i * m.ld + c;
-        float32x4_t s[NV];
-        for (int t = 0; t < NV; ++t) s[t] = vld1q_f32(row + 4 * t);
-        for (int j = 0; j < NQ; ++j) {
-            const float qj = q[j * m.q_stride + i];
-            for (int t = 0; t < NV; ++t) acc[j][t] = vfmaq_n_f32(acc[j][t], s[t], qj);
-        }
-    }
-    for (int j = 0; j < NQ; ++j)
-        for (int t = 0; t < NV; ++t) vst1q_f32(out + j * m.out_stride + c + 4 * t, vmulq_n_f32(acc[j][t], m.scale));
-}
-
-template <int NV>
-void read_queries(const MatrixPass& m, int64_t c, int64_t first) {
-    for (int64_t j = first; j < m.nq; j += kQueries) {
-        const float* q = m.q + j * m.q_stride;
-        float* out = m.out + j * m.out_stride;
-        switch (m.nq - j < kQueries ? m.nq - j : kQueries) {
-            case 1: read_tile<NV, 1>(m, c, q, out); break;
-            case 2: read_tile<NV, 2>(m, c, q, out); break;
-            case 3: read_tile<NV, 3>(m, c, q, out); break;
-            default: read_tile<NV, 4>(m, c, q, out); break;
-        }
-    }
-}
-
-template <int NV>
-void step_tile(const MatrixPass& m, int64_t c) {
-    float32x4_t u[NV];
-    for (int t = 0; t < NV; ++t) u[t] = vld1q_f32(m.v + c + 4 * t);
-    if (m.delta) {  // first pass: u = beta (v - (diag(a) S)^T k) over this tile's columns
-        float32x4_t r0[NV], r1[NV];
-        for (int t = 0; t < NV; ++t) r0[t] = r1[t] = vdupq_n_f32(0);
-        const float* a = m.decay ? m.decay : &m.decay0;
-        const int64_t a_step = m.decay ? 1 : 0;
-        int64_t i = 0;
-        for (; i + 2 <= m.dk; i += 2) {
-            const float w0 = a[i * a_step] * m.k[i], w1 = a[(i + 1) * a_step] * m.k[i + 1];
-            const float* row = m.S + i * m.ld + c;
-            for (int t = 0; t < NV; ++t) {
-                r0[t] = vfmaq_n_f32(r0[t], vld1q_f32(row + 4 * t), w0);
-                r1[t] = vfmaq_n_f32(r1[t], vld1q_f32(row + m.ld + 4 * t), w1);
-            }
-        }
-        if (i < m.dk) {
-            const float w0 = a[i * a_step] * m.k[i];
-            for (int t = 0; t < NV; ++t) r0[t] = vfmaq_n_f32(r0[t], vld1q_f32(m.S + i * m.ld + c + 4 * t), w0);
-        }
-        for (int t = 0; t < NV; ++t) u[t] = vmulq_n_f32(vsubq_f32(u[t], vaddq_f32(r0[t], r1[t])), m.beta);
-    }
-    switch (m.nq < kQueries ? m.nq : kQueries) {
-        case 0: update_tile<NV, 0>(m, c, u); break;
-        case 1: update_tile<NV, 1>(m, c, u); break;
-        case 2: update_tile<NV, 2>(m, c, u); break;
-        case 3: update_tile<NV, 3>(m, c, u); break;
-        default: update_tile<NV, 4>(m, c, u); break;
-    }
-    read_queries<NV>(m, c, kQueries);
-}
-
-MatrixPass columns_from(const MatrixPass& m, int64_t c) {
-    MatrixPass t = m;
-    t.S = m.S + c;
-    t.dv = m.dv - c;
-    if (m.v) t.v = m.v + c;
-    if (m.out) t.out = m.out + c;
-    return t;
-}
-
-void matrix_step(const MatrixPass& m) {
-    int64_t c = 0;
-    for (; c + 16 <= m.dv; c += 16) step_tile<4>(m, c);
-    for (; c + 4 <= m.dv; c += 4) step_tile<1>(m, c);
-    if (c < m.dv) scalar_kernels()->matrix_step(columns_from(m, c));
-}
-
-void matrix_read(const MatrixPass& m) {
-    int64_t c = 0;
-    for (; c + 16 <= m.dv; c += 16) read_queries<4>(m, c, 0);
-    for (; c + 4 <= m.dv; c += 4) read_queries<1>(m, c, 0);
-    if (c < m.dv) scalar_kernels()->matrix_read(columns_from(m, c));
-}
-
-// Chunked prefill. gemm: register tiles of R rows x 4 NV columns (16 accumulators at 4 x 16); each
-// row of b is loaded once per tile. Columns past the last group of 4 go to the scalar kernel.
-template <int R, int NV>
-void gemm_tile(const Gemm& g, int64_t i0, int64_t j0, int64_t k) {
-    float32x4_t acc[R][NV];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-        for (int t = 0; t < NV; ++t) acc[r][t] = vdupq_n_f32(0);
-    const int64_t row = g.trans_a ? 1 : g.lda, col = g.trans_a ? g.lda : 1;  // a[i][p] at a + i * row + p * col
-    const float* a = g.a + i0 * row;
-    const float* b = g.b + j0;
-    for (int64_t p = 0; p < k; ++p, a += col, b += g.ldb) {
-        float32x4_t bp[NV];
-#pragma GCC unroll 8
-        for (int t = 0; t < NV; ++t) bp[t] = vld1q_f32(b + 4 * t);
-#pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) {
-            const float w = a[r * row];
-#pragma GCC unroll 8
-            for (int t = 0; t < NV; ++t) acc[r][t] = vfmaq_n_f32(acc[r][t], bp[t], w);
-        }
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-        float* c = g.c + (i0 + r) * g.ldc + j0;
-#pragma GCC unroll 8
-        for (int t = 0; t < NV; ++t)
-            vst1q_f32(c + 4 * t, g.accumulate ? vfmaq_n_f32(vld1q_f32(c + 4 * t), acc[r][t], g.alpha)
-                                              : vmulq_n_f32(acc[r][t], g.alpha));
-    }
-}
-
-template <int R>
-void gemm_cols(const Gemm& g, int64_t i0, int64_t j0, int64_t vectors, int64_t k) {
-    switch (vectors) {
-        case 1: gemm_tile<R, 1>(g, i0, j0, k); break;
-        case 2: gemm_tile<R, 2>(g, i0, j0, k); break;
-        case 3: gemm_tile<R, 3>(g, i0, j0, k); break;
-        default: gemm_tile<R, 4>(g, i0, j0, k); break;
-    }
-}
-
-void gemm(const Gemm& g) {
-    constexpr int64_t kRows = 4, kCols = 16;
-    const int64_t n4 = g.n / 4 * 4;
-    for (int64_t j0 = 0; j0 < n4; j0 += kCols) {
-        const int64_t vectors = (n4 - j0 < kCols ? n4 - j0 : kCols) / 4;
-        for (int64_t i0 = g.lower_c ? j0 / kRows * kRows : 0; i0 < g.m; i0 += kRows) {
-            const int64_t rows = g.m - i0 < kRows ? g.m - i0 : kRows;
-            const int64_t k = g.lower_a && i0 + rows < g.k ? i0 + rows : g.k;
-            switch (rows) {
-                case 1: gemm_cols<1>(g, i0, j0, vectors, k); break;
-                case 2: gemm_cols<2>(g, i0, j0, vectors, k); break;
-                case 3: gemm_cols<3>(g, i0, j0, vectors, k); break;
-                default: gemm_cols<4>(g, i0, j0, vectors, k); break;
-            }
-        }
-    }
-    if (n4 < g.n) {  // the last columns, all rows (lower_c's unwanted entries may be written)
-        Gemm rest = g;
-        rest.b = g.b + n4;
-        rest.c = g.c + n4;
-        rest.n = g.n - n4;
-        rest.lower_c = false;
-        scalar_kernels()->gemm(rest);
-    }
-}
-
-// Forward substitution, register-blocked like gemm: a tile of 4 rows x 16 columns takes off the
-// rows above it (already solved) one loaded row at a time, then solves its own rows in registers.
-template <int R, int NV>
-void solve_tile(const float* a, int64_t lda, float* x, int64_t ldx, int64_t i0) {
-    float32x4_t acc[R][NV];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-        for (int t = 0; t < NV; ++t) acc[r][t] = vld1q_f32(x + (i0 + r) * ldx + 4 * t);
-    const float* ai = a + i0 * lda;
-    for (int64_t s = 0; s < i0; ++s) {
-        float32x4_t xs[NV];
-#pragma GCC unroll 8
-        for (int t = 0; t < NV; ++t) xs[t] = vld1q_f32(x + s * ldx + 4 * t);
-#pragma GCC unroll 8
-        for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-            for (int t = 0; t < NV; ++t) acc[r][t] = vfmsq_n_f32(acc[r][t], xs[t], ai[r * lda + s]);
-    }
-#pragma GCC unroll 8
-    for (int r = 1; r < R; ++r)
-#pragma GCC unroll 8
-        for (int s = 0; s < r; ++s)
-#pragma GCC unroll 8
-            for (int t = 0; t < NV; ++t) acc[r][t] = vfmsq_n_f32(acc[r][t], acc[s][t], ai[r * lda + i0 + s]);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-        for (int t = 0; t < NV; ++t) vst1q_f32(x + (i0 + r) * ldx + 4 * t, acc[r][t]);
-}
-
-template <int NV>
-void solve_rows(const float* a, int64_t lda, float* x, int64_t ldx, int64_t i0, int64_t rows) {
-    switch (rows) {
-        case 1: solve_tile<1, NV>(a, lda, x, ldx, i0); break;
-        case 2: solve_tile<2, NV>(a, lda, x, ldx, i0); break;
-        case 3: solve_tile<3, NV>(a, lda, x, ldx, i0); break;
-        default: solve_tile<4, NV>(a, lda, x, ldx, i0); break;
-    }
-}
-
+// The chunked prefill: tiles of 4 rows x 16 columns (16 accumulators).
+void gemm(const Gemm& g) { tiled_gemm<Whole, 4, 4>(g); }
 void solve_unit_lower(const float* a, int64_t lda, float* x, int64_t ldx, int64_t m, int64_t n) {
-    constexpr int64_t kRows = 4;
-    const int64_t n4 = n / 4 * 4;
-    for (int64_t c = 0; c < n4; c += 16) {
-        const int64_t vectors = (n4 - c < 16 ? n4 - c : 16) / 4;
-        for (int64_t i0 = 0; i0 < m; i0 += kRows) {
-            const int64_t rows = m - i0 < kRows ? m - i0 : kRows;
-            switch (vectors) {
-                case 1: solve_rows<1>(a, lda, x + c, ldx, i0, rows); break;
-                case 2: solve_rows<2>(a, lda, x + c, ldx, i0, rows); break;
-                case 3: solve_rows<3>(a, lda, x + c, ldx, i0, rows); break;
-                default: solve_rows<4>(a, lda, x + c, ldx, i0, rows); break;
-            }
-        }
-    }
-    if (n4 < n) scalar_kernels()->solve_unit_lower(a, lda, x + n4, ldx, m, n - n4);
+    tiled_solve_unit_lower<Whole, 4, 4>(a, lda, x, ldx, m, n);
 }
 
 const Kernels table = {
@@ -566,6 +335,7 @@ const Kernels table = {
     solve_unit_lower,
 };
 
+}  // namespace
 }  // namespace neon
 
 const Kernels* neon_kernels() { return &neon::table; }

@@ -7,6 +7,7 @@
 
 namespace kvfold {
 namespace scalar {
+namespace {
 
 float dot_f32(const float* a, const float* b, int64_t n) {
     float s = 0;
@@ -210,6 +211,7 @@ const Kernels table = {
     solve_unit_lower,
 };
 
+}  // namespace
 }  // namespace scalar
 
 const Kernels* scalar_kernels() { return &scalar::table; }

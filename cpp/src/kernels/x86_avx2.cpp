@@ -3,9 +3,12 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "../half.hpp"
+#include "../platform.hpp"
 #include "kernels.hpp"
+#include "target.hpp"
 
 // Headers stay outside the target region so no inline function of theirs is emitted with AVX2.
 #pragma GCC push_options
@@ -13,6 +16,7 @@
 
 namespace kvfold {
 namespace avx2 {
+namespace {
 
 inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -47,6 +51,7 @@ struct V {
         return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
     }
     static float sum(F x) { return hsum(x); }
+    static constexpr bool kRequestNext = false;  // see update_tile
 };
 
 #include "simd-inl.hpp"
@@ -208,7 +213,7 @@ void max_f32(float* y, const float* x, int64_t n) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Recurrent memories: GEMV for the GRU cell, exp for log-space gates, and the matrix-memory sweep.
+// Recurrent memories: GEMV for the GRU cell and exp for log-space gates.
 
 void gemv(float* y, const float* W, const float* x, int64_t rows, int64_t cols) {
     int64_t r = 0;
@@ -243,138 +248,12 @@ void exp_f32(float* y, const float* x, int64_t n) {
     for (; i < n; ++i) y[i] = std::exp(x[i]);
 }
 
-// The matrix sweep works on tiles of 8 * NV columns; up to 4 queries ride along in registers and
-// further queries re-read the tile while it is still in L1.
-constexpr int kQueries = 4;
-
-// Second pass over a tile: S <- diag(a) S + k u^T row by row, and NQ queries read the new rows.
-template <int NV, int NQ>
-inline void update_tile(const MatrixPass& m, int64_t c, const __m256* u) {
-    __m256 acc[NQ > 0 ? NQ : 1][NV];
-    for (int j = 0; j < NQ; ++j)
-        for (int t = 0; t < NV; ++t) acc[j][t] = _mm256_setzero_ps();
-    const float* a = m.decay ? m.decay : &m.decay0;
-    const int64_t a_step = m.decay ? 1 : 0;
-    for (int64_t i = 0; i < m.dk; ++i) {
-        float* row = m.S + i * m.ld + c;
-        const __m256 ai = _mm256_set1_ps(a[i * a_step]), ki = _mm256_set1_ps(m.k[i]);
-        __m256 s[NV];
-        for (int t = 0; t < NV; ++t) {
-            s[t] = _mm256_fmadd_ps(ki, u[t], _mm256_mul_ps(ai, _mm256_loadu_ps(row + 8 * t)));
-            _mm256_storeu_ps(row + 8 * t, s[t]);
-        }
-        for (int j = 0; j < NQ; ++j) {
-            const __m256 qj = _mm256_set1_ps(m.q[j * m.q_stride + i]);
-            for (int t = 0; t < NV; ++t) acc[j][t] = _mm256_fmadd_ps(qj, s[t], acc[j][t]);
-        }
-    }
-    const __m256 scale = _mm256_set1_ps(m.scale);
-    for (int j = 0; j < NQ; ++j)
-        for (int t = 0; t < NV; ++t)
-            _mm256_storeu_ps(m.out + j * m.out_stride + c + 8 * t, _mm256_mul_ps(scale, acc[j][t]));
-}
-
-// NQ queries read a tile: out_j = scale q_j^T S over columns [c, c + 8 NV).
-template <int NV, int NQ>
-inline void read_tile(const MatrixPass& m, int64_t c, const float* q, float* out) {
-    __m256 acc[NQ][NV];
-    for (int j = 0; j < NQ; ++j)
-        for (int t = 0; t < NV; ++t) acc[j][t] = _mm256_setzero_ps();
-    for (int64_t i = 0; i < m.dk; ++i) {
-        const float* row = m.S + i * m.ld + c;
-        __m256 s[NV];
-        for (int t = 0; t < NV; ++t) s[t] = _mm256_loadu_ps(row + 8 * t);
-        for (int j = 0; j < NQ; ++j) {
-            const __m256 qj = _mm256_set1_ps(q[j * m.q_stride + i]);
-            for (int t = 0; t < NV; ++t) acc[j][t] = _mm256_fmadd_ps(qj, s[t], acc[j][t]);
-        }
-    }
-    const __m256 scale = _mm256_set1_ps(m.scale);
-    for (int j = 0; j < NQ; ++j)
-        for (int t = 0; t < NV; ++t) _mm256_storeu_ps(out + j * m.out_stride + c + 8 * t, _mm256_mul_ps(scale, acc[j][t]));
-}
-
-template <int NV>
-void read_queries(const MatrixPass& m, int64_t c, int64_t first) {
-    for (int64_t j = first; j < m.nq; j += kQueries) {
-        const float* q = m.q + j * m.q_stride;
-        float* out = m.out + j * m.out_stride;
-        switch (m.nq - j < kQueries ? m.nq - j : kQueries) {
-            case 1: read_tile<NV, 1>(m, c, q, out); break;
-            case 2: read_tile<NV, 2>(m, c, q, out); break;
-            case 3: read_tile<NV, 3>(m, c, q, out); break;
-            default: read_tile<NV, 4>(m, c, q, out); break;
-        }
-    }
-}
-
-template <int NV>
-void step_tile(const MatrixPass& m, int64_t c) {
-    __m256 u[NV];
-    for (int t = 0; t < NV; ++t) u[t] = _mm256_loadu_ps(m.v + c + 8 * t);
-    if (m.delta) {  // first pass: u = beta (v - (diag(a) S)^T k) over this tile's columns
-        __m256 r0[NV], r1[NV];
-        for (int t = 0; t < NV; ++t) r0[t] = r1[t] = _mm256_setzero_ps();
-        const float* a = m.decay ? m.decay : &m.decay0;
-        const int64_t a_step = m.decay ? 1 : 0;
-        int64_t i = 0;
-        for (; i + 2 <= m.dk; i += 2) {
-            const __m256 w0 = _mm256_set1_ps(a[i * a_step] * m.k[i]);
-            const __m256 w1 = _mm256_set1_ps(a[(i + 1) * a_step] * m.k[i + 1]);
-            const float* row = m.S + i * m.ld + c;
-            for (int t = 0; t < NV; ++t) {
-                r0[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(row + 8 * t), r0[t]);
-                r1[t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(row + m.ld + 8 * t), r1[t]);
-            }
-        }
-        if (i < m.dk) {
-            const __m256 w0 = _mm256_set1_ps(a[i * a_step] * m.k[i]);
-            for (int t = 0; t < NV; ++t)
-                r0[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(m.S + i * m.ld + c + 8 * t), r0[t]);
-        }
-        const __m256 beta = _mm256_set1_ps(m.beta);
-        for (int t = 0; t < NV; ++t) u[t] = _mm256_mul_ps(beta, _mm256_sub_ps(u[t], _mm256_add_ps(r0[t], r1[t])));
-    }
-    switch (m.nq < kQueries ? m.nq : kQueries) {
-        case 0: update_tile<NV, 0>(m, c, u); break;
-        case 1: update_tile<NV, 1>(m, c, u); break;
-        case 2: update_tile<NV, 2>(m, c, u); break;
-        case 3: update_tile<NV, 3>(m, c, u); break;
-        default: update_tile<NV, 4>(m, c, u); break;
-    }
-    read_queries<NV>(m, c, kQueries);
-}
-
-// Columns past the last full 8-wide tile go to the scalar kernel, which is column-separable too.
-MatrixPass tail(const MatrixPass& m, int64_t c) {
-    MatrixPass t = m;
-    t.S = m.S + c;
-    t.dv = m.dv - c;
-    if (m.v) t.v = m.v + c;
-    if (m.out) t.out = m.out + c;
-    return t;
-}
-
-void matrix_step(const MatrixPass& m) {
-    int64_t c = 0;
-    if (m.nq <= 1)  // registers to spare: wider tiles read longer runs of each row
-        for (; c + 32 <= m.dv; c += 32) step_tile<4>(m, c);
-    for (; c + 16 <= m.dv; c += 16) step_tile<2>(m, c);
-    if (c + 8 <= m.dv) step_tile<1>(m, c), c += 8;
-    if (c < m.dv) scalar_kernels()->matrix_step(tail(m, c));
-}
-
-void matrix_read(const MatrixPass& m) {
-    int64_t c = 0;
-    for (; c + 16 <= m.dv; c += 16) read_queries<2>(m, c, 0);
-    if (c + 8 <= m.dv) read_queries<1>(m, c, 0), c += 8;
-    if (c < m.dv) scalar_kernels()->matrix_read(tail(m, c));
-}
-
-// Chunked prefill. Vectors of 8 columns; the last one of a block is masked when it is partial
-// (masked moves are slower, so full vectors use plain ones).
+// Tiles for the chunked prefill: the last vector of a tile is masked when it is partial (masked
+// moves are slower, so full vectors use plain ones).
 template <int NV>
 struct Tile {
+    static constexpr int kVectors = NV;
+    static constexpr bool kMasks = true;
     __m256i mask;
     bool partial;
     explicit Tile(int64_t last) : partial(last < 8) {  // 1 <= last <= 8 columns in the last vector
@@ -391,127 +270,15 @@ struct Tile {
     }
 };
 
-// gemm: register tiles of R rows x 16 columns (12 accumulators at R = 6); each row of b is loaded
-// once per tile and every a value is broadcast from memory.
-template <int R, int NV>
-void gemm_tile(const Gemm& g, int64_t i0, int64_t j0, int64_t k, const Tile<NV>& tile) {
-    __m256 acc[R][NV];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-        for (int t = 0; t < NV; ++t) acc[r][t] = _mm256_setzero_ps();
-    const int64_t row = g.trans_a ? 1 : g.lda, col = g.trans_a ? g.lda : 1;  // a[i][p] at a + i * row + p * col
-    const float* a = g.a + i0 * row;
-    const float* b = g.b + j0;
-    for (int64_t p = 0; p < k; ++p, a += col, b += g.ldb) {
-        __m256 bp[NV];
-#pragma GCC unroll 8
-        for (int t = 0; t < NV; ++t) bp[t] = tile.load(b, t);
-#pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) {
-            const __m256 w = _mm256_broadcast_ss(a + r * row);
-#pragma GCC unroll 8
-            for (int t = 0; t < NV; ++t) acc[r][t] = _mm256_fmadd_ps(w, bp[t], acc[r][t]);
-        }
-    }
-    const __m256 alpha = _mm256_set1_ps(g.alpha);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-        float* c = g.c + (i0 + r) * g.ldc + j0;
-#pragma GCC unroll 8
-        for (int t = 0; t < NV; ++t)
-            tile.store(c, t, g.accumulate ? _mm256_fmadd_ps(alpha, acc[r][t], tile.load(c, t))
-                                          : _mm256_mul_ps(alpha, acc[r][t]));
-    }
-}
+// The matrix sweep: tiles of 16 columns, 32 with a single query; columns past the last whole
+// vector go to the scalar table.
+void matrix_step(const MatrixPass& m) { tiled_matrix_step<Whole, 2, 4>(m); }
+void matrix_read(const MatrixPass& m) { tiled_matrix_read<Whole, 2>(m); }
 
-template <int NV>
-void gemm_rows(const Gemm& g, int64_t i0, int64_t rows, int64_t j0, int64_t k, const Tile<NV>& tile) {
-    switch (rows) {
-        case 1: gemm_tile<1, NV>(g, i0, j0, k, tile); break;
-        case 2: gemm_tile<2, NV>(g, i0, j0, k, tile); break;
-        case 3: gemm_tile<3, NV>(g, i0, j0, k, tile); break;
-        case 4: gemm_tile<4, NV>(g, i0, j0, k, tile); break;
-        case 5: gemm_tile<5, NV>(g, i0, j0, k, tile); break;
-        default: gemm_tile<6, NV>(g, i0, j0, k, tile); break;
-    }
-}
-
-// Column panels of b (16 columns) stay in L1 while the row tiles pass over them.
-void gemm(const Gemm& g) {
-    constexpr int64_t kRows = 6, kCols = 16;
-    for (int64_t j0 = 0; j0 < g.n; j0 += kCols) {
-        const int64_t w = g.n - j0 < kCols ? g.n - j0 : kCols;
-        for (int64_t i0 = g.lower_c ? j0 / kRows * kRows : 0; i0 < g.m; i0 += kRows) {
-            const int64_t rows = g.m - i0 < kRows ? g.m - i0 : kRows;
-            const int64_t k = g.lower_a && i0 + rows < g.k ? i0 + rows : g.k;
-            if (w > 8)
-                gemm_rows<2>(g, i0, rows, j0, k, Tile<2>(w - 8));
-            else
-                gemm_rows<1>(g, i0, rows, j0, k, Tile<1>(w));
-        }
-    }
-}
-
-// Forward substitution, register-blocked like gemm: a tile of 6 rows x 16 columns takes off the
-// rows above it (already solved) one loaded row at a time, then solves its own rows in registers.
-template <int R, int NV>
-void solve_tile(const float* a, int64_t lda, float* x, int64_t ldx, int64_t i0, const Tile<NV>& tile) {
-    __m256 acc[R][NV];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-        for (int t = 0; t < NV; ++t) acc[r][t] = tile.load(x + (i0 + r) * ldx, t);
-    const float* ai = a + i0 * lda;
-    for (int64_t s = 0; s < i0; ++s) {
-        __m256 xs[NV];
-#pragma GCC unroll 8
-        for (int t = 0; t < NV; ++t) xs[t] = tile.load(x + s * ldx, t);
-#pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) {
-            const __m256 w = _mm256_set1_ps(ai[r * lda + s]);
-#pragma GCC unroll 8
-            for (int t = 0; t < NV; ++t) acc[r][t] = _mm256_fnmadd_ps(w, xs[t], acc[r][t]);
-        }
-    }
-#pragma GCC unroll 8
-    for (int r = 1; r < R; ++r)
-#pragma GCC unroll 8
-        for (int s = 0; s < r; ++s) {
-            const __m256 w = _mm256_set1_ps(ai[r * lda + i0 + s]);
-#pragma GCC unroll 8
-            for (int t = 0; t < NV; ++t) acc[r][t] = _mm256_fnmadd_ps(w, acc[s][t], acc[r][t]);
-        }
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-        for (int t = 0; t < NV; ++t) tile.store(x + (i0 + r) * ldx, t, acc[r][t]);
-}
-
-template <int NV>
-void solve_rows(const float* a, int64_t lda, float* x, int64_t ldx, int64_t i0, int64_t rows, const Tile<NV>& tile) {
-    switch (rows) {
-        case 1: solve_tile<1, NV>(a, lda, x, ldx, i0, tile); break;
-        case 2: solve_tile<2, NV>(a, lda, x, ldx, i0, tile); break;
-        case 3: solve_tile<3, NV>(a, lda, x, ldx, i0, tile); break;
-        case 4: solve_tile<4, NV>(a, lda, x, ldx, i0, tile); break;
-        case 5: solve_tile<5, NV>(a, lda, x, ldx, i0, tile); break;
-        default: solve_tile<6, NV>(a, lda, x, ldx, i0, tile); break;
-    }
-}
-
+// The chunked prefill: tiles of 6 rows x 16 columns (12 accumulators).
+void gemm(const Gemm& g) { tiled_gemm<Tile, 6, 2>(g); }
 void solve_unit_lower(const float* a, int64_t lda, float* x, int64_t ldx, int64_t m, int64_t n) {
-    constexpr int64_t kRows = 6, kCols = 16;
-    for (int64_t c = 0; c < n; c += kCols) {
-        const int64_t w = n - c < kCols ? n - c : kCols;
-        for (int64_t i0 = 0; i0 < m; i0 += kRows) {
-            const int64_t rows = m - i0 < kRows ? m - i0 : kRows;
-            if (w > 8)
-                solve_rows<2>(a, lda, x + c, ldx, i0, rows, Tile<2>(w - 8));
-            else
-                solve_rows<1>(a, lda, x + c, ldx, i0, rows, Tile<1>(w));
-        }
-    }
+    tiled_solve_unit_lower<Tile, 6, 2>(a, lda, x, ldx, m, n);
 }
 
 template <class E>
@@ -690,6 +457,7 @@ const Kernels table = {
     solve_unit_lower,
 };
 
+}  // namespace
 }  // namespace avx2
 
 const Kernels* avx2_kernels() { return &avx2::table; }

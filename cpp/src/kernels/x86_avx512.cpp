@@ -5,16 +5,21 @@
 // flushes subnormals to zero, and every table must round exactly like the scalar one.
 #if defined(__x86_64__) || defined(_M_X64)
 // GCC 12 flags the deliberately undefined registers inside its own AVX-512 intrinsics (GCC bug
-// 105593); the warning is about the header, not this code.
+// 105593); the warning is about the header, not this code. It also finds a constant trip count
+// of 2^62 for the row loop of a masked solve_tile inlined into its dispatch: no such path exists
+// (the loop runs i0 < m times).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Waggressive-loop-optimizations"
 #include <immintrin.h>
 
 #include <cmath>
 #include <type_traits>
 
 #include "../half.hpp"
+#include "../platform.hpp"
 #include "kernels.hpp"
+#include "target.hpp"
 
 // Headers stay outside the target region so no inline function of theirs is emitted with AVX-512.
 #pragma GCC push_options
@@ -22,6 +27,7 @@
 
 namespace kvfold {
 namespace avx512 {
+namespace {
 
 inline __mmask16 first(int64_t n) { return static_cast<__mmask16>((1u << n) - 1); }  // 0 <= n < 16
 inline __mmask16 tail(int64_t n) { return n >= 16 ? 0xffff : first(n); }                 // 1 <= n
@@ -52,6 +58,7 @@ struct V {
     static F round(F x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
     static F pow2(F p, F n) { return _mm512_scalef_ps(p, n); }  // exact, down to subnormals and zero
     static float sum(F x) { return _mm512_reduce_add_ps(x); }
+    static constexpr bool kRequestNext = true;  // see update_tile
 };
 
 #include "simd-inl.hpp"
@@ -459,15 +466,14 @@ void exp_f32(float* y, const float* x, int64_t n) {
     if (i < n) _mm512_mask_storeu_ps(y + i, first(n - i), exp_any(_mm512_maskz_loadu_ps(first(n - i), x + i)));
 }
 
-// The matrix sweep works on tiles of 16 NV columns (the last vector masked by `last`); up to 4
-// queries ride along in registers and further queries re-read the tile while it is still in L1.
-constexpr int kQueries = 4;
-
+// Tiles of NV vectors, the last one masked (`last`). Full vectors move unmasked: a masked store
+// holds back the loads that follow it.
 template <int NV>
 struct Tile {
+    static constexpr int kVectors = NV;
+    static constexpr bool kMasks = true;
     __mmask16 last;
-    explicit Tile(__mmask16 last_mask) : last(last_mask) {}
-    // Full vectors move unmasked: a masked store holds back the loads that follow it.
+    explicit Tile(int64_t values) : last(tail(values)) {}  // 1 <= values in the last vector
     __m512 load(const float* p, int t) const {
         return t + 1 < NV || last == 0xffff ? _mm512_loadu_ps(p + 16 * t) : _mm512_maskz_loadu_ps(last, p + 16 * t);
     }
@@ -479,255 +485,17 @@ struct Tile {
     }
 };
 
-// Second pass over a tile: S <- diag(a) S + k u^T row by row, and NQ queries read the new rows.
-template <int NV, int NQ>
-inline void update_tile(const MatrixPass& m, int64_t c, const __m512* u, const Tile<NV>& tile) {
-    __m512 acc[NQ > 0 ? NQ : 1][NV];
-    for (int j = 0; j < NQ; ++j)
-        for (int t = 0; t < NV; ++t) acc[j][t] = _mm512_setzero_ps();
-    const float* a = m.decay ? m.decay : &m.decay0;
-    const int64_t a_step = m.decay ? 1 : 0;
-    for (int64_t i = 0; i < m.dk; ++i) {
-        float* row = m.S + i * m.ld + c;
-        if (m.next && m.delta)  // the next sweep's first pass then reads from L2, not L3
-            for (int t = 0; t < NV; ++t)
-                _mm_prefetch(reinterpret_cast<const char*>(m.next + i * m.ld + c + 16 * t), _MM_HINT_T1);
-        const __m512 ai = _mm512_set1_ps(a[i * a_step]), ki = _mm512_set1_ps(m.k[i]);
-        __m512 s[NV];
-        for (int t = 0; t < NV; ++t) {
-            s[t] = _mm512_fmadd_ps(ki, u[t], _mm512_mul_ps(ai, tile.load(row, t)));
-            tile.store(row, t, s[t]);
-        }
-        for (int j = 0; j < NQ; ++j) {
-            const __m512 qj = _mm512_set1_ps(m.q[j * m.q_stride + i]);
-            for (int t = 0; t < NV; ++t) acc[j][t] = _mm512_fmadd_ps(qj, s[t], acc[j][t]);
-        }
-    }
-    const __m512 scale = _mm512_set1_ps(m.scale);
-    for (int j = 0; j < NQ; ++j)
-        for (int t = 0; t < NV; ++t) tile.store(m.out + j * m.out_stride + c, t, _mm512_mul_ps(scale, acc[j][t]));
-}
+// The matrix sweep. One query: whole rows of 128 columns, so that S streams through in order. More
+// queries: tiles of 32 columns (16 KB of S at d_k = 128, so the second pass finds the tile in L1).
+// The last tile takes what is left, masked.
+void matrix_step(const MatrixPass& m) { tiled_matrix_step<Tile, 2, 8>(m); }
+void matrix_read(const MatrixPass& m) { tiled_matrix_read<Tile, 2>(m); }
 
-// NQ queries read a tile: out_j = scale q_j^T S over the tile's columns.
-template <int NV, int NQ>
-inline void read_tile(const MatrixPass& m, int64_t c, const float* q, float* out, const Tile<NV>& tile) {
-    __m512 acc[NQ][NV];
-    for (int j = 0; j < NQ; ++j)
-        for (int t = 0; t < NV; ++t) acc[j][t] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < m.dk; ++i) {
-        const float* row = m.S + i * m.ld + c;
-        __m512 s[NV];
-        for (int t = 0; t < NV; ++t) s[t] = tile.load(row, t);
-        for (int j = 0; j < NQ; ++j) {
-            const __m512 qj = _mm512_set1_ps(q[j * m.q_stride + i]);
-            for (int t = 0; t < NV; ++t) acc[j][t] = _mm512_fmadd_ps(qj, s[t], acc[j][t]);
-        }
-    }
-    const __m512 scale = _mm512_set1_ps(m.scale);
-    for (int j = 0; j < NQ; ++j)
-        for (int t = 0; t < NV; ++t) tile.store(out + j * m.out_stride + c, t, _mm512_mul_ps(scale, acc[j][t]));
-}
-
-template <int NV>
-void read_queries(const MatrixPass& m, int64_t c, int64_t first, const Tile<NV>& tile) {
-    for (int64_t j = first; j < m.nq; j += kQueries) {
-        const float* q = m.q + j * m.q_stride;
-        float* out = m.out + j * m.out_stride;
-        switch (m.nq - j < kQueries ? m.nq - j : kQueries) {
-            case 1: read_tile<NV, 1>(m, c, q, out, tile); break;
-            case 2: read_tile<NV, 2>(m, c, q, out, tile); break;
-            case 3: read_tile<NV, 3>(m, c, q, out, tile); break;
-            default: read_tile<NV, 4>(m, c, q, out, tile); break;
-        }
-    }
-}
-
-template <int NV>
-void step_tile(const MatrixPass& m, int64_t c, __mmask16 last) {
-    const Tile<NV> tile(last);
-    __m512 u[NV];
-    for (int t = 0; t < NV; ++t) u[t] = tile.load(m.v + c, t);
-    if (m.delta) {  // first pass: u = beta (v - (diag(a) S)^T k) over this tile's columns
-        __m512 r0[NV], r1[NV];
-        for (int t = 0; t < NV; ++t) r0[t] = r1[t] = _mm512_setzero_ps();
-        const float* a = m.decay ? m.decay : &m.decay0;
-        const int64_t a_step = m.decay ? 1 : 0;
-        int64_t i = 0;
-        for (; i + 2 <= m.dk; i += 2) {
-            const __m512 w0 = _mm512_set1_ps(a[i * a_step] * m.k[i]);
-            const __m512 w1 = _mm512_set1_ps(a[(i + 1) * a_step] * m.k[i + 1]);
-            const float* row = m.S + i * m.ld + c;
-            for (int t = 0; t < NV; ++t) {
-                r0[t] = _mm512_fmadd_ps(w0, tile.load(row, t), r0[t]);
-                r1[t] = _mm512_fmadd_ps(w1, tile.load(row + m.ld, t), r1[t]);
-            }
-        }
-        if (i < m.dk) {
-            const __m512 w0 = _mm512_set1_ps(a[i * a_step] * m.k[i]);
-            for (int t = 0; t < NV; ++t) r0[t] = _mm512_fmadd_ps(w0, tile.load(m.S + i * m.ld + c, t), r0[t]);
-        }
-        const __m512 beta = _mm512_set1_ps(m.beta);
-        for (int t = 0; t < NV; ++t) u[t] = _mm512_mul_ps(beta, _mm512_sub_ps(u[t], _mm512_add_ps(r0[t], r1[t])));
-    }
-    switch (m.nq < kQueries ? m.nq : kQueries) {
-        case 0: update_tile<NV, 0>(m, c, u, tile); break;
-        case 1: update_tile<NV, 1>(m, c, u, tile); break;
-        case 2: update_tile<NV, 2>(m, c, u, tile); break;
-        case 3: update_tile<NV, 3>(m, c, u, tile); break;
-        default: update_tile<NV, 4>(m, c, u, tile); break;
-    }
-    read_queries<NV>(m, c, kQueries, tile);
-}
-
-// One query: whole rows of 128 columns, so that S streams through in order. More queries: tiles
-// of 32 columns (16 KB of S at d_k = 128, so the second pass finds the tile in L1). The last tile
-// takes what is left, masked.
-void matrix_step(const MatrixPass& m) {
-    int64_t c = 0;
-    if (m.nq <= 1)  // registers to spare: whole rows of 128 columns, so S streams in order
-        for (; c + 128 <= m.dv; c += 128) step_tile<8>(m, c, 0xffff);
-    for (; c + 32 <= m.dv; c += 32) step_tile<2>(m, c, 0xffff);
-    if (m.dv - c > 16)
-        step_tile<2>(m, c, tail(m.dv - c - 16));
-    else if (c < m.dv)
-        step_tile<1>(m, c, tail(m.dv - c));
-}
-
-void matrix_read(const MatrixPass& m) {
-    int64_t c = 0;
-    for (; c + 32 <= m.dv; c += 32) read_queries<2>(m, c, 0, Tile<2>(0xffff));
-    if (m.dv - c > 16)
-        read_queries<2>(m, c, 0, Tile<2>(tail(m.dv - c - 16)));
-    else if (c < m.dv)
-        read_queries<1>(m, c, 0, Tile<1>(tail(m.dv - c)));
-}
-
-// Chunked prefill. gemm: register tiles of R rows x 32 columns (16 accumulators); each row of b
-// is loaded once per tile and every a value is broadcast from memory.
-template <int R, int NV>
-void gemm_tile(const Gemm& g, int64_t i0, int64_t j0, int64_t k, const Tile<NV>& tile) {
-    __m512 acc[R][NV];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-        for (int t = 0; t < NV; ++t) acc[r][t] = _mm512_setzero_ps();
-    const int64_t row = g.trans_a ? 1 : g.lda, col = g.trans_a ? g.lda : 1;  // a[i][p] at a + i * row + p * col
-    const float* a = g.a + i0 * row;
-    const float* b = g.b + j0;
-    for (int64_t p = 0; p < k; ++p, a += col, b += g.ldb) {
-        __m512 bp[NV];
-#pragma GCC unroll 8
-        for (int t = 0; t < NV; ++t) bp[t] = tile.load(b, t);
-#pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) {
-            const __m512 w = _mm512_set1_ps(a[r * row]);
-#pragma GCC unroll 8
-            for (int t = 0; t < NV; ++t) acc[r][t] = _mm512_fmadd_ps(w, bp[t], acc[r][t]);
-        }
-    }
-    const __m512 alpha = _mm512_set1_ps(g.alpha);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-        float* c = g.c + (i0 + r) * g.ldc + j0;
-#pragma GCC unroll 8
-        for (int t = 0; t < NV; ++t)
-            tile.store(c, t, g.accumulate ? _mm512_fmadd_ps(alpha, acc[r][t], tile.load(c, t))
-                                          : _mm512_mul_ps(alpha, acc[r][t]));
-    }
-}
-
-template <int NV>
-void gemm_rows(const Gemm& g, int64_t i0, int64_t rows, int64_t j0, int64_t k, const Tile<NV>& tile) {
-    switch (rows) {
-        case 1: gemm_tile<1, NV>(g, i0, j0, k, tile); break;
-        case 2: gemm_tile<2, NV>(g, i0, j0, k, tile); break;
-        case 3: gemm_tile<3, NV>(g, i0, j0, k, tile); break;
-        case 4: gemm_tile<4, NV>(g, i0, j0, k, tile); break;
-        case 5: gemm_tile<5, NV>(g, i0, j0, k, tile); break;
-        case 6: gemm_tile<6, NV>(g, i0, j0, k, tile); break;
-        case 7: gemm_tile<7, NV>(g, i0, j0, k, tile); break;
-        default: gemm_tile<8, NV>(g, i0, j0, k, tile); break;
-    }
-}
-
-// Column panels of b (32 columns, 16 KB at k = 128) stay in L1 while the row tiles pass over them.
-void gemm(const Gemm& g) {
-    constexpr int64_t kRows = 8, kCols = 32;
-    for (int64_t j0 = 0; j0 < g.n; j0 += kCols) {
-        const int64_t w = g.n - j0 < kCols ? g.n - j0 : kCols;
-        const __mmask16 last = tail(w > 16 ? w - 16 : w);
-        for (int64_t i0 = g.lower_c ? j0 / kRows * kRows : 0; i0 < g.m; i0 += kRows) {
-            const int64_t rows = g.m - i0 < kRows ? g.m - i0 : kRows;
-            const int64_t k = g.lower_a && i0 + rows < g.k ? i0 + rows : g.k;
-            if (w > 16)
-                gemm_rows<2>(g, i0, rows, j0, k, Tile<2>(last));
-            else
-                gemm_rows<1>(g, i0, rows, j0, k, Tile<1>(last));
-        }
-    }
-}
-
-// Forward substitution, register-blocked like gemm: a tile of 8 rows x 32 columns takes off the
-// rows above it (already solved) one loaded row at a time, then solves its own rows in registers.
-template <int R, int NV>
-void solve_tile(const float* a, int64_t lda, float* x, int64_t ldx, int64_t i0, const Tile<NV>& tile) {
-    __m512 acc[R][NV];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-        for (int t = 0; t < NV; ++t) acc[r][t] = tile.load(x + (i0 + r) * ldx, t);
-    const float* ai = a + i0 * lda;
-    for (int64_t s = 0; s < i0; ++s) {
-        __m512 xs[NV];
-#pragma GCC unroll 8
-        for (int t = 0; t < NV; ++t) xs[t] = tile.load(x + s * ldx, t);
-#pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) {
-            const __m512 w = _mm512_set1_ps(ai[r * lda + s]);
-#pragma GCC unroll 8
-            for (int t = 0; t < NV; ++t) acc[r][t] = _mm512_fnmadd_ps(w, xs[t], acc[r][t]);
-        }
-    }
-#pragma GCC unroll 8
-    for (int r = 1; r < R; ++r)
-#pragma GCC unroll 8
-        for (int s = 0; s < r; ++s) {
-            const __m512 w = _mm512_set1_ps(ai[r * lda + i0 + s]);
-#pragma GCC unroll 8
-            for (int t = 0; t < NV; ++t) acc[r][t] = _mm512_fnmadd_ps(w, acc[s][t], acc[r][t]);
-        }
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-        for (int t = 0; t < NV; ++t) tile.store(x + (i0 + r) * ldx, t, acc[r][t]);
-}
-
-template <int NV>
-void solve_rows(const float* a, int64_t lda, float* x, int64_t ldx, int64_t i0, int64_t rows, const Tile<NV>& tile) {
-    switch (rows) {
-        case 1: solve_tile<1, NV>(a, lda, x, ldx, i0, tile); break;
-        case 2: solve_tile<2, NV>(a, lda, x, ldx, i0, tile); break;
-        case 3: solve_tile<3, NV>(a, lda, x, ldx, i0, tile); break;
-        case 4: solve_tile<4, NV>(a, lda, x, ldx, i0, tile); break;
-        case 5: solve_tile<5, NV>(a, lda, x, ldx, i0, tile); break;
-        case 6: solve_tile<6, NV>(a, lda, x, ldx, i0, tile); break;
-        case 7: solve_tile<7, NV>(a, lda, x, ldx, i0, tile); break;
-        default: solve_tile<8, NV>(a, lda, x, ldx, i0, tile); break;
-    }
-}
-
+// The chunked prefill: tiles of 8 rows x 32 columns (16 accumulators); a panel of b, 16 KB at
+// k = 128, stays in L1.
+void gemm(const Gemm& g) { tiled_gemm<Tile, 8, 2>(g); }
 void solve_unit_lower(const float* a, int64_t lda, float* x, int64_t ldx, int64_t m, int64_t n) {
-    constexpr int64_t kRows = 8, kCols = 32;
-    for (int64_t c = 0; c < n; c += kCols) {
-        const int64_t w = n - c < kCols ? n - c : kCols;
-        for (int64_t i0 = 0; i0 < m; i0 += kRows) {
-            const int64_t rows = m - i0 < kRows ? m - i0 : kRows;
-            if (w > 16)
-                solve_rows<2>(a, lda, x + c, ldx, i0, rows, Tile<2>(tail(w - 16)));
-            else
-                solve_rows<1>(a, lda, x + c, ldx, i0, rows, Tile<1>(tail(w)));
-        }
-    }
+    tiled_solve_unit_lower<Tile, 8, 2>(a, lda, x, ldx, m, n);
 }
 
 const Kernels table = {
@@ -767,6 +535,7 @@ const Kernels table = {
     solve_unit_lower,
 };
 
+}  // namespace
 }  // namespace avx512
 
 const Kernels* avx512_kernels() { return &avx512::table; }
