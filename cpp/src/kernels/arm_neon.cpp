@@ -298,42 +298,9 @@ void solve_unit_lower(const float* a, int64_t lda, float* x, int64_t ldx, int64_
     tiled_solve_unit_lower<Whole, 4, 4>(a, lda, x, ldx, m, n);
 }
 
-const Kernels table = {
-    "neon",
-    dot<F32>,
-    dot<F16>,
-    dot<BF16>,
-    axpy<F32>,
-    axpy<F16>,
-    axpy<BF16>,
-    f32_to_f16,
-    widen<F16>,
-    f32_to_bf16,
-    widen<BF16>,
-    scale,
-    max,
-    exp_sum,
-    all_finite,
-    add_f64,
-    sub_f64,
-    mul_f64,
-    axpby_f64,
-    max_f32,
-    scores<F32>,
-    scores<F16>,
-    scores<BF16>,
-    weighted_sum<F32>,
-    weighted_sum<F16>,
-    weighted_sum<BF16>,
-    softmax,
-    softmax_block,
-    gemv,
-    exp_f32,
-    matrix_step,
-    matrix_read,
-    gemm,
-    solve_unit_lower,
-};
+#include "table-inl.hpp"
+
+constexpr Kernels table = filled_table("neon");
 
 }  // namespace
 }  // namespace neon

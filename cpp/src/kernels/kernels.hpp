@@ -1,5 +1,7 @@
-// Small kernels over raw float arrays, one implementation per ISA (scalar.cpp, x86_avx2.cpp,
-// x86_avx512.cpp, arm_neon.cpp). dispatch.cpp picks the best table the CPU runs, once.
+// Small kernels over raw float arrays, one file per ISA (scalar.cpp, x86_avx2.cpp, x86_avx512.cpp,
+// arm_neon.cpp), each compiled for its ISA alone. What is not ISA-specific is written once and
+// included by each of them: softmax-inl.hpp, simd-inl.hpp (over the file's vector traits) and
+// table-inl.hpp (the table, filled by name). dispatch.cpp picks the best table the CPU runs, once.
 #pragma once
 
 #include <cstdint>

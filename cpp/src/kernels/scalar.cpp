@@ -9,41 +9,39 @@ namespace kvfold {
 namespace scalar {
 namespace {
 
-float dot_f32(const float* a, const float* b, int64_t n) {
+// Stored elements, one value at a time.
+struct F32 {
+    using T = float;
+    static float one(float x) { return x; }
+};
+struct F16 {
+    using T = uint16_t;
+    static float one(uint16_t h) { return half_to_float(h); }
+};
+struct BF16 {
+    using T = uint16_t;
+    static float one(uint16_t h) { return bf16_to_float(h); }
+};
+
+template <class E>
+float dot(const float* a, const typename E::T* b, int64_t n) {
     float s = 0;
-    for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+    for (int64_t i = 0; i < n; ++i) s += a[i] * E::one(b[i]);
     return s;
 }
-float dot_f16(const float* a, const uint16_t* b, int64_t n) {
-    float s = 0;
-    for (int64_t i = 0; i < n; ++i) s += a[i] * half_to_float(b[i]);
-    return s;
+template <class E>
+void axpy(float* y, float a, const typename E::T* x, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) y[i] += a * E::one(x[i]);
 }
-float dot_bf16(const float* a, const uint16_t* b, int64_t n) {
-    float s = 0;
-    for (int64_t i = 0; i < n; ++i) s += a[i] * bf16_to_float(b[i]);
-    return s;
-}
-void axpy_f32(float* y, float a, const float* x, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
-}
-void axpy_f16(float* y, float a, const uint16_t* x, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) y[i] += a * half_to_float(x[i]);
-}
-void axpy_bf16(float* y, float a, const uint16_t* x, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) y[i] += a * bf16_to_float(x[i]);
+template <class E>
+void widen(float* y, const typename E::T* x, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) y[i] = E::one(x[i]);
 }
 void f32_to_f16(uint16_t* y, const float* x, int64_t n) {
     for (int64_t i = 0; i < n; ++i) y[i] = float_to_half(x[i]);
 }
-void f16_to_f32(float* y, const uint16_t* x, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) y[i] = half_to_float(x[i]);
-}
 void f32_to_bf16(uint16_t* y, const float* x, int64_t n) {
     for (int64_t i = 0; i < n; ++i) y[i] = float_to_bf16(x[i]);
-}
-void bf16_to_f32(float* y, const uint16_t* x, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) y[i] = bf16_to_float(x[i]);
 }
 void scale(float* y, float a, int64_t n) {
     for (int64_t i = 0; i < n; ++i) y[i] *= a;
@@ -86,7 +84,7 @@ void max_f32(float* y, const float* x, int64_t n) {
 }
 
 void gemv(float* y, const float* W, const float* x, int64_t rows, int64_t cols) {
-    for (int64_t r = 0; r < rows; ++r) y[r] = dot_f32(W + r * cols, x, cols);
+    for (int64_t r = 0; r < rows; ++r) y[r] = dot<F32>(W + r * cols, x, cols);
 }
 void exp_f32(float* y, const float* x, int64_t n) {
     for (int64_t i = 0; i < n; ++i) y[i] = std::exp(x[i]);
@@ -129,7 +127,7 @@ void matrix_read(const MatrixPass& m) {
     for (int64_t n = 0; n < m.nq; ++n) {
         float* o = m.out + n * m.out_stride;
         for (int64_t j = 0; j < m.dv; ++j) o[j] = 0;
-        for (int64_t i = 0; i < m.dk; ++i) axpy_f32(o, m.q[n * m.q_stride + i], m.S + i * m.ld, m.dv);
+        for (int64_t i = 0; i < m.dk; ++i) axpy<F32>(o, m.q[n * m.q_stride + i], m.S + i * m.ld, m.dv);
         scale(o, m.scale, m.dv);
     }
 }
@@ -153,63 +151,30 @@ void gemm(const Gemm& g) {
 // Forward substitution: row i subtracts the rows above it, already solved.
 void solve_unit_lower(const float* a, int64_t lda, float* x, int64_t ldx, int64_t m, int64_t n) {
     for (int64_t i = 1; i < m; ++i)
-        for (int64_t s = 0; s < i; ++s) axpy_f32(x + i * ldx, -a[i * lda + s], x + s * ldx, n);
+        for (int64_t s = 0; s < i; ++s) axpy<F32>(x + i * ldx, -a[i * lda + s], x + s * ldx, n);
 }
 
-template <class T, float (*Dot)(const float*, const T*, int64_t)>
-void scores(const float* q, int64_t q_stride, int64_t nq, const T* k, int64_t rows, int64_t d, float scale,
+template <class E>
+void scores(const float* q, int64_t q_stride, int64_t nq, const typename E::T* k, int64_t rows, int64_t d, float scale,
             float* s, int64_t s_stride) {
     for (int64_t j = 0; j < rows; ++j)
-        for (int64_t i = 0; i < nq; ++i) s[i * s_stride + j] = scale * Dot(q + i * q_stride, k + j * d, d);
+        for (int64_t i = 0; i < nq; ++i) s[i * s_stride + j] = scale * dot<E>(q + i * q_stride, k + j * d, d);
 }
 
-template <class T, void (*Axpy)(float*, float, const T*, int64_t)>
-void weighted_sum(const float* p, int64_t p_stride, int64_t nq, const T* v, int64_t rows, int64_t d, float* out,
-                  int64_t out_stride, bool add) {
+template <class E>
+void weighted_sum(const float* p, int64_t p_stride, int64_t nq, const typename E::T* v, int64_t rows, int64_t d,
+                  float* out, int64_t out_stride, bool add) {
     for (int64_t i = 0; i < nq; ++i) {
         if (!add) std::memset(out + i * out_stride, 0, sizeof(float) * d);
-        for (int64_t j = 0; j < rows; ++j) Axpy(out + i * out_stride, p[i * p_stride + j], v + j * d, d);
+        for (int64_t j = 0; j < rows; ++j) axpy<E>(out + i * out_stride, p[i * p_stride + j], v + j * d, d);
     }
 }
 
 #include "softmax-inl.hpp"
 
-const Kernels table = {
-    "scalar",
-    dot_f32,
-    dot_f16,
-    dot_bf16,
-    axpy_f32,
-    axpy_f16,
-    axpy_bf16,
-    f32_to_f16,
-    f16_to_f32,
-    f32_to_bf16,
-    bf16_to_f32,
-    scale,
-    max,
-    exp_sum,
-    all_finite,
-    add_f64,
-    sub_f64,
-    mul_f64,
-    axpby_f64,
-    max_f32,
-    scores<float, dot_f32>,
-    scores<uint16_t, dot_f16>,
-    scores<uint16_t, dot_bf16>,
-    weighted_sum<float, axpy_f32>,
-    weighted_sum<uint16_t, axpy_f16>,
-    weighted_sum<uint16_t, axpy_bf16>,
-    softmax,
-    softmax_block,
-    gemv,
-    exp_f32,
-    matrix_step,
-    matrix_read,
-    gemm,
-    solve_unit_lower,
-};
+#include "table-inl.hpp"
+
+constexpr Kernels table = filled_table("scalar");
 
 }  // namespace
 }  // namespace scalar

@@ -96,10 +96,11 @@ void f32_to_f16(uint16_t* y, const float* x, int64_t n) {
                          _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
     for (; i < n; ++i) y[i] = float_to_half(x[i]);
 }
-void f16_to_f32(float* y, const uint16_t* x, int64_t n) {
+template <class E>
+void widen(float* y, const typename E::T* x, int64_t n) {
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, V::load_f16(x + i));
-    for (; i < n; ++i) y[i] = half_to_float(x[i]);
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, E::load(x + i));
+    for (; i < n; ++i) y[i] = E::one(x[i]);
 }
 // Round to nearest even on the bit pattern, NaN kept quiet: the scalar float_to_bf16, 8 at a time.
 void f32_to_bf16(uint16_t* y, const float* x, int64_t n) {
@@ -115,11 +116,6 @@ void f32_to_bf16(uint16_t* y, const float* x, int64_t n) {
         _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i), packed);
     }
     for (; i < n; ++i) y[i] = float_to_bf16(x[i]);
-}
-void bf16_to_f32(float* y, const uint16_t* x, int64_t n) {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, V::load_bf16(x + i));
-    for (; i < n; ++i) y[i] = bf16_to_float(x[i]);
 }
 
 void scale(float* y, float a, int64_t n) {
@@ -420,42 +416,16 @@ void weighted_sum_bf16(const float* p, int64_t p_stride, int64_t nq, const uint1
 
 #include "softmax-inl.hpp"
 
-const Kernels table = {
-    "avx2",
-    dot<F32>,
-    dot<F16>,
-    dot<BF16>,
-    axpy<F32>,
-    axpy<F16>,
-    axpy<BF16>,
-    f32_to_f16,
-    f16_to_f32,
-    f32_to_bf16,
-    bf16_to_f32,
-    scale,
-    max,
-    exp_sum,
-    all_finite,
-    add_f64,
-    sub_f64,
-    mul_f64,
-    axpby_f64,
-    max_f32,
-    scores<F32>,
-    scores<F16>,
-    scores_bf16,
-    weighted_sum<F32>,
-    weighted_sum<F16>,
-    weighted_sum_bf16,
-    softmax,
-    softmax_block,
-    gemv,
-    exp_f32,
-    matrix_step,
-    matrix_read,
-    gemm,
-    solve_unit_lower,
-};
+#include "table-inl.hpp"
+
+constexpr Kernels make_table() {
+    Kernels k = filled_table("avx2");
+    k.scores_bf16 = scores_bf16;  // even and odd values apart, see above
+    k.weighted_sum_bf16 = weighted_sum_bf16;
+    return k;
+}
+
+constexpr Kernels table = make_table();
 
 }  // namespace
 }  // namespace avx2

@@ -126,6 +126,8 @@ void narrow(uint16_t* y, const float* x, int64_t n) {
         _mm256_mask_storeu_epi16(y + i, m, Narrow(_mm512_maskz_loadu_ps(m, x + i)));
     }
 }
+void f32_to_f16(uint16_t* y, const float* x, int64_t n) { narrow<to_f16>(y, x, n); }
+void f32_to_bf16(uint16_t* y, const float* x, int64_t n) { narrow<to_bf16>(y, x, n); }
 
 void scale(float* y, float a, int64_t n) {
     __m512 va = _mm512_set1_ps(a);
@@ -498,42 +500,18 @@ void solve_unit_lower(const float* a, int64_t lda, float* x, int64_t ldx, int64_
     tiled_solve_unit_lower<Tile, 8, 2>(a, lda, x, ldx, m, n);
 }
 
-const Kernels table = {
-    "avx512",
-    dot<F32>,
-    dot<F16>,
-    dot<BF16>,
-    axpy<F32>,
-    axpy<F16>,
-    axpy<BF16>,
-    narrow<to_f16>,
-    widen<F16>,
-    narrow<to_bf16>,
-    widen<BF16>,
-    scale,
-    max,
-    exp_sum,
-    all_finite,
-    add_f64,
-    sub_f64,
-    mul_f64,
-    axpby_f64,
-    max_f32,
-    scores<F32>,
-    scores<F16>,
-    scores_bf16,
-    weighted_sum<F32>,
-    weighted_sum<F16>,
-    weighted_sum_bf16,
-    softmax_short,
-    softmax_block_short,
-    gemv,
-    exp_f32,
-    matrix_step,
-    matrix_read,
-    gemm,
-    solve_unit_lower,
-};
+#include "table-inl.hpp"
+
+constexpr Kernels make_table() {
+    Kernels k = filled_table("avx512");
+    k.scores_bf16 = scores_bf16;  // even and odd values apart, see above
+    k.weighted_sum_bf16 = weighted_sum_bf16;
+    k.softmax = softmax_short;  // short blocks in one register, see above
+    k.softmax_block = softmax_block_short;
+    return k;
+}
+
+constexpr Kernels table = make_table();
 
 }  // namespace
 }  // namespace avx512
