@@ -52,8 +52,8 @@ const T* rows_at(const void* base, int64_t first, int64_t d) {
     return static_cast<const T*>(base) + first * d;
 }
 
-void score_rows(const Kernels& K, const Rows& r, const float* q, int64_t q_stride, int64_t nq, int64_t dk,
-                float scale, float* s, int64_t s_stride) {
+void score_kernel(const Kernels& K, const Rows& r, const float* q, int64_t q_stride, int64_t nq, int64_t dk,
+                  float scale, float* s, int64_t s_stride) {
     const void* keys = r.seg->keys;
     switch (r.seg->dtype) {
         case DType::float16:
@@ -63,6 +63,15 @@ void score_rows(const Kernels& K, const Rows& r, const float* q, int64_t q_strid
         default:
             return K.scores_f32(q, q_stride, nq, rows_at<float>(keys, r.first, dk), r.count, dk, scale, s, s_stride);
     }
+}
+
+// Scores of a run of rows for nq queries (s_stride apart), with the segment's logit bias if it has one.
+void score_rows(const Kernels& K, const Rows& r, const float* q, int64_t q_stride, int64_t nq, int64_t dk,
+                float scale, float* s, int64_t s_stride) {
+    score_kernel(K, r, q, q_stride, nq, dk, scale, s, s_stride);
+    if (const float* bias = r.seg->bias)
+        for (int64_t i = 0; i < nq; ++i)
+            for (int64_t j = 0; j < r.count; ++j) s[i * s_stride + j] += bias[r.first + j];
 }
 
 void weigh_rows(const Kernels& K, const Rows& r, const float* p, int64_t p_stride, int64_t nq, int64_t dv,

@@ -7,12 +7,14 @@
 
 namespace kvfold {
 
-// n rows of keys (d_k) and values (d_v), stored as `dtype`.
+// n rows of keys (d_k) and values (d_v), stored as `dtype`; bias, when given, holds a logit per row
+// that is added to the row's scaled score (a memory slot that stands for several pairs).
 struct Segment {
     const void* keys;
     const void* values;
     int64_t rows;
     DType dtype;
+    const float* bias = nullptr;
 };
 
 // The nq query heads that read one KV head (a grouped-query attention group) and that head's visible
@@ -26,7 +28,7 @@ struct Attention {
     int64_t out_stride;
 };
 
-// out_i = softmax(scale * q_i . K) V over all segments, in one pass over the rows with an online
+// out_i = softmax(scale * q_i . K + bias) V over all segments, in one pass over the rows with an online
 // softmax; each key and value row is read once for the whole group. A visible set with no rows
 // yields zeros. Several problems at once (independent lanes) let their short dependency chains
 // overlap, which is what decides the time of small visible sets.

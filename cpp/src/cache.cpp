@@ -251,7 +251,7 @@ struct Model {
         const DType t = c.cfg.dtype;
         segs[0] = {c.sink_k.lane(lane), c.sink_v.lane(lane), c.sinks_held(len), t};
         segs[1] = {c.rule->slot_key(lane, 0), c.rule->slot_value(lane, 0), c.rule->visible_slots(c.folded(len)),
-                   c.rule->slot_dtype()};
+                   c.rule->slot_dtype(), c.rule->slot_bias(lane)};
         segs[2] = {c.win_k.lane(lane), c.win_v.lane(lane), c.window_held(len), t};
     }
 };

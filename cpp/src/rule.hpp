@@ -72,6 +72,8 @@ class Rule {
     virtual int64_t visible_slots(int64_t folded) const { return folded > 0 ? max_slots() : 0; }
     // Slot holding the oldest summary after `folded` folds (slots form a ring).
     virtual int64_t oldest_slot(int64_t /*folded*/) const { return 0; }
+    // A logit bias per slot ([max_slots] floats of a lane), added to the scaled scores; null for none.
+    virtual const float* slot_bias(int64_t /*lane*/) const { return nullptr; }
 
     // Custom rules fold a whole batch row (all heads) through a user callback, one thread.
     virtual bool folds_rows() const { return false; }

@@ -48,16 +48,18 @@ Stored make_rows(int64_t rows, int64_t dk, int64_t dv, DType dtype, unsigned see
     return s;
 }
 
-// float64 softmax attention of one query over the concatenated rows.
-std::vector<double> expected(const float* q, const std::vector<Stored>& parts, int64_t dk, int64_t dv, float scale) {
+// float64 softmax attention of one query over the concatenated rows; bias[p], when not empty, holds
+// a logit per row of part p.
+std::vector<double> expected(const float* q, const std::vector<Stored>& parts, int64_t dk, int64_t dv, float scale,
+                             const std::vector<std::vector<float>>& bias = {}) {
     std::vector<double> scores, out(dv, 0.0);
     std::vector<const float*> values;
-    for (const Stored& p : parts)
-        for (int64_t j = 0; j < p.rows; ++j) {
+    for (size_t p = 0; p < parts.size(); ++p)
+        for (int64_t j = 0; j < parts[p].rows; ++j) {
             double s = 0;
-            for (int64_t i = 0; i < dk; ++i) s += double(q[i]) * p.k[j * dk + i];
-            scores.push_back(s * scale);
-            values.push_back(&p.v[j * dv]);
+            for (int64_t i = 0; i < dk; ++i) s += double(q[i]) * parts[p].k[j * dk + i];
+            scores.push_back(s * scale + (p < bias.size() && !bias[p].empty() ? bias[p][j] : 0.0));
+            values.push_back(&parts[p].v[j * dv]);
         }
     if (scores.empty()) return out;
     double m = scores[0], total = 0;
@@ -134,4 +136,31 @@ TEST(batched_problems_are_independent) {
             auto want = expected(queries[c].data() + i * dk, stored[c], dk, dv, scale);
             for (int64_t j = 0; j < dv; ++j) CHECK_NEAR(outs[c][i * dv + j], want[j], 2e-5);
         }
+}
+
+// A segment's per-row logit bias (memory slots that stand for several pairs) shifts its rows' scores,
+// in the one-block softmax and in the online softmax of long visible sets alike.
+TEST(row_bias_is_added_to_the_scores) {
+    const float scale = 0.25f;
+    const int64_t cases[][3] = {{2, 5, 9}, {0, 70, 3}, {4, 3, 100}, {0, 1, 0}};  // sinks, slots, window
+    for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); ++c) {
+        const int64_t dk = 19, dv = 11, nq = 3;
+        std::vector<Stored> parts;
+        for (int s = 0; s < 3; ++s) parts.push_back(make_rows(cases[c][s], dk, dv, s == 2 ? DType::float16 : DType::float32, 31 * c + s));
+        std::vector<std::vector<float>> bias(3);
+        for (int64_t j = 0; j < cases[c][1]; ++j) bias[1].push_back(std::log(1.0f + static_cast<float>(j % 7)));
+        std::vector<Segment> segs;
+        for (const Stored& p : parts) segs.push_back(p.segment());
+        segs[1].bias = bias[1].data();
+        std::mt19937 g(300 + c);
+        std::normal_distribution<float> n;
+        std::vector<float> q(nq * dk), out(nq * dv, NAN);
+        for (float& x : q) x = n(g);
+        Attention problem{q.data(), dk, nq, segs.data(), 3, out.data(), dv};
+        attend(&problem, 1, dk, dv, scale);
+        for (int64_t i = 0; i < nq; ++i) {
+            auto want = expected(q.data() + i * dk, parts, dk, dv, scale, bias);
+            for (int64_t j = 0; j < dv; ++j) CHECK_NEAR(out[i * dv + j], want[j], 2e-5);
+        }
+    }
 }

@@ -46,6 +46,8 @@ std::vector<RuleSpec> all_rules() {
             spec("ema", {{"alpha", {0.3}}}),
             spec("compressive", {{"slots", {2}}, {"rate", {3}}}),
             spec("compressive", {{"slots", {3}}, {"rate", {2}}}, {{"pool", "max"}}),
+            spec("merge", {{"slots", {3}}}, {{"bias", "log_count"}}),
+            spec("merge", {{"slots", {2}}}, {{"bias", "none"}}),
             gru(),
             spec("linear", {{"eps", {1e-6}}, {"mix", {0.5}}}, {{"feature_map", "elu1"}, {"normalize", "true"}}),
             spec("gated_delta", {{"decay", {-0.1, -0.4}}, {"beta", {0.5}}, {"mix", {0.0}}})};

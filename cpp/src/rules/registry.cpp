@@ -12,6 +12,7 @@ std::unique_ptr<Rule> make_moving(const RuleSpec&);
 std::unique_ptr<Rule> make_weighted(const RuleSpec&);
 std::unique_ptr<Rule> make_ema(const RuleSpec&);
 std::unique_ptr<Rule> make_compressive(const RuleSpec&);
+std::unique_ptr<Rule> make_merge(const RuleSpec&);
 std::unique_ptr<Rule> make_gru(const RuleSpec&);
 std::unique_ptr<Rule> make_linear_attention(const RuleSpec&);
 std::unique_ptr<Rule> make_custom(const RuleSpec&);
@@ -24,7 +25,7 @@ struct Kind {
 const Kind kinds[] = {
     {"drop", make_drop},   {"cumulative", make_cumulative}, {"moving", make_moving},
     {"weighted", make_weighted}, {"ema", make_ema},         {"compressive", make_compressive},
-    {"gru", make_gru},
+    {"gru", make_gru},         {"merge", make_merge},
     {"linear", make_linear_attention}, {"gated", make_linear_attention},
     {"delta", make_linear_attention},  {"gated_delta", make_linear_attention},
     {"custom", make_custom},
