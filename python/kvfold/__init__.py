@@ -19,6 +19,7 @@ from . import _core, _state, rules
 from ._checks import integer
 from ._core import available_backends, simd_backend
 from ._state import Checkpoint
+from .rope import RoPE
 
 __version__: str = _core.__version__
 
@@ -32,6 +33,7 @@ if os.environ.get("KVFOLD_SIMD") and os.environ["KVFOLD_SIMD"] not in _core._kno
 
 __all__ = [
     "MemoryCache",
+    "RoPE",
     "Checkpoint",
     "load",
     "rules",
@@ -252,4 +254,4 @@ def load(path: _state.PathLike) -> MemoryCache:
     return MemoryCache.from_bytes(_state.read_file(path))
 
 
-from . import reference  # noqa: E402  (reference imports rules only; kept last for a flat namespace)
+from . import reference  # noqa: E402  (reference imports rules and rope only; kept last for a flat namespace)

@@ -46,6 +46,11 @@ def check_summary_rule(rule: rules.Rule, cache: Optional[MemoryCache] = None) ->
             f"rule with key/value slots), got {type(rule).__name__}, whose memory is a d_k x d_v matrix read "
             "linearly; the model's softmax attention reads only key/value pairs"
         )
+    if getattr(rule, "bias", None) == "log_count":
+        raise ValueError(
+            f"rule: {rule!r} adds a logit bias to its slots, which the model's own attention cannot apply to the "
+            "pairs FoldCache hands it; use bias=None"
+        )
 
 
 def _as_float32(x: torch.Tensor) -> np.ndarray:

@@ -30,6 +30,7 @@ __all__ = [
     "Weighted",
     "EMA",
     "Compressive",
+    "Merge",
     "GRU",
     "Linear",
     "Gated",
@@ -196,6 +197,42 @@ class Compressive(Rule):
         if not isinstance(self.pool, str):
             raise TypeError(f"Compressive: pool must be 'mean' or 'max', got {type(self.pool).__name__}")
         super().__post_init__()
+
+
+@dataclass(frozen=True)
+class Merge(Rule):
+    """Token merging as the memory: up to ``slots`` slots, each the sum of the pairs merged into it.
+
+    Slot s holds float64 sums ``Sk``, ``Sv``, a count ``n`` and a position sum ``Sp``. A folded pair
+    becomes a new slot at the end; when that makes ``slots + 1``, the two slots whose mean keys
+    (``Sk / n``) have the highest cosine similarity merge: sums, counts and position sums add, the
+    merged slot takes the lower index and the later slots move down (ties: the first pair (i, j),
+    i < j, in row-major order; the cosine with a zero key is 0). Attention reads slot s as the pair
+    ``(Sk / n, Sv / n)``; with ``bias="log_count"`` its logit gets ``+ ln n``, so a slot weighs as
+    the n pairs it stands for would if their keys were equal (Token Merging's proportional
+    attention); ``bias=None`` reads it as one pair. Up to ``slots`` slots."""
+
+    slots: int
+    bias: Optional[str] = "log_count"
+    kind: ClassVar[str] = "merge"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "slots", integer("Merge: slots", self.slots))
+        if self.bias is not None and not isinstance(self.bias, str):
+            raise TypeError(f"Merge: bias must be 'log_count' or None, got {type(self.bias).__name__} {self.bias!r}")
+        if self.bias not in (None, "log_count"):
+            raise ValueError(f"Merge: bias must be 'log_count' or None, got {self.bias!r}")
+        super().__post_init__()
+
+    def _spec(self) -> Tuple[str, Dict[str, Any], Dict[str, str], Any]:
+        kind, arrays, options, fn = super()._spec()
+        options["bias"] = self.bias or "none"
+        return (kind, arrays, options, fn)
+
+    @classmethod
+    def _from_spec(cls, arrays: Dict[str, np.ndarray], options: Dict[str, str]) -> "Rule":
+        bias = options.get("bias", "none")
+        return cls(int(np.asarray(arrays["slots"])), None if bias == "none" else bias)
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -383,7 +420,7 @@ class Custom(Rule):
 
 _KINDS: Dict[str, type] = {
     cls.kind: cls
-    for cls in (Drop, Cumulative, Moving, Weighted, EMA, Compressive, GRU, Linear, Gated, Delta, GatedDelta)
+    for cls in (Drop, Cumulative, Moving, Weighted, EMA, Compressive, Merge, GRU, Linear, Gated, Delta, GatedDelta)
 }
 
 

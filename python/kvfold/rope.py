@@ -1,0 +1,80 @@
+"""``RoPE``: how a model rotates its keys by position, so that a memory can fold keys without it.
+
+Keys in a model's cache are rotated by the rotary embedding at their position. An average of keys rotated
+at many positions is not a key the model learned to look for; a cache made with a ``RoPE`` un-rotates
+each pair as it is folded (``Rot(k, -p)``), folds its position with it, and rotates a memory slot's key
+back at the slot's position when attention reads it. The rotation itself, in NumPy, is
+``kvfold.reference.rotate``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from ._checks import integer
+
+__all__ = ["RoPE"]
+
+LAYOUTS = ("half", "interleaved")
+
+
+@dataclass(frozen=True)
+class RoPE:
+    """Rotary position embedding of keys: rotation angle ``p * theta ** (-2 i / dim)`` for pair i at position p.
+
+    ``dim``: the dimensions rotated, from the start of the head (even; ``None`` means the whole head,
+    and it may not exceed the head size). ``layout``: which dimensions form pair i: ``"half"`` pairs
+    ``i`` and ``i + dim/2`` (Hugging Face Llama's ``rotate_half``), ``"interleaved"`` pairs ``2i`` and
+    ``2i + 1`` (the original RoFormer and GPT-J layout). Pair ``(a, b)`` rotated by angle ``t`` is
+    ``(a cos t - b sin t, b cos t + a sin t)``; dimensions from ``dim`` on are left as they are.
+    """
+
+    theta: float
+    dim: Optional[int] = None
+    layout: str = "half"
+
+    def __post_init__(self) -> None:
+        theta = self.theta
+        if isinstance(theta, bool) or not isinstance(theta, numbers.Real):
+            raise TypeError(f"RoPE: theta must be a real number, got {type(theta).__name__} {theta!r}")
+        if not (math.isfinite(float(theta)) and float(theta) > 0):
+            raise ValueError(f"RoPE: theta must be a finite number > 0, got {theta!r}")
+        object.__setattr__(self, "theta", float(theta))
+        if self.dim is not None:
+            dim = integer("RoPE: dim", self.dim, minimum=2)
+            if dim % 2:
+                raise ValueError(f"RoPE: dim must be even (dimensions are rotated in pairs), got {dim}")
+            object.__setattr__(self, "dim", dim)
+        if not isinstance(self.layout, str):
+            raise TypeError(f"RoPE: layout must be 'half' or 'interleaved', got {type(self.layout).__name__}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"RoPE: layout must be 'half' or 'interleaved', got {self.layout!r}")
+
+    def rotated_dims(self, head_dim: int) -> int:
+        """The dimensions rotated in a head of ``head_dim``; ValueError if ``dim`` does not fit."""
+        if self.dim is None:
+            if head_dim % 2:
+                raise ValueError(f"rope: a RoPE over the whole head needs an even head_dim, got {head_dim}")
+            return head_dim
+        if self.dim > head_dim:
+            raise ValueError(f"rope: dim must be at most head_dim={head_dim}, got dim={self.dim}")
+        return self.dim
+
+    @classmethod
+    def from_config(cls, config: Any) -> "RoPE":
+        """The RoPE of a Hugging Face Llama-family config (``rope_parameters`` or ``rope_theta``, and
+        ``partial_rotary_factor``); ValueError for rope scalings other than the default."""
+        params = getattr(config, "rope_parameters", None) or {}
+        theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+        kind = params.get("rope_type", "default")
+        if theta is None:
+            raise ValueError("config: no rope_theta found (rope_parameters['rope_theta'] or rope_theta)")
+        if kind != "default":
+            raise ValueError(f"config: rope_type {kind!r} changes the frequencies; only 'default' is supported")
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        factor = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+        dim = int(head_dim * factor)
+        return cls(theta, None if dim == head_dim else dim)

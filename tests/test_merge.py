@@ -1,0 +1,164 @@
+"""rules.Merge in the C++ cache against kvfold.reference, through every path and state operation,
+with and without the log-count bias (which attention adds on every SIMD backend)."""
+
+import pickle
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose
+
+import kvfold
+from conftest import tokens
+from kvfold import reference, rules
+
+MERGES = [
+    rules.Merge(1, bias=None),
+    rules.Merge(3, bias=None),
+    rules.Merge(7, bias=None),
+    rules.Merge(1),
+    rules.Merge(3),
+    rules.Merge(17),
+]
+
+# (batch, KV heads, query heads, d_k, d_v, window, sinks)
+SHAPES = [
+    (1, 1, 1, 1, 1, 0, 0),
+    (2, 3, 3, 7, 5, 0, 0),
+    (1, 2, 6, 17, 3, 4, 0),
+    (3, 1, 4, 3, 33, 0, 2),
+    (2, 2, 4, 33, 7, 5, 3),
+    (1, 1, 1, 127, 17, 1, 1),
+]
+T = 30
+
+
+def make(rule, shape, cls=kvfold.MemoryCache, **kw):
+    B, H, Hq, dk, dv, window, sinks = shape
+    return cls(
+        rule, num_heads=H, head_dim=dk, value_dim=dv, num_query_heads=Hq, batch_size=B, window=window, sinks=sinks, **kw
+    )
+
+
+def data(rng, shape, T):
+    B, H, Hq, dk, dv, _, _ = shape
+    return tokens(rng, B, Hq, T, dk), tokens(rng, B, H, T, dk), tokens(rng, B, H, T, dv)
+
+
+def close(a, b):
+    assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", MERGES, ids=repr)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_step_matches_reference(rule, shape, rng):
+    cache, ref = make(rule, shape), make(rule, shape, reference.ReferenceCache)
+    q, k, v = data(rng, shape, T)
+    for t in range(T):
+        close(cache.step(q[:, :, t], k[:, :, t], v[:, :, t]), ref.step(q[:, :, t], k[:, :, t], v[:, :, t]))
+    for a, b in zip(cache.memory() + cache.visible()[:2], ref.memory() + ref.visible()[:2]):
+        close(a, b)
+    np.testing.assert_array_equal(cache.visible()[2], ref.visible()[2])
+
+
+@pytest.mark.parametrize("rule", MERGES, ids=repr)
+@pytest.mark.parametrize("shape", SHAPES[1:5], ids=str)
+def test_blocks_forward_and_reset_match_reference(rule, shape, rng):
+    cache, ref = make(rule, shape), make(rule, shape, reference.ReferenceCache)
+    q, k, v = data(rng, shape, T)
+    for lo, hi in [(0, 1), (1, 9), (9, 20)]:
+        cache.update(k[:, :, lo:hi], v[:, :, lo:hi])
+        ref.update(k[:, :, lo:hi], v[:, :, lo:hi])
+        close(cache.attend(q[:, :, hi - 1]), ref.attend(q[:, :, hi - 1]))
+    cache.reset(rows=[0])
+    ref.reset(rows=[0])
+    close(
+        cache.forward(q[:, :, 20:], k[:, :, 20:], v[:, :, 20:]), ref.forward(q[:, :, 20:], k[:, :, 20:], v[:, :, 20:])
+    )
+    close(cache.memory()[0], ref.memory()[0])
+
+
+@pytest.mark.parametrize("rule", [rules.Merge(80), rules.Merge(5), rules.Merge(80, bias=None)], ids=repr)
+@pytest.mark.parametrize("dims", [(33, 17), (64, 64)], ids=str)
+def test_long_visible_sets_match_reference(rule, dims, rng):
+    """Slots and window past one block of rows: the bias goes through the online softmax too. (The
+    incremental reference, which equals the history one under fifo retention, keeps this fast.)"""
+    dk, dv = dims
+    shape = (2, 2, 8, dk, dv, 70, 3)
+    cache, ref = make(rule, shape), make(rule, shape, reference.StreamCache)
+    q, k, v = data(rng, shape, 200)
+    close(cache.forward(q, k, v), ref.forward(q, k, v))
+    if rule.bias:
+        assert cache.visible_size == 3 + rule.slots + 70  # every slot full, merged slots among them
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("rule", [rules.Merge(4), rules.Merge(4, bias=None)], ids=repr)
+def test_half_storage_is_the_float32_model_on_rounded_pairs(rule, dtype, rng):
+    """Pairs are stored (rounded) before they are folded, and a slot is its float64 mean rounded once."""
+    from test_half import ROUND
+
+    shape = (2, 3, 6, 32, 64, 9, 2)
+    q, k, v = data(rng, shape, 40)
+    half, wide = make(rule, shape, dtype=dtype), make(rule, shape)
+    a = half.forward(q, k, v)
+    b = wide.forward(q, ROUND[dtype](k), ROUND[dtype](v))
+    for x, y in zip(half.memory() + half.visible()[:2], wide.memory() + wide.visible()[:2]):
+        np.testing.assert_array_equal(x, ROUND[dtype](y))
+    assert np.abs(a - b).max() < 2e-2
+
+
+def test_equal_keys_merge_into_one_slot_weighing_their_count(rng):
+    """The log-count bias makes n equal keys in one slot weigh what the n pairs would."""
+    pool = rng.standard_normal((1, 2, 4, 16)).astype(np.float32)
+    k = pool[:, :, rng.integers(0, 4, 50)]
+    v = rng.standard_normal((1, 2, 50, 8)).astype(np.float32)
+    q = rng.standard_normal((1, 4, 16)).astype(np.float32)
+    merged = kvfold.MemoryCache(rules.Merge(4), num_heads=2, head_dim=16, value_dim=8, num_query_heads=4)
+    full = kvfold.MemoryCache(None, num_heads=2, head_dim=16, value_dim=8, num_query_heads=4, window=50)
+    merged.update(k, v)
+    full.update(k, v)
+    close(merged.attend(q), full.attend(q))
+
+
+@pytest.mark.one_backend
+@pytest.mark.parametrize("rule", [rules.Merge(3), rules.Merge(2, bias=None)], ids=repr)
+def test_state_operations_continue_like_the_original(rule, rng):
+    shape = (3, 2, 4, 8, 6, 3, 1)
+    q, k, v = data(rng, shape, 30)
+    cache, ref = make(rule, shape), make(rule, shape, reference.ReferenceCache)
+    cache.forward(q[:, :, :12], k[:, :, :12], v[:, :, :12])
+    ref.forward(q[:, :, :12], k[:, :, :12], v[:, :, :12])
+    cp = cache.checkpoint()
+    saved = cache.to_bytes()
+    cache.forward(q[:, :, 12:20], k[:, :, 12:20], v[:, :, 12:20])
+    cache.rollback(cp)
+    restored = kvfold.MemoryCache.from_bytes(saved)
+    assert restored.rule == rule and pickle.loads(pickle.dumps(cache)).rule == rule
+    want = ref.forward(q[:, :, 12:], k[:, :, 12:], v[:, :, 12:])
+    for c in (cache, restored, cache.copy()):
+        close(c.copy().forward(q[:, :, 12:], k[:, :, 12:], v[:, :, 12:]), want)
+    # reorder: new row r is old row order[r]; the rows continue as those rows would
+    order = [2, 0, 0]
+    moved = restored.copy()
+    moved.reorder(np.array(order))
+    close(moved.forward(q[order][:, :, 12:], k[order][:, :, 12:], v[order][:, :, 12:]), want[order])
+    joined = kvfold.MemoryCache.concat([restored.select([1]), restored.select([0])])
+    close(joined.forward(q[[1, 0]][:, :, 12:], k[[1, 0]][:, :, 12:], v[[1, 0]][:, :, 12:]), want[[1, 0]])
+
+
+@pytest.mark.one_backend
+def test_nbytes_is_fixed_and_counts_the_sums():
+    cache = kvfold.MemoryCache(rules.Merge(4), num_heads=2, head_dim=8, value_dim=8, window=2)
+    before = cache.nbytes
+    cache.update(np.ones((1, 2, 50, 8)), np.ones((1, 2, 50, 8)))
+    assert cache.nbytes == before
+    drop = kvfold.MemoryCache(None, num_heads=2, head_dim=8, value_dim=8, window=2).nbytes
+    assert before - drop >= 2 * 5 * 16 * 8  # float64 sums of 4 slots and the pair being folded, per lane
+
+
+@pytest.mark.one_backend
+def test_bad_slots_are_refused():
+    with pytest.raises(ValueError, match=r"merge rule: slots must be an integer in \[1, 65536\], got 0"):
+        rules.Merge(0)
+    with pytest.raises(ValueError, match=r"slots must be an integer in \[1, 65536\], got 100000"):
+        rules.Merge(100000)
