@@ -140,6 +140,7 @@ def test_rule_value_semantics(rng):
         (lambda w: rules.GRU("weights", w["weight_hh"]), TypeError, ["weight_ih"]),
         (lambda w: rules.GRU(w["weight_ih"].astype(complex), w["weight_hh"]), TypeError, ["weight_ih", "complex"]),
         (lambda w: rules.GRU(w["weight_ih"], None), TypeError, ["weight_hh"]),
+        (lambda w: rules.GRU([[0.0], [0.0, 1.0]], w["weight_hh"]), ValueError, ["weight_ih", "regular array"]),
     ],
 )
 def test_bad_weights(make, error, words, rng):

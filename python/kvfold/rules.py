@@ -14,6 +14,7 @@ head and are read linearly.
 from __future__ import annotations
 
 import numbers
+import warnings
 from dataclasses import dataclass, fields
 from typing import Any, Callable, ClassVar, Dict, Optional, Tuple, Union
 
@@ -54,6 +55,16 @@ def _frozen(a: np.ndarray) -> Reals:
     return float(a) if a.ndim == 0 else tuple(_frozen(x) for x in a)
 
 
+def _array(what: str, value: Any) -> np.ndarray:
+    """``np.asarray(value)``; ValueError naming ``what`` if the nesting is ragged."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # NumPy before 1.24 only warns about ragged nesting
+            return np.asarray(value)
+    except (ValueError, Warning) as e:
+        raise ValueError(f"{what} must be a regular array of real numbers: {e}") from None
+
+
 def _reals(rule: str, name: str, value: Any) -> Optional[Reals]:
     """None, a real number or an array-like of them, as _frozen gives it."""
     if value is None:
@@ -62,10 +73,7 @@ def _reals(rule: str, name: str, value: Any) -> Optional[Reals]:
         raise TypeError(
             f"{rule}: {name} must be a real number or an array of them, got {type(value).__name__} {value!r}"
         )
-    try:
-        a = np.asarray(value)
-    except ValueError as e:  # ragged nesting
-        raise ValueError(f"{rule}: {name} must be a regular array of real numbers: {e}") from None
+    a = _array(f"{rule}: {name}", value)
     if a.dtype.kind not in "fiu":
         raise TypeError(f"{rule}: {name} must be real numbers, got dtype {a.dtype}")
     return _frozen(a.astype(np.float64))
@@ -263,7 +271,7 @@ class GRU(Rule):
                 continue
             if isinstance(value, (str, bytes, bool)) or value is None:
                 raise TypeError(f"GRU: {f.name} must be an array of real numbers, got {type(value).__name__}")
-            a = np.asarray(value)
+            a = _array(f"GRU: {f.name}", value)
             if a.dtype.kind not in "fiu":
                 raise TypeError(f"GRU: {f.name} must be an array of real numbers, got dtype {a.dtype}")
             wide = a.astype(np.float64)
