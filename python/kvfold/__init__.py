@@ -11,7 +11,7 @@ from __future__ import annotations
 import numbers
 import os
 import warnings
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Type
 
 import numpy.typing as npt
 
@@ -193,11 +193,12 @@ class MemoryCache(_core.MemoryCache):
 
     # Checkpoints and batch operations -------------------------------------------------------
 
-    def checkpoint(self) -> Checkpoint:
+    # These two take and give the Python Checkpoint, which wraps the core one with its rule.
+    def checkpoint(self) -> Checkpoint:  # type: ignore[override]
         """An immutable snapshot of the state, for ``rollback``. Costs one copy of the state."""
         return Checkpoint._wrap(super().checkpoint(), self._rule)
 
-    def rollback(self, checkpoint: Checkpoint, rows: Optional[npt.ArrayLike] = None) -> None:
+    def rollback(self, checkpoint: Checkpoint, rows: Optional[npt.ArrayLike] = None) -> None:  # type: ignore[override]
         """Restore ``checkpoint`` bit-exactly: every row, or only ``rows``. The checkpoint may come
         from this cache or from any cache of the same configuration; ValueError otherwise."""
         if not isinstance(checkpoint, Checkpoint):
@@ -245,7 +246,7 @@ class MemoryCache(_core.MemoryCache):
         )
 
 
-def _restore(cls: type, data: bytes) -> MemoryCache:
+def _restore(cls: Type[MemoryCache], data: bytes) -> MemoryCache:
     return cls.from_bytes(data)
 
 

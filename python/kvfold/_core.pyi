@@ -1,6 +1,6 @@
 """Type stubs for kvfold's C++ core (kept in sync with python/src/module.cpp)."""
 
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union, type_check_only
 
 import numpy as np
 import numpy.typing as npt
@@ -25,7 +25,11 @@ MAX_CHUNK: int
 def _check_rule(spec: _Spec) -> None: ...
 def _threads_without_gil() -> int: ...
 
-class Checkpoint:
+@type_check_only
+class _pybind11_type(type):
+    """pybind11's metaclass of every class it binds (pybind11_builtins.pybind11_type)."""
+
+class Checkpoint(metaclass=_pybind11_type):
     @property
     def batch_size(self) -> int: ...
     @property
@@ -35,7 +39,7 @@ class Checkpoint:
     @property
     def _rule_spec(self) -> _Spec: ...
 
-class MemoryCache:
+class MemoryCache(metaclass=_pybind11_type):
     # (spec, batch_size, num_heads, head_dim, value_dim, num_query_heads, window, sinks, scale, dtype,
     # check_finite), (other) for a copy, (other, rows) for select, (caches) for concat, (data) from bytes
     def __init__(self, *args: Any, **kwargs: Any) -> None: ...

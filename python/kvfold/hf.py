@@ -147,8 +147,8 @@ class FoldLayer(CacheLayerMixin):
         self.seen += T
         keys[:, :, n:] = key_states
         values[:, :, n:] = value_states
-        like = dict(device=key_states.device, dtype=key_states.dtype)
-        return keys.to(**like), values.to(**like)
+        device, dtype = key_states.device, key_states.dtype
+        return keys.to(device=device, dtype=dtype), values.to(device=device, dtype=dtype)
 
     # -- what the masks and the generation loop ask --------------------------------------------
 

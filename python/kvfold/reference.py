@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, List, NamedTuple, Optional, Tuple
+from typing import Any, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
@@ -129,9 +129,9 @@ def fold_memory(rule: rules.Rule, folded: List[Pair]) -> List[Pair]:
     if not folded or isinstance(rule, rules.Drop):
         return []
     if isinstance(rule, rules.Cumulative):
-        mem = None
-        for i, kv in enumerate(folded):  # Mem_i = (kv_i + i * Mem_{i-1}) / (i + 1)
-            mem = kv if mem is None else tuple((x + i * m) / (i + 1) for x, m in zip(kv, mem))
+        mem = folded[0]
+        for i, (k, v) in enumerate(folded[1:], start=1):  # Mem_i = (kv_i + i * Mem_{i-1}) / (i + 1)
+            mem = ((k + i * mem[0]) / (i + 1), (v + i * mem[1]) / (i + 1))
         return [mem]
     if isinstance(rule, rules.Moving):
         last = folded[-rule.n :]
@@ -141,9 +141,9 @@ def fold_memory(rule: rules.Rule, folded: List[Pair]) -> List[Pair]:
         w = np.asarray(rule.betas[len(rule.betas) - len(last) :], dtype=np.float64)
         return [tuple(sum(wi * kv[j] for wi, kv in zip(w, last)) / w.sum() for j in (0, 1))]
     if isinstance(rule, rules.EMA):
-        mem = folded[0]
-        for kv in folded[1:]:
-            mem = tuple((1 - rule.alpha) * m + rule.alpha * x for x, m in zip(kv, mem))
+        mem, a = folded[0], rule.alpha
+        for k, v in folded[1:]:
+            mem = ((1 - a) * mem[0] + a * k, (1 - a) * mem[1] + a * v)
         return [mem]
     if isinstance(rule, rules.Compressive):
         pool = np.mean if rule.pool == "mean" else np.max
@@ -218,14 +218,12 @@ def matrix_fold(
         phi = feature_map(rule.feature_map, k)
         S = S + phi[:, :, None] * v[:, None, :]
         return S, (None if z is None else z + phi)
-    gated = isinstance(rule, (rules.Gated, rules.GatedDelta))
-    delta = isinstance(rule, (rules.Delta, rules.GatedDelta))
-    if gated:
+    if isinstance(rule, (rules.Gated, rules.GatedDelta)):
         g = np.asarray(rule.decay if rule.decay is not None else decay, np.float64)
         a = np.broadcast_to(np.exp(g).reshape(H, -1), (H, dk))
         S = a[:, :, None] * S  # S_t = exp(g_t) S_{t-1} ...
     u = v
-    if delta:
+    if isinstance(rule, (rules.Delta, rules.GatedDelta)):
         b = np.broadcast_to(np.asarray(rule.beta if rule.beta is not None else beta, np.float64), (H,))
         u = b[:, None] * (v - np.einsum("hkv,hk->hv", S, k))  # beta_t (v_t - S'^T k_t)
     return S + k[:, :, None] * u[:, None, :], z
@@ -265,8 +263,10 @@ def check_rope(rule: rules.Rule, rope: Optional[RoPE], head_dim: int) -> None:
 class Slot(NamedTuple):
     key: np.ndarray  # as folded: un-rotated when the cache has a RoPE
     value: np.ndarray
-    position: float  # the average of the folded positions (nan for GRU and Custom)
-    bias: float  # added to the slot's attention logit: ln n for Merge with bias="log_count", else 0
+    # the average of the folded positions (nan for GRU and Custom); per head, an (H,) array
+    position: Union[float, np.ndarray]
+    # added to the slot's attention logit: ln n for Merge with bias="log_count", else 0; per head, (H,)
+    bias: Union[float, np.ndarray]
 
 
 def memory_slots(rule: rules.Rule, folded: List[Tuple[np.ndarray, np.ndarray, Any]]) -> List[Slot]:
@@ -445,9 +445,9 @@ class ReferenceCache:
         folded = self._split(b)[1]
         S = np.zeros((self.num_heads, self.head_dim, self.value_dim))
         z = np.zeros((self.num_heads, self.head_dim)) if self.normalized else None
-        start = 0
-        if self.loaded[b] is not None:
-            S, z, start = self.loaded[b]
+        start, loaded = 0, self.loaded[b]
+        if loaded is not None:
+            S, z, start = loaded
         for k, v, g, bt in folded[start:]:
             S, z = matrix_fold(self.rule, S, z, k, v, g, bt)
         return S, z
@@ -465,7 +465,7 @@ class ReferenceCache:
         if self.matrix:
             states = [self._matrix_state(b) for b in range(self.batch_size)]
             S = np.stack([s for s, _ in states])
-            return (S, np.stack([z for _, z in states])) if self.normalized else S
+            return (S, np.stack([z for _, z in states if z is not None])) if self.normalized else S
         slots = max_slots(self.rule)
         keys = np.zeros((self.batch_size, self.num_heads, slots, self.head_dim))
         values = np.zeros((self.batch_size, self.num_heads, slots, self.value_dim))
@@ -526,6 +526,7 @@ class ReferenceCache:
                 if not self.matrix:
                     out[b, hq] = local
                     continue
+                assert S is not None  # a matrix rule's state
                 memory = matrix_read(self.rule, S[h], None if z is None else z[h], q[b, hq], self.scale)
                 out[b, hq] = (
                     memory if self.sinks == 0 and self.window == 0 else mix[hq] * memory + (1 - mix[hq]) * local
@@ -698,9 +699,10 @@ class StreamCache:
 
     def _slots(self, lane: _Lane) -> List[Slot]:
         if lane.slots is None:
-            lane.slots = (
-                merge_slots(self.rule, lane.merge) if lane.merge is not None else memory_slots(self.rule, lane.folded)
-            )
+            if lane.merge is not None and isinstance(self.rule, rules.Merge):
+                lane.slots = merge_slots(self.rule, lane.merge)
+            else:
+                lane.slots = memory_slots(self.rule, lane.folded)
         return lane.slots
 
     def _visible(self, lane: _Lane) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:

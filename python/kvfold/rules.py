@@ -16,7 +16,7 @@ from __future__ import annotations
 import numbers
 import warnings
 from dataclasses import dataclass, fields
-from typing import Any, Callable, ClassVar, Dict, Optional, Tuple, Union
+from typing import Any, Callable, ClassVar, Dict, Optional, Tuple, Type, Union
 
 import numpy as np
 
@@ -426,7 +426,7 @@ class Custom(Rule):
         return (kind, arrays, options, self.fn)
 
 
-_KINDS: Dict[str, type] = {
+_KINDS: Dict[str, Type[Rule]] = {
     cls.kind: cls
     for cls in (Drop, Cumulative, Moving, Weighted, EMA, Compressive, Merge, GRU, Linear, Gated, Delta, GatedDelta)
 }

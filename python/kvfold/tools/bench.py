@@ -263,7 +263,8 @@ class TorchCatMemory:
         self.torch, self.rule, self.sinks, self.window = torch, case.rule, case.sinks, case.window
         empty = torch.zeros((case.heads, 0, case.head_dim))
         self.sink_k, self.sink_v, self.win_k, self.win_v, self.slot_k, self.slot_v = (empty,) * 6
-        self.sum_k = self.sum_v = 0.0  # Cumulative's running sums
+        self.sum_k: Any = 0.0  # Cumulative's running sums
+        self.sum_v: Any = 0.0
         self.seen = self.folded = 0
 
     def fold(self, k: Any, v: Any) -> None:
@@ -372,6 +373,14 @@ class ChunkedMatrix:
         self.S = zeros((case.heads, case.head_dim, case.head_dim))
         self.scale = case.head_dim**-0.5
 
+    def add_outer(self, k: Any, u: Any) -> None:
+        """S += k u^T per head: k (H, d_k), u (H, d_v)."""
+        raise NotImplementedError
+
+    def solve_unit_lower(self, a: Any, b: Any) -> Any:
+        """X with (I + a) X = b, a strictly lower triangular (H, n, n), b (H, n, d)."""
+        raise NotImplementedError
+
     def update(self, k: Any, v: Any, decay: Any = None, beta: Any = None) -> None:
         if self.gated:
             self.S *= self.xp.exp(decay)[:, None, None]
@@ -455,9 +464,9 @@ class TorchMatrix(ChunkedMatrix):
         with self.torch.inference_mode():
             return super().step(q, k, v, **gates)
 
-    def forward(self, q: Any, k: Any, v: Any, **gates: Any) -> Any:
+    def forward(self, q: Any, k: Any, v: Any, decay: Any = None, beta: Any = None) -> Any:
         with self.torch.inference_mode():
-            return super().forward(q, k, v, **gates)
+            return super().forward(q, k, v, decay, beta)
 
 
 @functools.lru_cache(maxsize=None)
@@ -829,6 +838,10 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def _report_in(report: Callable[[str], None], where: str, text: str) -> None:
+    report(f"{where} {text}")
+
+
 def run(
     cases: Sequence[Case] = tuple(CASES),
     threads: Sequence[int] = (),
@@ -878,7 +891,7 @@ def run(
                     round_seconds,
                     settle_seconds=0.1 if n > 1 else 0.0,
                     warmup_calls=1 if quick else 2,
-                    progress=lambda text, where=where: report(f"{where} {text}"),
+                    progress=functools.partial(_report_in, report, where),
                 )
                 row = {"case": case.name, "threads": n, "us": {k: t * 1e6 for k, t in times.items()}}
                 cells = f"{case.name:38s} {times['kvfold'] * 1e6:9.2f}"

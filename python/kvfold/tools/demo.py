@@ -70,9 +70,8 @@ def run(tokens: int = 20000, check: int = 256, heads: int = 8, head_dim: int = 6
     print(f"{'memory':32s} {'cache bytes':>12s} {'tokens/s':>10s} {'max rel. diff vs reference':>27s}")
     worst = 0.0
     for name, rule, window, sinks in memories:
-        kw = dict(num_heads=heads, head_dim=head_dim, num_query_heads=query_heads, window=window, sinks=sinks)
-        cache = MemoryCache(rule, **kw)
-        ref = reference.ReferenceCache(rule, **kw)
+        cache = MemoryCache(rule, heads, head_dim, num_query_heads=query_heads, window=window, sinks=sinks)
+        ref = reference.ReferenceCache(rule, heads, head_dim, num_query_heads=query_heads, window=window, sinks=sinks)
         before = cache.nbytes
         diff, seconds, t = 0.0, 0.0, 0
         for q, k, v in _stream(tokens, heads, query_heads, head_dim):
