@@ -1,5 +1,5 @@
 """float16 / bfloat16 storage: half the bytes, exactly the float32 model on rounded pairs, and an
-accuracy against the float32 cache that the README quotes."""
+accuracy against the float32 cache that docs/performance.md quotes."""
 
 import numpy as np
 import pytest
@@ -88,7 +88,7 @@ def test_half_storage_is_the_float32_model_on_rounded_pairs(rule, dtype):
 
 
 # Bounds on the error against the float32 cache: the L2 error of each output vector relative to its
-# norm, for unit normal keys, values and queries (the README quotes the measured figures).
+# norm, for unit normal keys, values and queries (docs/performance.md quotes the measured figures).
 BOUNDS = {"float16": 1e-3, "bfloat16": 1e-2}
 
 

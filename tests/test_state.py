@@ -112,7 +112,7 @@ def reseal(body):
 
 
 def parse(data):
-    """Reads a state exactly as README "Persistence and rollback" describes it."""
+    """Reads a state exactly as docs/state.md describes it."""
     at = 0
 
     def take(fmt):
