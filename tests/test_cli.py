@@ -167,3 +167,21 @@ def test_the_demo_stream_comes_in_blocks():
     for a, b in zip(blocks, again):
         for x, y in zip(a, b):
             np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.one_backend
+def test_bench_quick_runs_one_short_round_on_one_thread_without_long_prefills(monkeypatch):
+    from kvfold.tools import bench
+
+    calls = []
+    monkeypatch.setattr(bench, "run", lambda cases, **options: calls.append((cases, options)))
+    assert main(["bench", "--quick"]) == 0
+    assert main(["bench", "--quick", "--cases", "T2048", "--threads", "2"]) == 0
+    assert main(["bench", "--rounds", "3"]) == 0
+    (quick, options), (named, named_options), (full, full_options) = calls
+    assert quick == [c for c in bench.CASES if c.tokens <= 512] and len(quick) < len(bench.CASES)
+    assert options["threads"] == [1] and options["rounds"] == 1 and options["quick"]
+    assert [c.name for c in named] == [c.name for c in bench.CASES if "T2048" in c.name] and named
+    assert named_options["threads"] == [2]
+    assert full == bench.CASES and full_options["threads"] == [] and full_options["rounds"] == 3
+    assert not full_options["quick"]
