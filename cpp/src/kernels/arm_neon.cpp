@@ -1,4 +1,5 @@
-// ARM NEON (AdvSIMD) kernels for aarch64, where NEON is the baseline: the pragma only states it.
+// ARM NEON (AdvSIMD) kernels for aarch64, where NEON is the baseline: the target region only
+// states it (GCC spells it "+simd", Clang "neon").
 // float16 rows convert with the native fcvtl / fcvtn instructions (round to nearest even).
 #if defined(__aarch64__)
 #include <arm_neon.h>
@@ -12,8 +13,11 @@
 #include "target.hpp"
 
 // Headers stay outside the target region, as in the x86 files.
-#pragma GCC push_options
-#pragma GCC target("+simd")
+#if defined(__clang__)
+KVFOLD_TARGET_BEGIN("neon")
+#else
+KVFOLD_TARGET_BEGIN("+simd")
+#endif
 
 namespace kvfold {
 namespace neon {
@@ -214,14 +218,14 @@ void scores(const float* q, int64_t q_stride, int64_t nq, const typename E::T* k
 template <class E, int R>
 void accumulate(const float* p, const typename E::T* v, int64_t rows, int64_t d, float* o, bool add) {
     float32x4_t acc[R];
-#pragma GCC unroll 16
+KVFOLD_UNROLL(16)
     for (int r = 0; r < R; ++r) acc[r] = add ? vld1q_f32(o + 4 * r) : vdupq_n_f32(0);
     for (int64_t j = 0; j < rows; ++j, v += d) {
         float w = p[j];
-#pragma GCC unroll 16
+KVFOLD_UNROLL(16)
         for (int r = 0; r < R; ++r) acc[r] = vfmaq_n_f32(acc[r], E::load(v + 4 * r), w);
     }
-#pragma GCC unroll 16
+KVFOLD_UNROLL(16)
     for (int r = 0; r < R; ++r) vst1q_f32(o + 4 * r, acc[r]);
 }
 
@@ -308,7 +312,7 @@ constexpr Kernels table = filled_table("neon");
 const Kernels* neon_kernels() { return &neon::table; }
 
 }  // namespace kvfold
-#pragma GCC pop_options
+KVFOLD_TARGET_END
 #else
 #include "kernels.hpp"
 namespace kvfold {

@@ -252,29 +252,29 @@ template <int R, class Tile>
 void gemm_tile(const Gemm& g, int64_t i0, int64_t j0, int64_t k, const Tile& tile) {
     constexpr int NV = Tile::kVectors;
     F acc[R][NV];
-#pragma GCC unroll 8
+KVFOLD_UNROLL(8)
     for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
+KVFOLD_UNROLL(8)
         for (int t = 0; t < NV; ++t) acc[r][t] = V::zero();
     const int64_t row = g.trans_a ? 1 : g.lda, col = g.trans_a ? g.lda : 1;  // a[i][p] at a + i * row + p * col
     const float* a = g.a + i0 * row;
     const float* b = g.b + j0;
     for (int64_t p = 0; p < k; ++p, a += col, b += g.ldb) {
         F bp[NV];
-#pragma GCC unroll 8
+KVFOLD_UNROLL(8)
         for (int t = 0; t < NV; ++t) bp[t] = tile.load(b, t);
-#pragma GCC unroll 8
+KVFOLD_UNROLL(8)
         for (int r = 0; r < R; ++r) {
             const F w = V::set1(a[r * row]);
-#pragma GCC unroll 8
+KVFOLD_UNROLL(8)
             for (int t = 0; t < NV; ++t) acc[r][t] = V::fma(w, bp[t], acc[r][t]);
         }
     }
     const F alpha = V::set1(g.alpha);
-#pragma GCC unroll 8
+KVFOLD_UNROLL(8)
     for (int r = 0; r < R; ++r) {
         float* c = g.c + (i0 + r) * g.ldc + j0;
-#pragma GCC unroll 8
+KVFOLD_UNROLL(8)
         for (int t = 0; t < NV; ++t)
             tile.store(c, t, g.accumulate ? V::fma(alpha, acc[r][t], tile.load(c, t)) : V::mul(alpha, acc[r][t]));
     }
@@ -311,33 +311,33 @@ template <int R, class Tile>
 void solve_tile(const float* a, int64_t lda, float* x, int64_t ldx, int64_t i0, const Tile& tile) {
     constexpr int NV = Tile::kVectors;
     F acc[R][NV];
-#pragma GCC unroll 8
+KVFOLD_UNROLL(8)
     for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
+KVFOLD_UNROLL(8)
         for (int t = 0; t < NV; ++t) acc[r][t] = tile.load(x + (i0 + r) * ldx, t);
     const float* ai = a + i0 * lda;
     for (int64_t s = 0; s < i0; ++s) {
         F xs[NV];
-#pragma GCC unroll 8
+KVFOLD_UNROLL(8)
         for (int t = 0; t < NV; ++t) xs[t] = tile.load(x + s * ldx, t);
-#pragma GCC unroll 8
+KVFOLD_UNROLL(8)
         for (int r = 0; r < R; ++r) {
             const F w = V::set1(ai[r * lda + s]);
-#pragma GCC unroll 8
+KVFOLD_UNROLL(8)
             for (int t = 0; t < NV; ++t) acc[r][t] = V::fnma(w, xs[t], acc[r][t]);
         }
     }
-#pragma GCC unroll 8
+KVFOLD_UNROLL(8)
     for (int r = 1; r < R; ++r)
-#pragma GCC unroll 8
+KVFOLD_UNROLL(8)
         for (int s = 0; s < r; ++s) {
             const F w = V::set1(ai[r * lda + i0 + s]);
-#pragma GCC unroll 8
+KVFOLD_UNROLL(8)
             for (int t = 0; t < NV; ++t) acc[r][t] = V::fnma(w, acc[s][t], acc[r][t]);
         }
-#pragma GCC unroll 8
+KVFOLD_UNROLL(8)
     for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
+KVFOLD_UNROLL(8)
         for (int t = 0; t < NV; ++t) tile.store(x + (i0 + r) * ldx, t, acc[r][t]);
 }
 

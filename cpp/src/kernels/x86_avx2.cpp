@@ -1,4 +1,4 @@
-// x86 AVX2 + FMA + F16C kernels. The target pragma keeps the rest of the build baseline x86-64.
+// x86 AVX2 + FMA + F16C kernels. The target region keeps the rest of the build baseline x86-64.
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 
@@ -11,8 +11,7 @@
 #include "target.hpp"
 
 // Headers stay outside the target region so no inline function of theirs is emitted with AVX2.
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
+KVFOLD_TARGET_BEGIN("avx2,fma,f16c")
 
 namespace kvfold {
 namespace avx2 {
@@ -288,14 +287,14 @@ void scores(const float* q, int64_t q_stride, int64_t nq, const typename E::T* k
 template <class E, int R>
 void accumulate(const float* p, const typename E::T* v, int64_t rows, int64_t d, float* o, bool add) {
     __m256 acc[R];
-#pragma GCC unroll 8
+KVFOLD_UNROLL(8)
     for (int r = 0; r < R; ++r) acc[r] = add ? _mm256_loadu_ps(o + 8 * r) : _mm256_setzero_ps();
     for (int64_t j = 0; j < rows; ++j, v += d) {
         __m256 w = _mm256_set1_ps(p[j]);
-#pragma GCC unroll 8
+KVFOLD_UNROLL(8)
         for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(w, E::load(v + 8 * r), acc[r]);
     }
-#pragma GCC unroll 8
+KVFOLD_UNROLL(8)
     for (int r = 0; r < R; ++r) _mm256_storeu_ps(o + 8 * r, acc[r]);
 }
 
@@ -375,18 +374,18 @@ void scores_bf16(const float* q, int64_t q_stride, int64_t nq, const uint16_t* k
 template <int NB>
 void accumulate_bf16(const float* p, const uint16_t* v, int64_t rows, int64_t d, float* o, bool add) {
     __m256 even[NB], odd[NB];
-#pragma GCC unroll 4
+KVFOLD_UNROLL(4)
     for (int b = 0; b < NB; ++b) even[b] = odd[b] = _mm256_setzero_ps();
     for (int64_t j = 0; j < rows; ++j, v += d) {
         const __m256 w = _mm256_set1_ps(p[j]);
-#pragma GCC unroll 4
+KVFOLD_UNROLL(4)
         for (int b = 0; b < NB; ++b) {
             const __m256i x = load_block(v + 16 * b);
             even[b] = _mm256_fmadd_ps(w, even_bf16(x), even[b]);
             odd[b] = _mm256_fmadd_ps(w, odd_bf16(x), odd[b]);
         }
     }
-#pragma GCC unroll 4
+KVFOLD_UNROLL(4)
     for (int b = 0; b < NB; ++b) {  // [e0 o0 e1 o1 e4 o4 e5 o5], [e2 o2 e3 o3 e6 o6 e7 o7] -> in order
         const __m256 lo = _mm256_unpacklo_ps(even[b], odd[b]), hi = _mm256_unpackhi_ps(even[b], odd[b]);
         __m256 first = _mm256_permute2f128_ps(lo, hi, 0x20), second = _mm256_permute2f128_ps(lo, hi, 0x31);
@@ -433,7 +432,7 @@ constexpr Kernels table = make_table();
 const Kernels* avx2_kernels() { return &avx2::table; }
 
 }  // namespace kvfold
-#pragma GCC pop_options
+KVFOLD_TARGET_END
 #else
 #include "kernels.hpp"
 namespace kvfold {

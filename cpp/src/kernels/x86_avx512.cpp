@@ -1,5 +1,5 @@
 // x86 AVX-512 (F, DQ, BW, VL) kernels. Tails are masked loads and stores, so no kernel has a scalar
-// remainder loop. The target pragma keeps the rest of the build baseline x86-64.
+// remainder loop. The target region keeps the rest of the build baseline x86-64.
 //
 // bfloat16 rounding uses integer arithmetic, not AVX512_BF16's vcvtneps2bf16: that instruction
 // flushes subnormals to zero, and every table must round exactly like the scalar one.
@@ -8,9 +8,11 @@
 // 105593); the warning is about the header, not this code. It also finds a constant trip count
 // of 2^62 for the row loop of a masked solve_tile inlined into its dispatch: no such path exists
 // (the loop runs i0 < m times).
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Waggressive-loop-optimizations"
+#endif
 #include <immintrin.h>
 
 #include <cmath>
@@ -22,8 +24,7 @@
 #include "target.hpp"
 
 // Headers stay outside the target region so no inline function of theirs is emitted with AVX-512.
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,f16c")
+KVFOLD_TARGET_BEGIN("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,f16c")
 
 namespace kvfold {
 namespace avx512 {
@@ -272,16 +273,16 @@ void scores(const float* q, int64_t q_stride, int64_t nq, const typename E::T* k
 template <class E, int R>
 void accumulate(const float* p, const typename E::T* v, int64_t rows, int64_t d, float* o, __mmask16 last, bool add) {
     __m512 acc[R];
-#pragma GCC unroll 8
+KVFOLD_UNROLL(8)
     for (int r = 0; r < R - 1; ++r) acc[r] = add ? _mm512_loadu_ps(o + 16 * r) : _mm512_setzero_ps();
     acc[R - 1] = add ? _mm512_maskz_loadu_ps(last, o + 16 * (R - 1)) : _mm512_setzero_ps();
     for (int64_t j = 0; j < rows; ++j, v += d) {
         __m512 w = _mm512_set1_ps(p[j]);
-#pragma GCC unroll 8
+KVFOLD_UNROLL(8)
         for (int r = 0; r < R - 1; ++r) acc[r] = _mm512_fmadd_ps(w, E::load(v + 16 * r), acc[r]);
         acc[R - 1] = _mm512_fmadd_ps(w, E::load(v + 16 * (R - 1), last), acc[R - 1]);
     }
-#pragma GCC unroll 8
+KVFOLD_UNROLL(8)
     for (int r = 0; r < R - 1; ++r) _mm512_storeu_ps(o + 16 * r, acc[r]);
     _mm512_mask_storeu_ps(o + 16 * (R - 1), last, acc[R - 1]);
 }
@@ -327,7 +328,7 @@ void scores_split_bf16(const float* q, const uint16_t* k, int64_t rows, int64_t 
     const __m512i even_idx = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
     const __m512i odd_idx = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
     __m512 qe[NB], qo[NB];
-#pragma GCC unroll 4
+KVFOLD_UNROLL(4)
     for (int b = 0; b < NB; ++b) {
         const int64_t n = d - 32 * b;
         const __m512 lo = _mm512_maskz_loadu_ps(tail(n), q + 32 * b);
@@ -338,7 +339,7 @@ void scores_split_bf16(const float* q, const uint16_t* k, int64_t rows, int64_t 
     int64_t j = 0;
     for (; j + 2 <= rows; j += 2, k += 2 * d) {
         __m512 e0 = _mm512_setzero_ps(), o0 = _mm512_setzero_ps(), e1 = _mm512_setzero_ps(), o1 = _mm512_setzero_ps();
-#pragma GCC unroll 4
+KVFOLD_UNROLL(4)
         for (int b = 0; b < NB; ++b) {
             const __m512i x0 = load_block(k, b, NB, last), x1 = load_block(k + d, b, NB, last);
             e0 = _mm512_fmadd_ps(qe[b], even_bf16(x0), e0);
@@ -351,7 +352,7 @@ void scores_split_bf16(const float* q, const uint16_t* k, int64_t rows, int64_t 
     }
     if (j < rows) {
         __m512 e0 = _mm512_setzero_ps(), o0 = _mm512_setzero_ps();
-#pragma GCC unroll 4
+KVFOLD_UNROLL(4)
         for (int b = 0; b < NB; ++b) {
             const __m512i x0 = load_block(k, b, NB, last);
             e0 = _mm512_fmadd_ps(qe[b], even_bf16(x0), e0);
@@ -376,11 +377,11 @@ template <int NB>
 void accumulate_bf16(const float* p, const uint16_t* v, int64_t rows, int64_t d, float* o, int64_t n, bool add) {
     const __mmask32 last = first32(n - 32 * (NB - 1));
     __m512 even[NB], odd[NB];
-#pragma GCC unroll 4
+KVFOLD_UNROLL(4)
     for (int b = 0; b < NB; ++b) even[b] = odd[b] = _mm512_setzero_ps();
     for (int64_t j = 0; j < rows; ++j, v += d) {
         const __m512 w = _mm512_set1_ps(p[j]);
-#pragma GCC unroll 4
+KVFOLD_UNROLL(4)
         for (int b = 0; b < NB; ++b) {
             const __m512i x = load_block(v, b, NB, last);
             even[b] = _mm512_fmadd_ps(w, even_bf16(x), even[b]);
@@ -389,7 +390,7 @@ void accumulate_bf16(const float* p, const uint16_t* v, int64_t rows, int64_t d,
     }
     const __m512i lo_idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     const __m512i hi_idx = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-#pragma GCC unroll 4
+KVFOLD_UNROLL(4)
     for (int b = 0; b < NB; ++b) {
         const int64_t count = n - 32 * b;  // values of o this block holds: 32, or fewer in the last
         const __mmask16 lo_mask = tail(count), hi_mask = count > 16 ? tail(count - 16) : 0;
@@ -519,7 +520,7 @@ constexpr Kernels table = make_table();
 const Kernels* avx512_kernels() { return &avx512::table; }
 
 }  // namespace kvfold
-#pragma GCC pop_options
+KVFOLD_TARGET_END
 #else
 #include "kernels.hpp"
 namespace kvfold {
