@@ -660,6 +660,16 @@ class StreamCache:
     def copy(self) -> "StreamCache":
         return copy.deepcopy(self)
 
+    def reorder(self, indices: Any) -> None:
+        """New row r is old row indices[r] (rows may repeat; the batch size becomes len(indices))."""
+        order = [int(i) for i in np.asarray(indices).reshape(-1)]
+        if not order or not all(0 <= i < self.batch_size for i in order):
+            raise ValueError(f"indices: expected row indices in [0, {self.batch_size}), got {order}")
+        self.lanes = [copy.deepcopy(self.lanes[i]) for i in order]
+        self._length = [self._length[i] for i in order]
+        self._last = [self._last[i] for i in order]
+        self.batch_size = len(order)
+
     # -- the model, per lane ---------------------------------------------------------------------
 
     def _fold(self, lane: _Lane, k: np.ndarray, v: np.ndarray, p: int) -> None:

@@ -1,0 +1,226 @@
+"""FoldCache with kvfold's attention (attn_implementation="kvfold") in tiny randomly initialized models:
+exact against DynamicCache and a hand-written StreamingLLM mask, the C++ memory against the NumPy model
+through the same attention function, RoPE-aware folding on the model's own keys, and the errors."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import transformers  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
+
+import kvfold.hf  # noqa: E402,F401  (registers the "kvfold" attention)
+from kvfold import MemoryCache, RoPE, rules  # noqa: E402
+from kvfold.hf import FoldCache  # noqa: E402
+from kvfold.reference import StreamCache  # noqa: E402
+
+pytestmark = pytest.mark.one_backend  # the attention kernels are tested per backend elsewhere
+
+VOCAB, LENGTH = 101, 29
+
+
+def tiny(family="Llama", attention="kvfold", seed=0):
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=VOCAB,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_theta=1000.0,
+        attn_implementation=attention,
+    )
+    torch.manual_seed(seed)
+    m = getattr(transformers, f"{family}ForCausalLM")(config).eval()
+    with torch.no_grad():  # larger weights than the default init, so that attention is far from uniform
+        for p in m.parameters():
+            p.mul_(4.0 if p.dim() > 1 else 1.0)
+    return m
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny()
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, VOCAB, (2, LENGTH), generator=torch.Generator().manual_seed(7))
+
+
+def run(model, ids, cache, chunk):
+    """Logits of the whole sequence fed in blocks of ``chunk`` tokens (0: all at once)."""
+    chunk = chunk or ids.shape[1]
+    with torch.no_grad():
+        return torch.cat([model(ids[:, i : i + chunk], cache=cache).logits for i in range(0, ids.shape[1], chunk)], 1)
+
+
+def close(a, b, atol=1e-4):
+    torch.testing.assert_close(a, b, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 5], ids=["prefill", "decode", "chunked"])
+def test_window_longer_than_text_equals_dynamic_cache(model, ids, chunk):
+    expected = run(model, ids, DynamicCache(), chunk)  # a DynamicCache goes to sdpa
+    with torch.no_grad():
+        close(expected, model(ids).logits)
+    cache = FoldCache(rules.Drop(), window=LENGTH)
+    close(run(model, ids, cache, chunk), expected)
+    assert {layer.attention for layer in cache.layers} == {"kvfold"}
+    assert cache.get_seq_length() == LENGTH and cache.layers[0].memory.num_query_heads == 6
+    # tova and h2o keep everything too, and so does Merge with a slot for every pair, un-rotated with the
+    # model's RoPE and rotated back at each pair's own position
+    for kw in (dict(retain="tova", window=LENGTH), dict(retain="h2o", window=LENGTH)):
+        close(run(model, ids, FoldCache(rules.Drop(), memory=StreamCache, **kw), chunk), expected)
+    rope = RoPE.from_config(model.config)
+    merged = FoldCache(rules.Merge(LENGTH), window=2, sinks=1, rope=rope, memory=StreamCache)
+    close(run(model, ids, merged, chunk), expected)
+
+
+@pytest.mark.parametrize("family", ["Qwen2", "Mistral"])
+def test_other_llama_family_models(family, ids):
+    model = tiny(family, seed=1)
+    expected = run(model, ids, DynamicCache(config=model.config), 4)
+    close(run(model, ids, FoldCache(window=LENGTH), 4), expected)
+    got = run(model, ids, FoldCache(rules.Drop(), window=5, sinks=2), 4)
+    with torch.no_grad():
+        close(got, model(ids, attention_mask=streaming_mask(LENGTH, 2, 5).expand(2, 1, LENGTH, LENGTH)).logits)
+
+
+def streaming_mask(length, sinks, window):
+    """Additive (1, 1, L, L) mask of StreamingLLM as kvfold's attention runs it, token by token whatever
+    the blocks: token t sees the first ``sinks`` tokens and the ``window`` newest ones, itself included."""
+    t, j = np.arange(length)[:, None], np.arange(length)[None, :]
+    allowed = (j <= t) & ((j < sinks) | (j > t - window))
+    return torch.from_numpy(np.where(allowed, 0.0, np.finfo(np.float32).min).astype(np.float32))[None, None]
+
+
+@pytest.mark.parametrize("sinks, window, chunk", [(2, 5, 1), (4, 3, 6), (0, 7, 29)])
+def test_streaming_llm_matches_masked_attention(model, ids, sinks, window, chunk):
+    got = run(model, ids, FoldCache(rules.Drop(), window=window, sinks=sinks), chunk)
+    mask = streaming_mask(LENGTH, sinks, window).expand(ids.shape[0], 1, LENGTH, LENGTH)
+    with torch.no_grad():  # no cache: the kvfold attention is sdpa with this mask
+        expected = model(ids, attention_mask=mask).logits
+        assert (model(ids).logits - expected).abs().max() > 1e-2  # the mask is not trivial
+    close(got, expected)
+
+
+RULES = [
+    (rules.Merge(3), {}),
+    (rules.Merge(2, bias=None), {}),
+    (rules.Cumulative(), dict(window=4, sinks=1)),
+    (rules.Compressive(2, 3), dict(window=3)),
+    (rules.Merge(4), dict(window=5, sinks=2)),
+]
+
+
+@pytest.mark.parametrize("rule, kw", RULES, ids=lambda x: repr(x) if isinstance(x, rules.Rule) else str(x))
+@pytest.mark.parametrize("chunk", [1, 7], ids=["decode", "chunked"])
+def test_the_cpp_memory_is_the_numpy_model_through_the_attention(model, ids, rule, kw, chunk):
+    got = run(model, ids, FoldCache(rule, **kw), chunk)
+    expected = run(model, ids, FoldCache(rule, memory=StreamCache, **kw), chunk)
+    close(got, expected)
+    if rule.bias if isinstance(rule, rules.Merge) else False:  # the bias matters
+        other = run(model, ids, FoldCache(rules.Merge(rule.slots, bias=None), memory=StreamCache, **kw), chunk)
+        assert (other - expected).abs().max() > 1e-3
+
+
+def test_blocks_are_token_by_token(model, ids):
+    """forward is a loop of step: chunked prefill gives the logits of one token at a time."""
+    for cache_kw in (dict(rule=rules.Merge(3), window=4, sinks=1), dict(rule=rules.Drop(), window=6)):
+        close(run(model, ids, FoldCache(**cache_kw), 1), run(model, ids, FoldCache(**cache_kw), 9))
+    kw = dict(rule=rules.Merge(3), window=5, sinks=1, retain="tova", memory=StreamCache)
+    close(run(model, ids[:, :15], FoldCache(**kw), 1), run(model, ids[:, :15], FoldCache(**kw), 5))
+
+
+def test_rope_from_config_unrotates_the_model_keys(model):
+    """Layer 0's keys of one token repeated differ only by their rotation: un-rotated they are one vector,
+    so their running mean is the key of the token at position 0. A wrong layout would not give that."""
+    x = torch.full((1, 9), 17)
+    first = FoldCache(rules.Cumulative(), rope=RoPE.from_config(model.config), memory=StreamCache)
+    run(model, x[:, :1], first, 1)
+    for layout, same in (("half", True), ("interleaved", False)):
+        rope = RoPE(model.config.rope_parameters["rope_theta"], layout=layout)
+        cache = FoldCache(rules.Cumulative(), rope=rope, memory=StreamCache)
+        run(model, x, cache, 3)
+        a, b = cache.layers[0].memory.memory()[0], first.layers[0].memory.memory()[0]
+        assert np.allclose(a, b, atol=1e-5) == same
+
+
+def test_generate_beam_search_and_assisted_decoding(model, ids):
+    prompt = ids[:1, :9]
+    kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=16, do_sample=False, pad_token_id=0)
+    expected = model.generate(prompt, **kw)
+    assert torch.equal(model.generate(prompt, cache=FoldCache(window=64), **kw), expected)
+    beams = dict(kw, num_beams=3)
+    assert torch.equal(model.generate(prompt, cache=FoldCache(window=64), **beams), model.generate(prompt, **beams))
+    repeats = torch.tensor([[5, 6, 7, 8, 9] * 4])  # prompt lookup proposes drafts, some rejected: crops
+    kw = dict(attention_mask=torch.ones_like(repeats), max_new_tokens=16, do_sample=False, pad_token_id=0)
+    expected = model.generate(repeats, **kw)
+    for memory in (MemoryCache, StreamCache):
+        cache = FoldCache(window=64, memory=memory)
+        assert torch.equal(model.generate(repeats, cache=cache, prompt_lookup_num_tokens=3, **kw), expected)
+
+
+def test_crop_replays_the_kept_queries(model, ids):
+    """A crop rolls back to before the block and feeds the kept tokens again with their queries, so
+    attention-chosen retention ends where a cache that only saw the kept tokens ends."""
+    kw = dict(rule=rules.Merge(2), window=3, sinks=1, retain="tova", memory=StreamCache)
+    cache = FoldCache(**kw)
+    cache.activate_past_recording()
+    run(model, ids[:, :12], cache, 4)
+    cache.crop(-5)
+    got = run(model, ids[:, 7:16], cache, 3)
+    replay = FoldCache(**kw)
+    run(model, ids[:, :4], replay, 4)
+    run(model, ids[:, 4:7], replay, 3)
+    close(got, run(model, ids[:, 7:16], replay, 3), atol=1e-5)
+
+
+def test_what_only_kvfold_attention_applies_is_refused_elsewhere(ids):
+    sdpa = tiny(attention="sdpa")
+    for cache in (FoldCache(rules.Merge(4), window=2), FoldCache(retain="tova", window=4, memory=StreamCache)):
+        with pytest.raises(ValueError, match="attn_implementation='kvfold'"):
+            run(sdpa, ids, cache, 4)
+    # without them, sdpa and eager run as before, bias-free Merge and a RoPE included
+    rope = RoPE.from_config(sdpa.config)
+    close(
+        run(sdpa, ids, FoldCache(rules.Merge(LENGTH, bias=None), rope=rope, memory=StreamCache), 4),
+        run(sdpa, ids, DynamicCache(), 4),
+    )
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="retain: MemoryCache takes no retain; memory=kvfold.reference.StreamCache"):
+        FoldCache(retain="tova", window=4)
+    with pytest.raises(ValueError, match="rope: MemoryCache takes no rope"):
+        FoldCache(rope=RoPE(1e4))
+    with pytest.raises(ValueError, match="retain: expected one of 'fifo', 'tova', 'h2o', got 'lru'"):
+        FoldCache(retain="lru")
+    with pytest.raises(ValueError, match=r"recent: expected an integer in \[0, window=4\], got 9"):
+        FoldCache(retain="h2o", recent=9, window=4, memory=StreamCache)
+    with pytest.raises(TypeError, match="rope: expected a kvfold.RoPE"):
+        FoldCache(rope=1e4, memory=StreamCache)
+    with pytest.raises(ValueError, match="dtype: StreamCache computes in float64"):
+        FoldCache(dtype="float16", memory=StreamCache)
+
+
+def test_a_bad_block_changes_nothing(model, ids):
+    cache = FoldCache(rules.Merge(3), window=4)
+    run(model, ids[:, :6], cache, 3)
+    layer = cache.layers[0]
+    bad = torch.zeros(2, 2, 1, 8)
+    bad[0, 1, 0, 3] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        layer.update(bad, bad)
+    assert layer.get_seq_length() == 6 and layer.memory.length.tolist() == [6, 6]
+    close(run(model, ids[:, 6:9], cache, 3), run(model, ids[:, 6:9], _fed(model, ids[:, :6]), 3))
+
+
+def _fed(model, ids):
+    cache = FoldCache(rules.Merge(3), window=4)
+    run(model, ids, cache, 3)
+    return cache
