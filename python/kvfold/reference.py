@@ -58,6 +58,7 @@ slot's logit when ``bias="log_count"``.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from typing import Any, List, NamedTuple, Optional, Tuple, Union
 
@@ -96,6 +97,11 @@ def cosine_matrix(keys: np.ndarray) -> np.ndarray:
     return unit @ unit.T
 
 
+@functools.lru_cache(maxsize=None)
+def _lower_triangle(n: int) -> Tuple[np.ndarray, np.ndarray]:
+    return np.tril_indices(n)
+
+
 class MergeSlots:
     """``rules.Merge``'s memory in one lane: slots in order, each ``[Sk, Sv, n, Sp]`` (float64 sums of
     the keys, values and positions of the pairs merged into it, and their count).
@@ -115,7 +121,7 @@ class MergeSlots:
         if len(self.slots) <= self.rule.slots:
             return
         c = cosine_matrix(np.stack([s[0] / s[2] for s in self.slots]))
-        c[np.tril_indices(len(c))] = -np.inf  # only pairs i < j
+        c[_lower_triangle(len(c))] = -np.inf  # only pairs i < j
         i, j = np.unravel_index(np.argmax(c), c.shape)  # argmax: the first maximum in row-major order
         a, b = self.slots[i], self.slots.pop(j)
         self.slots[i] = [a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3]]
@@ -719,9 +725,9 @@ class StreamCache:
         """A lane's [sinks | slots | window] as attention reads it: keys, values, logit bias."""
         slots = self._slots(lane)
         dk, dv = self.head_dim, self.value_dim
-        sk = np.array([s.key if self.rope is None else rotate(self.rope, s.key, s.position) for s in slots]).reshape(
-            -1, dk
-        )
+        sk = np.array([s.key for s in slots]).reshape(-1, dk)
+        if self.rope is not None and slots:
+            sk = rotate(self.rope, sk, np.array([s.position for s in slots]))
         sv = np.array([s.value for s in slots]).reshape(-1, dv)
         bias = np.concatenate([np.zeros(len(lane.sink_k)), [s.bias for s in slots], np.zeros(len(lane.k))])
         return np.vstack([lane.sink_k, sk, lane.k]), np.vstack([lane.sink_v, sv, lane.v]), bias

@@ -1,12 +1,17 @@
 """``python -m kvfold eval``: what each memory keeps of the full cache's quality, on a real model.
 
-Teacher-forced streaming of real text (CPython's bundled documentation) through SmolLM2-135M-Instruct,
-with a grid of memories at equal budgets of visible pairs: each memory holds ``budget`` pairs
-(sinks + summary slots + window) per layer and KV head, and each token also sees itself (and, with
-``chunk > 1``, the earlier tokens of its block). All memories run in lockstep over the same blocks, so
-they are compared with the full cache on exactly the same inputs, and their speeds on the same machine
-state. Per memory: perplexity of the next token, mean KL(full || memory) over the next-token
-distributions, top-1 agreement with the full cache, cache bytes per layer and tokens/s.
+Teacher-forced streaming of real text (CPython's bundled documentation, or any UTF-8 file) through
+SmolLM2-135M-Instruct, with a grid of memories at equal budgets of pairs: each memory holds ``budget``
+pairs (sinks + summary slots + window) per layer and KV head. The model runs with kvfold's attention
+(``attn_implementation="kvfold"``), so every memory is read token by token whatever the block size: a
+token's pair is placed (and one pair folded) before its query reads the memory, and the token sees the
+``budget`` pairs held, itself among them. All memories run in lockstep over the same blocks and are
+compared with the full cache (transformers' DynamicCache) on exactly the same inputs.
+
+The text is cut into ``segments`` consecutive pieces of ``tokens`` tokens, each streamed from an empty
+cache. Per memory and segment: perplexity of the next token, mean KL(full || memory) over the next-token
+distributions, and top-1 agreement with the full cache; the table gives the mean over segments and
+their range.
 """
 
 from __future__ import annotations
@@ -14,92 +19,125 @@ from __future__ import annotations
 import csv
 import math
 import sys
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from .. import rules
+from ..reference import StreamCache
+
+# The memory class each layer's memory is made with: the NumPy model, which has every retention and
+# RoPE-aware folding; kvfold.MemoryCache once the C++ core takes rope= and retain=.
+MEMORY: Any = StreamCache
 
 
-@dataclass
+@dataclass(frozen=True)
 class Memory:
     name: str
     kind: str  # the memory without its budget, for the plot's legend
     rule: Optional[rules.Rule]  # None: the full cache (transformers' DynamicCache)
     window: int = 0
     sinks: int = 0
-    budget: int = 0  # visible pairs held: sinks + slots + window
+    rope: bool = False  # fold un-rotated keys, read slots rotated at their positions (the model's RoPE)
+    retain: str = "fifo"
+    recent: Optional[int] = None
+    budget: int = 0  # pairs held: sinks + slots + window
 
-    def make_cache(self) -> Any:
+    def make_cache(self, config: Any) -> Any:
         from transformers import DynamicCache
 
         from ..hf import FoldCache
+        from ..rope import RoPE
 
-        return DynamicCache() if self.rule is None else FoldCache(self.rule, window=self.window, sinks=self.sinks)
+        if self.rule is None:
+            return DynamicCache(config=config)
+        rope = RoPE.from_config(config) if self.rope else None
+        return FoldCache(
+            self.rule,
+            window=self.window,
+            sinks=self.sinks,
+            rope=rope,
+            retain=self.retain,
+            recent=self.recent,
+            memory=MEMORY,
+        )
 
 
 @dataclass
 class Result:
     memory: str
-    rule: str
+    kind: str
     budget: int
-    window: int
-    sinks: int
-    perplexity: float
-    kl: float
-    top1: float
-    cache_bytes: int
-    tokens_per_s: float
+    perplexity: List[float] = field(default_factory=list)  # one value per segment
+    kl: List[float] = field(default_factory=list)
+    top1: List[float] = field(default_factory=list)
 
 
-def memories(budgets: Sequence[int], ema_alpha: float = 0.05) -> List[Memory]:
-    """The full cache, then for each budget N: the raw-pairs memories (window, StreamingLLM), the window
-    plus one summary slot or compressed slots, and last the pure summary memory (one slot, window 0)."""
+def _merge(slots: int, rope: bool, log_count: bool) -> str:
+    return f"merge {slots}" + (", RoPE" if rope else "") + (", log-count" if log_count else "")
+
+
+def memories(budgets: Sequence[int]) -> List[Memory]:
+    """The full cache, then for each budget N (M = N / 8 merge slots): StreamingLLM (sinks 4 + window),
+    one summary slot beside it, M Merge slots with and without RoPE-aware folding and the log-count bias,
+    attention-chosen windows (TOVA with and without sinks, H2O), and TOVA with Merge slots."""
     grid = [Memory("full cache", "full cache", None)]
     for n in budgets:
-        if n < 8:
-            raise ValueError(f"budgets: expected budgets of at least 8 pairs, got {n}")
-        c = n // 8  # compressed slots, each pooling 8 pairs
-        grid += [
-            Memory(f"window {n}", "window", rules.Drop(), window=n, budget=n),
-            Memory(f"sinks 4 + window {n - 4}", "sinks 4 + window", rules.Drop(), window=n - 4, sinks=4, budget=n),
-            Memory(f"window {n - 1} + cumulative", "window + cumulative", rules.Cumulative(), window=n - 1, budget=n),
+        if n < 16:
+            raise ValueError(f"budgets: expected budgets of at least 16 pairs, got {n}")
+        m = n // 8
+        w = n - 4 - m  # the window beside 4 sinks and m slots
+        grid.append(Memory(f"sinks 4 + window {n - 4}", "sinks 4 + window", rules.Drop(), n - 4, 4, budget=n))
+        grid.append(
             Memory(
-                f"window {n - 1} + ema({ema_alpha:g})",
-                f"window + ema({ema_alpha:g})",
-                rules.EMA(ema_alpha),
-                window=n - 1,
+                f"sinks 4 + window {n - 5} + cumulative",
+                "sinks 4 + window + cumulative",
+                rules.Cumulative(),
+                n - 5,
+                4,
+                budget=n,
+            )
+        )
+        for rope in (False, True):
+            for log_count in (False, True):
+                kind = _merge(m, rope, log_count).replace(f"merge {m}", "merge N/8")
+                grid.append(
+                    Memory(
+                        f"sinks 4 + window {w} + {_merge(m, rope, log_count)}",
+                        f"sinks 4 + window + {kind}",
+                        rules.Merge(m, bias="log_count" if log_count else None),
+                        w,
+                        4,
+                        rope,
+                        budget=n,
+                    )
+                )
+        grid += [
+            Memory(f"TOVA {n}", "TOVA", rules.Drop(), n, retain="tova", budget=n),
+            Memory(f"sinks 4 + TOVA {n - 4}", "sinks 4 + TOVA", rules.Drop(), n - 4, 4, retain="tova", budget=n),
+            Memory(f"H2O {n} (recent {n // 2})", "H2O", rules.Drop(), n, retain="h2o", budget=n),
+            Memory(
+                f"TOVA {n - m} + {_merge(m, True, True)}",
+                "TOVA + merge N/8, RoPE, log-count",
+                rules.Merge(m),
+                n - m,
+                0,
+                True,
+                "tova",
                 budget=n,
             ),
-            Memory(f"window {n - 1} + moving({n})", "window + moving(N)", rules.Moving(n), window=n - 1, budget=n),
             Memory(
-                f"window {n - c} + compressive({c}x8)",
-                "window + compressive(N/8 x 8)",
-                rules.Compressive(c, 8),
-                window=n - c,
+                f"sinks 4 + TOVA {w} + {_merge(m, True, True)}",
+                "sinks 4 + TOVA + merge N/8, RoPE, log-count",
+                rules.Merge(m),
+                w,
+                4,
+                True,
+                "tova",
                 budget=n,
             ),
         ]
-    grid.append(Memory("cumulative, window 0", "cumulative, window 0", rules.Cumulative(), budget=1))
     return grid
-
-
-def _cache_bytes(cache: Any) -> int:
-    """Bytes one layer holds: the kvfold memory, or the keys and values of the full cache."""
-    layer = cache.layers[0]
-    if hasattr(layer, "nbytes"):
-        return int(layer.nbytes)
-    return int(layer.keys.nbytes + layer.values.nbytes)
-
-
-@dataclass
-class _Tally:
-    nll: float = 0.0
-    kl: float = 0.0
-    agree: int = 0
-    seconds: float = 0.0
-    cache: Any = field(default=None, repr=False)
 
 
 class _Progress:
@@ -128,173 +166,171 @@ class _Progress:
 
 
 def run(
-    tokens: int = 2048,
+    tokens: int = 1024,
     budgets: Sequence[int] = (64, 256),
-    chunk: int = 1,
+    chunk: int = 64,
     out: str = "kvfold-eval",
     progress: bool = True,
-    ema_alpha: float = 0.05,
     threads: int = 1,
+    segments: int = 2,
+    text: Optional[str] = None,
 ) -> List[Result]:
-    """Measures every memory of ``memories(budgets)``; writes ``out``/eval.csv and eval.png, prints a table.
+    """Measures every memory of ``memories(budgets)`` on ``segments`` pieces of ``tokens`` tokens of ``text``
+    (a UTF-8 file; default CPython's documentation); writes ``out``/eval.csv and eval.png, prints a table.
 
-    ``threads``: torch threads while measuring (1 by default: on a small shared machine more threads
-    mostly wait for each other; here two threads made a decode step 5x slower than one)."""
+    ``chunk``: tokens per model call (speed only: kvfold's attention reads the memories token by token).
+    ``threads``: torch threads while measuring."""
     if tokens < 2:
         raise ValueError(f"tokens: expected at least 2, got {tokens}")
     if chunk < 1:
         raise ValueError(f"chunk: expected at least 1, got {chunk}")
     if threads < 1:
         raise ValueError(f"threads: expected at least 1, got {threads}")
+    if segments < 1:
+        raise ValueError(f"segments: expected at least 1, got {segments}")
     import torch
 
+    from .. import hf  # noqa: F401  (registers the "kvfold" attention)
     from . import smollm2
 
-    grid = memories(budgets, ema_alpha)
+    grid = memories(budgets)
+    source = "CPython's documentation" if text is None else Path(text).name
+    body = smollm2.bundled_text() if text is None else Path(text).read_text(encoding="utf-8")
     model, tokenizer = smollm2.load()
-    threads_before = torch.get_num_threads()
+    ids = tokenizer(body, return_tensors="pt").input_ids
+    if ids.shape[1] < segments * tokens:
+        raise ValueError(
+            f"text: {segments} segments of {tokens} tokens need {segments * tokens} tokens, {source} has {ids.shape[1]}"
+        )
+    threads_before, attention_before = torch.get_num_threads(), model.config._attn_implementation
     torch.set_num_threads(threads)
+    model.set_attn_implementation("kvfold")
     try:
-        results = _measure(model, tokenizer, grid, tokens, chunk, progress)
+        results = [Result(m.name, m.kind, tokens if m.rule is None else m.budget) for m in grid]
+        bar = _Progress(segments * tokens, progress)
+        for s in range(segments):
+            _measure(model, ids[:, s * tokens : (s + 1) * tokens], grid, results, chunk, bar)
+        bar.close()
     finally:
         torch.set_num_threads(threads_before)
+        model.set_attn_implementation(attention_before)
     target = Path(out)
     target.mkdir(parents=True, exist_ok=True)
     write_csv(results, target / "eval.csv")
-    plot(results, grid, target / "eval.png", results[0].budget)
-    print(table(results, results[0].budget, chunk, model.config.num_hidden_layers, threads))
+    plot(results, target / "eval.png", f"{tokens} tokens of {source}")
+    print(table(results, tokens, segments, source, model.config.num_hidden_layers))
     print(f"\nwrote {target / 'eval.csv'} and {target / 'eval.png'}")
     return results
 
 
-def _measure(
-    model: Any, tokenizer: Any, grid: Sequence[Memory], tokens: int, chunk: int, progress: bool
-) -> List[Result]:
+def _measure(model: Any, ids: Any, grid: Sequence[Memory], results: List[Result], chunk: int, bar: _Progress) -> None:
+    """One segment: every memory from an empty cache, in lockstep, block by block."""
     import torch
     import torch.nn.functional as F
 
-    from . import smollm2
-
-    text = smollm2.bundled_text()
-    ids = tokenizer(text[: 16 * tokens], return_tensors="pt").input_ids[:, :tokens]
-    if ids.shape[1] < tokens:
-        ids = tokenizer(text, return_tensors="pt").input_ids[:, :tokens]
     tokens = ids.shape[1]
     targets = ids[0, 1:]
-    tallies = [_Tally(cache=m.make_cache()) for m in grid]
-    bar = _Progress(tokens, progress)
+    caches = [m.make_cache(model.config) for m in grid]
+    nll, kl, agree = [0.0] * len(grid), [0.0] * len(grid), [0] * len(grid)
     with torch.no_grad():
-        model(ids[:, :chunk], cache=grid[0].make_cache())  # warm-up, so that no memory pays for first calls
         for start in range(0, tokens, chunk):
             block = ids[:, start : start + chunk]
             scored = min(block.shape[1], tokens - 1 - start)  # the last token has nothing to predict
             reference = None
-            for tally in tallies:
-                began = time.perf_counter()
-                logits = model(block, cache=tally.cache).logits[0, :scored]
-                tally.seconds += time.perf_counter() - began
+            for i, cache in enumerate(caches):
+                logits = model(block, cache=cache).logits[0, :scored]
                 if scored <= 0:
                     continue
                 logp = F.log_softmax(logits.double(), dim=-1)
                 if reference is None:  # the full cache comes first
                     reference = logp
-                tally.nll -= float(logp.gather(1, targets[start : start + scored, None]).sum())
-                tally.kl += float((reference.exp() * (reference - logp)).sum())
-                tally.agree += int((logp.argmax(-1) == reference.argmax(-1)).sum())
+                nll[i] -= float(logp.gather(1, targets[start : start + scored, None]).sum())
+                kl[i] += float((reference.exp() * (reference - logp)).sum())
+                agree[i] += int((logp.argmax(-1) == reference.argmax(-1)).sum())
             bar.update(block.shape[1])
-    bar.close()
-    scored_total = tokens - 1
-    results = [
-        Result(
-            memory=m.name,
-            rule="-" if m.rule is None else repr(m.rule),
-            budget=tokens if m.rule is None else m.budget,
-            window=tokens if m.rule is None else m.window,
-            sinks=m.sinks,
-            perplexity=math.exp(t.nll / scored_total),
-            kl=t.kl / scored_total,
-            top1=t.agree / scored_total,
-            cache_bytes=_cache_bytes(t.cache),
-            tokens_per_s=tokens / t.seconds,
-        )
-        for m, t in zip(grid, tallies)
-    ]
-    return results
+    for i, r in enumerate(results):
+        r.perplexity.append(math.exp(nll[i] / (tokens - 1)))
+        r.kl.append(kl[i] / (tokens - 1))
+        r.top1.append(agree[i] / (tokens - 1))
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs)
 
 
 def write_csv(results: Sequence[Result], path: Path) -> None:
+    """One row per memory: the mean over segments, then each segment's value (semicolon-separated)."""
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(results[0])))
-        writer.writeheader()
+        writer = csv.writer(f)
+        writer.writerow(
+            ["memory", "budget", "perplexity", "kl", "top1", "perplexity_segments", "kl_segments", "top1_segments"]
+        )
         for r in results:
-            row = asdict(r)
-            row.update(
-                perplexity=f"{r.perplexity:.4f}",
-                kl=f"{r.kl:.5f}",
-                top1=f"{r.top1:.4f}",
-                tokens_per_s=f"{r.tokens_per_s:.1f}",
+            writer.writerow(
+                [r.memory, r.budget, f"{_mean(r.perplexity):.4f}", f"{_mean(r.kl):.5f}", f"{_mean(r.top1):.4f}"]
+                + [";".join(f"{x:.5f}" for x in xs) for xs in (r.perplexity, r.kl, r.top1)]
             )
-            writer.writerow(row)
 
 
-def table(results: Sequence[Result], tokens: int, chunk: int, layers: int, threads: int) -> str:
-    """A Markdown table, ready for the README."""
+def _spread(xs: Sequence[float], fmt: str, scale: float = 1.0) -> str:
+    mean = format(scale * _mean(xs), fmt)
+    if len(xs) == 1:
+        return mean
+    return f"{mean} ({format(scale * min(xs), fmt)}–{format(scale * max(xs), fmt)})"
+
+
+def table(results: Sequence[Result], tokens: int, segments: int, source: str, layers: int) -> str:
+    """A Markdown table, ready for the README: the mean over segments and, in brackets, their range. The
+    last column compares the mean KL with StreamingLLM's (sinks 4 + window) at the same budget."""
+    base: Dict[int, float] = {r.budget: _mean(r.kl) for r in results if r.kind == "sinks 4 + window"}
     lines = [
-        f"SmolLM2-135M-Instruct (Q4_1 GGUF, float32 compute, {layers} layers), {tokens} tokens of CPython's "
-        f"documentation, blocks of {chunk} token{'s' if chunk > 1 else ''}, {threads} torch thread"
-        f"{'s' if threads > 1 else ''}",
+        f"SmolLM2-135M-Instruct (Q4_1 GGUF, float32 compute, {layers} layers), {segments} segment"
+        f"{'s' if segments > 1 else ''} of {tokens} tokens of {source}, token by token",
         "",
-        "| memory | pairs held | perplexity | KL(full ‖ memory) | top-1 agreement | bytes / layer | tokens/s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| memory | pairs held | perplexity | KL(full ‖ memory) | top-1 agreement | KL vs sinks + window |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for r in results:
+        change = f"{100 * (_mean(r.kl) / base[r.budget] - 1):+.0f}%" if r.budget in base and base[r.budget] else ""
         lines.append(
-            f"| {r.memory} | {r.budget} | {r.perplexity:.2f} | {r.kl:.4f} | {100 * r.top1:.1f}% | "
-            f"{r.cache_bytes:,} | {r.tokens_per_s:.1f} |"
+            f"| {r.memory} | {r.budget} | {_spread(r.perplexity, '.2f')} | {_spread(r.kl, '.4f')} | "
+            f"{_spread(r.top1, '.1f', 100)}% | {change} |"
         )
     return "\n".join(lines)
 
 
-def plot(results: Sequence[Result], grid: Sequence[Memory], path: Path, tokens: int) -> None:
-    """Perplexity and KL against bytes per layer; one line per kind of memory through its budgets."""
+def plot(results: Sequence[Result], path: Path, what: str) -> None:
+    """KL and perplexity against the pairs held; one line per kind of memory through its budgets."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
-    kinds = list(dict.fromkeys(m.kind for m in grid))
-    markers = "*osD^v<>ph"
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    kinds = list(dict.fromkeys(r.kind for r in results if r.kind != "full cache"))
+    markers = "osD^v<>ph*"
     for i, kind in enumerate(kinds):
-        points = sorted((r.cache_bytes, r.perplexity, r.kl) for r, m in zip(results, grid) if m.kind == kind)
-        xs = [p[0] for p in points]
-        for ax, column in zip(axes, (1, 2)):
-            if column == 2 and kind == "full cache":  # KL 0: off a log axis
-                continue
+        points = sorted((r.budget, _mean(r.perplexity), _mean(r.kl)) for r in results if r.kind == kind)
+        for ax, column in zip(axes, (2, 1)):
             ax.plot(
-                xs,
+                [p[0] for p in points],
                 [p[column] for p in points],
                 marker=markers[i % len(markers)],
-                color=f"C{i}",
+                color=f"C{i % 10}",
+                linestyle="-" if i < 10 else "--",
                 label=kind,
-                markersize=11 if kind == "full cache" else 6,
-                linestyle="-" if len(xs) > 1 else "none",
             )
-    full = results[0]
-    axes[0].axhline(full.perplexity, color="grey", linestyle=":", linewidth=1)
-    axes[0].set_ylabel("perplexity (lower is better)")
-    axes[1].set_ylabel("mean KL(full ‖ memory), nats/token")
-    kib = matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 2**20:g} MiB" if x >= 2**20 else f"{x / 1024:g} KiB")
+    full = next(r for r in results if r.kind == "full cache")
+    axes[1].axhline(_mean(full.perplexity), color="grey", linestyle=":", linewidth=1, label="full cache")
+    axes[0].set_ylabel("mean KL(full ‖ memory), nats/token")
+    axes[1].set_ylabel("perplexity (lower is better)")
     for ax in axes:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.xaxis.set_major_formatter(kib)
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_xlabel("cache bytes per layer (log scale)")
+        ax.set_xlabel("pairs held per layer and KV head")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8, loc="best")
-    fig.suptitle(f"SmolLM2-135M on {tokens} tokens of CPython docs: memories at equal budgets of pairs", fontsize=10)
+    axes[0].legend(fontsize=7, loc="best")
+    fig.suptitle(f"SmolLM2-135M on {what}: memories at equal budgets of pairs", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
