@@ -29,6 +29,14 @@
 #define KVFOLD_PAUSE() ((void)0)
 #endif
 
+// libstdc++ (GCC 12 on) has two std::condition_variable::wait: the new one lets a cancelled thread
+// unwind, which the pool never does. Binding to the old one (GCC 4.4's) keeps the Python wheel
+// loadable with the libstdc++ of GCC 11 (manylinux_2_34 rather than 2_35).
+#if defined(__GLIBC__) && defined(__GLIBCXX__) && defined(__ELF__)
+__asm__(".symver _ZNSt18condition_variable4waitERSt11unique_lockISt5mutexE,"
+        "_ZNSt18condition_variable4waitERSt11unique_lockISt5mutexE@GLIBCXX_3.4.11");
+#endif
+
 namespace kvfold {
 namespace {
 
