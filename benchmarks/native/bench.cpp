@@ -1,6 +1,7 @@
 // Native benchmark harness: time per token of kvfold's hot paths without Python in the way.
-// Build: cmake -B build-bench -DKVFOLD_BENCH=ON && cmake --build build-bench && build-bench/kvfold_bench
-// Usage: kvfold_bench [--threads N] [--backend NAME] [--chunk N] [--cpu-time] [substring of case names...]
+// Build: cmake -B build-bench -DKVFOLD_BENCH=ON && cmake --build build-bench && build-bench/kvfold-bench
+// (cmake --install installs it as kvfold-bench; see docs/native-bench.md)
+// Usage: kvfold-bench [--threads N] [--backend NAME] [--chunk N] [--cpu-time] [substring of case names...]
 #include <time.h>
 
 #include <algorithm>
