@@ -10,8 +10,8 @@
  * the argument, what was expected and what was received. No C++ exception ever crosses this API, and
  * a null handle or a null pointer where an array is required is an error, not a crash.
  *
- * Threads: one handle may be used from several threads, one call at a time per handle is
- * serialized by the library. Different handles are independent.
+ * Threads: a handle may be used from several threads; the library serializes the calls on one
+ * handle. Different handles are independent.
  *
  * Ownership: the caller owns every array it passes in and out. Handles (kvfold_cache,
  * kvfold_checkpoint) are released with kvfold_free / kvfold_checkpoint_free; a state buffer that
