@@ -253,9 +253,10 @@ void gemm_tile(const Gemm& g, int64_t i0, int64_t j0, int64_t k, const Tile& til
     constexpr int NV = Tile::kVectors;
     F acc[R][NV];
 KVFOLD_UNROLL(8)
-    for (int r = 0; r < R; ++r)
+    for (int r = 0; r < R; ++r) {
 KVFOLD_UNROLL(8)
         for (int t = 0; t < NV; ++t) acc[r][t] = V::zero();
+    }
     const int64_t row = g.trans_a ? 1 : g.lda, col = g.trans_a ? g.lda : 1;  // a[i][p] at a + i * row + p * col
     const float* a = g.a + i0 * row;
     const float* b = g.b + j0;
@@ -312,9 +313,10 @@ void solve_tile(const float* a, int64_t lda, float* x, int64_t ldx, int64_t i0, 
     constexpr int NV = Tile::kVectors;
     F acc[R][NV];
 KVFOLD_UNROLL(8)
-    for (int r = 0; r < R; ++r)
+    for (int r = 0; r < R; ++r) {
 KVFOLD_UNROLL(8)
         for (int t = 0; t < NV; ++t) acc[r][t] = tile.load(x + (i0 + r) * ldx, t);
+    }
     const float* ai = a + i0 * lda;
     for (int64_t s = 0; s < i0; ++s) {
         F xs[NV];
@@ -328,17 +330,19 @@ KVFOLD_UNROLL(8)
         }
     }
 KVFOLD_UNROLL(8)
-    for (int r = 1; r < R; ++r)
+    for (int r = 1; r < R; ++r) {
 KVFOLD_UNROLL(8)
         for (int s = 0; s < r; ++s) {
             const F w = V::set1(ai[r * lda + i0 + s]);
 KVFOLD_UNROLL(8)
             for (int t = 0; t < NV; ++t) acc[r][t] = V::fnma(w, acc[s][t], acc[r][t]);
         }
+    }
 KVFOLD_UNROLL(8)
-    for (int r = 0; r < R; ++r)
+    for (int r = 0; r < R; ++r) {
 KVFOLD_UNROLL(8)
         for (int t = 0; t < NV; ++t) tile.store(x + (i0 + r) * ldx, t, acc[r][t]);
+    }
 }
 
 template <template <int> class Tile, int R, int NV>
