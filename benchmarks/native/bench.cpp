@@ -13,10 +13,10 @@
 #include <string>
 #include <vector>
 
-#include "kvfold/kvfold.hpp"
-#include "kernels/kernels.hpp"
-#include "parallel.hpp"
 #include "../../cpp/tests/fixtures.hpp"
+#include "kernels/kernels.hpp"
+#include "kvfold/kvfold.hpp"
+#include "parallel.hpp"
 
 using kvfold::Config;
 using kvfold::MemoryCache;
@@ -35,7 +35,6 @@ struct Case {
     int64_t prefill;     // 0: one decode step (update + attend) per token; T: forward over T tokens
     bool gates = false;  // per-token decay and beta (per head), for the gated delta rule
 };
-
 
 bool cpu_time = false;  // --cpu-time: the calling thread's CPU time, blind to other processes
 
@@ -88,10 +87,12 @@ double run(const Case& k) {
             for (int64_t i = 0; i < k.dim; ++i) kk[row * k.dim + i] /= std::sqrt(norm);
         }
     }
-    if (k.prefill) return seconds_per_call([&] {
-               cache.reset();
-               cache.forward(q.data(), kk.data(), v.data(), T, out.data(), gates);
-           }) / T;
+    if (k.prefill)
+        return seconds_per_call([&] {
+                   cache.reset();
+                   cache.forward(q.data(), kk.data(), v.data(), T, out.data(), gates);
+               }) /
+               T;
     // Fill sinks and window first: a decode step then evicts, folds and attends over a full window.
     auto fill = normal(k.heads * fill_tokens * k.dim, 4);
     for (float& x : fill) x *= 0.1f;

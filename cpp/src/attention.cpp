@@ -9,8 +9,8 @@
 namespace kvfold {
 namespace {
 
-constexpr int64_t kBlock = 64;   // rows scored, exponentiated and applied together
-constexpr int64_t kGroup = 8;    // query heads that share a pass over the rows
+constexpr int64_t kBlock = 64;  // rows scored, exponentiated and applied together
+constexpr int64_t kGroup = 8;   // query heads that share a pass over the rows
 
 // A run of rows inside one segment.
 struct Rows {
@@ -59,23 +59,24 @@ void score_kernel(const Kernels& K, const Rows& r, const float* q, int64_t q_str
         case DType::float16:
             return K.scores_f16(q, q_stride, nq, rows_at<uint16_t>(keys, r.first, dk), r.count, dk, scale, s, s_stride);
         case DType::bfloat16:
-            return K.scores_bf16(q, q_stride, nq, rows_at<uint16_t>(keys, r.first, dk), r.count, dk, scale, s, s_stride);
+            return K.scores_bf16(q, q_stride, nq, rows_at<uint16_t>(keys, r.first, dk), r.count, dk, scale, s,
+                                 s_stride);
         default:
             return K.scores_f32(q, q_stride, nq, rows_at<float>(keys, r.first, dk), r.count, dk, scale, s, s_stride);
     }
 }
 
 // Scores of a run of rows for nq queries (s_stride apart), with the segment's logit bias if it has one.
-void score_rows(const Kernels& K, const Rows& r, const float* q, int64_t q_stride, int64_t nq, int64_t dk,
-                float scale, float* s, int64_t s_stride) {
+void score_rows(const Kernels& K, const Rows& r, const float* q, int64_t q_stride, int64_t nq, int64_t dk, float scale,
+                float* s, int64_t s_stride) {
     score_kernel(K, r, q, q_stride, nq, dk, scale, s, s_stride);
     if (const float* bias = r.seg->bias)
         for (int64_t i = 0; i < nq; ++i)
             for (int64_t j = 0; j < r.count; ++j) s[i * s_stride + j] += bias[r.first + j];
 }
 
-void weigh_rows(const Kernels& K, const Rows& r, const float* p, int64_t p_stride, int64_t nq, int64_t dv,
-                float* out, int64_t out_stride, bool add) {
+void weigh_rows(const Kernels& K, const Rows& r, const float* p, int64_t p_stride, int64_t nq, int64_t dv, float* out,
+                int64_t out_stride, bool add) {
     const void* values = r.seg->values;
     switch (r.seg->dtype) {
         case DType::float16:
@@ -158,7 +159,8 @@ void attend_long(const Kernels& K, const Attention& a, int64_t dk, int64_t dv, f
 void attend_one_row(const Attention& a, int64_t dv) {
     for (int s = 0; s < a.count; ++s)
         if (a.segments[s].rows)
-            for (int64_t i = 0; i < a.nq; ++i) load_row(a.out + i * a.out_stride, a.segments[s].values, dv, a.segments[s].dtype);
+            for (int64_t i = 0; i < a.nq; ++i)
+                load_row(a.out + i * a.out_stride, a.segments[s].values, dv, a.segments[s].dtype);
 }
 
 constexpr int kBatch = 4;  // problems taken through each step together
@@ -198,8 +200,9 @@ void attend(const Attention* problems, int count, int64_t dk, int64_t dv, float 
     for (int p = 0; p < count; ++p) {
         const Attention& a = problems[p];
         for (int64_t first = 0; first < a.nq; first += kGroup) {
-            batch[n++] = Attention{a.q + first * a.q_stride, a.q_stride, std::min(kGroup, a.nq - first), a.segments,
-                                   a.count, a.out + first * a.out_stride, a.out_stride};
+            batch[n++] = Attention{
+                a.q + first * a.q_stride,     a.q_stride,  std::min(kGroup, a.nq - first), a.segments, a.count,
+                a.out + first * a.out_stride, a.out_stride};
             if (n == kBatch) {
                 attend_batch(K, batch, n, dk, dv, scale);
                 n = 0;

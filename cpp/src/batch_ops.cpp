@@ -69,7 +69,8 @@ std::pair<std::string, std::string> difference(const Shape& a, const Shape& b, b
     };
     const Config &p = a.cfg, &q = b.cfg;
     const Item items[] = {
-        {"batch_size", ignore_batch ? "" : std::to_string(p.batch_size), ignore_batch ? "" : std::to_string(q.batch_size)},
+        {"batch_size", ignore_batch ? "" : std::to_string(p.batch_size),
+         ignore_batch ? "" : std::to_string(q.batch_size)},
         {"num_heads", std::to_string(p.num_heads), std::to_string(q.num_heads)},
         {"head_dim", std::to_string(p.head_dim), std::to_string(q.head_dim)},
         {"value_dim", std::to_string(p.value_dim), std::to_string(q.value_dim)},
@@ -113,7 +114,8 @@ void MemoryCache::Impl::copy_rows_from(const Impl& src, const int64_t* src_rows,
     auto src_bufs = src.buffers();
     for (int64_t r = 0; r < count; ++r) {
         for (size_t i = 0; i < dst_bufs.size(); ++i)
-            for (int64_t h = 0; h < H; ++h) dst_bufs[i]->copy_lane((first + r) * H + h, *src_bufs[i], src_rows[r] * H + h);
+            for (int64_t h = 0; h < H; ++h)
+                dst_bufs[i]->copy_lane((first + r) * H + h, *src_bufs[i], src_rows[r] * H + h);
         length[first + r] = src.length[src_rows[r]];
     }
 }

@@ -67,7 +67,9 @@ class LaneBuffer {
     const uint8_t* data() const { return data_; }
 
     template <class T = uint8_t>
-    T* lane(int64_t i) { return reinterpret_cast<T*>(data_ + stride_ * static_cast<size_t>(i)); }
+    T* lane(int64_t i) {
+        return reinterpret_cast<T*>(data_ + stride_ * static_cast<size_t>(i));
+    }
     template <class T = uint8_t>
     const T* lane(int64_t i) const {
         return reinterpret_cast<const T*>(data_ + stride_ * static_cast<size_t>(i));

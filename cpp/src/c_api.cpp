@@ -259,8 +259,7 @@ kvfold_status kvfold_get_config(const kvfold_cache* cache, kvfold_config* out) {
     });
 }
 
-kvfold_status kvfold_update(kvfold_cache* cache, const float* k, const float* v, int64_t T,
-                            const kvfold_gates* gates) {
+kvfold_status kvfold_update(kvfold_cache* cache, const float* k, const float* v, int64_t T, const kvfold_gates* gates) {
     return guarded(cache, [&] {
         kvfold::MemoryCache& c = live(cache);
         require(k, "k");
@@ -290,8 +289,8 @@ kvfold_status kvfold_step(kvfold_cache* cache, const float* q, const float* k, c
     });
 }
 
-kvfold_status kvfold_forward(kvfold_cache* cache, const float* q, const float* k, const float* v, int64_t T,
-                             float* out, const kvfold_gates* gates) {
+kvfold_status kvfold_forward(kvfold_cache* cache, const float* q, const float* k, const float* v, int64_t T, float* out,
+                             const kvfold_gates* gates) {
     return guarded(cache, [&] {
         kvfold::MemoryCache& c = live(cache);
         require(q, "q");
@@ -349,7 +348,8 @@ kvfold_status kvfold_memory(const kvfold_cache* cache, float* keys, size_t key_c
         size_t nk, nv;
         memory_floats(c, &nk, &nv);
         if (key_capacity < nk)
-            fail("key_capacity: expected at least " + std::to_string(nk) + " floats, got " + std::to_string(key_capacity));
+            fail("key_capacity: expected at least " + std::to_string(nk) + " floats, got " +
+                 std::to_string(key_capacity));
         if (value_capacity < nv)
             fail("value_capacity: expected at least " + std::to_string(nv) + " floats, got " +
                  std::to_string(value_capacity));

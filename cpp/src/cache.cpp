@@ -32,7 +32,7 @@ size_t dtype_size(DType t) { return t == DType::float32 ? 4 : 2; }
 
 namespace {
 
-constexpr int64_t kMaxDim = int64_t(1) << 20;     // heads, head_dim, value_dim
+constexpr int64_t kMaxDim = int64_t(1) << 20;  // heads, head_dim, value_dim
 constexpr int64_t kMaxBatch = int64_t(1) << 24;
 constexpr int64_t kMaxTokens = int64_t(1) << 32;  // window, sinks
 
@@ -96,8 +96,8 @@ MemoryCache::Impl::Impl(const Config& c, const RuleSpec& s) : cfg(c), spec(s) {
     check_range("value_dim", c.value_dim, 1, kMaxDim);
     check_range("num_query_heads", c.num_query_heads, 1, kMaxDim);
     if (c.num_query_heads % c.num_heads)
-        throw ValueError("num_query_heads: expected a multiple of num_heads=" + std::to_string(c.num_heads) +
-                         ", got " + std::to_string(c.num_query_heads));
+        throw ValueError("num_query_heads: expected a multiple of num_heads=" + std::to_string(c.num_heads) + ", got " +
+                         std::to_string(c.num_query_heads));
     check_range("window", c.window, 0, kMaxTokens);
     check_range("sinks", c.sinks, 0, kMaxTokens);
     if (c.scale == 0)
@@ -183,8 +183,8 @@ struct Model {
     // Puts a lane's token into its sink or window slot. Returns the fold count of the pair that
     // must now be folded (-1 if none) and points fk/fv at it: the input itself when window = 0,
     // else a float32 copy of the evicted pair in ek/ev.
-    int64_t place(int64_t lane, int64_t len, const float* kt, const float* vt, float* ek, float* ev,
-                  const float** fk, const float** fv) {
+    int64_t place(int64_t lane, int64_t len, const float* kt, const float* vt, float* ek, float* ev, const float** fk,
+                  const float** fv) {
         const Config& cfg = c.cfg;
         const size_t es = dtype_size(cfg.dtype);
         if (len < cfg.sinks) {
@@ -225,8 +225,7 @@ struct Model {
     }
 
     // Row-wise rules: token t of row b for all heads; k, v are (H, T, d) for this row.
-    void append_row_token(int64_t b, int64_t t, const float* k, const float* v, int64_t T,
-                          std::vector<float>& gather) {
+    void append_row_token(int64_t b, int64_t t, const float* k, const float* v, int64_t T, std::vector<float>& gather) {
         const int64_t H = c.cfg.num_heads;
         gather.resize(H * (dk() + dv()));
         float* ek = gather.data();
@@ -236,8 +235,7 @@ struct Model {
             const float *fk, *fv;
             float* hk = ek + h * dk();
             float* hv = ev + h * dv();
-            count = place(b * H + h, c.length[b] + t, k + (h * T + t) * dk(), v + (h * T + t) * dv(), hk, hv,
-                          &fk, &fv);
+            count = place(b * H + h, c.length[b] + t, k + (h * T + t) * dk(), v + (h * T + t) * dv(), hk, hv, &fk, &fv);
             if (count >= 0 && fk != hk) {
                 std::memcpy(hk, fk, sizeof(float) * dk());
                 std::memcpy(hv, fv, sizeof(float) * dv());
@@ -473,8 +471,8 @@ struct MatrixModel {
     LaneQueries queries(int64_t lane, const float* q, float* out, int64_t t) const {
         const Config& g = c.cfg;
         const int64_t b = lane / g.num_heads, h = lane % g.num_heads, hq = b * g.num_query_heads + h * c.group;
-        return LaneQueries{q + (hq * T + t) * dk(), c.group, T * dk(), out + (hq * T + t) * dv(), T * dv(), c.scale,
-                           h * c.group};
+        return LaneQueries{
+            q + (hq * T + t) * dk(), c.group, T * dk(), out + (hq * T + t) * dv(), T * dv(), c.scale, h * c.group};
     }
 };
 
@@ -511,7 +509,8 @@ void matrix_attend(const MemoryCache::Impl& c, const float* q, float* out) {
     const TokenGates none;
     parallel_for(c.lanes, matrix_flops(c), [&](int64_t lo, int64_t hi) {
         MatrixModel m{const_cast<MemoryCache::Impl&>(c), none, 1};
-        for (int64_t lane = lo; lane < hi; ++lane) m.attend(lane, c.length[lane / g.num_heads], m.queries(lane, q, out, 0));
+        for (int64_t lane = lo; lane < hi; ++lane)
+            m.attend(lane, c.length[lane / g.num_heads], m.queries(lane, q, out, 0));
     });
 }
 
@@ -550,19 +549,19 @@ void check_gates(const MemoryCache::Impl& c, const TokenGates& gates, int64_t T)
     for (int i = 0; i < 2; ++i) {
         const std::string name = names[i];
         if (given[i] && !needed[i]) {
-            if (!r.matrix())
-                throw ValueError(name + ": the " + kind + " rule takes no per-token gates, got " + name);
+            if (!r.matrix()) throw ValueError(name + ": the " + kind + " rule takes no per-token gates, got " + name);
             if (!used[i])
                 throw ValueError(name + ": the " + kind + " rule takes no " + name +
-                                 (i == 0 ? " (gated and gated_delta do)" : " (delta and gated_delta do)") + ", got one");
+                                 (i == 0 ? " (gated and gated_delta do)" : " (delta and gated_delta do)") +
+                                 ", got one");
             throw ValueError(name + ": this " + kind + " rule was built with a constant " + name +
                              ", so it takes no per-token " + name + ", got one");
         }
         if (!given[i] && needed[i])
-            throw ValueError(name + ": the " + kind + " rule needs a per-token " + name +
-                             (i == 0 ? " (log-space, shape (B, H) or (B, H, d_k) per token)"
-                                     : " (shape (B, H) per token)") +
-                             " or a constant " + name + " given to the rule, got none");
+            throw ValueError(
+                name + ": the " + kind + " rule needs a per-token " + name +
+                (i == 0 ? " (log-space, shape (B, H) or (B, H, d_k) per token)" : " (shape (B, H) per token)") +
+                " or a constant " + name + " given to the rule, got none");
     }
     if (!c.cfg.check_finite) return;
     const Config& g = c.cfg;
@@ -601,8 +600,8 @@ void append(MemoryCache::Impl& c, const float* k, const float* v, int64_t T, boo
     if (!c.rule->folds_rows()) {
         parallel_for(c.lanes, 4.0 * T * (g.head_dim + g.value_dim), [&](int64_t lo, int64_t hi) {
             for (int64_t lane = lo; lane < hi; ++lane)
-                m.append_lane(lane, c.length[lane / g.num_heads], k + lane * T * g.head_dim,
-                              v + lane * T * g.value_dim, T);
+                m.append_lane(lane, c.length[lane / g.num_heads], k + lane * T * g.head_dim, v + lane * T * g.value_dim,
+                              T);
         });
         for (int64_t& len : c.length) len += T;
         return;
@@ -654,8 +653,8 @@ void run_lanes(MemoryCache::Impl& c, const float* q, const float* k, const float
                 for (int64_t lane = first; lane < last; ++lane) {
                     int64_t b = lane / H, h = lane % H, hq = b * Hq + h * c.group, len = c.length[b] + t;
                     const float *fk, *fv;
-                    int64_t count = m.place(lane, len, k + (lane * T + t) * dk, v + (lane * T + t) * dv, ek, ek + dk,
-                                            &fk, &fv);
+                    int64_t count =
+                        m.place(lane, len, k + (lane * T + t) * dk, v + (lane * T + t) * dv, ek, ek + dk, &fk, &fv);
                     if (count >= 0) c.rule->fold(lane, fk, fv, count);
                     batch.add(m, lane, len + 1, q + (hq * T + t) * dk, T * dk, out + (hq * T + t) * dv, T * dv);
                 }
@@ -714,10 +713,12 @@ void MemoryCache::forward(const float* q, const float* k, const float* v, int64_
                     std::memcpy(&kt[r * dk], k + (r * T + t) * dk, sizeof(float) * dk);
                     std::memcpy(&vt[r * dv], v + (r * T + t) * dv, sizeof(float) * dv);
                 }
-                for (int64_t r = 0; r < g.batch_size * Hq; ++r) std::memcpy(&qt[r * dk], q + (r * T + t) * dk, sizeof(float) * dk);
+                for (int64_t r = 0; r < g.batch_size * Hq; ++r)
+                    std::memcpy(&qt[r * dk], q + (r * T + t) * dk, sizeof(float) * dk);
                 append(c, kt.data(), vt.data(), 1, false);
                 attend_all(c, qt.data(), ot.data());
-                for (int64_t r = 0; r < g.batch_size * Hq; ++r) std::memcpy(out + (r * T + t) * dv, &ot[r * dv], sizeof(float) * dv);
+                for (int64_t r = 0; r < g.batch_size * Hq; ++r)
+                    std::memcpy(out + (r * T + t) * dv, &ot[r * dv], sizeof(float) * dv);
             }
         } catch (...) {
             c.copy_state_from(saved);
@@ -762,12 +763,14 @@ void MemoryCache::load_memory(const float* keys, const float* values) {
     const Config& g = c.cfg;
     const std::string& kind = c.spec.kind;
     if (!c.rule->matrix())
-        throw ValueError("load_memory: the " + kind + " rule's memory cannot be set; only matrix rules "
+        throw ValueError("load_memory: the " + kind +
+                         " rule's memory cannot be set; only matrix rules "
                          "(linear, gated, delta, gated_delta) take a state S");
     const bool normalized = c.rule->normalizer(0) != nullptr;  // every lane alike
     if (normalized && !values)
         throw ValueError("z: the normalized linear rule keeps z beside S; expected z of shape (B, H, d_k), got none");
-    if (!normalized && values) throw ValueError("z: the " + kind + " rule keeps no z (only normalize=True does), got one");
+    if (!normalized && values)
+        throw ValueError("z: the " + kind + " rule keeps no z (only normalize=True does), got one");
     const int64_t dk = g.head_dim, dv = g.value_dim;
     if (g.check_finite) {
         check_finite("S", keys, {g.batch_size, g.num_heads, dk, dv});

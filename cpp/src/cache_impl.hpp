@@ -14,16 +14,16 @@ struct MemoryCache::Impl {
     Config cfg;
     RuleSpec spec;
     std::unique_ptr<Rule> rule;
-    int64_t lanes = 0;   // batch rows x KV heads
-    int64_t group = 1;   // query heads per KV head
+    int64_t lanes = 0;  // batch rows x KV heads
+    int64_t group = 1;  // query heads per KV head
     float scale = 1;
     LaneBuffer sink_k, sink_v, win_k, win_v;  // storage dtype, [lanes][sinks|window][d]
     // Matrix rules with per-token gates: each window slot keeps its token's gates, gate_stride
     // floats [beta, decay count (0, 1 or d_k), decay values], so an evicted pair folds with them.
     LaneBuffer win_gates;
     int64_t gate_stride = 0;
-    std::vector<int64_t> length;              // tokens seen per row
-    mutable std::mutex mu;                    // one call at a time; the GIL is released
+    std::vector<int64_t> length;  // tokens seen per row
+    mutable std::mutex mu;        // one call at a time; the GIL is released
 
     // Checks the configuration and sizes every buffer; allocates nothing.
     Impl(const Config& config, const RuleSpec& rule_spec);

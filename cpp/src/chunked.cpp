@@ -172,7 +172,7 @@ void fold_piece(const ChunkInput& in, Arena& arena) {
     int64_t ldu = in.v_row;
     if (in.beta) {
         const int64_t ldx = dv + dk + 16;  // rows a cache line off a multiple of 4 KB apart: L1 sets stay apart
-        const float* kq = in.k;  // k_t (.) e_t against ks: the per-key split of gamma_t / gamma_s
+        const float* kq = in.k;            // k_t (.) e_t against ks: the per-key split of gamma_t / gamma_s
         int64_t ldkq = ldk;
         if (d.per_key) {
             float* m = arena.take(n * dk);

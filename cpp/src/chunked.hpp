@@ -15,19 +15,19 @@ namespace kvfold {
 // z_t = z_{t-1} + k_t; no decay and no delta then).
 struct ChunkInput {
     int64_t n = 0, dk = 0, dv = 0;
-    const float* k = nullptr;      // n rows of d_k, k_row apart, features already applied
-    const float* v = nullptr;      // n rows of d_v, v_row apart
+    const float* k = nullptr;  // n rows of d_k, k_row apart, features already applied
+    const float* v = nullptr;  // n rows of d_v, v_row apart
     int64_t k_row = 0, v_row = 0;
     const float* decay = nullptr;  // log decays, n x d_k when decay_per_key, else n; null: none
     bool decay_per_key = false;
-    const float* beta = nullptr;   // n; null: not a delta rule
-    const float* q = nullptr;      // query j of pair t at q + j * q_head + t * q_row (d_k floats)
+    const float* beta = nullptr;  // n; null: not a delta rule
+    const float* q = nullptr;     // query j of pair t at q + j * q_head + t * q_row (d_k floats)
     int64_t nq = 0, q_row = 0, q_head = 0;
-    float* out = nullptr;          // its answer at out + j * out_head + t * out_row (d_v floats)
+    float* out = nullptr;  // its answer at out + j * out_head + t * out_row (d_v floats)
     int64_t out_row = 0, out_head = 0;
     float scale = 1;
-    float* S = nullptr;            // d_k x d_v, row-major
-    float* z = nullptr;            // d_k, normalized linear attention only
+    float* S = nullptr;  // d_k x d_v, row-major
+    float* z = nullptr;  // d_k, normalized linear attention only
     float eps = 0;
 };
 

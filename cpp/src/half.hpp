@@ -44,17 +44,17 @@ inline uint16_t float_to_half(float f) {
     uint32_t u = float_bits(f);
     uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
     uint32_t a = u & 0x7fffffffu;
-    if (a > 0x7f800000u) return sign | 0x7e00u;                // NaN
-    if (a >= 0x477ff000u) return sign | 0x7c00u;               // overflow to Inf (>= 65520)
-    if (a < 0x38800000u) {                                     // subnormal or zero in half
+    if (a > 0x7f800000u) return sign | 0x7e00u;   // NaN
+    if (a >= 0x477ff000u) return sign | 0x7c00u;  // overflow to Inf (>= 65520)
+    if (a < 0x38800000u) {                        // subnormal or zero in half
         // a / 2^-24, rounded to nearest even by the float adder
-        float v = bits_float(a) * 16777216.0f;                 // exact scaling by 2^24
+        float v = bits_float(a) * 16777216.0f;  // exact scaling by 2^24
         uint32_t m = static_cast<uint32_t>(v);
         float rem = v - static_cast<float>(m);
         if (rem > 0.5f || (rem == 0.5f && (m & 1u))) ++m;
         return sign | static_cast<uint16_t>(m);
     }
-    uint32_t r = a + 0xfffu + ((a >> 13) & 1u);                // round to nearest even
+    uint32_t r = a + 0xfffu + ((a >> 13) & 1u);  // round to nearest even
     return sign | static_cast<uint16_t>((r - 0x38000000u) >> 13);
 }
 

@@ -33,8 +33,9 @@
 // unwind, which the pool never does. Binding to the old one (GCC 4.4's) keeps the Python wheel
 // loadable with the libstdc++ of GCC 11 (manylinux_2_34 rather than 2_35).
 #if defined(__GLIBC__) && defined(__GLIBCXX__) && defined(__ELF__)
-__asm__(".symver _ZNSt18condition_variable4waitERSt11unique_lockISt5mutexE,"
-        "_ZNSt18condition_variable4waitERSt11unique_lockISt5mutexE@GLIBCXX_3.4.11");
+__asm__(
+    ".symver _ZNSt18condition_variable4waitERSt11unique_lockISt5mutexE,"
+    "_ZNSt18condition_variable4waitERSt11unique_lockISt5mutexE@GLIBCXX_3.4.11");
 #endif
 
 namespace kvfold {
@@ -44,7 +45,7 @@ namespace {
 // and a wait for the slowest thread, a decode step this small is bound by memory bandwidth that a
 // second core barely adds to, and a core busy with another process can stall it.
 std::atomic<double> min_shared_flops{1e7};
-constexpr int kSpins = 2000;             // pauses (tens of microseconds) before a waiting thread sleeps
+constexpr int kSpins = 2000;  // pauses (tens of microseconds) before a waiting thread sleeps
 
 int default_threads() {
 #if defined(__linux__) && defined(CPU_COUNT)

@@ -33,8 +33,8 @@ namespace {
 constexpr char kMagic[8] = {'K', 'V', 'F', 'O', 'L', 'D', '\r', '\n'};
 constexpr uint32_t kFormatVersion = 1;
 constexpr uint32_t kMaxName = 1 << 12;
-constexpr size_t kHeader = 24;                      // magic, version, flags, total size
-constexpr int64_t kMaxLength = int64_t(1) << 62;    // tokens per row; far from overflow
+constexpr size_t kHeader = 24;                    // magic, version, flags, total size
+constexpr int64_t kMaxLength = int64_t(1) << 62;  // tokens per row; far from overflow
 
 bool little_endian_host() {
     const uint16_t one = 1;
@@ -61,7 +61,9 @@ uint32_t crc32(const uint8_t* p, size_t n) {
 class Writer {
    public:
     template <class T>
-    void put(T x) { raw(&x, sizeof(T)); }
+    void put(T x) {
+        raw(&x, sizeof(T));
+    }
     void str(const std::string& s) {
         put<uint32_t>(static_cast<uint32_t>(s.size()));
         raw(s.data(), s.size());
@@ -83,8 +85,9 @@ class Reader {
     // Names are identifiers ([A-Za-z_][A-Za-z0-9_]*); other strings are printable ASCII.
     std::string str(const char* what, bool identifier) {
         uint32_t n = get<uint32_t>(what);
-        if (n > kMaxName) fail(std::string(what) + " is " + std::to_string(n) + " bytes long, at most " +
-                               std::to_string(kMaxName) + " allowed");
+        if (n > kMaxName)
+            fail(std::string(what) + " is " + std::to_string(n) + " bytes long, at most " + std::to_string(kMaxName) +
+                 " allowed");
         std::string s(reinterpret_cast<const char*>(take(n, what)), n);
         for (size_t i = 0; i < s.size(); ++i) {
             unsigned char c = static_cast<unsigned char>(s[i]);
@@ -118,8 +121,9 @@ std::string MemoryCache::to_bytes() const {
     std::lock_guard<std::mutex> lock(impl_->mu);
     const Impl& c = *impl_;
     if (c.spec.kind == "custom")
-        throw ValueError("rule: Custom rules cannot be serialized (their function is Python code); "
-                         "use copy() or checkpoint() within a process");
+        throw ValueError(
+            "rule: Custom rules cannot be serialized (their function is Python code); "
+            "use copy() or checkpoint() within a process");
     if (!little_endian_host()) throw ValueError("to_bytes: the state format needs a little-endian host");
     Writer w;
     w.out.reserve(kHeader + 4096 + c.planned_bytes());

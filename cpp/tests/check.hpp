@@ -32,30 +32,31 @@ inline void fail(const char* file, int line, const std::string& what) {
 
 }  // namespace check
 
-#define TEST(name)                                           \
-    static void name();                                      \
-    static check::Register register_##name(#name, name);     \
+#define TEST(name)                                       \
+    static void name();                                  \
+    static check::Register register_##name(#name, name); \
     static void name()
 
-#define CHECK(cond) \
-    do {            \
+#define CHECK(cond)                                          \
+    do {                                                     \
         if (!(cond)) check::fail(__FILE__, __LINE__, #cond); \
     } while (0)
 
-#define CHECK_NEAR(a, b, tol)                                                                          \
-    do {                                                                                               \
-        double a_ = (a), b_ = (b);                                                                     \
-        if (!(std::fabs(a_ - b_) <= (tol) * (1.0 + std::fabs(b_))))                                    \
-            check::fail(__FILE__, __LINE__, std::string(#a " ~ " #b ": ") + std::to_string(a_) + " vs " + std::to_string(b_)); \
+#define CHECK_NEAR(a, b, tol)                                                                              \
+    do {                                                                                                   \
+        double a_ = (a), b_ = (b);                                                                         \
+        if (!(std::fabs(a_ - b_) <= (tol) * (1.0 + std::fabs(b_))))                                        \
+            check::fail(__FILE__, __LINE__,                                                                \
+                        std::string(#a " ~ " #b ": ") + std::to_string(a_) + " vs " + std::to_string(b_)); \
     } while (0)
 
-#define CHECK_THROWS(expr, type)                                             \
-    do {                                                                     \
-        bool thrown_ = false;                                                \
-        try {                                                                \
-            expr;                                                            \
-        } catch (const type&) {                                              \
-            thrown_ = true;                                                  \
-        }                                                                    \
+#define CHECK_THROWS(expr, type)                                                         \
+    do {                                                                                 \
+        bool thrown_ = false;                                                            \
+        try {                                                                            \
+            expr;                                                                        \
+        } catch (const type&) {                                                          \
+            thrown_ = true;                                                              \
+        }                                                                                \
         if (!thrown_) check::fail(__FILE__, __LINE__, "expected " #type " from " #expr); \
     } while (0)

@@ -15,9 +15,9 @@ namespace {
 struct Stored {  // rows of keys and values in one storage precision, and their float32 values
     DType dtype;
     int64_t rows;
-    std::vector<float> k, v;             // as stored (rounded), float32
-    std::vector<float> k32, v32;         // float32 storage
-    std::vector<uint16_t> k16, v16;      // float16 / bfloat16 storage
+    std::vector<float> k, v;         // as stored (rounded), float32
+    std::vector<float> k32, v32;     // float32 storage
+    std::vector<uint16_t> k16, v16;  // float16 / bfloat16 storage
     Segment segment() const {
         if (dtype == DType::float32) return {k32.data(), v32.data(), rows, dtype};
         return {k16.data(), v16.data(), rows, dtype};
@@ -81,10 +81,10 @@ TEST(attention_matches_float64_softmax) {
         int64_t dk, dv, nq;
     };
     const Case cases[] = {
-        {{0, 1, 0}, DType::float32, 128, 128, 1},  {{4, 1, 0}, DType::float16, 17, 33, 3},
-        {{4, 1, 60}, DType::float32, 33, 17, 1},   {{3, 2, 130}, DType::bfloat16, 64, 64, 2},
-        {{0, 0, 0}, DType::float32, 8, 8, 4},      {{1, 0, 200}, DType::float16, 7, 5, 11},
-        {{0, 8, 63}, DType::float32, 130, 1, 9},   {{2, 0, 1}, DType::bfloat16, 1, 3, 1},
+        {{0, 1, 0}, DType::float32, 128, 128, 1}, {{4, 1, 0}, DType::float16, 17, 33, 3},
+        {{4, 1, 60}, DType::float32, 33, 17, 1},  {{3, 2, 130}, DType::bfloat16, 64, 64, 2},
+        {{0, 0, 0}, DType::float32, 8, 8, 4},     {{1, 0, 200}, DType::float16, 7, 5, 11},
+        {{0, 8, 63}, DType::float32, 130, 1, 9},  {{2, 0, 1}, DType::bfloat16, 1, 3, 1},
     };
     for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); ++c) {
         const Case& k = cases[c];
@@ -117,7 +117,8 @@ TEST(batched_problems_are_independent) {
     for (int64_t c = 0; c < count; ++c) {
         std::vector<Stored> parts;
         const int64_t rows[3] = {c % 3, c % 2, c * 13};  // some empty, some beyond one block
-        for (int s = 0; s < 3; ++s) parts.push_back(make_rows(rows[s], dk, dv, s == 2 ? DType::float16 : DType::float32, 7 * c + s));
+        for (int s = 0; s < 3; ++s)
+            parts.push_back(make_rows(rows[s], dk, dv, s == 2 ? DType::float16 : DType::float32, 7 * c + s));
         stored.push_back(parts);
         std::mt19937 g(200 + c);
         std::normal_distribution<float> n;
@@ -146,7 +147,8 @@ TEST(row_bias_is_added_to_the_scores) {
     for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); ++c) {
         const int64_t dk = 19, dv = 11, nq = 3;
         std::vector<Stored> parts;
-        for (int s = 0; s < 3; ++s) parts.push_back(make_rows(cases[c][s], dk, dv, s == 2 ? DType::float16 : DType::float32, 31 * c + s));
+        for (int s = 0; s < 3; ++s)
+            parts.push_back(make_rows(cases[c][s], dk, dv, s == 2 ? DType::float16 : DType::float32, 31 * c + s));
         std::vector<std::vector<float>> bias(3);
         for (int64_t j = 0; j < cases[c][1]; ++j) bias[1].push_back(std::log(1.0f + static_cast<float>(j % 7)));
         std::vector<Segment> segs;

@@ -454,8 +454,8 @@ TEST(c_api_library_queries) {
     kvfold_config c;
     std::memset(&c, 0xFF, sizeof(c));
     kvfold_config_init(&c);
-    CHECK(c.batch_size == 1 && c.num_heads == 1 && c.head_dim == 1 && c.window == 0 && c.sinks == 0 &&
-          c.scale == 0 && c.dtype == KVFOLD_FLOAT32 && c.check_finite == 1);
+    CHECK(c.batch_size == 1 && c.num_heads == 1 && c.head_dim == 1 && c.window == 0 && c.sinks == 0 && c.scale == 0 &&
+          c.dtype == KVFOLD_FLOAT32 && c.check_finite == 1);
 }
 
 extern "C" int kvfold_c_header_smoke(void);

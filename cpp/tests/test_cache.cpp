@@ -119,7 +119,8 @@ TEST(state_round_trip_is_bit_exact) {
         bad[i] = static_cast<char>(bad[i] ^ 0x5a);
         CHECK_THROWS(MemoryCache::from_bytes(bad.data(), bad.size()), kvfold::ValueError);
     }
-    for (size_t n = 0; n < bytes.size(); n += 11) CHECK_THROWS(MemoryCache::from_bytes(bytes.data(), n), kvfold::ValueError);
+    for (size_t n = 0; n < bytes.size(); n += 11)
+        CHECK_THROWS(MemoryCache::from_bytes(bytes.data(), n), kvfold::ValueError);
 }
 
 TEST(bad_configuration_is_a_value_error) {

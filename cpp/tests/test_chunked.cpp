@@ -46,8 +46,9 @@ void check_run(const RuleSpec& spec, bool decay, bool per_key, bool beta, unsign
     std::vector<float> want(nq * n * dv), got(nq * n * dv);
     auto one_by_one = planned(spec, dims);
     std::copy(S0.begin(), S0.end(), one_by_one->matrix_state(lane));
-    FoldRun run{n, kr.data(), vr.data(), gates.data(), LaneQueries{q.data(), nq, n * dk, want.data(), n * dv, 0.25f, 2},
-                dk, dv};
+    FoldRun run{
+        n,  kr.data(), vr.data(), gates.data(), LaneQueries{q.data(), nq, n * dk, want.data(), n * dv, 0.25f, 2},
+        dk, dv};
     one_by_one->Rule::fold_read_run(lane, run);
     for (int64_t chunk : {int64_t(1), int64_t(5), int64_t(32)}) {
         set_chunk_size(chunk);

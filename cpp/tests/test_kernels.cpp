@@ -55,7 +55,8 @@ TEST(kernels_match_scalar) {
         S.axpby_f64(s1.data(), 0.75, b.data(), 0.25, f1.data(), 0.5, n);
         K.axpby_f64(s2.data(), 0.75, b.data(), 0.25, f2.data(), 0.5, n);
         for (int64_t i = 0; i < n; ++i) CHECK_NEAR(s1[i], s2[i], 1e-12);
-        for (int64_t i = 0; i < n; ++i) CHECK(f1[i] == static_cast<float>(0.5 * s1[i]) && std::fabs(f1[i] - f2[i]) <= 1e-6f);
+        for (int64_t i = 0; i < n; ++i)
+            CHECK(f1[i] == static_cast<float>(0.5 * s1[i]) && std::fabs(f1[i] - f2[i]) <= 1e-6f);
     }
 }
 
@@ -63,8 +64,8 @@ TEST(half_conversions_round_to_nearest_even) {
     CHECK(float_to_half(1.0f) == 0x3c00);
     CHECK(float_to_half(65504.0f) == 0x7bff);
     CHECK(float_to_half(65520.0f) == 0x7c00);
-    CHECK(float_to_half(5.9604644775390625e-8f) == 0x0001);  // smallest subnormal
-    CHECK(float_to_half(2.98023223876953125e-8f) == 0x0000); // halfway to it: ties to even (0)
+    CHECK(float_to_half(5.9604644775390625e-8f) == 0x0001);   // smallest subnormal
+    CHECK(float_to_half(2.98023223876953125e-8f) == 0x0000);  // halfway to it: ties to even (0)
     CHECK(half_to_float(0x3555) == 0.333251953125f);
     CHECK(float_to_bf16(1.0f) == 0x3f80);
     CHECK(float_to_bf16(bits_float(0x3f808000u)) == 0x3f80);  // tie rounds to even
@@ -224,7 +225,8 @@ TEST(gemm_matches_the_formula) {
         for (int64_t n : sizes)
             for (int64_t k : {int64_t(1), int64_t(5), int64_t(17), int64_t(64), int64_t(129)})
                 for (int shape = 0; shape < 5; ++shape) {
-                    const bool lower_a = shape == 1, lower_c = shape == 2, accumulate = shape >= 3, trans_a = shape == 4;
+                    const bool lower_a = shape == 1, lower_c = shape == 2, accumulate = shape >= 3,
+                               trans_a = shape == 4;
                     if ((m * n * k) % 3 && shape == 0 && m > 9) continue;  // a sample of the plain products
                     const int64_t lda = trans_a ? m + 3 : k + 3, ldb = n + 5, ldc = n + 2;
                     auto a = normal((trans_a ? k : m) * lda, ++seed), b = normal(k * ldb, ++seed);
@@ -250,7 +252,8 @@ TEST(gemm_matches_the_formula) {
                         table->gemm(g);
                         for (int64_t i = 0; i < m; ++i) {
                             for (int64_t j = 0; j < n; ++j)
-                                if (!lower_c || j <= i) CHECK_NEAR(c[i * ldc + j], want[i * n + j], 1e-4 * (1 + std::sqrt(double(k))));
+                                if (!lower_c || j <= i)
+                                    CHECK_NEAR(c[i * ldc + j], want[i * n + j], 1e-4 * (1 + std::sqrt(double(k))));
                             for (int64_t j = n; j < ldc; ++j) CHECK(c[i * ldc + j] == c0[i * ldc + j]);
                         }
                     }
@@ -329,8 +332,9 @@ TEST(elementwise_kernels_match_scalar) {
 TEST(conversions_of_special_values_match_scalar) {
     const Kernels& S = *scalar_kernels();
     const Kernels& K = kernels();
-    std::vector<float> x = {0.0f, -0.0f, 1e-40f, -1e-45f, 6e-8f, 3e-8f, 65504.0f, 65520.0f, 1e38f, -3.4e38f,
-                            INFINITY, -INFINITY, NAN, 1.00390625f, 1.0f + 1.0f / 128, -2.5f, 0.1f};
+    std::vector<float> x = {0.0f,  -0.0f,    1e-40f,   -1e-45f,   6e-8f, 3e-8f,       65504.0f,          65520.0f,
+                            1e38f, -3.4e38f, INFINITY, -INFINITY, NAN,   1.00390625f, 1.0f + 1.0f / 128, -2.5f,
+                            0.1f};
     const int64_t n = static_cast<int64_t>(x.size());
     std::vector<uint16_t> h1(n), h2(n), b1(n), b2(n);
     S.f32_to_f16(h1.data(), x.data(), n);
@@ -346,7 +350,8 @@ TEST(conversions_of_special_values_match_scalar) {
 TEST(attention_kernels_match_scalar) {
     const Kernels& S = *scalar_kernels();
     const Kernels& K = kernels();
-    for (int64_t d : {int64_t(1), int64_t(7), int64_t(16), int64_t(33), int64_t(48), int64_t(100), int64_t(128), int64_t(133)}) {
+    for (int64_t d :
+         {int64_t(1), int64_t(7), int64_t(16), int64_t(33), int64_t(48), int64_t(100), int64_t(128), int64_t(133)}) {
         for (int64_t rows : {int64_t(1), int64_t(3), int64_t(4), int64_t(5), int64_t(17), int64_t(64)}) {
             for (int64_t nq : {int64_t(1), int64_t(3)}) {
                 const int64_t stride = 70;
@@ -378,7 +383,8 @@ TEST(attention_kernels_match_scalar) {
                     S.weighted_sum_bf16(p.data(), stride, nq, kb.data(), rows, d, o1.data(), d + 2, add);
                     K.weighted_sum_bf16(p.data(), stride, nq, kb.data(), rows, d, o2.data(), d + 2, add);
                     check_close(o1, o2, 1e-5);
-                    for (int64_t i = 0; i < nq; ++i) CHECK(o2[i * (d + 2) + d] == 1.0f && o2[i * (d + 2) + d + 1] == 1.0f);
+                    for (int64_t i = 0; i < nq; ++i)
+                        CHECK(o2[i * (d + 2) + d] == 1.0f && o2[i * (d + 2) + d + 1] == 1.0f);
                 }
             }
         }

@@ -230,8 +230,8 @@ TEST(from_bytes_fuzz) {
         t.feed(c, {0, 1});
         states.push_back(c.to_bytes());
     }
-    const int64_t interesting[] = {0, 1, 7, 255, int64_t(1) << 31, int64_t(1) << 32, int64_t(1) << 62, -1,
-                                   INT64_MAX, INT64_MIN};
+    const int64_t interesting[] = {0,  1,         7,        255, int64_t(1) << 31, int64_t(1) << 32, int64_t(1) << 62,
+                                   -1, INT64_MAX, INT64_MIN};
     std::mt19937 g(7);
     int loaded = 0;
     for (int i = 0; i < iterations; ++i) {

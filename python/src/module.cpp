@@ -38,9 +38,7 @@ std::string shape_str(const std::vector<int64_t>& shape) {
     return s + (shape.size() == 1 ? ",)" : ")");
 }
 
-std::vector<int64_t> shape_of(const py::array& a) {
-    return std::vector<int64_t>(a.shape(), a.shape() + a.ndim());
-}
+std::vector<int64_t> shape_of(const py::array& a) { return std::vector<int64_t>(a.shape(), a.shape() + a.ndim()); }
 
 // Shape checks on the hot path allocate nothing (shape_of is for error messages).
 bool shape_is(const py::array& a, std::initializer_list<int64_t> dims) {
@@ -62,8 +60,9 @@ FloatArray as_floats(const char* name, const py::handle& obj) {
         a = py::array::ensure(obj);
     } catch (py::error_already_set&) {
     }
-    if (!a) throw kvfold::TypeError(std::string(name) + ": expected a numeric array, got " +
-                                    std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
+    if (!a)
+        throw kvfold::TypeError(std::string(name) + ": expected a numeric array, got " +
+                                std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
     char kind = a.dtype().kind();
     if (kind != 'f' && kind != 'i' && kind != 'u')
         throw kvfold::TypeError(std::string(name) + ": expected real numbers (a float or integer dtype), got dtype " +
@@ -72,8 +71,9 @@ FloatArray as_floats(const char* name, const py::handle& obj) {
         // Narrowed here rather than by NumPy, which warns on overflow: values beyond float32 become
         // +-Inf, which the finite check then reports by index.
         auto wide = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(a);
-        if (!wide) throw kvfold::ValueError(std::string(name) + ": could not convert dtype " +
-                                            std::string(py::str(a.dtype())) + " to float32");
+        if (!wide)
+            throw kvfold::ValueError(std::string(name) + ": could not convert dtype " +
+                                     std::string(py::str(a.dtype())) + " to float32");
         FloatArray out(std::vector<py::ssize_t>(a.shape(), a.shape() + a.ndim()));
         const double* src = wide.data();
         float* dst = out.mutable_data();
@@ -84,14 +84,15 @@ FloatArray as_floats(const char* name, const py::handle& obj) {
         return out;
     }
     auto out = FloatArray::ensure(a);
-    if (!out) throw kvfold::ValueError(std::string(name) + ": could not convert dtype " +
-                                       std::string(py::str(a.dtype())) + " to float32");
+    if (!out)
+        throw kvfold::ValueError(std::string(name) + ": could not convert dtype " + std::string(py::str(a.dtype())) +
+                                 " to float32");
     return out;
 }
 
 // Checks a token block: (B, H, d) for one token or (B, H, T, d). Returns T, or 0 for the 3-D form.
-int64_t check_tokens(const char* name, const py::array& a, int64_t B, int64_t H, int64_t d,
-                     const char* heads, const char* dim, bool allow_single = true) {
+int64_t check_tokens(const char* name, const py::array& a, int64_t B, int64_t H, int64_t d, const char* heads,
+                     const char* dim, bool allow_single = true) {
     const py::ssize_t n = a.ndim(), *s = a.shape();
     bool ok3 = allow_single && n == 3 && s[0] == B && s[1] == H && s[2] == d;
     bool ok4 = n == 4 && s[0] == B && s[1] == H && s[3] == d;
@@ -107,9 +108,7 @@ int64_t check_tokens(const char* name, const py::array& a, int64_t B, int64_t H,
     throw kvfold::ValueError(msg + ", got " + shape_str(shape_of(a)));
 }
 
-std::string type_name(const py::handle& obj) {
-    return py::str(py::type::handle_of(obj).attr("__name__"));
-}
+std::string type_name(const py::handle& obj) { return py::str(py::type::handle_of(obj).attr("__name__")); }
 
 py::array_t<float> copy_floats(std::vector<py::ssize_t> shape, const float* src) {
     py::array_t<float> a(shape);
@@ -120,19 +119,19 @@ py::array_t<float> copy_floats(std::vector<py::ssize_t> shape, const float* src)
 // rules.Custom: the core calls the user's function with the GIL taken back (the binding released
 // it around the work). Copies of a cache share the function object, which is released under the GIL.
 kvfold::CustomFold custom_fold(const py::object& fn) {
-    if (!PyCallable_Check(fn.ptr()))
-        throw kvfold::TypeError("Custom: fn must be callable, got " + type_name(fn));
+    if (!PyCallable_Check(fn.ptr())) throw kvfold::TypeError("Custom: fn must be callable, got " + type_name(fn));
     std::shared_ptr<py::object> held(new py::object(fn), [](py::object* f) {
         py::gil_scoped_acquire gil;
         delete f;
     });
     return [held](const kvfold::CustomCall& c) {
         py::gil_scoped_acquire gil;
-        py::object result = (*held)(copy_floats({c.heads, c.slots, c.dk}, c.mem_k),
-                                    copy_floats({c.heads, c.slots, c.dv}, c.mem_v), copy_floats({c.heads, c.dk}, c.k),
-                                    copy_floats({c.heads, c.dv}, c.v), c.count);
+        py::object result =
+            (*held)(copy_floats({c.heads, c.slots, c.dk}, c.mem_k), copy_floats({c.heads, c.slots, c.dv}, c.mem_v),
+                    copy_floats({c.heads, c.dk}, c.k), copy_floats({c.heads, c.dv}, c.v), c.count);
         if (!(py::isinstance<py::tuple>(result) || py::isinstance<py::list>(result)) || py::len(result) != 2)
-            throw kvfold::TypeError("Custom rule: fn must return a pair (new_mem_k, new_mem_v), got " + type_name(result) +
+            throw kvfold::TypeError("Custom rule: fn must return a pair (new_mem_k, new_mem_v), got " +
+                                    type_name(result) +
                                     (py::isinstance<py::tuple>(result) || py::isinstance<py::list>(result)
                                          ? " of length " + std::to_string(py::len(result))
                                          : ""));
@@ -220,8 +219,8 @@ float* check_out(const py::object& out, std::initializer_list<int64_t> shape) {
 
 struct Tokens {
     FloatArray k, v;
-    int64_t T;     // tokens per row
-    bool single;   // given as (B, H, d)
+    int64_t T;    // tokens per row
+    bool single;  // given as (B, H, d)
 };
 
 Tokens read_tokens(const MemoryCache& c, const py::handle& k_obj, const py::handle& v_obj) {
@@ -261,8 +260,9 @@ Gates read_gates(const MemoryCache& c, const py::object& decay, const py::object
         FloatArray a = as_floats("decay", decay);
         auto s = shape_of(a);
         if (s != head && s != key)
-            throw kvfold::ValueError("decay: expected shape " + want + ") per head or " + want + ", d_k=" +
-                                     std::to_string(g.head_dim) + ") per key dimension" + per + ", got " + shape_str(s));
+            throw kvfold::ValueError("decay: expected shape " + want + ") per head or " + want +
+                                     ", d_k=" + std::to_string(g.head_dim) + ") per key dimension" + per + ", got " +
+                                     shape_str(s));
         out.view.decay = a.data();
         out.view.decay_per_key = s == key;
         out.decay = std::move(a);
@@ -281,8 +281,8 @@ FloatArray read_query(const MemoryCache& c, const py::handle& q_obj) {
     const auto& g = c.config();
     FloatArray q = as_floats("q", q_obj);
     if (!shape_is(q, {g.batch_size, g.num_query_heads, g.head_dim}))
-        throw kvfold::ValueError("q: expected shape (B=" + std::to_string(g.batch_size) + ", Hq=" +
-                                 std::to_string(g.num_query_heads) + ", d_k=" + std::to_string(g.head_dim) +
+        throw kvfold::ValueError("q: expected shape (B=" + std::to_string(g.batch_size) +
+                                 ", Hq=" + std::to_string(g.num_query_heads) + ", d_k=" + std::to_string(g.head_dim) +
                                  "), got " + shape_str(shape_of(q)));
     return q;
 }
@@ -340,7 +340,7 @@ struct InFlight {
 void reorder(MemoryCache& c, const std::vector<int64_t>& indices) {
     const auto n = static_cast<int64_t>(indices.size());
     if (n == c.config().batch_size) {  // same shape: other threads' calls stay valid
-        InFlight busy(c);                // and no other thread may change the batch meanwhile
+        InFlight busy(c);              // and no other thread may change the batch meanwhile
         ReleaseGil release;
         c.reorder(indices.data(), n);
         return;
@@ -367,29 +367,33 @@ PYBIND11_MODULE(_core, m) {
     m.def("simd_backend", &kvfold::simd_backend, "Name of the SIMD kernels in use: scalar, avx2, avx512 or neon.");
     m.def("available_backends", &kvfold::available_backends, "SIMD backends this machine can run, best last.");
     m.def("_set_simd_backend", &kvfold::set_simd_backend, py::arg("name"));
-    m.def("_threads_without_gil", [] { return threads_without_gil.load(std::memory_order_relaxed); },
-          "Threads inside kvfold's C++ work with the GIL released, right now (for tests).");
+    m.def(
+        "_threads_without_gil", [] { return threads_without_gil.load(std::memory_order_relaxed); },
+        "Threads inside kvfold's C++ work with the GIL released, right now (for tests).");
     m.def("_known_backends", &kvfold::known_backends);
     m.def("set_num_threads", &kvfold::set_num_threads, py::arg("num_threads"));
-    m.def("get_num_threads", &kvfold::get_num_threads,
-          "Threads a call may use, the calling thread included.");
+    m.def("get_num_threads", &kvfold::get_num_threads, "Threads a call may use, the calling thread included.");
     m.attr("MAX_THREADS") = kvfold::kMaxThreads;
     m.attr("MAX_CHUNK") = kvfold::kMaxChunk;
     m.def("set_chunk_size", &kvfold::set_chunk_size, py::arg("chunk_size"));
     m.def("get_chunk_size", &kvfold::get_chunk_size, "Tokens per chunk when a matrix rule takes a block.");
     m.def("_set_min_shared_flops", &kvfold::set_min_shared_flops, py::arg("flops"),
           "The least work a call needs before it is shared out; returns the previous value (for tests).");
-    m.def("_check_rule", [](const py::tuple& spec) { kvfold::check_rule(make_spec(spec)); }, py::arg("spec"));
+    m.def(
+        "_check_rule", [](const py::tuple& spec) { kvfold::check_rule(make_spec(spec)); }, py::arg("spec"));
     m.attr("__version__") = kvfold::version();
 
     py::class_<kvfold::Checkpoint>(m, "Checkpoint", "An immutable snapshot of a cache; see MemoryCache.checkpoint.")
         .def_property_readonly("batch_size", [](const kvfold::Checkpoint& cp) { return cp.config().batch_size; })
-        .def_property_readonly("length", [](const kvfold::Checkpoint& cp) {
-            auto l = cp.lengths();
-            py::array_t<int64_t> a(static_cast<py::ssize_t>(l.size()));
-            std::copy(l.begin(), l.end(), a.mutable_data());
-            return a;
-        }, "Tokens seen per row when the checkpoint was taken, (B,) int64.")
+        .def_property_readonly(
+            "length",
+            [](const kvfold::Checkpoint& cp) {
+                auto l = cp.lengths();
+                py::array_t<int64_t> a(static_cast<py::ssize_t>(l.size()));
+                std::copy(l.begin(), l.end(), a.mutable_data());
+                return a;
+            },
+            "Tokens seen per row when the checkpoint was taken, (B,) int64.")
         .def_property_readonly("nbytes", &kvfold::Checkpoint::nbytes, "Bytes the checkpoint holds.")
         .def_property_readonly("_rule_spec", [](const kvfold::Checkpoint& cp) { return spec_tuple(cp.rule()); });
 
@@ -437,7 +441,8 @@ PYBIND11_MODULE(_core, m) {
              py::arg("data"))
         .def(
             "update",
-            [](MemoryCache& c, const py::handle& k, const py::handle& v, const py::object& decay, const py::object& beta) {
+            [](MemoryCache& c, const py::handle& k, const py::handle& v, const py::object& decay,
+               const py::object& beta) {
                 InFlight busy(c);
                 Tokens t = read_tokens(c, k, v);
                 Gates gates = read_gates(c, decay, beta, t);
@@ -468,15 +473,16 @@ PYBIND11_MODULE(_core, m) {
             "Softmax attention of q (B, Hq, d_k) over [sinks | memory | window]; returns (B, Hq, d_v) float32.")
         .def(
             "step",
-            [](MemoryCache& c, const py::handle& q_obj, const py::handle& k, const py::handle& v, const py::object& decay,
-               const py::object& beta, const py::object& out) {
+            [](MemoryCache& c, const py::handle& q_obj, const py::handle& k, const py::handle& v,
+               const py::object& decay, const py::object& beta, const py::object& out) {
                 InFlight busy(c);
                 const auto& g = c.config();
                 FloatArray q = read_query(c, q_obj);
                 Tokens t = read_tokens(c, k, v);
                 if (!t.single)
-                    throw kvfold::ValueError("k: step takes one token, shape (B, H, d_k); use forward for blocks, got " +
-                                             shape_str(shape_of(t.k)));
+                    throw kvfold::ValueError(
+                        "k: step takes one token, shape (B, H, d_k); use forward for blocks, got " +
+                        shape_str(shape_of(t.k)));
                 Gates gates = read_gates(c, decay, beta, t);
                 py::array result = out.is_none() ? py::array(new_floats({g.batch_size, g.num_query_heads, g.value_dim}))
                                                  : py::reinterpret_borrow<py::array>(out);
@@ -501,9 +507,10 @@ PYBIND11_MODULE(_core, m) {
                 int64_t T = check_tokens("q", q, g.batch_size, g.num_query_heads, g.head_dim, "Hq", "d_k", false);
                 Tokens t = read_tokens(c, k_obj, v_obj);
                 if (t.single || t.T != T)
-                    throw kvfold::ValueError("k: expected shape (B=" + std::to_string(g.batch_size) + ", H=" +
-                                             std::to_string(g.num_heads) + ", T=" + std::to_string(T) + ", d_k=" +
-                                             std::to_string(g.head_dim) + ") to match q, got " + shape_str(shape_of(t.k)));
+                    throw kvfold::ValueError("k: expected shape (B=" + std::to_string(g.batch_size) +
+                                             ", H=" + std::to_string(g.num_heads) + ", T=" + std::to_string(T) +
+                                             ", d_k=" + std::to_string(g.head_dim) + ") to match q, got " +
+                                             shape_str(shape_of(t.k)));
                 Gates gates = read_gates(c, decay, beta, t);
                 auto out = new_floats({g.batch_size, g.num_query_heads, T, g.value_dim});
                 {
@@ -555,16 +562,16 @@ PYBIND11_MODULE(_core, m) {
                 FloatArray S = as_floats("S", S_obj);
                 std::vector<int64_t> want{g.batch_size, g.num_heads, g.head_dim, g.value_dim};
                 if (shape_of(S) != want)
-                    throw kvfold::ValueError("S: expected shape (B=" + std::to_string(want[0]) + ", H=" + std::to_string(want[1]) +
-                                             ", d_k=" + std::to_string(want[2]) + ", d_v=" + std::to_string(want[3]) +
-                                             "), got " + shape_str(shape_of(S)));
+                    throw kvfold::ValueError("S: expected shape (B=" + std::to_string(want[0]) +
+                                             ", H=" + std::to_string(want[1]) + ", d_k=" + std::to_string(want[2]) +
+                                             ", d_v=" + std::to_string(want[3]) + "), got " + shape_str(shape_of(S)));
                 FloatArray z;
                 if (!z_obj.is_none()) {
                     z = as_floats("z", z_obj);
                     if (shape_of(z) != std::vector<int64_t>{g.batch_size, g.num_heads, g.head_dim})
-                        throw kvfold::ValueError("z: expected shape (B=" + std::to_string(want[0]) + ", H=" +
-                                                 std::to_string(want[1]) + ", d_k=" + std::to_string(want[2]) + "), got " +
-                                                 shape_str(shape_of(z)));
+                        throw kvfold::ValueError("z: expected shape (B=" + std::to_string(want[0]) +
+                                                 ", H=" + std::to_string(want[1]) + ", d_k=" + std::to_string(want[2]) +
+                                                 "), got " + shape_str(shape_of(z)));
                 }
                 const float* z_data = z_obj.is_none() ? nullptr : z.data();
                 ReleaseGil release;
@@ -584,8 +591,8 @@ PYBIND11_MODULE(_core, m) {
                     ReleaseGil release;
                     rows = c.visible_size();
                 } else {
-                    if (!py::isinstance<py::tuple>(out) || py::len(out) != 2 || !py::isinstance<py::array>(out[py::int_(0)]) ||
-                        !py::isinstance<py::array>(out[py::int_(1)]))
+                    if (!py::isinstance<py::tuple>(out) || py::len(out) != 2 ||
+                        !py::isinstance<py::array>(out[py::int_(0)]) || !py::isinstance<py::array>(out[py::int_(1)]))
                         throw kvfold::TypeError("out: expected a tuple (keys, values) of numpy arrays");
                     k = out[py::int_(0)];
                     v = out[py::int_(1)];
@@ -662,7 +669,8 @@ PYBIND11_MODULE(_core, m) {
             "Restore a checkpoint bit-exactly, for all rows or the given rows.")
         .def(
             "reorder", [](MemoryCache& c, const py::object& indices) { reorder(c, read_rows(indices, "indices")); },
-            py::arg("indices"), "In place: new row r is old row indices[r]; indices may repeat, the batch size may change.")
+            py::arg("indices"),
+            "In place: new row r is old row indices[r]; indices may repeat, the batch size may change.")
         .def(
             "to_bytes",
             [](const MemoryCache& c) {
@@ -674,20 +682,26 @@ PYBIND11_MODULE(_core, m) {
                 return py::bytes(s);
             },
             "The cache's configuration and state in kvfold's versioned binary format.")
-        .def_property_readonly("length", [](const MemoryCache& c) {
-            std::vector<int64_t> l;
-            {
+        .def_property_readonly(
+            "length",
+            [](const MemoryCache& c) {
+                std::vector<int64_t> l;
+                {
+                    ReleaseGil release;
+                    l = c.lengths();
+                }
+                py::array_t<int64_t> a(static_cast<py::ssize_t>(l.size()));
+                std::copy(l.begin(), l.end(), a.mutable_data());
+                return a;
+            },
+            "Tokens seen per row, (B,) int64.")
+        .def_property_readonly(
+            "nbytes",
+            [](const MemoryCache& c) {
                 ReleaseGil release;
-                l = c.lengths();
-            }
-            py::array_t<int64_t> a(static_cast<py::ssize_t>(l.size()));
-            std::copy(l.begin(), l.end(), a.mutable_data());
-            return a;
-        }, "Tokens seen per row, (B,) int64.")
-        .def_property_readonly("nbytes", [](const MemoryCache& c) {
-            ReleaseGil release;
-            return c.nbytes();
-        }, "Bytes held by the cache; fixed at construction, changed only by a reorder that changes the batch size.")
+                return c.nbytes();
+            },
+            "Bytes held by the cache; fixed at construction, changed only by a reorder that changes the batch size.")
         .def_property_readonly("batch_size", [](const MemoryCache& c) { return c.config().batch_size; })
         .def_property_readonly("num_heads", [](const MemoryCache& c) { return c.config().num_heads; })
         .def_property_readonly("head_dim", [](const MemoryCache& c) { return c.config().head_dim; })

@@ -45,10 +45,10 @@ extern "C" {
 /* Status codes. */
 typedef enum kvfold_status {
     KVFOLD_OK = 0,
-    KVFOLD_VALUE_ERROR = 1,    /* bad argument value or shape, a null pointer, corrupt state data */
-    KVFOLD_TYPE_ERROR = 2,     /* an argument of the wrong kind (e.g. a rule only Python can build) */
-    KVFOLD_OUT_OF_MEMORY = 3,  /* an allocation failed, or the cache would not fit in memory */
-    KVFOLD_INTERNAL_ERROR = 4  /* anything else: a bug, please report it with the message */
+    KVFOLD_VALUE_ERROR = 1,   /* bad argument value or shape, a null pointer, corrupt state data */
+    KVFOLD_TYPE_ERROR = 2,    /* an argument of the wrong kind (e.g. a rule only Python can build) */
+    KVFOLD_OUT_OF_MEMORY = 3, /* an allocation failed, or the cache would not fit in memory */
+    KVFOLD_INTERNAL_ERROR = 4 /* anything else: a bug, please report it with the message */
 } kvfold_status;
 
 /* Storage type of the pairs a cache keeps; compute is float32. */
@@ -143,12 +143,12 @@ KVFOLD_API kvfold_status kvfold_update(kvfold_cache* cache, const float* k, cons
 KVFOLD_API kvfold_status kvfold_attend(kvfold_cache* cache, const float* q, float* out);
 /* One token: update with k (B, H, d_k), v (B, H, d_v), then attend with q (B, Hq, d_k) -> out
  * (B, Hq, d_v); the token sees itself. gates may be null. */
-KVFOLD_API kvfold_status kvfold_step(kvfold_cache* cache, const float* q, const float* k, const float* v,
-                                     float* out, const kvfold_gates* gates);
+KVFOLD_API kvfold_status kvfold_step(kvfold_cache* cache, const float* q, const float* k, const float* v, float* out,
+                                     const kvfold_gates* gates);
 /* T tokens, each attending causally (a loop of step, computed faster): q (B, Hq, T, d_k),
  * k (B, H, T, d_k), v (B, H, T, d_v) -> out (B, Hq, T, d_v). gates may be null. */
-KVFOLD_API kvfold_status kvfold_forward(kvfold_cache* cache, const float* q, const float* k, const float* v,
-                                        int64_t T, float* out, const kvfold_gates* gates);
+KVFOLD_API kvfold_status kvfold_forward(kvfold_cache* cache, const float* q, const float* k, const float* v, int64_t T,
+                                        float* out, const kvfold_gates* gates);
 
 /* Empties every row, or the `count` rows listed (each in [0, B)). */
 KVFOLD_API kvfold_status kvfold_reset(kvfold_cache* cache);

@@ -71,7 +71,7 @@ struct Config {
     int64_t sinks = 0;            // first pairs kept exactly forever
     double scale = 0;             // score scale; 0 means 1 / sqrt(head_dim)
     DType dtype = DType::float32;
-    bool check_finite = true;     // reject NaN / Inf in inputs
+    bool check_finite = true;  // reject NaN / Inf in inputs
 };
 
 // Per-token values of the gated / delta matrix rules (null when not given).
@@ -108,8 +108,8 @@ class KVFOLD_API MemoryCache {
     const Config& config() const;
     const RuleSpec& rule() const;
     float scale() const;
-    int64_t memory_slots() const;  // summary slots a row can show (0 for Drop and matrix rules)
-    bool matrix_memory() const;    // true for the linear-attention family (S is d_k x d_v)
+    int64_t memory_slots() const;    // summary slots a row can show (0 for Drop and matrix rules)
+    bool matrix_memory() const;      // true for the linear-attention family (S is d_k x d_v)
     bool matrix_normalized() const;  // a matrix rule that also keeps z (d_k), normalize=True
 
     // k (B, H, T, d_k), v (B, H, T, d_v): T tokens per row, in order.
@@ -117,11 +117,9 @@ class KVFOLD_API MemoryCache {
     // q (B, Hq, d_k) -> out (B, Hq, d_v).
     void attend(const float* q, float* out);
     // update with one token, then attend (the token sees itself).
-    void step(const float* q, const float* k, const float* v, float* out,
-              const TokenGates& gates = {});
+    void step(const float* q, const float* k, const float* v, float* out, const TokenGates& gates = {});
     // q (B, Hq, T, d_k), k (B, H, T, d_k), v (B, H, T, d_v) -> out (B, Hq, T, d_v); a loop of step.
-    void forward(const float* q, const float* k, const float* v, int64_t T, float* out,
-                 const TokenGates& gates = {});
+    void forward(const float* q, const float* k, const float* v, int64_t T, float* out, const TokenGates& gates = {});
 
     // Summary slots, oldest first, zero where not yet filled: keys (B, H, slots, d_k), values
     // (B, H, slots, d_v). Matrix rules: S (B, H, d_k, d_v) in keys, z (B, H, d_k) in values

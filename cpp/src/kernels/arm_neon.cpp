@@ -208,8 +208,8 @@ void max_f32(float* y, const float* x, int64_t n) {
 }
 
 template <class E>
-void scores(const float* q, int64_t q_stride, int64_t nq, const typename E::T* k, int64_t rows, int64_t d,
-            float scale, float* s, int64_t s_stride) {
+void scores(const float* q, int64_t q_stride, int64_t nq, const typename E::T* k, int64_t rows, int64_t d, float scale,
+            float* s, int64_t s_stride) {
     for (int64_t j = 0; j < rows; ++j, k += d)
         for (int64_t i = 0; i < nq; ++i) s[i * s_stride + j] = scale * dot<E>(q + i * q_stride, k, d);
 }
@@ -218,14 +218,14 @@ void scores(const float* q, int64_t q_stride, int64_t nq, const typename E::T* k
 template <class E, int R>
 void accumulate(const float* p, const typename E::T* v, int64_t rows, int64_t d, float* o, bool add) {
     float32x4_t acc[R];
-KVFOLD_UNROLL(16)
+    KVFOLD_UNROLL(16)
     for (int r = 0; r < R; ++r) acc[r] = add ? vld1q_f32(o + 4 * r) : vdupq_n_f32(0);
     for (int64_t j = 0; j < rows; ++j, v += d) {
         float w = p[j];
-KVFOLD_UNROLL(16)
+        KVFOLD_UNROLL(16)
         for (int r = 0; r < R; ++r) acc[r] = vfmaq_n_f32(acc[r], E::load(v + 4 * r), w);
     }
-KVFOLD_UNROLL(16)
+    KVFOLD_UNROLL(16)
     for (int r = 0; r < R; ++r) vst1q_f32(o + 4 * r, acc[r]);
 }
 

@@ -5,8 +5,8 @@
 #include <string>
 #include <vector>
 
-#include "kvfold/kvfold.hpp"
 #include "kernels.hpp"
+#include "kvfold/kvfold.hpp"
 
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(_MSC_VER) && !defined(__clang__)
 #include <intrin.h>

@@ -27,7 +27,7 @@ struct MatrixPass {
     const float* q = nullptr;  // nq queries of d_k floats, q_stride apart
     int64_t nq = 0, q_stride = 0;
     float scale = 1;
-    float* out = nullptr;      // nq outputs of d_v floats, out_stride apart
+    float* out = nullptr;  // nq outputs of d_v floats, out_stride apart
     int64_t out_stride = 0;
     const float* next = nullptr;  // the S swept next (same layout), if known: requested into L2 meanwhile
 };
@@ -67,9 +67,9 @@ struct Kernels {
     void (*f32_to_bf16)(uint16_t* y, const float* x, int64_t n);
     void (*bf16_to_f32)(float* y, const uint16_t* x, int64_t n);
 
-    void (*scale)(float* y, float a, int64_t n);                 // y *= a
-    float (*max)(const float* x, int64_t n);                      // n >= 1
-    float (*exp_sum)(float* x, float shift, int64_t n);           // x = exp(x - shift); sum
+    void (*scale)(float* y, float a, int64_t n);         // y *= a
+    float (*max)(const float* x, int64_t n);             // n >= 1
+    float (*exp_sum)(float* x, float shift, int64_t n);  // x = exp(x - shift); sum
     bool (*all_finite)(const float* x, int64_t n);
 
     // Accumulators of the summary rules, float64 so long streams stay exact.
@@ -78,7 +78,7 @@ struct Kernels {
     void (*mul_f64)(float* y, const double* s, double a, int64_t n);  // y = s * a
     // One pass of a fold: s = a * s + b * x, then the visible slot y = c * s in float32.
     void (*axpby_f64)(double* s, double a, const float* x, double b, float* y, double c, int64_t n);
-    void (*max_f32)(float* y, const float* x, int64_t n);             // y = max(y, x)
+    void (*max_f32)(float* y, const float* x, int64_t n);  // y = max(y, x)
 
     // Attention over a block of rows, for nq query heads that share the rows (grouped-query
     // attention reads each key and value row once for the whole group). Row j of k or v starts at
@@ -91,12 +91,12 @@ struct Kernels {
                        float scale, float* s, int64_t s_stride);
     void (*scores_bf16)(const float* q, int64_t q_stride, int64_t nq, const uint16_t* k, int64_t rows, int64_t d,
                         float scale, float* s, int64_t s_stride);
-    void (*weighted_sum_f32)(const float* p, int64_t p_stride, int64_t nq, const float* v, int64_t rows,
-                             int64_t d, float* out, int64_t out_stride, bool add);
-    void (*weighted_sum_f16)(const float* p, int64_t p_stride, int64_t nq, const uint16_t* v, int64_t rows,
-                             int64_t d, float* out, int64_t out_stride, bool add);
-    void (*weighted_sum_bf16)(const float* p, int64_t p_stride, int64_t nq, const uint16_t* v, int64_t rows,
-                              int64_t d, float* out, int64_t out_stride, bool add);
+    void (*weighted_sum_f32)(const float* p, int64_t p_stride, int64_t nq, const float* v, int64_t rows, int64_t d,
+                             float* out, int64_t out_stride, bool add);
+    void (*weighted_sum_f16)(const float* p, int64_t p_stride, int64_t nq, const uint16_t* v, int64_t rows, int64_t d,
+                             float* out, int64_t out_stride, bool add);
+    void (*weighted_sum_bf16)(const float* p, int64_t p_stride, int64_t nq, const uint16_t* v, int64_t rows, int64_t d,
+                              float* out, int64_t out_stride, bool add);
     // s (n >= 1 scores) becomes softmax(s): a visible set that fits in one block.
     void (*softmax)(float* s, int64_t n);
     // One block of an online softmax: the n scores s become weights exp(s - m), m the running max
@@ -105,7 +105,7 @@ struct Kernels {
     void (*softmax_block)(float* s, int64_t n, float* max, float* total, float* acc, int64_t d);
     // Recurrent memories.
     void (*gemv)(float* y, const float* W, const float* x, int64_t rows, int64_t cols);  // y = W x
-    void (*exp_f32)(float* y, const float* x, int64_t n);                               // y = exp(x)
+    void (*exp_f32)(float* y, const float* x, int64_t n);                                // y = exp(x)
     void (*matrix_step)(const MatrixPass& m);
     void (*matrix_read)(const MatrixPass& m);
     // Chunked prefill: the matrix product above, and a triangular solve in place,

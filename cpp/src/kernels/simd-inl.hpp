@@ -18,21 +18,27 @@ struct F32 {
     using T = float;
     static F load(const float* p) { return V::load(p); }
     template <class Mask>
-    static F load(const float* p, Mask m) { return V::load(p, m); }
+    static F load(const float* p, Mask m) {
+        return V::load(p, m);
+    }
     static float one(float x) { return x; }
 };
 struct F16 {
     using T = uint16_t;
     static F load(const uint16_t* p) { return V::load_f16(p); }
     template <class Mask>
-    static F load(const uint16_t* p, Mask m) { return V::load_f16(p, m); }
+    static F load(const uint16_t* p, Mask m) {
+        return V::load_f16(p, m);
+    }
     static float one(uint16_t h) { return half_to_float(h); }
 };
 struct BF16 {
     using T = uint16_t;
     static F load(const uint16_t* p) { return V::load_bf16(p); }
     template <class Mask>
-    static F load(const uint16_t* p, Mask m) { return V::load_bf16(p, m); }
+    static F load(const uint16_t* p, Mask m) {
+        return V::load_bf16(p, m);
+    }
     static float one(uint16_t h) { return bf16_to_float(h); }
 };
 
@@ -238,7 +244,8 @@ void tiled_matrix_read(const MatrixPass& m) {
     for (; c + NV * kLanes <= m.dv; c += NV * kLanes) read_queries(m, c, 0, Tile<NV>(kLanes));
     const int64_t end = tiled_columns<Tile>(m.dv);
     for (; c < end; c += NV * kLanes)
-        with_vectors<NV>(end - c, [&](auto nv, int64_t last) { read_queries(m, c, 0, Tile<decltype(nv)::value>(last)); });
+        with_vectors<NV>(end - c,
+                         [&](auto nv, int64_t last) { read_queries(m, c, 0, Tile<decltype(nv)::value>(last)); });
     if (end < m.dv) scalar_kernels()->matrix_read(columns_from(m, end));
 }
 
@@ -252,9 +259,9 @@ template <int R, class Tile>
 void gemm_tile(const Gemm& g, int64_t i0, int64_t j0, int64_t k, const Tile& tile) {
     constexpr int NV = Tile::kVectors;
     F acc[R][NV];
-KVFOLD_UNROLL(8)
+    KVFOLD_UNROLL(8)
     for (int r = 0; r < R; ++r) {
-KVFOLD_UNROLL(8)
+        KVFOLD_UNROLL(8)
         for (int t = 0; t < NV; ++t) acc[r][t] = V::zero();
     }
     const int64_t row = g.trans_a ? 1 : g.lda, col = g.trans_a ? g.lda : 1;  // a[i][p] at a + i * row + p * col
@@ -262,20 +269,20 @@ KVFOLD_UNROLL(8)
     const float* b = g.b + j0;
     for (int64_t p = 0; p < k; ++p, a += col, b += g.ldb) {
         F bp[NV];
-KVFOLD_UNROLL(8)
+        KVFOLD_UNROLL(8)
         for (int t = 0; t < NV; ++t) bp[t] = tile.load(b, t);
-KVFOLD_UNROLL(8)
+        KVFOLD_UNROLL(8)
         for (int r = 0; r < R; ++r) {
             const F w = V::set1(a[r * row]);
-KVFOLD_UNROLL(8)
+            KVFOLD_UNROLL(8)
             for (int t = 0; t < NV; ++t) acc[r][t] = V::fma(w, bp[t], acc[r][t]);
         }
     }
     const F alpha = V::set1(g.alpha);
-KVFOLD_UNROLL(8)
+    KVFOLD_UNROLL(8)
     for (int r = 0; r < R; ++r) {
         float* c = g.c + (i0 + r) * g.ldc + j0;
-KVFOLD_UNROLL(8)
+        KVFOLD_UNROLL(8)
         for (int t = 0; t < NV; ++t)
             tile.store(c, t, g.accumulate ? V::fma(alpha, acc[r][t], tile.load(c, t)) : V::mul(alpha, acc[r][t]));
     }
@@ -312,35 +319,35 @@ template <int R, class Tile>
 void solve_tile(const float* a, int64_t lda, float* x, int64_t ldx, int64_t i0, const Tile& tile) {
     constexpr int NV = Tile::kVectors;
     F acc[R][NV];
-KVFOLD_UNROLL(8)
+    KVFOLD_UNROLL(8)
     for (int r = 0; r < R; ++r) {
-KVFOLD_UNROLL(8)
+        KVFOLD_UNROLL(8)
         for (int t = 0; t < NV; ++t) acc[r][t] = tile.load(x + (i0 + r) * ldx, t);
     }
     const float* ai = a + i0 * lda;
     for (int64_t s = 0; s < i0; ++s) {
         F xs[NV];
-KVFOLD_UNROLL(8)
+        KVFOLD_UNROLL(8)
         for (int t = 0; t < NV; ++t) xs[t] = tile.load(x + s * ldx, t);
-KVFOLD_UNROLL(8)
+        KVFOLD_UNROLL(8)
         for (int r = 0; r < R; ++r) {
             const F w = V::set1(ai[r * lda + s]);
-KVFOLD_UNROLL(8)
+            KVFOLD_UNROLL(8)
             for (int t = 0; t < NV; ++t) acc[r][t] = V::fnma(w, xs[t], acc[r][t]);
         }
     }
-KVFOLD_UNROLL(8)
+    KVFOLD_UNROLL(8)
     for (int r = 1; r < R; ++r) {
-KVFOLD_UNROLL(8)
+        KVFOLD_UNROLL(8)
         for (int s = 0; s < r; ++s) {
             const F w = V::set1(ai[r * lda + i0 + s]);
-KVFOLD_UNROLL(8)
+            KVFOLD_UNROLL(8)
             for (int t = 0; t < NV; ++t) acc[r][t] = V::fnma(w, acc[s][t], acc[r][t]);
         }
     }
-KVFOLD_UNROLL(8)
+    KVFOLD_UNROLL(8)
     for (int r = 0; r < R; ++r) {
-KVFOLD_UNROLL(8)
+        KVFOLD_UNROLL(8)
         for (int t = 0; t < NV; ++t) tile.store(x + (i0 + r) * ldx, t, acc[r][t]);
     }
 }

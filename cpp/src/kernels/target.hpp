@@ -10,8 +10,7 @@
 // region. MSVC needs neither: its intrinsics compile anywhere, without /arch, so there nothing but
 // the dispatch's CPU check keeps a kernel off a CPU without its instructions, as on the others.
 #if defined(__clang__)
-#define KVFOLD_TARGET_BEGIN(isa) \
-    KVFOLD_PRAGMA(clang attribute push(__attribute__((target(isa))), apply_to = function))
+#define KVFOLD_TARGET_BEGIN(isa) KVFOLD_PRAGMA(clang attribute push(__attribute__((target(isa))), apply_to = function))
 #define KVFOLD_TARGET_END KVFOLD_PRAGMA(clang attribute pop)
 #elif defined(__GNUC__)
 #define KVFOLD_TARGET_BEGIN(isa) KVFOLD_PRAGMA(GCC push_options) KVFOLD_PRAGMA(GCC target(isa))

@@ -32,7 +32,9 @@ struct V {
     static F set1(float x) { return _mm256_set1_ps(x); }
     static F load(const float* p) { return _mm256_loadu_ps(p); }
     static void store(float* p, F x) { _mm256_storeu_ps(p, x); }
-    static F load_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+    static F load_f16(const uint16_t* p) {
+        return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    }
     static F load_bf16(const uint16_t* p) {
         __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
         return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
@@ -83,8 +85,7 @@ template <class E>
 void axpy(float* y, float a, const typename E::T* x, int64_t n) {
     __m256 va = _mm256_set1_ps(a);
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, E::load(x + i), _mm256_loadu_ps(y + i)));
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, E::load(x + i), _mm256_loadu_ps(y + i)));
     for (; i < n; ++i) y[i] += a * E::one(x[i]);
 }
 
@@ -192,7 +193,8 @@ void axpby_f64(double* s, double a, const float* x, double b, float* y, double c
     __m256d va = _mm256_set1_pd(a), vb = _mm256_set1_pd(b), vc = _mm256_set1_pd(c);
     int64_t i = 0;
     for (; i + 4 <= n; i += 4) {
-        __m256d vs = _mm256_fmadd_pd(va, _mm256_loadu_pd(s + i), _mm256_mul_pd(vb, _mm256_cvtps_pd(_mm_loadu_ps(x + i))));
+        __m256d vs =
+            _mm256_fmadd_pd(va, _mm256_loadu_pd(s + i), _mm256_mul_pd(vb, _mm256_cvtps_pd(_mm_loadu_ps(x + i))));
         _mm256_storeu_pd(s + i, vs);
         _mm_storeu_ps(y + i, _mm256_cvtpd_ps(_mm256_mul_pd(vc, vs)));
     }
@@ -215,8 +217,7 @@ void gemv(float* y, const float* W, const float* x, int64_t rows, int64_t cols) 
     for (; r + 4 <= rows; r += 4) {  // four rows share each load of x
         const float* w0 = W + r * cols;
         const float *w1 = w0 + cols, *w2 = w1 + cols, *w3 = w2 + cols;
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
-               a3 = _mm256_setzero_ps();
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
         int64_t c = 0;
         for (; c + 8 <= cols; c += 8) {
             __m256 vx = _mm256_loadu_ps(x + c);
@@ -277,8 +278,8 @@ void solve_unit_lower(const float* a, int64_t lda, float* x, int64_t ldx, int64_
 }
 
 template <class E>
-void scores(const float* q, int64_t q_stride, int64_t nq, const typename E::T* k, int64_t rows, int64_t d, float scale, float* s,
-            int64_t s_stride) {
+void scores(const float* q, int64_t q_stride, int64_t nq, const typename E::T* k, int64_t rows, int64_t d, float scale,
+            float* s, int64_t s_stride) {
     for (int64_t j = 0; j < rows; ++j, k += d)
         for (int64_t i = 0; i < nq; ++i) s[i * s_stride + j] = scale * dot<E>(q + i * q_stride, k, d);
 }
@@ -287,25 +288,23 @@ void scores(const float* q, int64_t q_stride, int64_t nq, const typename E::T* k
 template <class E, int R>
 void accumulate(const float* p, const typename E::T* v, int64_t rows, int64_t d, float* o, bool add) {
     __m256 acc[R];
-KVFOLD_UNROLL(8)
+    KVFOLD_UNROLL(8)
     for (int r = 0; r < R; ++r) acc[r] = add ? _mm256_loadu_ps(o + 8 * r) : _mm256_setzero_ps();
     for (int64_t j = 0; j < rows; ++j, v += d) {
         __m256 w = _mm256_set1_ps(p[j]);
-KVFOLD_UNROLL(8)
+        KVFOLD_UNROLL(8)
         for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(w, E::load(v + 8 * r), acc[r]);
     }
-KVFOLD_UNROLL(8)
+    KVFOLD_UNROLL(8)
     for (int r = 0; r < R; ++r) _mm256_storeu_ps(o + 8 * r, acc[r]);
 }
 
 template <class E>
-void weighted_sum(const float* p, int64_t p_stride, int64_t nq, const typename E::T* v, int64_t rows, int64_t d, float* out,
-                  int64_t out_stride, bool add) {
+void weighted_sum(const float* p, int64_t p_stride, int64_t nq, const typename E::T* v, int64_t rows, int64_t d,
+                  float* out, int64_t out_stride, bool add) {
     using Acc = void (*)(const float*, const typename E::T*, int64_t, int64_t, float*, bool);
-    static constexpr Acc by_registers[8] = {nullptr,
-                                            accumulate<E, 1>, accumulate<E, 2>, accumulate<E, 3>,
-                                            accumulate<E, 4>, accumulate<E, 5>, accumulate<E, 6>,
-                                            accumulate<E, 7>};
+    static constexpr Acc by_registers[8] = {nullptr,          accumulate<E, 1>, accumulate<E, 2>, accumulate<E, 3>,
+                                            accumulate<E, 4>, accumulate<E, 5>, accumulate<E, 6>, accumulate<E, 7>};
     for (int64_t i = 0; i < nq; ++i) {
         const float* pi = p + i * p_stride;
         float* o = out + i * out_stride;
@@ -328,7 +327,9 @@ void weighted_sum(const float* p, int64_t p_stride, int64_t nq, const typename E
 // order takes a shuffle that bounds the step. Sums run over the even and the odd elements apart:
 // queries are split the same way, weighted sums interleaved back at the end.
 inline __m256 even_bf16(__m256i x) { return _mm256_castsi256_ps(_mm256_slli_epi32(x, 16)); }
-inline __m256 odd_bf16(__m256i x) { return _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(int(0xffff0000u)))); }
+inline __m256 odd_bf16(__m256i x) {
+    return _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(int(0xffff0000u))));
+}
 inline __m256i load_block(const uint16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 constexpr int64_t kPairBlocks = 32;  // rows of up to 512 values go in pairs
 
@@ -347,7 +348,8 @@ void scores_bf16(const float* q, int64_t q_stride, int64_t nq, const uint16_t* k
         const uint16_t* kj = k;
         int64_t j = 0;
         for (; j + 2 <= rows; j += 2, kj += 2 * d) {  // two rows: four independent FMA chains
-            __m256 e0 = _mm256_setzero_ps(), o0 = _mm256_setzero_ps(), e1 = _mm256_setzero_ps(), o1 = _mm256_setzero_ps();
+            __m256 e0 = _mm256_setzero_ps(), o0 = _mm256_setzero_ps(), e1 = _mm256_setzero_ps(),
+                   o1 = _mm256_setzero_ps();
             for (int64_t b = 0; b < nb; ++b) {
                 const __m256i x0 = load_block(kj + 16 * b), x1 = load_block(kj + d + 16 * b);
                 e0 = _mm256_fmadd_ps(qe[b], even_bf16(x0), e0);
@@ -374,18 +376,18 @@ void scores_bf16(const float* q, int64_t q_stride, int64_t nq, const uint16_t* k
 template <int NB>
 void accumulate_bf16(const float* p, const uint16_t* v, int64_t rows, int64_t d, float* o, bool add) {
     __m256 even[NB], odd[NB];
-KVFOLD_UNROLL(4)
+    KVFOLD_UNROLL(4)
     for (int b = 0; b < NB; ++b) even[b] = odd[b] = _mm256_setzero_ps();
     for (int64_t j = 0; j < rows; ++j, v += d) {
         const __m256 w = _mm256_set1_ps(p[j]);
-KVFOLD_UNROLL(4)
+        KVFOLD_UNROLL(4)
         for (int b = 0; b < NB; ++b) {
             const __m256i x = load_block(v + 16 * b);
             even[b] = _mm256_fmadd_ps(w, even_bf16(x), even[b]);
             odd[b] = _mm256_fmadd_ps(w, odd_bf16(x), odd[b]);
         }
     }
-KVFOLD_UNROLL(4)
+    KVFOLD_UNROLL(4)
     for (int b = 0; b < NB; ++b) {  // [e0 o0 e1 o1 e4 o4 e5 o5], [e2 o2 e3 o3 e6 o6 e7 o7] -> in order
         const __m256 lo = _mm256_unpacklo_ps(even[b], odd[b]), hi = _mm256_unpackhi_ps(even[b], odd[b]);
         __m256 first = _mm256_permute2f128_ps(lo, hi, 0x20), second = _mm256_permute2f128_ps(lo, hi, 0x31);
@@ -400,8 +402,7 @@ KVFOLD_UNROLL(4)
 
 void weighted_sum_bf16(const float* p, int64_t p_stride, int64_t nq, const uint16_t* v, int64_t rows, int64_t d,
                        float* out, int64_t out_stride, bool add) {
-    if (d % 16)
-        return weighted_sum<BF16>(p, p_stride, nq, v, rows, d, out, out_stride, add);
+    if (d % 16) return weighted_sum<BF16>(p, p_stride, nq, v, rows, d, out, out_stride, add);
     using Acc = void (*)(const float*, const uint16_t*, int64_t, int64_t, float*, bool);
     static constexpr Acc by_blocks[4] = {nullptr, accumulate_bf16<1>, accumulate_bf16<2>, accumulate_bf16<3>};
     for (int64_t i = 0; i < nq; ++i) {

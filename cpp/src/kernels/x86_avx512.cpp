@@ -31,8 +31,8 @@ namespace avx512 {
 namespace {
 
 inline __mmask16 first(int64_t n) { return static_cast<__mmask16>((1u << n) - 1); }  // 0 <= n < 16
-inline __mmask16 tail(int64_t n) { return n >= 16 ? 0xffff : first(n); }                 // 1 <= n
-inline __mmask8 first8(int64_t n) { return static_cast<__mmask8>((1u << n) - 1); }    // 0 <= n < 8
+inline __mmask16 tail(int64_t n) { return n >= 16 ? 0xffff : first(n); }             // 1 <= n
+inline __mmask8 first8(int64_t n) { return static_cast<__mmask8>((1u << n) - 1); }   // 0 <= n < 8
 
 // The vector traits simd-inl.hpp is written over: 16 floats; the masked loads read only the lanes
 // in m (the others are 0).
@@ -44,10 +44,14 @@ struct V {
     static F load(const float* p) { return _mm512_loadu_ps(p); }
     static F load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
     static void store(float* p, F x) { _mm512_storeu_ps(p, x); }
-    static F load_f16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+    static F load_f16(const uint16_t* p) {
+        return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    }
     static F load_f16(const uint16_t* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
     static F widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
-    static F load_bf16(const uint16_t* p) { return widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+    static F load_bf16(const uint16_t* p) {
+        return widen_bf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    }
     static F load_bf16(const uint16_t* p, __mmask16 m) { return widen_bf16(_mm256_maskz_loadu_epi16(m, p)); }
     static F add(F a, F b) { return _mm512_add_ps(a, b); }
     static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
@@ -134,7 +138,8 @@ void scale(float* y, float a, int64_t n) {
     __m512 va = _mm512_set1_ps(a);
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_mul_ps(va, _mm512_loadu_ps(y + i)));
-    if (i < n) _mm512_mask_storeu_ps(y + i, first(n - i), _mm512_mul_ps(va, _mm512_maskz_loadu_ps(first(n - i), y + i)));
+    if (i < n)
+        _mm512_mask_storeu_ps(y + i, first(n - i), _mm512_mul_ps(va, _mm512_maskz_loadu_ps(first(n - i), y + i)));
 }
 
 float max(const float* x, int64_t n) {
@@ -176,10 +181,12 @@ bool all_finite(const float* x, int64_t n) {
 template <__m512d (*Op)(__m512d, __m512d)>
 void update_f64(double* s, const float* x, int64_t n) {
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm512_storeu_pd(s + i, Op(_mm512_loadu_pd(s + i), _mm512_cvtps_pd(_mm256_loadu_ps(x + i))));
+    for (; i + 8 <= n; i += 8)
+        _mm512_storeu_pd(s + i, Op(_mm512_loadu_pd(s + i), _mm512_cvtps_pd(_mm256_loadu_ps(x + i))));
     if (i < n) {
         __mmask8 m = first8(n - i);
-        _mm512_mask_storeu_pd(s + i, m, Op(_mm512_maskz_loadu_pd(m, s + i), _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, x + i))));
+        _mm512_mask_storeu_pd(s + i, m,
+                              Op(_mm512_maskz_loadu_pd(m, s + i), _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, x + i))));
     }
 }
 inline __m512d plus(__m512d s, __m512d x) { return _mm512_add_pd(s, x); }
@@ -192,7 +199,8 @@ void axpby_f64(double* s, double a, const float* x, double b, float* y, double c
     __m512d va = _mm512_set1_pd(a), vb = _mm512_set1_pd(b), vc = _mm512_set1_pd(c);
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
-        __m512d vs = _mm512_fmadd_pd(va, _mm512_loadu_pd(s + i), _mm512_mul_pd(vb, _mm512_cvtps_pd(_mm256_loadu_ps(x + i))));
+        __m512d vs =
+            _mm512_fmadd_pd(va, _mm512_loadu_pd(s + i), _mm512_mul_pd(vb, _mm512_cvtps_pd(_mm256_loadu_ps(x + i))));
         _mm512_storeu_pd(s + i, vs);
         _mm256_storeu_ps(y + i, _mm512_cvtpd_ps(_mm512_mul_pd(vc, vs)));
     }
@@ -220,7 +228,8 @@ void max_f32(float* y, const float* x, int64_t n) {
     for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_max_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
     if (i < n) {
         __mmask16 m = first(n - i);
-        _mm512_mask_storeu_ps(y + i, m, _mm512_max_ps(_mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, y + i)));
+        _mm512_mask_storeu_ps(y + i, m,
+                              _mm512_max_ps(_mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, y + i)));
     }
 }
 
@@ -254,14 +263,15 @@ inline void dot4(const float* q, const typename E::T* k, int64_t d, float scale,
 }
 
 template <class E>
-void scores(const float* q, int64_t q_stride, int64_t nq, const typename E::T* k, int64_t rows, int64_t d,
-            float scale, float* s, int64_t s_stride) {
+void scores(const float* q, int64_t q_stride, int64_t nq, const typename E::T* k, int64_t rows, int64_t d, float scale,
+            float* s, int64_t s_stride) {
     int64_t j = 0;
     for (; j + 4 <= rows; j += 4, k += 4 * d) {
         // float32 rows streamed from memory are read faster with the lines 16 rows ahead requested
         // early; half rows are bound by their conversions, and the extra instructions only cost.
         if (std::is_same<E, F32>::value)
-            for (int64_t r = 0; r < 4 * d * 4; r += 64) _mm_prefetch(reinterpret_cast<const char*>(k + 16 * d) + r, _MM_HINT_T0);
+            for (int64_t r = 0; r < 4 * d * 4; r += 64)
+                _mm_prefetch(reinterpret_cast<const char*>(k + 16 * d) + r, _MM_HINT_T0);
         for (int64_t i = 0; i < nq; ++i) dot4<E>(q + i * q_stride, k, d, scale, s + i * s_stride + j);
     }
     for (; j < rows; ++j, k += d)
@@ -273,16 +283,16 @@ void scores(const float* q, int64_t q_stride, int64_t nq, const typename E::T* k
 template <class E, int R>
 void accumulate(const float* p, const typename E::T* v, int64_t rows, int64_t d, float* o, __mmask16 last, bool add) {
     __m512 acc[R];
-KVFOLD_UNROLL(8)
+    KVFOLD_UNROLL(8)
     for (int r = 0; r < R - 1; ++r) acc[r] = add ? _mm512_loadu_ps(o + 16 * r) : _mm512_setzero_ps();
     acc[R - 1] = add ? _mm512_maskz_loadu_ps(last, o + 16 * (R - 1)) : _mm512_setzero_ps();
     for (int64_t j = 0; j < rows; ++j, v += d) {
         __m512 w = _mm512_set1_ps(p[j]);
-KVFOLD_UNROLL(8)
+        KVFOLD_UNROLL(8)
         for (int r = 0; r < R - 1; ++r) acc[r] = _mm512_fmadd_ps(w, E::load(v + 16 * r), acc[r]);
         acc[R - 1] = _mm512_fmadd_ps(w, E::load(v + 16 * (R - 1), last), acc[R - 1]);
     }
-KVFOLD_UNROLL(8)
+    KVFOLD_UNROLL(8)
     for (int r = 0; r < R - 1; ++r) _mm512_storeu_ps(o + 16 * r, acc[r]);
     _mm512_mask_storeu_ps(o + 16 * (R - 1), last, acc[R - 1]);
 }
@@ -291,7 +301,7 @@ template <class E>
 void weighted_sum(const float* p, int64_t p_stride, int64_t nq, const typename E::T* v, int64_t rows, int64_t d,
                   float* out, int64_t out_stride, bool add) {
     using Acc = void (*)(const float*, const typename E::T*, int64_t, int64_t, float*, __mmask16, bool);
-    static constexpr Acc by_registers[9] = {nullptr,           accumulate<E, 1>, accumulate<E, 2>,
+    static constexpr Acc by_registers[9] = {nullptr,          accumulate<E, 1>, accumulate<E, 2>,
                                             accumulate<E, 3>, accumulate<E, 4>, accumulate<E, 5>,
                                             accumulate<E, 6>, accumulate<E, 7>, accumulate<E, 8>};
     for (int64_t i = 0; i < nq; ++i) {
@@ -313,11 +323,14 @@ void weighted_sum(const float* p, int64_t p_stride, int64_t nq, const typename E
 // the even and the odd elements apart: queries are split the same way, and weighted sums are
 // interleaved back at the end.
 inline __m512 even_bf16(__m512i x) { return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)); }
-inline __m512 odd_bf16(__m512i x) { return _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(int(0xffff0000u)))); }
+inline __m512 odd_bf16(__m512i x) {
+    return _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(int(0xffff0000u))));
+}
 inline __mmask32 first32(int64_t n) { return n >= 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1; }  // 0 <= n
 // Block b of a row of nb blocks (32 values each; the last one holds what `last` selects).
 inline __m512i load_block(const uint16_t* row, int64_t b, int64_t nb, __mmask32 last) {
-    return b + 1 < nb || last == ~__mmask32(0) ? _mm512_loadu_si512(row + 32 * b) : _mm512_maskz_loadu_epi16(last, row + 32 * b);
+    return b + 1 < nb || last == ~__mmask32(0) ? _mm512_loadu_si512(row + 32 * b)
+                                               : _mm512_maskz_loadu_epi16(last, row + 32 * b);
 }
 
 // Scores of the rows against one query of d = 32 (NB - 1) + (values in `last`), split into NB
@@ -328,7 +341,7 @@ void scores_split_bf16(const float* q, const uint16_t* k, int64_t rows, int64_t 
     const __m512i even_idx = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
     const __m512i odd_idx = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
     __m512 qe[NB], qo[NB];
-KVFOLD_UNROLL(4)
+    KVFOLD_UNROLL(4)
     for (int b = 0; b < NB; ++b) {
         const int64_t n = d - 32 * b;
         const __m512 lo = _mm512_maskz_loadu_ps(tail(n), q + 32 * b);
@@ -339,7 +352,7 @@ KVFOLD_UNROLL(4)
     int64_t j = 0;
     for (; j + 2 <= rows; j += 2, k += 2 * d) {
         __m512 e0 = _mm512_setzero_ps(), o0 = _mm512_setzero_ps(), e1 = _mm512_setzero_ps(), o1 = _mm512_setzero_ps();
-KVFOLD_UNROLL(4)
+        KVFOLD_UNROLL(4)
         for (int b = 0; b < NB; ++b) {
             const __m512i x0 = load_block(k, b, NB, last), x1 = load_block(k + d, b, NB, last);
             e0 = _mm512_fmadd_ps(qe[b], even_bf16(x0), e0);
@@ -352,7 +365,7 @@ KVFOLD_UNROLL(4)
     }
     if (j < rows) {
         __m512 e0 = _mm512_setzero_ps(), o0 = _mm512_setzero_ps();
-KVFOLD_UNROLL(4)
+        KVFOLD_UNROLL(4)
         for (int b = 0; b < NB; ++b) {
             const __m512i x0 = load_block(k, b, NB, last);
             e0 = _mm512_fmadd_ps(qe[b], even_bf16(x0), e0);
@@ -362,8 +375,8 @@ KVFOLD_UNROLL(4)
     }
 }
 
-void scores_bf16(const float* q, int64_t q_stride, int64_t nq, const uint16_t* k, int64_t rows, int64_t d,
-                 float scale, float* s, int64_t s_stride) {
+void scores_bf16(const float* q, int64_t q_stride, int64_t nq, const uint16_t* k, int64_t rows, int64_t d, float scale,
+                 float* s, int64_t s_stride) {
     using Split = void (*)(const float*, const uint16_t*, int64_t, int64_t, float, float*);
     static constexpr Split by_blocks[5] = {nullptr, scores_split_bf16<1>, scores_split_bf16<2>, scores_split_bf16<3>,
                                            scores_split_bf16<4>};
@@ -377,11 +390,11 @@ template <int NB>
 void accumulate_bf16(const float* p, const uint16_t* v, int64_t rows, int64_t d, float* o, int64_t n, bool add) {
     const __mmask32 last = first32(n - 32 * (NB - 1));
     __m512 even[NB], odd[NB];
-KVFOLD_UNROLL(4)
+    KVFOLD_UNROLL(4)
     for (int b = 0; b < NB; ++b) even[b] = odd[b] = _mm512_setzero_ps();
     for (int64_t j = 0; j < rows; ++j, v += d) {
         const __m512 w = _mm512_set1_ps(p[j]);
-KVFOLD_UNROLL(4)
+        KVFOLD_UNROLL(4)
         for (int b = 0; b < NB; ++b) {
             const __m512i x = load_block(v, b, NB, last);
             even[b] = _mm512_fmadd_ps(w, even_bf16(x), even[b]);
@@ -390,11 +403,12 @@ KVFOLD_UNROLL(4)
     }
     const __m512i lo_idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     const __m512i hi_idx = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-KVFOLD_UNROLL(4)
+    KVFOLD_UNROLL(4)
     for (int b = 0; b < NB; ++b) {
         const int64_t count = n - 32 * b;  // values of o this block holds: 32, or fewer in the last
         const __mmask16 lo_mask = tail(count), hi_mask = count > 16 ? tail(count - 16) : 0;
-        __m512 lo = _mm512_permutex2var_ps(even[b], lo_idx, odd[b]), hi = _mm512_permutex2var_ps(even[b], hi_idx, odd[b]);
+        __m512 lo = _mm512_permutex2var_ps(even[b], lo_idx, odd[b]),
+               hi = _mm512_permutex2var_ps(even[b], hi_idx, odd[b]);
         if (add) {
             lo = _mm512_add_ps(lo, _mm512_maskz_loadu_ps(lo_mask, o + 32 * b));
             hi = _mm512_add_ps(hi, _mm512_maskz_loadu_ps(hi_mask, o + 32 * b + 16));
@@ -425,7 +439,8 @@ void weighted_sum_bf16(const float* p, int64_t p_stride, int64_t nq, const uint1
 // Longer ones take the shared softmax above.
 inline __m512 gather_short(const float* s, int64_t n) {
     __m512 x = _mm512_set1_ps(-INFINITY);
-    for (int64_t j = 0; j < n; ++j) x = _mm512_mask_broadcastss_ps(x, static_cast<__mmask16>(1u << j), _mm_load_ss(s + j));
+    for (int64_t j = 0; j < n; ++j)
+        x = _mm512_mask_broadcastss_ps(x, static_cast<__mmask16>(1u << j), _mm_load_ss(s + j));
     return x;
 }
 inline void scatter_short(float* s, int64_t n, __m512 x) {
@@ -461,7 +476,6 @@ void gemv(float* y, const float* W, const float* x, int64_t rows, int64_t cols) 
     for (; r + 4 <= rows; r += 4) dot4<F32>(x, W + r * cols, cols, 1.0f, y + r);
     for (; r < rows; ++r) y[r] = dot<F32>(x, W + r * cols, cols);
 }
-
 
 void exp_f32(float* y, const float* x, int64_t n) {
     int64_t i = 0;

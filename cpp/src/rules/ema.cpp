@@ -31,8 +31,7 @@ class EMA final : public Rule {
 
 std::unique_ptr<Rule> make_ema(const RuleSpec& spec) {
     double alpha = scalar_param(spec, "alpha");
-    if (!(alpha > 0 && alpha <= 1))
-        throw ValueError("ema rule: alpha must be in (0, 1], got " + std::to_string(alpha));
+    if (!(alpha > 0 && alpha <= 1)) throw ValueError("ema rule: alpha must be in (0, 1], got " + std::to_string(alpha));
     return std::make_unique<EMA>(alpha);
 }
 }  // namespace kvfold

@@ -35,8 +35,13 @@ class GRU final : public Rule {
     // sets: 0 when the weights are shared by every head, else the number of per-head sets.
     GRU(int64_t D, int64_t sets, std::vector<float> w_ih, std::vector<float> w_hh, std::vector<float> b_ih,
         std::vector<float> b_hh, std::vector<int64_t> shape)
-        : D_(D), sets_(sets), w_ih_(std::move(w_ih)), w_hh_(std::move(w_hh)), b_ih_(std::move(b_ih)),
-          b_hh_(std::move(b_hh)), shape_(std::move(shape)) {}
+        : D_(D),
+          sets_(sets),
+          w_ih_(std::move(w_ih)),
+          w_hh_(std::move(w_hh)),
+          b_ih_(std::move(b_ih)),
+          b_hh_(std::move(b_hh)),
+          shape_(std::move(shape)) {}
 
     void plan(const Dims& d) override {
         Rule::plan(d);
@@ -108,8 +113,10 @@ std::unique_ptr<Rule> make_gru(const RuleSpec& spec) {
     const auto& s = w_ih.shape;
     if ((s.size() != 2 && s.size() != 3) || s.back() < 2 || s[s.size() - 2] != 3 * s.back() ||
         (s.size() == 3 && s[0] < 1))
-        throw ValueError("gru rule: weight_ih must have shape (3*D, D) or (H, 3*D, D) with D = head_dim + value_dim, "
-                         "got " + shape_str(s));
+        throw ValueError(
+            "gru rule: weight_ih must have shape (3*D, D) or (H, 3*D, D) with D = head_dim + value_dim, "
+            "got " +
+            shape_str(s));
     if (w_hh.shape != s)
         throw ValueError("gru rule: weight_hh must have the shape of weight_ih " + shape_str(s) + ", got " +
                          shape_str(w_hh.shape));

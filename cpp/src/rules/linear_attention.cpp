@@ -136,7 +136,8 @@ class LinearAttention final : public Rule {
         const int64_t gate_width = gated_ ? (per_key ? dk : 1) : 0;
         const int64_t k_step = identity ? row_step(run.k, n, dk) : 0, v_step = row_step(run.v, n, dv);
         // scratch: keys | values (when copied) | log decays | betas | queries (through phi)
-        const int64_t k_floats = k_step ? 0 : n * dk, v_floats = v_step ? 0 : n * dv, q_floats = identity ? 0 : nq * n * dk;
+        const int64_t k_floats = k_step ? 0 : n * dk, v_floats = v_step ? 0 : n * dv,
+                      q_floats = identity ? 0 : nq * n * dk;
         float* k = scratch(static_cast<size_t>(k_floats + v_floats + n * (gate_width + 1) + q_floats));
         float* v = k + k_floats;
         float* g = v + v_floats;
@@ -187,8 +188,9 @@ class LinearAttention final : public Rule {
         else if (g.shape == std::vector<int64_t>{d.heads, d.dk})
             decay_per_key_ = true;
         else
-            throw ValueError(kind_ + " rule: decay must have shape (H=" + std::to_string(d.heads) + ",) or (H=" +
-                             std::to_string(d.heads) + ", d_k=" + std::to_string(d.dk) + "), got " + shape_str(g.shape));
+            throw ValueError(kind_ + " rule: decay must have shape (H=" + std::to_string(d.heads) +
+                             ",) or (H=" + std::to_string(d.heads) + ", d_k=" + std::to_string(d.dk) + "), got " +
+                             shape_str(g.shape));
         for (double x : g.data) {
             decay_.push_back(static_cast<float>(std::exp(x)));
             log_decay_.push_back(static_cast<float>(x));

@@ -26,7 +26,7 @@ class Merge final : public Rule {
         add_buffer(sum_k_, sizeof(double) * n * d.dk);
         add_buffer(sum_v_, sizeof(double) * n * d.dv);
         add_buffer(count_, sizeof(double) * n);
-        add_buffer(norm_, sizeof(double) * n);       // |Sk| of each slot
+        add_buffer(norm_, sizeof(double) * n);        // |Sk| of each slot
         add_buffer(cosine_, sizeof(double) * n * n);  // cosine of the mean keys of slots i and j
         add_buffer(bias_, sizeof(float) * slots_);
     }
@@ -66,9 +66,7 @@ class Merge final : public Rule {
 
     int64_t max_slots() const override { return slots_; }
     int64_t visible_slots(int64_t folded) const override { return folded < slots_ ? folded : slots_; }
-    const float* slot_bias(int64_t lane) const override {
-        return log_count_ ? bias_.lane<float>(lane) : nullptr;
-    }
+    const float* slot_bias(int64_t lane) const override { return log_count_ ? bias_.lane<float>(lane) : nullptr; }
 
    private:
     static double dot(const double* x, const double* y, int64_t d) {

@@ -23,11 +23,18 @@ struct Kind {
     std::unique_ptr<Rule> (*make)(const RuleSpec&);
 };
 const Kind kinds[] = {
-    {"drop", make_drop},   {"cumulative", make_cumulative}, {"moving", make_moving},
-    {"weighted", make_weighted}, {"ema", make_ema},         {"compressive", make_compressive},
-    {"gru", make_gru},         {"merge", make_merge},
-    {"linear", make_linear_attention}, {"gated", make_linear_attention},
-    {"delta", make_linear_attention},  {"gated_delta", make_linear_attention},
+    {"drop", make_drop},
+    {"cumulative", make_cumulative},
+    {"moving", make_moving},
+    {"weighted", make_weighted},
+    {"ema", make_ema},
+    {"compressive", make_compressive},
+    {"gru", make_gru},
+    {"merge", make_merge},
+    {"linear", make_linear_attention},
+    {"gated", make_linear_attention},
+    {"delta", make_linear_attention},
+    {"gated_delta", make_linear_attention},
     {"custom", make_custom},
 };
 }  // namespace
@@ -44,8 +51,7 @@ void check_rule(const RuleSpec& spec) { make_rule(spec); }
 
 const Array& param(const RuleSpec& spec, const char* name) {
     auto it = spec.arrays.find(name);
-    if (it == spec.arrays.end())
-        throw ValueError(spec.kind + " rule: missing parameter '" + std::string(name) + "'");
+    if (it == spec.arrays.end()) throw ValueError(spec.kind + " rule: missing parameter '" + std::string(name) + "'");
     return it->second;
 }
 
@@ -62,8 +68,8 @@ double scalar_param(const RuleSpec& spec, const char* name) {
 int64_t int_param(const RuleSpec& spec, const char* name, int64_t lo, int64_t hi) {
     double x = scalar_param(spec, name);
     if (x != std::floor(x) || x < static_cast<double>(lo) || x > static_cast<double>(hi))
-        throw ValueError(spec.kind + " rule: " + name + " must be an integer in [" + std::to_string(lo) +
-                         ", " + std::to_string(hi) + "], got " + std::to_string(x));
+        throw ValueError(spec.kind + " rule: " + name + " must be an integer in [" + std::to_string(lo) + ", " +
+                         std::to_string(hi) + "], got " + std::to_string(x));
     return static_cast<int64_t>(x);
 }
 

@@ -61,8 +61,10 @@ std::unique_ptr<Rule> make_weighted(const RuleSpec& spec) {
             throw ValueError("weighted rule: betas must be finite and >= 0, got betas[" + std::to_string(i) +
                              "] = " + std::to_string(b.data[i]));
     if (!(b.data.back() > 0))
-        throw ValueError("weighted rule: betas[-1] (the newest pair's weight) must be > 0 so every partial "
-                         "window has a positive sum, got " + std::to_string(b.data.back()));
+        throw ValueError(
+            "weighted rule: betas[-1] (the newest pair's weight) must be > 0 so every partial "
+            "window has a positive sum, got " +
+            std::to_string(b.data.back()));
     return std::make_unique<Weighted>(b.data);
 }
 }  // namespace kvfold
