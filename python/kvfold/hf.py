@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import inspect
 import threading
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -78,7 +78,7 @@ def _position_ids(args: Tuple[Any, ...], kwargs: Any) -> Optional[torch.Tensor]:
     keywords, ``position_ids`` among them, as ``kwargs=``; older versions a dict of cache keywords)."""
     for d in (kwargs.get("kwargs"), kwargs, *args):
         if isinstance(d, dict) and d.get("position_ids") is not None:
-            return d["position_ids"]  # type: ignore[no-any-return]
+            return d["position_ids"]
     return None
 
 
@@ -168,7 +168,7 @@ class FoldLayer(CacheLayerMixin):
 
     def _make_memory(self, num_query_heads: Optional[int] = None, scale: Optional[float] = None) -> None:
         B, H, dk, dv = self._shape
-        kw: dict = dict(
+        kw: Dict[str, Any] = dict(
             num_heads=H,
             head_dim=dk,
             value_dim=dv,
@@ -364,7 +364,7 @@ class FoldLayer(CacheLayerMixin):
         if self.memory is not None:
             self.memory.reorder(order)
             self._history = []
-        self._shape = (len(order), *self._shape[1:])  # type: ignore[assignment]
+        self._shape = (len(order), *self._shape[1:])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._reorder(beam_idx)
