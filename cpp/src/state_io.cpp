@@ -115,8 +115,8 @@ class Reader {
 }  // namespace
 
 std::string MemoryCache::to_bytes() const {
-    std::lock_guard<std::mutex> lock(impl_->mu);
-    const Impl& c = *impl_;
+    CacheLock lock(impl().mu);
+    const Impl& c = impl();
     if (c.spec.kind == "custom")
         throw ValueError("rule: Custom rules cannot be serialized (their function is Python code); "
                          "use copy() or checkpoint() within a process");

@@ -5,9 +5,6 @@
 
 namespace kvfold_py {
 
-// Counts the threads inside kvfold's C++ work with the GIL released (ReleaseGil).
-std::atomic<int> threads_without_gil{0};
-
 std::string shape_str(const std::vector<int64_t>& shape) {
     std::string s = "(";
     for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
@@ -26,7 +23,27 @@ bool shape_is(const py::array& a, std::initializer_list<int64_t> dims) {
     return true;
 }
 
+namespace {
+
+// A numpy.ma.MaskedArray converts to its data with the mask dropped: refused rather than misread.
+void refuse_masked(const char* name, const py::handle& obj) {
+    if (Py_TYPE(obj.ptr()) == reinterpret_cast<PyTypeObject*>(py::detail::npy_api::get().PyArray_Type_)) return;
+    static PyObject* masked = py::object(py::module_::import("numpy.ma").attr("MaskedArray")).release().ptr();
+    if (PyObject_IsInstance(obj.ptr(), masked) == 1)
+        throw kvfold::TypeError(std::string(name) + ": expected a plain array, got a numpy.ma.MaskedArray, whose mask "
+                                "would be ignored (use .filled(value) or .compressed() first)");
+}
+
+}  // namespace
+
+bool overlaps(const py::array& a, const py::array& b) {
+    const char* pa = static_cast<const char*>(a.data());
+    const char* pb = static_cast<const char*>(b.data());
+    return a.nbytes() && b.nbytes() && pa < pb + b.nbytes() && pb < pa + a.nbytes();
+}
+
 FloatArray as_floats(const char* name, const py::handle& obj) {
+    refuse_masked(name, obj);
     if (py::isinstance<FloatArray>(obj)) {
         auto a = py::reinterpret_borrow<py::array>(obj);
         if (a.flags() & py::array::c_style) return py::reinterpret_borrow<FloatArray>(obj);
@@ -117,6 +134,7 @@ float* check_out(const py::object& out, std::initializer_list<int64_t> shape) {
 }
 
 std::vector<int64_t> read_rows(const py::object& rows, const char* name) {
+    refuse_masked(name, rows);
     py::array a;
     try {
         a = py::array::ensure(rows);
@@ -125,6 +143,10 @@ std::vector<int64_t> read_rows(const py::object& rows, const char* name) {
     if (!a || (a.dtype().kind() != 'i' && a.dtype().kind() != 'u' && a.size() > 0))
         throw kvfold::TypeError(std::string(name) + ": expected a sequence of integer row indices, got " +
                                 std::string(py::str(py::repr(rows))));
+    if (a.ndim() == 0)
+        throw kvfold::TypeError(std::string(name) + ": expected a sequence of integer row indices, got a single " +
+                                type_name(rows) + " " + std::string(py::str(py::repr(rows))) + " (write [" +
+                                std::string(py::str(py::repr(rows))) + "] for one row)");
     if (a.ndim() > 1)
         throw kvfold::ValueError(std::string(name) + ": expected a 1-D sequence, got shape " + shape_str(shape_of(a)));
     auto r = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(a);

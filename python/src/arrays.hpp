@@ -5,7 +5,6 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
-#include <atomic>
 #include <cstdint>
 #include <initializer_list>
 #include <string>
@@ -18,19 +17,6 @@ namespace kvfold_py {
 namespace py = pybind11;
 
 using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
-
-
-// Releases the GIL around the C++ work and counts the threads inside such a section, which the
-// tests read (holding the GIL) to see several caches compute at the same moment. (A Custom rule's
-// fold takes the GIL back for its Python call while still counted.)
-extern std::atomic<int> threads_without_gil;
-struct ReleaseGil {
-    py::gil_scoped_release release;
-    ReleaseGil() { threads_without_gil.fetch_add(1, std::memory_order_relaxed); }
-    ~ReleaseGil() { threads_without_gil.fetch_sub(1, std::memory_order_relaxed); }
-    ReleaseGil(const ReleaseGil&) = delete;
-    ReleaseGil& operator=(const ReleaseGil&) = delete;
-};
 
 std::string shape_str(const std::vector<int64_t>& shape);
 std::vector<int64_t> shape_of(const py::array& a);
@@ -47,6 +33,8 @@ py::array_t<float> copy_floats(std::vector<py::ssize_t> shape, const float* src)
 py::array_t<float> new_floats(std::initializer_list<py::ssize_t> shape);
 // An out= array must be exactly what the result would be: float32, C order, writable.
 float* check_out(const py::object& out, std::initializer_list<int64_t> shape);
+// Whether two C-contiguous arrays share any byte (an out= array that is also an input).
+bool overlaps(const py::array& a, const py::array& b);
 std::vector<int64_t> read_rows(const py::object& rows, const char* name = "rows");
 
 }  // namespace kvfold_py

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "arrays.hpp"
+#include "gil.hpp"
 #include "kvfold/kvfold.hpp"
 #include "rule_spec.hpp"
 
@@ -89,6 +90,31 @@ FloatArray read_query(const MemoryCache& c, const py::handle& q_obj) {
 // Calls in flight per cache, from sizing their arrays by its batch size until they return; read
 // and written with the GIL held. A reorder that changes the batch size is refused while any is.
 // A short list: it holds one entry per cache that some thread is calling right now.
+// The (B, Hq, d_v) result of attend and step: a new array, or the caller's out= array checked.
+struct Output {
+    py::array array;
+    float* data;
+};
+
+Output output(const MemoryCache& c, const py::object& out) {
+    const auto& g = c.config();
+    if (out.is_none()) {
+        py::array a = new_floats({g.batch_size, g.num_query_heads, g.value_dim});
+        return {a, static_cast<float*>(a.mutable_data())};
+    }
+    float* data = check_out(out, {g.batch_size, g.num_query_heads, g.value_dim});
+    return {py::reinterpret_borrow<py::array>(out), data};
+}
+
+// An input that shares memory with out= (attend(q, out=q)) is read from a copy: the work writes out
+// while it still reads its inputs.
+void unalias(FloatArray& x, const Output& o) {
+    if (!overlaps(x, o.array)) return;
+    FloatArray copy(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
+    std::copy(x.data(), x.data() + x.size(), copy.mutable_data());
+    x = std::move(copy);
+}
+
 std::vector<std::pair<const MemoryCache*, int>>& calls_in_flight() {
     static std::vector<std::pair<const MemoryCache*, int>> calls;
     return calls;
@@ -200,15 +226,13 @@ void bind_cache(py::module_& m) {
                 InFlight busy(c);
                 const auto& g = c.config();
                 FloatArray q = read_query(c, q_obj);
-                py::array result = out.is_none() ? py::array(new_floats({g.batch_size, g.num_query_heads, g.value_dim}))
-                                                 : py::reinterpret_borrow<py::array>(out);
-                float* o = out.is_none() ? static_cast<float*>(result.mutable_data())
-                                         : check_out(result, {g.batch_size, g.num_query_heads, g.value_dim});
+                Output o = output(c, out);
+                unalias(q, o);
                 {
                     ReleaseGil release;
-                    c.attend(q.data(), o);
+                    c.attend(q.data(), o.data);
                 }
-                return result;
+                return o.array;
             },
             py::arg("q"), py::kw_only(), py::arg("out") = py::none(),
             "Softmax attention of q (B, Hq, d_k) over [sinks | memory | window]; returns (B, Hq, d_v) float32.")
@@ -224,15 +248,15 @@ void bind_cache(py::module_& m) {
                     throw kvfold::ValueError("k: step takes one token, shape (B, H, d_k); use forward for blocks, got " +
                                              shape_str(shape_of(t.k)));
                 Gates gates = read_gates(c, decay, beta, t);
-                py::array result = out.is_none() ? py::array(new_floats({g.batch_size, g.num_query_heads, g.value_dim}))
-                                                 : py::reinterpret_borrow<py::array>(out);
-                float* o = out.is_none() ? static_cast<float*>(result.mutable_data())
-                                         : check_out(result, {g.batch_size, g.num_query_heads, g.value_dim});
+                Output o = output(c, out);
+                unalias(q, o);
+                unalias(t.k, o);
+                unalias(t.v, o);
                 {
                     ReleaseGil release;
-                    c.step(q.data(), t.k.data(), t.v.data(), o, gates.view);
+                    c.step(q.data(), t.k.data(), t.v.data(), o.data, gates.view);
                 }
-                return result;
+                return o.array;
             },
             py::arg("q"), py::arg("k"), py::arg("v"), py::kw_only(), py::arg("decay") = py::none(),
             py::arg("beta") = py::none(), py::arg("out") = py::none(),

@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include "arrays.hpp"
+#include "gil.hpp"
 #include "kvfold/kvfold.hpp"
 #include "rule_spec.hpp"
 
@@ -22,6 +23,8 @@ PYBIND11_MODULE(_core, m) {
             if (p) std::rethrow_exception(p);
         } catch (const kvfold::TypeError& e) {
             PyErr_SetString(PyExc_TypeError, e.what());
+        } catch (const kvfold::RuntimeError& e) {
+            PyErr_SetString(PyExc_RuntimeError, e.what());
         }
     });
 

@@ -23,6 +23,11 @@ struct KVFOLD_API ValueError : std::invalid_argument {
 struct KVFOLD_API TypeError : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
+// A call the cache cannot take now: a Custom rule's fn calling back into the cache it folds for,
+// or a wait between caches that would never end.
+struct RuntimeError : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
 
 // Storage type of the pairs a cache keeps (sinks, window, memory slots). Compute is float32.
 enum class DType : uint8_t { float32 = 0, float16 = 1, bfloat16 = 2 };
@@ -93,8 +98,13 @@ class KVFOLD_API Checkpoint {
     std::vector<int64_t> lengths() const;
     size_t nbytes() const;
 
+    // Zero-filled storage, as for MemoryCache.
+    static void* operator new(size_t size);
+    static void operator delete(void* p);
+
    private:
     friend class MemoryCache;
+    const MemoryCache& state() const;  // throws TypeError for a checkpoint that holds nothing
     std::shared_ptr<const MemoryCache> state_;
 };
 
@@ -162,10 +172,16 @@ class KVFOLD_API MemoryCache {
     // The rows of every cache, in order. Configurations must match except for the batch size.
     static std::unique_ptr<MemoryCache> concat(const std::vector<const MemoryCache*>& caches);
 
+    // Zero-filled storage: an object whose constructor never ran (Python's __new__ alone can make
+    // one) holds no state, and every call on it throws TypeError instead of reading garbage.
+    static void* operator new(size_t size);
+    static void operator delete(void* p);
+
     struct Impl;
 
    private:
     explicit MemoryCache(std::unique_ptr<Impl> impl);
+    Impl& impl() const;  // throws TypeError when the constructor never ran
     std::unique_ptr<Impl> impl_;
 };
 
