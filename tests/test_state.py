@@ -421,7 +421,7 @@ def test_a_write_stopped_by_the_kernel_never_damages_the_previous_file(mode, tmp
         assert left == ["cache.kvf"]
     else:  # the crash leaves the hidden temporary file, cut short at the limit
         assert len(left) == 2 and left[1] == "cache.kvf"
-        assert left[0].startswith(".cache.kvf.") and left[0].endswith(".tmp")
+        assert left[0].startswith(".kvfold-") and left[0].endswith(".tmp")
         assert (tmp_path / left[0]).stat().st_size == 100_000
 
 

@@ -26,10 +26,15 @@ bool shape_is(const py::array& a, std::initializer_list<int64_t> dims) {
 namespace {
 
 // A numpy.ma.MaskedArray converts to its data with the mask dropped: refused rather than misread.
+// Only an object that is not a plain ndarray is looked at, and numpy.ma is taken from the loaded
+// modules (any masked array means it is loaded), never imported here: an import could wait on a
+// lock that another thread holds together with the GIL.
 void refuse_masked(const char* name, const py::handle& obj) {
     if (Py_TYPE(obj.ptr()) == reinterpret_cast<PyTypeObject*>(py::detail::npy_api::get().PyArray_Type_)) return;
-    static PyObject* masked = py::object(py::module_::import("numpy.ma").attr("MaskedArray")).release().ptr();
-    if (PyObject_IsInstance(obj.ptr(), masked) == 1)
+    PyObject* ma = PyDict_GetItemString(PyImport_GetModuleDict(), "numpy.ma");  // borrowed
+    if (!ma) return;
+    py::object masked = py::reinterpret_borrow<py::object>(ma).attr("MaskedArray");
+    if (PyObject_IsInstance(obj.ptr(), masked.ptr()) == 1)
         throw kvfold::TypeError(std::string(name) + ": expected a plain array, got a numpy.ma.MaskedArray, whose mask "
                                 "would be ignored (use .filled(value) or .compressed() first)");
 }

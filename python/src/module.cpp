@@ -11,6 +11,7 @@
 
 namespace py = pybind11;
 using namespace kvfold_py;
+using kvfold::MemoryCache;
 
 namespace kvfold_py {
 void bind_cache(py::module_& m);
@@ -45,6 +46,11 @@ PYBIND11_MODULE(_core, m) {
           "The least work a call needs before it is shared out; returns the previous value (for tests).");
     m.def("_check_rule", [](const py::tuple& spec) { kvfold::check_rule(make_spec(spec)); }, py::arg("spec"));
     m.attr("__version__") = kvfold::version();
+    m.attr("STATE_HEADER") = MemoryCache::kStateHeader;
+    m.def("_state_size", [](const py::bytes& header) {
+        std::string_view view = header;
+        return MemoryCache::state_size(view.data(), view.size());
+    }, py::arg("header"), "The whole size a kvfold state declares in its header; ValueError if it is not one.");
 
     py::class_<kvfold::Checkpoint>(m, "Checkpoint", "An immutable snapshot of a cache; see MemoryCache.checkpoint.")
         .def_property_readonly("batch_size", [](const kvfold::Checkpoint& cp) { return cp.config().batch_size; })

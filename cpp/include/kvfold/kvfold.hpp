@@ -156,6 +156,11 @@ class KVFOLD_API MemoryCache {
     // Versioned little-endian binary state with CRC32; see README "Persistence and rollback".
     std::string to_bytes() const;
     static std::unique_ptr<MemoryCache> from_bytes(const void* data, size_t size);
+    // The whole size a state declares in its header (its first kStateHeader bytes), so a reader can
+    // check a file's length before reading it; throws ValueError when the bytes are not a kvfold
+    // state header.
+    static constexpr size_t kStateHeader = 24;
+    static size_t state_size(const void* header, size_t size);
 
     // Checkpoints (batch_ops.cpp). rollback restores a checkpoint bit-exactly, for every row or for
     // `count` rows; it accepts a checkpoint of any cache with the same configuration (rule and every
