@@ -25,7 +25,7 @@ struct KVFOLD_API TypeError : std::runtime_error {
 };
 // A call the cache cannot take now: a Custom rule's fn calling back into the cache it folds for,
 // or a wait between caches that would never end.
-struct RuntimeError : std::runtime_error {
+struct KVFOLD_API RuntimeError : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
 
