@@ -3,7 +3,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <set>
 
 #include "cache_impl.hpp"
 
@@ -121,25 +120,38 @@ void MemoryCache::Impl::copy_rows_from(const Impl& src, const int64_t* src_rows,
 }
 
 void MemoryCache::Impl::swap_state(Impl& other) {
-    // The cache's own buffers are swapped one by one; the rule's travel with the rule.
+    // Buffer by buffer, the rule's too: the rule object stays, so a reader that holds no lock (the
+    // rule's fixed traits, the configuration) never sees it replaced. Settings that do not change
+    // are not written.
     auto mine = buffers(), theirs = other.buffers();
-    const auto& rule_bufs = rule->buffers();
-    std::set<const LaneBuffer*> owned_by_rule(rule_bufs.begin(), rule_bufs.end());
-    for (size_t i = 0; i < mine.size(); ++i)
-        if (!owned_by_rule.count(mine[i])) mine[i]->swap(*theirs[i]);
-    std::swap(rule, other.rule);
-    std::swap(lanes, other.lanes);
+    for (size_t i = 0; i < mine.size(); ++i) mine[i]->swap(*theirs[i]);
     std::swap(length, other.length);
-    std::swap(cfg.batch_size, other.cfg.batch_size);  // every other setting is equal
+    if (cfg.batch_size != other.cfg.batch_size) {
+        std::swap(cfg.batch_size, other.cfg.batch_size);
+        std::swap(lanes, other.lanes);
+        rule->set_lanes(lanes);
+        other.rule->set_lanes(other.lanes);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Checkpoints
 
-const Config& Checkpoint::config() const { return state_->config(); }
-const RuleSpec& Checkpoint::rule() const { return state_->rule(); }
-std::vector<int64_t> Checkpoint::lengths() const { return state_->lengths(); }
-size_t Checkpoint::nbytes() const { return state_->nbytes(); }
+void* Checkpoint::operator new(size_t size) {
+    void* p = ::operator new(size);
+    std::memset(p, 0, size);
+    return p;
+}
+void Checkpoint::operator delete(void* p) { ::operator delete(p); }
+
+const MemoryCache& Checkpoint::state() const {
+    if (!state_) throw TypeError("Checkpoint: this object holds no state; make checkpoints with cache.checkpoint()");
+    return *state_;
+}
+const Config& Checkpoint::config() const { return state().config(); }
+const RuleSpec& Checkpoint::rule() const { return state().rule(); }
+std::vector<int64_t> Checkpoint::lengths() const { return state().lengths(); }
+size_t Checkpoint::nbytes() const { return state().nbytes(); }
 
 Checkpoint MemoryCache::checkpoint() const {
     Checkpoint cp;
@@ -160,35 +172,35 @@ const char* kEmptyCheckpoint = "checkpoint: expected a checkpoint taken with che
 // A checkpoint is never written after it is made, so its state is read without its lock.
 void MemoryCache::rollback(const Checkpoint& cp) {
     if (!cp.state_) throw ValueError(kEmptyCheckpoint);
-    const Impl& src = *cp.state_->impl_;
-    std::lock_guard<std::mutex> lock(impl_->mu);
-    check_restorable(src, *impl_);
-    impl_->copy_state_from(src);
+    const Impl& src = cp.state_->impl();
+    CacheLock lock(impl().mu);
+    check_restorable(src, impl());
+    impl().copy_state_from(src);
 }
 
 void MemoryCache::rollback_rows(const Checkpoint& cp, const int64_t* rows, int64_t count) {
     if (!cp.state_) throw ValueError(kEmptyCheckpoint);
-    const Impl& src = *cp.state_->impl_;
-    std::lock_guard<std::mutex> lock(impl_->mu);
-    check_restorable(src, *impl_);
-    check_rows("rows", rows, count, impl_->cfg.batch_size, true);
-    for (int64_t i = 0; i < count; ++i) impl_->copy_rows_from(src, rows + i, 1, rows[i]);
+    const Impl& src = cp.state_->impl();
+    CacheLock lock(impl().mu);
+    check_restorable(src, impl());
+    check_rows("rows", rows, count, impl().cfg.batch_size, true);
+    for (int64_t i = 0; i < count; ++i) impl().copy_rows_from(src, rows + i, 1, rows[i]);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Batch operations
 
 void MemoryCache::reorder(const int64_t* indices, int64_t count) {
-    std::lock_guard<std::mutex> lock(impl_->mu);
-    check_rows("indices", indices, count, impl_->cfg.batch_size, false);
-    auto next = gather(*impl_, indices, count);  // may throw; this cache is untouched until the swap
-    impl_->swap_state(*next);
+    CacheLock lock(impl().mu);
+    check_rows("indices", indices, count, impl().cfg.batch_size, false);
+    auto next = gather(impl(), indices, count);  // may throw; this cache is untouched until the swap
+    impl().swap_state(*next);
 }
 
 std::unique_ptr<MemoryCache> MemoryCache::select(const int64_t* rows, int64_t count) const {
-    std::lock_guard<std::mutex> lock(impl_->mu);
-    check_rows("rows", rows, count, impl_->cfg.batch_size, false);
-    return std::unique_ptr<MemoryCache>(new MemoryCache(gather(*impl_, rows, count)));
+    CacheLock lock(impl().mu);
+    check_rows("rows", rows, count, impl().cfg.batch_size, false);
+    return std::unique_ptr<MemoryCache>(new MemoryCache(gather(impl(), rows, count)));
 }
 
 std::unique_ptr<MemoryCache> MemoryCache::concat(const std::vector<const MemoryCache*>& caches) {
@@ -200,8 +212,8 @@ std::unique_ptr<MemoryCache> MemoryCache::concat(const std::vector<const MemoryC
     std::vector<int64_t> batches;
     int64_t total = 0;
     for (size_t i = 0; i < caches.size(); ++i) {
-        const Impl& c = *caches[i]->impl_;
-        std::lock_guard<std::mutex> lock(c.mu);
+        const Impl& c = caches[i]->impl();
+        CacheLock lock(c.mu);
         if (!first) first = std::make_unique<Shape>(c);
         auto [theirs, expected] = difference(Shape(c), *first, true);
         if (!theirs.empty())
@@ -218,8 +230,8 @@ std::unique_ptr<MemoryCache> MemoryCache::concat(const std::vector<const MemoryC
     int64_t at = 0;
     std::vector<int64_t> rows;
     for (size_t i = 0; i < caches.size(); ++i) {
-        const Impl& c = *caches[i]->impl_;
-        std::lock_guard<std::mutex> lock(c.mu);
+        const Impl& c = caches[i]->impl();
+        CacheLock lock(c.mu);
         if (c.cfg.batch_size != batches[i])
             throw ValueError("caches[" + std::to_string(i) + "]: its batch size changed during concat");
         rows.resize(static_cast<size_t>(batches[i]));

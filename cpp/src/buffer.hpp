@@ -41,9 +41,13 @@ class LaneBuffer {
         return mul_overflow(stride_, static_cast<size_t>(lanes_), &n) ? SIZE_MAX : n;
     }
 
-    void allocate() {
+    void release() {
         aligned_free(data_);
         data_ = nullptr;
+    }
+
+    void allocate() {
+        release();
         size_t n = planned_bytes();
         if (n == 0) return;
         // Buffers of megabytes (long windows) are streamed through at every step: on 2 MB pages

@@ -2,8 +2,11 @@
 // window) is folded into the rule's memory; queries attend over [sinks | memory slots | window].
 #include <algorithm>
 #include <atomic>
+#include <cfloat>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
+#include <new>
 
 #include "attention.hpp"
 #include "cache_impl.hpp"
@@ -36,6 +39,18 @@ constexpr int64_t kMaxDim = int64_t(1) << 20;  // heads, head_dim, value_dim
 constexpr int64_t kMaxBatch = int64_t(1) << 24;
 constexpr int64_t kMaxTokens = int64_t(1) << 32;  // window, sinks
 
+std::string number_str(double x) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%.6g", x);
+    return buf;
+}
+
+std::string describe(const Config& c) {
+    return "batch_size=" + std::to_string(c.batch_size) + ", num_heads=" + std::to_string(c.num_heads) +
+           ", head_dim=" + std::to_string(c.head_dim) + ", window=" + std::to_string(c.window) +
+           ", sinks=" + std::to_string(c.sinks);
+}
+
 void check_range(const char* name, int64_t value, int64_t lo, int64_t hi) {
     if (value < lo || value > hi)
         throw ValueError(std::string(name) + ": expected an integer in [" + std::to_string(lo) + ", " +
@@ -62,19 +77,67 @@ bool all_finite(const float* x, int64_t n) {
     return finite.load();
 }
 
-void check_finite(const char* name, const float* x, const std::vector<int64_t>& shape) {
-    int64_t n = 1;
-    for (int64_t d : shape) n *= d;
-    if (all_finite(x, n)) return;
-    int64_t i = 0;
-    while (std::isfinite(x[i])) ++i;
+// Flat index i of an array of `shape`, as "(a, b, ...)".
+std::string index_str(int64_t i, const std::vector<int64_t>& shape) {
     std::vector<int64_t> index(shape.size());
-    for (size_t a = shape.size(), rest = i; a-- > 0;) {
+    for (size_t a = shape.size(), rest = static_cast<size_t>(i); a-- > 0;) {
         index[a] = static_cast<int64_t>(rest % shape[a]);
         rest /= shape[a];
     }
+    return shape_str(index);
+}
+
+int64_t count(const std::vector<int64_t>& shape) {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    return n;
+}
+
+void check_finite(const char* name, const float* x, const std::vector<int64_t>& shape) {
+    if (all_finite(x, count(shape))) return;
+    int64_t i = 0;
+    while (std::isfinite(x[i])) ++i;
     throw ValueError(std::string(name) + ": expected finite values, got " + (std::isnan(x[i]) ? "NaN" : "Inf") +
-                     " at index " + shape_str(index) + " (check_finite=False skips this check)");
+                     " at index " + index_str(i, shape) + " (check_finite=False skips this check)");
+}
+
+// Finite values in [lo, hi]: gates whose meaning has a range.
+void check_within(const char* name, const float* x, const std::vector<int64_t>& shape, float lo, float hi,
+                  const char* why) {
+    const int64_t n = count(shape);
+    for (int64_t i = 0; i < n; ++i)
+        if (!(x[i] >= lo && x[i] <= hi))
+            throw ValueError(std::string(name) + ": expected values in [" + number_str(lo) + ", " + number_str(hi) +
+                             "] (" + why + "), got " + number_str(x[i]) + " at index " + index_str(i, shape) +
+                             " (check_finite=False skips this check)");
+}
+
+// Finite values that the storage dtype holds: float16 rounds |x| >= 65520 to Inf, bfloat16 rounds
+// |x| >= 0x7f7f8000 (about 3.3961e38) to Inf.
+void check_storable(const char* name, const float* x, const std::vector<int64_t>& shape, DType dtype) {
+    if (dtype == DType::float32) return;
+    const uint32_t limit = dtype == DType::float16 ? 0x477FF000u : 0x7F7F8000u;  // 65520.0f, bf16 halfway to Inf
+    const int64_t n = count(shape);
+    constexpr int64_t kPiece = 4096;  // the max of each piece's magnitudes first: a loop that vectorizes
+    for (int64_t at = 0; at < n; at += kPiece) {
+        const int64_t m = std::min(kPiece, n - at);
+        uint32_t largest = 0;
+        for (int64_t j = 0; j < m; ++j) {
+            uint32_t bits;
+            std::memcpy(&bits, x + at + j, sizeof bits);
+            largest = std::max(largest, bits & 0x7FFFFFFFu);
+        }
+        if (largest < limit) continue;
+        for (int64_t i = at;; ++i) {
+            uint32_t bits;
+            std::memcpy(&bits, x + i, sizeof bits);
+            if ((bits & 0x7FFFFFFFu) >= limit)
+                throw ValueError(std::string(name) + ": expected values that " + dtype_name(dtype) +
+                                 " storage holds (|x| < " + (dtype == DType::float16 ? "65520" : "3.3961e38") +
+                                 "), got " + number_str(x[i]) + " at index " + index_str(i, shape) +
+                                 ", which it would store as Inf (check_finite=False skips this check)");
+        }
+    }
 }
 
 // Per-thread scratch for float32 copies of stored rows; grows once, then never allocates.
@@ -102,10 +165,12 @@ MemoryCache::Impl::Impl(const Config& c, const RuleSpec& s) : cfg(c), spec(s) {
     check_range("sinks", c.sinks, 0, kMaxTokens);
     if (c.scale == 0)
         scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.head_dim)));
-    else if (std::isfinite(c.scale) && c.scale > 0 && std::isfinite(static_cast<float>(c.scale)))
+    else if (std::isfinite(c.scale) && c.scale > 0 && std::isfinite(static_cast<float>(c.scale)) &&
+             static_cast<float>(c.scale) > 0)
         scale = static_cast<float>(c.scale);
     else
-        throw ValueError("scale: expected a finite number > 0, got " + std::to_string(c.scale));
+        throw ValueError("scale: expected a number > 0 that float32 holds (1.4e-45 to 3.4e38), got " +
+                         number_str(c.scale));
     if (c.dtype != DType::float32 && c.dtype != DType::float16 && c.dtype != DType::bfloat16)
         throw ValueError("dtype: expected float32, float16 or bfloat16, got code " +
                          std::to_string(static_cast<int>(c.dtype)));
@@ -113,7 +178,10 @@ MemoryCache::Impl::Impl(const Config& c, const RuleSpec& s) : cfg(c), spec(s) {
     rule = make_rule(spec);
     lanes = c.batch_size * c.num_heads;
     group = c.num_query_heads / c.num_heads;
-    rule->plan(Dims{lanes, c.num_heads, c.head_dim, c.value_dim, c.dtype, c.num_query_heads});
+    rule->plan(Dims{lanes, c.num_heads, c.head_dim, c.value_dim, c.dtype, c.num_query_heads, c.check_finite});
+    memory_slots = rule->max_slots();
+    matrix = rule->matrix();
+    normalized = rule->normalized();
     const size_t es = dtype_size(c.dtype);
     sink_k.plan(lanes, es * c.sinks * c.head_dim);
     sink_v.plan(lanes, es * c.sinks * c.value_dim);
@@ -122,12 +190,11 @@ MemoryCache::Impl::Impl(const Config& c, const RuleSpec& s) : cfg(c), spec(s) {
     if (rule->takes_decay() || rule->takes_beta()) gate_stride = 2 + (rule->takes_decay() ? c.head_dim : 0);
     win_gates.plan(lanes, sizeof(float) * c.window * gate_stride);
 
-    size_t need = planned_bytes(), have = physical_memory();
-    if (need > have)
-        throw ValueError("cache size: this configuration (batch_size=" + std::to_string(c.batch_size) +
-                         ", num_heads=" + std::to_string(c.num_heads) + ", window=" + std::to_string(c.window) +
-                         ", sinks=" + std::to_string(c.sinks) + ") needs " + std::to_string(need) +
-                         " bytes, more than this machine's " + std::to_string(have));
+    const size_t need = planned_bytes();
+    const MemoryLimit limit = memory_limit();
+    if (need > limit.bytes)
+        throw ValueError("cache size: this configuration (" + describe(c) + ") needs " + std::to_string(need) +
+                         " bytes, more than the " + std::to_string(limit.bytes) + " allowed by " + limit.what);
 }
 
 MemoryCache::Impl::Impl(const Impl& o) : Impl(o.cfg, o.spec) {
@@ -166,8 +233,14 @@ size_t MemoryCache::Impl::planned_bytes() const {
 }
 
 void MemoryCache::Impl::allocate() {
-    for (LaneBuffer* b : buffers()) b->allocate();
-    length.assign(cfg.batch_size, 0);
+    try {
+        for (LaneBuffer* b : buffers()) b->allocate();
+        length.assign(cfg.batch_size, 0);
+    } catch (const std::bad_alloc&) {
+        for (LaneBuffer* b : buffers()) b->release();
+        throw ValueError("cache size: could not allocate the " + std::to_string(planned_bytes()) +
+                         " bytes this configuration (" + describe(cfg) + ") needs");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -520,21 +593,34 @@ void matrix_attend(const MemoryCache::Impl& c, const float* q, float* out) {
 // Public API
 
 MemoryCache::MemoryCache(const Config& config, const RuleSpec& rule) : impl_(std::make_unique<Impl>(config, rule)) {
-    impl_->allocate();
+    impl().allocate();
 }
 MemoryCache::MemoryCache(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 MemoryCache::MemoryCache(const MemoryCache& other) {
-    std::lock_guard<std::mutex> lock(other.impl_->mu);
-    impl_ = std::make_unique<Impl>(*other.impl_);
+    CacheLock lock(other.impl().mu);
+    impl_ = std::make_unique<Impl>(other.impl());
 }
 MemoryCache::~MemoryCache() = default;
 
-const Config& MemoryCache::config() const { return impl_->cfg; }
-const RuleSpec& MemoryCache::rule() const { return impl_->spec; }
-float MemoryCache::scale() const { return impl_->scale; }
-int64_t MemoryCache::memory_slots() const { return impl_->rule->max_slots(); }
-bool MemoryCache::matrix_memory() const { return impl_->rule->matrix(); }
-bool MemoryCache::matrix_normalized() const { return impl_->rule->normalizer(0) != nullptr; }
+void* MemoryCache::operator new(size_t size) {
+    void* p = ::operator new(size);
+    std::memset(p, 0, size);
+    return p;
+}
+void MemoryCache::operator delete(void* p) { ::operator delete(p); }
+
+MemoryCache::Impl& MemoryCache::impl() const {
+    if (!impl_)
+        throw TypeError("MemoryCache: this object was never initialized; make caches with kvfold.MemoryCache(...)");
+    return *impl_;
+}
+
+const Config& MemoryCache::config() const { return impl().cfg; }
+const RuleSpec& MemoryCache::rule() const { return impl().spec; }
+float MemoryCache::scale() const { return impl().scale; }
+int64_t MemoryCache::memory_slots() const { return impl().memory_slots; }
+bool MemoryCache::matrix_memory() const { return impl().matrix; }
+bool MemoryCache::matrix_normalized() const { return impl().normalized; }
 
 namespace {
 
@@ -569,8 +655,12 @@ void check_gates(const MemoryCache::Impl& c, const TokenGates& gates, int64_t T)
         std::vector<int64_t> shape{g.batch_size, g.num_heads, T};
         if (gates.decay_per_key) shape.push_back(g.head_dim);
         check_finite("decay", gates.decay, shape);
+        check_within("decay", gates.decay, shape, -FLT_MAX, 0, kDecayRange);
     }
-    if (gates.beta) check_finite("beta", gates.beta, {g.batch_size, g.num_heads, T});
+    if (gates.beta) {
+        check_finite("beta", gates.beta, {g.batch_size, g.num_heads, T});
+        check_within("beta", gates.beta, {g.batch_size, g.num_heads, T}, 0, 2, kBetaRange);
+    }
 }
 
 // Validates a block of tokens before anything changes.
@@ -581,6 +671,8 @@ void check_tokens(const MemoryCache::Impl& c, const float* k, const float* v, in
     const Config& g = c.cfg;
     check_finite("k", k, {g.batch_size, g.num_heads, T, g.head_dim});
     check_finite("v", v, {g.batch_size, g.num_heads, T, g.value_dim});
+    check_storable("k", k, {g.batch_size, g.num_heads, T, g.head_dim}, g.dtype);
+    check_storable("v", v, {g.batch_size, g.num_heads, T, g.value_dim}, g.dtype);
 }
 
 void check_queries(const MemoryCache::Impl& c, const float* q, int64_t T) {
@@ -668,36 +760,36 @@ void run_lanes(MemoryCache::Impl& c, const float* q, const float* k, const float
 }  // namespace
 
 void MemoryCache::update(const float* k, const float* v, int64_t T, const TokenGates& gates) {
-    std::lock_guard<std::mutex> lock(impl_->mu);
-    check_tokens(*impl_, k, v, T, gates);
-    if (impl_->rule->matrix()) return matrix_run(*impl_, k, v, T, gates, nullptr, nullptr);
-    append(*impl_, k, v, T);
+    CacheLock lock(impl().mu);
+    check_tokens(impl(), k, v, T, gates);
+    if (impl().rule->matrix()) return matrix_run(impl(), k, v, T, gates, nullptr, nullptr);
+    append(impl(), k, v, T);
 }
 
 void MemoryCache::attend(const float* q, float* out) {
-    std::lock_guard<std::mutex> lock(impl_->mu);
-    check_queries(*impl_, q, 0);
-    if (impl_->rule->matrix()) return matrix_attend(*impl_, q, out);
-    attend_all(*impl_, q, out);
+    CacheLock lock(impl().mu);
+    check_queries(impl(), q, 0);
+    if (impl().rule->matrix()) return matrix_attend(impl(), q, out);
+    attend_all(impl(), q, out);
 }
 
 void MemoryCache::step(const float* q, const float* k, const float* v, float* out, const TokenGates& gates) {
-    std::lock_guard<std::mutex> lock(impl_->mu);
-    check_tokens(*impl_, k, v, 1, gates);
-    check_queries(*impl_, q, 0);
-    if (impl_->rule->matrix()) return matrix_run(*impl_, k, v, 1, gates, q, out);
-    if (impl_->rule->folds_rows()) {
-        append(*impl_, k, v, 1);
-        attend_all(*impl_, q, out);
+    CacheLock lock(impl().mu);
+    check_tokens(impl(), k, v, 1, gates);
+    check_queries(impl(), q, 0);
+    if (impl().rule->matrix()) return matrix_run(impl(), k, v, 1, gates, q, out);
+    if (impl().rule->folds_rows()) {
+        append(impl(), k, v, 1);
+        attend_all(impl(), q, out);
     } else {
-        run_lanes(*impl_, q, k, v, 1, out);
+        run_lanes(impl(), q, k, v, 1, out);
     }
 }
 
 void MemoryCache::forward(const float* q, const float* k, const float* v, int64_t T, float* out,
                           const TokenGates& gates) {
-    std::lock_guard<std::mutex> lock(impl_->mu);
-    Impl& c = *impl_;
+    CacheLock lock(impl().mu);
+    Impl& c = impl();
     const Config& g = c.cfg;
     check_tokens(c, k, v, T, gates);
     check_queries(c, q, T);
@@ -730,8 +822,8 @@ void MemoryCache::forward(const float* q, const float* k, const float* v, int64_
 }
 
 void MemoryCache::memory(float* keys, float* values) const {
-    std::lock_guard<std::mutex> lock(impl_->mu);
-    const Impl& c = *impl_;
+    CacheLock lock(impl().mu);
+    const Impl& c = impl();
     if (c.rule->matrix()) {
         const int64_t dk = c.cfg.head_dim, dv = c.cfg.value_dim;
         for (int64_t lane = 0; lane < c.lanes; ++lane) {
@@ -758,15 +850,15 @@ void MemoryCache::memory(float* keys, float* values) const {
 }
 
 void MemoryCache::load_memory(const float* keys, const float* values) {
-    std::lock_guard<std::mutex> lock(impl_->mu);
-    Impl& c = *impl_;
+    CacheLock lock(impl().mu);
+    Impl& c = impl();
     const Config& g = c.cfg;
     const std::string& kind = c.spec.kind;
     if (!c.rule->matrix())
         throw ValueError("load_memory: the " + kind +
                          " rule's memory cannot be set; only matrix rules "
                          "(linear, gated, delta, gated_delta) take a state S");
-    const bool normalized = c.rule->normalizer(0) != nullptr;  // every lane alike
+    const bool normalized = c.normalized;
     if (normalized && !values)
         throw ValueError("z: the normalized linear rule keeps z beside S; expected z of shape (B, H, d_k), got none");
     if (!normalized && values)
@@ -783,15 +875,15 @@ void MemoryCache::load_memory(const float* keys, const float* values) {
 }
 
 int64_t MemoryCache::visible_size() const {
-    std::lock_guard<std::mutex> lock(impl_->mu);
+    CacheLock lock(impl().mu);
     int64_t n = 0;
-    for (int64_t len : impl_->length) n = std::max(n, impl_->visible_rows(len));
+    for (int64_t len : impl().length) n = std::max(n, impl().visible_rows(len));
     return n;
 }
 
 int64_t MemoryCache::visible(float* keys, float* values, uint8_t* mask, int64_t rows) const {
-    std::lock_guard<std::mutex> lock(impl_->mu);
-    const Impl& c = *impl_;
+    CacheLock lock(impl().mu);
+    const Impl& c = impl();
     const Config& g = c.cfg;
     const int64_t dk = g.head_dim, dv = g.value_dim, H = g.num_heads;
     const size_t es = dtype_size(g.dtype);
@@ -831,15 +923,15 @@ int64_t MemoryCache::visible(float* keys, float* values, uint8_t* mask, int64_t 
 }
 
 void MemoryCache::reset() {
-    std::lock_guard<std::mutex> lock(impl_->mu);
-    for (LaneBuffer* b : impl_->buffers())
+    CacheLock lock(impl().mu);
+    for (LaneBuffer* b : impl().buffers())
         if (b->bytes()) std::memset(b->data(), 0, b->bytes());
-    for (int64_t& len : impl_->length) len = 0;
+    for (int64_t& len : impl().length) len = 0;
 }
 
 void MemoryCache::reset_rows(const int64_t* rows, int64_t count) {
-    std::lock_guard<std::mutex> lock(impl_->mu);
-    Impl& c = *impl_;
+    CacheLock lock(impl().mu);
+    Impl& c = impl();
     const int64_t B = c.cfg.batch_size, H = c.cfg.num_heads;
     for (int64_t i = 0; i < count; ++i)
         if (rows[i] < 0 || rows[i] >= B)
@@ -853,14 +945,14 @@ void MemoryCache::reset_rows(const int64_t* rows, int64_t count) {
 }
 
 std::vector<int64_t> MemoryCache::lengths() const {
-    std::lock_guard<std::mutex> lock(impl_->mu);
-    return impl_->length;
+    CacheLock lock(impl().mu);
+    return impl().length;
 }
 
 size_t MemoryCache::nbytes() const {
-    std::lock_guard<std::mutex> lock(impl_->mu);
-    size_t total = sizeof(int64_t) * impl_->length.size();
-    for (const LaneBuffer* b : impl_->buffers()) total += b->bytes();
+    CacheLock lock(impl().mu);
+    size_t total = sizeof(int64_t) * impl().length.size();
+    for (const LaneBuffer* b : impl().buffers()) total += b->bytes();
     return total;
 }
 

@@ -1,10 +1,10 @@
 // The cache's state, shared by cache.cpp (the model) and state_io.cpp (the state format).
 #pragma once
 
-#include <mutex>
 #include <vector>
 
 #include "buffer.hpp"
+#include "cache_lock.hpp"
 #include "kvfold/kvfold.hpp"
 #include "rule.hpp"
 
@@ -13,7 +13,10 @@ namespace kvfold {
 struct MemoryCache::Impl {
     Config cfg;
     RuleSpec spec;
-    std::unique_ptr<Rule> rule;
+    std::unique_ptr<Rule> rule;  // made once: reorder swaps its buffers, never the rule
+    // What the rule is, fixed at construction: read without the lock.
+    int64_t memory_slots = 0;
+    bool matrix = false, normalized = false;
     int64_t lanes = 0;  // batch rows x KV heads
     int64_t group = 1;  // query heads per KV head
     float scale = 1;
@@ -23,7 +26,7 @@ struct MemoryCache::Impl {
     LaneBuffer win_gates;
     int64_t gate_stride = 0;
     std::vector<int64_t> length;  // tokens seen per row
-    mutable std::mutex mu;        // one call at a time; the GIL is released
+    mutable CacheMutex mu;        // one call at a time; the GIL is released
 
     // Checks the configuration and sizes every buffer; allocates nothing.
     Impl(const Config& config, const RuleSpec& rule_spec);
@@ -35,8 +38,8 @@ struct MemoryCache::Impl {
     // Copies `count` rows of `src` (same configuration but for the batch size): row first + r
     // takes src row src_rows[r] (batch_ops.cpp).
     void copy_rows_from(const Impl& src, const int64_t* src_rows, int64_t count, int64_t first = 0);
-    // Takes the batch size, lengths, rule and buffers of `other` (same configuration but for the
-    // batch size) and gives it ours; the mutex stays (batch_ops.cpp).
+    // Takes the batch size, lengths and buffers of `other` (same configuration but for the batch
+    // size) and gives it ours; the rule object and the mutex stay (batch_ops.cpp).
     void swap_state(Impl& other);
 
     // Every per-lane buffer: the cache's own, then the rule's.

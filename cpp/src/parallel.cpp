@@ -156,8 +156,11 @@ struct PoolOwner {
         pthread_atfork(nullptr, nullptr, [] { pool = nullptr; });
 #endif
     }
+    // At exit the pool is stopped unless a thread is using it (a daemon thread of an interpreter
+    // shutting down): that thread may still run, so the pool then stays until the process ends.
     ~PoolOwner() {
-        std::lock_guard<std::mutex> lock(pool_mu);
+        std::unique_lock<std::mutex> lock(pool_mu, std::try_to_lock);
+        if (!lock.owns_lock()) return;
         delete pool;
         pool = nullptr;
     }

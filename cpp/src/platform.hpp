@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <string>
 #include <type_traits>
 
 #if defined(_WIN32)
@@ -78,5 +79,16 @@ inline void aligned_free(void* p) {
 
 // Bytes of physical memory, or SIZE_MAX when the OS does not say.
 size_t physical_memory();
+
+// The bytes this process may still allocate, as far as kvfold can tell, and what limits them: the
+// machine's memory, a cgroup's memory limit, the address-space and data rlimits.
+struct MemoryLimit {
+    size_t bytes = SIZE_MAX;
+    std::string what = "this machine's memory";
+    void at_most(size_t n, const char* why) {
+        if (n < bytes) bytes = n, what = why;
+    }
+};
+MemoryLimit memory_limit();
 
 }  // namespace kvfold

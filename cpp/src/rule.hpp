@@ -18,6 +18,7 @@ struct Dims {
     int64_t dk = 0, dv = 0;
     DType dtype = DType::float32;
     int64_t query_heads = 0;
+    bool check_finite = true;  // the cache's check_finite: a rule checks what a user's code gives it
 };
 
 // One token's gates for a matrix rule, null where the token brings none: decay is log-space,
@@ -57,6 +58,8 @@ class Rule {
 
     // Sizes the per-lane state; checks parameters that depend on the cache's shape.
     virtual void plan(const Dims& dims) { dims_ = dims; }
+    // The batch changed (reorder): the cache has swapped in buffers of `lanes` lanes.
+    void set_lanes(int64_t lanes) { dims_.lanes = lanes; }
 
     // Folds one pair into lane `lane`; `count` pairs were folded into it before.
     virtual void fold(int64_t lane, const float* k, const float* v, int64_t count) = 0;
@@ -82,6 +85,7 @@ class Rule {
     // Matrix rules (the linear-attention family) hold S (d_k x d_v) per lane, read linearly; the
     // cache calls fold_read and read instead of fold, and keeps the gates of windowed tokens.
     virtual bool matrix() const { return false; }
+    virtual bool normalized() const { return false; }   // keeps z beside S (normalize=True)
     virtual bool uses_decay() const { return false; }   // gated: a decay, constant or per token
     virtual bool uses_beta() const { return false; }    // delta: a beta, constant or per token
     virtual bool takes_decay() const { return false; }  // per-token decay needed
@@ -160,6 +164,20 @@ class Rule {
     LaneBuffer slot_k_, slot_v_;
     DType slot_dtype_ = DType::float32;
     std::vector<LaneBuffer*> buffers_;
+};
+
+// The gates of the matrix rules have ranges: exp(decay) <= 1 shrinks S, and beta in [0, 2] keeps the
+// delta update from growing it (1 - beta is its factor along a unit key). Why, for error messages:
+constexpr const char* kDecayRange = "decay is log-space; exp(decay) <= 1 keeps S from growing";
+constexpr const char* kBetaRange = "beta in [0, 2] keeps the delta update from growing S";
+
+// A kind of rule, declared in the rule's own file: its name in specs and saved state, the numeric
+// parameters and string options its spec may carry (the registry refuses any other), and how to
+// build it (make checks the values).
+struct RuleKind {
+    const char* name;
+    std::vector<std::string> params, options;
+    std::unique_ptr<Rule> (*make)(const RuleSpec&);
 };
 
 // Builds the rule a spec describes (parameters checked, nothing allocated).

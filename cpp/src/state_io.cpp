@@ -33,8 +33,8 @@ namespace {
 constexpr char kMagic[8] = {'K', 'V', 'F', 'O', 'L', 'D', '\r', '\n'};
 constexpr uint32_t kFormatVersion = 1;
 constexpr uint32_t kMaxName = 1 << 12;
-constexpr size_t kHeader = 24;                    // magic, version, flags, total size
-constexpr int64_t kMaxLength = int64_t(1) << 62;  // tokens per row; far from overflow
+constexpr size_t kHeader = MemoryCache::kStateHeader;  // magic, version, flags, total size
+constexpr int64_t kMaxLength = int64_t(1) << 62;       // tokens per row; far from overflow
 
 bool little_endian_host() {
     const uint16_t one = 1;
@@ -118,8 +118,8 @@ class Reader {
 }  // namespace
 
 std::string MemoryCache::to_bytes() const {
-    std::lock_guard<std::mutex> lock(impl_->mu);
-    const Impl& c = *impl_;
+    CacheLock lock(impl().mu);
+    const Impl& c = impl();
     if (c.spec.kind == "custom")
         throw ValueError(
             "rule: Custom rules cannot be serialized (their function is Python code); "
@@ -163,8 +163,7 @@ std::string MemoryCache::to_bytes() const {
     return std::move(w.out);
 }
 
-std::unique_ptr<MemoryCache> MemoryCache::from_bytes(const void* data, size_t size) {
-    if (!little_endian_host()) throw ValueError("from_bytes: the state format needs a little-endian host");
+size_t MemoryCache::state_size(const void* data, size_t size) {
     const auto* bytes = static_cast<const uint8_t*>(data);
     if (size == 0) Reader::fail("empty input (0 bytes)");
     if (std::memcmp(bytes, kMagic, std::min<size_t>(size, 8)) != 0)
@@ -172,16 +171,25 @@ std::unique_ptr<MemoryCache> MemoryCache::from_bytes(const void* data, size_t si
     if (size < kHeader)
         Reader::fail("truncated: " + std::to_string(size) + " bytes, shorter than the " + std::to_string(kHeader) +
                      "-byte header");
-    uint32_t version, flags;
+    uint32_t version;
     uint64_t total;
     std::memcpy(&version, bytes + 8, 4);
-    std::memcpy(&flags, bytes + 12, 4);
     std::memcpy(&total, bytes + 16, 8);
     if (version > kFormatVersion)
         Reader::fail("format version " + std::to_string(version) + " is newer than this kvfold reads (" +
                      std::to_string(kFormatVersion) + "); upgrade kvfold");
     if (version == 0) Reader::fail("format version 0 does not exist");
     if (total < kHeader + 4) Reader::fail("the header claims " + std::to_string(total) + " bytes, less than any state");
+    if (total > SIZE_MAX) Reader::fail("the header claims " + std::to_string(total) + " bytes, more than memory holds");
+    return static_cast<size_t>(total);
+}
+
+std::unique_ptr<MemoryCache> MemoryCache::from_bytes(const void* data, size_t size) {
+    if (!little_endian_host()) throw ValueError("from_bytes: the state format needs a little-endian host");
+    const auto* bytes = static_cast<const uint8_t*>(data);
+    const size_t total = state_size(data, size);
+    uint32_t flags;
+    std::memcpy(&flags, bytes + 12, 4);
     if (size < total)
         Reader::fail("truncated: the state is " + std::to_string(total) + " bytes, got " + std::to_string(size));
     if (size > total)

@@ -121,6 +121,10 @@ class MemoryCache(_core.MemoryCache):
         dtype: str = "float32",
         check_finite: bool = True,
     ) -> None:
+        if "_rule" in self.__dict__:
+            raise TypeError(
+                "MemoryCache: this cache is already initialized; make a new cache instead of calling __init__ again"
+            )
         rule = rules.Drop() if rule is None else rule
         if not isinstance(rule, rules.Rule):
             raise TypeError(f"rule: expected a kvfold.rules rule (e.g. rules.Cumulative()), got {type(rule).__name__}")
@@ -156,7 +160,10 @@ class MemoryCache(_core.MemoryCache):
     @property
     def rule(self) -> rules.Rule:
         """The update rule that folds evicted pairs into the memory."""
-        return self._rule
+        rule: Optional[rules.Rule] = self.__dict__.get("_rule")
+        if rule is None:
+            raise TypeError("MemoryCache: this object was never initialized; make caches with kvfold.MemoryCache(...)")
+        return rule
 
     def copy(self) -> "MemoryCache":
         """An independent deep copy (configuration and state)."""

@@ -27,11 +27,13 @@ def write_atomically(path: PathLike, data: bytes) -> None:
     The bytes go to a temporary file in the same folder, which is flushed to disk (fsync) and then
     renamed over ``path``; the folder is fsynced so the rename itself survives a power cut. If
     anything fails (a full disk, an error, an interrupt), the temporary file is removed and ``path``
-    is untouched. A crash can leave only the hidden temporary file ``.NAME.PID.RANDOM.tmp``.
+    is untouched. A crash can leave only a hidden temporary file ``.kvfold-PID-RANDOM.tmp``.
+    When ``path`` is a symbolic link, the file it points to is written and the link stays.
     """
-    target = _path(path)
-    folder, name = os.path.split(os.path.abspath(target))
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    target = os.path.realpath(_path(path))
+    folder = os.path.dirname(target)
+    # A short name of its own, so any name that fits the folder fits its temporary file too.
+    tmp = os.path.join(folder, f".kvfold-{os.getpid()}-{secrets.token_hex(4)}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
     fd = os.open(tmp, flags, 0o666)  # the umask applies, as for any new file
     try:
@@ -60,13 +62,25 @@ def write_atomically(path: PathLike, data: bytes) -> None:
 
 
 def read_file(path: PathLike) -> bytes:
-    """The bytes of a regular file (not a pipe or device, which could be endless)."""
+    """The bytes of a kvfold state file, checked before they are read: a regular file (not a pipe or
+    a device, which could block or never end) whose length is the one its header declares."""
     target = _path(path)
-    with open(target, "rb") as f:
-        mode = os.fstat(f.fileno()).st_mode
-        if not stat.S_ISREG(mode):
+    if not stat.S_ISREG(os.stat(target).st_mode):
+        raise ValueError(f"path: expected a regular file, got {target!r} which is not one")
+    # O_NONBLOCK: if a pipe replaced the file since the check, opening it does not wait for a writer.
+    fd = os.open(target, os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
             raise ValueError(f"path: expected a regular file, got {target!r} which is not one")
-        return f.read()
+        size = info.st_size
+        header = f.read(_core.STATE_HEADER)
+        declared = _core._state_size(header)
+        if declared != size:
+            raise ValueError(
+                f"data: invalid kvfold state: {target!r} holds {size} bytes, its header declares {declared}"
+            )
+        return header + f.read(declared - len(header))
 
 
 class Checkpoint:

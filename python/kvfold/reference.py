@@ -144,7 +144,8 @@ def fold_memory(rule: rules.Rule, folded: List[Pair]) -> List[Pair]:
         return [tuple(np.mean([kv[j] for kv in last], axis=0) for j in (0, 1))]
     if isinstance(rule, rules.Weighted):
         last = folded[-len(rule.betas) :]
-        w = np.asarray(rule.betas[len(rule.betas) - len(last) :], dtype=np.float64)
+        betas = np.asarray(rule.betas, dtype=np.float64)
+        w = betas[len(betas) - len(last) :] / betas.max()  # only ratios matter; scaled, sums stay finite
         return [tuple(sum(wi * kv[j] for wi, kv in zip(w, last)) / w.sum() for j in (0, 1))]
     if isinstance(rule, rules.EMA):
         mem, a = folded[0], rule.alpha

@@ -116,6 +116,7 @@ class Rule:
 
     @classmethod
     def _from_spec(cls, arrays: Dict[str, np.ndarray], options: Dict[str, str]) -> "Rule":
+        cls._check_names(arrays, options)
         args: Dict[str, Any] = {}
         for f in fields(cls):
             if f.name in options:
@@ -124,6 +125,18 @@ class Rule:
                 a = np.asarray(arrays[f.name])
                 args[f.name] = int(a) if f.type == "int" else _frozen(a)
         return cls(**args)
+
+    @classmethod
+    def _check_names(cls, arrays: Dict[str, Any], options: Dict[str, Any]) -> None:
+        """A spec carries only the rule's own fields: anything else (a typo, a newer version's
+        parameter) is refused rather than dropped."""
+        known = {f.name for f in fields(cls)}
+        for name in [*arrays, *options]:
+            if name not in known:
+                raise ValueError(
+                    f"{cls.__name__}: takes no parameter {name!r} (its parameters: "
+                    f"{', '.join(sorted(known)) or 'none'})"
+                )
 
 
 @dataclass(frozen=True)
@@ -239,6 +252,7 @@ class Merge(Rule):
 
     @classmethod
     def _from_spec(cls, arrays: Dict[str, np.ndarray], options: Dict[str, str]) -> "Rule":
+        cls._check_names(arrays, options)
         bias = options.get("bias", "none")
         return cls(int(np.asarray(arrays["slots"])), None if bias == "none" else bias)
 
@@ -306,6 +320,7 @@ class GRU(Rule):
 
     @classmethod
     def _from_spec(cls, arrays: Dict[str, np.ndarray], options: Dict[str, str]) -> "Rule":
+        cls._check_names(arrays, options)
         return cls(**{name: np.asarray(a) for name, a in arrays.items()})
 
 

@@ -23,6 +23,11 @@ struct KVFOLD_API ValueError : std::invalid_argument {
 struct KVFOLD_API TypeError : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
+// A call the cache cannot take now: a Custom rule's fn calling back into the cache it folds for,
+// or a wait between caches that would never end.
+struct KVFOLD_API RuntimeError : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
 
 // Storage type of the pairs a cache keeps (sinks, window, memory slots). Compute is float32.
 enum class DType : uint8_t { float32 = 0, float16 = 1, bfloat16 = 2 };
@@ -93,8 +98,13 @@ class KVFOLD_API Checkpoint {
     std::vector<int64_t> lengths() const;
     size_t nbytes() const;
 
+    // Zero-filled storage, as for MemoryCache.
+    static void* operator new(size_t size);
+    static void operator delete(void* p);
+
    private:
     friend class MemoryCache;
+    const MemoryCache& state() const;  // throws TypeError for a checkpoint that holds nothing
     std::shared_ptr<const MemoryCache> state_;
 };
 
@@ -144,6 +154,11 @@ class KVFOLD_API MemoryCache {
     // Versioned little-endian binary state with CRC32; see README "Persistence and rollback".
     std::string to_bytes() const;
     static std::unique_ptr<MemoryCache> from_bytes(const void* data, size_t size);
+    // The whole size a state declares in its header (its first kStateHeader bytes), so a reader can
+    // check a file's length before reading it; throws ValueError when the bytes are not a kvfold
+    // state header.
+    static constexpr size_t kStateHeader = 24;
+    static size_t state_size(const void* header, size_t size);
 
     // Checkpoints (batch_ops.cpp). rollback restores a checkpoint bit-exactly, for every row or for
     // `count` rows; it accepts a checkpoint of any cache with the same configuration (rule and every
@@ -160,10 +175,16 @@ class KVFOLD_API MemoryCache {
     // The rows of every cache, in order. Configurations must match except for the batch size.
     static std::unique_ptr<MemoryCache> concat(const std::vector<const MemoryCache*>& caches);
 
+    // Zero-filled storage: an object whose constructor never ran (Python's __new__ alone can make
+    // one) holds no state, and every call on it throws TypeError instead of reading garbage.
+    static void* operator new(size_t size);
+    static void operator delete(void* p);
+
     struct Impl;
 
    private:
     explicit MemoryCache(std::unique_ptr<Impl> impl);
+    Impl& impl() const;  // throws TypeError when the constructor never ran
     std::unique_ptr<Impl> impl_;
 };
 

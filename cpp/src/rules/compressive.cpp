@@ -58,12 +58,14 @@ class Compressive final : public Rule {
     bool max_;
     LaneBuffer sum_k_, sum_v_;
 };
-}  // namespace
 
-std::unique_ptr<Rule> make_compressive(const RuleSpec& spec) {
+std::unique_ptr<Rule> make(const RuleSpec& spec) {
     int64_t slots = int_param(spec, "slots", 1, int64_t(1) << 24);
     int64_t rate = int_param(spec, "rate", 1, int64_t(1) << 32);
     bool max = option(spec, "pool", {"mean", "max"}) == "max";
     return std::make_unique<Compressive>(slots, rate, max);
 }
+}  // namespace
+
+extern const RuleKind compressive_rule{"compressive", {"slots", "rate"}, {"pool"}, make};
 }  // namespace kvfold

@@ -25,7 +25,9 @@ class Cumulative final : public Rule {
    private:
     LaneBuffer sum_k_, sum_v_;
 };
+
+std::unique_ptr<Rule> make(const RuleSpec&) { return std::make_unique<Cumulative>(); }
 }  // namespace
 
-std::unique_ptr<Rule> make_cumulative(const RuleSpec&) { return std::make_unique<Cumulative>(); }
+extern const RuleKind cumulative_rule{"cumulative", {}, {}, make};
 }  // namespace kvfold

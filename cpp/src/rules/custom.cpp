@@ -2,7 +2,9 @@
 // over one batch row with every KV head at once. The slots start at zero and are visible once a
 // pair has been folded; sinks, window, attention, GQA and batching are the cache's as for any rule.
 // The function may throw (or return something malformed): the cache then restores its state.
+#include <cmath>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "../rule.hpp"
@@ -32,6 +34,10 @@ class Custom final : public Rule {
             std::memcpy(mv + h * nv, state_values(row * H + h), sizeof(float) * nv);
         }
         fn_(CustomCall{mk, mv, k, v, H, slots_, dims_.dk, dims_.dv, count});
+        if (dims_.check_finite) {
+            check_finite_memory("new_mem_k", mk, H * nk);
+            check_finite_memory("new_mem_v", mv, H * nv);
+        }
         for (int64_t h = 0; h < H; ++h) {
             std::memcpy(state_keys(row * H + h), mk + h * nk, sizeof(float) * nk);
             std::memcpy(state_values(row * H + h), mv + h * nv, sizeof(float) * nv);
@@ -41,6 +47,13 @@ class Custom final : public Rule {
     bool slots_are_state() const override { return true; }
 
    private:
+    static void check_finite_memory(const char* name, const float* x, int64_t n) {
+        for (int64_t i = 0; i < n; ++i)
+            if (!std::isfinite(x[i]))
+                throw ValueError(std::string("Custom rule: fn's ") + name + " must hold finite values, got " +
+                                 (std::isnan(x[i]) ? "NaN" : "Inf") + " at flat index " + std::to_string(i) +
+                                 " (check_finite=False skips this check)");
+    }
     static std::vector<float>& buffer() {
         thread_local std::vector<float> buf;
         return buf;
@@ -50,14 +63,13 @@ class Custom final : public Rule {
     int64_t slots_;
 };
 
-}  // namespace
-
-std::unique_ptr<Rule> make_custom(const RuleSpec& spec) {
-    for (const auto& [name, a] : spec.arrays)
-        if (name != "slots") throw ValueError("custom rule: takes no parameter '" + name + "'");
+std::unique_ptr<Rule> make(const RuleSpec& spec) {
     int64_t slots = int_param(spec, "slots", 1, int64_t(1) << 24);
     if (!spec.custom) throw ValueError("custom rule: fn is required (a function folding one pair into the memory)");
     return std::make_unique<Custom>(spec.custom, slots);
 }
+}  // namespace
+
+extern const RuleKind custom_rule{"custom", {"slots"}, {}, make};
 
 }  // namespace kvfold

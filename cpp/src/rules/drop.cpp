@@ -7,7 +7,9 @@ class Drop final : public Rule {
    public:
     void fold(int64_t, const float*, const float*, int64_t) override {}
 };
+
+std::unique_ptr<Rule> make(const RuleSpec&) { return std::make_unique<Drop>(); }
 }  // namespace
 
-std::unique_ptr<Rule> make_drop(const RuleSpec&) { return std::make_unique<Drop>(); }
+extern const RuleKind drop_rule{"drop", {}, {}, make};
 }  // namespace kvfold

@@ -27,11 +27,13 @@ class EMA final : public Rule {
     double alpha_;
     LaneBuffer mem_k_, mem_v_;
 };
-}  // namespace
 
-std::unique_ptr<Rule> make_ema(const RuleSpec& spec) {
+std::unique_ptr<Rule> make(const RuleSpec& spec) {
     double alpha = scalar_param(spec, "alpha");
     if (!(alpha > 0 && alpha <= 1)) throw ValueError("ema rule: alpha must be in (0, 1], got " + std::to_string(alpha));
     return std::make_unique<EMA>(alpha);
 }
+}  // namespace
+
+extern const RuleKind ema_rule{"ema", {"alpha"}, {}, make};
 }  // namespace kvfold

@@ -102,9 +102,7 @@ std::vector<float> finite_floats(const char* name, const Array& a) {
     return out;
 }
 
-}  // namespace
-
-std::unique_ptr<Rule> make_gru(const RuleSpec& spec) {
+std::unique_ptr<Rule> make(const RuleSpec& spec) {
     for (const auto& [name, a] : spec.arrays)
         if (name != "weight_ih" && name != "weight_hh" && name != "bias_ih" && name != "bias_hh")
             throw ValueError("gru rule: takes no parameter '" + name + "'");
@@ -138,5 +136,8 @@ std::unique_ptr<Rule> make_gru(const RuleSpec& spec) {
     return std::make_unique<GRU>(D, sets, finite_floats("weight_ih", w_ih), finite_floats("weight_hh", w_hh),
                                  std::move(biases[0]), std::move(biases[1]), s);
 }
+}  // namespace
+
+extern const RuleKind gru_rule{"gru", {"weight_ih", "weight_hh", "bias_ih", "bias_hh"}, {}, make};
 
 }  // namespace kvfold

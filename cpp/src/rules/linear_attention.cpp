@@ -12,6 +12,7 @@
 // read too. A decode step is one sweep over S: kernels().matrix_step updates and reads together; a
 // block of tokens goes through fold_chunked (chunked.cpp) a chunk at a time.
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -93,6 +94,7 @@ class LinearAttention final : public Rule {
     }
 
     bool matrix() const override { return true; }
+    bool normalized() const override { return normalize_; }
     bool uses_decay() const override { return gated_; }
     bool uses_beta() const override { return delta_; }
     bool takes_decay() const override { return gated_ && !has_decay_; }
@@ -293,32 +295,29 @@ const Array* optional_param(const RuleSpec& spec, const char* name) {
     return &a;
 }
 
+void check_values(const RuleSpec& spec, const char* name, const Array* a, double lo, double hi, const char* why) {
+    for (size_t i = 0; a && i < a->data.size(); ++i)
+        if (!(a->data[i] >= lo && a->data[i] <= hi))
+            throw ValueError(spec.kind + " rule: " + name + " must be " + (lo == -DBL_MAX ? "<= 0" : "in [0, 2]") +
+                             " (" + why + "), got " + std::to_string(a->data[i]) + " at flat index " +
+                             std::to_string(i));
+}
+
 void check_rank(const RuleSpec& spec, const char* name, const Array* a, size_t max_rank, const char* expected) {
     if (a && (a->shape.size() > max_rank || a->data.empty()))
         throw ValueError(spec.kind + " rule: " + name + " must be " + expected + ", got shape " + shape_str(a->shape));
 }
 
-}  // namespace
-
-std::unique_ptr<Rule> make_linear_attention(const RuleSpec& spec) {
+std::unique_ptr<Rule> make(const RuleSpec& spec) {
     LinearAttention::Params p;
     p.kind = spec.kind;
     p.gated = spec.kind == "gated" || spec.kind == "gated_delta";
     p.delta = spec.kind == "delta" || spec.kind == "gated_delta";
-    std::vector<std::string> allowed{"mix"};
-    if (p.gated) allowed.push_back("decay");
-    if (p.delta) allowed.push_back("beta");
-    if (spec.kind == "linear") allowed.push_back("eps");
-    for (const auto& [name, a] : spec.arrays)
-        if (std::find(allowed.begin(), allowed.end(), name) == allowed.end())
-            throw ValueError(spec.kind + " rule: takes no parameter '" + name + "'");
-    for (const auto& [name, value] : spec.options)
-        if (spec.kind != "linear" || (name != "feature_map" && name != "normalize"))
-            throw ValueError(spec.kind + " rule: takes no option '" + name + "'");
-
     p.decay = optional_param(spec, "decay");
     p.beta = optional_param(spec, "beta");
     p.mix = optional_param(spec, "mix");
+    check_values(spec, "decay", p.decay, -DBL_MAX, 0, kDecayRange);
+    check_values(spec, "beta", p.beta, 0, 2, kBetaRange);
     check_rank(spec, "decay", p.decay, 2, "of shape (H,) or (H, d_k)");
     if (p.decay && p.decay->shape.empty())
         throw ValueError(spec.kind + " rule: decay must be of shape (H,) or (H, d_k), got a scalar");
@@ -337,5 +336,12 @@ std::unique_ptr<Rule> make_linear_attention(const RuleSpec& spec) {
     }
     return std::make_unique<LinearAttention>(p);
 }
+
+}  // namespace
+
+extern const RuleKind linear_rule{"linear", {"mix", "eps"}, {"feature_map", "normalize"}, make};
+extern const RuleKind gated_rule{"gated", {"decay", "mix"}, {}, make};
+extern const RuleKind delta_rule{"delta", {"beta", "mix"}, {}, make};
+extern const RuleKind gated_delta_rule{"gated_delta", {"decay", "beta", "mix"}, {}, make};
 
 }  // namespace kvfold

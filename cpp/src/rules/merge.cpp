@@ -129,11 +129,13 @@ class Merge final : public Rule {
     bool log_count_;
     LaneBuffer sum_k_, sum_v_, count_, norm_, cosine_, bias_;
 };
-}  // namespace
 
-std::unique_ptr<Rule> make_merge(const RuleSpec& spec) {
+std::unique_ptr<Rule> make(const RuleSpec& spec) {
     int64_t slots = int_param(spec, "slots", 1, int64_t(1) << 16);
     bool log_count = option(spec, "bias", {"none", "log_count"}) == "log_count";
     return std::make_unique<Merge>(slots, log_count);
 }
+}  // namespace
+
+extern const RuleKind merge_rule{"merge", {"slots"}, {"bias"}, make};
 }  // namespace kvfold

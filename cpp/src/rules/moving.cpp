@@ -47,9 +47,11 @@ class Moving final : public Rule {
     int64_t n_;
     LaneBuffer ring_k_, ring_v_, sum_k_, sum_v_;
 };
-}  // namespace
 
-std::unique_ptr<Rule> make_moving(const RuleSpec& spec) {
+std::unique_ptr<Rule> make(const RuleSpec& spec) {
     return std::make_unique<Moving>(int_param(spec, "n", 1, int64_t(1) << 32));
 }
+}  // namespace
+
+extern const RuleKind moving_rule{"moving", {"n"}, {}, make};
 }  // namespace kvfold

@@ -1,4 +1,5 @@
 // The rule kinds kvfold knows, and parameter access for their constructors.
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -6,44 +7,43 @@
 
 namespace kvfold {
 
-std::unique_ptr<Rule> make_drop(const RuleSpec&);
-std::unique_ptr<Rule> make_cumulative(const RuleSpec&);
-std::unique_ptr<Rule> make_moving(const RuleSpec&);
-std::unique_ptr<Rule> make_weighted(const RuleSpec&);
-std::unique_ptr<Rule> make_ema(const RuleSpec&);
-std::unique_ptr<Rule> make_compressive(const RuleSpec&);
-std::unique_ptr<Rule> make_merge(const RuleSpec&);
-std::unique_ptr<Rule> make_gru(const RuleSpec&);
-std::unique_ptr<Rule> make_linear_attention(const RuleSpec&);
-std::unique_ptr<Rule> make_custom(const RuleSpec&);
+// Every kind kvfold knows; each is declared in its rule's file.
+extern const RuleKind drop_rule, cumulative_rule, moving_rule, weighted_rule, ema_rule, compressive_rule, merge_rule,
+    gru_rule, linear_rule, gated_rule, delta_rule, gated_delta_rule, custom_rule;
 
 namespace {
-struct Kind {
-    const char* name;
-    std::unique_ptr<Rule> (*make)(const RuleSpec&);
-};
-const Kind kinds[] = {
-    {"drop", make_drop},
-    {"cumulative", make_cumulative},
-    {"moving", make_moving},
-    {"weighted", make_weighted},
-    {"ema", make_ema},
-    {"compressive", make_compressive},
-    {"gru", make_gru},
-    {"merge", make_merge},
-    {"linear", make_linear_attention},
-    {"gated", make_linear_attention},
-    {"delta", make_linear_attention},
-    {"gated_delta", make_linear_attention},
-    {"custom", make_custom},
-};
+
+const RuleKind* const kinds[] = {&drop_rule,        &cumulative_rule,  &moving_rule, &weighted_rule, &ema_rule,
+                                 &compressive_rule, &merge_rule,       &gru_rule,    &linear_rule,   &gated_rule,
+                                 &delta_rule,       &gated_delta_rule, &custom_rule};
+
+std::string joined(const std::vector<std::string>& names) {
+    std::string out;
+    for (const auto& n : names) out += (out.empty() ? "'" : ", '") + n + "'";
+    return out.empty() ? "none" : out;
+}
+
+// A spec carries only the keys its kind declares: a stray one (a typo, a newer version's parameter
+// in saved state) is refused rather than ignored.
+template <class Map>
+void check_keys(const RuleKind& kind, const Map& given, const std::vector<std::string>& known, const char* what) {
+    for (const auto& item : given)
+        if (std::find(known.begin(), known.end(), item.first) == known.end())
+            throw ValueError(std::string(kind.name) + " rule: takes no " + what + " '" + item.first + "' (its " + what +
+                             "s: " + joined(known) + ")");
+}
+
 }  // namespace
 
 std::unique_ptr<Rule> make_rule(const RuleSpec& spec) {
-    for (const Kind& k : kinds)
-        if (spec.kind == k.name) return k.make(spec);
+    for (const RuleKind* k : kinds)
+        if (spec.kind == k->name) {
+            check_keys(*k, spec.arrays, k->params, "parameter");
+            check_keys(*k, spec.options, k->options, "option");
+            return k->make(spec);
+        }
     std::string names;
-    for (const Kind& k : kinds) names += (names.empty() ? "" : ", ") + std::string(k.name);
+    for (const RuleKind* k : kinds) names += (names.empty() ? "" : ", ") + std::string(k->name);
     throw ValueError("rule: expected one of " + names + ", got '" + spec.kind + "'");
 }
 

@@ -1,6 +1,7 @@
 // Weighted(betas): Mem = sum_j beta_{j-i+n} kv_j / sum beta over the last n = len(betas) folded
 // pairs; betas[0] weighs the oldest, betas[-1] the newest. With m < n pairs folded, the newest
 // m betas are used and normalised by their sum.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -46,9 +47,8 @@ class Weighted final : public Rule {
     std::vector<double> betas_, tail_;
     LaneBuffer ring_k_, ring_v_;
 };
-}  // namespace
 
-std::unique_ptr<Rule> make_weighted(const RuleSpec& spec) {
+std::unique_ptr<Rule> make(const RuleSpec& spec) {
     const Array& b = param(spec, "betas");
     if (b.shape.size() != 1 || b.data.empty())
         throw ValueError("weighted rule: betas must be a non-empty 1-D sequence, got " +
@@ -65,6 +65,19 @@ std::unique_ptr<Rule> make_weighted(const RuleSpec& spec) {
             "weighted rule: betas[-1] (the newest pair's weight) must be > 0 so every partial "
             "window has a positive sum, got " +
             std::to_string(b.data.back()));
-    return std::make_unique<Weighted>(b.data);
+    // Only the ratios matter: scaled so the largest weight is 1, sums neither overflow (1e308 + 1e308)
+    // nor lose subnormal weights (5e-324).
+    std::vector<double> betas = b.data;
+    const double largest = *std::max_element(betas.begin(), betas.end());
+    for (double& x : betas) x = x / largest;
+    if (!(betas.back() > 0))
+        throw ValueError(
+            "weighted rule: betas[-1] (the newest pair's weight) is too small next to the largest "
+            "weight to be told from 0 (ratio below 1e-308), got " +
+            std::to_string(b.data.back()));
+    return std::make_unique<Weighted>(std::move(betas));
 }
+}  // namespace
+
+extern const RuleKind weighted_rule{"weighted", {"betas"}, {}, make};
 }  // namespace kvfold

@@ -1,0 +1,488 @@
+// The MemoryCache class: argument checks, then the core's work with the GIL released.
+#include <pybind11/functional.h>
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+#include "arrays.hpp"
+#include "gil.hpp"
+#include "kvfold/kvfold.hpp"
+#include "rule_spec.hpp"
+
+namespace kvfold_py {
+
+using kvfold::MemoryCache;
+
+namespace {
+
+struct Tokens {
+    FloatArray k, v;
+    int64_t T;    // tokens per row
+    bool single;  // given as (B, H, d)
+};
+
+Tokens read_tokens(const MemoryCache& c, const py::handle& k_obj, const py::handle& v_obj) {
+    const auto& g = c.config();
+    Tokens t{as_floats("k", k_obj), as_floats("v", v_obj), 0, false};
+    int64_t tk = check_tokens("k", t.k, g.batch_size, g.num_heads, g.head_dim, "H", "d_k");
+    int64_t tv = check_tokens("v", t.v, g.batch_size, g.num_heads, g.value_dim, "H", "d_v");
+    if ((tk == 0) != (tv == 0) || tk != tv)
+        throw kvfold::ValueError("v: expected the same tokens as k " + shape_str(shape_of(t.k)) + ", got shape " +
+                                 shape_str(shape_of(t.v)));
+    t.single = tk == 0;
+    t.T = t.single ? 1 : tk;
+    return t;
+}
+
+// Per-token gates of the matrix rules, shaped like the tokens: decay (B, H[, T]) per head or
+// (B, H[, T], d_k) per key dimension, beta (B, H[, T]).
+struct Gates {
+    py::object decay, beta;  // the arrays behind view, kept alive (a default FloatArray would allocate one)
+    kvfold::TokenGates view;
+};
+
+Gates read_gates(const MemoryCache& c, const py::object& decay, const py::object& beta, const Tokens& t) {
+    if (decay.is_none() && beta.is_none()) return {};  // the common case costs nothing
+    const auto& g = c.config();
+    std::vector<int64_t> head{g.batch_size, g.num_heads};
+    std::string want = "(B=" + std::to_string(g.batch_size) + ", H=" + std::to_string(g.num_heads);
+    if (!t.single) {
+        head.push_back(t.T);
+        want += ", T=" + std::to_string(t.T);
+    }
+    std::vector<int64_t> key = head;
+    key.push_back(g.head_dim);
+    const std::string per = t.single ? " for one token" : " for a block";
+    Gates out;
+    if (!decay.is_none()) {
+        FloatArray a = as_floats("decay", decay);
+        auto s = shape_of(a);
+        if (s != head && s != key)
+            throw kvfold::ValueError("decay: expected shape " + want + ") per head or " + want +
+                                     ", d_k=" + std::to_string(g.head_dim) + ") per key dimension" + per + ", got " +
+                                     shape_str(s));
+        out.view.decay = a.data();
+        out.view.decay_per_key = s == key;
+        out.decay = std::move(a);
+    }
+    if (!beta.is_none()) {
+        FloatArray a = as_floats("beta", beta);
+        if (shape_of(a) != head)
+            throw kvfold::ValueError("beta: expected shape " + want + ")" + per + ", got " + shape_str(shape_of(a)));
+        out.view.beta = a.data();
+        out.beta = std::move(a);
+    }
+    return out;
+}
+
+FloatArray read_query(const MemoryCache& c, const py::handle& q_obj) {
+    const auto& g = c.config();
+    FloatArray q = as_floats("q", q_obj);
+    if (!shape_is(q, {g.batch_size, g.num_query_heads, g.head_dim}))
+        throw kvfold::ValueError("q: expected shape (B=" + std::to_string(g.batch_size) +
+                                 ", Hq=" + std::to_string(g.num_query_heads) + ", d_k=" + std::to_string(g.head_dim) +
+                                 "), got " + shape_str(shape_of(q)));
+    return q;
+}
+
+// Calls in flight per cache, from sizing their arrays by its batch size until they return; read
+// and written with the GIL held. A reorder that changes the batch size is refused while any is.
+// A short list: it holds one entry per cache that some thread is calling right now.
+// The (B, Hq, d_v) result of attend and step: a new array, or the caller's out= array checked.
+struct Output {
+    py::array array;
+    float* data;
+};
+
+Output output(const MemoryCache& c, const py::object& out) {
+    const auto& g = c.config();
+    if (out.is_none()) {
+        py::array a = new_floats({g.batch_size, g.num_query_heads, g.value_dim});
+        return {a, static_cast<float*>(a.mutable_data())};
+    }
+    float* data = check_out(out, {g.batch_size, g.num_query_heads, g.value_dim});
+    return {py::reinterpret_borrow<py::array>(out), data};
+}
+
+// An input that shares memory with out= (attend(q, out=q)) is read from a copy: the work writes out
+// while it still reads its inputs.
+void unalias(FloatArray& x, const Output& o) {
+    if (!overlaps(x, o.array)) return;
+    FloatArray copy(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
+    std::copy(x.data(), x.data() + x.size(), copy.mutable_data());
+    x = std::move(copy);
+}
+
+std::vector<std::pair<const MemoryCache*, int>>& calls_in_flight() {
+    static std::vector<std::pair<const MemoryCache*, int>> calls;
+    return calls;
+}
+bool in_flight(const MemoryCache& c) {
+    for (const auto& entry : calls_in_flight())
+        if (entry.first == &c) return true;
+    return false;
+}
+struct InFlight {
+    const MemoryCache* cache;
+    explicit InFlight(const MemoryCache& c) : cache(&c) {
+        for (auto& entry : calls_in_flight())
+            if (entry.first == cache) {
+                ++entry.second;
+                return;
+            }
+        calls_in_flight().emplace_back(cache, 1);
+    }
+    ~InFlight() {
+        auto& calls = calls_in_flight();
+        for (auto& entry : calls)
+            if (entry.first == cache && --entry.second == 0) {
+                entry = calls.back();
+                calls.pop_back();
+                return;
+            }
+    }
+    InFlight(const InFlight&) = delete;
+    InFlight& operator=(const InFlight&) = delete;
+};
+
+void reorder(MemoryCache& c, const std::vector<int64_t>& indices) {
+    const auto n = static_cast<int64_t>(indices.size());
+    if (n == c.config().batch_size) {  // same shape: other threads' calls stay valid
+        InFlight busy(c);              // and no other thread may change the batch meanwhile
+        ReleaseGil release;
+        c.reorder(indices.data(), n);
+        return;
+    }
+    // The GIL stays held, so no call can size its arrays by the old batch size meanwhile.
+    if (in_flight(c))
+        throw kvfold::ValueError("indices: cannot change the batch size from " + std::to_string(c.config().batch_size) +
+                                 " to " + std::to_string(n) + " while another thread is using this cache");
+    c.reorder(indices.data(), n);
+}
+
+}  // namespace
+
+void bind_cache(py::module_& m) {
+    py::class_<MemoryCache>(m, "MemoryCache", py::dynamic_attr())
+        .def(py::init([](const py::tuple& spec, int64_t batch_size, int64_t num_heads, int64_t head_dim,
+                         int64_t value_dim, int64_t num_query_heads, int64_t window, int64_t sinks, double scale,
+                         const std::string& dtype, bool check_finite) {
+                 kvfold::Config c;
+                 c.batch_size = batch_size;
+                 c.num_heads = num_heads;
+                 c.head_dim = head_dim;
+                 c.value_dim = value_dim;
+                 c.num_query_heads = num_query_heads;
+                 c.window = window;
+                 c.sinks = sinks;
+                 c.scale = scale;
+                 c.dtype = kvfold::parse_dtype(dtype);
+                 c.check_finite = check_finite;
+                 return std::make_unique<MemoryCache>(c, make_spec(spec));
+             }),
+             py::arg("spec"), py::arg("batch_size"), py::arg("num_heads"), py::arg("head_dim"), py::arg("value_dim"),
+             py::arg("num_query_heads"), py::arg("window"), py::arg("sinks"), py::arg("scale"), py::arg("dtype"),
+             py::arg("check_finite"))
+        .def(py::init([](const MemoryCache& other) {
+                 ReleaseGil release;  // a Custom rule's fold may hold the cache and wait for the GIL
+                 return std::make_unique<MemoryCache>(other);
+             }),
+             py::arg("other"))
+        .def(py::init([](const MemoryCache& other, const py::object& rows) {
+                 auto r = read_rows(rows);
+                 ReleaseGil release;
+                 return other.select(r.data(), static_cast<int64_t>(r.size()));
+             }),
+             py::arg("other"), py::arg("rows"))
+        .def(py::init([](const std::vector<const MemoryCache*>& caches) {
+                 ReleaseGil release;
+                 return MemoryCache::concat(caches);
+             }),
+             py::arg("caches"))
+        .def(py::init([](const py::bytes& data) {
+                 std::string_view view = data;
+                 ReleaseGil release;
+                 return MemoryCache::from_bytes(view.data(), view.size());
+             }),
+             py::arg("data"))
+        .def(
+            "update",
+            [](MemoryCache& c, const py::handle& k, const py::handle& v, const py::object& decay,
+               const py::object& beta) {
+                InFlight busy(c);
+                Tokens t = read_tokens(c, k, v);
+                Gates gates = read_gates(c, decay, beta, t);
+                ReleaseGil release;
+                c.update(t.k.data(), t.v.data(), t.T, gates.view);
+            },
+            py::arg("k"), py::arg("v"), py::kw_only(), py::arg("decay") = py::none(), py::arg("beta") = py::none(),
+            "Feed tokens in order: k (B, H, d_k), v (B, H, d_v) for one token, or (B, H, T, d) for a block.\n"
+            "Matrix rules without constant gates take per-token decay (log-space; (B, H[, T]) or (B, H[, T], d_k))\n"
+            "and beta ((B, H[, T])).")
+        .def(
+            "attend",
+            [](MemoryCache& c, const py::handle& q_obj, const py::object& out) {
+                InFlight busy(c);
+                const auto& g = c.config();
+                FloatArray q = read_query(c, q_obj);
+                Output o = output(c, out);
+                unalias(q, o);
+                {
+                    ReleaseGil release;
+                    c.attend(q.data(), o.data);
+                }
+                return o.array;
+            },
+            py::arg("q"), py::kw_only(), py::arg("out") = py::none(),
+            "Softmax attention of q (B, Hq, d_k) over [sinks | memory | window]; returns (B, Hq, d_v) float32.")
+        .def(
+            "step",
+            [](MemoryCache& c, const py::handle& q_obj, const py::handle& k, const py::handle& v,
+               const py::object& decay, const py::object& beta, const py::object& out) {
+                InFlight busy(c);
+                const auto& g = c.config();
+                FloatArray q = read_query(c, q_obj);
+                Tokens t = read_tokens(c, k, v);
+                if (!t.single)
+                    throw kvfold::ValueError(
+                        "k: step takes one token, shape (B, H, d_k); use forward for blocks, got " +
+                        shape_str(shape_of(t.k)));
+                Gates gates = read_gates(c, decay, beta, t);
+                Output o = output(c, out);
+                unalias(q, o);
+                unalias(t.k, o);
+                unalias(t.v, o);
+                {
+                    ReleaseGil release;
+                    c.step(q.data(), t.k.data(), t.v.data(), o.data, gates.view);
+                }
+                return o.array;
+            },
+            py::arg("q"), py::arg("k"), py::arg("v"), py::kw_only(), py::arg("decay") = py::none(),
+            py::arg("beta") = py::none(), py::arg("out") = py::none(),
+            "Update with one token (and its decay/beta for matrix rules), then attend (the token sees itself).")
+        .def(
+            "forward",
+            [](MemoryCache& c, const py::handle& q_obj, const py::handle& k_obj, const py::handle& v_obj,
+               const py::object& decay, const py::object& beta) {
+                InFlight busy(c);
+                const auto& g = c.config();
+                FloatArray q = as_floats("q", q_obj);
+                int64_t T = check_tokens("q", q, g.batch_size, g.num_query_heads, g.head_dim, "Hq", "d_k", false);
+                Tokens t = read_tokens(c, k_obj, v_obj);
+                if (t.single || t.T != T)
+                    throw kvfold::ValueError("k: expected shape (B=" + std::to_string(g.batch_size) +
+                                             ", H=" + std::to_string(g.num_heads) + ", T=" + std::to_string(T) +
+                                             ", d_k=" + std::to_string(g.head_dim) + ") to match q, got " +
+                                             shape_str(shape_of(t.k)));
+                Gates gates = read_gates(c, decay, beta, t);
+                auto out = new_floats({g.batch_size, g.num_query_heads, T, g.value_dim});
+                {
+                    ReleaseGil release;
+                    c.forward(q.data(), t.k.data(), t.v.data(), T, out.mutable_data(), gates.view);
+                }
+                return out;
+            },
+            py::arg("q"), py::arg("k"), py::arg("v"), py::kw_only(), py::arg("decay") = py::none(),
+            py::arg("beta") = py::none(),
+            "q (B, Hq, T, d_k), k (B, H, T, d_k), v (B, H, T, d_v) -> (B, Hq, T, d_v): a loop of step "
+            "(matrix rules run it chunked: equal to float rounding).")
+        .def(
+            "memory",
+            [](const MemoryCache& c) -> py::object {
+                InFlight busy(c);
+                const auto& g = c.config();
+                if (c.matrix_memory()) {
+                    auto S = new_floats({g.batch_size, g.num_heads, g.head_dim, g.value_dim});
+                    if (!c.matrix_normalized()) {
+                        ReleaseGil release;
+                        c.memory(S.mutable_data(), nullptr);
+                        return S;
+                    }
+                    auto z = new_floats({g.batch_size, g.num_heads, g.head_dim});
+                    {
+                        ReleaseGil release;
+                        c.memory(S.mutable_data(), z.mutable_data());
+                    }
+                    return py::make_tuple(S, z);
+                }
+                int64_t S = c.memory_slots();
+                auto k = new_floats({g.batch_size, g.num_heads, S, g.head_dim});
+                auto v = new_floats({g.batch_size, g.num_heads, S, g.value_dim});
+                {
+                    ReleaseGil release;
+                    c.memory(k.mutable_data(), v.mutable_data());
+                }
+                return py::make_tuple(k, v);
+            },
+            "Copies of the memory slots, oldest first: keys (B, H, slots, d_k), values (B, H, slots, d_v).\n"
+            "Matrix rules: S (B, H, d_k, d_v), or (S, z) with z (B, H, d_k) when normalized.")
+        .def(
+            "load_memory",
+            [](MemoryCache& c, const py::handle& S_obj, const py::object& z_obj) {
+                InFlight busy(c);
+                const auto& g = c.config();
+                if (!c.matrix_memory()) c.load_memory(nullptr, nullptr);  // raises: only matrix rules take a state
+                FloatArray S = as_floats("S", S_obj);
+                std::vector<int64_t> want{g.batch_size, g.num_heads, g.head_dim, g.value_dim};
+                if (shape_of(S) != want)
+                    throw kvfold::ValueError("S: expected shape (B=" + std::to_string(want[0]) +
+                                             ", H=" + std::to_string(want[1]) + ", d_k=" + std::to_string(want[2]) +
+                                             ", d_v=" + std::to_string(want[3]) + "), got " + shape_str(shape_of(S)));
+                FloatArray z;
+                if (!z_obj.is_none()) {
+                    z = as_floats("z", z_obj);
+                    if (shape_of(z) != std::vector<int64_t>{g.batch_size, g.num_heads, g.head_dim})
+                        throw kvfold::ValueError("z: expected shape (B=" + std::to_string(want[0]) +
+                                                 ", H=" + std::to_string(want[1]) + ", d_k=" + std::to_string(want[2]) +
+                                                 "), got " + shape_str(shape_of(z)));
+                }
+                const float* z_data = z_obj.is_none() ? nullptr : z.data();
+                ReleaseGil release;
+                c.load_memory(S.data(), z_data);
+            },
+            py::arg("S"), py::arg("z") = py::none(),
+            "Matrix rules: set the memory S (B, H, d_k, d_v) (and z (B, H, d_k) when normalized), e.g. an ONNX\n"
+            "LinearAttention present_state, to continue from it.")
+        .def(
+            "visible",
+            [](const MemoryCache& c, const py::object& out) {
+                InFlight busy(c);
+                const auto& g = c.config();
+                py::array k, v;
+                int64_t rows;
+                if (out.is_none()) {
+                    ReleaseGil release;
+                    rows = c.visible_size();
+                } else {
+                    if (!py::isinstance<py::tuple>(out) || py::len(out) != 2 ||
+                        !py::isinstance<py::array>(out[py::int_(0)]) || !py::isinstance<py::array>(out[py::int_(1)]))
+                        throw kvfold::TypeError("out: expected a tuple (keys, values) of numpy arrays");
+                    k = out[py::int_(0)];
+                    v = out[py::int_(1)];
+                    if (k.ndim() != 4)
+                        throw kvfold::ValueError("out: expected keys of shape (B, H, rows, d_k), got shape " +
+                                                 shape_str(shape_of(k)));
+                    rows = k.shape(2);
+                }
+                while (true) {
+                    if (out.is_none()) {
+                        k = new_floats({g.batch_size, g.num_heads, rows, g.head_dim});
+                        v = new_floats({g.batch_size, g.num_heads, rows, g.value_dim});
+                    }
+                    float* kd = check_out(k, {g.batch_size, g.num_heads, rows, g.head_dim});
+                    float* vd = check_out(v, {g.batch_size, g.num_heads, rows, g.value_dim});
+                    py::array_t<bool> mask(std::vector<py::ssize_t>{g.batch_size, rows});
+                    auto* md = reinterpret_cast<uint8_t*>(mask.mutable_data());
+                    int64_t n;
+                    {
+                        ReleaseGil release;
+                        n = c.visible(kd, vd, md, rows);
+                    }
+                    if (n <= rows) return py::make_tuple(k, v, mask);
+                    if (!out.is_none())
+                        throw kvfold::ValueError("out: expected room for the " + std::to_string(n) +
+                                                 " visible pairs per head, got arrays of " + std::to_string(rows));
+                    rows = n;  // another thread fed tokens in between: size again
+                }
+            },
+            py::kw_only(), py::arg("out") = py::none(),
+            "The visible set [sinks | slots | window] per row, oldest first, padded: keys (B, H, n, d_k), "
+            "values (B, H, n, d_v), mask (B, n). out=(keys, values): float32 arrays with room for at least n\n"
+            "rows per head (keys (B, H, rows, d_k)) are filled instead (padding rows with zeros) and returned.")
+        .def_property_readonly(
+            "visible_size",
+            [](const MemoryCache& c) {
+                ReleaseGil release;
+                return c.visible_size();
+            },
+            "Pairs in the largest row's visible set: the n of visible().")
+        .def(
+            "reset",
+            [](MemoryCache& c, const py::object& rows) {
+                if (rows.is_none()) {
+                    ReleaseGil release;
+                    c.reset();
+                    return;
+                }
+                auto r = read_rows(rows);
+                ReleaseGil release;
+                c.reset_rows(r.data(), static_cast<int64_t>(r.size()));
+            },
+            py::arg("rows") = py::none(), "Back to empty, for all rows or the given rows.")
+        .def(
+            "checkpoint",
+            [](const MemoryCache& c) {
+                ReleaseGil release;
+                return c.checkpoint();
+            },
+            "An immutable snapshot of the state; rollback restores it. Costs one copy of the state.")
+        .def(
+            "rollback",
+            [](MemoryCache& c, const kvfold::Checkpoint& cp, const py::object& rows) {
+                if (rows.is_none()) {
+                    ReleaseGil release;
+                    c.rollback(cp);
+                    return;
+                }
+                auto r = read_rows(rows);
+                ReleaseGil release;
+                c.rollback_rows(cp, r.data(), static_cast<int64_t>(r.size()));
+            },
+            py::arg("checkpoint"), py::arg("rows") = py::none(),
+            "Restore a checkpoint bit-exactly, for all rows or the given rows.")
+        .def(
+            "reorder", [](MemoryCache& c, const py::object& indices) { reorder(c, read_rows(indices, "indices")); },
+            py::arg("indices"),
+            "In place: new row r is old row indices[r]; indices may repeat, the batch size may change.")
+        .def(
+            "to_bytes",
+            [](const MemoryCache& c) {
+                std::string s;
+                {
+                    ReleaseGil release;
+                    s = c.to_bytes();
+                }
+                return py::bytes(s);
+            },
+            "The cache's configuration and state in kvfold's versioned binary format.")
+        .def_property_readonly(
+            "length",
+            [](const MemoryCache& c) {
+                std::vector<int64_t> l;
+                {
+                    ReleaseGil release;
+                    l = c.lengths();
+                }
+                py::array_t<int64_t> a(static_cast<py::ssize_t>(l.size()));
+                std::copy(l.begin(), l.end(), a.mutable_data());
+                return a;
+            },
+            "Tokens seen per row, (B,) int64.")
+        .def_property_readonly(
+            "nbytes",
+            [](const MemoryCache& c) {
+                ReleaseGil release;
+                return c.nbytes();
+            },
+            "Bytes held by the cache; fixed at construction, changed only by a reorder that changes the batch size.")
+        .def_property_readonly("batch_size", [](const MemoryCache& c) { return c.config().batch_size; })
+        .def_property_readonly("num_heads", [](const MemoryCache& c) { return c.config().num_heads; })
+        .def_property_readonly("head_dim", [](const MemoryCache& c) { return c.config().head_dim; })
+        .def_property_readonly("value_dim", [](const MemoryCache& c) { return c.config().value_dim; })
+        .def_property_readonly("num_query_heads", [](const MemoryCache& c) { return c.config().num_query_heads; })
+        .def_property_readonly("window", [](const MemoryCache& c) { return c.config().window; })
+        .def_property_readonly("sinks", [](const MemoryCache& c) { return c.config().sinks; })
+        .def_property_readonly("scale", [](const MemoryCache& c) { return c.scale(); })
+        .def_property_readonly("dtype", [](const MemoryCache& c) { return kvfold::dtype_name(c.config().dtype); })
+        .def_property_readonly("check_finite", [](const MemoryCache& c) { return c.config().check_finite; })
+        .def_property_readonly("memory_slots", &MemoryCache::memory_slots, "Summary slots per row and head.")
+        .def_property_readonly("matrix_memory", &MemoryCache::matrix_memory,
+                               "True for the linear-attention family, whose memory is S (d_k x d_v) per head.")
+        .def_property_readonly("_rule_spec", [](const MemoryCache& c) { return spec_tuple(c.rule()); });
+}
+
+}  // namespace kvfold_py
