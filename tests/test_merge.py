@@ -162,3 +162,24 @@ def test_bad_slots_are_refused():
         rules.Merge(0)
     with pytest.raises(ValueError, match=r"slots must be an integer in \[1, 65536\], got 100000"):
         rules.Merge(100000)
+
+
+@pytest.mark.parametrize(
+    "slots, keys",
+    [
+        (2, [[1, 0], [0, 1], [1, 1]]),  # an exact tie: (0, 2) comes before (1, 2)
+        (3, [[1, 0], [0, 1], [0, 3], [-1, 0.1]]),  # slots 1 and 2 merge, slot 3 moves down
+        (2, [[1, 0], [-1, 0], [0, 0]]),  # a zero key has cosine 0 with both
+        (2, [[1, 0], [1, 1e-4], [1, 2e-4], [0, 1]]),  # cosines 1 - 5e-9 apart: float64 decides
+        (3, [[1, 0], [2, 0], [0, 1], [0, 5], [1, 1], [3, 3], [-1, 0]]),  # several exact ties of cosine 1
+    ],
+)
+def test_merge_choices_by_hand(slots, keys):
+    k = np.array(keys, np.float32)[None, None]
+    v = np.arange(len(keys), dtype=np.float32)[None, None, :, None]
+    cache = kvfold.MemoryCache(rules.Merge(slots), num_heads=1, head_dim=2, value_dim=1)
+    ref = reference.StreamCache(rules.Merge(slots), num_heads=1, head_dim=2, value_dim=1)
+    cache.update(k, v)
+    ref.update(k, v)
+    for a, b in zip(cache.memory(), ref.memory()):
+        close(a, b)

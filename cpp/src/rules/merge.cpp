@@ -1,10 +1,17 @@
 // Merge(slots, bias): token merging as the memory. Each slot holds float64 sums Sk, Sv and a count n;
-// a folded pair becomes a new slot at the end, and when that makes slots + 1, the two slots whose
-// mean keys have the highest cosine similarity merge (sums and counts add; the merged slot takes the
-// lower index, later slots move down; ties: the first pair (i, j), i < j, in row-major order; a zero
-// key has cosine 0 with anything). Slots are read as (Sk / n, Sv / n), with logit bias ln n when
-// bias = "log_count". The cosines of every pair of slots are kept, so a fold computes only the new
-// slot's and the merged slot's: O(slots * d), plus an O(slots^2) scan for the largest.
+// a folded pair becomes a new slot at the end, and when that makes slots + 1, the two slots whose mean
+// keys have the highest cosine similarity merge (sums and counts add; the merged slot takes the lower
+// index, later slots move down; ties: the first pair (i, j), i < j, in row-major order; a zero key has
+// cosine 0 with anything). Slots are read as (Sk / n, Sv / n), with logit bias ln n when
+// bias = "log_count".
+//
+// The float64 sums live in slots + 1 places that never move: `order` maps a slot's index to its place,
+// and its last entry is the free place the next folded pair takes. Each place also keeps its mean key's
+// direction in float32, and the cosines of every two places are kept, so a fold computes only the new
+// slot's and the merged slot's, one SIMD score pass each (O(slots * d)), plus an O(slots^2) scan for the
+// largest. The pairs whose float32 cosine comes within its rounding error of the largest are compared
+// again in float64, so the choice is the float64 one. Only the slots attention reads (storage dtype)
+// move down on a merge.
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -26,40 +33,40 @@ class Merge final : public Rule {
         add_buffer(sum_k_, sizeof(double) * n * d.dk);
         add_buffer(sum_v_, sizeof(double) * n * d.dv);
         add_buffer(count_, sizeof(double) * n);
-        add_buffer(norm_, sizeof(double) * n);        // |Sk| of each slot
-        add_buffer(cosine_, sizeof(double) * n * n);  // cosine of the mean keys of slots i and j
+        add_buffer(unit_, sizeof(float) * n * d.dk);  // Sk / |Sk| of each place (0 for a zero key)
+        add_buffer(cosine_, sizeof(float) * n * n);   // cosine of the mean keys of places p and q
+        add_buffer(order_, sizeof(int64_t) * n);      // slot index -> place
         add_buffer(bias_, sizeof(float) * slots_);
+        // a float32 dot of unit vectors is within (d + 2) float32 roundings of the exact cosine
+        margin_ = 2.0f * static_cast<float>(d.dk + 2) * std::numeric_limits<float>::epsilon();
     }
 
     void fold(int64_t lane, const float* k, const float* v, int64_t count) override {
         const int64_t dk = dims_.dk, dv = dims_.dv, n = slots_ + 1;
-        double* sk = sum_k_.lane<double>(lane);
-        double* sv = sum_v_.lane<double>(lane);
-        double* cnt = count_.lane<double>(lane);
-        double* norm = norm_.lane<double>(lane);
-        double* cos = cosine_.lane<double>(lane);
+        int64_t* order = order_.lane<int64_t>(lane);
         const int64_t s = count < slots_ ? count : slots_;  // the new slot's index
-        for (int64_t i = 0; i < dk; ++i) sk[s * dk + i] = k[i];
-        for (int64_t i = 0; i < dv; ++i) sv[s * dv + i] = v[i];
-        cnt[s] = 1;
-        norm[s] = std::sqrt(dot(sk + s * dk, sk + s * dk, dk));
-        for (int64_t i = 0; i < s; ++i) cos[i * n + s] = cos[s * n + i] = cosine(lane, i, s);
+        if (count <= slots_) order[s] = s;                  // filling up: slot i in place i
+        for (int64_t i = 0; i <= s; ++i)  // a state read from bytes is checked for its sizes, not its meaning:
+            if (order[i] < 0 || order[i] >= n) return reset_order(order, n);  // never index by a bad place
+        const int64_t p = order[s];
+        double* sk = sum_k_.lane<double>(lane) + p * dk;
+        double* sv = sum_v_.lane<double>(lane) + p * dv;
+        for (int64_t i = 0; i < dk; ++i) sk[i] = k[i];
+        for (int64_t i = 0; i < dv; ++i) sv[i] = v[i];
+        count_.lane<double>(lane)[p] = 1;
+        update_cosines(lane, p);
         if (s < slots_) {
             write_slot(lane, s);
             return;
         }
-        int64_t a = 0, b = 1;  // the pair to merge: the largest cosine, first in row-major order
-        double best = -std::numeric_limits<double>::infinity();
-        for (int64_t i = 0; i < n; ++i)
-            for (int64_t j = i + 1; j < n; ++j)
-                if (cos[i * n + j] > best) best = cos[i * n + j], a = i, b = j;
-        for (int64_t i = 0; i < dk; ++i) sk[a * dk + i] += sk[b * dk + i];
-        for (int64_t i = 0; i < dv; ++i) sv[a * dv + i] += sv[b * dv + i];
-        cnt[a] += cnt[b];
+        int64_t a, b;
+        most_similar(lane, &a, &b);
+        const int64_t pa = order[a], pb = order[b];
+        add(sum_k_.lane<double>(lane) + pa * dk, sum_k_.lane<double>(lane) + pb * dk, dk);
+        add(sum_v_.lane<double>(lane) + pa * dv, sum_v_.lane<double>(lane) + pb * dv, dv);
+        count_.lane<double>(lane)[pa] += count_.lane<double>(lane)[pb];
         remove(lane, b);
-        norm[a] = std::sqrt(dot(sk + a * dk, sk + a * dk, dk));
-        for (int64_t i = 0; i < slots_; ++i)
-            if (i != a) cos[i * n + a] = cos[a * n + i] = cosine(lane, i, a);
+        update_cosines(lane, pa);
         write_slot(lane, a);
         if (b < slots_) write_slot(lane, slots_ - 1);  // the folded pair moved down into the last slot
     }
@@ -69,38 +76,84 @@ class Merge final : public Rule {
     const float* slot_bias(int64_t lane) const override { return log_count_ ? bias_.lane<float>(lane) : nullptr; }
 
    private:
+    // Four running sums: independent chains the CPU overlaps (one sum would wait on every add).
     static double dot(const double* x, const double* y, int64_t d) {
-        double s = 0;
-        for (int64_t i = 0; i < d; ++i) s += x[i] * y[i];
-        return s;
+        double s[4] = {0, 0, 0, 0};
+        int64_t i = 0;
+        for (; i + 4 <= d; i += 4)
+            for (int j = 0; j < 4; ++j) s[j] += x[i + j] * y[i + j];
+        for (; i < d; ++i) s[0] += x[i] * y[i];
+        return (s[0] + s[1]) + (s[2] + s[3]);
     }
 
-    double cosine(int64_t lane, int64_t i, int64_t j) {
+    static void add(double* x, const double* y, int64_t d) {
+        for (int64_t i = 0; i < d; ++i) x[i] += y[i];
+    }
+
+    // Places out of range come only from a damaged or hand-made state; start its places over as the
+    // identity (its slots mean nothing then, but nothing is read out of bounds).
+    static void reset_order(int64_t* order, int64_t n) {
+        for (int64_t i = 0; i < n; ++i) order[i] = i;
+    }
+
+    // Place p's key direction from its sums, and its cosines with every place (stale places included:
+    // a place's entries are rewritten whenever it takes a slot).
+    void update_cosines(int64_t lane, int64_t p) {
+        const int64_t dk = dims_.dk, n = slots_ + 1;
+        const double* sk = sum_k_.lane<double>(lane) + p * dk;
+        float* units = unit_.lane<float>(lane);
+        float* cos = cosine_.lane<float>(lane);
+        const double norm = std::sqrt(dot(sk, sk, dk)), inv = norm > 0 ? 1.0 / norm : 0.0;
+        for (int64_t i = 0; i < dk; ++i) units[p * dk + i] = static_cast<float>(sk[i] * inv);
+        kernels().scores_f32(units + p * dk, dk, 1, units, n, dk, 1.0f, cos + p * n, n);
+        for (int64_t q = 0; q < n; ++q) cos[q * n + p] = cos[p * n + q];
+    }
+
+    // The float64 cosine of the mean keys in places p and q (0 when either is zero).
+    double exact_cosine(int64_t lane, int64_t p, int64_t q) const {
         const int64_t dk = dims_.dk;
-        const double* sk = sum_k_.lane<double>(lane);
-        const double* norm = norm_.lane<double>(lane);
-        if (norm[i] == 0 || norm[j] == 0) return 0;
-        return dot(sk + i * dk, sk + j * dk, dk) / (norm[i] * norm[j]);
+        const double* x = sum_k_.lane<double>(lane) + p * dk;
+        const double* y = sum_k_.lane<double>(lane) + q * dk;
+        const double xx = dot(x, x, dk), yy = dot(y, y, dk);
+        return xx > 0 && yy > 0 ? dot(x, y, dk) / (std::sqrt(xx) * std::sqrt(yy)) : 0.0;
     }
 
-    // Removes slot b of the n = slots + 1: later sums, counts, norms, cosines and stored slots move down.
+    // The slots a < b with the most similar mean keys, the first such pair in row-major order. The largest
+    // float32 cosine is found place by place (the largest of a set does not depend on its order); the
+    // pairs within rounding of it are compared in float64, ties going to the first slot pair.
+    void most_similar(int64_t lane, int64_t* a, int64_t* b) const {
+        const Kernels& K = kernels();
+        const int64_t n = slots_ + 1;
+        const int64_t* order = order_.lane<int64_t>(lane);
+        const float* cos = cosine_.lane<float>(lane);
+        thread_local std::vector<float> row_max;
+        thread_local std::vector<int64_t> slot_of;  // place -> slot index
+        row_max.resize(n);
+        slot_of.resize(n);
+        float best = -std::numeric_limits<float>::infinity();
+        for (int64_t p = 0; p + 1 < n; ++p) best = std::max(best, row_max[p] = K.max(cos + p * n + p + 1, n - p - 1));
+        for (int64_t i = 0; i < n; ++i) slot_of[order[i]] = i;
+        double exact = -std::numeric_limits<double>::infinity();
+        *a = 0, *b = 1;
+        for (int64_t p = 0; p + 1 < n; ++p) {
+            if (!(row_max[p] >= best - margin_)) continue;
+            for (int64_t q = p + 1; q < n; ++q) {
+                if (!(cos[p * n + q] >= best - margin_)) continue;
+                const double c = exact_cosine(lane, p, q);
+                const int64_t i = std::min(slot_of[p], slot_of[q]), j = std::max(slot_of[p], slot_of[q]);
+                if (c > exact || (c == exact && (i < *a || (i == *a && j < *b)))) exact = c, *a = i, *b = j;
+            }
+        }
+    }
+
+    // Removes slot b of the slots + 1: later slots move down, and b's place becomes the free one.
     void remove(int64_t lane, int64_t b) {
-        const int64_t dk = dims_.dk, dv = dims_.dv, n = slots_ + 1, later = n - 1 - b;
-        double* sk = sum_k_.lane<double>(lane);
-        double* sv = sum_v_.lane<double>(lane);
-        double* cnt = count_.lane<double>(lane);
-        double* norm = norm_.lane<double>(lane);
-        double* cos = cosine_.lane<double>(lane);
-        std::memmove(sk + b * dk, sk + (b + 1) * dk, sizeof(double) * later * dk);
-        std::memmove(sv + b * dv, sv + (b + 1) * dv, sizeof(double) * later * dv);
-        std::memmove(cnt + b, cnt + b + 1, sizeof(double) * later);
-        std::memmove(norm + b, norm + b + 1, sizeof(double) * later);
-        // Row-major, each entry moves to an index at or before its own: in place, front to back.
-        for (int64_t r = 0; r < n; ++r)
-            for (int64_t c = 0; c < n; ++c)
-                if (r != b && c != b) cos[(r - (r > b)) * n + (c - (c > b))] = cos[r * n + c];
+        int64_t* order = order_.lane<int64_t>(lane);
+        const int64_t freed = order[b];
+        std::memmove(order + b, order + b + 1, sizeof(int64_t) * (slots_ - b));
+        order[slots_] = freed;
         if (b + 1 < slots_) {  // stored slots b+1 .. slots-1 move down; the last is rewritten
-            const int64_t moved = slots_ - 1 - b, es = slot_bytes();
+            const int64_t moved = slots_ - 1 - b, es = slot_bytes(), dk = dims_.dk, dv = dims_.dv;
             uint8_t* keys = slot_k_.lane(lane);
             uint8_t* values = slot_v_.lane(lane);
             std::memmove(keys + b * dk * es, keys + (b + 1) * dk * es, moved * dk * es);
@@ -112,22 +165,23 @@ class Merge final : public Rule {
 
     // Slot s as attention reads it: the means, rounded once to the storage dtype, and ln n.
     void write_slot(int64_t lane, int64_t s) {
-        const int64_t dk = dims_.dk, dv = dims_.dv;
+        const int64_t dk = dims_.dk, dv = dims_.dv, p = order_.lane<int64_t>(lane)[s];
         thread_local std::vector<float> row;
         row.resize(static_cast<size_t>(dk + dv));
-        const double inv = 1.0 / count_.lane<double>(lane)[s];
-        const double* sk = sum_k_.lane<double>(lane) + s * dk;
-        const double* sv = sum_v_.lane<double>(lane) + s * dv;
+        const double n = count_.lane<double>(lane)[p], inv = 1.0 / n;
+        const double* sk = sum_k_.lane<double>(lane) + p * dk;
+        const double* sv = sum_v_.lane<double>(lane) + p * dv;
         for (int64_t i = 0; i < dk; ++i) row[i] = static_cast<float>(sk[i] * inv);
         for (int64_t i = 0; i < dv; ++i) row[dk + i] = static_cast<float>(sv[i] * inv);
         store_row(slot_k_.lane(lane) + s * dk * slot_bytes(), row.data(), dk, slot_dtype());
         store_row(slot_v_.lane(lane) + s * dv * slot_bytes(), row.data() + dk, dv, slot_dtype());
-        bias_.lane<float>(lane)[s] = static_cast<float>(std::log(count_.lane<double>(lane)[s]));
+        bias_.lane<float>(lane)[s] = static_cast<float>(std::log(n));
     }
 
     int64_t slots_;
     bool log_count_;
-    LaneBuffer sum_k_, sum_v_, count_, norm_, cosine_, bias_;
+    float margin_ = 0;
+    LaneBuffer sum_k_, sum_v_, count_, unit_, cosine_, order_, bias_;
 };
 
 std::unique_ptr<Rule> make(const RuleSpec& spec) {
