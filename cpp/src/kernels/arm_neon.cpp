@@ -46,6 +46,8 @@ struct V {
         return vmulq_f32(p, vreinterpretq_f32_s32(e));
     }
     static float sum(F x) { return vaddvq_f32(x); }
+    static float reduce_max(F x) { return vmaxvq_f32(x); }
+    static constexpr int kDotChains = 4;
     static constexpr bool kRequestNext = false;  // see update_tile
 };
 
@@ -58,35 +60,7 @@ inline F exp_neg(F x) { return exp_clamped<true>(V::max(x, V::set1(-87.33654f)))
 // exp(x) over the whole float range, as on AVX2.
 inline F exp_any(F x) { return exp_neg(V::min(x, V::set1(88.72283f))); }
 
-template <class E>
-float dot(const float* a, const typename E::T* b, int64_t n) {
-    float32x4_t s0 = vdupq_n_f32(0), s1 = s0, s2 = s0, s3 = s0;
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        s0 = vfmaq_f32(s0, vld1q_f32(a + i), E::load(b + i));
-        s1 = vfmaq_f32(s1, vld1q_f32(a + i + 4), E::load(b + i + 4));
-        s2 = vfmaq_f32(s2, vld1q_f32(a + i + 8), E::load(b + i + 8));
-        s3 = vfmaq_f32(s3, vld1q_f32(a + i + 12), E::load(b + i + 12));
-    }
-    for (; i + 4 <= n; i += 4) s0 = vfmaq_f32(s0, vld1q_f32(a + i), E::load(b + i));
-    float s = vaddvq_f32(vaddq_f32(vaddq_f32(s0, s1), vaddq_f32(s2, s3)));
-    for (; i < n; ++i) s += a[i] * E::one(b[i]);
-    return s;
-}
-
-template <class E>
-void axpy(float* y, float a, const typename E::T* x, int64_t n) {
-    int64_t i = 0;
-    for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vfmaq_n_f32(vld1q_f32(y + i), E::load(x + i), a));
-    for (; i < n; ++i) y[i] += a * E::one(x[i]);
-}
-
-template <class E>
-void widen(float* y, const typename E::T* x, int64_t n) {
-    int64_t i = 0;
-    for (; i + 4 <= n; i += 4) vst1q_f32(y + i, E::load(x + i));
-    for (; i < n; ++i) y[i] = E::one(x[i]);
-}
+#include "unmasked-inl.hpp"
 
 void f32_to_f16(uint16_t* y, const float* x, int64_t n) {
     int64_t i = 0;
@@ -107,40 +81,6 @@ void f32_to_bf16(uint16_t* y, const float* x, int64_t n) {
         vst1_u16(y + i, vmovn_u32(r));
     }
     for (; i < n; ++i) y[i] = float_to_bf16(x[i]);
-}
-
-void scale(float* y, float a, int64_t n) {
-    int64_t i = 0;
-    for (; i + 4 <= n; i += 4) vst1q_f32(y + i, vmulq_n_f32(vld1q_f32(y + i), a));
-    for (; i < n; ++i) y[i] *= a;
-}
-
-float max(const float* x, int64_t n) {
-    int64_t i = 0;
-    float m = x[0];
-    if (n >= 4) {
-        float32x4_t vm = vld1q_f32(x);
-        for (i = 4; i + 4 <= n; i += 4) vm = vmaxq_f32(vm, vld1q_f32(x + i));
-        m = vmaxvq_f32(vm);
-    }
-    for (; i < n; ++i) m = x[i] > m ? x[i] : m;
-    return m;
-}
-
-float exp_sum(float* x, float shift, int64_t n) {
-    float32x4_t vs = vdupq_n_f32(shift), acc = vdupq_n_f32(0);
-    int64_t i = 0;
-    for (; i + 4 <= n; i += 4) {
-        float32x4_t e = exp_neg(vsubq_f32(vld1q_f32(x + i), vs));
-        vst1q_f32(x + i, e);
-        acc = vaddq_f32(acc, e);
-    }
-    float s = vaddvq_f32(acc);
-    for (; i < n; ++i) {
-        x[i] = std::exp(x[i] - shift);
-        s += x[i];
-    }
-    return s;
 }
 
 bool all_finite(const float* x, int64_t n) {
@@ -207,88 +147,7 @@ void max_f32(float* y, const float* x, int64_t n) {
     for (; i < n; ++i) y[i] = x[i] > y[i] ? x[i] : y[i];
 }
 
-template <class E>
-void scores(const float* q, int64_t q_stride, int64_t nq, const typename E::T* k, int64_t rows, int64_t d, float scale,
-            float* s, int64_t s_stride) {
-    for (int64_t j = 0; j < rows; ++j, k += d)
-        for (int64_t i = 0; i < nq; ++i) s[i * s_stride + j] = scale * dot<E>(q + i * q_stride, k, d);
-}
-
-// o (4 R floats) += sum_j p_j v_j[0 : 4 R]: the output stays in registers while the rows stream by.
-template <class E, int R>
-void accumulate(const float* p, const typename E::T* v, int64_t rows, int64_t d, float* o, bool add) {
-    float32x4_t acc[R];
-    KVFOLD_UNROLL(16)
-    for (int r = 0; r < R; ++r) acc[r] = add ? vld1q_f32(o + 4 * r) : vdupq_n_f32(0);
-    for (int64_t j = 0; j < rows; ++j, v += d) {
-        float w = p[j];
-        KVFOLD_UNROLL(16)
-        for (int r = 0; r < R; ++r) acc[r] = vfmaq_n_f32(acc[r], E::load(v + 4 * r), w);
-    }
-    KVFOLD_UNROLL(16)
-    for (int r = 0; r < R; ++r) vst1q_f32(o + 4 * r, acc[r]);
-}
-
-template <class E>
-void weighted_sum(const float* p, int64_t p_stride, int64_t nq, const typename E::T* v, int64_t rows, int64_t d,
-                  float* out, int64_t out_stride, bool add) {
-    using Acc = void (*)(const float*, const typename E::T*, int64_t, int64_t, float*, bool);
-    static constexpr Acc by_registers[8] = {nullptr,          accumulate<E, 1>, accumulate<E, 2>, accumulate<E, 3>,
-                                            accumulate<E, 4>, accumulate<E, 5>, accumulate<E, 6>, accumulate<E, 7>};
-    for (int64_t i = 0; i < nq; ++i) {
-        const float* pi = p + i * p_stride;
-        float* o = out + i * out_stride;
-        int64_t c = 0;
-        for (; c + 32 <= d; c += 32) accumulate<E, 8>(pi, v + c, rows, d, o + c, add);
-        if (int64_t regs = (d - c) / 4) {
-            by_registers[regs](pi, v + c, rows, d, o + c, add);
-            c += 4 * regs;
-        }
-        for (; c < d; ++c) {
-            float sum = add ? o[c] : 0.0f;
-            for (int64_t j = 0; j < rows; ++j) sum += pi[j] * E::one(v[j * d + c]);
-            o[c] = sum;
-        }
-    }
-}
-
 #include "softmax-inl.hpp"
-
-// Recurrent memories: the GRU cell's matrix-vector product (four rows share each load of x) and
-// exp over the whole float range (inputs clamped so 2^n stays a normal float, as on AVX2).
-void gemv(float* y, const float* W, const float* x, int64_t rows, int64_t cols) {
-    int64_t r = 0;
-    for (; r + 4 <= rows; r += 4) {
-        const float* w0 = W + r * cols;
-        const float *w1 = w0 + cols, *w2 = w1 + cols, *w3 = w2 + cols;
-        float32x4_t a0 = vdupq_n_f32(0), a1 = a0, a2 = a0, a3 = a0;
-        int64_t c = 0;
-        for (; c + 4 <= cols; c += 4) {
-            float32x4_t vx = vld1q_f32(x + c);
-            a0 = vfmaq_f32(a0, vld1q_f32(w0 + c), vx);
-            a1 = vfmaq_f32(a1, vld1q_f32(w1 + c), vx);
-            a2 = vfmaq_f32(a2, vld1q_f32(w2 + c), vx);
-            a3 = vfmaq_f32(a3, vld1q_f32(w3 + c), vx);
-        }
-        float s0 = vaddvq_f32(a0), s1 = vaddvq_f32(a1), s2 = vaddvq_f32(a2), s3 = vaddvq_f32(a3);
-        for (; c < cols; ++c) {
-            s0 += w0[c] * x[c];
-            s1 += w1[c] * x[c];
-            s2 += w2[c] * x[c];
-            s3 += w3[c] * x[c];
-        }
-        y[r] = s0, y[r + 1] = s1, y[r + 2] = s2, y[r + 3] = s3;
-    }
-    for (; r < rows; ++r) y[r] = dot<F32>(x, W + r * cols, cols);
-}
-
-void exp_f32(float* y, const float* x, int64_t n) {
-    int64_t i = 0;
-    for (; i + 4 <= n; i += 4) {
-        vst1q_f32(y + i, exp_any(vld1q_f32(x + i)));
-    }
-    for (; i < n; ++i) y[i] = std::exp(x[i]);
-}
 
 // NEON has no masked moves: the tiled kernels take whole vectors, and the columns past the last
 // whole vector go to the scalar table.
@@ -313,9 +172,4 @@ const Kernels* neon_kernels() { return &neon::table; }
 
 }  // namespace kvfold
 KVFOLD_TARGET_END
-#else
-#include "kernels.hpp"
-namespace kvfold {
-const Kernels* neon_kernels() { return nullptr; }
-}  // namespace kvfold
 #endif

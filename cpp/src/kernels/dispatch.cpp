@@ -67,10 +67,10 @@ bool cpu_has_avx512() {
 std::vector<const Kernels*> detect() {
     std::vector<const Kernels*> out{scalar_kernels()};
 #if defined(__x86_64__) || defined(_M_X64)
-    if (avx2_kernels() && cpu_has_avx2()) out.push_back(avx2_kernels());
-    if (avx512_kernels() && cpu_has_avx512()) out.push_back(avx512_kernels());
+    if (cpu_has_avx2()) out.push_back(avx2_kernels());
+    if (cpu_has_avx512()) out.push_back(avx512_kernels());
 #elif defined(__aarch64__)
-    if (neon_kernels()) out.push_back(neon_kernels());
+    out.push_back(neon_kernels());  // NEON is baseline on aarch64
 #endif
     return out;
 }

@@ -1,7 +1,8 @@
 // Small kernels over raw float arrays, one file per ISA (scalar.cpp, x86_avx2.cpp, x86_avx512.cpp,
 // arm_neon.cpp), each compiled for its ISA alone. What is not ISA-specific is written once and
-// included by each of them: softmax-inl.hpp, simd-inl.hpp (over the file's vector traits) and
-// table-inl.hpp (the table, filled by name). dispatch.cpp picks the best table the CPU runs, once.
+// included by each of them: softmax-inl.hpp, simd-inl.hpp (over the file's vector traits),
+// unmasked-inl.hpp (the row kernels of the files without masked moves) and table-inl.hpp (the
+// table, filled by name). dispatch.cpp picks the best table the CPU runs, once.
 #pragma once
 
 #include <cstdint>
@@ -117,10 +118,13 @@ struct Kernels {
 
 const Kernels& kernels();  // the active table
 
-// Per-ISA tables; null when not compiled for this architecture.
+// Per-ISA tables, each on the architecture that has it.
 const Kernels* scalar_kernels();
+#if defined(__x86_64__) || defined(_M_X64)
 const Kernels* avx2_kernels();
 const Kernels* avx512_kernels();
+#elif defined(__aarch64__)
 const Kernels* neon_kernels();
+#endif
 
 }  // namespace kvfold

@@ -12,32 +12,29 @@
 using F = V::F;
 constexpr int kLanes = V::kLanes;
 
-// Stored elements as float32: a whole vector, the first lanes under a mask (where V has masked
-// loads), or one value (for scalar tails).
+// Stored elements as float32: a whole vector, or its first lanes under a mask m (where V has masked
+// loads); one value for scalar tails.
 struct F32 {
     using T = float;
-    static F load(const float* p) { return V::load(p); }
-    template <class Mask>
-    static F load(const float* p, Mask m) {
-        return V::load(p, m);
+    template <class... Mask>
+    static F load(const float* p, Mask... m) {
+        return V::load(p, m...);
     }
     static float one(float x) { return x; }
 };
 struct F16 {
     using T = uint16_t;
-    static F load(const uint16_t* p) { return V::load_f16(p); }
-    template <class Mask>
-    static F load(const uint16_t* p, Mask m) {
-        return V::load_f16(p, m);
+    template <class... Mask>
+    static F load(const uint16_t* p, Mask... m) {
+        return V::load_f16(p, m...);
     }
     static float one(uint16_t h) { return half_to_float(h); }
 };
 struct BF16 {
     using T = uint16_t;
-    static F load(const uint16_t* p) { return V::load_bf16(p); }
-    template <class Mask>
-    static F load(const uint16_t* p, Mask m) {
-        return V::load_bf16(p, m);
+    template <class... Mask>
+    static F load(const uint16_t* p, Mask... m) {
+        return V::load_bf16(p, m...);
     }
     static float one(uint16_t h) { return bf16_to_float(h); }
 };

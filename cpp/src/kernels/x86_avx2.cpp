@@ -52,6 +52,13 @@ struct V {
         return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
     }
     static float sum(F x) { return hsum(x); }
+    static float reduce_max(F x) {
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        return _mm_cvtss_f32(h);
+    }
+    static constexpr int kDotChains = 2;
     static constexpr bool kRequestNext = false;  // see update_tile
 };
 
@@ -64,30 +71,7 @@ inline F exp_neg(F x) { return exp_clamped<false>(V::max(x, V::set1(-87.33654f))
 // normal float (results below 1e-38 become 1.2e-38, above FLT_MAX stay just below it).
 inline F exp_any(F x) { return exp_clamped<true>(V::min(V::max(x, V::set1(-87.33654f)), V::set1(88.72283f))); }
 
-template <class E>
-float dot(const float* a, const typename E::T* b, int64_t n) {
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), E::load(b + i), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), E::load(b + i + 8), s1);
-    }
-    if (i + 8 <= n) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), E::load(b + i), s0);
-        i += 8;
-    }
-    float s = hsum(_mm256_add_ps(s0, s1));
-    for (; i < n; ++i) s += a[i] * E::one(b[i]);
-    return s;
-}
-
-template <class E>
-void axpy(float* y, float a, const typename E::T* x, int64_t n) {
-    __m256 va = _mm256_set1_ps(a);
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, E::load(x + i), _mm256_loadu_ps(y + i)));
-    for (; i < n; ++i) y[i] += a * E::one(x[i]);
-}
+#include "unmasked-inl.hpp"
 
 void f32_to_f16(uint16_t* y, const float* x, int64_t n) {
     int64_t i = 0;
@@ -95,12 +79,6 @@ void f32_to_f16(uint16_t* y, const float* x, int64_t n) {
         _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i),
                          _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
     for (; i < n; ++i) y[i] = float_to_half(x[i]);
-}
-template <class E>
-void widen(float* y, const typename E::T* x, int64_t n) {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, E::load(x + i));
-    for (; i < n; ++i) y[i] = E::one(x[i]);
 }
 // Round to nearest even on the bit pattern, NaN kept quiet: the scalar float_to_bf16, 8 at a time.
 void f32_to_bf16(uint16_t* y, const float* x, int64_t n) {
@@ -116,44 +94,6 @@ void f32_to_bf16(uint16_t* y, const float* x, int64_t n) {
         _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i), packed);
     }
     for (; i < n; ++i) y[i] = float_to_bf16(x[i]);
-}
-
-void scale(float* y, float a, int64_t n) {
-    __m256 va = _mm256_set1_ps(a);
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_mul_ps(va, _mm256_loadu_ps(y + i)));
-    for (; i < n; ++i) y[i] *= a;
-}
-
-float max(const float* x, int64_t n) {
-    int64_t i = 0;
-    float m = x[0];
-    if (n >= 8) {
-        __m256 vm = _mm256_loadu_ps(x);
-        for (i = 8; i + 8 <= n; i += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(x + i));
-        __m128 h = _mm_max_ps(_mm256_castps256_ps128(vm), _mm256_extractf128_ps(vm, 1));
-        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-        h = _mm_max_ss(h, _mm_movehdup_ps(h));
-        m = _mm_cvtss_f32(h);
-    }
-    for (; i < n; ++i) m = x[i] > m ? x[i] : m;
-    return m;
-}
-
-float exp_sum(float* x, float shift, int64_t n) {
-    __m256 vs = _mm256_set1_ps(shift), acc = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(x + i), vs));
-        _mm256_storeu_ps(x + i, e);
-        acc = _mm256_add_ps(acc, e);
-    }
-    float s = hsum(acc);
-    for (; i < n; ++i) {
-        x[i] = std::exp(x[i] - shift);
-        s += x[i];
-    }
-    return s;
 }
 
 bool all_finite(const float* x, int64_t n) {
@@ -209,41 +149,6 @@ void max_f32(float* y, const float* x, int64_t n) {
     for (; i < n; ++i) y[i] = x[i] > y[i] ? x[i] : y[i];
 }
 
-// ---------------------------------------------------------------------------------------------
-// Recurrent memories: GEMV for the GRU cell and exp for log-space gates.
-
-void gemv(float* y, const float* W, const float* x, int64_t rows, int64_t cols) {
-    int64_t r = 0;
-    for (; r + 4 <= rows; r += 4) {  // four rows share each load of x
-        const float* w0 = W + r * cols;
-        const float *w1 = w0 + cols, *w2 = w1 + cols, *w3 = w2 + cols;
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-        int64_t c = 0;
-        for (; c + 8 <= cols; c += 8) {
-            __m256 vx = _mm256_loadu_ps(x + c);
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + c), vx, a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + c), vx, a1);
-            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + c), vx, a2);
-            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + c), vx, a3);
-        }
-        float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
-        for (; c < cols; ++c) {
-            s0 += w0[c] * x[c];
-            s1 += w1[c] * x[c];
-            s2 += w2[c] * x[c];
-            s3 += w3[c] * x[c];
-        }
-        y[r] = s0, y[r + 1] = s1, y[r + 2] = s2, y[r + 3] = s3;
-    }
-    for (; r < rows; ++r) y[r] = dot<F32>(W + r * cols, x, cols);
-}
-
-void exp_f32(float* y, const float* x, int64_t n) {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, exp_any(_mm256_loadu_ps(x + i)));
-    for (; i < n; ++i) y[i] = std::exp(x[i]);
-}
-
 // Tiles for the chunked prefill: the last vector of a tile is masked when it is partial (masked
 // moves are slower, so full vectors use plain ones).
 template <int NV>
@@ -275,51 +180,6 @@ void matrix_read(const MatrixPass& m) { tiled_matrix_read<Whole, 2>(m); }
 void gemm(const Gemm& g) { tiled_gemm<Tile, 6, 2>(g); }
 void solve_unit_lower(const float* a, int64_t lda, float* x, int64_t ldx, int64_t m, int64_t n) {
     tiled_solve_unit_lower<Tile, 6, 2>(a, lda, x, ldx, m, n);
-}
-
-template <class E>
-void scores(const float* q, int64_t q_stride, int64_t nq, const typename E::T* k, int64_t rows, int64_t d, float scale,
-            float* s, int64_t s_stride) {
-    for (int64_t j = 0; j < rows; ++j, k += d)
-        for (int64_t i = 0; i < nq; ++i) s[i * s_stride + j] = scale * dot<E>(q + i * q_stride, k, d);
-}
-
-// o (8 R floats) += sum_j p_j v_j[0 : 8 R]: the output stays in registers while the rows stream by.
-template <class E, int R>
-void accumulate(const float* p, const typename E::T* v, int64_t rows, int64_t d, float* o, bool add) {
-    __m256 acc[R];
-    KVFOLD_UNROLL(8)
-    for (int r = 0; r < R; ++r) acc[r] = add ? _mm256_loadu_ps(o + 8 * r) : _mm256_setzero_ps();
-    for (int64_t j = 0; j < rows; ++j, v += d) {
-        __m256 w = _mm256_set1_ps(p[j]);
-        KVFOLD_UNROLL(8)
-        for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(w, E::load(v + 8 * r), acc[r]);
-    }
-    KVFOLD_UNROLL(8)
-    for (int r = 0; r < R; ++r) _mm256_storeu_ps(o + 8 * r, acc[r]);
-}
-
-template <class E>
-void weighted_sum(const float* p, int64_t p_stride, int64_t nq, const typename E::T* v, int64_t rows, int64_t d,
-                  float* out, int64_t out_stride, bool add) {
-    using Acc = void (*)(const float*, const typename E::T*, int64_t, int64_t, float*, bool);
-    static constexpr Acc by_registers[8] = {nullptr,          accumulate<E, 1>, accumulate<E, 2>, accumulate<E, 3>,
-                                            accumulate<E, 4>, accumulate<E, 5>, accumulate<E, 6>, accumulate<E, 7>};
-    for (int64_t i = 0; i < nq; ++i) {
-        const float* pi = p + i * p_stride;
-        float* o = out + i * out_stride;
-        int64_t c = 0;
-        for (; c + 64 <= d; c += 64) accumulate<E, 8>(pi, v + c, rows, d, o + c, add);
-        if (int64_t regs = (d - c) / 8) {
-            by_registers[regs](pi, v + c, rows, d, o + c, add);
-            c += 8 * regs;
-        }
-        for (; c < d; ++c) {
-            float sum = add ? o[c] : 0.0f;
-            for (int64_t j = 0; j < rows; ++j) sum += pi[j] * E::one(v[j * d + c]);
-            o[c] = sum;
-        }
-    }
 }
 
 // bfloat16 rows of whole 16-value blocks are widened in pairs: a 32-bit lane holds two values, the
@@ -434,9 +294,4 @@ const Kernels* avx2_kernels() { return &avx2::table; }
 
 }  // namespace kvfold
 KVFOLD_TARGET_END
-#else
-#include "kernels.hpp"
-namespace kvfold {
-const Kernels* avx2_kernels() { return nullptr; }
-}  // namespace kvfold
 #endif

@@ -535,9 +535,4 @@ const Kernels* avx512_kernels() { return &avx512::table; }
 
 }  // namespace kvfold
 KVFOLD_TARGET_END
-#else
-#include "kernels.hpp"
-namespace kvfold {
-const Kernels* avx512_kernels() { return nullptr; }
-}  // namespace kvfold
 #endif

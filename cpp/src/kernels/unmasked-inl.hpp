@@ -1,0 +1,164 @@
+// The element-wise and row kernels of the SIMD files without masked moves (AVX2, NEON), written
+// once over their vector traits V: whole vectors, then a scalar loop for the last few values.
+// (AVX-512 masks its last vector instead, and has its own.) Besides what simd-inl.hpp asks of V:
+//   V::kDotChains  independent FMA chains in a dot product, and
+//   V::reduce_max  the largest lane;
+// and, before this file, exp_neg (exp for x <= 0) and exp_any (exp over the whole float range).
+//
+// Include it inside the kernel file's namespace and target region, after simd-inl.hpp. No include
+// guard: each file that uses it includes it once.
+
+// s[0] + ... + s[N - 1], added in pairs.
+template <int N>
+inline F add_pairs(const F* s) {
+    if constexpr (N == 1)
+        return s[0];
+    else
+        return V::add(add_pairs<N / 2>(s), add_pairs<N / 2>(s + N / 2));
+}
+
+template <class E>
+float dot(const float* a, const typename E::T* b, int64_t n) {
+    constexpr int kChains = V::kDotChains;
+    F s[kChains];
+    for (int c = 0; c < kChains; ++c) s[c] = V::zero();
+    int64_t i = 0;
+    for (; i + kChains * kLanes <= n; i += kChains * kLanes) {
+        KVFOLD_UNROLL(4)
+        for (int c = 0; c < kChains; ++c) s[c] = V::fma(V::load(a + i + kLanes * c), E::load(b + i + kLanes * c), s[c]);
+    }
+    for (; i + kLanes <= n; i += kLanes) s[0] = V::fma(V::load(a + i), E::load(b + i), s[0]);
+    float sum = V::sum(add_pairs<kChains>(s));
+    for (; i < n; ++i) sum += a[i] * E::one(b[i]);
+    return sum;
+}
+
+template <class E>
+void axpy(float* y, float a, const typename E::T* x, int64_t n) {
+    const F va = V::set1(a);
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) V::store(y + i, V::fma(va, E::load(x + i), V::load(y + i)));
+    for (; i < n; ++i) y[i] += a * E::one(x[i]);
+}
+
+template <class E>
+void widen(float* y, const typename E::T* x, int64_t n) {
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) V::store(y + i, E::load(x + i));
+    for (; i < n; ++i) y[i] = E::one(x[i]);
+}
+
+void scale(float* y, float a, int64_t n) {
+    const F va = V::set1(a);
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) V::store(y + i, V::mul(va, V::load(y + i)));
+    for (; i < n; ++i) y[i] *= a;
+}
+
+float max(const float* x, int64_t n) {
+    int64_t i = 0;
+    float m = x[0];
+    if (n >= kLanes) {
+        F vm = V::load(x);
+        for (i = kLanes; i + kLanes <= n; i += kLanes) vm = V::max(vm, V::load(x + i));
+        m = V::reduce_max(vm);
+    }
+    for (; i < n; ++i) m = x[i] > m ? x[i] : m;
+    return m;
+}
+
+float exp_sum(float* x, float shift, int64_t n) {
+    const F vs = V::set1(shift);
+    F acc = V::zero();
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
+        const F e = exp_neg(V::sub(V::load(x + i), vs));
+        V::store(x + i, e);
+        acc = V::add(acc, e);
+    }
+    float s = V::sum(acc);
+    for (; i < n; ++i) {
+        x[i] = std::exp(x[i] - shift);
+        s += x[i];
+    }
+    return s;
+}
+
+void exp_f32(float* y, const float* x, int64_t n) {
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) V::store(y + i, exp_any(V::load(x + i)));
+    for (; i < n; ++i) y[i] = std::exp(x[i]);
+}
+
+template <class E>
+void scores(const float* q, int64_t q_stride, int64_t nq, const typename E::T* k, int64_t rows, int64_t d, float scale,
+            float* s, int64_t s_stride) {
+    for (int64_t j = 0; j < rows; ++j, k += d)
+        for (int64_t i = 0; i < nq; ++i) s[i * s_stride + j] = scale * dot<E>(q + i * q_stride, k, d);
+}
+
+// o (R vectors) (+)= sum_j p_j v_j[0 : R kLanes]: the output stays in registers while the rows
+// stream by.
+template <class E, int R>
+void accumulate(const float* p, const typename E::T* v, int64_t rows, int64_t d, float* o, bool add) {
+    F acc[R];
+    KVFOLD_UNROLL(8)
+    for (int r = 0; r < R; ++r) acc[r] = add ? V::load(o + kLanes * r) : V::zero();
+    for (int64_t j = 0; j < rows; ++j, v += d) {
+        const F w = V::set1(p[j]);
+        KVFOLD_UNROLL(8)
+        for (int r = 0; r < R; ++r) acc[r] = V::fma(w, E::load(v + kLanes * r), acc[r]);
+    }
+    KVFOLD_UNROLL(8)
+    for (int r = 0; r < R; ++r) V::store(o + kLanes * r, acc[r]);
+}
+
+template <class E>
+void weighted_sum(const float* p, int64_t p_stride, int64_t nq, const typename E::T* v, int64_t rows, int64_t d,
+                  float* out, int64_t out_stride, bool add) {
+    using Acc = void (*)(const float*, const typename E::T*, int64_t, int64_t, float*, bool);
+    static constexpr Acc by_registers[8] = {nullptr,          accumulate<E, 1>, accumulate<E, 2>, accumulate<E, 3>,
+                                            accumulate<E, 4>, accumulate<E, 5>, accumulate<E, 6>, accumulate<E, 7>};
+    for (int64_t i = 0; i < nq; ++i) {
+        const float* pi = p + i * p_stride;
+        float* o = out + i * out_stride;
+        int64_t c = 0;
+        for (; c + 8 * kLanes <= d; c += 8 * kLanes) accumulate<E, 8>(pi, v + c, rows, d, o + c, add);
+        if (int64_t regs = (d - c) / kLanes) {
+            by_registers[regs](pi, v + c, rows, d, o + c, add);
+            c += kLanes * regs;
+        }
+        for (; c < d; ++c) {
+            float sum = add ? o[c] : 0.0f;
+            for (int64_t j = 0; j < rows; ++j) sum += pi[j] * E::one(v[j * d + c]);
+            o[c] = sum;
+        }
+    }
+}
+
+// The GRU cell's matrix-vector product: four rows share each load of x.
+void gemv(float* y, const float* W, const float* x, int64_t rows, int64_t cols) {
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) {
+        const float* w0 = W + r * cols;
+        const float *w1 = w0 + cols, *w2 = w1 + cols, *w3 = w2 + cols;
+        F a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
+        int64_t c = 0;
+        for (; c + kLanes <= cols; c += kLanes) {
+            const F vx = V::load(x + c);
+            a0 = V::fma(V::load(w0 + c), vx, a0);
+            a1 = V::fma(V::load(w1 + c), vx, a1);
+            a2 = V::fma(V::load(w2 + c), vx, a2);
+            a3 = V::fma(V::load(w3 + c), vx, a3);
+        }
+        float s0 = V::sum(a0), s1 = V::sum(a1), s2 = V::sum(a2), s3 = V::sum(a3);
+        for (; c < cols; ++c) {
+            s0 += w0[c] * x[c];
+            s1 += w1[c] * x[c];
+            s2 += w2[c] * x[c];
+            s3 += w3[c] * x[c];
+        }
+        y[r] = s0, y[r + 1] = s1, y[r + 2] = s2, y[r + 3] = s3;
+    }
+    for (; r < rows; ++r) y[r] = dot<F32>(W + r * cols, x, cols);
+}
