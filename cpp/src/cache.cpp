@@ -13,6 +13,7 @@
 #include "chunked.hpp"
 #include "parallel.hpp"
 #include "platform.hpp"
+#include "scratch.hpp"
 
 namespace kvfold {
 
@@ -55,12 +56,6 @@ void check_range(const char* name, int64_t value, int64_t lo, int64_t hi) {
     if (value < lo || value > hi)
         throw ValueError(std::string(name) + ": expected an integer in [" + std::to_string(lo) + ", " +
                          std::to_string(hi) + "], got " + std::to_string(value));
-}
-
-std::string shape_str(const std::vector<int64_t>& shape) {
-    std::string s = "(";
-    for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-    return s + ")";
 }
 
 // Whether n values are all finite; a long block is checked in pieces shared by the threads (the
@@ -138,13 +133,6 @@ void check_storable(const char* name, const float* x, const std::vector<int64_t>
                                  ", which it would store as Inf (check_finite=False skips this check)");
         }
     }
-}
-
-// Per-thread scratch for float32 copies of stored rows; grows once, then never allocates.
-float* scratch(size_t n) {
-    thread_local std::vector<float> buf;
-    if (buf.size() < n) buf.resize(n);
-    return buf.data();
 }
 
 }  // namespace
@@ -288,7 +276,7 @@ struct Model {
 
     // One lane takes T tokens (k: T x d_k, v: T x d_v) from a row length of len0.
     void append_lane(int64_t lane, int64_t len0, const float* k, const float* v, int64_t T) {
-        float* ek = scratch(dk() + dv());
+        float* ek = scratch<MemoryCache>(dk() + dv());
         float* ev = ek + dk();
         for (int64_t t = 0; t < T; ++t) {
             const float *fk, *fv;
@@ -426,7 +414,7 @@ struct MatrixModel {
     // when qs has queries, answered after the update (the token sees itself).
     void token(int64_t lane, int64_t len, const float* k, const float* v, const TokenGate& gate,
                const LaneQueries& qs) {
-        float* ek = scratch(2 * dv() + dk() + c.gate_stride);
+        float* ek = scratch<MemoryCache>(2 * dv() + dk() + c.gate_stride);
         float* ev = ek + dk();
         float* eg = ev + dv();
         float* local = eg + c.gate_stride;
@@ -458,7 +446,7 @@ struct MatrixModel {
         thread_local std::vector<TokenGate> gates;
         rows.resize(2 * C);
         gates.resize(C);
-        float* copies = scratch(stored ? C * (dk() + dv()) : 0);
+        float* copies = scratch<MemoryCache>(stored ? C * (dk() + dv()) : 0);
         for (int64_t first = folding; first < T; first += C) {
             const int64_t n = std::min(C, T - first);
             for (int64_t i = 0; i < n; ++i) {
@@ -494,7 +482,7 @@ struct MatrixModel {
             c.rule->fold_read_run(lane, run);
         }
         if (cfg.sinks == 0 && cfg.window == 0) return;
-        float* evicted = scratch(2 * dv() + dk() + c.gate_stride);
+        float* evicted = scratch<MemoryCache>(2 * dv() + dk() + c.gate_stride);
         for (int64_t t = 0; t < T; ++t) {
             const float *fk, *fv;
             Model{c}.place(lane, len0 + t, k + t * dk(), v + t * dv(), evicted, evicted + dk(), &fk, &fv);
@@ -537,7 +525,7 @@ struct MatrixModel {
 
     void attend(int64_t lane, int64_t len, const LaneQueries& qs) const {
         c.rule->read(lane, qs);
-        mix_local(lane, len, qs, scratch(dv()));
+        mix_local(lane, len, qs, scratch<MemoryCache>(dv()));
     }
 
     // The group of query heads reading lane; query j of token t at q + (hq * T + t) * d_k.
@@ -734,7 +722,7 @@ void run_lanes(MemoryCache::Impl& c, const float* q, const float* k, const float
     const int64_t dk = g.head_dim, dv = g.value_dim, H = g.num_heads, Hq = g.num_query_heads;
     Model m{c};
     parallel_for(c.lanes, T * (attend_flops(c) + 4.0 * (dk + dv)), [&](int64_t lo, int64_t hi) {
-        float* ek = scratch(dk + dv);
+        float* ek = scratch<MemoryCache>(dk + dv);
         LaneBatch batch;
         // One token: lanes side by side. A block: one lane at a time, so that each streams its own
         // rows (the same offsets in T-token rows of several lanes would fight for cache sets).

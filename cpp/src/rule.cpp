@@ -1,18 +1,15 @@
 // Slots in 16 bits: a fold updates float32 rows and rounds them back.
 #include "rule.hpp"
 
-#include <vector>
-
 #include "attention.hpp"
+#include "scratch.hpp"
 
 namespace kvfold {
 
 void Rule::SlotEdit::widen() {
-    thread_local std::vector<float> rows;  // folds of different lanes run on different threads
     const int64_t dk = rule_.dims_.dk, dv = rule_.dims_.dv;
-    rows.resize(static_cast<size_t>(dk + dv));
-    k_ = rows.data();
-    v_ = rows.data() + dk;
+    k_ = scratch<SlotEdit>(static_cast<size_t>(dk + dv));  // folds of different lanes run on different threads
+    v_ = k_ + dk;
     load_row(k_, key_, dk, rule_.slot_dtype_);
     load_row(v_, value_, dv, rule_.slot_dtype_);
 }

@@ -18,7 +18,7 @@ namespace py = pybind11;
 
 using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
 
-std::string shape_str(const std::vector<int64_t>& shape);
+using kvfold::shape_str;
 std::vector<int64_t> shape_of(const py::array& a);
 // Shape checks on the hot path allocate nothing (shape_of is for error messages).
 bool shape_is(const py::array& a, std::initializer_list<int64_t> dims);

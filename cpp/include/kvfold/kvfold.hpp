@@ -35,6 +35,9 @@ KVFOLD_API DType parse_dtype(const std::string& name);
 KVFOLD_API const char* dtype_name(DType dtype);
 KVFOLD_API size_t dtype_size(DType dtype);
 
+// A shape as Python writes the tuple, "(3,)" or "(2, 4)": how error messages name shapes.
+KVFOLD_API std::string shape_str(const std::vector<int64_t>& shape);
+
 // A rule parameter: float64 values with a shape ({} for a scalar).
 struct Array {
     std::vector<int64_t> shape;

@@ -12,21 +12,10 @@
 #include <vector>
 
 #include "../rule.hpp"
+#include "../scratch.hpp"
 
 namespace kvfold {
 namespace {
-
-std::string shape_str(const std::vector<int64_t>& shape) {
-    std::string s = "(";
-    for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-    return s + (shape.size() == 1 ? ",)" : ")");
-}
-
-float* scratch(size_t n) {
-    thread_local std::vector<float> buf;
-    if (buf.size() < n) buf.resize(n);
-    return buf.data();
-}
 
 float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 
@@ -60,7 +49,7 @@ class GRU final : public Rule {
     void fold(int64_t lane, const float* k, const float* v, int64_t) override {
         const Kernels& K = kernels();
         const int64_t D = D_, dk = dims_.dk, dv = dims_.dv, set = sets_ ? lane % dims_.heads : 0;
-        float* x = scratch(static_cast<size_t>(8 * D));  // x | h | W_ih x | W_hh h
+        float* x = scratch<GRU>(static_cast<size_t>(8 * D));  // x | h | W_ih x | W_hh h
         float* h = x + D;
         float* gi = h + D;
         float* gh = gi + 3 * D;

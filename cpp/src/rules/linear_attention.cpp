@@ -20,6 +20,7 @@
 
 #include "../chunked.hpp"
 #include "../rule.hpp"
+#include "../scratch.hpp"
 
 namespace kvfold {
 namespace {
@@ -35,18 +36,6 @@ int64_t row_step(const float* const* rows, int64_t n, int64_t width) {
     for (int64_t i = 2; i < n; ++i)
         if (at(i) - at(i - 1) != step) return 0;
     return step / static_cast<int64_t>(sizeof(float));
-}
-
-float* scratch(size_t n) {
-    thread_local std::vector<float> buf;
-    if (buf.size() < n) buf.resize(n);
-    return buf.data();
-}
-
-std::string shape_str(const std::vector<int64_t>& shape) {
-    std::string s = "(";
-    for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-    return s + (shape.size() == 1 ? ",)" : ")");
 }
 
 class LinearAttention final : public Rule {
@@ -113,7 +102,7 @@ class LinearAttention final : public Rule {
     void fold_read(int64_t lane, const float* k, const float* v, const TokenGate& gate,
                    const LaneQueries& qs) override {
         const int64_t dk = dims_.dk, h = lane % dims_.heads;
-        float* tmp = scratch(static_cast<size_t>((2 + qs.count) * dk));  // exp(g) | phi(k) | phi(q)...
+        float* tmp = scratch<LinearAttention>(static_cast<size_t>((2 + qs.count) * dk));  // exp(g) | phi(k) | phi(q)...
         MatrixPass m = pass(lane, qs, tmp + 2 * dk);
         if (gated_) set_decay(m, h, gate, tmp);
         if (delta_) {
@@ -140,7 +129,7 @@ class LinearAttention final : public Rule {
         // scratch: keys | values (when copied) | log decays | betas | queries (through phi)
         const int64_t k_floats = k_step ? 0 : n * dk, v_floats = v_step ? 0 : n * dv,
                       q_floats = identity ? 0 : nq * n * dk;
-        float* k = scratch(static_cast<size_t>(k_floats + v_floats + n * (gate_width + 1) + q_floats));
+        float* k = scratch<LinearAttention>(static_cast<size_t>(k_floats + v_floats + n * (gate_width + 1) + q_floats));
         float* v = k + k_floats;
         float* g = v + v_floats;
         float* b = g + n * gate_width;
@@ -176,7 +165,7 @@ class LinearAttention final : public Rule {
     }
 
     void read(int64_t lane, const LaneQueries& qs) const override {
-        float* tmp = scratch(static_cast<size_t>(qs.count * dims_.dk));
+        float* tmp = scratch<LinearAttention>(static_cast<size_t>(qs.count * dims_.dk));
         MatrixPass m = const_cast<LinearAttention*>(this)->pass(lane, qs, tmp);
         kernels().matrix_read(m);
         if (normalize_) divide(lane, m);
