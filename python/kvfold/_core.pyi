@@ -23,6 +23,10 @@ MAX_THREADS: int
 MAX_CHUNK: int
 
 def _check_rule(spec: _Spec) -> None: ...
+
+STATE_HEADER: int
+
+def _state_size(header: bytes) -> int: ...
 def _threads_without_gil() -> int: ...
 
 @type_check_only
