@@ -12,7 +12,7 @@ import pytest
 import kvfold
 from kvfold import rules
 from kvfold.__main__ import main
-from kvfold.tools.generate import parse_rule
+from kvfold.tools.generate import RULE_HELP, RULES, parse_rule
 
 
 @pytest.mark.parametrize(
@@ -26,16 +26,30 @@ from kvfold.tools.generate import parse_rule
         ("ema:0.05", rules.EMA(0.05)),
         ("compressive:8,4", rules.Compressive(8, 4)),
         ("compressive:8,4,max", rules.Compressive(8, 4, "max")),
+        ("merge:16", rules.Merge(16)),
+        ("merge:16,none", rules.Merge(16, bias=None)),
     ],
 )
 def test_parse_rule(text, rule):
     assert parse_rule(text) == rule
 
 
-@pytest.mark.parametrize("text", ["", "ema", "ema:x", "ema:2", "moving:1,2", "gru", "compressive:8", "drop:3"])
+@pytest.mark.parametrize(
+    "text",
+    ["", "ema", "ema:x", "ema:2", "moving:1,2", "gru", "custom", "linear", "compressive:8", "drop:3", "weighted"],
+)
 def test_parse_rule_refuses_malformed_rules(text):
     with pytest.raises(ValueError, match="rule: "):
         parse_rule(text)
+
+
+def test_command_line_rules_are_the_summary_rules_of_plain_parameters():
+    """The rules the command line spells come from the rules' declarations: every summary rule whose
+    parameters are numbers and names, none that needs arrays or a function, no matrix rule."""
+    assert set(RULES) == {"drop", "cumulative", "moving", "weighted", "ema", "compressive", "merge"}
+    assert set(RULES) < set(rules.kinds())
+    for kind in RULES:
+        assert kind in RULE_HELP
 
 
 @pytest.mark.parametrize(

@@ -2,13 +2,47 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import MISSING, Field, fields
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .. import rules
 
-RULE_HELP = (
-    "drop | cumulative | moving:N | weighted:B1,B2,... | ema:ALPHA | compressive:SLOTS,RATE[,max] | "
-    "full (transformers' growing cache, for comparison)"
+
+def _optional_str(text: str) -> Optional[str]:
+    return None if text == "none" else text
+
+
+# How the command line spells a rule's parameters, by the type its dataclass declares. A rule whose every
+# parameter is spelled here (and that keeps key/value slots, as a model's attention reads) is a choice.
+_VALUES: Dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str": str, "Optional[str]": _optional_str}
+_SEQUENCE = "Tuple[float, ...]"  # the last parameter: every value left
+
+
+def _command_line_rules() -> Dict[str, Tuple[Callable[..., rules.Rule], List["Field[Any]"]]]:
+    spelled: Dict[str, Tuple[Callable[..., rules.Rule], List["Field[Any]"]]] = {}
+    for kind, cls in rules.kinds().items():
+        params = list(fields(cls))
+        if not cls.matrix and all(f.type in _VALUES or (f.type == _SEQUENCE and f is params[-1]) for f in params):
+            spelled[kind] = (cls, params)
+    return spelled
+
+
+def _required(params: List["Field[Any]"]) -> int:
+    return sum(1 for f in params if f.default is MISSING and f.default_factory is MISSING)
+
+
+def _spelling(kind: str, params: List["Field[Any]"]) -> str:
+    """``kind:A,B[,C]``: the parameters in order, upper case, the optional ones in brackets."""
+    if not params:
+        return kind
+    names = [f.name.upper() + (",..." if f.type == _SEQUENCE else "") for f in params]
+    required = _required(params)
+    return f"{kind}:" + ",".join(names[:required]) + "".join(f"[,{n}]" for n in names[required:])
+
+
+RULES = _command_line_rules()
+RULE_HELP = " | ".join(_spelling(kind, params) for kind, (_, params) in RULES.items()) + (
+    " | full (transformers' growing cache, for comparison)"
 )
 
 
@@ -16,21 +50,20 @@ def parse_rule(text: str) -> Optional[rules.Rule]:
     """A rule from its command-line spelling (see RULE_HELP); None for "full". ValueError if malformed."""
     name, _, args = text.strip().lower().partition(":")
     values = [a.strip() for a in args.split(",")] if args else []
-    try:
-        if name == "full" and not values:
-            return None
-        if name in ("drop", "cumulative") and not values:
-            return rules.Drop() if name == "drop" else rules.Cumulative()
-        if name == "moving" and len(values) == 1:
-            return rules.Moving(int(values[0]))
-        if name == "weighted" and values:
-            return rules.Weighted(tuple(float(v) for v in values))
-        if name == "ema" and len(values) == 1:
-            return rules.EMA(float(values[0]))
-        if name == "compressive" and len(values) in (2, 3):
-            return rules.Compressive(int(values[0]), int(values[1]), *values[2:])
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"rule: {text!r}: {error}") from None
+    if name == "full" and not values:
+        return None
+    if name in RULES:
+        cls, params = RULES[name]
+        required = _required(params)
+        sequence = bool(params) and params[-1].type == _SEQUENCE
+        if required <= len(values) and (sequence or len(values) <= len(params)):
+            try:
+                if sequence:
+                    last = tuple(float(v) for v in values[len(params) - 1 :])
+                    return cls(*(_VALUES[str(f.type)](v) for f, v in zip(params[:-1], values)), last)
+                return cls(*(_VALUES[str(f.type)](v) for f, v in zip(params, values)))
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"rule: {text!r}: {error}") from None
     raise ValueError(f"rule: expected one of {RULE_HELP}, got {text!r}")
 
 
