@@ -7,15 +7,19 @@
 
 namespace kvfold {
 
-// Every kind kvfold knows; each is declared in its rule's file.
-extern const RuleKind drop_rule, cumulative_rule, moving_rule, weighted_rule, ema_rule, compressive_rule, merge_rule,
-    gru_rule, linear_rule, gated_rule, delta_rule, gated_delta_rule, custom_rule;
+// Every kind kvfold knows, each declared in its rule's file: the build lists them in rule_kinds.inc
+// (see CMakeLists.txt), one KVFOLD_RULE(name) a kind.
+#define KVFOLD_RULE(kind) extern const RuleKind kind;
+#include "rule_kinds.inc"
+#undef KVFOLD_RULE
 
 namespace {
 
-const RuleKind* const kinds[] = {&drop_rule,        &cumulative_rule,  &moving_rule, &weighted_rule, &ema_rule,
-                                 &compressive_rule, &merge_rule,       &gru_rule,    &linear_rule,   &gated_rule,
-                                 &delta_rule,       &gated_delta_rule, &custom_rule};
+const RuleKind* const kinds[] = {
+#define KVFOLD_RULE(kind) &kind,
+#include "rule_kinds.inc"
+#undef KVFOLD_RULE
+};
 
 std::string joined(const std::vector<std::string>& names) {
     std::string out;
