@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <random>
 #include <string>
 #include <vector>
@@ -17,6 +18,7 @@
 #include "kernels/kernels.hpp"
 #include "kvfold/kvfold.hpp"
 #include "parallel.hpp"
+#include "roofline.hpp"
 
 using kvfold::Config;
 using kvfold::MemoryCache;
@@ -100,6 +102,33 @@ double run(const Case& k) {
     return seconds_per_call([&] { cache.step(q.data(), kk.data(), v.data(), out.data(), gates); });
 }
 
+// The roofline column: the case's time bound (its bytes over the read bandwidth measured at its
+// working-set size, or its FLOPs over the FMA peak, whichever is longer) over its measured time.
+struct Bound {
+    double seconds = 0;  // 0: no model for this rule
+    bool memory = false;
+    double rate = 0;  // bytes/s or FLOP/s of the bound
+};
+
+Bound bound_of(const Case& k, double peak) {
+    static std::map<double, double> bandwidth;  // measured once per working-set size
+    namespace rf = kvfold::roofline;
+    rf::StepWork w;
+    try {
+        w = rf::step_work(k.rule.kind, k.heads, k.dim, k.window, k.sinks, k.dtype == kvfold::DType::float32 ? 4 : 2,
+                          std::max<int64_t>(k.prefill, 1));
+    } catch (const kvfold::ValueError&) {
+        return {};  // a rule the roofline does not model
+    }
+    double& bw = bandwidth[w.footprint];
+    if (bw == 0) bw = rf::read_bandwidth(std::max<int64_t>(64, static_cast<int64_t>(w.footprint)), 0.2);
+    Bound b;
+    b.memory = w.bytes / bw >= w.flops / peak;
+    b.seconds = b.memory ? w.bytes / bw : w.flops / peak;
+    b.rate = b.memory ? bw : peak;
+    return b;
+}
+
 std::vector<Case> cases() {
     using kvfold::DType;
     const auto f32 = DType::float32;
@@ -177,11 +206,30 @@ int main(int argc, char** argv) {
     std::printf("kvfold %s native benchmark: backend %s, %d thread(s), chunks of %d, %s; B=1, Hq=H\n",
                 kvfold::version(), kvfold::simd_backend(), kvfold::get_num_threads(),
                 static_cast<int>(kvfold::get_chunk_size()), cpu_time ? "CPU time" : "wall time");
-    std::printf("%-36s %14s\n", "case", "us/token");
+    // The machine's limits, measured in the same run: the FMA peak of one core per backend, and
+    // below, per case, the read bandwidth of one core at the case's working-set size.
+    // The bounds are one core's: compare them with a run on one thread (--threads 1).
+    std::printf("FMA peak of one core (GFLOP/s):");
+    double peak = 0;
+    for (const std::string& name : kvfold::available_backends()) {
+        const double flops = kvfold::roofline::fma_peak(name, 0.3);
+        std::printf(" %s %.1f", name.c_str(), flops * 1e-9);
+        if (name == kvfold::simd_backend()) peak = flops;
+    }
+    if (kvfold::get_num_threads() > 1) std::printf("; bounds are one core's: compare them with --threads 1");
+    std::printf("\n%-36s %14s %10s %9s  %s\n", "case", "us/token", "bound us", "of bound", "bound by");
     for (const Case& k : cases()) {
         bool wanted = filters.empty();
         for (auto& f : filters) wanted |= k.name.find(f) != std::string::npos;
-        if (wanted) std::printf("%-36s %14.3f\n", k.name.c_str(), run(k) * 1e6);
+        if (!wanted) continue;
+        const double seconds = run(k);
+        const Bound b = bound_of(k, peak);
+        if (b.seconds == 0) {
+            std::printf("%-36s %14.3f %10s %9s\n", k.name.c_str(), seconds * 1e6, "-", "-");
+            continue;
+        }
+        std::printf("%-36s %14.3f %10.3f %8.0f%%  %s %.1f %s\n", k.name.c_str(), seconds * 1e6, b.seconds * 1e6,
+                    100 * b.seconds / seconds, b.memory ? "read" : "FMA", b.rate * 1e-9, b.memory ? "GB/s" : "GFLOP/s");
     }
     matrix_product_rates(filters);
     return 0;

@@ -163,6 +163,29 @@ void reorder(MemoryCache& c, const std::vector<int64_t>& indices) {
     c.reorder(indices.data(), n);
 }
 
+// MemoryCache.step, and with Work false its cost from Python alone: the same checks, conversions,
+// output array and GIL release around nothing (the benchmark's call-overhead line).
+template <bool Work>
+py::array step_call(MemoryCache& c, const py::handle& q_obj, const py::handle& k, const py::handle& v,
+                    const py::object& decay, const py::object& beta, const py::object& out) {
+    InFlight busy(c);
+    FloatArray q = read_query(c, q_obj);
+    Tokens t = read_tokens(c, k, v);
+    if (!t.single)
+        throw kvfold::ValueError("k: step takes one token, shape (B, H, d_k); use forward for blocks, got " +
+                                 shape_str(shape_of(t.k)));
+    Gates gates = read_gates(c, decay, beta, t);
+    Output o = output(c, out);
+    unalias(q, o);
+    unalias(t.k, o);
+    unalias(t.v, o);
+    {
+        ReleaseGil release;
+        if (Work) c.step(q.data(), t.k.data(), t.v.data(), o.data, gates.view);
+    }
+    return o.array;
+}
+
 }  // namespace
 
 void bind_cache(py::module_& m) {
@@ -238,32 +261,13 @@ void bind_cache(py::module_& m) {
             },
             py::arg("q"), py::kw_only(), py::arg("out") = py::none(),
             "Softmax attention of q (B, Hq, d_k) over [sinks | memory | window]; returns (B, Hq, d_v) float32.")
-        .def(
-            "step",
-            [](MemoryCache& c, const py::handle& q_obj, const py::handle& k, const py::handle& v,
-               const py::object& decay, const py::object& beta, const py::object& out) {
-                InFlight busy(c);
-                const auto& g = c.config();
-                FloatArray q = read_query(c, q_obj);
-                Tokens t = read_tokens(c, k, v);
-                if (!t.single)
-                    throw kvfold::ValueError(
-                        "k: step takes one token, shape (B, H, d_k); use forward for blocks, got " +
-                        shape_str(shape_of(t.k)));
-                Gates gates = read_gates(c, decay, beta, t);
-                Output o = output(c, out);
-                unalias(q, o);
-                unalias(t.k, o);
-                unalias(t.v, o);
-                {
-                    ReleaseGil release;
-                    c.step(q.data(), t.k.data(), t.v.data(), o.data, gates.view);
-                }
-                return o.array;
-            },
-            py::arg("q"), py::arg("k"), py::arg("v"), py::kw_only(), py::arg("decay") = py::none(),
-            py::arg("beta") = py::none(), py::arg("out") = py::none(),
-            "Update with one token (and its decay/beta for matrix rules), then attend (the token sees itself).")
+        .def("step", &step_call<true>, py::arg("q"), py::arg("k"), py::arg("v"), py::kw_only(),
+             py::arg("decay") = py::none(), py::arg("beta") = py::none(), py::arg("out") = py::none(),
+             "Update with one token (and its decay/beta for matrix rules), then attend (the token sees itself).")
+        .def("_step_overhead", &step_call<false>, py::arg("q"), py::arg("k"), py::arg("v"), py::kw_only(),
+             py::arg("decay") = py::none(), py::arg("beta") = py::none(), py::arg("out") = py::none(),
+             "step's checks, conversions and output, without the step: the cost of calling it from Python "
+             "(the output is left unspecified).")
         .def(
             "forward",
             [](MemoryCache& c, const py::handle& q_obj, const py::handle& k_obj, const py::handle& v_obj,

@@ -15,7 +15,8 @@ using kvfold::MemoryCache;
 
 namespace kvfold_py {
 void bind_cache(py::module_& m);
-}
+void bind_roofline(py::module_& m);
+}  // namespace kvfold_py
 
 PYBIND11_MODULE(_core, m) {
     m.doc() = "kvfold's C++ core. Use the kvfold package, not this module.";
@@ -71,4 +72,5 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("_rule_spec", [](const kvfold::Checkpoint& cp) { return spec_tuple(cp.rule()); });
 
     bind_cache(m);
+    bind_roofline(m);
 }

@@ -39,6 +39,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple
 import numpy as np
 
 from .. import MemoryCache, __version__, get_num_threads, rules, set_num_threads, simd_backend
+from . import roofline
 
 
 @dataclass(frozen=True)
@@ -691,6 +692,16 @@ def _kvfold_runner(case: Case, data: Dict[str, np.ndarray]) -> Callable[[], Any]
     return lambda: memory.cache.step(q, k, v, **step_gates)
 
 
+def _call_overhead_runner(case: Case, data: Dict[str, np.ndarray]) -> Callable[[], Any]:
+    """A decode step's call from Python without the step: the same checks, conversions, output array
+    and GIL release around no work. A decode time minus this is the time in the C++ core."""
+    memory = KvfoldMemory(case)
+    tokens, gates = split_gates(data)
+    q, k, v = (tokens[name][0][None] for name in ("q", "k", "v"))
+    step_gates = {n: g[0][None] for n, g in gates.items()}
+    return lambda: memory.cache._step_overhead(q, k, v, **step_gates)
+
+
 def _peer_runner(peer: Peer, case: Case, data: Dict[str, np.ndarray], threads: int) -> Callable[[], Any]:
     """A peer's decode step, or its prefill from an empty memory: its forward when it has one, else
     a loop of decode steps."""
@@ -866,13 +877,21 @@ def run(
         + "; B=1, query heads = KV heads, d_k = d_v, float32 unless marked f16 or bf16 (kvfold's storage)"
     )
     print_fn("times in microseconds per token; (N.Nx) = peer time / kvfold time; - = peer does not run this case")
+    roof = roofline.Roofline(seconds=0.05 if quick else 0.2)
+    print_fn(
+        f"of bound = the case's bound on one core / kvfold's time (1 thread; mem: bytes / read bandwidth at its "
+        f"working set, fma: FLOPs / FMA peak); {roof.describe()}"
+    )
     rows: List[Dict[str, Any]] = []
+    bounds: List[Tuple[str, Optional[roofline.Bound]]] = []
     try:
         for n in threads:
             set_num_threads(n)
             for p in found:
                 p.set_threads(n)
-            header = f"{'threads: ' + str(n):38s} {'kvfold':>9s}" + "".join(f" {p.name:>20s}" for p in found)
+            header = f"{'threads: ' + str(n):38s} {'kvfold':>9s} {'of bound':>8s}" + "".join(
+                f" {p.name:>20s}" for p in found
+            )
             print_fn("")
             print_fn(header)
             for i, case in enumerate(cases):
@@ -894,7 +913,14 @@ def run(
                     progress=functools.partial(_report_in, report, where),
                 )
                 row = {"case": case.name, "threads": n, "us": {k: t * 1e6 for k, t in times.items()}}
-                cells = f"{case.name:38s} {times['kvfold'] * 1e6:9.2f}"
+                bound = None
+                if n == 1:  # the bounds are one core's
+                    report(f"{where} read bandwidth at its working set")
+                    bound = roof.bound(case)
+                    bounds.append((case.name, bound))
+                    if bound is not None:
+                        row["of_bound"] = bound.fraction(times["kvfold"])
+                cells = f"{case.name:38s} {times['kvfold'] * 1e6:9.2f}{roofline.cell(bound, times['kvfold'])}"
                 for p in found:
                     if p.name in times:
                         cells += f" {times[p.name] * 1e6:11.1f} ({times[p.name] / times['kvfold']:5.1f}x)"
@@ -904,6 +930,21 @@ def run(
                     status.clear()
                 print_fn(cells)
                 rows.append(row)
+            decode = [c for c in cases if not c.prefill and c.heads == CASES[0].heads]
+            if decode:  # the Python call alone, as its own line: what a decode step costs before any work
+                name = f"call overhead of step, H{decode[0].heads} d{decode[0].head_dim}"
+                report(f"{name}, {n} thread{'s' if n > 1 else ''}")
+                runner = {"kvfold": _call_overhead_runner(decode[0], make_data(decode[0]))}
+                seconds = time_per_token(runner, 1, rounds, round_seconds, warmup_calls=1 if quick else 2)["kvfold"]
+                if status is not None:
+                    status.clear()
+                print_fn(f"{name:38s} {seconds * 1e6:9.2f} {'-':>8s}")
+                rows.append({"case": name, "threads": n, "us": {"kvfold": seconds * 1e6}})
+        if any(b is not None for _, b in bounds):
+            print_fn("")
+            print_fn("bounds on one core (measured in this run):")
+            for line in roofline.report(bounds):
+                print_fn(line)
         print_fn("")
         for case in cases:
             if case.prefill:

@@ -1,0 +1,46 @@
+// The roofline the benchmark prints: the machine's measured limits and each case's bytes and
+// FLOPs per step (cpp/src/roofline.hpp), for kvfold.tools.roofline. Private to the benchmark.
+#include "../../cpp/src/roofline.hpp"
+
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <tuple>
+
+#include "gil.hpp"
+
+namespace py = pybind11;
+
+namespace kvfold_py {
+
+void bind_roofline(py::module_& m) {
+    namespace rf = kvfold::roofline;
+    m.def(
+        "_fma_peak",
+        [](const std::string& backend, double seconds) {
+            ReleaseGil release;
+            return rf::fma_peak(backend, seconds);
+        },
+        py::arg("backend"), py::arg("seconds"),
+        "FLOP/s of one core running independent FMA chains in the backend's vectors (best round).");
+    m.def(
+        "_read_bandwidth",
+        [](int64_t bytes, double seconds) {
+            ReleaseGil release;
+            return rf::read_bandwidth(bytes, seconds);
+        },
+        py::arg("bytes"), py::arg("seconds"),
+        "Bytes/s one core reads from a buffer of this size, read again and again (best round).");
+    m.def(
+        "_step_work",
+        [](const std::string& rule, int64_t heads, int64_t head_dim, int64_t window, int64_t sinks,
+           int64_t element_bytes, int64_t tokens) {
+            const rf::StepWork w = rf::step_work(rule, heads, head_dim, window, sinks, element_bytes, tokens);
+            return std::make_tuple(w.bytes, w.flops, w.footprint);
+        },
+        py::arg("rule"), py::arg("heads"), py::arg("head_dim"), py::arg("window"), py::arg("sinks"),
+        py::arg("element_bytes"), py::arg("tokens"),
+        "(bytes, flops, footprint) of one decode step, or of one token of a prefill of `tokens` tokens.");
+}
+
+}  // namespace kvfold_py
