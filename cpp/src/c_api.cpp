@@ -94,6 +94,20 @@ kvfold::TokenGates token_gates(const kvfold_gates* gates) {
     return g;
 }
 
+// The C form of a configuration (kvfold_dtype values are DType's).
+void to_c(const kvfold::Config& g, kvfold_config* out) {
+    out->batch_size = g.batch_size;
+    out->num_heads = g.num_heads;
+    out->head_dim = g.head_dim;
+    out->value_dim = g.value_dim;
+    out->num_query_heads = g.num_query_heads;
+    out->window = g.window;
+    out->sinks = g.sinks;
+    out->scale = g.scale;
+    out->dtype = static_cast<int>(g.dtype);
+    out->check_finite = g.check_finite ? 1 : 0;
+}
+
 kvfold::Config to_cpp(const kvfold_config& c) {
     kvfold::Config g;
     g.batch_size = c.batch_size;
@@ -216,18 +230,7 @@ kvfold_status kvfold_set_num_threads(int64_t n) {
 int kvfold_get_num_threads(void) { return kvfold::get_num_threads(); }
 
 void kvfold_config_init(kvfold_config* config) {
-    if (!config) return;
-    const kvfold::Config d;
-    config->batch_size = d.batch_size;
-    config->num_heads = d.num_heads;
-    config->head_dim = d.head_dim;
-    config->value_dim = d.value_dim;
-    config->num_query_heads = d.num_query_heads;
-    config->window = d.window;
-    config->sinks = d.sinks;
-    config->scale = d.scale;
-    config->dtype = KVFOLD_FLOAT32;
-    config->check_finite = d.check_finite ? 1 : 0;
+    if (config) to_c(kvfold::Config{}, config);
 }
 
 kvfold_status kvfold_create(const kvfold_config* config, const kvfold_rule* rule, kvfold_cache** out) {
@@ -246,16 +249,7 @@ kvfold_status kvfold_get_config(const kvfold_cache* cache, kvfold_config* out) {
     return guarded(cache, [&] {
         const kvfold::Config& g = live(cache).config();
         require(out, "out");
-        out->batch_size = g.batch_size;
-        out->num_heads = g.num_heads;
-        out->head_dim = g.head_dim;
-        out->value_dim = g.value_dim;
-        out->num_query_heads = g.num_query_heads;
-        out->window = g.window;
-        out->sinks = g.sinks;
-        out->scale = g.scale;
-        out->dtype = static_cast<int>(g.dtype);
-        out->check_finite = g.check_finite ? 1 : 0;
+        to_c(g, out);
     });
 }
 
