@@ -57,17 +57,15 @@ slot's logit when ``bias="log_count"``.
 
 from __future__ import annotations
 
+from ..rules._base import Pair, Token
+from ..rules.matrix import feature_map
+from ..rules.summary import MergeSlots, cosine_matrix
 from .attention import RETAIN, Layout, check_positions, rotate, softmax_attend, softmax_weights
 from .history import ReferenceCache
 from .memory import (
     MATRIX_RULES,
-    MergeSlots,
-    Pair,
     Slot,
-    Token,
     check_rope,
-    cosine_matrix,
-    feature_map,
     fold_memory,
     gru_cell,
     matrix_fold,

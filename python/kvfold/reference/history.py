@@ -7,9 +7,10 @@ from typing import Any, List, Optional, Tuple
 import numpy as np
 
 from .. import rules
+from ..rules._base import Token
 from ..rules.summary import sigmoid
 from .attention import Layout, check_positions, rotate, softmax_attend
-from .memory import Slot, Token, matrix_fold, matrix_read, max_slots, memory_slots
+from .memory import Slot, matrix_fold, matrix_read, max_slots, memory_slots
 
 
 class ReferenceCache(Layout):

@@ -11,27 +11,8 @@ import numpy as np
 
 from .. import rules
 from ..rope import RoPE
-from ..rules._base import Pair, Token
-from ..rules.matrix import feature_map
-from ..rules.summary import MergeSlots, cosine_matrix
-
-__all__ = [
-    "Pair",
-    "Token",
-    "MATRIX_RULES",
-    "MergeSlots",
-    "Slot",
-    "check_rope",
-    "cosine_matrix",
-    "feature_map",
-    "fold_memory",
-    "gru_cell",
-    "matrix_fold",
-    "matrix_read",
-    "max_slots",
-    "memory_slots",
-    "merge_slots",
-]
+from ..rules._base import Pair
+from ..rules.summary import MergeSlots
 
 MATRIX_RULES = tuple(cls for cls in rules.kinds().values() if cls.matrix)
 

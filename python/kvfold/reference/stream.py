@@ -10,8 +10,9 @@ import numpy as np
 
 from .. import rules
 from ..rope import RoPE
+from ..rules.summary import MergeSlots
 from .attention import RETAIN, Layout, check_positions, rotate, softmax_weights
-from .memory import MergeSlots, Slot, max_slots, memory_slots, merge_slots
+from .memory import Slot, max_slots, memory_slots, merge_slots
 
 
 class _Lane:

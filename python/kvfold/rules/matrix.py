@@ -4,16 +4,14 @@ formula in its docstring) stand beside its definition."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Optional, Tuple
 
 import numpy as np
 
 from ._base import Reals, Rule, Token, _real, _reals
 
-
-def _matrix(rule: Rule, name: str) -> None:
-    object.__setattr__(rule, name, _reals(type(rule).__name__, name, getattr(rule, name)))
+State = Tuple[np.ndarray, Optional[np.ndarray]]  # S (H, d_k, d_v) and, for normalized Linear, z (H, d_k)
 
 
 @dataclass(frozen=True)
@@ -22,9 +20,14 @@ class MatrixRule(Rule):
 
     matrix: ClassVar[bool] = True
 
-    def reference_step(
-        self, S: np.ndarray, z: Optional[np.ndarray], token: Token
-    ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    def __post_init__(self) -> None:
+        """Gates and mixes (real numbers or arrays of them) become floats or nested tuples of floats."""
+        for f in fields(self):
+            if f.type in ("Reals", "Optional[Reals]"):
+                object.__setattr__(self, f.name, _reals(type(self).__name__, f.name, getattr(self, f.name)))
+        super().__post_init__()
+
+    def reference_step(self, S: np.ndarray, z: Optional[np.ndarray], token: Token) -> State:
         """One token ``(k (H, d_k), v (H, d_v), decay, beta)`` into S (H, d_k, d_v) (and z (H, d_k)); decay
         is the token's log-space gate, (H,) or (H, d_k), beta (H,): used where the rule has no constant."""
         raise TypeError(f"reference: no model of {type(self).__name__}")
@@ -89,12 +92,9 @@ class Linear(MatrixRule):
         if not isinstance(self.normalize, bool):
             raise TypeError(f"Linear: normalize must be True or False, got {type(self.normalize).__name__}")
         object.__setattr__(self, "eps", _real("Linear", "eps", self.eps))
-        _matrix(self, "mix")
         super().__post_init__()
 
-    def reference_step(
-        self, S: np.ndarray, z: Optional[np.ndarray], token: Token
-    ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    def reference_step(self, S: np.ndarray, z: Optional[np.ndarray], token: Token) -> State:
         phi = feature_map(self.feature_map, token[0])
         return _write(S, phi, token[1]), (None if z is None else z + phi)
 
@@ -118,14 +118,7 @@ class Gated(MatrixRule):
     mix: Reals = 0.0
     kind: ClassVar[str] = "gated"
 
-    def __post_init__(self) -> None:
-        _matrix(self, "decay")
-        _matrix(self, "mix")
-        super().__post_init__()
-
-    def reference_step(
-        self, S: np.ndarray, z: Optional[np.ndarray], token: Token
-    ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    def reference_step(self, S: np.ndarray, z: Optional[np.ndarray], token: Token) -> State:
         k, v, decay, _ = token
         return _write(_decayed(S, self._gate("decay", decay), k), k, v), z
 
@@ -141,14 +134,7 @@ class Delta(MatrixRule):
     mix: Reals = 0.0
     kind: ClassVar[str] = "delta"
 
-    def __post_init__(self) -> None:
-        _matrix(self, "beta")
-        _matrix(self, "mix")
-        super().__post_init__()
-
-    def reference_step(
-        self, S: np.ndarray, z: Optional[np.ndarray], token: Token
-    ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    def reference_step(self, S: np.ndarray, z: Optional[np.ndarray], token: Token) -> State:
         k, v, _, beta = token
         return _write(S, k, _delta(S, k, v, self._gate("beta", beta))), z
 
@@ -166,15 +152,7 @@ class GatedDelta(MatrixRule):
     mix: Reals = 0.0
     kind: ClassVar[str] = "gated_delta"
 
-    def __post_init__(self) -> None:
-        _matrix(self, "decay")
-        _matrix(self, "beta")
-        _matrix(self, "mix")
-        super().__post_init__()
-
-    def reference_step(
-        self, S: np.ndarray, z: Optional[np.ndarray], token: Token
-    ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    def reference_step(self, S: np.ndarray, z: Optional[np.ndarray], token: Token) -> State:
         k, v, decay, beta = token
         S = _decayed(S, self._gate("decay", decay), k)
         return _write(S, k, _delta(S, k, v, self._gate("beta", beta))), z
