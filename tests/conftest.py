@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from numpy.testing import assert_allclose
 
 import kvfold
 from kvfold import _core
@@ -37,3 +38,33 @@ def rng():
 def tokens(rng, B, H, T, d, dtype=np.float32):
     """(B, H, T, d) normal data."""
     return rng.standard_normal((B, H, T, d)).astype(dtype)
+
+
+# Cache shapes (batch, KV heads, query heads, d_k, d_v, window, sinks): odd sizes, grouped queries,
+# windows and sinks.
+SHAPES = [
+    (1, 1, 1, 1, 1, 0, 0),
+    (2, 3, 3, 7, 5, 0, 0),
+    (1, 2, 6, 17, 3, 4, 0),
+    (3, 1, 4, 3, 33, 0, 2),
+    (2, 2, 4, 33, 7, 5, 3),
+    (1, 1, 1, 127, 17, 1, 1),
+]
+
+
+def make_cache(rule, shape, cls=kvfold.MemoryCache, **kw):
+    """A cache of ``shape`` (kvfold's, or a reference model's with ``cls``)."""
+    B, H, Hq, dk, dv, window, sinks = shape
+    return cls(
+        rule, num_heads=H, head_dim=dk, value_dim=dv, num_query_heads=Hq, batch_size=B, window=window, sinks=sinks, **kw
+    )
+
+
+def shape_tokens(rng, shape, T):
+    """q (B, Hq, T, d_k), k (B, H, T, d_k), v (B, H, T, d_v) for a cache of ``shape``."""
+    B, H, Hq, dk, dv, _, _ = shape
+    return tokens(rng, B, Hq, T, dk), tokens(rng, B, H, T, dk), tokens(rng, B, H, T, dv)
+
+
+def close(a, b, atol=1e-6):
+    assert_allclose(a, b, rtol=1e-5, atol=atol)

@@ -6,10 +6,10 @@ import threading
 
 import numpy as np
 import pytest
-from numpy.testing import assert_allclose
 
 import kvfold
-from conftest import tokens
+from conftest import SHAPES, close, make_cache
+from conftest import shape_tokens as data
 from kvfold import reference, rules
 
 
@@ -27,29 +27,11 @@ def max_and_decay(mem_k, mem_v, k, v, count):
 RULE = rules.Custom(max_and_decay, slots=2)
 
 # (batch, KV heads, query heads, d_k, d_v, window, sinks)
-SHAPES = [
-    (1, 1, 1, 1, 1, 0, 0),
-    (2, 3, 3, 7, 5, 0, 0),
-    (1, 2, 6, 17, 3, 4, 0),
-    (3, 1, 4, 3, 33, 0, 2),
-    (2, 2, 4, 33, 7, 5, 3),
-]
+SHAPES = SHAPES[:5]
 
 
 def make(shape, rule=RULE, cls=kvfold.MemoryCache):
-    B, H, Hq, dk, dv, window, sinks = shape
-    return cls(
-        rule, num_heads=H, head_dim=dk, value_dim=dv, num_query_heads=Hq, batch_size=B, window=window, sinks=sinks
-    )
-
-
-def data(rng, shape, T):
-    B, H, Hq, dk, dv, _, _ = shape
-    return tokens(rng, B, Hq, T, dk), tokens(rng, B, H, T, dk), tokens(rng, B, H, T, dv)
-
-
-def close(a, b):
-    assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    return make_cache(rule, shape, cls)
 
 
 def state(cache, q):

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from numpy.testing import assert_allclose
 
 import kvfold
+from conftest import SHAPES
 from kvfold import reference, rules
 
 
@@ -48,16 +49,8 @@ CASES = [
     Case("gated_delta-const-key-token-beta", lambda H, Hq, dk: rules.GatedDelta(decay=const_decay(H, dk)), beta=True),
 ]
 
-# (batch, KV heads, query heads, d_k, d_v, window, sinks)
-SHAPES = [
-    (1, 1, 1, 1, 1, 0, 0),
-    (2, 3, 3, 7, 5, 0, 0),
-    (1, 2, 6, 17, 3, 4, 0),
-    (3, 1, 4, 3, 33, 0, 2),
-    (2, 2, 4, 33, 7, 5, 3),
-    (1, 1, 1, 127, 17, 1, 1),
-    (1, 2, 2, 17, 127, 0, 0),
-]
+# conftest's shapes and a wide value dimension
+SHAPES = [*SHAPES, (1, 2, 2, 17, 127, 0, 0)]
 
 T = 17
 

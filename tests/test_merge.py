@@ -5,10 +5,9 @@ import pickle
 
 import numpy as np
 import pytest
-from numpy.testing import assert_allclose
 
 import kvfold
-from conftest import tokens
+from conftest import SHAPES, close, make_cache, shape_tokens
 from kvfold import reference, rules
 
 MERGES = [
@@ -20,39 +19,14 @@ MERGES = [
     rules.Merge(17),
 ]
 
-# (batch, KV heads, query heads, d_k, d_v, window, sinks)
-SHAPES = [
-    (1, 1, 1, 1, 1, 0, 0),
-    (2, 3, 3, 7, 5, 0, 0),
-    (1, 2, 6, 17, 3, 4, 0),
-    (3, 1, 4, 3, 33, 0, 2),
-    (2, 2, 4, 33, 7, 5, 3),
-    (1, 1, 1, 127, 17, 1, 1),
-]
 T = 30
-
-
-def make(rule, shape, cls=kvfold.MemoryCache, **kw):
-    B, H, Hq, dk, dv, window, sinks = shape
-    return cls(
-        rule, num_heads=H, head_dim=dk, value_dim=dv, num_query_heads=Hq, batch_size=B, window=window, sinks=sinks, **kw
-    )
-
-
-def data(rng, shape, T):
-    B, H, Hq, dk, dv, _, _ = shape
-    return tokens(rng, B, Hq, T, dk), tokens(rng, B, H, T, dk), tokens(rng, B, H, T, dv)
-
-
-def close(a, b):
-    assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("rule", MERGES, ids=repr)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_step_matches_reference(rule, shape, rng):
-    cache, ref = make(rule, shape), make(rule, shape, reference.ReferenceCache)
-    q, k, v = data(rng, shape, T)
+    cache, ref = make_cache(rule, shape), make_cache(rule, shape, reference.ReferenceCache)
+    q, k, v = shape_tokens(rng, shape, T)
     for t in range(T):
         close(cache.step(q[:, :, t], k[:, :, t], v[:, :, t]), ref.step(q[:, :, t], k[:, :, t], v[:, :, t]))
     for a, b in zip(cache.memory() + cache.visible()[:2], ref.memory() + ref.visible()[:2]):
@@ -63,8 +37,8 @@ def test_step_matches_reference(rule, shape, rng):
 @pytest.mark.parametrize("rule", MERGES, ids=repr)
 @pytest.mark.parametrize("shape", SHAPES[1:5], ids=str)
 def test_blocks_forward_and_reset_match_reference(rule, shape, rng):
-    cache, ref = make(rule, shape), make(rule, shape, reference.ReferenceCache)
-    q, k, v = data(rng, shape, T)
+    cache, ref = make_cache(rule, shape), make_cache(rule, shape, reference.ReferenceCache)
+    q, k, v = shape_tokens(rng, shape, T)
     for lo, hi in [(0, 1), (1, 9), (9, 20)]:
         cache.update(k[:, :, lo:hi], v[:, :, lo:hi])
         ref.update(k[:, :, lo:hi], v[:, :, lo:hi])
@@ -84,8 +58,8 @@ def test_long_visible_sets_match_reference(rule, dims, rng):
     incremental reference, which equals the history one under fifo retention, keeps this fast.)"""
     dk, dv = dims
     shape = (2, 2, 8, dk, dv, 70, 3)
-    cache, ref = make(rule, shape), make(rule, shape, reference.StreamCache)
-    q, k, v = data(rng, shape, 200)
+    cache, ref = make_cache(rule, shape), make_cache(rule, shape, reference.StreamCache)
+    q, k, v = shape_tokens(rng, shape, 200)
     close(cache.forward(q, k, v), ref.forward(q, k, v))
     if rule.bias:
         assert cache.visible_size == 3 + rule.slots + 70  # every slot full, merged slots among them
@@ -98,8 +72,8 @@ def test_half_storage_is_the_float32_model_on_rounded_pairs(rule, dtype, rng):
     from test_half import ROUND
 
     shape = (2, 3, 6, 32, 64, 9, 2)
-    q, k, v = data(rng, shape, 40)
-    half, wide = make(rule, shape, dtype=dtype), make(rule, shape)
+    q, k, v = shape_tokens(rng, shape, 40)
+    half, wide = make_cache(rule, shape, dtype=dtype), make_cache(rule, shape)
     a = half.forward(q, k, v)
     b = wide.forward(q, ROUND[dtype](k), ROUND[dtype](v))
     for x, y in zip(half.memory() + half.visible()[:2], wide.memory() + wide.visible()[:2]):
@@ -124,8 +98,8 @@ def test_equal_keys_merge_into_one_slot_weighing_their_count(rng):
 @pytest.mark.parametrize("rule", [rules.Merge(3), rules.Merge(2, bias=None)], ids=repr)
 def test_state_operations_continue_like_the_original(rule, rng):
     shape = (3, 2, 4, 8, 6, 3, 1)
-    q, k, v = data(rng, shape, 30)
-    cache, ref = make(rule, shape), make(rule, shape, reference.ReferenceCache)
+    q, k, v = shape_tokens(rng, shape, 30)
+    cache, ref = make_cache(rule, shape), make_cache(rule, shape, reference.ReferenceCache)
     cache.forward(q[:, :, :12], k[:, :, :12], v[:, :, :12])
     ref.forward(q[:, :, :12], k[:, :, :12], v[:, :, :12])
     cp = cache.checkpoint()

@@ -2,10 +2,8 @@
 
 import numpy as np
 import pytest
-from numpy.testing import assert_allclose
 
-import kvfold
-from conftest import tokens
+from conftest import SHAPES, close, make_cache, shape_tokens
 from kvfold import reference, rules
 
 RULES = [
@@ -21,40 +19,14 @@ RULES = [
     rules.Compressive(1, 1),
 ]
 
-# (batch, KV heads, query heads, d_k, d_v, window, sinks)
-SHAPES = [
-    (1, 1, 1, 1, 1, 0, 0),
-    (2, 3, 3, 7, 5, 0, 0),
-    (1, 2, 6, 17, 3, 4, 0),
-    (3, 1, 4, 3, 33, 0, 2),
-    (2, 2, 4, 33, 7, 5, 3),
-    (1, 1, 1, 127, 17, 1, 1),
-]
-
 T = 23
-
-
-def make(rule, shape, cls=kvfold.MemoryCache):
-    B, H, Hq, dk, dv, window, sinks = shape
-    return cls(
-        rule, num_heads=H, head_dim=dk, value_dim=dv, num_query_heads=Hq, batch_size=B, window=window, sinks=sinks
-    )
-
-
-def data(rng, shape, T):
-    B, H, Hq, dk, dv, _, _ = shape
-    return tokens(rng, B, Hq, T, dk), tokens(rng, B, H, T, dk), tokens(rng, B, H, T, dv)
-
-
-def close(a, b):
-    assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("rule", RULES, ids=repr)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_step_matches_reference(rule, shape, rng):
-    cache, ref = make(rule, shape), make(rule, shape, reference.ReferenceCache)
-    q, k, v = data(rng, shape, T)
+    cache, ref = make_cache(rule, shape), make_cache(rule, shape, reference.ReferenceCache)
+    q, k, v = shape_tokens(rng, shape, T)
     for t in range(T):
         close(cache.step(q[:, :, t], k[:, :, t], v[:, :, t]), ref.step(q[:, :, t], k[:, :, t], v[:, :, t]))
     close(cache.memory()[0], ref.memory()[0])
@@ -70,8 +42,8 @@ def test_step_matches_reference(rule, shape, rng):
 @pytest.mark.parametrize("rule", RULES, ids=repr)
 @pytest.mark.parametrize("shape", SHAPES[1:5], ids=str)
 def test_blocks_and_forward_match_reference(rule, shape, rng):
-    cache, ref = make(rule, shape), make(rule, shape, reference.ReferenceCache)
-    q, k, v = data(rng, shape, T)
+    cache, ref = make_cache(rule, shape), make_cache(rule, shape, reference.ReferenceCache)
+    q, k, v = shape_tokens(rng, shape, T)
     # an uneven split into blocks, then forward over the rest
     for lo, hi in [(0, 1), (1, 6), (6, 13)]:
         cache.update(k[:, :, lo:hi], v[:, :, lo:hi])
@@ -86,8 +58,8 @@ def test_blocks_and_forward_match_reference(rule, shape, rng):
 @pytest.mark.parametrize("rule", RULES, ids=repr)
 def test_rows_diverge_after_reset(rule, rng):
     shape = (3, 2, 4, 5, 6, 3, 1)
-    cache, ref = make(rule, shape), make(rule, shape, reference.ReferenceCache)
-    q, k, v = data(rng, shape, 20)
+    cache, ref = make_cache(rule, shape), make_cache(rule, shape, reference.ReferenceCache)
+    q, k, v = shape_tokens(rng, shape, 20)
     cache.update(k[:, :, :9], v[:, :, :9])
     ref.update(k[:, :, :9], v[:, :, :9])
     cache.reset(rows=[1])
@@ -107,8 +79,8 @@ def test_long_windows_and_large_groups_match_reference(rule, dims, rng):
     of different lengths side by side."""
     dk, dv = dims
     shape = (2, 2, 20, dk, dv, 70, 3)  # 10 query heads per KV head; up to 3 + 3 + 70 visible rows
-    cache, ref = make(rule, shape), make(rule, shape, reference.ReferenceCache)
-    q, k, v = data(rng, shape, 150)
+    cache, ref = make_cache(rule, shape), make_cache(rule, shape, reference.ReferenceCache)
+    q, k, v = shape_tokens(rng, shape, 150)
     close(
         cache.forward(q[:, :, :90], k[:, :, :90], v[:, :, :90]), ref.forward(q[:, :, :90], k[:, :, :90], v[:, :, :90])
     )
