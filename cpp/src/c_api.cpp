@@ -75,6 +75,14 @@ void require(const void* p, const char* name) {
     if (!p) fail(std::string(name) + ": expected a pointer, got null");
 }
 
+// The arrays of a step or a forward, none of them null.
+void require_step(const float* q, const float* k, const float* v, const float* out) {
+    require(q, "q");
+    require(k, "k");
+    require(v, "v");
+    require(out, "out");
+}
+
 kvfold::MemoryCache& live(kvfold_cache* cache) {
     if (!cache) fail("cache: expected a kvfold_cache, got null");
     return *cache->cache;
@@ -275,10 +283,7 @@ kvfold_status kvfold_step(kvfold_cache* cache, const float* q, const float* k, c
                           const kvfold_gates* gates) {
     return guarded(cache, [&] {
         kvfold::MemoryCache& c = live(cache);
-        require(q, "q");
-        require(k, "k");
-        require(v, "v");
-        require(out, "out");
+        require_step(q, k, v, out);
         c.step(q, k, v, out, token_gates(gates));
     });
 }
@@ -287,10 +292,7 @@ kvfold_status kvfold_forward(kvfold_cache* cache, const float* q, const float* k
                              const kvfold_gates* gates) {
     return guarded(cache, [&] {
         kvfold::MemoryCache& c = live(cache);
-        require(q, "q");
-        require(k, "k");
-        require(v, "v");
-        require(out, "out");
+        require_step(q, k, v, out);
         c.forward(q, k, v, T, out, token_gates(gates));
     });
 }
