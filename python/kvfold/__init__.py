@@ -54,10 +54,7 @@ def set_num_threads(num_threads: int) -> None:
     Work splits over (batch row x KV head) when there is enough of it; results are identical
     whatever the count. One thread never pays for the pool.
     """
-    num_threads = integer("num_threads", num_threads)
-    if not 1 <= num_threads <= _core.MAX_THREADS:
-        raise ValueError(f"num_threads: expected an integer in [1, {_core.MAX_THREADS}], got {num_threads}")
-    _core.set_num_threads(num_threads)
+    _core.set_num_threads(integer("num_threads", num_threads, 1, _core.MAX_THREADS))
 
 
 def get_num_threads() -> int:
@@ -73,10 +70,7 @@ def set_chunk_size(chunk_size: int) -> None:
     chunked form of linear attention, with the WY form for the delta rules). The chunk size tunes
     speed only: results change by float rounding at most.
     """
-    chunk_size = integer("chunk_size", chunk_size)
-    if not 1 <= chunk_size <= _core.MAX_CHUNK:
-        raise ValueError(f"chunk_size: expected an integer in [1, {_core.MAX_CHUNK}], got {chunk_size}")
-    _core.set_chunk_size(chunk_size)
+    _core.set_chunk_size(integer("chunk_size", chunk_size, 1, _core.MAX_CHUNK))
 
 
 def get_chunk_size() -> int:
