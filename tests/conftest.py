@@ -68,3 +68,13 @@ def shape_tokens(rng, shape, T):
 
 def close(a, b, atol=1e-6):
     assert_allclose(a, b, rtol=1e-5, atol=atol)
+
+
+def unchanged(cache, call, error, *words):
+    """``call()`` raises ``error`` with each of ``words`` in its message and leaves ``cache`` as it was."""
+    before = cache.to_bytes()
+    with pytest.raises(error) as info:
+        call()
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
+    assert cache.to_bytes() == before

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import kvfold
+from conftest import unchanged
 from kvfold import rules
 
 
@@ -14,15 +15,6 @@ def cache(rng):
     )
     c.update(rng.standard_normal((2, 2, 5, 4)), rng.standard_normal((2, 2, 5, 3)))
     return c
-
-
-def unchanged(cache, call, error, *words):
-    before = cache.to_bytes()
-    with pytest.raises(error) as info:
-        call()
-    for w in words:
-        assert w in str(info.value), (w, str(info.value))
-    assert cache.to_bytes() == before
 
 
 K = np.zeros((2, 2, 4), np.float32)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from numpy.testing import assert_allclose
 
 import kvfold
-from conftest import SHAPES
+from conftest import SHAPES, unchanged
 from kvfold import reference, rules
 
 
@@ -399,15 +399,6 @@ def fed(rule, window=2, sinks=1, **gates):
         g["beta"] = rng.random((2, 2, 5))
     cache.update(rng.standard_normal((2, 2, 5, 4)) / 2, rng.standard_normal((2, 2, 5, 3)), **g)
     return cache
-
-
-def unchanged(cache, call, error, *words):
-    before = cache.to_bytes()
-    with pytest.raises(error) as info:
-        call()
-    for w in words:
-        assert w in str(info.value), (w, str(info.value))
-    assert cache.to_bytes() == before
 
 
 K, V, Q = np.zeros((2, 2, 4)), np.zeros((2, 2, 3)), np.zeros((2, 4, 4))
