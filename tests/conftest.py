@@ -70,6 +70,20 @@ def close(a, b, atol=1e-6):
     assert_allclose(a, b, rtol=1e-5, atol=atol)
 
 
+def steps_match_reference(rule, shape, rng, T):
+    """T steps of a kvfold cache and of kvfold.reference's give the same outputs, memory and visible set."""
+    from kvfold.reference import ReferenceCache
+
+    cache, ref = make_cache(rule, shape), make_cache(rule, shape, ReferenceCache)
+    q, k, v = shape_tokens(rng, shape, T)
+    for t in range(T):
+        close(cache.step(q[:, :, t], k[:, :, t], v[:, :, t]), ref.step(q[:, :, t], k[:, :, t], v[:, :, t]))
+    for a, b in zip(cache.memory() + cache.visible()[:2], ref.memory() + ref.visible()[:2]):
+        close(a, b)
+    np.testing.assert_array_equal(cache.visible()[2], ref.visible()[2])
+    np.testing.assert_array_equal(cache.length, ref.length)
+
+
 def unchanged(cache, call, error, *words):
     """``call()`` raises ``error`` with each of ``words`` in its message and leaves ``cache`` as it was."""
     before = cache.to_bytes()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import kvfold
-from conftest import SHAPES, close, make_cache, shape_tokens
+from conftest import SHAPES, close, make_cache, shape_tokens, steps_match_reference
 from kvfold import reference, rules
 
 MERGES = [
@@ -25,13 +25,7 @@ T = 30
 @pytest.mark.parametrize("rule", MERGES, ids=repr)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_step_matches_reference(rule, shape, rng):
-    cache, ref = make_cache(rule, shape), make_cache(rule, shape, reference.ReferenceCache)
-    q, k, v = shape_tokens(rng, shape, T)
-    for t in range(T):
-        close(cache.step(q[:, :, t], k[:, :, t], v[:, :, t]), ref.step(q[:, :, t], k[:, :, t], v[:, :, t]))
-    for a, b in zip(cache.memory() + cache.visible()[:2], ref.memory() + ref.visible()[:2]):
-        close(a, b)
-    np.testing.assert_array_equal(cache.visible()[2], ref.visible()[2])
+    steps_match_reference(rule, shape, rng, T)
 
 
 @pytest.mark.parametrize("rule", MERGES, ids=repr)

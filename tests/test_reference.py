@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from conftest import SHAPES, close, make_cache, shape_tokens
+from conftest import SHAPES, close, make_cache, shape_tokens, steps_match_reference
 from kvfold import reference, rules
 
 RULES = [
@@ -25,18 +25,7 @@ T = 23
 @pytest.mark.parametrize("rule", RULES, ids=repr)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_step_matches_reference(rule, shape, rng):
-    cache, ref = make_cache(rule, shape), make_cache(rule, shape, reference.ReferenceCache)
-    q, k, v = shape_tokens(rng, shape, T)
-    for t in range(T):
-        close(cache.step(q[:, :, t], k[:, :, t], v[:, :, t]), ref.step(q[:, :, t], k[:, :, t], v[:, :, t]))
-    close(cache.memory()[0], ref.memory()[0])
-    close(cache.memory()[1], ref.memory()[1])
-    ck, cv, cm = cache.visible()
-    rk, rv, rm = ref.visible()
-    close(ck, rk)
-    close(cv, rv)
-    np.testing.assert_array_equal(cm, rm)
-    np.testing.assert_array_equal(cache.length, ref.length)
+    steps_match_reference(rule, shape, rng, T)
 
 
 @pytest.mark.parametrize("rule", RULES, ids=repr)
