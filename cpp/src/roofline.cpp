@@ -143,28 +143,28 @@ volatile float sink;  // the loops' results land here, so no compiler drops the 
 
 double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 
-// The best rate (units per second) of run(count), which does `count` units of work: rounds sized
-// to about seconds / kRounds each, after a calibration that doubles count until a call is long
-// enough to time.
+// The best rate (units per second) of run(count), which does `count` units of work: short rounds
+// (about 2 ms, or one call when that takes longer) for about `seconds`, so that on a machine shared
+// with other work some rounds run undisturbed. count doubles from 1 until a call is long enough.
 template <class Run>
 double best_rate(const Run& run, double seconds) {
-    constexpr int kRounds = 5;
-    const double round = seconds / kRounds;
+    constexpr double kRound = 0.002;
     int64_t count = 1;
     double took = 0;
     for (;;) {
         const double start = now();
         run(count);
-        took = now() - start;
-        if (took >= round / 8 || count >= (int64_t(1) << 40)) break;
+        took = std::max(now() - start, 1e-9);
+        if (took >= kRound / 2 || count >= (int64_t(1) << 40)) break;
         count *= 2;
     }
-    count = std::max<int64_t>(1, static_cast<int64_t>(static_cast<double>(count) * round / std::max(took, 1e-9)));
-    double best = 0;
-    for (int r = 0; r < kRounds; ++r) {
+    double best = static_cast<double>(count) / took;
+    if (took < kRound) count = static_cast<int64_t>(static_cast<double>(count) * kRound / took);
+    const double end = now() + seconds;
+    for (int rounds = 0; rounds < 3 || now() < end; ++rounds) {
         const double start = now();
         run(count);
-        best = std::max(best, static_cast<double>(count) / std::max(now() - start, 1e-12));
+        best = std::max(best, static_cast<double>(count) / std::max(now() - start, 1e-9));
     }
     return best;
 }
