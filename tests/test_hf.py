@@ -14,45 +14,24 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # noqa: E402
 
 from kvfold import reference, rules  # noqa: E402
 from kvfold.hf import FoldCache, FoldLayer  # noqa: E402
+from tiny_models import run, tiny, token_ids  # noqa: E402
 
-VOCAB, LENGTH = 101, 37
+LENGTH = 37
 
 
 @pytest.fixture(scope="module", params=["sdpa", "eager"])
 def model(request):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        attn_implementation=request.param,
-    )
-    m = LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # larger weights than the default init, so that attention is far from uniform
-        for p in m.parameters():
-            p.mul_(4.0 if p.dim() > 1 else 1.0)
-    return m
+    return tiny(attention=request.param)
 
 
 @pytest.fixture(scope="module")
 def ids():
-    return torch.randint(0, VOCAB, (2, LENGTH), generator=torch.Generator().manual_seed(7))
-
-
-def run(model, ids, cache, chunk):
-    """Logits of the whole sequence fed in blocks of ``chunk`` tokens (0: all at once)."""
-    chunk = chunk or ids.shape[1]
-    with torch.no_grad():
-        return torch.cat([model(ids[:, i : i + chunk], cache=cache).logits for i in range(0, ids.shape[1], chunk)], 1)
+    return token_ids(LENGTH)
 
 
 @pytest.mark.parametrize("chunk", [0, 1, 5], ids=["prefill", "decode", "chunked"])
@@ -69,20 +48,8 @@ def test_window_longer_than_text_equals_dynamic_cache(model, ids, chunk):
 
 @pytest.mark.parametrize("family", ["Qwen2", "Mistral"])
 def test_other_llama_family_models(family, ids):
-    import transformers
-
-    config = getattr(transformers, f"{family}Config")(
-        vocab_size=VOCAB,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    torch.manual_seed(1)
-    model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
-    expected = run(model, ids, DynamicCache(config=config), 4)
+    model = tiny(family, seed=1, scale=1.0)
+    expected = run(model, ids, DynamicCache(config=model.config), 4)
     torch.testing.assert_close(run(model, ids, FoldCache(window=LENGTH), 4), expected, atol=1e-4, rtol=0)
     got = run(model, ids, FoldCache(rules.Drop(), window=5, sinks=2), 4)
     with torch.no_grad():

@@ -8,37 +8,22 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-import transformers  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 import kvfold.hf  # noqa: E402,F401  (registers the "kvfold" attention)
 from kvfold import MemoryCache, RoPE, rules  # noqa: E402
 from kvfold.hf import FoldCache  # noqa: E402
 from kvfold.reference import StreamCache  # noqa: E402
+from tiny_models import run, token_ids  # noqa: E402
+from tiny_models import tiny as tiny_model  # noqa: E402
 
 pytestmark = pytest.mark.one_backend  # the attention kernels are tested per backend elsewhere
 
-VOCAB, LENGTH = 101, 29
+LENGTH = 29
 
 
 def tiny(family="Llama", attention="kvfold", seed=0):
-    config = getattr(transformers, f"{family}Config")(
-        vocab_size=VOCAB,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rope_theta=1000.0,
-        attn_implementation=attention,
-    )
-    torch.manual_seed(seed)
-    m = getattr(transformers, f"{family}ForCausalLM")(config).eval()
-    with torch.no_grad():  # larger weights than the default init, so that attention is far from uniform
-        for p in m.parameters():
-            p.mul_(4.0 if p.dim() > 1 else 1.0)
-    return m
+    return tiny_model(family, attention, seed, rope_theta=1000.0)
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +33,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def ids():
-    return torch.randint(0, VOCAB, (2, LENGTH), generator=torch.Generator().manual_seed(7))
-
-
-def run(model, ids, cache, chunk):
-    """Logits of the whole sequence fed in blocks of ``chunk`` tokens (0: all at once)."""
-    chunk = chunk or ids.shape[1]
-    with torch.no_grad():
-        return torch.cat([model(ids[:, i : i + chunk], cache=cache).logits for i in range(0, ids.shape[1], chunk)], 1)
+    return token_ids(LENGTH)
 
 
 def close(a, b, atol=1e-4):
