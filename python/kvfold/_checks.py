@@ -15,6 +15,7 @@ def integer(name: str, value: Any, minimum: Optional[int] = None, maximum: Optio
         expected = "an integer" if minimum is None else f"an integer >= {minimum}"
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name}: expected {expected}, got {type(value).__name__} {value!r}")
-    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+    number = int(value)
+    if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
         raise ValueError(f"{name}: expected {expected}, got {value}")
-    return int(value)
+    return number

@@ -249,7 +249,6 @@ void bind_cache(py::module_& m) {
             "attend",
             [](MemoryCache& c, const py::handle& q_obj, const py::object& out) {
                 InFlight busy(c);
-                const auto& g = c.config();
                 FloatArray q = read_query(c, q_obj);
                 Output o = output(c, out);
                 unalias(q, o);
