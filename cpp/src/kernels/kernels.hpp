@@ -80,6 +80,9 @@ struct Kernels {
     // One pass of a fold: s = a * s + b * x, then the visible slot y = c * s in float32.
     void (*axpby_f64)(double* s, double a, const float* x, double b, float* y, double c, int64_t n);
     void (*max_f32)(float* y, const float* x, int64_t n);  // y = max(y, x)
+    // RoPE: pair i of x turns by the angle whose cos and sin are given (n pairs): pair i is
+    // (x[i], x[i + n]), or (x[2i], x[2i + 1]) when interleaved (rope-inl.hpp).
+    void (*rotate)(float* x, const float* cos, const float* sin, int64_t n, bool interleaved);
 
     // Attention over a block of rows, for nq query heads that share the rows (grouped-query
     // attention reads each key and value row once for the whole group). Row j of k or v starts at

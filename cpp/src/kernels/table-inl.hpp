@@ -5,6 +5,8 @@
 // Include it at the end of the kernel file's namespace, inside its target region. No include
 // guard: each kernel file includes it once.
 
+#include "rope-inl.hpp"
+
 constexpr Kernels filled_table(const char* name) {
     Kernels k{};
     k.name = name;
@@ -27,6 +29,7 @@ constexpr Kernels filled_table(const char* name) {
     k.mul_f64 = mul_f64;
     k.axpby_f64 = axpby_f64;
     k.max_f32 = max_f32;
+    k.rotate = rotate;
     k.scores_f32 = scores<F32>;
     k.scores_f16 = scores<F16>;
     k.scores_bf16 = scores<BF16>;
