@@ -104,7 +104,8 @@ def check_loaded(cache, data):
     v = rng.standard_normal((B, H, 2, cache.value_dim), dtype=np.float32)
     cache.attend(q)
     gates = {"decay": np.zeros((B, H, 2)), "beta": np.ones((B, H, 2))}
-    cache.update(k, v, **{name: gates[name] for name in cache.rule.per_token_gates})
+    positions = cache.last_position[:, None] + np.arange(2)  # a state may hold positions ahead of its length
+    cache.update(k, v, positions=positions, **{name: gates[name] for name in cache.rule.per_token_gates})
     cache.visible()
     cache.memory()
     cache.checkpoint()

@@ -45,7 +45,7 @@ def stream(seed, T=40):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_storage_bytes_halve(dtype):
     wide, narrow = cache(rules.Drop(), "float32"), cache(rules.Drop(), dtype)
-    lengths = 8 * wide.batch_size  # the per-row token counts stay int64
+    lengths = 16 * wide.batch_size  # the per-row token counts and last positions stay int64
     assert narrow.nbytes - lengths == (wide.nbytes - lengths) // 2
     # The memory slots halve too; a rule's own state (Moving's float64 sums and ring of pairs) stays.
     slot_bytes = 2 * 3 * (32 + 64) * 4  # one float32 slot per lane

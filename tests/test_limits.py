@@ -152,7 +152,7 @@ def with_extra_parameter(data, kind_length):
     import struct
     import zlib
 
-    at = 24 + 7 * 8 + 8 + 2 + 4 + kind_length  # header, config, kind: then the array count
+    at = 24 + 7 * 8 + 8 + 2 + 26 + 4 + kind_length  # header, config (RoPE, retention), kind: then the array count
     (count,) = struct.unpack_from("<I", data, at)
     extra = struct.pack("<I", 5) + b"bogus" + struct.pack("<I", 0) + struct.pack("<d", 1.0)
     # arrays are stored by name; "bogus" sorts before every real parameter name used here

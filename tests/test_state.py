@@ -41,6 +41,8 @@ def parse(data):
     names = ["batch_size", "num_heads", "head_dim", "value_dim", "num_query_heads", "window", "sinks"]
     out.update(zip(names, take("7q")))
     out["scale"], out["dtype"], out["check_finite"] = take("d"), take("B"), take("B")
+    out["rope_theta"], out["rope_dim"], out["rope_layout"] = take("d"), take("q"), take("B")
+    out["retain"], out["recent"] = take("B"), take("q")
     out["kind"] = text()
     arrays = {}
     for _ in range(take("I")):
@@ -52,6 +54,8 @@ def parse(data):
     out["arrays"] = arrays
     out["options"] = {text(): text() for _ in range(take("I"))}
     out["length"] = list(struct.unpack_from(f"<{out['batch_size']}q", data, at))
+    at += 8 * out["batch_size"]
+    out["last_position"] = list(struct.unpack_from(f"<{out['batch_size']}q", data, at))
     at += 8 * out["batch_size"]
     lanes = out["batch_size"] * out["num_heads"]
     out["lane_bytes"] = []
@@ -73,14 +77,15 @@ def test_the_format_is_as_documented(rng):
     feed(c, rng)
     data = c.to_bytes()
     f = parse(data)
-    assert f["magic"] == b"KVFOLD\r\n" and f["version"] == 1 and f["flags"] == 0 and f["total"] == len(data)
+    assert f["magic"] == b"KVFOLD\r\n" and f["version"] == 2 and f["flags"] == 0 and f["total"] == len(data)
     assert [
         f[n] for n in ("batch_size", "num_heads", "head_dim", "value_dim", "num_query_heads", "window", "sinks")
     ] == [3, 2, 5, 3, 4, 4, 1]
     assert (f["scale"], f["dtype"], f["check_finite"]) == (0.5, 1, 0)
+    assert (f["rope_theta"], f["rope_dim"], f["rope_layout"], f["retain"], f["recent"]) == (0.0, 0, 0, 0, -1)
     assert f["kind"] == "compressive" and f["options"] == {"pool": "max"}
     assert {k: a.tolist() for k, a in f["arrays"].items()} == {"slots": 3.0, "rate": 2.0}
-    assert f["length"] == [11, 11, 11]
+    assert f["length"] == [11, 11, 11] and f["last_position"] == [10, 10, 10]
     # sinks k, v and window k, v, then the rule's slots k, v: all float16
     assert f["lane_bytes"] == [1 * 5 * 2, 1 * 3 * 2, 4 * 5 * 2, 4 * 3 * 2, 3 * 5 * 2, 3 * 3 * 2]
     assert f["crc"] == zlib.crc32(data[:-4])
@@ -125,7 +130,7 @@ def bad_states(data):
     yield "truncated", data[:-1], ["truncated", f"state is {len(data)} bytes", f"got {len(data) - 1}"]
     yield "half", data[: len(data) // 2], ["truncated"]
     yield "trailing bytes", data + b"\0\0", ["2 unexpected bytes after the end"]
-    yield "future version", data[:8] + struct.pack("<I", 2) + data[12:], ["format version 2 is newer", "upgrade"]
+    yield "future version", data[:8] + struct.pack("<I", 3) + data[12:], ["format version 3 is newer", "upgrade"]
     yield "version 0", data[:8] + struct.pack("<I", 0) + data[12:], ["format version 0"]
     yield "flipped bit", data[:40] + bytes([data[40] ^ 1]) + data[41:], ["CRC32 mismatch"]
     yield "bad crc", body + b"\0\0\0\0", ["CRC32 mismatch"]
@@ -147,7 +152,7 @@ def bad_states(data):
     yield (
         "absurd window",
         reseal(body[:window] + struct.pack("<q", 2**31) + body[window + 8 :]),
-        ["needs 274877908496 bytes, more than the"],
+        ["needs 274877908512 bytes, more than the"],
     )
     yield "bad window", reseal(body[:window] + struct.pack("<q", -3) + body[window + 8 :]), ["window", "-3"]
     heads = config + 8
@@ -163,7 +168,13 @@ def bad_states(data):
     yield "check_finite", reseal(body[: dtype + 1] + b"\x05" + body[dtype + 2 :]), ["check_finite is 5"]
     scale = config + 7 * 8
     yield "nan scale", reseal(body[:scale] + struct.pack("<d", float("nan")) + body[scale + 8 :]), ["scale"]
-    kind = dtype + 2
+    options = dtype + 2  # RoPE theta, dim, layout, retain, recent
+    theta, layout, retain, recent = options, options + 16, options + 17, options + 18
+    yield "negative theta", reseal(body[:theta] + struct.pack("<d", -1.0) + body[theta + 8 :]), ["theta", "> 0"]
+    yield "layout code", reseal(body[:layout] + b"\x02" + body[layout + 1 :]), ["rope layout code 2"]
+    yield "retain code", reseal(body[:retain] + b"\x03" + body[retain + 1 :]), ["retain code 3"]
+    yield "recent", reseal(body[:recent] + struct.pack("<q", 2) + body[recent + 8 :]), ["only retain='h2o'"]
+    kind = options + 26
     yield "huge name", reseal(body[:kind] + struct.pack("<I", 2**31) + body[kind + 4 :]), ["2147483648 bytes long"]
     yield "unknown rule", reseal(body[: kind + 4] + b"xyz" + body[kind + 7 :]), ["rule: expected one of", "'xyz'"]
     yield (

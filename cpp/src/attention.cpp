@@ -1,8 +1,10 @@
 #include "attention.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #include "kernels/kernels.hpp"
 
@@ -106,6 +108,16 @@ void score_short(const Kernels& K, const Attention& a, int64_t dk, float scale, 
                        kBlock);
 }
 
+// Adds the weights p (nq rows of kBlock, the visible set's rows in order) of the segments that record them.
+void record_short(const Attention& a, const float* p) {
+    for (int64_t seg = 0, at = 0; seg < a.count; at += a.segments[seg++].rows) {
+        float* w = a.segments[seg].weights;
+        if (!w) continue;
+        for (int64_t i = 0; i < a.nq; ++i)
+            for (int64_t j = 0; j < a.segments[seg].rows; ++j) w[j] += a.weight_share * p[i * kBlock + at + j];
+    }
+}
+
 void weigh_short(const Kernels& K, const Attention& a, int64_t dv, const float* p) {
     for (int64_t seg = 0, at = 0; seg < a.count; at += a.segments[seg++].rows)
         if (a.segments[seg].rows)
@@ -132,6 +144,56 @@ void weigh_block(const Kernels& K, Cursor from, int64_t filled, const float* p, 
     }
 }
 
+// The weights of a long visible set, for the segments that record them: each block's weights are
+// exp(s - m_b) against the running max m_b after it; kept (per query) with m_b until the final max
+// and total are known, then scaled by exp(m_b - m_final) / total and added.
+class LongWeights {
+   public:
+    // Keeps the block's weights of recording rows (scores: nq rows of kBlock).
+    void keep(Cursor block, int64_t filled, const float* scores, const float* running_max, int64_t nq) {
+        for (int64_t done = 0; done < filled;) {
+            const Rows r = block.next(filled - done);
+            if (r.seg->weights) {
+                Run run{r.seg->weights + r.first, r.count, at_, {}};
+                for (int64_t i = 0; i < nq; ++i) {
+                    run.max[i] = running_max[i];
+                    kept_.insert(kept_.end(), scores + i * kBlock + done, scores + i * kBlock + done + r.count);
+                }
+                runs_.push_back(run);
+                at_ += nq * r.count;
+            }
+            done += r.count;
+        }
+    }
+    void add(const float* final_max, const float* total, int64_t nq, float share) {
+        for (const Run& run : runs_)
+            for (int64_t i = 0; i < nq; ++i) {
+                const float f = share * std::exp(run.max[i] - final_max[i]) / total[i];
+                const float* p = kept_.data() + run.at + i * run.count;
+                for (int64_t j = 0; j < run.count; ++j) run.weights[j] += f * p[j];
+            }
+        runs_.clear();
+        kept_.clear();
+        at_ = 0;
+    }
+
+   private:
+    struct Run {
+        float* weights;
+        int64_t count, at;
+        float max[kGroup];
+    };
+    std::vector<Run> runs_;
+    std::vector<float> kept_;
+    int64_t at_ = 0;
+};
+
+bool records(const Attention& a) {
+    for (int s = 0; s < a.count; ++s)
+        if (a.segments[s].weights && a.segments[s].rows) return true;
+    return false;
+}
+
 // A long visible set: blocks of kBlock rows merged by an online softmax. Each block's weights are
 // taken against the running max; the output and the total are rescaled whenever the max grows,
 // and divided by the total at the end.
@@ -142,6 +204,8 @@ void attend_long(const Kernels& K, const Attention& a, int64_t dk, int64_t dv, f
         running_max[i] = -std::numeric_limits<float>::infinity();
         total[i] = 0;
     }
+    thread_local LongWeights weights;  // grows once per thread, then allocates nothing
+    const bool record = records(a);
     Cursor cursor(a.segments, a.count);
     for (bool add = false;; add = true) {
         const Cursor block = cursor;
@@ -149,18 +213,22 @@ void attend_long(const Kernels& K, const Attention& a, int64_t dk, int64_t dv, f
         if (filled == 0) break;
         for (int64_t i = 0; i < a.nq; ++i)
             K.softmax_block(scores + i * kBlock, filled, &running_max[i], &total[i], a.out + i * a.out_stride, dv);
+        if (record) weights.keep(block, filled, scores, running_max, a.nq);
         weigh_block(K, block, filled, scores, a, dv, add);
     }
     for (int64_t i = 0; i < a.nq; ++i) K.scale(a.out + i * a.out_stride, 1.0f / total[i], dv);
+    if (record) weights.add(running_max, total, a.nq, a.weight_share);
 }
 
 // One visible row: the softmax gives it weight exp(0) / exp(0) = 1 exactly, so every query reads
 // its value as stored; scoring it would change nothing.
 void attend_one_row(const Attention& a, int64_t dv) {
     for (int s = 0; s < a.count; ++s)
-        if (a.segments[s].rows)
+        if (a.segments[s].rows) {
             for (int64_t i = 0; i < a.nq; ++i)
                 load_row(a.out + i * a.out_stride, a.segments[s].values, dv, a.segments[s].dtype);
+            if (a.segments[s].weights) a.segments[s].weights[0] += a.weight_share * static_cast<float>(a.nq);
+        }
 }
 
 constexpr int kBatch = 4;  // problems taken through each step together
@@ -183,9 +251,10 @@ void attend_batch(const Kernels& K, const Attention* problems, int count, int64_
             for (int64_t i = 0; i < a.nq; ++i) std::memset(a.out + i * a.out_stride, 0, sizeof(float) * dv);
         else if (rows[p] == 1)
             attend_one_row(a, dv);
-        else if (rows[p] <= kBlock)
+        else if (rows[p] <= kBlock) {
+            record_short(a, scores[p]);
             weigh_short(K, a, dv, scores[p]);
-        else
+        } else
             attend_long(K, a, dk, dv, scale);
     }
 }
@@ -200,9 +269,14 @@ void attend(const Attention* problems, int count, int64_t dk, int64_t dv, float 
     for (int p = 0; p < count; ++p) {
         const Attention& a = problems[p];
         for (int64_t first = 0; first < a.nq; first += kGroup) {
-            batch[n++] = Attention{
-                a.q + first * a.q_stride,     a.q_stride,  std::min(kGroup, a.nq - first), a.segments, a.count,
-                a.out + first * a.out_stride, a.out_stride};
+            batch[n++] = Attention{a.q + first * a.q_stride,
+                                   a.q_stride,
+                                   std::min(kGroup, a.nq - first),
+                                   a.segments,
+                                   a.count,
+                                   a.out + first * a.out_stride,
+                                   a.out_stride,
+                                   a.weight_share};
             if (n == kBatch) {
                 attend_batch(K, batch, n, dk, dv, scale);
                 n = 0;

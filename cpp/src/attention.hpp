@@ -8,13 +8,16 @@
 namespace kvfold {
 
 // n rows of keys (d_k) and values (d_v), stored as `dtype`; bias, when given, holds a logit per row
-// that is added to the row's scaled score (a memory slot that stands for several pairs).
+// that is added to the row's scaled score (a memory slot that stands for several pairs). weights,
+// when given, receives each row's softmax weight: weight_share times the sum over the query heads
+// is added to it (the caller zeroes it, or keeps a sum).
 struct Segment {
     const void* keys;
     const void* values;
     int64_t rows;
     DType dtype;
     const float* bias = nullptr;
+    float* weights = nullptr;
 };
 
 // The nq query heads that read one KV head (a grouped-query attention group) and that head's visible
@@ -26,6 +29,7 @@ struct Attention {
     int count;
     float* out;
     int64_t out_stride;
+    float weight_share = 1;  // see Segment::weights
 };
 
 // out_i = softmax(scale * q_i . K + bias) V over all segments, in one pass over the rows with an online

@@ -51,6 +51,17 @@ bool same_rule(const RuleSpec& a, const RuleSpec& b) {
     return true;
 }
 
+std::string recent_str(const Config& c) {  // as the cache resolves it: -1 is window / 2 for h2o
+    if (c.retain != Retain::h2o) return "None";
+    return std::to_string(c.recent == -1 ? c.window / 2 : c.recent);
+}
+
+std::string describe_rope(const RoPE& r) {
+    if (r.theta == 0) return "None";
+    return "RoPE(theta=" + number(r.theta) + ", dim=" + (r.dim ? std::to_string(r.dim) : "None") +
+           ", layout=" + (r.interleaved ? "'interleaved'" : "'half'") + ")";
+}
+
 // A configuration as the state depends on it: the effective scale, not how it was given.
 struct Shape {
     Config cfg;
@@ -79,6 +90,9 @@ std::pair<std::string, std::string> difference(const Shape& a, const Shape& b, b
         {"scale", number(a.scale), number(b.scale)},
         {"dtype", dtype_name(p.dtype), dtype_name(q.dtype)},
         {"check_finite", p.check_finite ? "True" : "False", q.check_finite ? "True" : "False"},
+        {"rope", describe_rope(p.rope), describe_rope(q.rope)},
+        {"retain", retain_name(p.retain), retain_name(q.retain)},
+        {"recent", recent_str(p), recent_str(q)},
     };
     for (const Item& it : items)
         if (it.x != it.y) return {field(it.name, it.x), field(it.name, it.y)};
@@ -116,6 +130,7 @@ void MemoryCache::Impl::copy_rows_from(const Impl& src, const int64_t* src_rows,
             for (int64_t h = 0; h < H; ++h)
                 dst_bufs[i]->copy_lane((first + r) * H + h, *src_bufs[i], src_rows[r] * H + h);
         length[first + r] = src.length[src_rows[r]];
+        last_pos[first + r] = src.last_pos[src_rows[r]];
     }
 }
 
@@ -126,6 +141,7 @@ void MemoryCache::Impl::swap_state(Impl& other) {
     auto mine = buffers(), theirs = other.buffers();
     for (size_t i = 0; i < mine.size(); ++i) mine[i]->swap(*theirs[i]);
     std::swap(length, other.length);
+    std::swap(last_pos, other.last_pos);
     if (cfg.batch_size != other.cfg.batch_size) {
         std::swap(cfg.batch_size, other.cfg.batch_size);
         std::swap(lanes, other.lanes);

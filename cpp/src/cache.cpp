@@ -13,6 +13,8 @@
 #include "chunked.hpp"
 #include "parallel.hpp"
 #include "platform.hpp"
+#include "positions.hpp"
+#include "retention.hpp"
 #include "scratch.hpp"
 
 namespace kvfold {
@@ -163,10 +165,15 @@ MemoryCache::Impl::Impl(const Config& c, const RuleSpec& s) : cfg(c), spec(s) {
         throw ValueError("dtype: expected float32, float16 or bfloat16, got code " +
                          std::to_string(static_cast<int>(c.dtype)));
 
+    rope = Rope(c.rope, c.head_dim);
+    recent = checked_recent(c);
+    retain = c.retain;
     rule = make_rule(spec);
+    check_memory_options(*this);
     lanes = c.batch_size * c.num_heads;
     group = c.num_query_heads / c.num_heads;
-    rule->plan(Dims{lanes, c.num_heads, c.head_dim, c.value_dim, c.dtype, c.num_query_heads, c.check_finite});
+    rule->plan(Dims{lanes, c.num_heads, c.head_dim, c.value_dim, c.dtype, c.num_query_heads, c.check_finite,
+                    rope.on() ? &rope : nullptr});
     memory_slots = rule->max_slots();
     matrix = rule->matrix();
     normalized = rule->normalized();
@@ -177,6 +184,9 @@ MemoryCache::Impl::Impl(const Config& c, const RuleSpec& s) : cfg(c), spec(s) {
     win_v.plan(lanes, es * c.window * c.value_dim);
     if (rule->takes_decay() || rule->takes_beta()) gate_stride = 2 + (rule->takes_decay() ? c.head_dim : 0);
     win_gates.plan(lanes, sizeof(float) * c.window * gate_stride);
+    win_pos.plan(lanes, rope.on() ? sizeof(int64_t) * c.window : 0);
+    win_score.plan(lanes, retain != Retain::fifo ? sizeof(float) * c.window : 0);
+    win_order.plan(lanes, retain != Retain::fifo ? sizeof(int64_t) * c.window : 0);
 
     const size_t need = planned_bytes();
     const MemoryLimit limit = memory_limit();
@@ -196,11 +206,14 @@ void MemoryCache::Impl::copy_state_from(const Impl& o) {
     for (size_t i = 0; i < dst.size(); ++i)
         if (dst[i]->bytes()) std::memcpy(dst[i]->data(), src[i]->data(), dst[i]->bytes());
     length = o.length;
+    last_pos = o.last_pos;
 }
 
 std::vector<LaneBuffer*> MemoryCache::Impl::buffers() {
     std::vector<LaneBuffer*> all{&sink_k, &sink_v, &win_k, &win_v};
     if (win_gates.lane_bytes()) all.push_back(&win_gates);
+    for (LaneBuffer* b : {&win_pos, &win_score, &win_order})
+        if (b->lane_bytes()) all.push_back(b);
     for (LaneBuffer* b : rule->buffers()) all.push_back(b);
     return all;
 }
@@ -211,7 +224,7 @@ std::vector<const LaneBuffer*> MemoryCache::Impl::buffers() const {
 }
 
 size_t MemoryCache::Impl::planned_bytes() const {
-    size_t total = sizeof(int64_t) * static_cast<size_t>(cfg.batch_size);
+    size_t total = 2 * sizeof(int64_t) * static_cast<size_t>(cfg.batch_size);  // length, last_pos
     for (const LaneBuffer* b : buffers()) {
         size_t n = b->planned_bytes();
         if (n == SIZE_MAX || total + n < total) return SIZE_MAX;
@@ -224,6 +237,7 @@ void MemoryCache::Impl::allocate() {
     try {
         for (LaneBuffer* b : buffers()) b->allocate();
         length.assign(cfg.batch_size, 0);
+        last_pos.assign(cfg.batch_size, 0);
     } catch (const std::bad_alloc&) {
         for (LaneBuffer* b : buffers()) b->release();
         throw ValueError("cache size: could not allocate the " + std::to_string(planned_bytes()) +
@@ -241,48 +255,62 @@ struct Model {
     int64_t dk() const { return c.cfg.head_dim; }
     int64_t dv() const { return c.cfg.value_dim; }
 
-    // Puts a lane's token into its sink or window slot. Returns the fold count of the pair that
-    // must now be folded (-1 if none) and points fk/fv at it: the input itself when window = 0,
-    // else a float32 copy of the evicted pair in ek/ev.
-    int64_t place(int64_t lane, int64_t len, const float* kt, const float* vt, float* ek, float* ev, const float** fk,
-                  const float** fv) {
+    // The pair a token's placement pushes out of the window (or the token's own, with window = 0).
+    struct Evicted {
+        int64_t count = -1;  // pairs folded into the lane before it; -1 when nothing is folded
+        const float* k = nullptr;
+        const float* v = nullptr;
+        int64_t position = 0;
+    };
+
+    // Puts a lane's token (at position p) into its sink or window row; returns the pair to fold now:
+    // the input itself when window = 0, else a float32 copy of the evicted pair in ek/ev.
+    Evicted place(int64_t lane, int64_t len, const float* kt, const float* vt, int64_t p, float* ek, float* ev) {
         const Config& cfg = c.cfg;
         const size_t es = dtype_size(cfg.dtype);
         if (len < cfg.sinks) {
             store_row(c.sink_k.lane(lane) + len * dk() * es, kt, dk(), cfg.dtype);
             store_row(c.sink_v.lane(lane) + len * dv() * es, vt, dv(), cfg.dtype);
-            return -1;
+            return {};
         }
         int64_t j = len - cfg.sinks;  // index among non-sink tokens
-        if (cfg.window == 0) {
-            *fk = kt;
-            *fv = vt;
-            return j;
-        }
-        int64_t pos = j % cfg.window, count = -1;
-        uint8_t* wk = c.win_k.lane(lane) + pos * dk() * es;
-        uint8_t* wv = c.win_v.lane(lane) + pos * dv() * es;
-        if (j >= cfg.window) {
+        if (cfg.window == 0) return {j, kt, vt, p};
+        const WindowPlace at = enter_window(c, lane, j);
+        uint8_t* wk = c.win_k.lane(lane) + at.row * dk() * es;
+        uint8_t* wv = c.win_v.lane(lane) + at.row * dv() * es;
+        int64_t* wp = c.rope.on() ? c.win_pos.lane<int64_t>(lane) + at.row : nullptr;
+        Evicted out;
+        if (at.evicts) {
             load_row(ek, wk, dk(), cfg.dtype);
             load_row(ev, wv, dv(), cfg.dtype);
-            *fk = ek;
-            *fv = ev;
-            count = j - cfg.window;
+            out = {j - cfg.window, ek, ev, wp ? *wp : 0};
         }
         store_row(wk, kt, dk(), cfg.dtype);
         store_row(wv, vt, dv(), cfg.dtype);
-        return count;
+        if (wp) *wp = p;
+        return out;
+    }
+
+    // Folds an evicted pair into the rule; with a RoPE its key is first turned back from its
+    // position, in ek (dk floats of scratch, possibly e.k itself).
+    void fold(int64_t lane, const Evicted& e, float* ek) {
+        if (e.count < 0) return;
+        const float* k = e.k;
+        if (c.rope.on() && c.memory_slots > 0) {
+            if (k != ek) std::memcpy(ek, k, sizeof(float) * dk());
+            c.rope.rotate_at(ek, -static_cast<double>(e.position));
+            k = ek;
+        }
+        c.rule->fold(lane, k, e.v, e.count, e.position);
     }
 
     // One lane takes T tokens (k: T x d_k, v: T x d_v) from a row length of len0.
-    void append_lane(int64_t lane, int64_t len0, const float* k, const float* v, int64_t T) {
+    void append_lane(int64_t lane, int64_t len0, const float* k, const float* v, int64_t T, const Positions& pos) {
         float* ek = scratch<MemoryCache>(dk() + dv());
         float* ev = ek + dk();
-        for (int64_t t = 0; t < T; ++t) {
-            const float *fk, *fv;
-            int64_t count = place(lane, len0 + t, k + t * dk(), v + t * dv(), ek, ev, &fk, &fv);
-            if (count >= 0) c.rule->fold(lane, fk, fv, count);
-        }
+        const int64_t b = lane / c.cfg.num_heads;
+        for (int64_t t = 0; t < T; ++t)
+            fold(lane, place(lane, len0 + t, k + t * dk(), v + t * dv(), pos.at(b, t), ek, ev), ek);
     }
 
     // Row-wise rules: token t of row b for all heads; k, v are (H, T, d) for this row.
@@ -293,25 +321,28 @@ struct Model {
         float* ev = ek + H * dk();
         int64_t count = -1;
         for (int64_t h = 0; h < H; ++h) {
-            const float *fk, *fv;
             float* hk = ek + h * dk();
             float* hv = ev + h * dv();
-            count = place(b * H + h, c.length[b] + t, k + (h * T + t) * dk(), v + (h * T + t) * dv(), hk, hv, &fk, &fv);
-            if (count >= 0 && fk != hk) {
-                std::memcpy(hk, fk, sizeof(float) * dk());
-                std::memcpy(hv, fv, sizeof(float) * dv());
+            const Evicted e =
+                place(b * H + h, c.length[b] + t, k + (h * T + t) * dk(), v + (h * T + t) * dv(), 0, hk, hv);
+            count = e.count;
+            if (count >= 0 && e.k != hk) {
+                std::memcpy(hk, e.k, sizeof(float) * dk());
+                std::memcpy(hv, e.v, sizeof(float) * dv());
             }
         }
         if (count >= 0) c.rule->fold_row(b, ek, ev, count);
     }
 
-    // The visible set of a lane whose row has seen len tokens: [sinks | memory slots | window].
+    // The visible set of a lane whose row has seen len tokens: [sinks | memory slots | window]; with
+    // tova or h2o the window's weights are recorded as attention reads it.
     void visible_set(int64_t lane, int64_t len, Segment* segs) const {
         const DType t = c.cfg.dtype;
+        const int64_t held = c.window_held(len);
         segs[0] = {c.sink_k.lane(lane), c.sink_v.lane(lane), c.sinks_held(len), t};
-        segs[1] = {c.rule->slot_key(lane, 0), c.rule->slot_value(lane, 0), c.rule->visible_slots(c.folded(len)),
+        segs[1] = {c.rule->read_key(lane, 0), c.rule->slot_value(lane, 0), c.rule->visible_slots(c.folded(len)),
                    c.rule->slot_dtype(), c.rule->slot_bias(lane)};
-        segs[2] = {c.win_k.lane(lane), c.win_v.lane(lane), c.window_held(len), t};
+        segs[2] = {c.win_k.lane(lane), c.win_v.lane(lane), held, t, nullptr, window_weights(c, lane, held)};
     }
 };
 
@@ -326,7 +357,7 @@ struct LaneBatch {
     void add(const Model& m, int64_t lane, int64_t len, const float* q0, int64_t q_stride, float* o0,
              int64_t o_stride) {
         m.visible_set(lane, len, segs[count]);
-        problems[count] = Attention{q0, q_stride, m.c.group, segs[count], 3, o0, o_stride};
+        problems[count] = Attention{q0, q_stride, m.c.group, segs[count], 3, o0, o_stride, 1.0f / m.c.group};
         ++count;
     }
     void run(const Model& m) {
@@ -418,11 +449,10 @@ struct MatrixModel {
         float* ev = ek + dk();
         float* eg = ev + dv();
         float* local = eg + c.gate_stride;
-        const float *fk, *fv;
-        int64_t count = Model{c}.place(lane, len, k, v, ek, ev, &fk, &fv);
+        const Model::Evicted e = Model{c}.place(lane, len, k, v, 0, ek, ev);  // matrix rules take no RoPE
         TokenGate fg = place_gates(lane, len, gate, eg);
-        if (count >= 0)
-            c.rule->fold_read(lane, fk, fv, fg, qs);
+        if (e.count >= 0)
+            c.rule->fold_read(lane, e.k, e.v, fg, qs);
         else if (qs.count)
             c.rule->read(lane, qs);
         if (qs.count) mix_local(lane, len + 1, qs, local);
@@ -484,8 +514,7 @@ struct MatrixModel {
         if (cfg.sinks == 0 && cfg.window == 0) return;
         float* evicted = scratch<MemoryCache>(2 * dv() + dk() + c.gate_stride);
         for (int64_t t = 0; t < T; ++t) {
-            const float *fk, *fv;
-            Model{c}.place(lane, len0 + t, k + t * dk(), v + t * dv(), evicted, evicted + dk(), &fk, &fv);
+            Model{c}.place(lane, len0 + t, k + t * dk(), v + t * dv(), 0, evicted, evicted + dk());
             place_gates(lane, len0 + t, input_gate(lane, t), evicted + dk() + dv());
             if (q) mix_local(lane, len0 + t + 1, queries(lane, q, out, t), evicted + dk() + dv() + c.gate_stride);
         }
@@ -674,14 +703,14 @@ void check_queries(const MemoryCache::Impl& c, const float* q, int64_t T) {
 
 // Appends T tokens to every row. Row-wise (user) rules may throw: the state is then restored,
 // unless the caller guards the state itself.
-void append(MemoryCache::Impl& c, const float* k, const float* v, int64_t T, bool guard = true) {
+void append(MemoryCache::Impl& c, const float* k, const float* v, int64_t T, const Positions& pos, bool guard = true) {
     const Config& g = c.cfg;
     Model m{c};
     if (!c.rule->folds_rows()) {
         parallel_for(c.lanes, 4.0 * T * (g.head_dim + g.value_dim), [&](int64_t lo, int64_t hi) {
             for (int64_t lane = lo; lane < hi; ++lane)
                 m.append_lane(lane, c.length[lane / g.num_heads], k + lane * T * g.head_dim, v + lane * T * g.value_dim,
-                              T);
+                              T, pos);
         });
         for (int64_t& len : c.length) len += T;
         return;
@@ -701,9 +730,9 @@ void append(MemoryCache::Impl& c, const float* k, const float* v, int64_t T, boo
     }
 }
 
-void attend_all(const MemoryCache::Impl& c, const float* q, float* out) {
+void attend_all(MemoryCache::Impl& c, const float* q, float* out) {
     const Config& g = c.cfg;
-    Model m{const_cast<MemoryCache::Impl&>(c)};
+    Model m{c};
     parallel_for(c.lanes, attend_flops(c), [&](int64_t lo, int64_t hi) {
         LaneBatch batch;
         for (int64_t lane = lo; lane < hi; ++lane) {
@@ -717,7 +746,8 @@ void attend_all(const MemoryCache::Impl& c, const float* q, float* out) {
 
 // T tokens per lane, each placed (and folded) then attended while the lane's state is hot:
 // q (B, Hq, T, d_k), k (B, H, T, d_k), v (B, H, T, d_v) -> out (B, Hq, T, d_v). Lane-wise rules only.
-void run_lanes(MemoryCache::Impl& c, const float* q, const float* k, const float* v, int64_t T, float* out) {
+void run_lanes(MemoryCache::Impl& c, const float* q, const float* k, const float* v, int64_t T, float* out,
+               const Positions& pos) {
     const Config& g = c.cfg;
     const int64_t dk = g.head_dim, dv = g.value_dim, H = g.num_heads, Hq = g.num_query_heads;
     Model m{c};
@@ -732,10 +762,10 @@ void run_lanes(MemoryCache::Impl& c, const float* q, const float* k, const float
             for (int64_t t = 0; t < T; ++t) {
                 for (int64_t lane = first; lane < last; ++lane) {
                     int64_t b = lane / H, h = lane % H, hq = b * Hq + h * c.group, len = c.length[b] + t;
-                    const float *fk, *fv;
-                    int64_t count =
-                        m.place(lane, len, k + (lane * T + t) * dk, v + (lane * T + t) * dv, ek, ek + dk, &fk, &fv);
-                    if (count >= 0) c.rule->fold(lane, fk, fv, count);
+                    m.fold(
+                        lane,
+                        m.place(lane, len, k + (lane * T + t) * dk, v + (lane * T + t) * dv, pos.at(b, t), ek, ek + dk),
+                        ek);
                     batch.add(m, lane, len + 1, q + (hq * T + t) * dk, T * dk, out + (hq * T + t) * dv, T * dv);
                 }
                 batch.run(m);
@@ -745,13 +775,46 @@ void run_lanes(MemoryCache::Impl& c, const float* q, const float* k, const float
     for (int64_t& len : c.length) len += T;
 }
 
+// Row-wise (user) rules: token by token through the guarded row path; the state is restored if the
+// user's fold throws.
+void forward_rows(MemoryCache::Impl& c, const float* q, const float* k, const float* v, int64_t T, float* out) {
+    const Config& g = c.cfg;
+    const int64_t dk = g.head_dim, dv = g.value_dim, H = g.num_heads, Hq = g.num_query_heads;
+    std::vector<float> kt(g.batch_size * H * dk), vt(g.batch_size * H * dv), qt(g.batch_size * Hq * dk),
+        ot(g.batch_size * Hq * dv);
+    MemoryCache::Impl saved(c);
+    try {
+        for (int64_t t = 0; t < T; ++t) {
+            for (int64_t r = 0; r < g.batch_size * H; ++r) {
+                std::memcpy(&kt[r * dk], k + (r * T + t) * dk, sizeof(float) * dk);
+                std::memcpy(&vt[r * dv], v + (r * T + t) * dv, sizeof(float) * dv);
+            }
+            for (int64_t r = 0; r < g.batch_size * Hq; ++r)
+                std::memcpy(&qt[r * dk], q + (r * T + t) * dk, sizeof(float) * dk);
+            append(c, kt.data(), vt.data(), 1, Positions{}, false);  // Custom takes no RoPE
+            attend_all(c, qt.data(), ot.data());
+            for (int64_t r = 0; r < g.batch_size * Hq; ++r)
+                std::memcpy(out + (r * T + t) * dv, &ot[r * dv], sizeof(float) * dv);
+        }
+    } catch (...) {
+        c.copy_state_from(saved);
+        throw;
+    }
+}
+
 }  // namespace
 
-void MemoryCache::update(const float* k, const float* v, int64_t T, const TokenGates& gates) {
+void MemoryCache::update(const float* k, const float* v, int64_t T, const TokenGates& gates, const int64_t* positions) {
     CacheLock lock(impl().mu);
-    check_tokens(impl(), k, v, T, gates);
-    if (impl().rule->matrix()) return matrix_run(impl(), k, v, T, gates, nullptr, nullptr);
-    append(impl(), k, v, T);
+    Impl& c = impl();
+    const Positions pos{positions, T, c.length.data()};
+    check_tokens(c, k, v, T, gates);
+    check_positions(c, pos);
+    if (c.rule->matrix())
+        matrix_run(c, k, v, T, gates, nullptr, nullptr);
+    else
+        append(c, k, v, T, pos);
+    record_positions(c, positions, T);
 }
 
 void MemoryCache::attend(const float* q, float* out) {
@@ -761,52 +824,40 @@ void MemoryCache::attend(const float* q, float* out) {
     attend_all(impl(), q, out);
 }
 
-void MemoryCache::step(const float* q, const float* k, const float* v, float* out, const TokenGates& gates) {
+void MemoryCache::step(const float* q, const float* k, const float* v, float* out, const TokenGates& gates,
+                       const int64_t* positions) {
     CacheLock lock(impl().mu);
-    check_tokens(impl(), k, v, 1, gates);
-    check_queries(impl(), q, 0);
-    if (impl().rule->matrix()) return matrix_run(impl(), k, v, 1, gates, q, out);
-    if (impl().rule->folds_rows()) {
-        append(impl(), k, v, 1);
-        attend_all(impl(), q, out);
+    Impl& c = impl();
+    const Positions pos{positions, 1, c.length.data()};
+    check_tokens(c, k, v, 1, gates);
+    check_queries(c, q, 0);
+    check_positions(c, pos);
+    if (c.rule->matrix()) {
+        matrix_run(c, k, v, 1, gates, q, out);
+    } else if (c.rule->folds_rows()) {
+        append(c, k, v, 1, pos);
+        attend_all(c, q, out);
     } else {
-        run_lanes(impl(), q, k, v, 1, out);
+        run_lanes(c, q, k, v, 1, out, pos);
     }
+    record_positions(c, positions, 1);
 }
 
 void MemoryCache::forward(const float* q, const float* k, const float* v, int64_t T, float* out,
-                          const TokenGates& gates) {
+                          const TokenGates& gates, const int64_t* positions) {
     CacheLock lock(impl().mu);
     Impl& c = impl();
-    const Config& g = c.cfg;
+    const Positions pos{positions, T, c.length.data()};
     check_tokens(c, k, v, T, gates);
     check_queries(c, q, T);
-    if (c.rule->matrix()) return matrix_run(c, k, v, T, gates, q, out);
-    const int64_t dk = g.head_dim, dv = g.value_dim, H = g.num_heads, Hq = g.num_query_heads;
-    if (c.rule->folds_rows()) {  // token by token through the guarded row path
-        std::vector<float> kt(g.batch_size * H * dk), vt(g.batch_size * H * dv), qt(g.batch_size * Hq * dk),
-            ot(g.batch_size * Hq * dv);
-        Impl saved(c);
-        try {
-            for (int64_t t = 0; t < T; ++t) {
-                for (int64_t r = 0; r < g.batch_size * H; ++r) {
-                    std::memcpy(&kt[r * dk], k + (r * T + t) * dk, sizeof(float) * dk);
-                    std::memcpy(&vt[r * dv], v + (r * T + t) * dv, sizeof(float) * dv);
-                }
-                for (int64_t r = 0; r < g.batch_size * Hq; ++r)
-                    std::memcpy(&qt[r * dk], q + (r * T + t) * dk, sizeof(float) * dk);
-                append(c, kt.data(), vt.data(), 1, false);
-                attend_all(c, qt.data(), ot.data());
-                for (int64_t r = 0; r < g.batch_size * Hq; ++r)
-                    std::memcpy(out + (r * T + t) * dv, &ot[r * dv], sizeof(float) * dv);
-            }
-        } catch (...) {
-            c.copy_state_from(saved);
-            throw;
-        }
-        return;
-    }
-    run_lanes(c, q, k, v, T, out);
+    check_positions(c, pos);
+    if (c.rule->matrix())
+        matrix_run(c, k, v, T, gates, q, out);
+    else if (c.rule->folds_rows())
+        forward_rows(c, q, k, v, T, out);
+    else
+        run_lanes(c, q, k, v, T, out, pos);
+    record_positions(c, positions, T);
 }
 
 void MemoryCache::memory(float* keys, float* values) const {
@@ -896,12 +947,12 @@ int64_t MemoryCache::visible(float* keys, float* values, uint8_t* mask, int64_t 
         int64_t f = c.folded(len), S = c.rule->max_slots();
         for (int64_t s = 0; s < c.rule->visible_slots(f); ++s) {
             int64_t src = (c.rule->oldest_slot(f) + s) % S;
-            put(static_cast<const uint8_t*>(c.rule->slot_key(lane, src)),
+            put(static_cast<const uint8_t*>(c.rule->read_key(lane, src)),
                 static_cast<const uint8_t*>(c.rule->slot_value(lane, src)), c.rule->slot_dtype());
         }
         int64_t held = c.window_held(len), first = len - c.sinks_held(len) - held;
         for (int64_t i = 0; i < held; ++i) {
-            int64_t pos = (first + i) % g.window;
+            int64_t pos = window_row(c, lane, first, i);
             put(c.win_k.lane(lane) + pos * dk * es, c.win_v.lane(lane) + pos * dv * es, g.dtype);
         }
         std::memset(ko + row * dk, 0, sizeof(float) * (rows - row) * dk);  // the padding
@@ -915,6 +966,7 @@ void MemoryCache::reset() {
     for (LaneBuffer* b : impl().buffers())
         if (b->bytes()) std::memset(b->data(), 0, b->bytes());
     for (int64_t& len : impl().length) len = 0;
+    for (int64_t& p : impl().last_pos) p = 0;
 }
 
 void MemoryCache::reset_rows(const int64_t* rows, int64_t count) {
@@ -929,6 +981,7 @@ void MemoryCache::reset_rows(const int64_t* rows, int64_t count) {
         for (LaneBuffer* buf : c.buffers())
             for (int64_t h = 0; h < H; ++h) buf->zero_lane(rows[i] * H + h);
         c.length[rows[i]] = 0;
+        c.last_pos[rows[i]] = 0;
     }
 }
 
@@ -937,9 +990,14 @@ std::vector<int64_t> MemoryCache::lengths() const {
     return impl().length;
 }
 
+std::vector<int64_t> MemoryCache::last_positions() const {
+    CacheLock lock(impl().mu);
+    return impl().last_pos;
+}
+
 size_t MemoryCache::nbytes() const {
     CacheLock lock(impl().mu);
-    size_t total = sizeof(int64_t) * impl().length.size();
+    size_t total = sizeof(int64_t) * (impl().length.size() + impl().last_pos.size());
     for (const LaneBuffer* b : impl().buffers()) total += b->bytes();
     return total;
 }

@@ -6,6 +6,7 @@
 #include "buffer.hpp"
 #include "cache_lock.hpp"
 #include "kvfold/kvfold.hpp"
+#include "rope.hpp"
 #include "rule.hpp"
 
 namespace kvfold {
@@ -20,13 +21,22 @@ struct MemoryCache::Impl {
     int64_t lanes = 0;  // batch rows x KV heads
     int64_t group = 1;  // query heads per KV head
     float scale = 1;
+    Rope rope;  // on() when the cache has a RoPE
+    Retain retain = Retain::fifo;
+    int64_t recent = 0;                       // h2o: the newest window pairs never folded (0 otherwise)
     LaneBuffer sink_k, sink_v, win_k, win_v;  // storage dtype, [lanes][sinks|window][d]
     // Matrix rules with per-token gates: each window slot keeps its token's gates, gate_stride
     // floats [beta, decay count (0, 1 or d_k), decay values], so an evicted pair folds with them.
     LaneBuffer win_gates;
     int64_t gate_stride = 0;
-    std::vector<int64_t> length;  // tokens seen per row
-    mutable CacheMutex mu;        // one call at a time; the GIL is released
+    // With a RoPE: each window row's position (int64), so an evicted pair is un-rotated at its own.
+    LaneBuffer win_pos;
+    // tova and h2o (retention.hpp): each window row's recorded weight (float, NaN while unscored), and
+    // the window's rows oldest first (int64); fifo needs neither (row j % window holds pair j).
+    LaneBuffer win_score, win_order;
+    std::vector<int64_t> length;    // tokens seen per row
+    std::vector<int64_t> last_pos;  // each row's latest position (0 before its first token)
+    mutable CacheMutex mu;          // one call at a time; the GIL is released
 
     // Checks the configuration and sizes every buffer; allocates nothing.
     Impl(const Config& config, const RuleSpec& rule_spec);

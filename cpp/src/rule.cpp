@@ -1,6 +1,8 @@
 // Slots in 16 bits: a fold updates float32 rows and rounds them back.
 #include "rule.hpp"
 
+#include <cstring>
+
 #include "attention.hpp"
 #include "scratch.hpp"
 
@@ -17,6 +19,22 @@ void Rule::SlotEdit::widen() {
 void Rule::SlotEdit::narrow() {
     store_row(key_, k_, rule_.dims_.dk, rule_.slot_dtype_);
     store_row(value_, v_, rule_.dims_.dv, rule_.slot_dtype_);
+}
+
+void Rule::set_position(int64_t lane, int64_t s, const float* key, double position) {
+    float* row = scratch<Rope>(static_cast<size_t>(dims_.dk));  // key may be a SlotEdit's scratch
+    std::memcpy(row, key, sizeof(float) * dims_.dk);
+    dims_.rope->rotate_at(row, position);
+    store_row(read_k_.lane(lane) + s * dims_.dk * slot_bytes(), row, dims_.dk, slot_dtype_);
+    slot_pos_.lane<double>(lane)[s] = position;
+}
+
+void Rule::move_positions(int64_t lane, int64_t to, int64_t from, int64_t n) {
+    if (!keeps_positions() || n <= 0) return;
+    const size_t row = static_cast<size_t>(dims_.dk * slot_bytes());
+    std::memmove(read_k_.lane(lane) + to * row, read_k_.lane(lane) + from * row, n * row);
+    double* pos = slot_pos_.lane<double>(lane);
+    std::memmove(pos + to, pos + from, sizeof(double) * n);
 }
 
 }  // namespace kvfold

@@ -9,6 +9,7 @@
 #include "buffer.hpp"
 #include "kernels/kernels.hpp"
 #include "kvfold/kvfold.hpp"
+#include "rope.hpp"
 
 namespace kvfold {
 
@@ -18,7 +19,8 @@ struct Dims {
     int64_t dk = 0, dv = 0;
     DType dtype = DType::float32;
     int64_t query_heads = 0;
-    bool check_finite = true;  // the cache's check_finite: a rule checks what a user's code gives it
+    bool check_finite = true;    // the cache's check_finite: a rule checks what a user's code gives it
+    const Rope* rope = nullptr;  // the cache's RoPE, if it has one: the slots keep positions
 };
 
 // One token's gates for a matrix rule, null where the token brings none: decay is log-space,
@@ -61,8 +63,15 @@ class Rule {
     // The batch changed (reorder): the cache has swapped in buffers of `lanes` lanes.
     void set_lanes(int64_t lanes) { dims_.lanes = lanes; }
 
-    // Folds one pair into lane `lane`; `count` pairs were folded into it before.
-    virtual void fold(int64_t lane, const float* k, const float* v, int64_t count) = 0;
+    // Folds one pair into lane `lane`; `count` pairs were folded into it before. `position` is the
+    // pair's; with a RoPE its key comes un-rotated, and the slots keep the positions (see below).
+    virtual void fold(int64_t lane, const float* k, const float* v, int64_t count, int64_t position) = 0;
+
+    // Whether every slot is an average of folded pairs, with weights that depend on the order of the
+    // pairs alone. Only such rules take a RoPE: a slot then keeps the same average of the pairs'
+    // positions (store() and set_position() below), and attention reads its key rotated there.
+    virtual bool averages_pairs() const { return false; }
+    bool keeps_positions() const { return dims_.rope != nullptr; }
 
     // Summary rules: key/value slots ([lanes][max_slots][d]) read by softmax attention, stored in
     // the cache's dtype, except where they are the rule's state itself (float32).
@@ -109,8 +118,12 @@ class Rule {
     virtual float* matrix_state(int64_t /*lane*/) { return nullptr; }
     virtual float* normalizer(int64_t /*lane*/) { return nullptr; }
 
-    // Slot s of a lane, as stored (slot_dtype()).
+    // Slot s of a lane, as stored (slot_dtype()); keys as folded (un-rotated with a RoPE).
     const void* slot_key(int64_t lane, int64_t s) const { return slot_k_.lane(lane) + s * dims_.dk * slot_bytes(); }
+    // The key attention reads: with a RoPE, the slot's key rotated at its position.
+    const void* read_key(int64_t lane, int64_t s) const {
+        return keeps_positions() ? read_k_.lane(lane) + s * dims_.dk * slot_bytes() : slot_key(lane, s);
+    }
     const void* slot_value(int64_t lane, int64_t s) const { return slot_v_.lane(lane) + s * dims_.dv * slot_bytes(); }
 
     // All per-lane state, for reset, copy, reorder and the state format.
@@ -128,6 +141,8 @@ class Rule {
        public:
         SlotEdit(Rule& rule, int64_t lane, int64_t s)
             : rule_(rule),
+              lane_(lane),
+              s_(s),
               key_(rule.slot_k_.lane(lane) + s * rule.dims_.dk * rule.slot_bytes()),
               value_(rule.slot_v_.lane(lane) + s * rule.dims_.dv * rule.slot_bytes()),
               k_(static_cast<float*>(key_)),
@@ -136,14 +151,17 @@ class Rule {
         }
         float* keys() { return k_; }
         float* values() { return v_; }
-        void store() {
+        // With a RoPE, `position` is the slot's (the average of the folded positions).
+        void store(double position = 0) {
             if (rule_.slot_dtype_ != DType::float32) narrow();
+            if (rule_.keeps_positions()) rule_.set_position(lane_, s_, k_, position);
         }
 
        private:
         void widen();
         void narrow();
         Rule& rule_;
+        int64_t lane_, s_;
         void *key_, *value_;
         float *k_, *v_;
     };
@@ -154,7 +172,16 @@ class Rule {
         slot_k_.plan(dims_.lanes, slot_bytes() * slots * dims_.dk);
         slot_v_.plan(dims_.lanes, slot_bytes() * slots * dims_.dv);
         buffers_ = {&slot_k_, &slot_v_};
+        if (keeps_positions()) {
+            add_buffer(read_k_, slot_bytes() * slots * dims_.dk);
+            add_buffer(slot_pos_, sizeof(double) * slots);
+        }
     }
+    // With a RoPE: slot s of a lane stands at `position`, and its read key is `key` (float32, as
+    // folded) rotated there.
+    void set_position(int64_t lane, int64_t s, const float* key, double position);
+    // With a RoPE: slots [from, from + n) move to [to, to + n), positions and read keys with them.
+    void move_positions(int64_t lane, int64_t to, int64_t from, int64_t n);
     void add_buffer(LaneBuffer& b, size_t bytes_per_lane) {
         b.plan(dims_.lanes, bytes_per_lane);
         buffers_.push_back(&b);
@@ -162,6 +189,7 @@ class Rule {
 
     Dims dims_;
     LaneBuffer slot_k_, slot_v_;
+    LaneBuffer read_k_, slot_pos_;  // with a RoPE: the rotated keys attention reads, the slots' positions
     DType slot_dtype_ = DType::float32;
     std::vector<LaneBuffer*> buffers_;
 };

@@ -1,21 +1,29 @@
-// The state format, version 1: a cache's configuration and state, little-endian throughout.
+// The state format, version 2: a cache's configuration and state, little-endian throughout.
 //
 //   offset  size  field
 //        0     8  magic "KVFOLD\r\n" (4b 56 46 4f 4c 44 0d 0a)
-//        8     4  u32 format version (1)
+//        8     4  u32 format version (2; version 1 is read too)
 //       12     4  u32 flags (0; reserved)
 //       16     8  u64 total size of the state in bytes, this header and the CRC included
 //       24        config: i64 batch_size, num_heads, head_dim, value_dim, num_query_heads, window,
 //                 sinks; f64 scale (0 = 1/sqrt(head_dim)); u8 dtype (0 float32, 1 float16,
 //                 2 bfloat16); u8 check_finite (0 or 1)
+//                 version 2: f64 rope theta (0: no RoPE), i64 rope dim (0: the whole head), u8 rope
+//                 layout (0 half, 1 interleaved), u8 retain (0 fifo, 1 tova, 2 h2o), i64 recent (-1:
+//                 the default)
 //                 rule: str kind; u32 array count, then per array (by name): str name, u32 rank,
 //                 i64 shape[rank], f64 values[prod(shape)]; u32 option count, then per option (by
 //                 name): str name, str value
 //                 i64 length[batch_size]: tokens seen per row
+//                 version 2: i64 last position[batch_size]: each row's latest (0 before any token)
 //                 u32 buffer count, then per buffer: u64 bytes per lane, then every lane's bytes,
 //                 lane = row * num_heads + head (the cache's sinks k, v, window k, v and, for matrix
-//                 rules with per-token gates, the window's gates; then the rule's buffers, in the
-//                 order they are registered)
+//                 rules with per-token gates, the window's gates; version 2: with a RoPE the window's
+//                 positions, with tova or h2o the window's scores and order; then the rule's buffers,
+//                 in the order they are registered)
+//
+// Version 1 has no RoPE, retention or positions: a cache read from it is fifo, without a RoPE, and
+// each row's last position is its length minus one.
 //   total-4        u32 CRC32 (zlib's) of every byte before it
 //
 // A str is a u32 byte count (at most 4096) and the bytes; names (kind, parameter and option names)
@@ -26,12 +34,13 @@
 #include <cstring>
 
 #include "cache_impl.hpp"
+#include "retention.hpp"
 
 namespace kvfold {
 namespace {
 
 constexpr char kMagic[8] = {'K', 'V', 'F', 'O', 'L', 'D', '\r', '\n'};
-constexpr uint32_t kFormatVersion = 1;
+constexpr uint32_t kFormatVersion = 2;
 constexpr uint32_t kMaxName = 1 << 12;
 constexpr size_t kHeader = MemoryCache::kStateHeader;  // magic, version, flags, total size
 constexpr int64_t kMaxLength = int64_t(1) << 62;       // tokens per row; far from overflow
@@ -137,6 +146,11 @@ std::string MemoryCache::to_bytes() const {
     w.put<double>(g.scale);
     w.put<uint8_t>(static_cast<uint8_t>(g.dtype));
     w.put<uint8_t>(g.check_finite ? 1 : 0);
+    w.put<double>(g.rope.theta);
+    w.put<int64_t>(g.rope.dim);
+    w.put<uint8_t>(g.rope.interleaved ? 1 : 0);
+    w.put<uint8_t>(static_cast<uint8_t>(g.retain));
+    w.put<int64_t>(g.recent);
     w.str(c.spec.kind);
     w.put<uint32_t>(static_cast<uint32_t>(c.spec.arrays.size()));
     for (const auto& [name, a] : c.spec.arrays) {
@@ -151,6 +165,7 @@ std::string MemoryCache::to_bytes() const {
         w.str(value);
     }
     w.raw(c.length.data(), sizeof(int64_t) * c.length.size());
+    w.raw(c.last_pos.data(), sizeof(int64_t) * c.last_pos.size());
     auto bufs = c.buffers();
     w.put<uint32_t>(static_cast<uint32_t>(bufs.size()));
     for (const LaneBuffer* b : bufs) {
@@ -188,7 +203,8 @@ std::unique_ptr<MemoryCache> MemoryCache::from_bytes(const void* data, size_t si
     if (!little_endian_host()) throw ValueError("from_bytes: the state format needs a little-endian host");
     const auto* bytes = static_cast<const uint8_t*>(data);
     const size_t total = state_size(data, size);
-    uint32_t flags;
+    uint32_t flags, version;
+    std::memcpy(&version, bytes + 8, 4);
     std::memcpy(&flags, bytes + 12, 4);
     if (size < total)
         Reader::fail("truncated: the state is " + std::to_string(total) + " bytes, got " + std::to_string(size));
@@ -198,7 +214,9 @@ std::unique_ptr<MemoryCache> MemoryCache::from_bytes(const void* data, size_t si
     uint32_t stored_crc;
     std::memcpy(&stored_crc, bytes + size - 4, 4);
     if (crc32(bytes, size - 4) != stored_crc) Reader::fail("CRC32 mismatch (the data is corrupted)");
-    if (flags != 0) Reader::fail("flags are " + std::to_string(flags) + ", expected 0 in format version 1");
+    if (flags != 0)
+        Reader::fail("flags are " + std::to_string(flags) + ", expected 0 in format version " +
+                     std::to_string(version));
 
     Reader r(bytes + kHeader, size - kHeader - 4);
     Config g;
@@ -216,6 +234,17 @@ std::unique_ptr<MemoryCache> MemoryCache::from_bytes(const void* data, size_t si
     uint8_t check_finite = r.get<uint8_t>("check_finite");
     if (check_finite > 1) Reader::fail("check_finite is " + std::to_string(check_finite) + ", expected 0 or 1");
     g.check_finite = check_finite == 1;
+    if (version >= 2) {
+        g.rope.theta = r.get<double>("rope theta");
+        g.rope.dim = r.get<int64_t>("rope dim");
+        uint8_t layout = r.get<uint8_t>("rope layout");
+        if (layout > 1) Reader::fail("rope layout code " + std::to_string(layout) + " is not 0 or 1");
+        g.rope.interleaved = layout == 1;
+        uint8_t retain = r.get<uint8_t>("retain");
+        if (retain > 2) Reader::fail("retain code " + std::to_string(retain) + " is not 0, 1 or 2");
+        g.retain = static_cast<Retain>(retain);
+        g.recent = r.get<int64_t>("recent");
+    }
 
     RuleSpec spec;
     spec.kind = r.str("rule kind", true);
@@ -256,6 +285,18 @@ std::unique_ptr<MemoryCache> MemoryCache::from_bytes(const void* data, size_t si
             Reader::fail("length of row " + std::to_string(b) + " is " + std::to_string(length[b]) +
                          ", expected 0 to 2^62");
 
+    std::vector<int64_t> last(length.size());
+    if (version >= 2) {
+        if (static_cast<uint64_t>(g.batch_size) > r.left() / sizeof(int64_t))
+            Reader::fail("batch_size " + std::to_string(g.batch_size) + " does not fit the data");
+        std::memcpy(last.data(), r.take(sizeof(int64_t) * last.size(), "last positions"),
+                    sizeof(int64_t) * last.size());
+        for (size_t b = 0; b < last.size(); ++b)
+            if (last[b] < 0) Reader::fail("last position of row " + std::to_string(b) + " is negative");
+    } else {  // no positions stored: the tokens the row has seen, minus one
+        for (size_t b = 0; b < last.size(); ++b) last[b] = std::max<int64_t>(0, length[b] - 1);
+    }
+
     std::unique_ptr<Impl> impl;
     try {
         impl = std::make_unique<Impl>(g, spec);  // validates configuration and rule; plans buffers
@@ -274,8 +315,10 @@ std::unique_ptr<MemoryCache> MemoryCache::from_bytes(const void* data, size_t si
                      " bytes of state, the data holds " + std::to_string(r.left()));
     impl->allocate();
     impl->length = std::move(length);
+    impl->last_pos = std::move(last);
     uint32_t nbuf = r.get<uint32_t>("buffer count");
     auto bufs = impl->buffers();
+
     if (nbuf != bufs.size())
         Reader::fail("expected " + std::to_string(bufs.size()) + " buffers for this rule, got " + std::to_string(nbuf));
     for (LaneBuffer* b : bufs) {
@@ -287,6 +330,11 @@ std::unique_ptr<MemoryCache> MemoryCache::from_bytes(const void* data, size_t si
             std::memcpy(b->lane(lane), r.take(lane_bytes, "buffer"), lane_bytes);
     }
     if (r.left()) Reader::fail(std::to_string(r.left()) + " unexpected bytes after the last buffer");
+    try {
+        check_window_order(*impl);
+    } catch (const ValueError& e) {
+        Reader::fail(e.what());
+    }
     return std::unique_ptr<MemoryCache>(new MemoryCache(std::move(impl)));
 }
 

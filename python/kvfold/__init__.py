@@ -91,6 +91,20 @@ class MemoryCache(_core.MemoryCache):
     when there are any; their per-token gates are the ``decay=`` and ``beta=`` keywords of
     ``update``, ``step`` and ``forward``.
 
+    ``rope`` (a ``kvfold.RoPE``): the keys come rotated by their positions (the ``positions=`` of
+    ``update``, ``step`` and ``forward``; default: the tokens each row has seen). Each pair is folded
+    un-rotated, and a memory slot's key is read rotated at the slot's position, the same average of
+    the folded positions as its key is of the folded keys (``Sp / n`` for ``rules.Merge``). It takes the
+    rules whose slots average pairs: Drop, Cumulative, Moving, Weighted, EMA, Compressive(pool="mean")
+    and Merge.
+
+    ``retain``: which pair of the full window and the new one is folded. ``"fifo"`` (default): the
+    oldest. ``"tova"``: the one the latest ``attend`` weighed least (its softmax weight averaged over the
+    query heads of the KV head, sinks and slots in the softmax; pairs not attended yet are kept first,
+    the oldest among equals). ``"h2o"``: the lowest sum of weights over every ``attend``, never one of
+    the ``recent`` newest (default ``window // 2``). Summary rules only (not the matrix rules nor Custom).
+    ``kvfold.reference.StreamCache`` is the model both follow.
+
     ``dtype`` ("float32", "float16", "bfloat16") is how sinks, window and memory slots are stored (GRU and
     Custom slots, being their state, and matrix memories stay float32); compute is float32.
     Inputs of any real dtype and layout are converted; NaN/Inf is rejected unless ``check_finite=False``.
@@ -114,6 +128,9 @@ class MemoryCache(_core.MemoryCache):
         scale: Optional[float] = None,
         dtype: str = "float32",
         check_finite: bool = True,
+        rope: Optional[RoPE] = None,
+        retain: str = "fifo",
+        recent: Optional[int] = None,
     ) -> None:
         if "_rule" in self.__dict__:
             raise TypeError(
@@ -136,6 +153,11 @@ class MemoryCache(_core.MemoryCache):
             dtype = getattr(dtype, "__name__", str(dtype))
         if not isinstance(check_finite, bool):
             raise TypeError(f"check_finite: expected True or False, got {type(check_finite).__name__}")
+        if rope is not None and not isinstance(rope, RoPE):
+            raise TypeError(f"rope: expected a kvfold.RoPE or None, got {type(rope).__name__}")
+        if not isinstance(retain, str):
+            raise TypeError(f"retain: expected 'fifo', 'tova' or 'h2o', got {type(retain).__name__}")
+        recent = -1 if recent is None else integer("recent", recent)
         super().__init__(
             rule._spec(),
             batch_size=integer("batch_size", batch_size),
@@ -148,6 +170,9 @@ class MemoryCache(_core.MemoryCache):
             scale=float(scale),
             dtype=str(dtype),
             check_finite=check_finite,
+            rope=None if rope is None else (rope.theta, rope.dim or 0, rope.layout),
+            retain=retain,
+            recent=recent,
         )
         self._rule = rule
 
@@ -158,6 +183,12 @@ class MemoryCache(_core.MemoryCache):
         if rule is None:
             raise TypeError("MemoryCache: this object was never initialized; make caches with kvfold.MemoryCache(...)")
         return rule
+
+    @property
+    def rope(self) -> Optional[RoPE]:
+        """The cache's ``kvfold.RoPE``, or None."""
+        r = self._rope
+        return None if r is None else RoPE(r[0], r[1] or None, r[2])
 
     def copy(self) -> "MemoryCache":
         """An independent deep copy (configuration and state)."""
@@ -236,6 +267,13 @@ class MemoryCache(_core.MemoryCache):
         new._rule = caches[0].rule
         return new
 
+    def _options(self) -> str:
+        """The non-default rope= and retain= settings, as repr shows them."""
+        text = "" if self.rope is None else f"rope={self.rope!r}, "
+        if self.retain != "fifo":
+            text += f"retain={self.retain!r}, " + (f"recent={self.recent}, " if self.retain == "h2o" else "")
+        return text
+
     def __repr__(self) -> str:
         lengths = self.length.tolist()
         shown = lengths if len(lengths) <= 8 else lengths[:8] + ["..."]
@@ -243,7 +281,7 @@ class MemoryCache(_core.MemoryCache):
             f"MemoryCache(rule={self.rule!r}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
             f"value_dim={self.value_dim}, num_query_heads={self.num_query_heads}, batch_size={self.batch_size}, "
             f"window={self.window}, sinks={self.sinks}, scale={self.scale:.6g}, dtype={self.dtype!r}, "
-            f"check_finite={self.check_finite}, length={shown}, nbytes={self.nbytes})"
+            f"check_finite={self.check_finite}, {self._options()}length={shown}, nbytes={self.nbytes})"
         )
 
 

@@ -50,7 +50,8 @@ class Checkpoint(metaclass=_pybind11_type):
 
 class MemoryCache(metaclass=_pybind11_type):
     # (spec, batch_size, num_heads, head_dim, value_dim, num_query_heads, window, sinks, scale, dtype,
-    # check_finite), (other) for a copy, (other, rows) for select, (caches) for concat, (data) from bytes
+    # check_finite, rope=(theta, dim, layout) or None, retain, recent=-1), (other) for a copy, (other, rows)
+    # for select, (caches) for concat, (data) from bytes
     def __init__(self, *args: Any, **kwargs: Any) -> None: ...
     def update(
         self,
@@ -59,6 +60,7 @@ class MemoryCache(metaclass=_pybind11_type):
         *,
         decay: Optional[npt.ArrayLike] = None,
         beta: Optional[npt.ArrayLike] = None,
+        positions: Optional[npt.ArrayLike] = None,
     ) -> None: ...
     def attend(self, q: npt.ArrayLike, *, out: Optional[npt.NDArray[np.float32]] = None) -> npt.NDArray[np.float32]: ...
     def step(
@@ -70,6 +72,7 @@ class MemoryCache(metaclass=_pybind11_type):
         decay: Optional[npt.ArrayLike] = None,
         beta: Optional[npt.ArrayLike] = None,
         out: Optional[npt.NDArray[np.float32]] = None,
+        positions: Optional[npt.ArrayLike] = None,
     ) -> npt.NDArray[np.float32]: ...
     def _step_overhead(
         self,
@@ -80,6 +83,7 @@ class MemoryCache(metaclass=_pybind11_type):
         decay: Optional[npt.ArrayLike] = None,
         beta: Optional[npt.ArrayLike] = None,
         out: Optional[npt.NDArray[np.float32]] = None,
+        positions: Optional[npt.ArrayLike] = None,
     ) -> npt.NDArray[np.float32]: ...
     def forward(
         self,
@@ -89,6 +93,7 @@ class MemoryCache(metaclass=_pybind11_type):
         *,
         decay: Optional[npt.ArrayLike] = None,
         beta: Optional[npt.ArrayLike] = None,
+        positions: Optional[npt.ArrayLike] = None,
     ) -> npt.NDArray[np.float32]: ...
     # summary rules: (keys, values); matrix rules: S, or (S, z) when normalized
     def memory(
@@ -107,6 +112,8 @@ class MemoryCache(metaclass=_pybind11_type):
     def to_bytes(self) -> bytes: ...
     @property
     def length(self) -> npt.NDArray[np.int64]: ...
+    @property
+    def last_position(self) -> npt.NDArray[np.int64]: ...
     @property
     def nbytes(self) -> int: ...
     @property
@@ -129,6 +136,12 @@ class MemoryCache(metaclass=_pybind11_type):
     def dtype(self) -> str: ...
     @property
     def check_finite(self) -> bool: ...
+    @property
+    def _rope(self) -> Optional[Tuple[float, int, str]]: ...
+    @property
+    def retain(self) -> str: ...
+    @property
+    def recent(self) -> Optional[int]: ...
     @property
     def memory_slots(self) -> int: ...
     @property

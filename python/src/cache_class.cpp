@@ -78,6 +78,26 @@ Gates read_gates(const MemoryCache& c, const py::object& decay, const py::object
     return out;
 }
 
+// positions=: integers (B,) for one token, (B, T) for a block, as int64; null when not given.
+using PositionArray = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+const int64_t* read_positions(const MemoryCache& c, const py::object& obj, const Tokens& t, PositionArray& keep) {
+    if (obj.is_none()) return nullptr;
+    py::array a = py::array::ensure(obj);
+    if (!a) throw kvfold::TypeError("positions: expected an array of integers, got " + type_name(obj));
+    const char kind = a.dtype().kind();
+    if (kind != 'i' && kind != 'u')
+        throw kvfold::TypeError("positions: expected integers, got dtype " + std::string(py::str(a.dtype())));
+    const int64_t B = c.config().batch_size;
+    std::vector<int64_t> want{B};
+    if (!t.single) want.push_back(t.T);
+    if (shape_of(a) != want)
+        throw kvfold::ValueError("positions: expected shape " + shape_str(want) +
+                                 (t.single ? " for one token" : " for a block") + ", got " + shape_str(shape_of(a)));
+    keep = PositionArray::ensure(a);
+    if (!keep) throw kvfold::TypeError("positions: expected integers that int64 holds");
+    return keep.data();
+}
+
 FloatArray read_query(const MemoryCache& c, const py::handle& q_obj) {
     const auto& g = c.config();
     FloatArray q = as_floats("q", q_obj);
@@ -167,7 +187,8 @@ void reorder(MemoryCache& c, const std::vector<int64_t>& indices) {
 // output array and GIL release around nothing (the benchmark's call-overhead line).
 template <bool Work>
 py::array step_call(MemoryCache& c, const py::handle& q_obj, const py::handle& k, const py::handle& v,
-                    const py::object& decay, const py::object& beta, const py::object& out) {
+                    const py::object& decay, const py::object& beta, const py::object& out,
+                    const py::object& positions) {
     InFlight busy(c);
     FloatArray q = read_query(c, q_obj);
     Tokens t = read_tokens(c, k, v);
@@ -175,13 +196,15 @@ py::array step_call(MemoryCache& c, const py::handle& q_obj, const py::handle& k
         throw kvfold::ValueError("k: step takes one token, shape (B, H, d_k); use forward for blocks, got " +
                                  shape_str(shape_of(t.k)));
     Gates gates = read_gates(c, decay, beta, t);
+    PositionArray keep;
+    const int64_t* p = read_positions(c, positions, t, keep);
     Output o = output(c, out);
     unalias(q, o);
     unalias(t.k, o);
     unalias(t.v, o);
     {
         ReleaseGil release;
-        if (Work) c.step(q.data(), t.k.data(), t.v.data(), o.data, gates.view);
+        if (Work) c.step(q.data(), t.k.data(), t.v.data(), o.data, gates.view, p);
     }
     return o.array;
 }
@@ -192,7 +215,8 @@ void bind_cache(py::module_& m) {
     py::class_<MemoryCache>(m, "MemoryCache", py::dynamic_attr())
         .def(py::init([](const py::tuple& spec, int64_t batch_size, int64_t num_heads, int64_t head_dim,
                          int64_t value_dim, int64_t num_query_heads, int64_t window, int64_t sinks, double scale,
-                         const std::string& dtype, bool check_finite) {
+                         const std::string& dtype, bool check_finite, const py::object& rope, const std::string& retain,
+                         int64_t recent) {
                  kvfold::Config c;
                  c.batch_size = batch_size;
                  c.num_heads = num_heads;
@@ -204,11 +228,22 @@ void bind_cache(py::module_& m) {
                  c.scale = scale;
                  c.dtype = kvfold::parse_dtype(dtype);
                  c.check_finite = check_finite;
+                 if (!rope.is_none()) {  // (theta, dim, layout)
+                     auto r = rope.cast<std::tuple<double, int64_t, std::string>>();
+                     c.rope.theta = std::get<0>(r);
+                     c.rope.dim = std::get<1>(r);
+                     if (std::get<2>(r) != "half" && std::get<2>(r) != "interleaved")
+                         throw kvfold::ValueError("rope: layout must be 'half' or 'interleaved', got '" +
+                                                  std::get<2>(r) + "'");
+                     c.rope.interleaved = std::get<2>(r) == "interleaved";
+                 }
+                 c.retain = kvfold::parse_retain(retain);
+                 c.recent = recent;
                  return std::make_unique<MemoryCache>(c, make_spec(spec));
              }),
              py::arg("spec"), py::arg("batch_size"), py::arg("num_heads"), py::arg("head_dim"), py::arg("value_dim"),
              py::arg("num_query_heads"), py::arg("window"), py::arg("sinks"), py::arg("scale"), py::arg("dtype"),
-             py::arg("check_finite"))
+             py::arg("check_finite"), py::arg("rope") = py::none(), py::arg("retain") = "fifo", py::arg("recent") = -1)
         .def(py::init([](const MemoryCache& other) {
                  ReleaseGil release;  // a Custom rule's fold may hold the cache and wait for the GIL
                  return std::make_unique<MemoryCache>(other);
@@ -234,17 +269,21 @@ void bind_cache(py::module_& m) {
         .def(
             "update",
             [](MemoryCache& c, const py::handle& k, const py::handle& v, const py::object& decay,
-               const py::object& beta) {
+               const py::object& beta, const py::object& positions) {
                 InFlight busy(c);
                 Tokens t = read_tokens(c, k, v);
                 Gates gates = read_gates(c, decay, beta, t);
+                PositionArray keep;
+                const int64_t* p = read_positions(c, positions, t, keep);
                 ReleaseGil release;
-                c.update(t.k.data(), t.v.data(), t.T, gates.view);
+                c.update(t.k.data(), t.v.data(), t.T, gates.view, p);
             },
             py::arg("k"), py::arg("v"), py::kw_only(), py::arg("decay") = py::none(), py::arg("beta") = py::none(),
+            py::arg("positions") = py::none(),
             "Feed tokens in order: k (B, H, d_k), v (B, H, d_v) for one token, or (B, H, T, d) for a block.\n"
             "Matrix rules without constant gates take per-token decay (log-space; (B, H[, T]) or (B, H[, T], d_k))\n"
-            "and beta ((B, H[, T])).")
+            "and beta ((B, H[, T])). positions: integers (B,) or (B, T), never decreasing per row; default: the\n"
+            "tokens each row has seen.")
         .def(
             "attend",
             [](MemoryCache& c, const py::handle& q_obj, const py::object& out) {
@@ -262,15 +301,18 @@ void bind_cache(py::module_& m) {
             "Softmax attention of q (B, Hq, d_k) over [sinks | memory | window]; returns (B, Hq, d_v) float32.")
         .def("step", &step_call<true>, py::arg("q"), py::arg("k"), py::arg("v"), py::kw_only(),
              py::arg("decay") = py::none(), py::arg("beta") = py::none(), py::arg("out") = py::none(),
-             "Update with one token (and its decay/beta for matrix rules), then attend (the token sees itself).")
+             py::arg("positions") = py::none(),
+             "Update with one token (and its decay/beta for matrix rules, its positions (B,)), then attend "
+             "(the token sees itself).")
         .def("_step_overhead", &step_call<false>, py::arg("q"), py::arg("k"), py::arg("v"), py::kw_only(),
              py::arg("decay") = py::none(), py::arg("beta") = py::none(), py::arg("out") = py::none(),
+             py::arg("positions") = py::none(),
              "step's checks, conversions and output, without the step: the cost of calling it from Python "
              "(the output is left unspecified).")
         .def(
             "forward",
             [](MemoryCache& c, const py::handle& q_obj, const py::handle& k_obj, const py::handle& v_obj,
-               const py::object& decay, const py::object& beta) {
+               const py::object& decay, const py::object& beta, const py::object& positions) {
                 InFlight busy(c);
                 const auto& g = c.config();
                 FloatArray q = as_floats("q", q_obj);
@@ -282,15 +324,17 @@ void bind_cache(py::module_& m) {
                                              ", d_k=" + std::to_string(g.head_dim) + ") to match q, got " +
                                              shape_str(shape_of(t.k)));
                 Gates gates = read_gates(c, decay, beta, t);
+                PositionArray keep;
+                const int64_t* p = read_positions(c, positions, t, keep);
                 auto out = new_floats({g.batch_size, g.num_query_heads, T, g.value_dim});
                 {
                     ReleaseGil release;
-                    c.forward(q.data(), t.k.data(), t.v.data(), T, out.mutable_data(), gates.view);
+                    c.forward(q.data(), t.k.data(), t.v.data(), T, out.mutable_data(), gates.view, p);
                 }
                 return out;
             },
             py::arg("q"), py::arg("k"), py::arg("v"), py::kw_only(), py::arg("decay") = py::none(),
-            py::arg("beta") = py::none(),
+            py::arg("beta") = py::none(), py::arg("positions") = py::none(),
             "q (B, Hq, T, d_k), k (B, H, T, d_k), v (B, H, T, d_v) -> (B, Hq, T, d_v): a loop of step "
             "(matrix rules run it chunked: equal to float rounding).")
         .def(
@@ -466,6 +510,19 @@ void bind_cache(py::module_& m) {
             },
             "Tokens seen per row, (B,) int64.")
         .def_property_readonly(
+            "last_position",
+            [](const MemoryCache& c) {
+                std::vector<int64_t> l;
+                {
+                    ReleaseGil release;
+                    l = c.last_positions();
+                }
+                py::array_t<int64_t> a(static_cast<py::ssize_t>(l.size()));
+                std::copy(l.begin(), l.end(), a.mutable_data());
+                return a;
+            },
+            "Each row's latest position, (B,) int64 (0 before its first token): positions= may not go below it.")
+        .def_property_readonly(
             "nbytes",
             [](const MemoryCache& c) {
                 ReleaseGil release;
@@ -482,6 +539,25 @@ void bind_cache(py::module_& m) {
         .def_property_readonly("scale", [](const MemoryCache& c) { return c.scale(); })
         .def_property_readonly("dtype", [](const MemoryCache& c) { return kvfold::dtype_name(c.config().dtype); })
         .def_property_readonly("check_finite", [](const MemoryCache& c) { return c.config().check_finite; })
+        .def_property_readonly(
+            "_rope",
+            [](const MemoryCache& c) -> py::object {
+                const kvfold::RoPE& r = c.config().rope;
+                if (r.theta == 0) return py::none();
+                return py::make_tuple(r.theta, r.dim, r.interleaved ? "interleaved" : "half");
+            },
+            "(theta, dim (0: the whole head), layout), or None without a RoPE.")
+        .def_property_readonly(
+            "retain", [](const MemoryCache& c) { return kvfold::retain_name(c.config().retain); },
+            "Which window pair is folded when the window is full: 'fifo', 'tova' or 'h2o'.")
+        .def_property_readonly(
+            "recent",
+            [](const MemoryCache& c) -> py::object {
+                const auto& g = c.config();
+                if (g.retain != kvfold::Retain::h2o) return py::none();
+                return py::int_(g.recent == -1 ? g.window / 2 : g.recent);
+            },
+            "retain='h2o': the newest window pairs never folded; None otherwise.")
         .def_property_readonly("memory_slots", &MemoryCache::memory_slots, "Summary slots per row and head.")
         .def_property_readonly("matrix_memory", &MemoryCache::matrix_memory,
                                "True for the linear-attention family, whose memory is S (d_k x d_v) per head.")

@@ -69,6 +69,25 @@ struct RuleSpec {
 // Checks a rule's parameters without building a cache; throws ValueError naming the parameter.
 KVFOLD_API void check_rule(const RuleSpec& spec);
 
+// Rotary position embedding of keys (a model's RoPE): pair i of the first `dim` dimensions turns by
+// p * theta^(-2i / dim) at position p; pair i is (i, i + dim/2) (half layout, Hugging Face Llama's
+// rotate_half) or (2i, 2i + 1) (interleaved). theta == 0: the cache has no RoPE. dim == 0: the whole head.
+// A cache with a RoPE folds each pair un-rotated (at minus its position) and reads a memory slot's key
+// rotated at the slot's position, the same average of the folded positions as its key is of the keys.
+struct RoPE {
+    double theta = 0;
+    int64_t dim = 0;
+    bool interleaved = false;
+};
+
+// Which pair of the window and the new one is folded when the window is full: the oldest (fifo), the
+// one the latest queries weighed least (tova: the weight of the latest attend; h2o: the sum of the
+// weights of every attend, the `recent` newest never folded). Unscored pairs (not yet attended) are
+// kept before any scored one; among equals the oldest is folded.
+enum class Retain : uint8_t { fifo = 0, tova = 1, h2o = 2 };
+KVFOLD_API Retain parse_retain(const std::string& name);
+KVFOLD_API const char* retain_name(Retain retain);
+
 struct Config {
     int64_t batch_size = 1;
     int64_t num_heads = 1;        // KV heads
@@ -80,6 +99,9 @@ struct Config {
     double scale = 0;             // score scale; 0 means 1 / sqrt(head_dim)
     DType dtype = DType::float32;
     bool check_finite = true;  // reject NaN / Inf in inputs
+    RoPE rope;                 // none by default
+    Retain retain = Retain::fifo;
+    int64_t recent = -1;  // h2o only: the newest pairs never folded, in [0, window]; -1: window / 2
 };
 
 // Per-token values of the gated / delta matrix rules (null when not given).
@@ -99,6 +121,8 @@ class KVFOLD_API Checkpoint {
     const Config& config() const;
     const RuleSpec& rule() const;
     std::vector<int64_t> lengths() const;
+    // Each row's latest position (0 before its first token): the next may not be lower.
+    std::vector<int64_t> last_positions() const;
     size_t nbytes() const;
 
     // Zero-filled storage, as for MemoryCache.
@@ -125,24 +149,29 @@ class KVFOLD_API MemoryCache {
     bool matrix_memory() const;      // true for the linear-attention family (S is d_k x d_v)
     bool matrix_normalized() const;  // a matrix rule that also keeps z (d_k), normalize=True
 
-    // k (B, H, T, d_k), v (B, H, T, d_v): T tokens per row, in order.
-    void update(const float* k, const float* v, int64_t T, const TokenGates& gates = {});
-    // q (B, Hq, d_k) -> out (B, Hq, d_v).
+    // k (B, H, T, d_k), v (B, H, T, d_v): T tokens per row, in order. positions (B, T), or null for
+    // the tokens each row has seen: integers >= 0 that never decrease within a row.
+    void update(const float* k, const float* v, int64_t T, const TokenGates& gates = {},
+                const int64_t* positions = nullptr);
+    // q (B, Hq, d_k) -> out (B, Hq, d_v). With retain tova or h2o, records the window's weights.
     void attend(const float* q, float* out);
-    // update with one token, then attend (the token sees itself).
-    void step(const float* q, const float* k, const float* v, float* out, const TokenGates& gates = {});
+    // update with one token (positions (B,) or null), then attend (the token sees itself).
+    void step(const float* q, const float* k, const float* v, float* out, const TokenGates& gates = {},
+              const int64_t* positions = nullptr);
     // q (B, Hq, T, d_k), k (B, H, T, d_k), v (B, H, T, d_v) -> out (B, Hq, T, d_v); a loop of step.
-    void forward(const float* q, const float* k, const float* v, int64_t T, float* out, const TokenGates& gates = {});
+    void forward(const float* q, const float* k, const float* v, int64_t T, float* out, const TokenGates& gates = {},
+                 const int64_t* positions = nullptr);
 
-    // Summary slots, oldest first, zero where not yet filled: keys (B, H, slots, d_k), values
-    // (B, H, slots, d_v). Matrix rules: S (B, H, d_k, d_v) in keys, z (B, H, d_k) in values
+    // Summary slots, oldest first, zero where not yet filled: keys (B, H, slots, d_k, un-rotated
+    // with a RoPE), values (B, H, slots, d_v). Matrix rules: S (B, H, d_k, d_v) in keys, z (B, H, d_k) in values
     // (when normalized; values may be null otherwise).
     void memory(float* keys, float* values) const;
     // Matrix rules only: sets S (B, H, d_k, d_v) and, when normalized, z (B, H, d_k; else null),
     // e.g. the state of ONNX LinearAttention, to continue from it.
     void load_memory(const float* keys, const float* values);
 
-    // The visible set per row [sinks | slots | window], oldest first: n = visible_size() pairs in
+    // The visible set per row [sinks | slots | window], oldest first, as attention reads it (slot keys
+    // rotated at their positions with a RoPE): n = visible_size() pairs in
     // the largest row. visible() writes it padded with zeros to `rows` >= n rows per head: keys
     // (B, H, rows, d_k), values (B, H, rows, d_v), mask (B, rows). It returns n; when n > rows
     // (tokens arrived since the caller sized its arrays) it writes nothing.
@@ -152,6 +181,8 @@ class KVFOLD_API MemoryCache {
     void reset();
     void reset_rows(const int64_t* rows, int64_t count);
     std::vector<int64_t> lengths() const;
+    // Each row's latest position (0 before its first token): the next may not be lower.
+    std::vector<int64_t> last_positions() const;
     size_t nbytes() const;
 
     // Versioned little-endian binary state with CRC32; see README "Persistence and rollback".

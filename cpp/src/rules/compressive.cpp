@@ -1,6 +1,7 @@
 // Compressive(slots, rate, pool): every `rate` folded pairs are pooled (mean or max) into one
 // compressed pair in a FIFO of `slots`. The newest compressed pair is open: while it holds fewer
-// than `rate` pairs it shows the pool of what it holds, so nothing folded is ever invisible.
+// than `rate` pairs it shows the pool of what it holds, so nothing folded is ever invisible. With a
+// RoPE (pool mean only) a slot's position is the mean of its pairs' positions.
 #include <cstring>
 
 #include "../rule.hpp"
@@ -16,9 +17,10 @@ class Compressive final : public Rule {
         if (!max_) {  // the open pair's running sum
             add_buffer(sum_k_, sizeof(double) * d.dk);
             add_buffer(sum_v_, sizeof(double) * d.dv);
+            if (keeps_positions()) add_buffer(sum_p_, sizeof(double));
         }
     }
-    void fold(int64_t lane, const float* k, const float* v, int64_t count) override {
+    void fold(int64_t lane, const float* k, const float* v, int64_t count, int64_t position) override {
         int64_t at = count % rate_;
         SlotEdit slot(*this, lane, (count / rate_) % slots_);
         float* sk = slot.keys();
@@ -30,9 +32,16 @@ class Compressive final : public Rule {
             pool_mean(sk, sum_k_.lane<double>(lane), k, dims_.dk, at);
             pool_mean(sv, sum_v_.lane<double>(lane), v, dims_.dv, at);
         }
-        slot.store();
+        double p = 0;
+        if (keeps_positions()) {
+            double* sum = sum_p_.lane<double>(lane);
+            *sum = (at == 0 ? 0.0 : *sum) + static_cast<double>(position);
+            p = *sum / static_cast<double>(at + 1);
+        }
+        slot.store(p);
     }
     int64_t max_slots() const override { return slots_; }
+    bool averages_pairs() const override { return !max_; }
     int64_t visible_slots(int64_t folded) const override {
         int64_t made = (folded + rate_ - 1) / rate_;
         return made < slots_ ? made : slots_;
@@ -56,7 +65,7 @@ class Compressive final : public Rule {
 
     int64_t slots_, rate_;
     bool max_;
-    LaneBuffer sum_k_, sum_v_;
+    LaneBuffer sum_k_, sum_v_, sum_p_;
 };
 
 std::unique_ptr<Rule> make(const RuleSpec& spec) {

@@ -19,7 +19,7 @@ class Custom final : public Rule {
         Rule::plan(d);
         plan_slots(slots_);
     }
-    void fold(int64_t, const float*, const float*, int64_t) override {}  // folds rows, see fold_row
+    void fold(int64_t, const float*, const float*, int64_t, int64_t) override {}  // folds rows, see fold_row
     bool folds_rows() const override { return true; }
 
     // k (H, d_k), v (H, d_v): the pairs evicted from row `row`, one per head.

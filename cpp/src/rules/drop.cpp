@@ -5,7 +5,8 @@ namespace kvfold {
 namespace {
 class Drop final : public Rule {
    public:
-    void fold(int64_t, const float*, const float*, int64_t) override {}
+    void fold(int64_t, const float*, const float*, int64_t, int64_t) override {}
+    bool averages_pairs() const override { return true; }
 };
 
 std::unique_ptr<Rule> make(const RuleSpec&) { return std::make_unique<Drop>(); }

@@ -46,7 +46,7 @@ class GRU final : public Rule {
         plan_slots(1);
     }
 
-    void fold(int64_t lane, const float* k, const float* v, int64_t) override {
+    void fold(int64_t lane, const float* k, const float* v, int64_t, int64_t) override {
         const Kernels& K = kernels();
         const int64_t D = D_, dk = dims_.dk, dv = dims_.dv, set = sets_ ? lane % dims_.heads : 0;
         float* x = scratch<GRU>(static_cast<size_t>(8 * D));  // x | h | W_ih x | W_hh h

@@ -93,7 +93,7 @@ class LinearAttention final : public Rule {
     float* normalizer(int64_t lane) override { return normalize_ ? z_.lane<float>(lane) : nullptr; }
 
     // The cache folds through fold_read; this is the same fold for a rule whose gates are constants.
-    void fold(int64_t lane, const float* k, const float* v, int64_t) override {
+    void fold(int64_t lane, const float* k, const float* v, int64_t, int64_t) override {
         if (takes_decay() || takes_beta())
             throw ValueError(kind_ + " rule: folding needs the token's " + (takes_decay() ? "decay" : "beta"));
         fold_read(lane, k, v, {}, {});

@@ -3,7 +3,7 @@
 // keys have the highest cosine similarity merge (sums and counts add; the merged slot takes the lower
 // index, later slots move down; ties: the first pair (i, j), i < j, in row-major order; a zero key has
 // cosine 0 with anything). Slots are read as (Sk / n, Sv / n), with logit bias ln n when
-// bias = "log_count".
+// bias = "log_count". With a RoPE each slot also sums its pairs' positions, Sp, and stands at Sp / n.
 //
 // The float64 sums live in slots + 1 places that never move: `order` maps a slot's index to its place,
 // and its last entry is the free place the next folded pair takes. Each place also keeps its mean key's
@@ -37,11 +37,12 @@ class Merge final : public Rule {
         add_buffer(cosine_, sizeof(float) * n * n);   // cosine of the mean keys of places p and q
         add_buffer(order_, sizeof(int64_t) * n);      // slot index -> place
         add_buffer(bias_, sizeof(float) * slots_);
+        if (keeps_positions()) add_buffer(sum_p_, sizeof(double) * n);
         // a float32 dot of unit vectors is within (d + 2) float32 roundings of the exact cosine
         margin_ = 2.0f * static_cast<float>(d.dk + 2) * std::numeric_limits<float>::epsilon();
     }
 
-    void fold(int64_t lane, const float* k, const float* v, int64_t count) override {
+    void fold(int64_t lane, const float* k, const float* v, int64_t count, int64_t position) override {
         const int64_t dk = dims_.dk, dv = dims_.dv, n = slots_ + 1;
         int64_t* order = order_.lane<int64_t>(lane);
         const int64_t s = count < slots_ ? count : slots_;  // the new slot's index
@@ -54,6 +55,7 @@ class Merge final : public Rule {
         for (int64_t i = 0; i < dk; ++i) sk[i] = k[i];
         for (int64_t i = 0; i < dv; ++i) sv[i] = v[i];
         count_.lane<double>(lane)[p] = 1;
+        if (keeps_positions()) sum_p_.lane<double>(lane)[p] = static_cast<double>(position);
         update_cosines(lane, p);
         if (s < slots_) {
             write_slot(lane, s);
@@ -65,6 +67,7 @@ class Merge final : public Rule {
         add(sum_k_.lane<double>(lane) + pa * dk, sum_k_.lane<double>(lane) + pb * dk, dk);
         add(sum_v_.lane<double>(lane) + pa * dv, sum_v_.lane<double>(lane) + pb * dv, dv);
         count_.lane<double>(lane)[pa] += count_.lane<double>(lane)[pb];
+        if (keeps_positions()) sum_p_.lane<double>(lane)[pa] += sum_p_.lane<double>(lane)[pb];
         remove(lane, b);
         update_cosines(lane, pa);
         write_slot(lane, a);
@@ -72,6 +75,7 @@ class Merge final : public Rule {
     }
 
     int64_t max_slots() const override { return slots_; }
+    bool averages_pairs() const override { return true; }
     int64_t visible_slots(int64_t folded) const override { return folded < slots_ ? folded : slots_; }
     const float* slot_bias(int64_t lane) const override { return log_count_ ? bias_.lane<float>(lane) : nullptr; }
 
@@ -160,6 +164,7 @@ class Merge final : public Rule {
             std::memmove(values + b * dv * es, values + (b + 1) * dv * es, moved * dv * es);
             float* bias = bias_.lane<float>(lane);
             std::memmove(bias + b, bias + b + 1, sizeof(float) * moved);
+            move_positions(lane, b, b + 1, moved);
         }
     }
 
@@ -176,12 +181,13 @@ class Merge final : public Rule {
         store_row(slot_k_.lane(lane) + s * dk * slot_bytes(), row.data(), dk, slot_dtype());
         store_row(slot_v_.lane(lane) + s * dv * slot_bytes(), row.data() + dk, dv, slot_dtype());
         bias_.lane<float>(lane)[s] = static_cast<float>(std::log(n));
+        if (keeps_positions()) set_position(lane, s, row.data(), sum_p_.lane<double>(lane)[p] * inv);
     }
 
     int64_t slots_;
     bool log_count_;
     float margin_ = 0;
-    LaneBuffer sum_k_, sum_v_, count_, unit_, cosine_, order_, bias_;
+    LaneBuffer sum_k_, sum_v_, count_, unit_, cosine_, order_, bias_, sum_p_;
 };
 
 std::unique_ptr<Rule> make(const RuleSpec& spec) {

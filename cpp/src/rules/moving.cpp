@@ -1,6 +1,7 @@
 // Moving(n): the mean of the last n folded pairs (of all of them while fewer than n).
 // O(d) per fold: a float64 running sum over a ring of the last n pairs. Each time the ring has
-// turned once the sum is rebuilt from the ring, so add/subtract drift never accumulates.
+// turned once the sum is rebuilt from the ring, so add/subtract drift never accumulates. With a RoPE
+// the slot's position is the mean of the last n positions, from a ring of them (exact: integers).
 #include <cstring>
 
 #include "../rule.hpp"
@@ -17,15 +18,20 @@ class Moving final : public Rule {
         add_buffer(ring_v_, sizeof(float) * n_ * d.dv);
         add_buffer(sum_k_, sizeof(double) * d.dk);
         add_buffer(sum_v_, sizeof(double) * d.dv);
+        if (keeps_positions()) {
+            add_buffer(ring_p_, sizeof(int64_t) * n_);
+            add_buffer(sum_p_, sizeof(double));
+        }
     }
-    void fold(int64_t lane, const float* k, const float* v, int64_t count) override {
+    void fold(int64_t lane, const float* k, const float* v, int64_t count, int64_t position) override {
         double inv = 1.0 / static_cast<double>(count + 1 < n_ ? count + 1 : n_);
         SlotEdit slot(*this, lane, 0);
         push(ring_k_.lane<float>(lane), sum_k_.lane<double>(lane), slot.keys(), k, dims_.dk, count, inv);
         push(ring_v_.lane<float>(lane), sum_v_.lane<double>(lane), slot.values(), v, dims_.dv, count, inv);
-        slot.store();
+        slot.store(keeps_positions() ? mean_position(lane, count, position) : 0.0);
     }
     int64_t max_slots() const override { return 1; }
+    bool averages_pairs() const override { return true; }
 
    private:
     // Puts x in the ring, updates the sum and sets the slot to sum * inv.
@@ -44,8 +50,19 @@ class Moving final : public Rule {
         K.axpby_f64(sum, 1.0, x, 1.0, slot, inv, d);
     }
 
+    // Puts the position in its ring; the mean of the last min(count + 1, n) positions. The sum of
+    // integers is exact in float64 (below 2^53), so it never drifts.
+    double mean_position(int64_t lane, int64_t count, int64_t position) {
+        int64_t* slot = ring_p_.lane<int64_t>(lane) + count % n_;
+        double* sum = sum_p_.lane<double>(lane);
+        if (count >= n_) *sum -= static_cast<double>(*slot);
+        *slot = position;
+        *sum += static_cast<double>(position);
+        return *sum / static_cast<double>(count + 1 < n_ ? count + 1 : n_);
+    }
+
     int64_t n_;
-    LaneBuffer ring_k_, ring_v_, sum_k_, sum_v_;
+    LaneBuffer ring_k_, ring_v_, sum_k_, sum_v_, ring_p_, sum_p_;
 };
 
 std::unique_ptr<Rule> make(const RuleSpec& spec) {

@@ -1,6 +1,7 @@
 // Weighted(betas): Mem = sum_j beta_{j-i+n} kv_j / sum beta over the last n = len(betas) folded
 // pairs; betas[0] weighs the oldest, betas[-1] the newest. With m < n pairs folded, the newest
-// m betas are used and normalised by their sum.
+// m betas are used and normalised by their sum. With a RoPE the slot's position is the same
+// weighted mean of the last n positions.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -21,14 +22,16 @@ class Weighted final : public Rule {
         plan_slots(1);
         add_buffer(ring_k_, sizeof(float) * n() * d.dk);
         add_buffer(ring_v_, sizeof(float) * n() * d.dv);
+        if (keeps_positions()) add_buffer(ring_p_, sizeof(int64_t) * n());
     }
-    void fold(int64_t lane, const float* k, const float* v, int64_t count) override {
+    void fold(int64_t lane, const float* k, const float* v, int64_t count, int64_t position) override {
         SlotEdit slot(*this, lane, 0);
         mix(ring_k_.lane<float>(lane), slot.keys(), k, dims_.dk, count);
         mix(ring_v_.lane<float>(lane), slot.values(), v, dims_.dv, count);
-        slot.store();
+        slot.store(keeps_positions() ? mean_position(lane, count, position) : 0.0);
     }
     int64_t max_slots() const override { return 1; }
+    bool averages_pairs() const override { return true; }
 
    private:
     int64_t n() const { return static_cast<int64_t>(betas_.size()); }
@@ -44,8 +47,17 @@ class Weighted final : public Rule {
         }
     }
 
+    double mean_position(int64_t lane, int64_t i, int64_t position) {
+        int64_t* ring = ring_p_.lane<int64_t>(lane);
+        ring[i % n()] = position;
+        const int64_t m = i + 1 < n() ? i + 1 : n();
+        double sum = 0;
+        for (int64_t j = i - m + 1; j <= i; ++j) sum += betas_[n() - 1 - (i - j)] * static_cast<double>(ring[j % n()]);
+        return sum / tail_[m];
+    }
+
     std::vector<double> betas_, tail_;
-    LaneBuffer ring_k_, ring_v_;
+    LaneBuffer ring_k_, ring_v_, ring_p_;
 };
 
 std::unique_ptr<Rule> make(const RuleSpec& spec) {
