@@ -13,7 +13,7 @@ from transformers import DynamicCache  # noqa: E402
 import kvfold.hf  # noqa: E402,F401  (registers the "kvfold" attention)
 from kvfold import MemoryCache, RoPE, rules  # noqa: E402
 from kvfold.hf import FoldCache  # noqa: E402
-from kvfold.reference import StreamCache  # noqa: E402
+from kvfold.reference import ReferenceCache, StreamCache  # noqa: E402
 from tiny_models import run, token_ids  # noqa: E402
 from tiny_models import tiny as tiny_model  # noqa: E402
 
@@ -51,11 +51,12 @@ def test_window_longer_than_text_equals_dynamic_cache(model, ids, chunk):
     assert cache.get_seq_length() == LENGTH and cache.layers[0].memory.num_query_heads == 6
     # tova and h2o keep everything too, and so does Merge with a slot for every pair, un-rotated with the
     # model's RoPE and rotated back at each pair's own position
-    for kw in (dict(retain="tova", window=LENGTH), dict(retain="h2o", window=LENGTH)):
-        close(run(model, ids, FoldCache(rules.Drop(), memory=StreamCache, **kw), chunk), expected)
-    rope = RoPE.from_config(model.config)
-    merged = FoldCache(rules.Merge(LENGTH), window=2, sinks=1, rope=rope, memory=StreamCache)
-    close(run(model, ids, merged, chunk), expected)
+    for memory in (MemoryCache, StreamCache):
+        for kw in (dict(retain="tova", window=LENGTH), dict(retain="h2o", window=LENGTH)):
+            close(run(model, ids, FoldCache(rules.Drop(), memory=memory, **kw), chunk), expected)
+        rope = RoPE.from_config(model.config)
+        merged = FoldCache(rules.Merge(LENGTH), window=2, sinks=1, rope=rope, memory=memory)
+        close(run(model, ids, merged, chunk), expected)
 
 
 @pytest.mark.parametrize("family", ["Qwen2", "Mistral"])
@@ -92,12 +93,20 @@ RULES = [
     (rules.Cumulative(), dict(window=4, sinks=1)),
     (rules.Compressive(2, 3), dict(window=3)),
     (rules.Merge(4), dict(window=5, sinks=2)),
+    (rules.Merge(3), dict(window=4, sinks=1, retain="tova")),
+    (rules.Merge(2), dict(window=5, sinks=1, retain="h2o", recent=2)),
+    (rules.Drop(), dict(window=6, retain="tova")),
+    (rules.Merge(3), dict(window=3, sinks=1, rope="model")),
+    (rules.Cumulative(), dict(window=4, sinks=1, rope="model", retain="tova")),
+    (rules.Compressive(2, 2), dict(window=3, rope="model", retain="h2o")),
 ]
 
 
 @pytest.mark.parametrize("rule, kw", RULES, ids=lambda x: repr(x) if isinstance(x, rules.Rule) else str(x))
 @pytest.mark.parametrize("chunk", [1, 7], ids=["decode", "chunked"])
 def test_the_cpp_memory_is_the_numpy_model_through_the_attention(model, ids, rule, kw, chunk):
+    if kw.get("rope") == "model":
+        kw = dict(kw, rope=RoPE.from_config(model.config))
     got = run(model, ids, FoldCache(rule, **kw), chunk)
     expected = run(model, ids, FoldCache(rule, memory=StreamCache, **kw), chunk)
     close(got, expected)
@@ -110,7 +119,7 @@ def test_blocks_are_token_by_token(model, ids):
     """forward is a loop of step: chunked prefill gives the logits of one token at a time."""
     for cache_kw in (dict(rule=rules.Merge(3), window=4, sinks=1), dict(rule=rules.Drop(), window=6)):
         close(run(model, ids, FoldCache(**cache_kw), 1), run(model, ids, FoldCache(**cache_kw), 9))
-    kw = dict(rule=rules.Merge(3), window=5, sinks=1, retain="tova", memory=StreamCache)
+    kw = dict(rule=rules.Merge(3), window=5, sinks=1, retain="tova", rope=RoPE.from_config(model.config))
     close(run(model, ids[:, :15], FoldCache(**kw), 1), run(model, ids[:, :15], FoldCache(**kw), 5))
 
 
@@ -118,11 +127,11 @@ def test_rope_from_config_unrotates_the_model_keys(model):
     """Layer 0's keys of one token repeated differ only by their rotation: un-rotated they are one vector,
     so their running mean is the key of the token at position 0. A wrong layout would not give that."""
     x = torch.full((1, 9), 17)
-    first = FoldCache(rules.Cumulative(), rope=RoPE.from_config(model.config), memory=StreamCache)
+    first = FoldCache(rules.Cumulative(), rope=RoPE.from_config(model.config))
     run(model, x[:, :1], first, 1)
     for layout, same in (("half", True), ("interleaved", False)):
         rope = RoPE(model.config.rope_parameters["rope_theta"], layout=layout)
-        cache = FoldCache(rules.Cumulative(), rope=rope, memory=StreamCache)
+        cache = FoldCache(rules.Cumulative(), rope=rope)
         run(model, x, cache, 3)
         a, b = cache.layers[0].memory.memory()[0], first.layers[0].memory.memory()[0]
         assert np.allclose(a, b, atol=1e-5) == same
@@ -146,7 +155,7 @@ def test_generate_beam_search_and_assisted_decoding(model, ids):
 def test_crop_replays_the_kept_queries(model, ids):
     """A crop rolls back to before the block and feeds the kept tokens again with their queries, so
     attention-chosen retention ends where a cache that only saw the kept tokens ends."""
-    kw = dict(rule=rules.Merge(2), window=3, sinks=1, retain="tova", memory=StreamCache)
+    kw = dict(rule=rules.Merge(2), window=3, sinks=1, retain="tova")
     cache = FoldCache(**kw)
     cache.activate_past_recording()
     run(model, ids[:, :12], cache, 4)
@@ -160,28 +169,35 @@ def test_crop_replays_the_kept_queries(model, ids):
 
 def test_what_only_kvfold_attention_applies_is_refused_elsewhere(ids):
     sdpa = tiny(attention="sdpa")
-    for cache in (FoldCache(rules.Merge(4), window=2), FoldCache(retain="tova", window=4, memory=StreamCache)):
+    for cache in (FoldCache(rules.Merge(4), window=2), FoldCache(retain="tova", window=4)):
         with pytest.raises(ValueError, match="attn_implementation='kvfold'"):
             run(sdpa, ids, cache, 4)
     # without them, sdpa and eager run as before, bias-free Merge and a RoPE included
     rope = RoPE.from_config(sdpa.config)
     close(
-        run(sdpa, ids, FoldCache(rules.Merge(LENGTH, bias=None), rope=rope, memory=StreamCache), 4),
+        run(sdpa, ids, FoldCache(rules.Merge(LENGTH, bias=None), rope=rope), 4),
         run(sdpa, ids, DynamicCache(), 4),
     )
 
 
+class Plain(ReferenceCache):
+    """A memory class whose constructor takes no rope."""
+
+    def __init__(self, rule, num_heads, head_dim, **kw):
+        super().__init__(rule, num_heads, head_dim, **kw)
+
+
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="retain: MemoryCache takes no retain; memory=kvfold.reference.StreamCache"):
-        FoldCache(retain="tova", window=4)
-    with pytest.raises(ValueError, match="rope: MemoryCache takes no rope"):
-        FoldCache(rope=RoPE(1e4))
+    with pytest.raises(ValueError, match="retain: ReferenceCache takes no retain; kvfold.MemoryCache"):
+        FoldCache(retain="tova", window=4, memory=ReferenceCache)
+    with pytest.raises(ValueError, match="rope: Plain takes no rope"):
+        FoldCache(rope=RoPE(1e4), memory=Plain)
     with pytest.raises(ValueError, match="retain: expected one of 'fifo', 'tova', 'h2o', got 'lru'"):
         FoldCache(retain="lru")
     with pytest.raises(ValueError, match=r"recent: expected an integer in \[0, window=4\], got 9"):
-        FoldCache(retain="h2o", recent=9, window=4, memory=StreamCache)
+        FoldCache(retain="h2o", recent=9, window=4)
     with pytest.raises(TypeError, match="rope: expected a kvfold.RoPE"):
-        FoldCache(rope=1e4, memory=StreamCache)
+        FoldCache(rope=1e4)
     with pytest.raises(ValueError, match="dtype: StreamCache computes in float64"):
         FoldCache(dtype="float16", memory=StreamCache)
 

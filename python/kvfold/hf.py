@@ -430,8 +430,9 @@ class FoldCache(Cache):
     slot rotated at its position, with the model's positions. ``retain`` (``"fifo"``, ``"tova"``, ``"h2o"``
     with ``recent``): which window pair is folded when the window is full; the attention-chosen ones, like a
     Merge rule's log-count bias, need a model loaded with ``attn_implementation="kvfold"``.
-    ``memory``: the class each layer's memory is made with, ``kvfold.MemoryCache`` by default, or
-    ``kvfold.reference.StreamCache`` (the NumPy model in float64: every retention and RoPE, slowly).
+    ``memory``: the class each layer's memory is made with, ``kvfold.MemoryCache`` by default (every
+    retention and RoPE, in C++), or ``kvfold.reference.StreamCache`` (the NumPy model it follows, in
+    float64, slowly).
     """
 
     def __init__(
@@ -466,7 +467,7 @@ class FoldCache(Cache):
             if wanted and not _takes(self.memory_class, name):
                 raise ValueError(
                     f"{name}: {getattr(self.memory_class, '__name__', self.memory_class)} takes no {name}; "
-                    "memory=kvfold.reference.StreamCache models it"
+                    "kvfold.MemoryCache (the default) and kvfold.reference.StreamCache do"
                 )
         if recent is not None and retain != "h2o":
             raise ValueError(

@@ -23,12 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from .. import rules
-from ..reference import StreamCache
+from .. import MemoryCache, rules
 
-# The memory class each layer's memory is made with: the NumPy model, which has every retention and
-# RoPE-aware folding; kvfold.MemoryCache once the C++ core takes rope= and retain=.
-MEMORY: Any = StreamCache
+# The memory class each layer's memory is made with (kvfold.reference.StreamCache, the NumPy model,
+# gives the same results in float64, slowly).
+MEMORY: Any = MemoryCache
 
 
 @dataclass(frozen=True)
