@@ -36,6 +36,8 @@ struct Case {
     kvfold::DType dtype;
     int64_t prefill;     // 0: one decode step (update + attend) per token; T: forward over T tokens
     bool gates = false;  // per-token decay and beta (per head), for the gated delta rule
+    kvfold::RoPE rope{};
+    kvfold::Retain retain = kvfold::Retain::fifo;
 };
 
 bool cpu_time = false;  // --cpu-time: the calling thread's CPU time, blind to other processes
@@ -68,12 +70,15 @@ double run(const Case& k) {
     c.window = k.window;
     c.sinks = k.sinks;
     c.dtype = k.dtype;
+    c.rope = k.rope;
+    c.retain = k.retain;
     MemoryCache cache(c, k.rule);
     const int64_t T = std::max<int64_t>(k.prefill, 1), n = k.heads * T * k.dim;
     auto q = normal(n, 1), kk = normal(n, 2), v = normal(n, 3);
     std::vector<float> out(n);
     // Gates as a gated delta layer makes them: log decays in [-0.5, 0), betas in (0, 1), unit keys.
-    const int64_t fill_tokens = k.window + k.sinks + 1, gate_tokens = std::max(T, fill_tokens);
+    // (64 folds beyond the window, so that a memory of up to 64 slots is full)
+    const int64_t fill_tokens = k.window + k.sinks + 64, gate_tokens = std::max(T, fill_tokens);
     std::vector<float> decay(k.heads * gate_tokens), beta(k.heads * gate_tokens);
     kvfold::TokenGates gates;
     if (k.gates) {
@@ -131,7 +136,14 @@ Bound bound_of(const Case& k, double peak) {
 
 std::vector<Case> cases() {
     using kvfold::DType;
+    using kvfold::Retain;
     const auto f32 = DType::float32;
+    const kvfold::RoPE rope{10000.0, 0, false};
+    auto merge = [](double slots) {  // with the log-count bias, as rules.Merge has by default
+        RuleSpec s = rule("merge", {{"slots", slots}});
+        s.options["bias"] = "log_count";
+        return s;
+    };
     std::vector<Case> all = {
         {"decode cumulative w0", rule("cumulative"), 32, 128, 0, 0, f32, 0},
         {"decode moving(64) w0", rule("moving", {{"n", 64}}), 32, 128, 0, 0, f32, 0},
@@ -141,6 +153,11 @@ std::vector<Case> cases() {
         {"decode cumulative w256 s4 f16", rule("cumulative"), 32, 128, 256, 4, DType::float16, 0},
         {"decode cumulative w256 s4 bf16", rule("cumulative"), 32, 128, 256, 4, DType::bfloat16, 0},
         {"decode drop w4096 s4", rule("drop"), 32, 128, 4096, 4, f32, 0},
+        {"decode drop w256", rule("drop"), 32, 128, 256, 0, f32, 0},
+        {"decode merge(32) w256 s4", merge(32), 32, 128, 256, 4, f32, 0},
+        {"decode merge(32) w256 s4 rope", merge(32), 32, 128, 256, 4, f32, 0, false, rope},
+        {"decode merge(32) w256 s4 rope tova", merge(32), 32, 128, 256, 4, f32, 0, false, rope, Retain::tova},
+        {"decode drop w256 tova", rule("drop"), 32, 128, 256, 0, f32, 0, false, {}, Retain::tova},
         {"decode drop w4096 s4 f16", rule("drop"), 32, 128, 4096, 4, DType::float16, 0},
         {"prefill cumulative w256 s4 T512", rule("cumulative"), 32, 128, 256, 4, f32, 512},
         {"prefill cumulative w256 s4 T2048", rule("cumulative"), 32, 128, 256, 4, f32, 2048},
