@@ -120,6 +120,8 @@ Loops loops_for(const std::string& backend) {
 #if defined(__x86_64__) || defined(_M_X64)
     if (backend == "avx512") return {avx512::fma_chains<avx512::V>, avx512::read_passes<avx512::V>, 16};
     if (backend == "avx2") return {avx2::fma_chains<avx2::V>, avx2::read_passes<avx2::V>, 8};
+#else
+    (void)backend;  // one set of loops where there is one SIMD backend (NEON, or scalar)
 #endif
     return {base::fma_chains<base::V>, base::read_passes<base::V>, base::V::kLanes};
 }
