@@ -1,5 +1,6 @@
 #include "rope.hpp"
 
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <string>
@@ -28,6 +29,8 @@ Rope::Rope(const RoPE& r, int64_t head_dim) {
         throw ValueError(
             r.dim == 0 ? "rope: a RoPE over the whole head needs an even head_dim, got " + std::to_string(head_dim)
                        : "rope: dim must be even (dimensions are rotated in pairs), got " + std::to_string(dim));
+    static std::atomic<uint64_t> next_id{1};
+    id_ = next_id.fetch_add(1, std::memory_order_relaxed);
     pairs_ = dim / 2;
     interleaved_ = r.interleaved;
     inv_freq_.resize(static_cast<size_t>(pairs_));
@@ -48,10 +51,30 @@ void Rope::rotate(float* x, const float* cos, const float* sin) const {
 }
 
 void Rope::rotate_at(float* x, double p) const {
-    thread_local std::vector<float> table;
-    table.resize(static_cast<size_t>(2 * pairs_));
-    angles(p, table.data(), table.data() + pairs_);
-    rotate(x, table.data(), table.data() + pairs_);
+    // The angles of the two positions a thread used last: a fold turns the evicted pair back at -p,
+    // a merged slot at its own position, and a new slot at +p, in every head of a row.
+    struct Kept {
+        uint64_t id = 0;
+        double at = -1;
+        std::vector<float> table;  // cos, sin, -sin of the angles at position `at` >= 0
+    };
+    thread_local Kept kept[2];
+    thread_local int newest = 0;
+    const double at = std::fabs(p);
+    const size_t n = static_cast<size_t>(pairs_);
+    int k = newest;
+    if (kept[k].id != id_ || kept[k].at != at) {
+        k = 1 - newest;
+        if (kept[k].id != id_ || kept[k].at != at) {
+            kept[k].table.resize(3 * n);
+            angles(at, kept[k].table.data(), kept[k].table.data() + n);
+            for (size_t i = 0; i < n; ++i) kept[k].table[2 * n + i] = -kept[k].table[n + i];
+            kept[k].id = id_;
+            kept[k].at = at;
+        }
+    }
+    newest = k;
+    rotate(x, kept[k].table.data(), kept[k].table.data() + (p < 0 ? 2 * n : n));
 }
 
 }  // namespace kvfold

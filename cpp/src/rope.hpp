@@ -27,6 +27,7 @@ class Rope {
     void rotate_at(float* x, double p) const;
 
    private:
+    uint64_t id_ = 0;  // which RoPE the kept angles belong to
     int64_t pairs_ = 0;
     bool interleaved_ = false;
     std::vector<double> inv_freq_;
