@@ -199,3 +199,14 @@ def test_bench_quick_runs_one_short_round_on_one_thread_without_long_prefills(mo
     assert named_options["threads"] == [2]
     assert full == bench.CASES and full_options["threads"] == [] and full_options["rounds"] == 3
     assert not full_options["quick"]
+
+
+def test_eval_selects_memories_by_kind():
+    from kvfold.tools import eval as kveval
+
+    grid = kveval.memories([64])
+    chosen = kveval.select(grid, ["sinks 4 + window", "TOVA"])
+    assert [m.name for m in chosen] == ["full cache", "sinks 4 + window 60", "TOVA 64"]
+    assert kveval.select(grid, None) == grid
+    with pytest.raises(ValueError, match=r"kinds: expected kinds among .*got \['window'\]"):
+        kveval.select(grid, ["window"])

@@ -137,6 +137,13 @@ def _parser() -> argparse.ArgumentParser:
         default=1,
         help="torch threads (default 1: on a small machine shared with other work, more threads mostly wait)",
     )
+    ev.add_argument(
+        "--memory",
+        action="append",
+        metavar="KIND",
+        help="measure only memories of this kind, as the table names them without their budget "
+        "(e.g. 'sinks 4 + window', 'TOVA'); repeat for several (default: all)",
+    )
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     from .tools.generate import RULE_HELP
@@ -200,6 +207,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             threads=args.threads,
             segments=args.segments,
             text=args.text,
+            kinds=args.memory,
         )
         return 0
     if args.command == "generate":

@@ -164,6 +164,17 @@ class _Progress:
             self.bar.close()
 
 
+def select(grid: List[Memory], kinds: Optional[Sequence[str]]) -> List[Memory]:
+    """The memories of ``grid`` whose kind is in ``kinds`` (all for None), after the full cache."""
+    if kinds is None:
+        return grid
+    known = list(dict.fromkeys(m.kind for m in grid if m.rule is not None))
+    unknown = [k for k in kinds if k not in known]
+    if unknown:
+        raise ValueError(f"kinds: expected kinds among {known}, got {unknown}")
+    return [m for m in grid if m.rule is None or m.kind in kinds]
+
+
 def run(
     tokens: int = 1024,
     budgets: Sequence[int] = (64, 256),
@@ -173,12 +184,14 @@ def run(
     threads: int = 1,
     segments: int = 2,
     text: Optional[str] = None,
+    kinds: Optional[Sequence[str]] = None,
 ) -> List[Result]:
     """Measures every memory of ``memories(budgets)`` on ``segments`` pieces of ``tokens`` tokens of ``text``
     (a UTF-8 file; default CPython's documentation); writes ``out``/eval.csv and eval.png, prints a table.
 
     ``chunk``: tokens per model call (speed only: kvfold's attention reads the memories token by token).
-    ``threads``: torch threads while measuring."""
+    ``threads``: torch threads while measuring. ``kinds``: measure only the memories of these kinds (the
+    ``kind`` of ``memories``, e.g. ``"sinks 4 + window"`` or ``"TOVA"``; the full cache always runs)."""
     if tokens < 2:
         raise ValueError(f"tokens: expected at least 2, got {tokens}")
     if chunk < 1:
@@ -192,7 +205,7 @@ def run(
     from .. import hf  # noqa: F401  (registers the "kvfold" attention)
     from . import smollm2
 
-    grid = memories(budgets)
+    grid = select(memories(budgets), kinds)
     source = "CPython's documentation" if text is None else Path(text).name
     body = smollm2.bundled_text() if text is None else Path(text).read_text(encoding="utf-8")
     model, tokenizer = smollm2.load()
