@@ -113,13 +113,24 @@ class Merge final : public Rule {
         for (int64_t q = 0; q < n; ++q) cos[q * n + p] = cos[p * n + q];
     }
 
-    // The float64 cosine of the mean keys in places p and q (0 when either is zero).
+    // The float64 cosine of the mean keys in places p and q (0 when either is zero). One pass for the
+    // three dots, each summed exactly as dot() sums it (same chains, same order), so the same value.
     double exact_cosine(int64_t lane, int64_t p, int64_t q) const {
         const int64_t dk = dims_.dk;
         const double* x = sum_k_.lane<double>(lane) + p * dk;
         const double* y = sum_k_.lane<double>(lane) + q * dk;
-        const double xx = dot(x, x, dk), yy = dot(y, y, dk);
-        return xx > 0 && yy > 0 ? dot(x, y, dk) / (std::sqrt(xx) * std::sqrt(yy)) : 0.0;
+        double xy[4] = {0, 0, 0, 0}, xx[4] = {0, 0, 0, 0}, yy[4] = {0, 0, 0, 0};
+        int64_t i = 0;
+        for (; i + 4 <= dk; i += 4)
+            for (int j = 0; j < 4; ++j) {
+                xy[j] += x[i + j] * y[i + j];
+                xx[j] += x[i + j] * x[i + j];
+                yy[j] += y[i + j] * y[i + j];
+            }
+        for (; i < dk; ++i) xy[0] += x[i] * y[i], xx[0] += x[i] * x[i], yy[0] += y[i] * y[i];
+        auto total = [](const double* s) { return (s[0] + s[1]) + (s[2] + s[3]); };
+        const double nx = total(xx), ny = total(yy);
+        return nx > 0 && ny > 0 ? total(xy) / (std::sqrt(nx) * std::sqrt(ny)) : 0.0;
     }
 
     // The slots a < b with the most similar mean keys, the first such pair in row-major order. The largest
