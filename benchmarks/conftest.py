@@ -10,6 +10,15 @@ import kvfold
 from kvfold.tools import bench
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    """Benchmarks run in one process: the test suite's ``-n auto`` would spread them over cores that
+    the timings share (and pytest-benchmark turns itself off under xdist)."""
+    if hasattr(config.option, "numprocesses"):
+        config.option.numprocesses = None
+        config.option.dist = "no"
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Single thread unless a benchmark sets another count; restored afterwards."""

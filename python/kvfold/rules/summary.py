@@ -383,6 +383,11 @@ class Custom(Rule):
         kind, arrays, options, _ = super()._spec()
         return (kind, arrays, options, self.fn)
 
+    def __repr__(self) -> str:
+        # The function's name, not its address: a repr that is the same in every process.
+        name = getattr(self.fn, "__qualname__", None) or type(self.fn).__name__
+        return f"Custom(fn={name}, slots={self.slots})"
+
     @property
     def max_slots(self) -> int:
         return self.slots
