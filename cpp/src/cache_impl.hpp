@@ -1,4 +1,5 @@
-// The cache's state, shared by cache.cpp (the model) and state_io.cpp (the state format).
+// The cache's state, shared by the public cache (cache.cpp), the slot and matrix models and the
+// state format (state_io.cpp); constructed in cache_impl.cpp.
 #pragma once
 
 #include <vector>

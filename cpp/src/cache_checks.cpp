@@ -1,0 +1,178 @@
+// Checks of a cache's configuration and inputs (cache_checks.hpp).
+#include "cache_checks.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <cfloat>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+
+#include "parallel.hpp"
+
+namespace kvfold {
+
+std::string number_str(double x) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%.6g", x);
+    return buf;
+}
+
+std::string describe(const Config& c) {
+    return "batch_size=" + std::to_string(c.batch_size) + ", num_heads=" + std::to_string(c.num_heads) +
+           ", head_dim=" + std::to_string(c.head_dim) + ", window=" + std::to_string(c.window) +
+           ", sinks=" + std::to_string(c.sinks);
+}
+
+void check_range(const char* name, int64_t value, int64_t lo, int64_t hi) {
+    if (value < lo || value > hi)
+        throw ValueError(std::string(name) + ": expected an integer in [" + std::to_string(lo) + ", " +
+                         std::to_string(hi) + "], got " + std::to_string(value));
+}
+
+namespace {
+
+// Whether n values are all finite; a long block is checked in pieces shared by the threads (the
+// check streams memory: a value costs about as long as a few multiply-adds on cached data).
+bool all_finite(const float* x, int64_t n) {
+    constexpr int64_t kPiece = 1 << 16;
+    constexpr double kCostPerValue = 8;
+    if (n <= kPiece) return kernels().all_finite(x, n);  // a decode step's few values
+    std::atomic<bool> finite{true};
+    parallel_for((n + kPiece - 1) / kPiece, kCostPerValue * kPiece, [&](int64_t lo, int64_t hi) {
+        const int64_t begin = lo * kPiece, end = std::min(n, hi * kPiece);
+        if (!kernels().all_finite(x + begin, end - begin)) finite.store(false, std::memory_order_relaxed);
+    });
+    return finite.load();
+}
+
+// Flat index i of an array of `shape`, as "(a, b, ...)".
+std::string index_str(int64_t i, const std::vector<int64_t>& shape) {
+    std::vector<int64_t> index(shape.size());
+    for (size_t a = shape.size(), rest = static_cast<size_t>(i); a-- > 0;) {
+        index[a] = static_cast<int64_t>(rest % shape[a]);
+        rest /= shape[a];
+    }
+    return shape_str(index);
+}
+
+int64_t count(const std::vector<int64_t>& shape) {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    return n;
+}
+
+}  // namespace
+
+void check_finite(const char* name, const float* x, const std::vector<int64_t>& shape) {
+    if (all_finite(x, count(shape))) return;
+    int64_t i = 0;
+    while (std::isfinite(x[i])) ++i;
+    throw ValueError(std::string(name) + ": expected finite values, got " + (std::isnan(x[i]) ? "NaN" : "Inf") +
+                     " at index " + index_str(i, shape) + " (check_finite=False skips this check)");
+}
+
+namespace {
+
+// Finite values in [lo, hi]: gates whose meaning has a range.
+void check_within(const char* name, const float* x, const std::vector<int64_t>& shape, float lo, float hi,
+                  const char* why) {
+    const int64_t n = count(shape);
+    for (int64_t i = 0; i < n; ++i)
+        if (!(x[i] >= lo && x[i] <= hi))
+            throw ValueError(std::string(name) + ": expected values in [" + number_str(lo) + ", " + number_str(hi) +
+                             "] (" + why + "), got " + number_str(x[i]) + " at index " + index_str(i, shape) +
+                             " (check_finite=False skips this check)");
+}
+
+// Finite values that the storage dtype holds: float16 rounds |x| >= 65520 to Inf, bfloat16 rounds
+// |x| >= 0x7f7f8000 (about 3.3961e38) to Inf.
+void check_storable(const char* name, const float* x, const std::vector<int64_t>& shape, DType dtype) {
+    if (dtype == DType::float32) return;
+    const uint32_t limit = dtype == DType::float16 ? 0x477FF000u : 0x7F7F8000u;  // 65520.0f, bf16 halfway to Inf
+    const int64_t n = count(shape);
+    constexpr int64_t kPiece = 4096;  // the max of each piece's magnitudes first: a loop that vectorizes
+    for (int64_t at = 0; at < n; at += kPiece) {
+        const int64_t m = std::min(kPiece, n - at);
+        uint32_t largest = 0;
+        for (int64_t j = 0; j < m; ++j) {
+            uint32_t bits;
+            std::memcpy(&bits, x + at + j, sizeof bits);
+            largest = std::max(largest, bits & 0x7FFFFFFFu);
+        }
+        if (largest < limit) continue;
+        for (int64_t i = at;; ++i) {
+            uint32_t bits;
+            std::memcpy(&bits, x + i, sizeof bits);
+            if ((bits & 0x7FFFFFFFu) >= limit)
+                throw ValueError(std::string(name) + ": expected values that " + dtype_name(dtype) +
+                                 " storage holds (|x| < " + (dtype == DType::float16 ? "65520" : "3.3961e38") +
+                                 "), got " + number_str(x[i]) + " at index " + index_str(i, shape) +
+                                 ", which it would store as Inf (check_finite=False skips this check)");
+        }
+    }
+}
+
+// Per-token gates are given exactly when the rule needs them (as ONNX LinearAttention does).
+void check_gates(const MemoryCache::Impl& c, const TokenGates& gates, int64_t T) {
+    const Rule& r = *c.rule;
+    const std::string& kind = c.spec.kind;
+    const char* names[2] = {"decay", "beta"};
+    const bool given[2] = {gates.decay != nullptr, gates.beta != nullptr};
+    const bool needed[2] = {r.takes_decay(), r.takes_beta()};
+    const bool used[2] = {r.uses_decay(), r.uses_beta()};
+    for (int i = 0; i < 2; ++i) {
+        const std::string name = names[i];
+        if (given[i] && !needed[i]) {
+            if (!r.matrix()) throw ValueError(name + ": the " + kind + " rule takes no per-token gates, got " + name);
+            if (!used[i])
+                throw ValueError(name + ": the " + kind + " rule takes no " + name +
+                                 (i == 0 ? " (gated and gated_delta do)" : " (delta and gated_delta do)") +
+                                 ", got one");
+            throw ValueError(name + ": this " + kind + " rule was built with a constant " + name +
+                             ", so it takes no per-token " + name + ", got one");
+        }
+        if (!given[i] && needed[i])
+            throw ValueError(
+                name + ": the " + kind + " rule needs a per-token " + name +
+                (i == 0 ? " (log-space, shape (B, H) or (B, H, d_k) per token)" : " (shape (B, H) per token)") +
+                " or a constant " + name + " given to the rule, got none");
+    }
+    if (!c.cfg.check_finite) return;
+    const Config& g = c.cfg;
+    if (gates.decay) {
+        std::vector<int64_t> shape{g.batch_size, g.num_heads, T};
+        if (gates.decay_per_key) shape.push_back(g.head_dim);
+        check_finite("decay", gates.decay, shape);
+        check_within("decay", gates.decay, shape, -FLT_MAX, 0, kDecayRange);
+    }
+    if (gates.beta) {
+        check_finite("beta", gates.beta, {g.batch_size, g.num_heads, T});
+        check_within("beta", gates.beta, {g.batch_size, g.num_heads, T}, 0, 2, kBetaRange);
+    }
+}
+
+}  // namespace
+
+// Validates a block of tokens before anything changes.
+void check_tokens(const MemoryCache::Impl& c, const float* k, const float* v, int64_t T, const TokenGates& gates) {
+    if (T < 1) throw ValueError("k: expected at least one token (T >= 1), got T=" + std::to_string(T));
+    check_gates(c, gates, T);
+    if (!c.cfg.check_finite) return;
+    const Config& g = c.cfg;
+    check_finite("k", k, {g.batch_size, g.num_heads, T, g.head_dim});
+    check_finite("v", v, {g.batch_size, g.num_heads, T, g.value_dim});
+    check_storable("k", k, {g.batch_size, g.num_heads, T, g.head_dim}, g.dtype);
+    check_storable("v", v, {g.batch_size, g.num_heads, T, g.value_dim}, g.dtype);
+}
+
+void check_queries(const MemoryCache::Impl& c, const float* q, int64_t T) {
+    if (!c.cfg.check_finite) return;
+    const Config& g = c.cfg;
+    if (T == 0)
+        check_finite("q", q, {g.batch_size, g.num_query_heads, g.head_dim});
+    else
+        check_finite("q", q, {g.batch_size, g.num_query_heads, T, g.head_dim});
+}
+
+}  // namespace kvfold

@@ -1,0 +1,24 @@
+// Checks of a cache's configuration and inputs, made before anything changes: each throws a
+// ValueError naming the argument, what was expected and what was received.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "cache_impl.hpp"
+
+namespace kvfold {
+
+std::string number_str(double x);
+std::string describe(const Config& c);
+void check_range(const char* name, int64_t value, int64_t lo, int64_t hi);
+// Finite values (NaN or Inf named by their index in `shape`).
+void check_finite(const char* name, const float* x, const std::vector<int64_t>& shape);
+
+// A block of T tokens (k, v and the per-token gates the rule needs).
+void check_tokens(const MemoryCache::Impl& c, const float* k, const float* v, int64_t T, const TokenGates& gates);
+// Queries: (B, Hq, d_k) when T == 0, else (B, Hq, T, d_k).
+void check_queries(const MemoryCache::Impl& c, const float* q, int64_t T);
+
+}  // namespace kvfold
