@@ -59,6 +59,21 @@ void run_lanes(MemoryCache::Impl& c, const float* q, const float* k, const float
     const Config& g = c.cfg;
     const int64_t dk = g.head_dim, dv = g.value_dim, H = g.num_heads, Hq = g.num_query_heads;
     Model m{c};
+    if (T == 1 && g.window == 0 && g.sinks == 0 && c.memory_slots == 1) {
+        // Each lane then sees its one slot alone after the fold: its softmax weight is 1, so every
+        // query head of the lane reads the slot's value as stored (as attend does for one row).
+        parallel_for(c.lanes, attend_flops(c) + 4.0 * (dk + dv), [&](int64_t lo, int64_t hi) {
+            float* ek = scratch<MemoryCache>(dk + dv);
+            for (int64_t lane = lo; lane < hi; ++lane) {
+                const int64_t b = lane / H, hq = b * Hq + (lane % H) * c.group;
+                m.fold(lane, m.place(lane, c.length[b], k + lane * dk, v + lane * dv, pos.at(b, 0), ek, ek + dk), ek);
+                for (int64_t j = 0; j < c.group; ++j)
+                    load_row(out + (hq + j) * dv, c.rule->slot_value(lane, 0), dv, c.rule->slot_dtype());
+            }
+        });
+        for (int64_t& len : c.length) len += 1;
+        return;
+    }
     parallel_for(c.lanes, T * (attend_flops(c) + 4.0 * (dk + dv)), [&](int64_t lo, int64_t hi) {
         float* ek = scratch<MemoryCache>(dk + dv);
         LaneBatch batch;
