@@ -105,6 +105,38 @@ def test_cumulative_memory_is_the_mean_of_folded_pairs(cfg, T, seed):
         assert_allclose(mv[:, :, 0], v[:, :, lo : lo + folded].astype(np.float64).mean(axis=2), rtol=1e-5, atol=1e-6)
 
 
+ONE_SLOT = [
+    rules.Cumulative(),
+    rules.Moving(3),
+    rules.Weighted((1.0, 3.0)),
+    rules.EMA(0.2),
+    rules.Compressive(1, 2),
+    rules.Compressive(1, 3, "max"),
+    rules.Merge(1),
+]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    rule=st.sampled_from(ONE_SLOT),
+    dtype=st.sampled_from(["float32", "float16", "bfloat16"]),
+    cfg=setups(),
+    T=st.integers(1, 12),
+    seed=st.integers(0, 2**31),
+)
+def test_a_lone_slot_is_read_as_stored_by_every_query_head(rule, dtype, cfg, T, seed):
+    """With window 0, no sinks and one slot, each step's visible set is the slot alone: softmax gives it
+    weight 1, so every query head of a KV head reads the slot's value exactly as the cache holds it."""
+    cfg = dict(cfg, rule=rule, dtype=dtype, window=0, sinks=0)
+    q, k, v = inputs(seed, cfg, T)
+    cache = kvfold.MemoryCache(**cfg)
+    group = cfg["num_query_heads"] // cfg["num_heads"]
+    for t in range(T):
+        out = cache.step(q[:, :, t], k[:, :, t], v[:, :, t])
+        _, values = cache.memory()
+        np.testing.assert_array_equal(out, np.repeat(values[:, :, 0], group, axis=1))
+
+
 def test_nbytes_never_grows():
     rng = np.random.default_rng(0)
     for rule in [rules.Cumulative(), rules.Moving(16), rules.Compressive(4, 8), rules.Drop()]:
