@@ -208,5 +208,8 @@ def test_eval_selects_memories_by_kind():
     chosen = kveval.select(grid, ["sinks 4 + window", "TOVA"])
     assert [m.name for m in chosen] == ["full cache", "sinks 4 + window 60", "TOVA 64"]
     assert kveval.select(grid, None) == grid
+    shares = kveval.select(grid, ["TOVA + merge N/8, RoPE, log-count", "TOVA + merge N/4, RoPE, log-count"])
+    assert [m.name for m in shares[1:]] == ["TOVA 56 + merge 8, RoPE, log-count", "TOVA 48 + merge 16, RoPE, log-count"]
+    assert [(m.window, m.rule.slots, m.budget) for m in shares[1:]] == [(56, 8, 64), (48, 16, 64)]
     with pytest.raises(ValueError, match=r"kinds: expected kinds among .*got \['window'\]"):
         kveval.select(grid, ["window"])

@@ -79,7 +79,7 @@ def _merge(slots: int, rope: bool, log_count: bool) -> str:
 def memories(budgets: Sequence[int]) -> List[Memory]:
     """The full cache, then for each budget N (M = N / 8 merge slots): StreamingLLM (sinks 4 + window),
     one summary slot beside it, M Merge slots with and without RoPE-aware folding and the log-count bias,
-    attention-chosen windows (TOVA with and without sinks, H2O), and TOVA with Merge slots."""
+    attention-chosen windows (TOVA with and without sinks, H2O), and TOVA with M or 2M Merge slots."""
     grid = [Memory("full cache", "full cache", None)]
     for n in budgets:
         if n < 16:
@@ -120,6 +120,16 @@ def memories(budgets: Sequence[int]) -> List[Memory]:
                 "TOVA + merge N/8, RoPE, log-count",
                 rules.Merge(m),
                 n - m,
+                0,
+                True,
+                "tova",
+                budget=n,
+            ),
+            Memory(
+                f"TOVA {n - 2 * m} + {_merge(2 * m, True, True)}",
+                "TOVA + merge N/4, RoPE, log-count",
+                rules.Merge(2 * m),
+                n - 2 * m,
                 0,
                 True,
                 "tova",
