@@ -114,6 +114,36 @@ def test_state_operations_continue_like_the_original(rule, rng):
     close(joined.forward(q[[1, 0]][:, :, 12:], k[[1, 0]][:, :, 12:], v[[1, 0]][:, :, 12:]), want[[1, 0]])
 
 
+@pytest.mark.parametrize("rope", [None, kvfold.RoPE(100.0)], ids=["plain", "rope"])
+def test_a_loaded_state_folds_exactly_like_the_original(rope, rng):
+    """The key directions, cosines and largest cosines a fold keeps are not saved but rebuilt from the
+    sums: merges keep choosing the same pairs. Keys from a few directions at several lengths make
+    many cosines equal, so the choice rests on the ties and the float64 check."""
+    directions = rng.standard_normal((2, 3, 4, 16))
+    lengths = rng.integers(1, 4, (2, 3, 160))
+    k = (directions[:, :, rng.integers(0, 4, 160)] * lengths[..., None]).astype(np.float32)
+    k[:, :, ::7] = rng.standard_normal((2, 3, 23, 16))  # and some keys of their own
+    v = rng.standard_normal((2, 3, 160, 8)).astype(np.float32)
+    q = rng.standard_normal((2, 6, 160, 16)).astype(np.float32)
+    cache = kvfold.MemoryCache(
+        rules.Merge(6), num_heads=3, head_dim=16, value_dim=8, num_query_heads=6, batch_size=2, window=5, rope=rope
+    )
+    cache.forward(q[:, :, :60], k[:, :, :60], v[:, :, :60])
+    loaded = kvfold.MemoryCache.from_bytes(cache.to_bytes())
+    a = cache.forward(q[:, :, 60:], k[:, :, 60:], v[:, :, 60:])
+    b = loaded.forward(q[:, :, 60:], k[:, :, 60:], v[:, :, 60:])
+    np.testing.assert_array_equal(a, b)
+    for x, y in zip(cache.memory(), loaded.memory()):
+        np.testing.assert_array_equal(x, y)
+    assert cache.to_bytes() == loaded.to_bytes()
+    ref = reference.StreamCache(
+        rules.Merge(6), num_heads=3, head_dim=16, value_dim=8, num_query_heads=6, batch_size=2, window=5, rope=rope
+    )
+    ref.forward(q, k, v)
+    for x, y in zip(cache.memory(), ref.memory()):
+        close(x, y)
+
+
 @pytest.mark.one_backend
 def test_nbytes_is_fixed_and_counts_the_sums():
     cache = kvfold.MemoryCache(rules.Merge(4), num_heads=2, head_dim=8, value_dim=8, window=2)

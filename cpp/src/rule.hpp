@@ -2,6 +2,7 @@
 // The cache owns sinks, window, attention and the row counters.
 #pragma once
 
+#include <algorithm>
 #include <memory>
 #include <string>
 #include <vector>
@@ -126,8 +127,12 @@ class Rule {
     }
     const void* slot_value(int64_t lane, int64_t s) const { return slot_v_.lane(lane) + s * dims_.dv * slot_bytes(); }
 
-    // All per-lane state, for reset, copy, reorder and the state format.
+    // All per-lane buffers, for reset, copy and reorder: the state, and what the rule derives from it.
     const std::vector<LaneBuffer*>& buffers() const { return buffers_; }
+    // Whether a buffer is derived from the others (kept only to fold faster): the state format leaves
+    // it out, and rebuild() recomputes it for each lane after a load.
+    bool derived(const LaneBuffer* b) const { return std::find(derived_.begin(), derived_.end(), b) != derived_.end(); }
+    virtual void rebuild(int64_t /*lane*/) {}
 
    protected:
     int64_t slot_bytes() const { return slot_dtype_ == DType::float32 ? 4 : 2; }  // per value
@@ -172,6 +177,7 @@ class Rule {
         slot_k_.plan(dims_.lanes, slot_bytes() * slots * dims_.dk);
         slot_v_.plan(dims_.lanes, slot_bytes() * slots * dims_.dv);
         buffers_ = {&slot_k_, &slot_v_};
+        derived_.clear();
         if (keeps_positions()) {
             add_buffer(read_k_, slot_bytes() * slots * dims_.dk);
             add_buffer(slot_pos_, sizeof(double) * slots);
@@ -186,12 +192,17 @@ class Rule {
         b.plan(dims_.lanes, bytes_per_lane);
         buffers_.push_back(&b);
     }
+    void add_derived_buffer(LaneBuffer& b, size_t bytes_per_lane) {
+        add_buffer(b, bytes_per_lane);
+        derived_.push_back(&b);
+    }
 
     Dims dims_;
     LaneBuffer slot_k_, slot_v_;
     LaneBuffer read_k_, slot_pos_;  // with a RoPE: the rotated keys attention reads, the slots' positions
     DType slot_dtype_ = DType::float32;
     std::vector<LaneBuffer*> buffers_;
+    std::vector<const LaneBuffer*> derived_;
 };
 
 // The gates of the matrix rules have ranges: exp(decay) <= 1 shrinks S, and beta in [0, 2] keeps the

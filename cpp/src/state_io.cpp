@@ -124,6 +124,13 @@ class Reader {
     size_t n_, at_ = 0;
 };
 
+// The buffers the format holds: all but those the rule derives from the others (rebuilt after a load).
+template <class Buffer>
+std::vector<Buffer*> saved(std::vector<Buffer*> all, const Rule& rule) {
+    all.erase(std::remove_if(all.begin(), all.end(), [&](const LaneBuffer* b) { return rule.derived(b); }), all.end());
+    return all;
+}
+
 }  // namespace
 
 std::string MemoryCache::to_bytes() const {
@@ -166,7 +173,7 @@ std::string MemoryCache::to_bytes() const {
     }
     w.raw(c.length.data(), sizeof(int64_t) * c.length.size());
     w.raw(c.last_pos.data(), sizeof(int64_t) * c.last_pos.size());
-    auto bufs = c.buffers();
+    auto bufs = saved(c.buffers(), *c.rule);
     w.put<uint32_t>(static_cast<uint32_t>(bufs.size()));
     for (const LaneBuffer* b : bufs) {
         w.put<uint64_t>(b->lane_bytes());
@@ -305,7 +312,7 @@ std::unique_ptr<MemoryCache> MemoryCache::from_bytes(const void* data, size_t si
     }
     // Every state byte is in the data, so what is allocated is bounded by the input size.
     size_t state = 0;
-    for (const LaneBuffer* b : impl->buffers()) {
+    for (const LaneBuffer* b : saved(impl->buffers(), *impl->rule)) {
         size_t n;
         if (mul_overflow(b->lane_bytes(), static_cast<size_t>(b->lanes()), &n) || add_overflow(state, n, &state))
             state = SIZE_MAX;
@@ -317,7 +324,7 @@ std::unique_ptr<MemoryCache> MemoryCache::from_bytes(const void* data, size_t si
     impl->length = std::move(length);
     impl->last_pos = std::move(last);
     uint32_t nbuf = r.get<uint32_t>("buffer count");
-    auto bufs = impl->buffers();
+    auto bufs = saved(impl->buffers(), *impl->rule);
 
     if (nbuf != bufs.size())
         Reader::fail("expected " + std::to_string(bufs.size()) + " buffers for this rule, got " + std::to_string(nbuf));
@@ -330,6 +337,7 @@ std::unique_ptr<MemoryCache> MemoryCache::from_bytes(const void* data, size_t si
             std::memcpy(b->lane(lane), r.take(lane_bytes, "buffer"), lane_bytes);
     }
     if (r.left()) Reader::fail(std::to_string(r.left()) + " unexpected bytes after the last buffer");
+    for (int64_t lane = 0; lane < impl->lanes; ++lane) impl->rule->rebuild(lane);
     try {
         check_window_order(*impl);
     } catch (const ValueError& e) {

@@ -6,12 +6,15 @@
 // bias = "log_count". With a RoPE each slot also sums its pairs' positions, Sp, and stands at Sp / n.
 //
 // The float64 sums live in slots + 1 places that never move: `order` maps a slot's index to its place,
-// and its last entry is the free place the next folded pair takes. Each place also keeps its mean key's
-// direction in float32, and the cosines of every two places are kept, so a fold computes only the new
-// slot's and the merged slot's, one SIMD score pass each (O(slots * d)), plus an O(slots^2) scan for the
-// largest. The pairs whose float32 cosine comes within its rounding error of the largest are compared
-// again in float64, so the choice is the float64 one. Only the slots attention reads (storage dtype)
-// move down on a merge.
+// and its last entry is the free place the next folded pair takes. Derived from the sums, and rebuilt
+// from them after a load rather than saved: each place's mean key direction in float32 and its squared
+// norm, the float32 cosines of every two places, and each place's largest cosine with another. A fold
+// computes only the new slot's and the merged slot's cosines, one SIMD score pass each (O(slots * d)),
+// and keeps the largest of each place up to date in O(slots) (a place whose largest was the entry that
+// fell is scanned again), so finding the most similar pair reads only the places near the top. The
+// pairs whose float32 cosine comes within its rounding error of the largest are compared again in
+// float64, so the choice is the float64 one. Only the slots attention reads (storage dtype) move down
+// on a merge.
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -33,22 +36,31 @@ class Merge final : public Rule {
         add_buffer(sum_k_, sizeof(double) * n * d.dk);
         add_buffer(sum_v_, sizeof(double) * n * d.dv);
         add_buffer(count_, sizeof(double) * n);
-        add_buffer(unit_, sizeof(float) * n * d.dk);  // Sk / |Sk| of each place (0 for a zero key)
-        add_buffer(cosine_, sizeof(float) * n * n);   // cosine of the mean keys of places p and q
-        add_buffer(order_, sizeof(int64_t) * n);      // slot index -> place
+        add_buffer(order_, sizeof(int64_t) * n);  // slot index -> place
         add_buffer(bias_, sizeof(float) * slots_);
         if (keeps_positions()) add_buffer(sum_p_, sizeof(double) * n);
+        add_derived_buffer(unit_, sizeof(float) * n * d.dk);  // Sk / |Sk| of each place (0 for a zero key)
+        add_derived_buffer(norm2_, sizeof(double) * n);       // |Sk|^2 of each place
+        add_derived_buffer(cosine_, sizeof(float) * n * n);   // cosine of the mean keys of places p and q
+        add_derived_buffer(largest_, sizeof(float) * n);      // each place's largest cosine with another
         // a float32 dot of unit vectors is within (d + 2) float32 roundings of the exact cosine
         margin_ = 2.0f * static_cast<float>(d.dk + 2) * std::numeric_limits<float>::epsilon();
     }
 
+    // The places' directions and cosines, in the order folds would have written them.
+    void rebuild(int64_t lane) override {
+        float* largest = largest_.lane<float>(lane);
+        for (int64_t p = 0; p <= slots_; ++p) largest[p] = 0;  // the largest of an all-zero matrix
+        for (int64_t p = 0; p <= slots_; ++p) update_cosines(lane, p);
+    }
+
     void fold(int64_t lane, const float* k, const float* v, int64_t count, int64_t position) override {
-        const int64_t dk = dims_.dk, dv = dims_.dv, n = slots_ + 1;
+        const int64_t dk = dims_.dk, dv = dims_.dv;
         int64_t* order = order_.lane<int64_t>(lane);
         const int64_t s = count < slots_ ? count : slots_;  // the new slot's index
         if (count <= slots_) order[s] = s;                  // filling up: slot i in place i
         for (int64_t i = 0; i <= s; ++i)  // a state read from bytes is checked for its sizes, not its meaning:
-            if (order[i] < 0 || order[i] >= n) return reset_order(order, n);  // never index by a bad place
+            if (order[i] < 0 || order[i] > slots_) return reset_order(order);  // never index by a bad place
         const int64_t p = order[s];
         double* sk = sum_k_.lane<double>(lane) + p * dk;
         double* sv = sum_v_.lane<double>(lane) + p * dv;
@@ -96,64 +108,82 @@ class Merge final : public Rule {
 
     // Places out of range come only from a damaged or hand-made state; start its places over as the
     // identity (its slots mean nothing then, but nothing is read out of bounds).
-    static void reset_order(int64_t* order, int64_t n) {
-        for (int64_t i = 0; i < n; ++i) order[i] = i;
+    void reset_order(int64_t* order) const {
+        for (int64_t i = 0; i <= slots_; ++i) order[i] = i;
     }
 
-    // Place p's key direction from its sums, and its cosines with every place (stale places included:
-    // a place's entries are rewritten whenever it takes a slot).
+    // Place p's key direction and squared norm from its sums, and its cosines with every place (stale
+    // places included: a place's entries are rewritten whenever it takes a slot). The largest cosine of
+    // every place stays the largest of its row: it grows with a new entry above it, and a row whose
+    // largest may have been the entry replaced is scanned again.
     void update_cosines(int64_t lane, int64_t p) {
         const int64_t dk = dims_.dk, n = slots_ + 1;
         const double* sk = sum_k_.lane<double>(lane) + p * dk;
         float* units = unit_.lane<float>(lane);
         float* cos = cosine_.lane<float>(lane);
-        const double norm = std::sqrt(dot(sk, sk, dk)), inv = norm > 0 ? 1.0 / norm : 0.0;
+        float* largest = largest_.lane<float>(lane);
+        const double norm2 = dot(sk, sk, dk), inv = norm2 > 0 ? 1.0 / std::sqrt(norm2) : 0.0;
+        norm2_.lane<double>(lane)[p] = norm2;
         for (int64_t i = 0; i < dk; ++i) units[p * dk + i] = static_cast<float>(sk[i] * inv);
-        kernels().scores_f32(units + p * dk, dk, 1, units, n, dk, 1.0f, cos + p * n, n);
-        for (int64_t q = 0; q < n; ++q) cos[q * n + p] = cos[p * n + q];
+        thread_local std::vector<float> row;
+        thread_local std::vector<int64_t> rescan;
+        row.resize(static_cast<size_t>(n));
+        rescan.clear();
+        kernels().scores_f32(units + p * dk, dk, 1, units, n, dk, 1.0f, row.data(), n);
+        float own = -std::numeric_limits<float>::infinity();
+        for (int64_t q = 0; q < n; ++q) {
+            const float was = cos[q * n + p], c = row[q];
+            cos[p * n + q] = cos[q * n + p] = c;
+            if (q == p) continue;
+            own = std::max(own, c);
+            if (c >= largest[q])
+                largest[q] = c;
+            else if (was == largest[q])
+                rescan.push_back(q);
+        }
+        largest[p] = own;
+        for (int64_t q : rescan) largest[q] = largest_of_row(cos + q * n, q, n);
     }
 
-    // The float64 cosine of the mean keys in places p and q (0 when either is zero). One pass for the
-    // three dots, each summed exactly as dot() sums it (same chains, same order), so the same value.
+    // The largest of row q's n cosines but its own (q's with itself).
+    static float largest_of_row(const float* row, int64_t q, int64_t n) {
+        float m = -std::numeric_limits<float>::infinity();
+        for (int64_t i = 0; i < n; ++i)
+            if (i != q) m = std::max(m, row[i]);
+        return m;
+    }
+
+    // The float64 cosine of the mean keys in places p and q (0 when either is zero), with the squared
+    // norms kept when the places were last written.
     double exact_cosine(int64_t lane, int64_t p, int64_t q) const {
         const int64_t dk = dims_.dk;
-        const double* x = sum_k_.lane<double>(lane) + p * dk;
-        const double* y = sum_k_.lane<double>(lane) + q * dk;
-        double xy[4] = {0, 0, 0, 0}, xx[4] = {0, 0, 0, 0}, yy[4] = {0, 0, 0, 0};
-        int64_t i = 0;
-        for (; i + 4 <= dk; i += 4)
-            for (int j = 0; j < 4; ++j) {
-                xy[j] += x[i + j] * y[i + j];
-                xx[j] += x[i + j] * x[i + j];
-                yy[j] += y[i + j] * y[i + j];
-            }
-        for (; i < dk; ++i) xy[0] += x[i] * y[i], xx[0] += x[i] * x[i], yy[0] += y[i] * y[i];
-        auto total = [](const double* s) { return (s[0] + s[1]) + (s[2] + s[3]); };
-        const double nx = total(xx), ny = total(yy);
-        return nx > 0 && ny > 0 ? total(xy) / (std::sqrt(nx) * std::sqrt(ny)) : 0.0;
+        const double* norm2 = norm2_.lane<double>(lane);
+        const double nx = norm2[p], ny = norm2[q];
+        if (!(nx > 0 && ny > 0)) return 0.0;
+        return dot(sum_k_.lane<double>(lane) + p * dk, sum_k_.lane<double>(lane) + q * dk, dk) /
+               (std::sqrt(nx) * std::sqrt(ny));
     }
 
     // The slots a < b with the most similar mean keys, the first such pair in row-major order. The largest
-    // float32 cosine is found place by place (the largest of a set does not depend on its order); the
-    // pairs within rounding of it are compared in float64, ties going to the first slot pair.
+    // float32 cosine is the largest of the places' largest (a set's largest does not depend on its order);
+    // the pairs within rounding of it are compared in float64, ties going to the first slot pair.
     void most_similar(int64_t lane, int64_t* a, int64_t* b) const {
-        const Kernels& K = kernels();
         const int64_t n = slots_ + 1;
         const int64_t* order = order_.lane<int64_t>(lane);
         const float* cos = cosine_.lane<float>(lane);
-        thread_local std::vector<float> row_max;
+        const float* largest = largest_.lane<float>(lane);
         thread_local std::vector<int64_t> slot_of;  // place -> slot index
-        row_max.resize(n);
         slot_of.resize(n);
         float best = -std::numeric_limits<float>::infinity();
-        for (int64_t p = 0; p + 1 < n; ++p) best = std::max(best, row_max[p] = K.max(cos + p * n + p + 1, n - p - 1));
+        for (int64_t p = 0; p < n; ++p) best = std::max(best, largest[p]);
         for (int64_t i = 0; i < n; ++i) slot_of[order[i]] = i;
+        const float near = best - margin_;
         double exact = -std::numeric_limits<double>::infinity();
         *a = 0, *b = 1;
         for (int64_t p = 0; p + 1 < n; ++p) {
-            if (!(row_max[p] >= best - margin_)) continue;
+            if (!(largest[p] >= near)) continue;
             for (int64_t q = p + 1; q < n; ++q) {
-                if (!(cos[p * n + q] >= best - margin_)) continue;
+                if (!(cos[p * n + q] >= near)) continue;
                 const double c = exact_cosine(lane, p, q);
                 const int64_t i = std::min(slot_of[p], slot_of[q]), j = std::max(slot_of[p], slot_of[q]);
                 if (c > exact || (c == exact && (i < *a || (i == *a && j < *b)))) exact = c, *a = i, *b = j;
@@ -198,7 +228,8 @@ class Merge final : public Rule {
     int64_t slots_;
     bool log_count_;
     float margin_ = 0;
-    LaneBuffer sum_k_, sum_v_, count_, unit_, cosine_, order_, bias_, sum_p_;
+    LaneBuffer sum_k_, sum_v_, count_, order_, bias_, sum_p_;  // the state
+    LaneBuffer unit_, norm2_, cosine_, largest_;               // derived from it
 };
 
 std::unique_ptr<Rule> make(const RuleSpec& spec) {
