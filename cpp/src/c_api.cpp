@@ -138,6 +138,50 @@ kvfold::Config to_cpp(const kvfold_config& c) {
     return g;
 }
 
+// The first kvfold_options (every member through `recent`): the size callers of this version pass.
+constexpr size_t kOptionsSize = sizeof(kvfold_options);
+
+void check_options_size(size_t size, const char* name) {
+    if (size != kOptionsSize)
+        fail(std::string(name) + ": expected sizeof(kvfold_options) = " + std::to_string(kOptionsSize) +
+             " bytes (set by kvfold_options_init), got " + std::to_string(size) +
+             (size > kOptionsSize ? " (the program was built against a newer kvfold.h than this library)" : ""));
+}
+
+// The C form of the options of a configuration.
+void to_c(const kvfold::Config& g, kvfold_options* out) {
+    out->rope_theta = g.rope.theta;
+    out->rope_dim = g.rope.dim;
+    out->rope_layout = g.rope.interleaved ? KVFOLD_ROPE_INTERLEAVED : KVFOLD_ROPE_HALF;
+    out->retain = static_cast<int>(g.retain);
+    out->recent = g.recent;
+}
+
+// Sets the options on a configuration; the C++ constructor checks their values.
+void apply(const kvfold_options& o, kvfold::Config* g) {
+    check_options_size(o.size, "options.size");
+    g->rope.theta = o.rope_theta;
+    g->rope.dim = o.rope_dim;
+    switch (o.rope_layout) {
+        case KVFOLD_ROPE_HALF: g->rope.interleaved = false; break;
+        case KVFOLD_ROPE_INTERLEAVED: g->rope.interleaved = true; break;
+        default:
+            fail("options.rope_layout: expected KVFOLD_ROPE_HALF (0) or KVFOLD_ROPE_INTERLEAVED (1), got " +
+                 std::to_string(o.rope_layout));
+    }
+    switch (o.retain) {
+        case KVFOLD_RETAIN_FIFO: g->retain = kvfold::Retain::fifo; break;
+        case KVFOLD_RETAIN_TOVA: g->retain = kvfold::Retain::tova; break;
+        case KVFOLD_RETAIN_H2O: g->retain = kvfold::Retain::h2o; break;
+        default:
+            fail(
+                "options.retain: expected KVFOLD_RETAIN_FIFO (0), KVFOLD_RETAIN_TOVA (1) or KVFOLD_RETAIN_H2O (2), "
+                "got " +
+                std::to_string(o.retain));
+    }
+    g->recent = o.recent;
+}
+
 kvfold::RuleSpec to_cpp(const kvfold_rule& r) {
     kvfold::RuleSpec s;
     require(r.kind, "rule.kind");
@@ -191,6 +235,15 @@ void memory_floats(const kvfold::MemoryCache& c, size_t* keys, size_t* values) {
         *keys = lanes * slots * dk;
         *values = lanes * slots * dv;
     }
+}
+
+// Copies one value per row into out[0..capacity).
+void per_row(const std::vector<int64_t>& values, int64_t* out, int64_t capacity) {
+    require(out, "out");
+    if (capacity < static_cast<int64_t>(values.size()))
+        fail("capacity: expected at least batch_size = " + std::to_string(values.size()) + " values, got " +
+             std::to_string(capacity));
+    std::copy(values.begin(), values.end(), out);
 }
 
 kvfold_cache* wrap(std::unique_ptr<kvfold::MemoryCache> c) {
@@ -251,6 +304,28 @@ kvfold_status kvfold_create(const kvfold_config* config, const kvfold_rule* rule
     });
 }
 
+kvfold_status kvfold_options_init(kvfold_options* options, size_t size) {
+    return guarded(nullptr, [&] {
+        require(options, "options");
+        check_options_size(size, "size");
+        options->size = size;
+        to_c(kvfold::Config{}, options);
+    });
+}
+
+kvfold_status kvfold_create_with_options(const kvfold_config* config, const kvfold_options* options,
+                                         const kvfold_rule* rule, kvfold_cache** out) {
+    if (out) *out = nullptr;
+    return guarded(nullptr, [&] {
+        require(out, "out");
+        require(config, "config");
+        require(rule, "rule");
+        kvfold::Config g = to_cpp(*config);
+        if (options) apply(*options, &g);
+        *out = wrap(std::make_unique<kvfold::MemoryCache>(g, to_cpp(*rule)));
+    });
+}
+
 void kvfold_free(kvfold_cache* cache) { delete cache; }
 
 kvfold_status kvfold_get_config(const kvfold_cache* cache, kvfold_config* out) {
@@ -261,12 +336,26 @@ kvfold_status kvfold_get_config(const kvfold_cache* cache, kvfold_config* out) {
     });
 }
 
+kvfold_status kvfold_get_options(const kvfold_cache* cache, kvfold_options* out) {
+    return guarded(cache, [&] {
+        const kvfold::Config& g = live(cache).config();
+        require(out, "out");
+        check_options_size(out->size, "out->size");
+        to_c(g, out);
+    });
+}
+
 kvfold_status kvfold_update(kvfold_cache* cache, const float* k, const float* v, int64_t T, const kvfold_gates* gates) {
+    return kvfold_update_at(cache, k, v, T, gates, nullptr);
+}
+
+kvfold_status kvfold_update_at(kvfold_cache* cache, const float* k, const float* v, int64_t T,
+                               const kvfold_gates* gates, const int64_t* positions) {
     return guarded(cache, [&] {
         kvfold::MemoryCache& c = live(cache);
         require(k, "k");
         require(v, "v");
-        c.update(k, v, T, token_gates(gates));
+        c.update(k, v, T, token_gates(gates), positions);
     });
 }
 
@@ -281,19 +370,29 @@ kvfold_status kvfold_attend(kvfold_cache* cache, const float* q, float* out) {
 
 kvfold_status kvfold_step(kvfold_cache* cache, const float* q, const float* k, const float* v, float* out,
                           const kvfold_gates* gates) {
+    return kvfold_step_at(cache, q, k, v, out, gates, nullptr);
+}
+
+kvfold_status kvfold_step_at(kvfold_cache* cache, const float* q, const float* k, const float* v, float* out,
+                             const kvfold_gates* gates, const int64_t* positions) {
     return guarded(cache, [&] {
         kvfold::MemoryCache& c = live(cache);
         require_step(q, k, v, out);
-        c.step(q, k, v, out, token_gates(gates));
+        c.step(q, k, v, out, token_gates(gates), positions);
     });
 }
 
 kvfold_status kvfold_forward(kvfold_cache* cache, const float* q, const float* k, const float* v, int64_t T, float* out,
                              const kvfold_gates* gates) {
+    return kvfold_forward_at(cache, q, k, v, T, out, gates, nullptr);
+}
+
+kvfold_status kvfold_forward_at(kvfold_cache* cache, const float* q, const float* k, const float* v, int64_t T,
+                                float* out, const kvfold_gates* gates, const int64_t* positions) {
     return guarded(cache, [&] {
         kvfold::MemoryCache& c = live(cache);
         require_step(q, k, v, out);
-        c.forward(q, k, v, T, out, token_gates(gates));
+        c.forward(q, k, v, T, out, token_gates(gates), positions);
     });
 }
 
@@ -310,14 +409,11 @@ kvfold_status kvfold_reset_rows(kvfold_cache* cache, const int64_t* rows, int64_
 }
 
 kvfold_status kvfold_lengths(const kvfold_cache* cache, int64_t* out, int64_t capacity) {
-    return guarded(cache, [&] {
-        const std::vector<int64_t> lengths = live(cache).lengths();
-        require(out, "out");
-        if (capacity < static_cast<int64_t>(lengths.size()))
-            fail("capacity: expected at least batch_size = " + std::to_string(lengths.size()) + " values, got " +
-                 std::to_string(capacity));
-        std::copy(lengths.begin(), lengths.end(), out);
-    });
+    return guarded(cache, [&] { per_row(live(cache).lengths(), out, capacity); });
+}
+
+kvfold_status kvfold_last_positions(const kvfold_cache* cache, int64_t* out, int64_t capacity) {
+    return guarded(cache, [&] { per_row(live(cache).last_positions(), out, capacity); });
 }
 
 kvfold_status kvfold_nbytes(const kvfold_cache* cache, size_t* out) {

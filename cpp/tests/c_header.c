@@ -10,8 +10,10 @@ int kvfold_c_header_smoke(void) {
     kvfold_config config;
     kvfold_param alpha;
     kvfold_rule rule;
+    kvfold_options options;
     kvfold_cache* cache = NULL;
     double alpha_value = 0.5;
+    int64_t positions[1], last = -1;
     float q[4] = {1, 0, 0, 0}, k[4] = {0.5f, 0.5f, 0, 0}, v[2] = {1, 2}, out[2] = {0, 0};
     int64_t length = 0;
     int t, failures = 0;
@@ -35,6 +37,21 @@ int kvfold_c_header_smoke(void) {
     /* Every value folded was (1, 2), so attention over any of them reads (1, 2). */
     if (out[0] < 0.999f || out[0] > 1.001f || out[1] < 1.999f || out[1] > 2.001f) ++failures;
     if (kvfold_step(NULL, q, k, v, out, NULL) != KVFOLD_VALUE_ERROR || kvfold_last_error(NULL)[0] == 0) ++failures;
+    kvfold_free(cache);
+
+    /* The same keys rotated by a RoPE at positions 10, 20, 30, the oldest folded by attention weight. */
+    if (kvfold_options_init(&options, sizeof options) != KVFOLD_OK) return failures + 1;
+    options.rope_theta = 10000.0;
+    options.retain = KVFOLD_RETAIN_TOVA;
+    if (kvfold_create_with_options(&config, &options, &rule, &cache) != KVFOLD_OK) return failures + 1;
+    for (t = 0; t < 3; ++t) {
+        positions[0] = 10 * (t + 1);
+        if (kvfold_step_at(cache, q, k, v, out, NULL, positions) != KVFOLD_OK) ++failures;
+    }
+    if (kvfold_last_positions(cache, &last, 1) != KVFOLD_OK || last != 30) ++failures;
+    if (out[0] < 0.999f || out[0] > 1.001f || out[1] < 1.999f || out[1] > 2.001f) ++failures;
+    positions[0] = 29; /* behind the last: refused */
+    if (kvfold_update_at(cache, k, v, 1, NULL, positions) != KVFOLD_VALUE_ERROR) ++failures;
     kvfold_free(cache);
     return failures;
 }

@@ -86,7 +86,7 @@ typedef struct kvfold_option {
 } kvfold_option;
 
 /* What folds evicted pairs into the memory: kind is one of "drop", "cumulative", "moving",
- * "weighted", "ema", "compressive", "gru", "linear", "gated", "delta", "gated_delta" (the
+ * "weighted", "ema", "compressive", "merge", "gru", "linear", "gated", "delta", "gated_delta" (the
  * parameters of each are listed in docs/c-api.md). Custom rules take a Python function and are
  * not available here. */
 typedef struct kvfold_rule {
@@ -105,6 +105,30 @@ typedef struct kvfold_gates {
     int decay_per_key;
     const float* beta;
 } kvfold_gates;
+
+/* How a RoPE pairs a head's dimensions: dimension i with i + dim / 2 (HF Llama's rotate_half), or
+ * 2i with 2i + 1. */
+typedef enum kvfold_rope_layout { KVFOLD_ROPE_HALF = 0, KVFOLD_ROPE_INTERLEAVED = 1 } kvfold_rope_layout;
+
+/* Which pair is folded when the window is full: the oldest (FIFO), the one the latest attend weighed
+ * least (TOVA), or the one with the least weight summed over every attend, the `recent` newest never
+ * folded (H2O). */
+typedef enum kvfold_retain { KVFOLD_RETAIN_FIFO = 0, KVFOLD_RETAIN_TOVA = 1, KVFOLD_RETAIN_H2O = 2 } kvfold_retain;
+
+/* What a cache takes beyond kvfold_config: RoPE-aware folding and the retention. Fill it with
+ * kvfold_options_init(&options, sizeof options), then set what differs. `size` is the struct's size as
+ * the program was compiled; later versions add members at the end and read only those that fit. */
+typedef struct kvfold_options {
+    size_t size;        /* set by kvfold_options_init */
+    double rope_theta;  /* keys come rotated by a RoPE of this base (e.g. 10000): pairs are folded
+                           un-rotated, and memory slots read rotated at their (mean) positions;
+                           0 (default): no RoPE */
+    int64_t rope_dim;   /* dimensions rotated (even, at most d_k); 0 (default): all of them */
+    int rope_layout;    /* a kvfold_rope_layout, default KVFOLD_ROPE_HALF */
+    int retain;         /* a kvfold_retain, default KVFOLD_RETAIN_FIFO */
+    int64_t recent;     /* H2O: the newest window pairs never folded, in [0, window]; -1 (default):
+                           window / 2 (other retentions: -1) */
+} kvfold_options;
 
 /* ---- errors, library ---- */
 
@@ -131,10 +155,19 @@ KVFOLD_API int kvfold_get_num_threads(void);
 KVFOLD_API void kvfold_config_init(kvfold_config* config);
 /* A new, empty cache in *out (set to null on failure). Release it with kvfold_free. */
 KVFOLD_API kvfold_status kvfold_create(const kvfold_config* config, const kvfold_rule* rule, kvfold_cache** out);
+/* Defaults (no RoPE, FIFO) into *options, which is `size` bytes: pass sizeof(kvfold_options).
+ * A size this library does not know is a KVFOLD_VALUE_ERROR (options untouched). */
+KVFOLD_API kvfold_status kvfold_options_init(kvfold_options* options, size_t size);
+/* kvfold_create with options (null: the defaults). */
+KVFOLD_API kvfold_status kvfold_create_with_options(const kvfold_config* config, const kvfold_options* options,
+                                                    const kvfold_rule* rule, kvfold_cache** out);
 /* Releases a cache; null is ignored. */
 KVFOLD_API void kvfold_free(kvfold_cache* cache);
 /* Its configuration (as created, or as stored in the bytes it was read from). */
 KVFOLD_API kvfold_status kvfold_get_config(const kvfold_cache* cache, kvfold_config* out);
+
+/* Its options; out->size says how much of *out to fill (set it with kvfold_options_init). */
+KVFOLD_API kvfold_status kvfold_get_options(const kvfold_cache* cache, kvfold_options* out);
 
 /* Appends T tokens to every row: k (B, H, T, d_k), v (B, H, T, d_v); gates may be null. */
 KVFOLD_API kvfold_status kvfold_update(kvfold_cache* cache, const float* k, const float* v, int64_t T,
@@ -149,6 +182,20 @@ KVFOLD_API kvfold_status kvfold_step(kvfold_cache* cache, const float* q, const 
  * k (B, H, T, d_k), v (B, H, T, d_v) -> out (B, Hq, T, d_v). gates may be null. */
 KVFOLD_API kvfold_status kvfold_forward(kvfold_cache* cache, const float* q, const float* k, const float* v, int64_t T,
                                         float* out, const kvfold_gates* gates);
+
+/* The same at given positions: the tokens' positions in their sequences, integers >= 0 that never
+ * decrease within a row (a RoPE rotated each key at its position). positions is (B, T) for update and
+ * forward, (B,) for step; null means the tokens each row has seen (the calls above). */
+KVFOLD_API kvfold_status kvfold_update_at(kvfold_cache* cache, const float* k, const float* v, int64_t T,
+                                          const kvfold_gates* gates, const int64_t* positions);
+KVFOLD_API kvfold_status kvfold_step_at(kvfold_cache* cache, const float* q, const float* k, const float* v,
+                                        float* out, const kvfold_gates* gates, const int64_t* positions);
+KVFOLD_API kvfold_status kvfold_forward_at(kvfold_cache* cache, const float* q, const float* k, const float* v,
+                                           int64_t T, float* out, const kvfold_gates* gates,
+                                           const int64_t* positions);
+/* Each row's latest position (0 before its first token; the next may not be lower): B values into
+ * out[0..capacity). */
+KVFOLD_API kvfold_status kvfold_last_positions(const kvfold_cache* cache, int64_t* out, int64_t capacity);
 
 /* Empties every row, or the `count` rows listed (each in [0, B)). */
 KVFOLD_API kvfold_status kvfold_reset(kvfold_cache* cache);
