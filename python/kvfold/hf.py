@@ -27,395 +27,20 @@ Needs torch and transformers (``pip install kvfold[hf]``); the rest of kvfold do
 
 from __future__ import annotations
 
-import inspect
-import threading
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Optional, Tuple
 
-import numpy as np
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-from transformers.modeling_utils import AttentionInterface
+from transformers.cache_utils import Cache
 
 from . import MemoryCache, rules
 from ._checks import integer
+from ._hf_attention import kvfold_attention
+from ._hf_checks import check_summary_rule, storage_dtype, takes
+from ._hf_layer import FoldLayer
 from .reference import RETAIN
 from .rope import RoPE
 
 __all__ = ["FoldCache", "FoldLayer", "kvfold_attention"]
-
-_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-
-
-def _storage_dtype(dtype: Any) -> str:
-    if isinstance(dtype, torch.dtype):
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype: expected torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
-        return _DTYPES[dtype]
-    if dtype not in ("float32", "float16", "bfloat16"):
-        raise ValueError(f"dtype: expected 'float32', 'float16' or 'bfloat16', got {dtype!r}")
-    return dtype
-
-
-def check_summary_rule(rule: rules.Rule, cache: Any = None) -> None:
-    """ValueError unless ``rule`` keeps key/value slots that softmax attention can read."""
-    if rule.matrix or (cache is not None and getattr(cache, "matrix_memory", False)):
-        raise ValueError(
-            f"rule: FoldCache needs a summary rule (Drop, Cumulative, Moving, Weighted, EMA, Compressive or another "
-            f"rule with key/value slots), got {type(rule).__name__}, whose memory is a d_k x d_v matrix read "
-            "linearly; the model's softmax attention reads only key/value pairs"
-        )
-
-
-def _as_float32(x: torch.Tensor) -> np.ndarray:
-    """A float32 NumPy view of x (a copy only when the dtype or device requires one)."""
-    return x.detach().to(device="cpu", dtype=torch.float32).numpy()
-
-
-def _position_ids(args: Tuple[Any, ...], kwargs: Any) -> Optional[torch.Tensor]:
-    """The model's position ids among the keywords a cache update gets (transformers passes the attention's
-    keywords, ``position_ids`` among them, as ``kwargs=``; older versions a dict of cache keywords)."""
-    for d in (kwargs.get("kwargs"), kwargs, *args):
-        if isinstance(d, dict) and d.get("position_ids") is not None:
-            return d["position_ids"]
-    return None
-
-
-# The block a layer's update handed to the model and that kvfold's attention should take next: a layer
-# and the key tensor it returned (the attention function receives that very tensor).
-_pending = threading.local()
-
-
-def kvfold_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: Optional[torch.Tensor],
-    dropout: float = 0.0,
-    scaling: Optional[float] = None,
-    **kwargs: Any,
-) -> Tuple[torch.Tensor, None]:
-    """transformers attention ``"kvfold"``: a FoldCache layer's block is attended by its kvfold memory
-    (``forward`` over the block's queries, keys, values and positions); anything else goes to ``sdpa``."""
-    layer, returned = getattr(_pending, "block", (None, None))
-    if layer is None or returned is not key:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
-    _pending.block = (None, None)
-    return layer.attend_block(query, scaling), None
-
-
-AttentionInterface.register("kvfold", kvfold_attention)
-AttentionMaskInterface.register("kvfold", sdpa_mask)  # the sdpa fallback's mask; a FoldCache block needs none
-
-
-def _takes(memory_class: Any, name: str) -> bool:
-    return name in inspect.signature(memory_class).parameters
-
-
-class FoldLayer(CacheLayerMixin):
-    """One layer's cache: a memory (``kvfold.MemoryCache`` unless ``memory_class`` says otherwise) made
-    when the layer sees which attention reads its first block."""
-
-    is_sliding = False
-    is_compileable = False
-
-    def __init__(
-        self,
-        rule: rules.Rule,
-        window: int,
-        sinks: int,
-        dtype: str,
-        check_finite: bool = True,
-        rope: Optional[RoPE] = None,
-        retain: str = "fifo",
-        recent: Optional[int] = None,
-        memory_class: Any = None,
-    ) -> None:
-        super().__init__()
-        self.rule, self.window, self.sinks, self.storage_dtype = rule, window, sinks, dtype
-        self.check_finite, self.rope, self.retain, self.recent = check_finite, rope, retain, recent
-        self.memory_class = MemoryCache if memory_class is None else memory_class
-        self.memory: Any = None
-        self.attention: Optional[str] = None  # "kvfold" or "model", from the first block on
-        self.seen = 0  # tokens fed, the same for every row
-        self.record_past = False
-        # (seen, state before, queries or None, k, v, positions) per block, when recording
-        self._history: List[Tuple[int, Any, Optional[np.ndarray], np.ndarray, np.ndarray, Optional[np.ndarray]]] = []
-        # a block handed to the model, not yet in the memory: (k, v, positions)
-        self._block: Optional[Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]] = None
-        self._shape: Tuple[int, int, int, int] = (0, 0, 0, 0)  # B, H, d_k, d_v
-
-    def __repr__(self) -> str:
-        return f"FoldLayer(rule={self.rule!r}, window={self.window}, sinks={self.sinks}, seen={self.seen})"
-
-    # -- creation ----------------------------------------------------------------------------------
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        if key_states.dim() != 4 or value_states.dim() != 4:
-            raise ValueError(
-                f"key_states, value_states: expected (B, H, T, d) tensors, got shapes {tuple(key_states.shape)} "
-                f"and {tuple(value_states.shape)}"
-            )
-        check_summary_rule(self.rule)
-        batch, heads, _, head_dim = key_states.shape
-        self._shape = (batch, heads, head_dim, value_states.shape[-1])
-        self.device, self.dtype = key_states.device, key_states.dtype
-        self.is_initialized = True
-
-    def _make_memory(self, num_query_heads: Optional[int] = None, scale: Optional[float] = None) -> None:
-        B, H, dk, dv = self._shape
-        kw: Dict[str, Any] = dict(
-            num_heads=H,
-            head_dim=dk,
-            value_dim=dv,
-            num_query_heads=num_query_heads,
-            batch_size=B,
-            window=self.window,
-            sinks=self.sinks,
-            scale=scale,
-        )
-        if _takes(self.memory_class, "dtype"):
-            kw.update(dtype=self.storage_dtype, check_finite=self.check_finite)
-        if self.rope is not None:
-            kw["rope"] = self.rope
-        if self.retain != "fifo":
-            kw.update(retain=self.retain, recent=self.recent)
-        memory = self.memory_class(self.rule, **kw)
-        check_summary_rule(self.rule, memory)
-        self.memory = memory
-
-    def _check(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        B, H, dk, dv = self._shape
-        if key_states.dim() != 4 or (key_states.shape[0], key_states.shape[1], key_states.shape[3]) != (B, H, dk):
-            raise ValueError(f"key_states: expected shape (B={B}, H={H}, T, d_k={dk}), got {tuple(key_states.shape)}")
-        if value_states.shape != (*key_states.shape[:3], dv):
-            raise ValueError(
-                f"value_states: expected shape ({B}, {H}, {key_states.shape[2]}, d_v={dv}), "
-                f"got {tuple(value_states.shape)}"
-            )
-        if key_states.shape[2] == 0:
-            raise ValueError(f"key_states: expected at least one token, got shape {tuple(key_states.shape)}")
-
-    def _positions(self, position_ids: Optional[torch.Tensor], T: int) -> Optional[np.ndarray]:
-        """The block's positions (B, T) for a memory with a RoPE; None without one."""
-        if self.rope is None or position_ids is None:
-            return None
-        p = torch.as_tensor(position_ids).detach().cpu().to(torch.int64)
-        return np.ascontiguousarray(p.expand(self._shape[0], T).numpy())
-
-    # -- the update --------------------------------------------------------------------------------
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """For the model's own attention: returns ``[visible set | new pairs]``, then folds the new pairs in.
-        For kvfold's attention: returns the new pairs, which the attention function then hands to the memory.
-        The first block of a layer goes the second way until the attention shows which one runs."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self._settle()
-        self._check(key_states, value_states)
-        T = key_states.shape[2]
-        positions = self._positions(_position_ids(args, kwargs), T)
-        if self.attention == "model":
-            return self._model_update(key_states, value_states, positions)
-        k, v = _as_float32(key_states), _as_float32(value_states)
-        if self.check_finite and not (np.isfinite(k).all() and np.isfinite(v).all()):
-            raise ValueError("key_states, value_states: expected finite values, got NaN or Inf")
-        self._block = (k, v, positions)
-        _pending.block = (self, key_states)
-        self.seen += T
-        return key_states, value_states
-
-    def attend_block(self, query: torch.Tensor, scaling: Optional[float]) -> torch.Tensor:
-        """kvfold's attention over the block the last update handed out: (B, T, Hq, d_v)."""
-        assert self._block is not None
-        k, v, positions = self._block
-        self.attention = "kvfold"
-        if self.memory is None:
-            self._make_memory(num_query_heads=query.shape[1], scale=scaling)
-        q = _as_float32(query)
-        before = self._snapshot() if self.record_past else None
-        self._block = None
-        try:
-            out = self.memory.forward(q, k, v, **({} if positions is None else {"positions": positions}))
-        except Exception:
-            self.seen -= k.shape[2]  # validated first: the memory did not take the block
-            raise
-        if self.record_past:
-            self._history.append((self.seen - k.shape[2], before, q.copy(), k.copy(), v.copy(), positions))
-        return torch.from_numpy(np.asarray(out, np.float32)).to(query.dtype).transpose(1, 2).contiguous()
-
-    def _settle(self) -> None:
-        """A block still held when the layer is next used was read by the model's own attention: fold it."""
-        if self._block is None:
-            return
-        if self.attention == "kvfold":
-            raise ValueError(
-                "FoldCache: this layer's blocks went through kvfold's attention before, but the model's own attention "
-                "read the last one; keep one attention implementation per cache"
-            )
-        if self.retain != "fifo":
-            raise ValueError(
-                f"retain={self.retain!r} keeps the pairs kvfold's attention weighs most: load the model with "
-                "attn_implementation='kvfold' (import kvfold.hf first)"
-            )
-        if getattr(self.rule, "bias", None) == "log_count":
-            raise ValueError(
-                f"rule: {self.rule!r} adds a logit bias to its slots, which only kvfold's attention applies: load "
-                "the model with attn_implementation='kvfold' (import kvfold.hf first), or use bias=None"
-            )
-        k, v, positions = self._block
-        self.attention = "model"
-        if self.memory is None:
-            self._make_memory()
-        self._block = None
-        self._fold(k, v, positions, self.seen - k.shape[2])
-
-    def _fold(self, k: np.ndarray, v: np.ndarray, positions: Optional[np.ndarray], seen_before: int) -> None:
-        before = self._snapshot() if self.record_past else None
-        self.memory.update(k, v, **({} if positions is None else {"positions": positions}))
-        if self.record_past:
-            self._history.append((seen_before, before, None, k.copy(), v.copy(), positions))
-
-    def _model_update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, positions: Optional[np.ndarray]
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The visible set is written by the cache straight into the tensors handed to the model, next
-        to the new pairs: one copy of each pair, the one the model's attention reads."""
-        memory = self.memory
-        (B, H, T, dk), dv = key_states.shape, value_states.shape[-1]
-        n = memory.visible_size
-        keys = torch.empty((B, H, n + T, dk), dtype=torch.float32)
-        values = torch.empty((B, H, n + T, dv), dtype=torch.float32)
-        _, _, mask = memory.visible(out=(keys.numpy(), values.numpy()))
-        if not mask[:, :n].all():
-            raise ValueError(
-                f"FoldCache: rows of the batch see different numbers of pairs ({mask.sum(axis=1).tolist()}); a "
-                "transformers attention mask cannot express that, so every row must have seen the same tokens"
-            )
-        k, v = _as_float32(key_states), _as_float32(value_states)
-        self._fold(k, v, positions, self.seen)  # validates everything first: on error the state is unchanged
-        self.seen += T
-        keys[:, :, n:] = key_states
-        values[:, :, n:] = value_states
-        device, dtype = key_states.device, key_states.dtype
-        return keys.to(device=device, dtype=dtype), values.to(device=device, dtype=dtype)
-
-    def _snapshot(self) -> Any:
-        return self.memory.checkpoint() if hasattr(self.memory, "checkpoint") else self.memory.copy()
-
-    def _restore(self, snapshot: Any) -> None:
-        if hasattr(self.memory, "rollback"):
-            self.memory.rollback(snapshot)
-        else:
-            self.memory = snapshot.copy()
-
-    # -- what the masks and the generation loop ask --------------------------------------------
-
-    def get_mask_sizes(self, query_length: int) -> Tuple[int, int]:
-        """(kv_length, kv_offset): the visible pairs stand at the positions just before the block, so the
-        causal mask lets every query see all of them and the block's pairs up to itself. (kvfold's attention
-        reads no mask: it is the block's own.)"""
-        self._settle()
-        visible = self.memory.visible_size if self.memory is not None and self.attention == "model" else 0
-        return visible + query_length, self.seen - visible
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_max_length(self) -> int:
-        return -1  # any number of tokens; the memory never grows
-
-    @property
-    def batch_size(self) -> int:
-        if not self.is_initialized:
-            raise AttributeError("batch_size")
-        self._settle()
-        return int(self.memory.batch_size if self.memory is not None else self._shape[0])
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes this layer's memory holds (0 before the first update)."""
-        self._settle()
-        return int(getattr(self.memory, "nbytes", 0))
-
-    def reset(self) -> None:
-        if self.memory is not None:
-            self.memory.reset()
-        self.seen, self._history, self._block = 0, [], None
-
-    def offload(self) -> None:  # the memory lives in host RAM already
-        pass
-
-    def prefetch(self) -> None:
-        pass
-
-    # -- rows: beam search and batch selection --------------------------------------------------
-
-    def _reorder(self, indices: Any) -> None:
-        """New row r is old row indices[r] (rows may repeat; the batch size becomes len(indices))."""
-        self._settle()
-        order = np.asarray(torch.as_tensor(indices).cpu().numpy(), dtype=np.int64)
-        if self.memory is not None:
-            self.memory.reorder(order)
-            self._history = []
-        self._shape = (len(order), *self._shape[1:])
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._reorder(beam_idx)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._reorder(indices)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self._reorder(np.repeat(np.arange(self.batch_size), repeats))
-
-    # -- rolling back -----------------------------------------------------------------------------
-
-    @property
-    def is_croppable(self) -> bool:
-        return self.record_past
-
-    def activate_past_recording(self) -> None:
-        """Keep a checkpoint before each update (a copy of the state) so that ``crop`` can take tokens back."""
-        self.record_past = True
-
-    def crop(self, tokens_to_remove: int) -> None:
-        """Removes the last ``-tokens_to_remove`` tokens (a positive value is the length to keep).
-
-        Folding cannot be undone, so this works only back to a checkpoint recorded after
-        ``activate_past_recording``; ``crop(0)`` forgets the recorded history."""
-        self._settle()
-        if tokens_to_remove == 0:
-            self._history = []
-            return
-        target = self.seen + tokens_to_remove if tokens_to_remove < 0 else min(tokens_to_remove, self.seen)
-        if target == self.seen:
-            return
-        starts = [h for h in self._history if h[0] <= target]
-        if target < 0 or not starts:
-            raise ValueError(
-                f"crop: cannot remove {self.seen - target} of {self.seen} tokens: kvfold folds tokens into a memory "
-                "and a fold cannot be undone"
-                + ("" if self.record_past else "; activate_past_recording() records checkpoints to roll back to")
-            )
-        seen, before, q, k, v, positions = starts[-1]
-        self._restore(before)
-        n = target - seen
-        if n > 0:  # the kept part of that block, fed again as it was (with its queries under kvfold's attention)
-            p = {} if positions is None else {"positions": positions[:, :n]}
-            if q is None:
-                self.memory.update(k[:, :, :n], v[:, :, :n], **p)
-            else:
-                self.memory.forward(q[:, :, :n], k[:, :, :n], v[:, :, :n], **p)
-        self.seen = target
-        self._history = [h for h in self._history if h[0] <= seen]
 
 
 class FoldCache(Cache):
@@ -452,7 +77,7 @@ class FoldCache(Cache):
             raise TypeError(f"rule: expected a kvfold.rules rule (e.g. rules.Cumulative()), got {type(rule).__name__}")
         check_summary_rule(rule)
         self.rule, self.window, self.sinks = rule, integer("window", window, 0), integer("sinks", sinks, 0)
-        self.storage_dtype = _storage_dtype(dtype)
+        self.storage_dtype = storage_dtype(dtype)
         if not isinstance(check_finite, bool):
             raise TypeError(f"check_finite: expected True or False, got {type(check_finite).__name__}")
         self.check_finite = check_finite
@@ -464,7 +89,7 @@ class FoldCache(Cache):
         if retain not in RETAIN:
             raise ValueError(f"retain: expected one of {', '.join(map(repr, RETAIN))}, got {retain!r}")
         for name, wanted in (("rope", rope is not None), ("retain", retain != "fifo")):
-            if wanted and not _takes(self.memory_class, name):
+            if wanted and not takes(self.memory_class, name):
                 raise ValueError(
                     f"{name}: {getattr(self.memory_class, '__name__', self.memory_class)} takes no {name}; "
                     "kvfold.MemoryCache (the default) and kvfold.reference.StreamCache do"
@@ -475,7 +100,7 @@ class FoldCache(Cache):
             )
         if recent is not None and not 0 <= integer("recent", recent) <= self.window:
             raise ValueError(f"recent: expected an integer in [0, window={self.window}], got {recent}")
-        if self.storage_dtype != "float32" and not _takes(self.memory_class, "dtype"):
+        if self.storage_dtype != "float32" and not takes(self.memory_class, "dtype"):
             raise ValueError(
                 f"dtype: {getattr(self.memory_class, '__name__', 'memory')} computes in float64 and "
                 f"stores nothing in {self.storage_dtype}"
