@@ -58,7 +58,7 @@ const Config& MemoryCache::config() const { return impl().cfg; }
 const RuleSpec& MemoryCache::rule() const { return impl().spec; }
 float MemoryCache::scale() const { return impl().scale; }
 int64_t MemoryCache::memory_slots() const { return impl().memory_slots; }
-bool MemoryCache::matrix_memory() const { return impl().matrix; }
+bool MemoryCache::matrix_memory() const { return impl().matrix != nullptr; }
 bool MemoryCache::matrix_normalized() const { return impl().normalized; }
 
 void MemoryCache::update(const float* k, const float* v, int64_t T, const TokenGates& gates, const int64_t* positions) {
@@ -67,7 +67,7 @@ void MemoryCache::update(const float* k, const float* v, int64_t T, const TokenG
     const Positions pos{positions, T, c.length.data()};
     check_tokens(c, k, v, T, gates);
     check_positions(c, pos);
-    if (c.rule->matrix())
+    if (c.matrix)
         matrix_run(c, k, v, T, gates, nullptr, nullptr);
     else
         append(c, k, v, T, pos);
@@ -77,7 +77,7 @@ void MemoryCache::update(const float* k, const float* v, int64_t T, const TokenG
 void MemoryCache::attend(const float* q, float* out) {
     CacheLock lock(impl().mu);
     check_queries(impl(), q, 0);
-    if (impl().rule->matrix()) return matrix_attend(impl(), q, out);
+    if (impl().matrix) return matrix_attend(impl(), q, out);
     attend_all(impl(), q, out);
 }
 
@@ -89,7 +89,7 @@ void MemoryCache::step(const float* q, const float* k, const float* v, float* ou
     check_tokens(c, k, v, 1, gates);
     check_queries(c, q, 0);
     check_positions(c, pos);
-    if (c.rule->matrix()) {
+    if (c.matrix) {
         matrix_run(c, k, v, 1, gates, q, out);
     } else if (c.rule->folds_rows()) {
         append(c, k, v, 1, pos);
@@ -108,7 +108,7 @@ void MemoryCache::forward(const float* q, const float* k, const float* v, int64_
     check_tokens(c, k, v, T, gates);
     check_queries(c, q, T);
     check_positions(c, pos);
-    if (c.rule->matrix())
+    if (c.matrix)
         matrix_run(c, k, v, T, gates, q, out);
     else if (c.rule->folds_rows())
         forward_rows(c, q, k, v, T, out);
@@ -120,12 +120,12 @@ void MemoryCache::forward(const float* q, const float* k, const float* v, int64_
 void MemoryCache::memory(float* keys, float* values) const {
     CacheLock lock(impl().mu);
     const Impl& c = impl();
-    if (c.rule->matrix()) {
+    if (c.matrix) {
         const int64_t dk = c.cfg.head_dim, dv = c.cfg.value_dim;
         for (int64_t lane = 0; lane < c.lanes; ++lane) {
-            std::memcpy(keys + lane * dk * dv, c.rule->matrix_state(lane), sizeof(float) * dk * dv);
-            if (values && c.rule->normalizer(lane))
-                std::memcpy(values + lane * dk, c.rule->normalizer(lane), sizeof(float) * dk);
+            std::memcpy(keys + lane * dk * dv, c.matrix->matrix_state(lane), sizeof(float) * dk * dv);
+            if (values && c.matrix->normalizer(lane))
+                std::memcpy(values + lane * dk, c.matrix->normalizer(lane), sizeof(float) * dk);
         }
         return;
     }
@@ -150,7 +150,7 @@ void MemoryCache::load_memory(const float* keys, const float* values) {
     Impl& c = impl();
     const Config& g = c.cfg;
     const std::string& kind = c.spec.kind;
-    if (!c.rule->matrix())
+    if (!c.matrix)
         throw ValueError("load_memory: the " + kind +
                          " rule's memory cannot be set; only matrix rules "
                          "(linear, gated, delta, gated_delta) take a state S");
@@ -165,8 +165,8 @@ void MemoryCache::load_memory(const float* keys, const float* values) {
         if (values) check_finite("z", values, {g.batch_size, g.num_heads, dk});
     }
     for (int64_t lane = 0; lane < c.lanes; ++lane) {
-        std::memcpy(c.rule->matrix_state(lane), keys + lane * dk * dv, sizeof(float) * dk * dv);
-        if (values) std::memcpy(c.rule->normalizer(lane), values + lane * dk, sizeof(float) * dk);
+        std::memcpy(c.matrix->matrix_state(lane), keys + lane * dk * dv, sizeof(float) * dk * dv);
+        if (values) std::memcpy(c.matrix->normalizer(lane), values + lane * dk, sizeof(float) * dk);
     }
 }
 

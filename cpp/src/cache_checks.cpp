@@ -115,16 +115,16 @@ void check_storable(const char* name, const float* x, const std::vector<int64_t>
 
 // Per-token gates are given exactly when the rule needs them (as ONNX LinearAttention does).
 void check_gates(const MemoryCache::Impl& c, const TokenGates& gates, int64_t T) {
-    const Rule& r = *c.rule;
+    const MatrixRule* r = c.matrix;
     const std::string& kind = c.spec.kind;
     const char* names[2] = {"decay", "beta"};
     const bool given[2] = {gates.decay != nullptr, gates.beta != nullptr};
-    const bool needed[2] = {r.takes_decay(), r.takes_beta()};
-    const bool used[2] = {r.uses_decay(), r.uses_beta()};
+    const bool needed[2] = {r && r->takes_decay(), r && r->takes_beta()};
+    const bool used[2] = {r && r->uses_decay(), r && r->uses_beta()};
     for (int i = 0; i < 2; ++i) {
         const std::string name = names[i];
         if (given[i] && !needed[i]) {
-            if (!r.matrix()) throw ValueError(name + ": the " + kind + " rule takes no per-token gates, got " + name);
+            if (!r) throw ValueError(name + ": the " + kind + " rule takes no per-token gates, got " + name);
             if (!used[i])
                 throw ValueError(name + ": the " + kind + " rule takes no " + name +
                                  (i == 0 ? " (gated and gated_delta do)" : " (delta and gated_delta do)") +

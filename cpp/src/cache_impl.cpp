@@ -46,20 +46,21 @@ MemoryCache::Impl::Impl(const Config& c, const RuleSpec& s) : cfg(c), spec(s) {
     recent = checked_recent(c);
     retain = c.retain;
     rule = make_rule(spec);
+    matrix = dynamic_cast<MatrixRule*>(rule.get());
     check_memory_options(*this);
     lanes = c.batch_size * c.num_heads;
     group = c.num_query_heads / c.num_heads;
     rule->plan(Dims{lanes, c.num_heads, c.head_dim, c.value_dim, c.dtype, c.num_query_heads, c.check_finite,
                     rope.on() ? &rope : nullptr});
     memory_slots = rule->max_slots();
-    matrix = rule->matrix();
-    normalized = rule->normalized();
+    normalized = matrix && matrix->normalized();
     const size_t es = dtype_size(c.dtype);
     sink_k.plan(lanes, es * c.sinks * c.head_dim);
     sink_v.plan(lanes, es * c.sinks * c.value_dim);
     win_k.plan(lanes, es * c.window * c.head_dim);
     win_v.plan(lanes, es * c.window * c.value_dim);
-    if (rule->takes_decay() || rule->takes_beta()) gate_stride = 2 + (rule->takes_decay() ? c.head_dim : 0);
+    if (matrix && (matrix->takes_decay() || matrix->takes_beta()))
+        gate_stride = 2 + (matrix->takes_decay() ? c.head_dim : 0);
     win_gates.plan(lanes, sizeof(float) * c.window * gate_stride);
     win_pos.plan(lanes, rope.on() ? sizeof(int64_t) * c.window : 0);
     win_score.plan(lanes, retain != Retain::fifo ? sizeof(float) * c.window : 0);

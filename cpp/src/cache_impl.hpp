@@ -18,7 +18,8 @@ struct MemoryCache::Impl {
     std::unique_ptr<Rule> rule;  // made once: reorder swaps its buffers, never the rule
     // What the rule is, fixed at construction: read without the lock.
     int64_t memory_slots = 0;
-    bool matrix = false, normalized = false;
+    MatrixRule* matrix = nullptr;  // the rule, when its memory is a matrix (the linear-attention family)
+    bool normalized = false;
     int64_t lanes = 0;  // batch rows x KV heads
     int64_t group = 1;  // query heads per KV head
     float scale = 1;

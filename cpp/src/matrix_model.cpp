@@ -23,7 +23,7 @@ namespace {
 // is read too, and the two are mixed as in Infini-attention:
 //   o = sigmoid(m) o_memory + (1 - sigmoid(m)) o_local.
 // Every token may bring gates (decay, beta); the window keeps them beside its pairs, so an evicted
-// pair is folded with its own gates. A decode step is one sweep over S (Rule::fold_read).
+// pair is folded with its own gates. A decode step is one sweep over S (MatrixRule::fold_read).
 
 struct MatrixModel {
     MemoryCache::Impl& c;
@@ -53,8 +53,8 @@ struct MatrixModel {
         TokenGate out;
         if (j >= cfg.window) {
             std::memcpy(evicted, slot, sizeof(float) * c.gate_stride);
-            if (c.rule->takes_beta()) out.beta = evicted;
-            if (c.rule->takes_decay()) {  // every stored token has one: check_gates saw to it
+            if (c.matrix->takes_beta()) out.beta = evicted;
+            if (c.matrix->takes_decay()) {  // every stored token has one: check_gates saw to it
                 out.decay = evicted + 2;
                 out.decay_per_key = evicted[1] > 1;
             }
@@ -80,7 +80,7 @@ struct MatrixModel {
             float* out = qs.out + j * qs.out_stride;
             const Attention local_read{qs.q + j * qs.q_stride, 0, 1, segs, 2, local, 0};
             kvfold::attend(&local_read, 1, dk(), dv(), c.scale);
-            const float w = c.rule->memory_weight(qs.query_head + j);
+            const float w = c.matrix->memory_weight(qs.query_head + j);
             K.scale(out, w, dv());
             K.axpy_f32(out, 1.0f - w, local, dv());
         }
@@ -97,14 +97,14 @@ struct MatrixModel {
         const Model::Evicted e = Model{c}.place(lane, len, k, v, 0, ek, ev);  // matrix rules take no RoPE
         TokenGate fg = place_gates(lane, len, gate, eg);
         if (e.count >= 0)
-            c.rule->fold_read(lane, e.k, e.v, fg, qs);
+            c.matrix->fold_read(lane, e.k, e.v, fg, qs);
         else if (qs.count)
-            c.rule->read(lane, qs);
+            c.matrix->read(lane, qs);
         if (qs.count) mix_local(lane, len + 1, qs, local);
     }
 
     // T tokens of a lane (k, v: its rows; q, out: the whole block's, or null) in two passes, each
-    // the token loop's result: first the memory, its folds a chunk at a time (Rule::fold_read_run)
+    // the token loop's result: first the memory, its folds a chunk at a time (MatrixRule::fold_read_run)
     // with every query read right after the fold its token makes; then the tokens take their sink
     // and window slots in turn and the queries mix in the softmax attention over them.
     void block(int64_t lane, const float* k, const float* v, const float* q, float* out) {
@@ -114,7 +114,7 @@ struct MatrixModel {
         // token t folds the pair window places before it, non-sink pair j0 + t - window.
         const int64_t folding = std::min(T, std::max<int64_t>(0, cfg.sinks + cfg.window - len0));
         const int64_t j0 = len0 - cfg.sinks;  // non-sink index of token 0
-        for (int64_t t = 0; q && t < folding; ++t) c.rule->read(lane, queries(lane, q, out, t));
+        for (int64_t t = 0; q && t < folding; ++t) c.matrix->read(lane, queries(lane, q, out, t));
         const int64_t C = chunk_size(), es = static_cast<int64_t>(dtype_size(cfg.dtype));
         const bool stored = cfg.window > 0 && cfg.dtype != DType::float32;  // pairs folded as stored, rounded
         thread_local std::vector<const float*> rows;
@@ -154,7 +154,7 @@ struct MatrixModel {
             FoldRun run{n, rows.data(), rows.data() + C, gates.data(), {}, dk(), dv()};
             if (q) run.qs = queries(lane, q, out, first);
             if (first + C < T) request_rows(lane, k, v, q, first + C, std::min(C, T - first - C));
-            c.rule->fold_read_run(lane, run);
+            c.matrix->fold_read_run(lane, run);
         }
         if (cfg.sinks == 0 && cfg.window == 0) return;
         float* evicted = scratch<MemoryCache>(2 * dv() + dk() + c.gate_stride);
@@ -184,8 +184,8 @@ struct MatrixModel {
         TokenGate g;
         if (c.gate_stride == 0) return g;
         const float* slot = c.win_gates.lane<float>(lane) + pos * c.gate_stride;
-        if (c.rule->takes_beta()) g.beta = slot;
-        if (c.rule->takes_decay()) g.decay = slot + 2, g.decay_per_key = slot[1] > 1;
+        if (c.matrix->takes_beta()) g.beta = slot;
+        if (c.matrix->takes_decay()) g.decay = slot + 2, g.decay_per_key = slot[1] > 1;
         return g;
     }
 
@@ -198,7 +198,7 @@ struct MatrixModel {
     }
 
     void attend(int64_t lane, int64_t len, const LaneQueries& qs) const {
-        c.rule->read(lane, qs);
+        c.matrix->read(lane, qs);
         mix_local(lane, len, qs, scratch<MemoryCache>(dv()));
     }
 

@@ -46,7 +46,7 @@ void check_memory_options(const MemoryCache::Impl& c) {
         throw ValueError("rope: the slots of the " + kind +
                          " rule are not averages of folded pairs, so they have no position to rotate at; rope works "
                          "with Drop, Cumulative, Moving, Weighted, EMA, Compressive(pool='mean') and Merge");
-    if (c.retain != Retain::fifo && (c.rule->matrix() || c.rule->folds_rows()))
+    if (c.retain != Retain::fifo && (c.matrix || c.rule->folds_rows()))
         throw ValueError(std::string("retain: '") + retain_name(c.retain) + "' chooses which pair the " + kind +
                          " rule folds by attention weight; it works with the summary rules that fold pair by pair "
                          "(not the matrix rules, nor Custom), so expected retain='fifo' with this rule");

@@ -92,33 +92,6 @@ class Rule {
     virtual bool folds_rows() const { return false; }
     virtual void fold_row(int64_t /*row*/, const float* /*k*/, const float* /*v*/, int64_t /*count*/) {}
 
-    // Matrix rules (the linear-attention family) hold S (d_k x d_v) per lane, read linearly; the
-    // cache calls fold_read and read instead of fold, and keeps the gates of windowed tokens.
-    virtual bool matrix() const { return false; }
-    virtual bool normalized() const { return false; }   // keeps z beside S (normalize=True)
-    virtual bool uses_decay() const { return false; }   // gated: a decay, constant or per token
-    virtual bool uses_beta() const { return false; }    // delta: a beta, constant or per token
-    virtual bool takes_decay() const { return false; }  // per-token decay needed
-    virtual bool takes_beta() const { return false; }   // per-token beta needed
-    // Folds one pair with its gates and answers the queries (none when qs.count == 0) from the
-    // updated memory, in one sweep over S.
-    virtual void fold_read(int64_t /*lane*/, const float* /*k*/, const float* /*v*/, const TokenGate& /*gate*/,
-                           const LaneQueries& /*qs*/) {}
-    virtual void read(int64_t /*lane*/, const LaneQueries& /*qs*/) const {}
-    // fold_read pair after pair; a rule may compute the same another way (chunked.hpp).
-    virtual void fold_read_run(int64_t lane, const FoldRun& run) {
-        for (int64_t i = 0; i < run.n; ++i) {
-            LaneQueries qs = run.qs;
-            if (qs.count) qs.q += i * run.q_step, qs.out += i * run.out_step;
-            fold_read(lane, run.k[i], run.v[i], run.gate[i], qs);
-        }
-    }
-    // Infini-attention mix: the memory read's weight sigmoid(m) for query head hq.
-    virtual float memory_weight(int64_t /*hq*/) const { return 1; }
-    // S (d_k x d_v, row-major) and, for normalized rules, z (d_k) of a lane; null otherwise.
-    virtual float* matrix_state(int64_t /*lane*/) { return nullptr; }
-    virtual float* normalizer(int64_t /*lane*/) { return nullptr; }
-
     // Slot s of a lane, as stored (slot_dtype()); keys as folded (un-rotated with a RoPE).
     const void* slot_key(int64_t lane, int64_t s) const { return slot_k_.lane(lane) + s * dims_.dk * slot_bytes(); }
     // The key attention reads: with a RoPE, the slot's key rotated at its position.
@@ -203,6 +176,35 @@ class Rule {
     DType slot_dtype_ = DType::float32;
     std::vector<LaneBuffer*> buffers_;
     std::vector<const LaneBuffer*> derived_;
+};
+
+// Matrix memories (the linear-attention family) hold S (d_k x d_v) per lane, read linearly; the
+// cache calls fold_read and read instead of fold, and keeps the gates of windowed tokens.
+class MatrixRule : public Rule {
+   public:
+    virtual bool normalized() const { return false; }   // keeps z beside S (normalize=True)
+    virtual bool uses_decay() const { return false; }   // gated: a decay, constant or per token
+    virtual bool uses_beta() const { return false; }    // delta: a beta, constant or per token
+    virtual bool takes_decay() const { return false; }  // per-token decay needed
+    virtual bool takes_beta() const { return false; }   // per-token beta needed
+    // Folds one pair with its gates and answers the queries (none when qs.count == 0) from the
+    // updated memory, in one sweep over S.
+    virtual void fold_read(int64_t lane, const float* k, const float* v, const TokenGate& gate,
+                           const LaneQueries& qs) = 0;
+    virtual void read(int64_t lane, const LaneQueries& qs) const = 0;
+    // fold_read pair after pair; a rule may compute the same another way (chunked.hpp).
+    virtual void fold_read_run(int64_t lane, const FoldRun& run) {
+        for (int64_t i = 0; i < run.n; ++i) {
+            LaneQueries qs = run.qs;
+            if (qs.count) qs.q += i * run.q_step, qs.out += i * run.out_step;
+            fold_read(lane, run.k[i], run.v[i], run.gate[i], qs);
+        }
+    }
+    // Infini-attention mix: the memory read's weight sigmoid(m) for query head hq.
+    virtual float memory_weight(int64_t /*hq*/) const { return 1; }
+    // S (d_k x d_v, row-major) and, for normalized rules, z (d_k) of a lane (null otherwise).
+    virtual float* matrix_state(int64_t lane) = 0;
+    virtual float* normalizer(int64_t /*lane*/) { return nullptr; }
 };
 
 // The gates of the matrix rules have ranges: exp(decay) <= 1 shrinks S, and beta in [0, 2] keeps the

@@ -1,8 +1,9 @@
 // The chunked fold of a matrix memory (chunked.cpp) against the same rule folding pair after pair
-// (Rule::fold_read_run's definition), for every rule, gate shape and chunk size.
+// (MatrixRule::fold_read_run's definition), for every rule, gate shape and chunk size.
 #include <cmath>
 #include <memory>
 #include <random>
+#include <stdexcept>
 
 #include "../src/rule.hpp"
 #include "check.hpp"
@@ -15,8 +16,10 @@ namespace {
 using fixtures::normal;
 using fixtures::rule;
 
-std::unique_ptr<Rule> planned(const RuleSpec& spec, const Dims& dims) {
-    auto rule = make_rule(spec);
+std::unique_ptr<MatrixRule> planned(const RuleSpec& spec, const Dims& dims) {
+    std::unique_ptr<Rule> any = make_rule(spec);
+    if (!dynamic_cast<MatrixRule*>(any.get())) throw std::logic_error(spec.kind + " is not a matrix rule");
+    std::unique_ptr<MatrixRule> rule(static_cast<MatrixRule*>(any.release()));
     rule->plan(dims);
     for (LaneBuffer* b : rule->buffers()) b->allocate();
     return rule;
@@ -49,7 +52,7 @@ void check_run(const RuleSpec& spec, bool decay, bool per_key, bool beta, unsign
     FoldRun run{
         n,  kr.data(), vr.data(), gates.data(), LaneQueries{q.data(), nq, n * dk, want.data(), n * dv, 0.25f, 2},
         dk, dv};
-    one_by_one->Rule::fold_read_run(lane, run);
+    one_by_one->MatrixRule::fold_read_run(lane, run);
     for (int64_t chunk : {int64_t(1), int64_t(5), int64_t(32)}) {
         set_chunk_size(chunk);
         auto chunked = planned(spec, dims);

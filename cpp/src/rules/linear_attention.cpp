@@ -38,7 +38,7 @@ int64_t row_step(const float* const* rows, int64_t n, int64_t width) {
     return step / static_cast<int64_t>(sizeof(float));
 }
 
-class LinearAttention final : public Rule {
+class LinearAttention final : public MatrixRule {
    public:
     struct Params {
         std::string kind;
@@ -82,7 +82,6 @@ class LinearAttention final : public Rule {
         }
     }
 
-    bool matrix() const override { return true; }
     bool normalized() const override { return normalize_; }
     bool uses_decay() const override { return gated_; }
     bool uses_beta() const override { return delta_; }
