@@ -91,7 +91,7 @@ void MemoryCache::step(const float* q, const float* k, const float* v, float* ou
     check_positions(c, pos);
     if (c.matrix) {
         matrix_run(c, k, v, 1, gates, q, out);
-    } else if (c.rule->folds_rows()) {
+    } else if (c.rows) {
         append(c, k, v, 1, pos);
         attend_all(c, q, out);
     } else {
@@ -110,7 +110,7 @@ void MemoryCache::forward(const float* q, const float* k, const float* v, int64_
     check_positions(c, pos);
     if (c.matrix)
         matrix_run(c, k, v, T, gates, q, out);
-    else if (c.rule->folds_rows())
+    else if (c.rows)
         forward_rows(c, q, k, v, T, out);
     else
         run_lanes(c, q, k, v, T, out, pos);
@@ -129,18 +129,18 @@ void MemoryCache::memory(float* keys, float* values) const {
         }
         return;
     }
-    const int64_t S = c.rule->max_slots(), dk = c.cfg.head_dim, dv = c.cfg.value_dim;
+    const int64_t S = c.memory_slots, dk = c.cfg.head_dim, dv = c.cfg.value_dim;
     for (int64_t lane = 0; lane < c.lanes; ++lane) {
         int64_t f = c.folded(c.length[lane / c.cfg.num_heads]);
-        int64_t shown = c.rule->visible_slots(f), oldest = c.rule->oldest_slot(f);
+        int64_t shown = c.slots->visible_slots(f), oldest = c.slots->oldest_slot(f);
         float* ko = keys + lane * S * dk;
         float* vo = values + lane * S * dv;
         std::memset(ko, 0, sizeof(float) * S * dk);
         std::memset(vo, 0, sizeof(float) * S * dv);
         for (int64_t s = 0; s < shown; ++s) {
             int64_t src = (oldest + s) % S;
-            load_row(ko + s * dk, c.rule->slot_key(lane, src), dk, c.rule->slot_dtype());
-            load_row(vo + s * dv, c.rule->slot_value(lane, src), dv, c.rule->slot_dtype());
+            load_row(ko + s * dk, c.slots->slot_key(lane, src), dk, c.slots->slot_dtype());
+            load_row(vo + s * dv, c.slots->slot_value(lane, src), dv, c.slots->slot_dtype());
         }
     }
 }
@@ -201,11 +201,11 @@ int64_t MemoryCache::visible(float* keys, float* values, uint8_t* mask, int64_t 
         };
         for (int64_t s = 0; s < c.sinks_held(len); ++s)
             put(c.sink_k.lane(lane) + s * dk * es, c.sink_v.lane(lane) + s * dv * es, g.dtype);
-        int64_t f = c.folded(len), S = c.rule->max_slots();
-        for (int64_t s = 0; s < c.rule->visible_slots(f); ++s) {
-            int64_t src = (c.rule->oldest_slot(f) + s) % S;
-            put(static_cast<const uint8_t*>(c.rule->read_key(lane, src)),
-                static_cast<const uint8_t*>(c.rule->slot_value(lane, src)), c.rule->slot_dtype());
+        int64_t f = c.folded(len), S = c.memory_slots;
+        for (int64_t s = 0; c.slots && s < c.slots->visible_slots(f); ++s) {
+            int64_t src = (c.slots->oldest_slot(f) + s) % S;
+            put(static_cast<const uint8_t*>(c.slots->read_key(lane, src)),
+                static_cast<const uint8_t*>(c.slots->slot_value(lane, src)), c.slots->slot_dtype());
         }
         int64_t held = c.window_held(len), first = len - c.sinks_held(len) - held;
         for (int64_t i = 0; i < held; ++i) {

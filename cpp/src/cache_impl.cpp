@@ -46,13 +46,15 @@ MemoryCache::Impl::Impl(const Config& c, const RuleSpec& s) : cfg(c), spec(s) {
     recent = checked_recent(c);
     retain = c.retain;
     rule = make_rule(spec);
+    slots = dynamic_cast<SlotRule*>(rule.get());
+    rows = dynamic_cast<RowRule*>(rule.get());
     matrix = dynamic_cast<MatrixRule*>(rule.get());
     check_memory_options(*this);
     lanes = c.batch_size * c.num_heads;
     group = c.num_query_heads / c.num_heads;
     rule->plan(Dims{lanes, c.num_heads, c.head_dim, c.value_dim, c.dtype, c.num_query_heads, c.check_finite,
                     rope.on() ? &rope : nullptr});
-    memory_slots = rule->max_slots();
+    memory_slots = slots ? slots->max_slots() : 0;
     normalized = matrix && matrix->normalized();
     const size_t es = dtype_size(c.dtype);
     sink_k.plan(lanes, es * c.sinks * c.head_dim);

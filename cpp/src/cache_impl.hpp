@@ -18,6 +18,8 @@ struct MemoryCache::Impl {
     std::unique_ptr<Rule> rule;  // made once: reorder swaps its buffers, never the rule
     // What the rule is, fixed at construction: read without the lock.
     int64_t memory_slots = 0;
+    SlotRule* slots = nullptr;     // the rule, when its memory is key/value slots
+    RowRule* rows = nullptr;       // the rule, when it folds whole rows (Custom)
     MatrixRule* matrix = nullptr;  // the rule, when its memory is a matrix (the linear-attention family)
     bool normalized = false;
     int64_t lanes = 0;  // batch rows x KV heads
@@ -66,7 +68,7 @@ struct MemoryCache::Impl {
     }
     int64_t folded(int64_t len) const { return len - sinks_held(len) - window_held(len); }
     int64_t visible_rows(int64_t len) const {
-        return sinks_held(len) + rule->visible_slots(folded(len)) + window_held(len);
+        return sinks_held(len) + (slots ? slots->visible_slots(folded(len)) : 0) + window_held(len);
     }
 };
 

@@ -42,11 +42,11 @@ int64_t checked_recent(const Config& c) {
 
 void check_memory_options(const MemoryCache::Impl& c) {
     const std::string& kind = c.spec.kind;
-    if (c.rope.on() && !c.rule->averages_pairs())
+    if (c.rope.on() && !(c.slots && c.slots->averages_pairs()))
         throw ValueError("rope: the slots of the " + kind +
                          " rule are not averages of folded pairs, so they have no position to rotate at; rope works "
                          "with Drop, Cumulative, Moving, Weighted, EMA, Compressive(pool='mean') and Merge");
-    if (c.retain != Retain::fifo && (c.matrix || c.rule->folds_rows()))
+    if (c.retain != Retain::fifo && (c.matrix || c.rows))
         throw ValueError(std::string("retain: '") + retain_name(c.retain) + "' chooses which pair the " + kind +
                          " rule folds by attention weight; it works with the summary rules that fold pair by pair "
                          "(not the matrix rules, nor Custom), so expected retain='fifo' with this rule");

@@ -8,7 +8,7 @@
 
 namespace kvfold {
 
-void Rule::SlotEdit::widen() {
+void SlotRule::SlotEdit::widen() {
     const int64_t dk = rule_.dims_.dk, dv = rule_.dims_.dv;
     k_ = scratch<SlotEdit>(static_cast<size_t>(dk + dv));  // folds of different lanes run on different threads
     v_ = k_ + dk;
@@ -16,12 +16,12 @@ void Rule::SlotEdit::widen() {
     load_row(v_, value_, dv, rule_.slot_dtype_);
 }
 
-void Rule::SlotEdit::narrow() {
+void SlotRule::SlotEdit::narrow() {
     store_row(key_, k_, rule_.dims_.dk, rule_.slot_dtype_);
     store_row(value_, v_, rule_.dims_.dv, rule_.slot_dtype_);
 }
 
-void Rule::set_position(int64_t lane, int64_t s, const float* key, double position) {
+void SlotRule::set_position(int64_t lane, int64_t s, const float* key, double position) {
     float* row = scratch<Rope>(static_cast<size_t>(dims_.dk));  // key may be a SlotEdit's scratch
     std::memcpy(row, key, sizeof(float) * dims_.dk);
     dims_.rope->rotate_at(row, position);
@@ -29,7 +29,7 @@ void Rule::set_position(int64_t lane, int64_t s, const float* key, double positi
     slot_pos_.lane<double>(lane)[s] = position;
 }
 
-void Rule::move_positions(int64_t lane, int64_t to, int64_t from, int64_t n) {
+void SlotRule::move_positions(int64_t lane, int64_t to, int64_t from, int64_t n) {
     if (!keeps_positions() || n <= 0) return;
     const size_t row = static_cast<size_t>(dims_.dk * slot_bytes());
     std::memmove(read_k_.lane(lane) + to * row, read_k_.lane(lane) + from * row, n * row);

@@ -55,6 +55,9 @@ struct FoldRun {
     int64_t q_step = 0, out_step = 0;
 };
 
+// A rule: its per-lane memory, one of three kinds, each an interface of its own: key/value slots
+// read by softmax attention (SlotRule), slots a user callback folds a whole row into (RowRule),
+// or a matrix read linearly (MatrixRule). The cache branches on the kind, fixed at construction.
 class Rule {
    public:
     virtual ~Rule() = default;
@@ -64,6 +67,31 @@ class Rule {
     // The batch changed (reorder): the cache has swapped in buffers of `lanes` lanes.
     void set_lanes(int64_t lanes) { dims_.lanes = lanes; }
 
+    // All per-lane buffers, for reset, copy and reorder: the state, and what the rule derives from it.
+    const std::vector<LaneBuffer*>& buffers() const { return buffers_; }
+    // Whether a buffer is derived from the others (kept only to fold faster): the state format leaves
+    // it out, and rebuild() recomputes it for each lane after a load.
+    bool derived(const LaneBuffer* b) const { return std::find(derived_.begin(), derived_.end(), b) != derived_.end(); }
+    virtual void rebuild(int64_t /*lane*/) {}
+
+   protected:
+    void add_buffer(LaneBuffer& b, size_t bytes_per_lane) {
+        b.plan(dims_.lanes, bytes_per_lane);
+        buffers_.push_back(&b);
+    }
+    void add_derived_buffer(LaneBuffer& b, size_t bytes_per_lane) {
+        add_buffer(b, bytes_per_lane);
+        derived_.push_back(&b);
+    }
+
+    Dims dims_;
+    std::vector<LaneBuffer*> buffers_;
+    std::vector<const LaneBuffer*> derived_;
+};
+
+// Summary rules: key/value slots read by softmax attention beside sinks and window.
+class SlotRule : public Rule {
+   public:
     // Folds one pair into lane `lane`; `count` pairs were folded into it before. `position` is the
     // pair's; with a RoPE its key comes un-rotated, and the slots keep the positions (see below).
     virtual void fold(int64_t lane, const float* k, const float* v, int64_t count, int64_t position) = 0;
@@ -74,8 +102,8 @@ class Rule {
     virtual bool averages_pairs() const { return false; }
     bool keeps_positions() const { return dims_.rope != nullptr; }
 
-    // Summary rules: key/value slots ([lanes][max_slots][d]) read by softmax attention, stored in
-    // the cache's dtype, except where they are the rule's state itself (float32).
+    // The slots ([lanes][max_slots][d]), stored in the cache's dtype, except where they are the
+    // rule's state itself (float32).
     virtual int64_t max_slots() const { return 0; }
     // GRU and Custom carry their state in the slots; the averages keep theirs in their own buffers
     // (float64 sums, rings of pairs) and write the slots as a copy to read.
@@ -88,10 +116,6 @@ class Rule {
     // A logit bias per slot ([max_slots] floats of a lane), added to the scaled scores; null for none.
     virtual const float* slot_bias(int64_t /*lane*/) const { return nullptr; }
 
-    // Custom rules fold a whole batch row (all heads) through a user callback, one thread.
-    virtual bool folds_rows() const { return false; }
-    virtual void fold_row(int64_t /*row*/, const float* /*k*/, const float* /*v*/, int64_t /*count*/) {}
-
     // Slot s of a lane, as stored (slot_dtype()); keys as folded (un-rotated with a RoPE).
     const void* slot_key(int64_t lane, int64_t s) const { return slot_k_.lane(lane) + s * dims_.dk * slot_bytes(); }
     // The key attention reads: with a RoPE, the slot's key rotated at its position.
@@ -99,13 +123,6 @@ class Rule {
         return keeps_positions() ? read_k_.lane(lane) + s * dims_.dk * slot_bytes() : slot_key(lane, s);
     }
     const void* slot_value(int64_t lane, int64_t s) const { return slot_v_.lane(lane) + s * dims_.dv * slot_bytes(); }
-
-    // All per-lane buffers, for reset, copy and reorder: the state, and what the rule derives from it.
-    const std::vector<LaneBuffer*>& buffers() const { return buffers_; }
-    // Whether a buffer is derived from the others (kept only to fold faster): the state format leaves
-    // it out, and rebuild() recomputes it for each lane after a load.
-    bool derived(const LaneBuffer* b) const { return std::find(derived_.begin(), derived_.end(), b) != derived_.end(); }
-    virtual void rebuild(int64_t /*lane*/) {}
 
    protected:
     int64_t slot_bytes() const { return slot_dtype_ == DType::float32 ? 4 : 2; }  // per value
@@ -117,7 +134,7 @@ class Rule {
     // float32, else a per-thread copy, widened here and rounded back into the slot by store().
     class SlotEdit {
        public:
-        SlotEdit(Rule& rule, int64_t lane, int64_t s)
+        SlotEdit(SlotRule& rule, int64_t lane, int64_t s)
             : rule_(rule),
               lane_(lane),
               s_(s),
@@ -138,7 +155,7 @@ class Rule {
        private:
         void widen();
         void narrow();
-        Rule& rule_;
+        SlotRule& rule_;
         int64_t lane_, s_;
         void *key_, *value_;
         float *k_, *v_;
@@ -161,21 +178,18 @@ class Rule {
     void set_position(int64_t lane, int64_t s, const float* key, double position);
     // With a RoPE: slots [from, from + n) move to [to, to + n), positions and read keys with them.
     void move_positions(int64_t lane, int64_t to, int64_t from, int64_t n);
-    void add_buffer(LaneBuffer& b, size_t bytes_per_lane) {
-        b.plan(dims_.lanes, bytes_per_lane);
-        buffers_.push_back(&b);
-    }
-    void add_derived_buffer(LaneBuffer& b, size_t bytes_per_lane) {
-        add_buffer(b, bytes_per_lane);
-        derived_.push_back(&b);
-    }
 
-    Dims dims_;
     LaneBuffer slot_k_, slot_v_;
     LaneBuffer read_k_, slot_pos_;  // with a RoPE: the rotated keys attention reads, the slots' positions
     DType slot_dtype_ = DType::float32;
-    std::vector<LaneBuffer*> buffers_;
-    std::vector<const LaneBuffer*> derived_;
+};
+
+// Custom rules fold a whole batch row (all heads) through a user callback, one thread; their slots
+// are their state. The cache calls fold_row, never fold.
+class RowRule : public SlotRule {
+   public:
+    void fold(int64_t, const float*, const float*, int64_t, int64_t) final {}
+    virtual void fold_row(int64_t row, const float* k, const float* v, int64_t count) = 0;
 };
 
 // Matrix memories (the linear-attention family) hold S (d_k x d_v) per lane, read linearly; the

@@ -9,14 +9,14 @@
 namespace kvfold {
 
 double attend_flops(const MemoryCache::Impl& c) {
-    double rows = static_cast<double>(c.cfg.sinks + c.cfg.window + c.rule->max_slots() + 1);
+    double rows = static_cast<double>(c.cfg.sinks + c.cfg.window + c.memory_slots + 1);
     return 2.0 * rows * static_cast<double>(c.cfg.head_dim + c.cfg.value_dim) * static_cast<double>(c.group);
 }
 
 void append(MemoryCache::Impl& c, const float* k, const float* v, int64_t T, const Positions& pos, bool guard) {
     const Config& g = c.cfg;
     Model m{c};
-    if (!c.rule->folds_rows()) {
+    if (!c.rows) {
         parallel_for(c.lanes, 4.0 * T * (g.head_dim + g.value_dim), [&](int64_t lo, int64_t hi) {
             for (int64_t lane = lo; lane < hi; ++lane)
                 m.append_lane(lane, c.length[lane / g.num_heads], k + lane * T * g.head_dim, v + lane * T * g.value_dim,
@@ -68,7 +68,7 @@ void run_lanes(MemoryCache::Impl& c, const float* q, const float* k, const float
                 const int64_t b = lane / H, hq = b * Hq + (lane % H) * c.group;
                 m.fold(lane, m.place(lane, c.length[b], k + lane * dk, v + lane * dv, pos.at(b, 0), ek, ek + dk), ek);
                 for (int64_t j = 0; j < c.group; ++j)
-                    load_row(out + (hq + j) * dv, c.rule->slot_value(lane, 0), dv, c.rule->slot_dtype());
+                    load_row(out + (hq + j) * dv, c.slots->slot_value(lane, 0), dv, c.slots->slot_dtype());
             }
         });
         for (int64_t& len : c.length) len += 1;

@@ -65,7 +65,7 @@ struct Model {
             c.rope.rotate_at(ek, -static_cast<double>(e.position));
             k = ek;
         }
-        c.rule->fold(lane, k, e.v, e.count, e.position);
+        c.slots->fold(lane, k, e.v, e.count, e.position);
     }
 
     // One lane takes T tokens (k: T x d_k, v: T x d_v) from a row length of len0.
@@ -95,7 +95,7 @@ struct Model {
                 std::memcpy(hv, e.v, sizeof(float) * dv());
             }
         }
-        if (count >= 0) c.rule->fold_row(b, ek, ev, count);
+        if (count >= 0) c.rows->fold_row(b, ek, ev, count);
     }
 
     // The visible set of a lane whose row has seen len tokens: [sinks | memory slots | window]; with
@@ -104,8 +104,8 @@ struct Model {
         const DType t = c.cfg.dtype;
         const int64_t held = c.window_held(len);
         segs[0] = {c.sink_k.lane(lane), c.sink_v.lane(lane), c.sinks_held(len), t};
-        segs[1] = {c.rule->read_key(lane, 0), c.rule->slot_value(lane, 0), c.rule->visible_slots(c.folded(len)),
-                   c.rule->slot_dtype(), c.rule->slot_bias(lane)};
+        segs[1] = {c.slots->read_key(lane, 0), c.slots->slot_value(lane, 0), c.slots->visible_slots(c.folded(len)),
+                   c.slots->slot_dtype(), c.slots->slot_bias(lane)};
         segs[2] = {c.win_k.lane(lane), c.win_v.lane(lane), held, t, nullptr, window_weights(c, lane, held)};
     }
 };

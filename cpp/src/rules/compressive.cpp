@@ -8,7 +8,7 @@
 
 namespace kvfold {
 namespace {
-class Compressive final : public Rule {
+class Compressive final : public SlotRule {
    public:
     Compressive(int64_t slots, int64_t rate, bool max) : slots_(slots), rate_(rate), max_(max) {}
     void plan(const Dims& d) override {

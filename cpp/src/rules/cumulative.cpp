@@ -5,7 +5,7 @@
 
 namespace kvfold {
 namespace {
-class Cumulative final : public Rule {
+class Cumulative final : public SlotRule {
    public:
     void plan(const Dims& d) override {
         Rule::plan(d);

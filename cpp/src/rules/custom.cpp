@@ -12,15 +12,13 @@
 namespace kvfold {
 namespace {
 
-class Custom final : public Rule {
+class Custom final : public RowRule {
    public:
     Custom(CustomFold fn, int64_t slots) : fn_(std::move(fn)), slots_(slots) {}
     void plan(const Dims& d) override {
         Rule::plan(d);
         plan_slots(slots_);
     }
-    void fold(int64_t, const float*, const float*, int64_t, int64_t) override {}  // folds rows, see fold_row
-    bool folds_rows() const override { return true; }
 
     // k (H, d_k), v (H, d_v): the pairs evicted from row `row`, one per head.
     void fold_row(int64_t row, const float* k, const float* v, int64_t count) override {

@@ -3,7 +3,7 @@
 
 namespace kvfold {
 namespace {
-class Drop final : public Rule {
+class Drop final : public SlotRule {
    public:
     void fold(int64_t, const float*, const float*, int64_t, int64_t) override {}
     bool averages_pairs() const override { return true; }

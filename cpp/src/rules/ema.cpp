@@ -5,7 +5,7 @@
 
 namespace kvfold {
 namespace {
-class EMA final : public Rule {
+class EMA final : public SlotRule {
    public:
     explicit EMA(double alpha) : alpha_(alpha) {}
     void plan(const Dims& d) override {

@@ -19,7 +19,7 @@ namespace {
 
 float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 
-class GRU final : public Rule {
+class GRU final : public SlotRule {
    public:
     // sets: 0 when the weights are shared by every head, else the number of per-head sets.
     GRU(int64_t D, int64_t sets, std::vector<float> w_ih, std::vector<float> w_hh, std::vector<float> b_ih,

@@ -91,13 +91,6 @@ class LinearAttention final : public MatrixRule {
     float* matrix_state(int64_t lane) override { return S_.lane<float>(lane); }
     float* normalizer(int64_t lane) override { return normalize_ ? z_.lane<float>(lane) : nullptr; }
 
-    // The cache folds through fold_read; this is the same fold for a rule whose gates are constants.
-    void fold(int64_t lane, const float* k, const float* v, int64_t, int64_t) override {
-        if (takes_decay() || takes_beta())
-            throw ValueError(kind_ + " rule: folding needs the token's " + (takes_decay() ? "decay" : "beta"));
-        fold_read(lane, k, v, {}, {});
-    }
-
     void fold_read(int64_t lane, const float* k, const float* v, const TokenGate& gate,
                    const LaneQueries& qs) override {
         const int64_t dk = dims_.dk, h = lane % dims_.heads;

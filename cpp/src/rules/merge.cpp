@@ -25,7 +25,7 @@
 
 namespace kvfold {
 namespace {
-class Merge final : public Rule {
+class Merge final : public SlotRule {
    public:
     Merge(int64_t slots, bool log_count) : slots_(slots), log_count_(log_count) {}
 

@@ -8,7 +8,7 @@
 
 namespace kvfold {
 namespace {
-class Moving final : public Rule {
+class Moving final : public SlotRule {
    public:
     explicit Moving(int64_t n) : n_(n) {}
     void plan(const Dims& d) override {

@@ -10,7 +10,7 @@
 
 namespace kvfold {
 namespace {
-class Weighted final : public Rule {
+class Weighted final : public SlotRule {
    public:
     explicit Weighted(std::vector<double> betas) : betas_(std::move(betas)) {
         // tail_[m] = sum of the newest m betas
