@@ -221,8 +221,10 @@ MATRIX_RULES = [rules.Linear(), rules.Gated(), rules.Delta(), rules.GatedDelta()
 
 @pytest.mark.parametrize("rule", MATRIX_RULES, ids=lambda r: type(r).__name__)
 def test_matrix_rules_are_refused(rule):
-    with pytest.raises(ValueError, match="summary rule.*reads only key/value pairs"):
+    with pytest.raises(ValueError, match="summary rule.*reads only key/value pairs") as refused:
         FoldCache(rule)
+    summary = [kind.__name__ for kind in rules.kinds().values() if not kind.matrix]
+    assert "Merge" in summary and all(name in str(refused.value) for name in summary)
     layer = FoldLayer(rule, window=4, sinks=0, dtype="float32")  # the cache itself says it holds a matrix
     with pytest.raises(ValueError, match="summary rule.*reads only key/value pairs"):
         layer.update(torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 1, 8))

@@ -26,10 +26,11 @@ def storage_dtype(dtype: Any) -> str:
 def check_summary_rule(rule: rules.Rule, cache: Any = None) -> None:
     """ValueError unless ``rule`` keeps key/value slots that softmax attention can read."""
     if rule.matrix or (cache is not None and getattr(cache, "matrix_memory", False)):
+        summary = ", ".join(kind.__name__ for kind in rules.kinds().values() if not kind.matrix)
         raise ValueError(
-            f"rule: FoldCache needs a summary rule (Drop, Cumulative, Moving, Weighted, EMA, Compressive or another "
-            f"rule with key/value slots), got {type(rule).__name__}, whose memory is a d_k x d_v matrix read "
-            "linearly; the model's softmax attention reads only key/value pairs"
+            f"rule: FoldCache needs a summary rule, one with key/value slots ({summary}), got "
+            f"{type(rule).__name__}, whose memory is a d_k x d_v matrix read linearly; the model's softmax "
+            "attention reads only key/value pairs"
         )
 
 
