@@ -6,6 +6,8 @@ import pytest
 from numpy.testing import assert_allclose
 
 import kvfold
+from conftest import make_cache as make
+from conftest import shape_tokens as data
 from conftest import tokens
 from kvfold import RoPE, reference, rules
 
@@ -29,18 +31,6 @@ SHAPES = [
     (3, 1, 2, 4, 4, 0, 2),
 ]
 T = 24
-
-
-def make(rule, shape, cls=kvfold.MemoryCache, **kw):
-    B, H, Hq, dk, dv, window, sinks = shape
-    return cls(
-        rule, num_heads=H, head_dim=dk, value_dim=dv, num_query_heads=Hq, batch_size=B, window=window, sinks=sinks, **kw
-    )
-
-
-def data(rng, shape, T):
-    B, H, Hq, dk, dv, _, _ = shape
-    return tokens(rng, B, Hq, T, dk), tokens(rng, B, H, T, dk), tokens(rng, B, H, T, dv)
 
 
 def positions(rng, B, T, start=0):
