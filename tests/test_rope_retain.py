@@ -87,12 +87,16 @@ MEMORIES = [
 SHAPE = (2, 2, 4, 6, 5, 3, 1)
 
 
+def memory_case(memory, rng):
+    """A MEMORIES entry's rule and cache options, with tokens and positions for SHAPE (drawn in that order)."""
+    rule, rope, retain, recent = memory
+    q, k, v = data(rng, SHAPE, T)
+    return rule, options(rope, retain, recent), q, k, v, positions(rng, SHAPE[0], T)
+
+
 @pytest.mark.parametrize("memory", MEMORIES, ids=str)
 def test_forward_equals_steps_and_blocks_match_the_model(memory, rng):
-    rule, rope, retain, recent = memory
-    kw = options(rope, retain, recent)
-    q, k, v = data(rng, SHAPE, T)
-    p = positions(rng, SHAPE[0], T)
+    rule, kw, q, k, v, p = memory_case(memory, rng)
     stepped, whole = make(rule, SHAPE, **kw), make(rule, SHAPE, **kw)
     steps = np.stack([stepped.step(q[:, :, t], k[:, :, t], v[:, :, t], positions=p[:, t]) for t in range(T)], axis=2)
     close(whole.forward(q, k, v, positions=p), steps, 1e-6)
@@ -118,10 +122,8 @@ def test_default_positions_are_tokens_seen(rng):
 @pytest.mark.one_backend
 @pytest.mark.parametrize("memory", MEMORIES, ids=str)
 def test_state_operations_mid_stream_continue_the_run(memory, rng, tmp_path):
-    rule, rope, retain, recent = memory
-    kw = options(rope, retain, recent)
-    q, k, v = data(rng, SHAPE, T)
-    p = positions(rng, SHAPE[0], T)
+    _, rope, retain, _ = memory
+    rule, kw, q, k, v, p = memory_case(memory, rng)
     half = T // 2
 
     def run(cache, lo, hi):
@@ -149,10 +151,7 @@ def test_state_operations_mid_stream_continue_the_run(memory, rng, tmp_path):
 @pytest.mark.one_backend
 @pytest.mark.parametrize("memory", MEMORIES, ids=str)
 def test_reorder_select_concat_match_the_model(memory, rng):
-    rule, rope, retain, recent = memory
-    kw = options(rope, retain, recent)
-    q, k, v = data(rng, SHAPE, T)
-    p = positions(rng, SHAPE[0], T)
+    rule, kw, q, k, v, p = memory_case(memory, rng)
     cache, ref = make(rule, SHAPE, **kw), make(rule, SHAPE, reference.StreamCache, **kw)
     for t in range(T // 2):
         cache.step(q[:, :, t], k[:, :, t], v[:, :, t], positions=p[:, t])
@@ -191,11 +190,8 @@ def rounded(x, dtype):
 )
 def test_storage_dtypes_match_the_model(dtype, memory, rng):
     """Pairs stored in 16 bits: the model fed the same rounded pairs; slots round once more."""
-    rule, rope, retain, recent = memory
-    kw = options(rope, retain, recent)
-    q, k, v = data(rng, SHAPE, T)
+    rule, kw, q, k, v, p = memory_case(memory, rng)
     k, v = rounded(k, dtype), rounded(v, dtype)
-    p = positions(rng, SHAPE[0], T)
     cache, ref = make(rule, SHAPE, dtype=dtype, **kw), make(rule, SHAPE, reference.StreamCache, **kw)
     tol = 1e-5 if isinstance(rule, rules.Drop) else 3e-2
     for t in range(T):
