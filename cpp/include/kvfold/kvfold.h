@@ -119,15 +119,15 @@ typedef enum kvfold_retain { KVFOLD_RETAIN_FIFO = 0, KVFOLD_RETAIN_TOVA = 1, KVF
  * kvfold_options_init(&options, sizeof options), then set what differs. `size` is the struct's size as
  * the program was compiled; later versions add members at the end and read only those that fit. */
 typedef struct kvfold_options {
-    size_t size;        /* set by kvfold_options_init */
-    double rope_theta;  /* keys come rotated by a RoPE of this base (e.g. 10000): pairs are folded
-                           un-rotated, and memory slots read rotated at their (mean) positions;
-                           0 (default): no RoPE */
-    int64_t rope_dim;   /* dimensions rotated (even, at most d_k); 0 (default): all of them */
-    int rope_layout;    /* a kvfold_rope_layout, default KVFOLD_ROPE_HALF */
-    int retain;         /* a kvfold_retain, default KVFOLD_RETAIN_FIFO */
-    int64_t recent;     /* H2O: the newest window pairs never folded, in [0, window]; -1 (default):
-                           window / 2 (other retentions: -1) */
+    size_t size;       /* set by kvfold_options_init */
+    double rope_theta; /* keys come rotated by a RoPE of this base (e.g. 10000): pairs are folded
+                          un-rotated, and memory slots read rotated at their (mean) positions;
+                          0 (default): no RoPE */
+    int64_t rope_dim;  /* dimensions rotated (even, at most d_k); 0 (default): all of them */
+    int rope_layout;   /* a kvfold_rope_layout, default KVFOLD_ROPE_HALF */
+    int retain;        /* a kvfold_retain, default KVFOLD_RETAIN_FIFO */
+    int64_t recent;    /* H2O: the newest window pairs never folded, in [0, window]; -1 (default):
+                          window / 2 (other retentions: -1) */
 } kvfold_options;
 
 /* ---- errors, library ---- */
@@ -188,11 +188,10 @@ KVFOLD_API kvfold_status kvfold_forward(kvfold_cache* cache, const float* q, con
  * forward, (B,) for step; null means the tokens each row has seen (the calls above). */
 KVFOLD_API kvfold_status kvfold_update_at(kvfold_cache* cache, const float* k, const float* v, int64_t T,
                                           const kvfold_gates* gates, const int64_t* positions);
-KVFOLD_API kvfold_status kvfold_step_at(kvfold_cache* cache, const float* q, const float* k, const float* v,
-                                        float* out, const kvfold_gates* gates, const int64_t* positions);
+KVFOLD_API kvfold_status kvfold_step_at(kvfold_cache* cache, const float* q, const float* k, const float* v, float* out,
+                                        const kvfold_gates* gates, const int64_t* positions);
 KVFOLD_API kvfold_status kvfold_forward_at(kvfold_cache* cache, const float* q, const float* k, const float* v,
-                                           int64_t T, float* out, const kvfold_gates* gates,
-                                           const int64_t* positions);
+                                           int64_t T, float* out, const kvfold_gates* gates, const int64_t* positions);
 /* Each row's latest position (0 before its first token; the next may not be lower): B values into
  * out[0..capacity). */
 KVFOLD_API kvfold_status kvfold_last_positions(const kvfold_cache* cache, int64_t* out, int64_t capacity);
