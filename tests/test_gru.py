@@ -93,6 +93,27 @@ def test_forward_is_a_loop_of_step_and_state_round_trips(rng):
         assert other.rule == rule and other.to_bytes() == a.to_bytes()
 
 
+@pytest.mark.parametrize("per_head", [False, True], ids=["shared", "per-head"])
+def test_a_row_folds_as_it_does_alone(per_head, rng):
+    """A decode step folds the lanes of every row in one matrix product; each row's results are
+    exactly those of a cache of that row alone."""
+    B, H, dk, dv = 3, 2, 5, 6
+    rule = rules.GRU(**weights(rng, dk + dv, H if per_head else None))
+    kw = dict(num_heads=H, head_dim=dk, value_dim=dv, window=2, sinks=1)
+    batch = kvfold.MemoryCache(rule, batch_size=B, **kw)
+    alone = [kvfold.MemoryCache(rule, **kw) for _ in range(B)]
+    q, k, v = tokens(rng, B, H, 9, dk), tokens(rng, B, H, 9, dk), tokens(rng, B, H, 9, dv)
+    for t in range(9):
+        out = batch.step(q[:, :, t], k[:, :, t], v[:, :, t])
+        for b, cache in enumerate(alone):
+            np.testing.assert_array_equal(
+                out[b : b + 1], cache.step(q[b : b + 1, :, t], k[b : b + 1, :, t], v[b : b + 1, :, t])
+            )
+    for b, cache in enumerate(alone):
+        for mine, theirs in zip(batch.memory(), cache.memory()):
+            np.testing.assert_array_equal(mine[b : b + 1], theirs)
+
+
 def test_rule_value_semantics(rng):
     w = weights(rng, 4)
     a, b = rules.GRU(**w), rules.GRU(**{n: x.copy() for n, x in w.items()})

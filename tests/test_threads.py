@@ -76,6 +76,24 @@ CONFIGS = [
         window=16,
         sinks=2,
     ),
+    dict(
+        rule=rules.GRU(*np.random.default_rng(3).uniform(-0.1, 0.1, (2, 96, 32)).astype(np.float32)),
+        batch_size=3,
+        num_heads=4,
+        num_query_heads=8,
+        head_dim=16,
+        window=5,
+        sinks=1,
+    ),
+    dict(
+        rule=rules.GRU(*np.random.default_rng(4).uniform(-0.1, 0.1, (2, 3, 96, 32)).astype(np.float32)),
+        batch_size=2,
+        num_heads=3,
+        num_query_heads=3,
+        head_dim=16,
+        window=0,
+        sinks=0,
+    ),
 ]
 
 

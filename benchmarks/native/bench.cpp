@@ -139,6 +139,20 @@ std::vector<Case> cases() {
     using kvfold::Retain;
     const auto f32 = DType::float32;
     const kvfold::RoPE rope{10000.0, 0, false};
+    // GRU over concat(k, v) (D = 256), scaled as torch.nn.GRUCell's: one weight set shared by the
+    // heads, or one per head (sets = 32).
+    auto gru = [](int64_t sets) {
+        RuleSpec s;
+        s.kind = "gru";
+        const int64_t D = 256, n = std::max<int64_t>(sets, 1) * 3 * D * D;
+        std::vector<int64_t> shape{3 * D, D};
+        if (sets) shape.insert(shape.begin(), sets);
+        for (const char* name : {"weight_ih", "weight_hh"}) {
+            const auto w = normal(n, name[7] == 'i' ? 7 : 8, 1.0f / 16);
+            s.arrays[name] = kvfold::Array{shape, std::vector<double>(w.begin(), w.end())};
+        }
+        return s;
+    };
     auto merge = [](double slots) {  // with the log-count bias, as rules.Merge has by default
         RuleSpec s = rule("merge", {{"slots", slots}});
         s.options["bias"] = "log_count";
@@ -148,6 +162,9 @@ std::vector<Case> cases() {
         {"decode cumulative w0", rule("cumulative"), 32, 128, 0, 0, f32, 0},
         {"decode moving(64) w0", rule("moving", {{"n", 64}}), 32, 128, 0, 0, f32, 0},
         {"decode ema(0.1) w0", rule("ema", {{"alpha", 0.1}}), 32, 128, 0, 0, f32, 0},
+        {"decode gru w0", gru(0), 32, 128, 0, 0, f32, 0},
+        {"decode gru per-head w0", gru(32), 32, 128, 0, 0, f32, 0},
+        {"prefill gru w0 T64", gru(0), 32, 128, 0, 0, f32, 64},
         {"decode compressive(8x4) w0", rule("compressive", {{"slots", 8}, {"rate", 4}}), 32, 128, 0, 0, f32, 0},
         {"decode cumulative w256 s4", rule("cumulative"), 32, 128, 256, 4, f32, 0},
         {"decode cumulative w256 s4 f16", rule("cumulative"), 32, 128, 256, 4, DType::float16, 0},

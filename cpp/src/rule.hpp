@@ -55,6 +55,17 @@ struct FoldRun {
     int64_t q_step = 0, out_step = 0;
 };
 
+// One pair for each of several lanes (a decode step's): pair i goes into lane[i], which has had
+// count[i] pairs folded into it, and stands at position[i]. The lanes are distinct.
+struct LaneFolds {
+    int64_t n = 0;
+    const int64_t* lane = nullptr;
+    const float* const* k = nullptr;
+    const float* const* v = nullptr;
+    const int64_t* count = nullptr;
+    const int64_t* position = nullptr;
+};
+
 // A rule: its per-lane memory, one of three kinds, each an interface of its own: key/value slots
 // read by softmax attention (SlotRule), slots a user callback folds a whole row into (RowRule),
 // or a matrix read linearly (MatrixRule). The cache branches on the kind, fixed at construction.
@@ -95,6 +106,12 @@ class SlotRule : public Rule {
     // Folds one pair into lane `lane`; `count` pairs were folded into it before. `position` is the
     // pair's; with a RoPE its key comes un-rotated, and the slots keep the positions (see below).
     virtual void fold(int64_t lane, const float* k, const float* v, int64_t count, int64_t position) = 0;
+    // Folds a pair into each of several lanes: fold after fold, unless the rule computes the lanes
+    // together (GRU: one matrix product for all of them, its weights read once). Either way each
+    // lane's result is the one fold() gives it.
+    virtual void fold_lanes(const LaneFolds& f) {
+        for (int64_t i = 0; i < f.n; ++i) fold(f.lane[i], f.k[i], f.v[i], f.count[i], f.position[i]);
+    }
 
     // Whether every slot is an average of folded pairs, with weights that depend on the order of the
     // pairs alone. Only such rules take a RoPE: a slot then keeps the same average of the pairs'

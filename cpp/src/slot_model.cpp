@@ -63,10 +63,9 @@ void run_lanes(MemoryCache::Impl& c, const float* q, const float* k, const float
         // Each lane then sees its one slot alone after the fold: its softmax weight is 1, so every
         // query head of the lane reads the slot's value as stored (as attend does for one row).
         parallel_for(c.lanes, attend_flops(c) + 4.0 * (dk + dv), [&](int64_t lo, int64_t hi) {
-            float* ek = scratch<MemoryCache>(dk + dv);
+            m.step_lanes(lo, hi, k, v, pos);
             for (int64_t lane = lo; lane < hi; ++lane) {
                 const int64_t b = lane / H, hq = b * Hq + (lane % H) * c.group;
-                m.fold(lane, m.place(lane, c.length[b], k + lane * dk, v + lane * dv, pos.at(b, 0), ek, ek + dk), ek);
                 for (int64_t j = 0; j < c.group; ++j)
                     load_row(out + (hq + j) * dv, c.slots->slot_value(lane, 0), dv, c.slots->slot_dtype());
             }
@@ -80,15 +79,17 @@ void run_lanes(MemoryCache::Impl& c, const float* q, const float* k, const float
         // One token: lanes side by side. A block: one lane at a time, so that each streams its own
         // rows (the same offsets in T-token rows of several lanes would fight for cache sets).
         const int64_t width = T == 1 ? kLanes : 1;
+        if (T == 1) m.step_lanes(lo, hi, k, v, pos);  // all lanes first: their folds in one call
         for (int64_t first = lo; first < hi; first += width) {
             const int64_t last = std::min(hi, first + width);
             for (int64_t t = 0; t < T; ++t) {
                 for (int64_t lane = first; lane < last; ++lane) {
                     int64_t b = lane / H, h = lane % H, hq = b * Hq + h * c.group, len = c.length[b] + t;
-                    m.fold(
-                        lane,
-                        m.place(lane, len, k + (lane * T + t) * dk, v + (lane * T + t) * dv, pos.at(b, t), ek, ek + dk),
-                        ek);
+                    if (T > 1)
+                        m.fold(lane,
+                               m.place(lane, len, k + (lane * T + t) * dk, v + (lane * T + t) * dv, pos.at(b, t), ek,
+                                       ek + dk),
+                               ek);
                     batch.add(m, lane, len + 1, q + (hq * T + t) * dk, T * dk, out + (hq * T + t) * dv, T * dv);
                 }
                 batch.run(m);

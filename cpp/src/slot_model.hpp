@@ -58,14 +58,33 @@ struct Model {
     // Folds an evicted pair into the rule; with a RoPE its key is first turned back from its
     // position, in ek (dk floats of scratch, possibly e.k itself).
     void fold(int64_t lane, const Evicted& e, float* ek) {
-        if (e.count < 0) return;
-        const float* k = e.k;
-        if (c.rope.on() && c.memory_slots > 0) {
-            if (k != ek) std::memcpy(ek, k, sizeof(float) * dk());
-            c.rope.rotate_at(ek, -static_cast<double>(e.position));
-            k = ek;
+        if (e.count >= 0) c.slots->fold(lane, key_to_fold(e, ek), e.v, e.count, e.position);
+    }
+    const float* key_to_fold(const Evicted& e, float* ek) const {
+        if (!c.rope.on() || c.memory_slots == 0) return e.k;
+        if (e.k != ek) std::memcpy(ek, e.k, sizeof(float) * dk());
+        c.rope.rotate_at(ek, -static_cast<double>(e.position));
+        return ek;
+    }
+
+    // A decode step's token of lanes [lo, hi) (row `lane` of k and v each) placed, and the pairs it
+    // pushes out folded in one call (SlotRule::fold_lanes), so a rule may compute the lanes together.
+    void step_lanes(int64_t lo, int64_t hi, const float* k, const float* v, const Positions& pos) {
+        const int64_t n = hi - lo;
+        float* copies = scratch<LaneFolds>(n * (dk() + dv()));
+        thread_local std::vector<int64_t> lanes, counts, positions;
+        thread_local std::vector<const float*> rows;
+        lanes.resize(n), counts.resize(n), positions.resize(n), rows.resize(2 * n);
+        int64_t m = 0;
+        for (int64_t lane = lo; lane < hi; ++lane) {
+            float* ek = copies + (lane - lo) * (dk() + dv());
+            const int64_t b = lane / c.cfg.num_heads;
+            const Evicted e = place(lane, c.length[b], k + lane * dk(), v + lane * dv(), pos.at(b, 0), ek, ek + dk());
+            if (e.count < 0) continue;
+            lanes[m] = lane, rows[m] = key_to_fold(e, ek), rows[n + m] = e.v;
+            counts[m] = e.count, positions[m] = e.position, ++m;
         }
-        c.slots->fold(lane, k, e.v, e.count, e.position);
+        c.slots->fold_lanes(LaneFolds{m, lanes.data(), rows.data(), rows.data() + n, counts.data(), positions.data()});
     }
 
     // One lane takes T tokens (k: T x d_k, v: T x d_v) from a row length of len0.
