@@ -108,8 +108,7 @@ struct Kernels {
     // first. *total accumulates the weights. n >= 1.
     void (*softmax_block)(float* s, int64_t n, float* max, float* total, float* acc, int64_t d);
     // Recurrent memories.
-    void (*gemv)(float* y, const float* W, const float* x, int64_t rows, int64_t cols);  // y = W x
-    void (*exp_f32)(float* y, const float* x, int64_t n);                                // y = exp(x)
+    void (*exp_f32)(float* y, const float* x, int64_t n);  // y = exp(x)
     void (*matrix_step)(const MatrixPass& m);
     void (*matrix_read)(const MatrixPass& m);
     // Chunked prefill: the matrix product above, and a triangular solve in place,

@@ -83,9 +83,6 @@ void max_f32(float* y, const float* x, int64_t n) {
     for (int64_t i = 0; i < n; ++i) y[i] = x[i] > y[i] ? x[i] : y[i];
 }
 
-void gemv(float* y, const float* W, const float* x, int64_t rows, int64_t cols) {
-    for (int64_t r = 0; r < rows; ++r) y[r] = dot<F32>(W + r * cols, x, cols);
-}
 void exp_f32(float* y, const float* x, int64_t n) {
     for (int64_t i = 0; i < n; ++i) y[i] = std::exp(x[i]);
 }

@@ -38,7 +38,6 @@ constexpr Kernels filled_table(const char* name) {
     k.weighted_sum_bf16 = weighted_sum<BF16>;
     k.softmax = softmax;
     k.softmax_block = softmax_block;
-    k.gemv = gemv;
     k.exp_f32 = exp_f32;
     k.matrix_step = matrix_step;
     k.matrix_read = matrix_read;

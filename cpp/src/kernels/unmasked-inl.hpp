@@ -135,30 +135,3 @@ void weighted_sum(const float* p, int64_t p_stride, int64_t nq, const typename E
         }
     }
 }
-
-// The GRU cell's matrix-vector product: four rows share each load of x.
-void gemv(float* y, const float* W, const float* x, int64_t rows, int64_t cols) {
-    int64_t r = 0;
-    for (; r + 4 <= rows; r += 4) {
-        const float* w0 = W + r * cols;
-        const float *w1 = w0 + cols, *w2 = w1 + cols, *w3 = w2 + cols;
-        F a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
-        int64_t c = 0;
-        for (; c + kLanes <= cols; c += kLanes) {
-            const F vx = V::load(x + c);
-            a0 = V::fma(V::load(w0 + c), vx, a0);
-            a1 = V::fma(V::load(w1 + c), vx, a1);
-            a2 = V::fma(V::load(w2 + c), vx, a2);
-            a3 = V::fma(V::load(w3 + c), vx, a3);
-        }
-        float s0 = V::sum(a0), s1 = V::sum(a1), s2 = V::sum(a2), s3 = V::sum(a3);
-        for (; c < cols; ++c) {
-            s0 += w0[c] * x[c];
-            s1 += w1[c] * x[c];
-            s2 += w2[c] * x[c];
-            s3 += w3[c] * x[c];
-        }
-        y[r] = s0, y[r + 1] = s1, y[r + 2] = s2, y[r + 3] = s3;
-    }
-    for (; r < rows; ++r) y[r] = dot<F32>(W + r * cols, x, cols);
-}

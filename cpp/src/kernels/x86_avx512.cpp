@@ -469,14 +469,7 @@ void softmax_block_short(float* s, int64_t n, float* running_max, float* total, 
     scatter_short(s, n, e);
 }
 
-// Recurrent memories: the GRU cell's matrix-vector product (four rows share each load of x) and
-// exp over the whole float range.
-void gemv(float* y, const float* W, const float* x, int64_t rows, int64_t cols) {
-    int64_t r = 0;
-    for (; r + 4 <= rows; r += 4) dot4<F32>(x, W + r * cols, cols, 1.0f, y + r);
-    for (; r < rows; ++r) y[r] = dot<F32>(x, W + r * cols, cols);
-}
-
+// exp over the whole float range (the GRU cell's gates, the matrix rules' decays).
 void exp_f32(float* y, const float* x, int64_t n) {
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, exp_any(_mm512_loadu_ps(x + i)));
