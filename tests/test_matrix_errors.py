@@ -148,3 +148,25 @@ def test_rule_constants_must_fit_the_cache(rule, words):
         kvfold.MemoryCache(rule, num_heads=2, head_dim=4, num_query_heads=4)
     for w in words:
         assert w in str(info.value), (w, str(info.value))
+
+
+LONG_BLOCK_RULES = [rules.Linear(), rules.Linear(normalize=True), rules.GatedDelta(decay=[-0.1, -0.2], beta=[0.5, 0.9])]
+
+
+@pytest.mark.parametrize("rule", LONG_BLOCK_RULES, ids=repr)
+@pytest.mark.parametrize("name, where", [("k", (1, 0, 60, 3)), ("v", (0, 1, 0, 0)), ("q", (1, 3, 63, 2))])
+def test_a_long_block_with_one_bad_value_changes_nothing(rule, name, where):
+    """A long block into a matrix memory alone has its values checked chunk by chunk as they are folded:
+    a NaN in any chunk, however late, gives the same error as a check before anything changes."""
+    cache = fed(rule, window=0, sinks=0)
+    rng = np.random.default_rng(1)
+    k, v = rng.standard_normal((2, 2, 64, 4)) / 2, rng.standard_normal((2, 2, 64, 3))
+    q = rng.standard_normal((2, 4, 64, 4))
+    good = kvfold.MemoryCache.from_bytes(cache.to_bytes())
+    expected = good.forward(q, k, v)
+    bad = {"k": k, "v": v, "q": q}[name].copy()
+    bad[where] = np.nan
+    args = {"q": q, "k": k, "v": v, name: bad}
+    unchanged(cache, lambda: cache.forward(**args), ValueError, name, "NaN", str(where))
+    np.testing.assert_array_equal(cache.forward(q, k, v), expected)
+    assert cache.to_bytes() == good.to_bytes()

@@ -105,6 +105,16 @@ void MemoryCache::forward(const float* q, const float* k, const float* v, int64_
     CacheLock lock(impl().mu);
     Impl& c = impl();
     const Positions pos{positions, T, c.length.data()};
+    if (matrix_checks_as_it_folds(c, T)) {
+        check_tokens(c, k, v, T, gates, false);
+        check_positions(c, pos);
+        if (!matrix_run_checked(c, k, v, T, gates, q, out)) {  // the state is as it was: the checks say why
+            check_tokens(c, k, v, T, gates);
+            check_queries(c, q, T);
+        }
+        record_positions(c, positions, T);
+        return;
+    }
     check_tokens(c, k, v, T, gates);
     check_queries(c, q, T);
     check_positions(c, pos);

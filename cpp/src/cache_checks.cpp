@@ -155,10 +155,11 @@ void check_gates(const MemoryCache::Impl& c, const TokenGates& gates, int64_t T)
 }  // namespace
 
 // Validates a block of tokens before anything changes.
-void check_tokens(const MemoryCache::Impl& c, const float* k, const float* v, int64_t T, const TokenGates& gates) {
+void check_tokens(const MemoryCache::Impl& c, const float* k, const float* v, int64_t T, const TokenGates& gates,
+                  bool values) {
     if (T < 1) throw ValueError("k: expected at least one token (T >= 1), got T=" + std::to_string(T));
     check_gates(c, gates, T);
-    if (!c.cfg.check_finite) return;
+    if (!c.cfg.check_finite || !values) return;
     const Config& g = c.cfg;
     check_finite("k", k, {g.batch_size, g.num_heads, T, g.head_dim});
     check_finite("v", v, {g.batch_size, g.num_heads, T, g.value_dim});

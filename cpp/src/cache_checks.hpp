@@ -16,8 +16,10 @@ void check_range(const char* name, int64_t value, int64_t lo, int64_t hi);
 // Finite values (NaN or Inf named by their index in `shape`).
 void check_finite(const char* name, const float* x, const std::vector<int64_t>& shape);
 
-// A block of T tokens (k, v and the per-token gates the rule needs).
-void check_tokens(const MemoryCache::Impl& c, const float* k, const float* v, int64_t T, const TokenGates& gates);
+// A block of T tokens (k, v and the per-token gates the rule needs). values = false leaves k and v
+// alone (the matrix model then checks them as it folds them: matrix_model.hpp).
+void check_tokens(const MemoryCache::Impl& c, const float* k, const float* v, int64_t T, const TokenGates& gates,
+                  bool values = true);
 // Queries: (B, Hq, d_k) when T == 0, else (B, Hq, T, d_k).
 void check_queries(const MemoryCache::Impl& c, const float* q, int64_t T);
 

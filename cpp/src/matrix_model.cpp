@@ -2,6 +2,7 @@
 #include "matrix_model.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <vector>
 
@@ -29,6 +30,9 @@ struct MatrixModel {
     MemoryCache::Impl& c;
     const TokenGates& in;  // the block's per-token gates: decay (B, H, T[, d_k]), beta (B, H, T)
     int64_t T;             // tokens per row in the block
+    // When set, block() checks each chunk's k, v and q rows for finite values before folding them,
+    // and at the first that is not (here or in another lane: set then) stops.
+    std::atomic<bool>* not_finite = nullptr;
 
     int64_t dk() const { return c.cfg.head_dim; }
     int64_t dv() const { return c.cfg.value_dim; }
@@ -151,6 +155,7 @@ struct MatrixModel {
                     gate = window_gate(lane, pos);
                 }
             }
+            if (not_finite && !finite_rows(lane, k, v, q, first, n)) return;
             FoldRun run{n, rows.data(), rows.data() + C, gates.data(), {}, dk(), dv()};
             if (q) run.qs = queries(lane, q, out, first);
             if (first + C < T) request_rows(lane, k, v, q, first + C, std::min(C, T - first - C));
@@ -163,6 +168,19 @@ struct MatrixModel {
             place_gates(lane, len0 + t, input_gate(lane, t), evicted + dk() + dv());
             if (q) mix_local(lane, len0 + t + 1, queries(lane, q, out, t), evicted + dk() + dv() + c.gate_stride);
         }
+    }
+
+    // Whether the rows of tokens [t, t + n) of a lane without sinks or window (k, v and its group's
+    // queries) are all finite, and no other lane has found one that is not; else flags it.
+    bool finite_rows(int64_t lane, const float* k, const float* v, const float* q, int64_t t, int64_t n) const {
+        const Kernels& K = kernels();
+        bool finite = !not_finite->load(std::memory_order_relaxed) && K.all_finite(k + t * dk(), n * dk()) &&
+                      K.all_finite(v + t * dv(), n * dv());
+        const int64_t hq = (lane / c.cfg.num_heads) * c.cfg.num_query_heads + (lane % c.cfg.num_heads) * c.group;
+        for (int64_t j = 0; finite && q && j < c.group; ++j)
+            finite = K.all_finite(q + ((hq + j) * T + t) * dk(), n * dk());
+        if (!finite) not_finite->store(true, std::memory_order_relaxed);
+        return finite;
     }
 
     // Asks for the rows of the chunk that folds at tokens [t, t + n) while the one before it is
@@ -218,11 +236,13 @@ double matrix_flops(const MemoryCache::Impl& c) {
 
 }  // namespace
 
-void matrix_run(MemoryCache::Impl& c, const float* k, const float* v, int64_t T, const TokenGates& gates,
-                const float* q, float* out) {
+namespace {
+
+void run(MemoryCache::Impl& c, const float* k, const float* v, int64_t T, const TokenGates& gates, const float* q,
+         float* out, std::atomic<bool>* not_finite) {
     const Config& g = c.cfg;
     parallel_for(c.lanes, T * matrix_flops(c), [&](int64_t lo, int64_t hi) {
-        MatrixModel m{c, gates, T};
+        MatrixModel m{c, gates, T, not_finite};
         for (int64_t lane = lo; lane < hi; ++lane) {
             if (T > 1) {  // a block: chunked
                 m.block(lane, k + lane * T * g.head_dim, v + lane * T * g.value_dim, q, out);
@@ -236,7 +256,49 @@ void matrix_run(MemoryCache::Impl& c, const float* k, const float* v, int64_t T,
             }
         }
     });
+}
+
+}  // namespace
+
+void matrix_run(MemoryCache::Impl& c, const float* k, const float* v, int64_t T, const TokenGates& gates,
+                const float* q, float* out) {
+    run(c, k, v, T, gates, q, out, nullptr);
     for (int64_t& len : c.length) len += T;
+}
+
+bool matrix_checks_as_it_folds(const MemoryCache::Impl& c, int64_t T) {
+    const Config& g = c.cfg;
+    if (!c.matrix || !g.check_finite || g.window || g.sinks || g.dtype != DType::float32 || T < 2) return false;
+    double state = 0;
+    for (const LaneBuffer* b : c.rule->buffers()) state += static_cast<double>(b->bytes());
+    const double inputs = 4.0 * static_cast<double>(T) *
+                          static_cast<double>(c.lanes * (g.head_dim + g.value_dim) + c.lanes * c.group * g.head_dim);
+    return inputs >= 8 * state;  // the copy of the state costs little next to a second pass over the inputs
+}
+
+bool matrix_run_checked(MemoryCache::Impl& c, const float* k, const float* v, int64_t T, const TokenGates& gates,
+                        const float* q, float* out) {
+    thread_local std::vector<uint8_t> saved;  // grows once per calling thread
+    size_t bytes = 0;
+    for (const LaneBuffer* b : c.rule->buffers()) bytes += b->bytes();
+    saved.resize(std::max(saved.size(), bytes));
+    uint8_t* at = saved.data();
+    for (const LaneBuffer* b : c.rule->buffers()) {
+        if (b->bytes()) std::memcpy(at, b->data(), b->bytes());
+        at += b->bytes();
+    }
+    std::atomic<bool> not_finite{false};
+    run(c, k, v, T, gates, q, out, &not_finite);
+    if (not_finite.load()) {
+        at = saved.data();
+        for (LaneBuffer* b : c.rule->buffers()) {
+            if (b->bytes()) std::memcpy(b->data(), at, b->bytes());
+            at += b->bytes();
+        }
+        return false;
+    }
+    for (int64_t& len : c.length) len += T;
+    return true;
 }
 
 void matrix_attend(const MemoryCache::Impl& c, const float* q, float* out) {
