@@ -84,6 +84,25 @@ def steps_match_reference(rule, shape, rng, T):
     np.testing.assert_array_equal(cache.length, ref.length)
 
 
+def blocks_then_forward(rule, shape, rng, T, blocks, reset_rows=()):
+    """A kvfold cache and kvfold.reference's take the same tokens in ``blocks`` ((lo, hi) ranges, each
+    attended after), reset ``reset_rows``, then a forward over the rest, with the same outputs; returns both."""
+    from kvfold.reference import ReferenceCache
+
+    cache, ref = make_cache(rule, shape), make_cache(rule, shape, ReferenceCache)
+    q, k, v = shape_tokens(rng, shape, T)
+    for lo, hi in blocks:
+        cache.update(k[:, :, lo:hi], v[:, :, lo:hi])
+        ref.update(k[:, :, lo:hi], v[:, :, lo:hi])
+        close(cache.attend(q[:, :, hi - 1]), ref.attend(q[:, :, hi - 1]))
+    if reset_rows:
+        cache.reset(rows=list(reset_rows))
+        ref.reset(rows=list(reset_rows))
+    rest = blocks[-1][1]
+    close(cache.forward(*(x[:, :, rest:] for x in (q, k, v))), ref.forward(*(x[:, :, rest:] for x in (q, k, v))))
+    return cache, ref
+
+
 def unchanged(cache, call, error, *words):
     """``call()`` raises ``error`` with each of ``words`` in its message and leaves ``cache`` as it was."""
     before = cache.to_bytes()

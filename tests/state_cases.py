@@ -41,7 +41,7 @@ SERIALIZABLE = [
     rules.GatedDelta(),  # per-token decay and beta
 ]
 RULES = SERIALIZABLE + [rules.Custom(max_and_decay, slots=2)]
-DTYPES = ["float32", "float16", "bfloat16"]
+DTYPES = ["float32", "float16", "bfloat16", "int8"]
 
 
 def make(rule=None, **kw):

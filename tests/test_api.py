@@ -116,13 +116,14 @@ def test_out_is_filled_and_returned(rng):
     assert_allclose(out, d.step(q, k, v))
 
 
-def test_copy_pickle_deepcopy_are_independent(rng):
-    c = make(rule=rules.Weighted((1, 2, 3)), dtype="bfloat16")
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_copy_pickle_deepcopy_are_independent(rng, dtype):
+    c = make(rule=rules.Weighted((1, 2, 3)), dtype=dtype)
     feed(c, rng)
     q = query(c, rng)
     for other in (c.copy(), copy.copy(c), copy.deepcopy(c), pickle.loads(pickle.dumps(c))):
         assert type(other) is kvfold.MemoryCache
-        assert other.rule == c.rule and other.dtype == "bfloat16"
+        assert other.rule == c.rule and other.dtype == dtype
         assert other.to_bytes() == c.to_bytes()
         np.testing.assert_array_equal(other.attend(q), c.attend(q))
         feed(other, rng, T=2)

@@ -112,7 +112,7 @@ def test_reset_rows_errors(cache):
         (dict(scale=float("nan")), ValueError, ["scale"]),
         (dict(scale=float("inf")), ValueError, ["scale"]),
         (dict(scale="x"), TypeError, ["scale"]),
-        (dict(dtype="int8"), ValueError, ["dtype", "int8", "float16"]),
+        (dict(dtype="int4"), ValueError, ["dtype", "int4", "float16", "int8"]),
         (dict(check_finite=1), TypeError, ["check_finite"]),
         (dict(rule="cumulative"), TypeError, ["rule"]),
     ],

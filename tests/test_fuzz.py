@@ -44,7 +44,7 @@ def valid_states():
             batch_size=1 + i % 2,
             window=i % 3,
             sinks=i % 2,
-            dtype=["float32", "float16", "bfloat16"][i % 3],
+            dtype=["float32", "float16", "bfloat16", "int8"][i % 4],
         )
         T = 1 + 2 * i
         gates = {"decay": -rng.random((c.batch_size, 2, T))} if rule == rules.Gated() else {}

@@ -15,7 +15,21 @@ def round_bf16(x):
     return r.view(np.float32)
 
 
-ROUND = {"float16": lambda x: x.astype(np.float16).astype(np.float32), "bfloat16": round_bf16}
+def round_q8(x):
+    """float32 rows (last axis) -> int8 blocks of 32 with a float32 scale each (q8_0), as float32: what
+    an int8 cache stores, bit for bit."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    d = x.shape[-1]
+    pad = -d % 32
+    blocks = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)]).reshape(*x.shape[:-1], (d + pad) // 32, 32)
+    scale = np.abs(blocks).max(-1, keepdims=True) / np.float32(127)
+    with np.errstate(divide="ignore"):
+        inverse = np.where(scale > 0, np.float32(1) / scale, np.float32(0)).astype(np.float32)
+    codes = np.rint(blocks * inverse)
+    return (codes * scale).astype(np.float32).reshape(*x.shape[:-1], d + pad)[..., :d]
+
+
+ROUND = {"float16": lambda x: x.astype(np.float16).astype(np.float32), "bfloat16": round_bf16, "int8": round_q8}
 RULES = [
     rules.Drop(),
     rules.Cumulative(),
@@ -59,7 +73,11 @@ def test_storage_bytes_halve(dtype):
 
 
 def attend_visible(c, q):
-    """Softmax attention of q (B, Hq, d_k) over the cache's visible set, in float64."""
+    """Softmax attention of q (B, Hq, d_k) over the cache's visible set, in float64. The avx512bf16
+    kernels score bfloat16 keys against the query rounded to bfloat16 (vdpbf16ps), so there the
+    query is rounded first."""
+    if c.dtype == "bfloat16" and kvfold.simd_backend() == "avx512bf16":
+        q = round_bf16(q)
     keys, values, mask = (np.asarray(x, np.float64) if x.dtype != bool else x for x in c.visible())
     group = q.shape[1] // keys.shape[1]
     keys, values = np.repeat(keys, group, axis=1), np.repeat(values, group, axis=1)

@@ -200,7 +200,7 @@ def test_bad_arguments():
     with pytest.raises(TypeError, match="sinks: expected an integer"):
         FoldCache(sinks=2.5)
     with pytest.raises(ValueError, match="dtype: expected"):
-        FoldCache(dtype="int8")
+        FoldCache(dtype="int4")
     cache = FoldCache(window=4)
     cache.update(torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8), 0)
     with pytest.raises(ValueError, match=r"key_states: expected shape \(B=1, H=2, T, d_k=8\), got \(1, 3, 1, 8\)"):

@@ -196,25 +196,32 @@ def alike(a, b):
         assert_allclose(x, y, rtol=1e-4, atol=1e-5)
 
 
-@settings(max_examples=40, deadline=None)
-@given(cfg=setups(), T=st.integers(1, 30), chunk=st.sampled_from([1, 2, 3, 5, 8, 64]), seed=st.integers(0, 2**31))
+def chunked_examples(test):
+    """A property over random setups, token counts T, chunk sizes and seeds."""
+    chunk = st.sampled_from([1, 2, 3, 5, 8, 64])
+    test = given(cfg=setups(), T=st.integers(1, 30), chunk=chunk, seed=st.integers(0, 2**31))(test)
+    return settings(max_examples=40, deadline=None)(test)
+
+
+def two_caches(cfg, T, seed):
+    """T tokens (q, k, v, gates) of the seed and two empty caches of the setup."""
+    case, shape = cfg["case"], cfg["shape"]
+    return data(np.random.default_rng(seed), case, shape, T), make(case, shape), make(case, shape)
+
+
+@chunked_examples
 def test_forward_is_a_loop_of_step(cfg, T, chunk, seed):
     """forward takes the block in chunks, step one token at a time: alike to float rounding."""
-    case, shape = cfg["case"], cfg["shape"]
-    q, k, v, gates = data(np.random.default_rng(seed), case, shape, T)
-    a, b = make(case, shape), make(case, shape)
+    (q, k, v, gates), a, b = two_caches(cfg, T, seed)
     outs = np.stack([b.step(q[:, :, t], k[:, :, t], v[:, :, t], **at(gates, t)) for t in range(T)], axis=2)
     with chunks(chunk):
         assert_allclose(a.forward(q, k, v, **gates), outs, rtol=1e-4, atol=1e-5)
     alike(a, b)
 
 
-@settings(max_examples=40, deadline=None)
-@given(cfg=setups(), T=st.integers(1, 30), chunk=st.sampled_from([1, 2, 3, 5, 8, 64]), seed=st.integers(0, 2**31))
+@chunked_examples
 def test_block_update_is_a_loop_of_single_updates(cfg, T, chunk, seed):
-    case, shape = cfg["case"], cfg["shape"]
-    _, k, v, gates = data(np.random.default_rng(seed), case, shape, T)
-    a, b = make(case, shape), make(case, shape)
+    (_, k, v, gates), a, b = two_caches(cfg, T, seed)
     with chunks(chunk):
         a.update(k, v, **gates)
     for t in range(T):
@@ -258,7 +265,7 @@ def test_strong_per_key_decays(case, rng):
     alike(cache, steps)
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int8"])
 def test_blocks_fold_the_window_pairs_as_stored(dtype, rng):
     """With half-precision storage a pair leaves the window rounded; a block folds it so too."""
     case, shape = CASES[9], (1, 2, 2, 9, 5, 4, 1)
@@ -397,7 +404,7 @@ def test_rules_round_trip_through_saved_state(rng):
     assert repr(rules.GatedDelta(decay=(-0.1, -0.2), beta=0.5)) == "GatedDelta(decay=(-0.1, -0.2), beta=0.5, mix=0.0)"
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int8"])
 def test_storage_dtype_applies_to_sinks_and_window_only(dtype, rng):
     """S stays float32: without sinks and window a half-precision cache computes exactly the same."""
     case, shape = CASES[9], (2, 2, 4, 9, 5, 0, 0)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import kvfold
-from conftest import SHAPES, close, make_cache, shape_tokens, steps_match_reference
+from conftest import SHAPES, blocks_then_forward, close, make_cache, shape_tokens, steps_match_reference
 from kvfold import reference, rules
 
 MERGES = [
@@ -31,17 +31,7 @@ def test_step_matches_reference(rule, shape, rng):
 @pytest.mark.parametrize("rule", MERGES, ids=repr)
 @pytest.mark.parametrize("shape", SHAPES[1:5], ids=str)
 def test_blocks_forward_and_reset_match_reference(rule, shape, rng):
-    cache, ref = make_cache(rule, shape), make_cache(rule, shape, reference.ReferenceCache)
-    q, k, v = shape_tokens(rng, shape, T)
-    for lo, hi in [(0, 1), (1, 9), (9, 20)]:
-        cache.update(k[:, :, lo:hi], v[:, :, lo:hi])
-        ref.update(k[:, :, lo:hi], v[:, :, lo:hi])
-        close(cache.attend(q[:, :, hi - 1]), ref.attend(q[:, :, hi - 1]))
-    cache.reset(rows=[0])
-    ref.reset(rows=[0])
-    close(
-        cache.forward(q[:, :, 20:], k[:, :, 20:], v[:, :, 20:]), ref.forward(q[:, :, 20:], k[:, :, 20:], v[:, :, 20:])
-    )
+    cache, ref = blocks_then_forward(rule, shape, rng, T, [(0, 1), (1, 9), (9, 20)], reset_rows=[0])
     close(cache.memory()[0], ref.memory()[0])
 
 
@@ -59,7 +49,7 @@ def test_long_visible_sets_match_reference(rule, dims, rng):
         assert cache.visible_size == 3 + rule.slots + 70  # every slot full, merged slots among them
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int8"])
 @pytest.mark.parametrize("rule", [rules.Merge(4), rules.Merge(4, bias=None)], ids=repr)
 def test_half_storage_is_the_float32_model_on_rounded_pairs(rule, dtype, rng):
     """Pairs are stored (rounded) before they are folded, and a slot is its float64 mean rounded once."""

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from conftest import SHAPES, close, make_cache, shape_tokens, steps_match_reference
+from conftest import SHAPES, blocks_then_forward, close, make_cache, shape_tokens, steps_match_reference
 from kvfold import reference, rules
 
 RULES = [
@@ -31,16 +31,8 @@ def test_step_matches_reference(rule, shape, rng):
 @pytest.mark.parametrize("rule", RULES, ids=repr)
 @pytest.mark.parametrize("shape", SHAPES[1:5], ids=str)
 def test_blocks_and_forward_match_reference(rule, shape, rng):
-    cache, ref = make_cache(rule, shape), make_cache(rule, shape, reference.ReferenceCache)
-    q, k, v = shape_tokens(rng, shape, T)
     # an uneven split into blocks, then forward over the rest
-    for lo, hi in [(0, 1), (1, 6), (6, 13)]:
-        cache.update(k[:, :, lo:hi], v[:, :, lo:hi])
-        ref.update(k[:, :, lo:hi], v[:, :, lo:hi])
-        close(cache.attend(q[:, :, hi - 1]), ref.attend(q[:, :, hi - 1]))
-    close(
-        cache.forward(q[:, :, 13:], k[:, :, 13:], v[:, :, 13:]), ref.forward(q[:, :, 13:], k[:, :, 13:], v[:, :, 13:])
-    )
+    cache, ref = blocks_then_forward(rule, shape, rng, T, [(0, 1), (1, 6), (6, 13)])
     close(cache.memory()[1], ref.memory()[1])
 
 

@@ -51,7 +51,7 @@ def test_rules_without_a_model_have_no_bound():
     assert roofline.step_work(bench.Case("moving", rules.Moving(8))) is None
     with pytest.raises(ValueError, match="rule: expected drop, .* got 'moving'"):
         _core._step_work("moving", 1, 8, 0, 0, 4, 1)
-    with pytest.raises(ValueError, match="element_bytes: expected 2 or 4, got 3"):
+    with pytest.raises(ValueError, match="element_bytes: expected 1, 2 or 4, got 3"):
         _core._step_work("drop", 1, 8, 0, 0, 3, 1)
     with pytest.raises(ValueError, match="heads: expected an integer >= 1, got 0"):
         _core._step_work("drop", 0, 8, 0, 0, 4, 1)

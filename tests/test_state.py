@@ -77,7 +77,7 @@ def test_the_format_is_as_documented(rng):
     feed(c, rng)
     data = c.to_bytes()
     f = parse(data)
-    assert f["magic"] == b"KVFOLD\r\n" and f["version"] == 2 and f["flags"] == 0 and f["total"] == len(data)
+    assert f["magic"] == b"KVFOLD\r\n" and f["version"] == 3 and f["flags"] == 0 and f["total"] == len(data)
     assert [
         f[n] for n in ("batch_size", "num_heads", "head_dim", "value_dim", "num_query_heads", "window", "sinks")
     ] == [3, 2, 5, 3, 4, 4, 1]
@@ -130,7 +130,7 @@ def bad_states(data):
     yield "truncated", data[:-1], ["truncated", f"state is {len(data)} bytes", f"got {len(data) - 1}"]
     yield "half", data[: len(data) // 2], ["truncated"]
     yield "trailing bytes", data + b"\0\0", ["2 unexpected bytes after the end"]
-    yield "future version", data[:8] + struct.pack("<I", 3) + data[12:], ["format version 3 is newer", "upgrade"]
+    yield "future version", data[:8] + struct.pack("<I", 4) + data[12:], ["format version 4 is newer", "upgrade"]
     yield "version 0", data[:8] + struct.pack("<I", 0) + data[12:], ["format version 0"]
     yield "flipped bit", data[:40] + bytes([data[40] ^ 1]) + data[41:], ["CRC32 mismatch"]
     yield "bad crc", body + b"\0\0\0\0", ["CRC32 mismatch"]

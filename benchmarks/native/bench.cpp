@@ -38,6 +38,7 @@ struct Case {
     bool gates = false;  // per-token decay and beta (per head), for the gated delta rule
     kvfold::RoPE rope{};
     kvfold::Retain retain = kvfold::Retain::fifo;
+    bool varied_keys = false;  // each decode step a different key (a rule's work may depend on it)
 };
 
 bool cpu_time = false;  // --cpu-time: the calling thread's CPU time, blind to other processes
@@ -104,7 +105,16 @@ double run(const Case& k) {
     auto fill = normal(k.heads * fill_tokens * k.dim, 4);
     for (float& x : fill) x *= 0.1f;
     cache.update(fill.data(), fill.data(), fill_tokens, gates);
-    return seconds_per_call([&] { cache.step(q.data(), kk.data(), v.data(), out.data(), gates); });
+    if (!k.varied_keys) return seconds_per_call([&] { cache.step(q.data(), kk.data(), v.data(), out.data(), gates); });
+    // Keys drawn once (a generator in the timed loop would add its own cost), a pool a few times the
+    // visible set, so that a step's key is not one the window or the slots hold already.
+    const int64_t pool = 3 * (k.window + k.sinks + 64) + 1, row = k.heads * k.dim;
+    const auto keys = normal(pool * row, 9);
+    int64_t next = 0;
+    return seconds_per_call([&] {
+        cache.step(q.data(), keys.data() + next * row, v.data(), out.data(), gates);
+        next = next + 1 == pool ? 0 : next + 1;
+    });
 }
 
 // The roofline column: the case's time bound (its bytes over the read bandwidth measured at its
@@ -120,8 +130,8 @@ Bound bound_of(const Case& k, double peak) {
     namespace rf = kvfold::roofline;
     rf::StepWork w;
     try {
-        w = rf::step_work(k.rule.kind, k.heads, k.dim, k.window, k.sinks, k.dtype == kvfold::DType::float32 ? 4 : 2,
-                          std::max<int64_t>(k.prefill, 1));
+        w = rf::step_work(k.rule.kind, k.heads, k.dim, k.window, k.sinks,
+                          static_cast<int64_t>(kvfold::dtype_size(k.dtype)), std::max<int64_t>(k.prefill, 1));
     } catch (const kvfold::ValueError&) {
         return {};  // a rule the roofline does not model
     }
@@ -170,12 +180,17 @@ std::vector<Case> cases() {
         {"decode cumulative w256 s4 f16", rule("cumulative"), 32, 128, 256, 4, DType::float16, 0},
         {"decode cumulative w256 s4 bf16", rule("cumulative"), 32, 128, 256, 4, DType::bfloat16, 0},
         {"decode drop w4096 s4", rule("drop"), 32, 128, 4096, 4, f32, 0},
-        {"decode drop w256", rule("drop"), 32, 128, 256, 0, f32, 0},
-        {"decode merge(32) w256 s4", merge(32), 32, 128, 256, 4, f32, 0},
-        {"decode merge(32) w256 s4 rope", merge(32), 32, 128, 256, 4, f32, 0, false, rope},
-        {"decode merge(32) w256 s4 rope tova", merge(32), 32, 128, 256, 4, f32, 0, false, rope, Retain::tova},
-        {"decode drop w256 tova", rule("drop"), 32, 128, 256, 0, f32, 0, false, {}, Retain::tova},
+        {"decode drop w256", rule("drop"), 32, 128, 256, 0, f32, 0, false, {}, Retain::fifo, true},
+        {"decode merge(32) w256 s4", merge(32), 32, 128, 256, 4, f32, 0, false, {}, Retain::fifo, true},
+        {"decode merge(32) w256 s4 rope", merge(32), 32, 128, 256, 4, f32, 0, false, rope, Retain::fifo, true},
+        {"decode merge(32) w256 s4 rope tova", merge(32), 32, 128, 256, 4, f32, 0, false, rope, Retain::tova, true},
+        {"decode drop w256 tova", rule("drop"), 32, 128, 256, 0, f32, 0, false, {}, Retain::tova, true},
         {"decode drop w4096 s4 f16", rule("drop"), 32, 128, 4096, 4, DType::float16, 0},
+        {"decode drop w4096 s4 int8", rule("drop"), 32, 128, 4096, 4, DType::int8, 0},
+        {"decode drop w256 bf16", rule("drop"), 32, 128, 256, 0, DType::bfloat16, 0},
+        {"decode drop w256 int8", rule("drop"), 32, 128, 256, 0, DType::int8, 0},
+        {"decode drop w256 f16", rule("drop"), 32, 128, 256, 0, DType::float16, 0},
+        {"decode drop w4096 s4 bf16", rule("drop"), 32, 128, 4096, 4, DType::bfloat16, 0},
         {"prefill cumulative w256 s4 T512", rule("cumulative"), 32, 128, 256, 4, f32, 512},
         {"prefill cumulative w256 s4 T2048", rule("cumulative"), 32, 128, 256, 4, f32, 2048},
         {"prefill ema w0 T2048", rule("ema", {{"alpha", 0.1}}), 32, 128, 0, 0, f32, 2048},

@@ -53,6 +53,9 @@ template <class T>
 const T* rows_at(const void* base, int64_t first, int64_t d) {
     return static_cast<const T*>(base) + first * d;
 }
+const uint8_t* q8_rows_at(const void* base, int64_t first, int64_t d) {
+    return static_cast<const uint8_t*>(base) + first * q8_row_bytes(d);
+}
 
 void score_kernel(const Kernels& K, const Rows& r, const float* q, int64_t q_stride, int64_t nq, int64_t dk,
                   float scale, float* s, int64_t s_stride) {
@@ -63,6 +66,8 @@ void score_kernel(const Kernels& K, const Rows& r, const float* q, int64_t q_str
         case DType::bfloat16:
             return K.scores_bf16(q, q_stride, nq, rows_at<uint16_t>(keys, r.first, dk), r.count, dk, scale, s,
                                  s_stride);
+        case DType::int8:
+            return K.scores_q8(q, q_stride, nq, q8_rows_at(keys, r.first, dk), r.count, dk, scale, s, s_stride);
         default:
             return K.scores_f32(q, q_stride, nq, rows_at<float>(keys, r.first, dk), r.count, dk, scale, s, s_stride);
     }
@@ -87,6 +92,9 @@ void weigh_rows(const Kernels& K, const Rows& r, const float* p, int64_t p_strid
         case DType::bfloat16:
             return K.weighted_sum_bf16(p, p_stride, nq, rows_at<uint16_t>(values, r.first, dv), r.count, dv, out,
                                        out_stride, add);
+        case DType::int8:
+            return K.weighted_sum_q8(p, p_stride, nq, q8_rows_at(values, r.first, dv), r.count, dv, out, out_stride,
+                                     add);
         default:
             return K.weighted_sum_f32(p, p_stride, nq, rows_at<float>(values, r.first, dv), r.count, dv, out,
                                       out_stride, add);
@@ -290,6 +298,7 @@ void store_row(void* dst, const float* src, int64_t d, DType dtype) {
     switch (dtype) {
         case DType::float16: return kernels().f32_to_f16(static_cast<uint16_t*>(dst), src, d);
         case DType::bfloat16: return kernels().f32_to_bf16(static_cast<uint16_t*>(dst), src, d);
+        case DType::int8: return kernels().f32_to_q8(static_cast<uint8_t*>(dst), src, d);
         default: std::memcpy(dst, src, sizeof(float) * d);
     }
 }
@@ -298,6 +307,7 @@ void load_row(float* dst, const void* src, int64_t d, DType dtype) {
     switch (dtype) {
         case DType::float16: return kernels().f16_to_f32(dst, static_cast<const uint16_t*>(src), d);
         case DType::bfloat16: return kernels().bf16_to_f32(dst, static_cast<const uint16_t*>(src), d);
+        case DType::int8: return kernels().q8_to_f32(dst, static_cast<const uint8_t*>(src), d);
         default: std::memcpy(dst, src, sizeof(float) * d);
     }
 }

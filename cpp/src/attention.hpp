@@ -3,6 +3,7 @@
 
 #include <cstdint>
 
+#include "kernels/q8.hpp"
 #include "kvfold/kvfold.hpp"
 
 namespace kvfold {
@@ -37,6 +38,11 @@ struct Attention {
 // yields zeros. Several problems at once (independent lanes) let their short dependency chains
 // overlap, which is what decides the time of small visible sets.
 void attend(const Attention* problems, int count, int64_t dk, int64_t dv, float scale);
+
+// Bytes of a row of d values stored as dtype (an int8 row carries its blocks' scales, q8.hpp).
+inline size_t row_bytes(DType dtype, int64_t d) {
+    return dtype == DType::int8 ? static_cast<size_t>(q8_row_bytes(d)) : dtype_size(dtype) * static_cast<size_t>(d);
+}
 
 // Rows of a buffer in storage precision, converted to and from float32.
 void store_row(void* dst, const float* src, int64_t d, DType dtype);

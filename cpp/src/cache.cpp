@@ -18,16 +18,19 @@ DType parse_dtype(const std::string& name) {
     if (name == "float32") return DType::float32;
     if (name == "float16") return DType::float16;
     if (name == "bfloat16") return DType::bfloat16;
-    throw ValueError("dtype: expected 'float32', 'float16' or 'bfloat16', got '" + name + "'");
+    if (name == "int8") return DType::int8;
+    throw ValueError("dtype: expected 'float32', 'float16', 'bfloat16' or 'int8', got '" + name + "'");
 }
 const char* dtype_name(DType t) {
     switch (t) {
         case DType::float16: return "float16";
         case DType::bfloat16: return "bfloat16";
+        case DType::int8: return "int8";
         default: return "float32";
     }
 }
-size_t dtype_size(DType t) { return t == DType::float32 ? 4 : 2; }
+// Bytes per value; an int8 row also carries a float32 scale per 32 values (row_bytes).
+size_t dtype_size(DType t) { return t == DType::float32 ? 4 : t == DType::int8 ? 1 : 2; }
 // ---------------------------------------------------------------------------------------------
 // Public API
 
@@ -142,13 +145,13 @@ void MemoryCache::memory(float* keys, float* values) const {
     const int64_t S = c.memory_slots, dk = c.cfg.head_dim, dv = c.cfg.value_dim;
     for (int64_t lane = 0; lane < c.lanes; ++lane) {
         int64_t f = c.folded(c.length[lane / c.cfg.num_heads]);
-        int64_t shown = c.slots->visible_slots(f), oldest = c.slots->oldest_slot(f);
+        int64_t shown = c.slots->visible_slots(f);
         float* ko = keys + lane * S * dk;
         float* vo = values + lane * S * dv;
         std::memset(ko, 0, sizeof(float) * S * dk);
         std::memset(vo, 0, sizeof(float) * S * dv);
         for (int64_t s = 0; s < shown; ++s) {
-            int64_t src = (oldest + s) % S;
+            int64_t src = c.slots->slot_row(lane, f, s);
             load_row(ko + s * dk, c.slots->slot_key(lane, src), dk, c.slots->slot_dtype());
             load_row(vo + s * dv, c.slots->slot_value(lane, src), dv, c.slots->slot_dtype());
         }
@@ -192,7 +195,7 @@ int64_t MemoryCache::visible(float* keys, float* values, uint8_t* mask, int64_t 
     const Impl& c = impl();
     const Config& g = c.cfg;
     const int64_t dk = g.head_dim, dv = g.value_dim, H = g.num_heads;
-    const size_t es = dtype_size(g.dtype);
+    const size_t kb = row_bytes(g.dtype, dk), vb = row_bytes(g.dtype, dv);
     int64_t n = 0;
     for (int64_t len : c.length) n = std::max(n, c.visible_rows(len));
     if (n > rows) return n;
@@ -210,17 +213,17 @@ int64_t MemoryCache::visible(float* keys, float* values, uint8_t* mask, int64_t 
             ++row;
         };
         for (int64_t s = 0; s < c.sinks_held(len); ++s)
-            put(c.sink_k.lane(lane) + s * dk * es, c.sink_v.lane(lane) + s * dv * es, g.dtype);
-        int64_t f = c.folded(len), S = c.memory_slots;
+            put(c.sink_k.lane(lane) + s * kb, c.sink_v.lane(lane) + s * vb, g.dtype);
+        int64_t f = c.folded(len);
         for (int64_t s = 0; c.slots && s < c.slots->visible_slots(f); ++s) {
-            int64_t src = (c.slots->oldest_slot(f) + s) % S;
+            int64_t src = c.slots->slot_row(lane, f, s);
             put(static_cast<const uint8_t*>(c.slots->read_key(lane, src)),
                 static_cast<const uint8_t*>(c.slots->slot_value(lane, src)), c.slots->slot_dtype());
         }
         int64_t held = c.window_held(len), first = len - c.sinks_held(len) - held;
         for (int64_t i = 0; i < held; ++i) {
             int64_t pos = window_row(c, lane, first, i);
-            put(c.win_k.lane(lane) + pos * dk * es, c.win_v.lane(lane) + pos * dv * es, g.dtype);
+            put(c.win_k.lane(lane) + pos * kb, c.win_v.lane(lane) + pos * vb, g.dtype);
         }
         std::memset(ko + row * dk, 0, sizeof(float) * (rows - row) * dk);  // the padding
         std::memset(vo + row * dv, 0, sizeof(float) * (rows - row) * dv);

@@ -38,8 +38,8 @@ MemoryCache::Impl::Impl(const Config& c, const RuleSpec& s) : cfg(c), spec(s) {
     else
         throw ValueError("scale: expected a number > 0 that float32 holds (1.4e-45 to 3.4e38), got " +
                          number_str(c.scale));
-    if (c.dtype != DType::float32 && c.dtype != DType::float16 && c.dtype != DType::bfloat16)
-        throw ValueError("dtype: expected float32, float16 or bfloat16, got code " +
+    if (c.dtype != DType::float32 && c.dtype != DType::float16 && c.dtype != DType::bfloat16 && c.dtype != DType::int8)
+        throw ValueError("dtype: expected float32, float16, bfloat16 or int8, got code " +
                          std::to_string(static_cast<int>(c.dtype)));
 
     rope = Rope(c.rope, c.head_dim);
@@ -56,11 +56,11 @@ MemoryCache::Impl::Impl(const Config& c, const RuleSpec& s) : cfg(c), spec(s) {
                     rope.on() ? &rope : nullptr});
     memory_slots = slots ? slots->max_slots() : 0;
     normalized = matrix && matrix->normalized();
-    const size_t es = dtype_size(c.dtype);
-    sink_k.plan(lanes, es * c.sinks * c.head_dim);
-    sink_v.plan(lanes, es * c.sinks * c.value_dim);
-    win_k.plan(lanes, es * c.window * c.head_dim);
-    win_v.plan(lanes, es * c.window * c.value_dim);
+    const size_t kb = row_bytes(c.dtype, c.head_dim), vb = row_bytes(c.dtype, c.value_dim);
+    sink_k.plan(lanes, kb * c.sinks);
+    sink_v.plan(lanes, vb * c.sinks);
+    win_k.plan(lanes, kb * c.window);
+    win_v.plan(lanes, vb * c.window);
     if (matrix && (matrix->takes_decay() || matrix->takes_beta()))
         gate_stride = 2 + (matrix->takes_decay() ? c.head_dim : 0);
     win_gates.plan(lanes, sizeof(float) * c.window * gate_stride);

@@ -36,6 +36,8 @@ struct MatrixModel {
 
     int64_t dk() const { return c.cfg.head_dim; }
     int64_t dv() const { return c.cfg.value_dim; }
+    int64_t key_bytes() const { return static_cast<int64_t>(row_bytes(c.cfg.dtype, dk())); }  // a stored row
+    int64_t value_bytes() const { return static_cast<int64_t>(row_bytes(c.cfg.dtype, dv())); }
 
     TokenGate input_gate(int64_t lane, int64_t t) const {
         TokenGate g;
@@ -119,7 +121,7 @@ struct MatrixModel {
         const int64_t folding = std::min(T, std::max<int64_t>(0, cfg.sinks + cfg.window - len0));
         const int64_t j0 = len0 - cfg.sinks;  // non-sink index of token 0
         for (int64_t t = 0; q && t < folding; ++t) c.matrix->read(lane, queries(lane, q, out, t));
-        const int64_t C = chunk_size(), es = static_cast<int64_t>(dtype_size(cfg.dtype));
+        const int64_t C = chunk_size(), kb = key_bytes(), vb = value_bytes();
         const bool stored = cfg.window > 0 && cfg.dtype != DType::float32;  // pairs folded as stored, rounded
         thread_local std::vector<const float*> rows;
         thread_local std::vector<TokenGate> gates;
@@ -143,8 +145,8 @@ struct MatrixModel {
                     }
                 } else {
                     const int64_t pos = pair % cfg.window;
-                    const uint8_t* wk = c.win_k.lane(lane) + pos * dk() * es;
-                    const uint8_t* wv = c.win_v.lane(lane) + pos * dv() * es;
+                    const uint8_t* wk = c.win_k.lane(lane) + pos * kb;
+                    const uint8_t* wv = c.win_v.lane(lane) + pos * vb;
                     if (stored) {
                         load_row(ck, wk, dk(), cfg.dtype);
                         load_row(cv, wv, dv(), cfg.dtype);
@@ -209,10 +211,10 @@ struct MatrixModel {
 
     // x as the window stores it: rounded to the storage precision.
     void round_to_storage(float* y, const float* x, int64_t n) const {
-        thread_local std::vector<uint16_t> half;
-        half.resize(n);
-        store_row(half.data(), x, n, c.cfg.dtype);
-        load_row(y, half.data(), n, c.cfg.dtype);
+        thread_local std::vector<uint8_t> stored;
+        stored.resize(row_bytes(c.cfg.dtype, n));
+        store_row(stored.data(), x, n, c.cfg.dtype);
+        load_row(y, stored.data(), n, c.cfg.dtype);
     }
 
     void attend(int64_t lane, int64_t len, const LaneQueries& qs) const {

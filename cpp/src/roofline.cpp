@@ -118,7 +118,8 @@ struct Loops {
 
 Loops loops_for(const std::string& backend) {
 #if defined(__x86_64__) || defined(_M_X64)
-    if (backend == "avx512") return {avx512::fma_chains<avx512::V>, avx512::read_passes<avx512::V>, 16};
+    if (backend == "avx512" || backend == "avx512bf16")  // the same float32 loops
+        return {avx512::fma_chains<avx512::V>, avx512::read_passes<avx512::V>, 16};
     if (backend == "avx2") return {avx2::fma_chains<avx2::V>, avx2::read_passes<avx2::V>, 8};
 #else
     (void)backend;  // one set of loops where there is one SIMD backend (NEON, or scalar)
@@ -215,11 +216,12 @@ StepWork step_work(const std::string& rule, int64_t heads, int64_t head_dim, int
     };
     at_least("heads", heads, 1), at_least("head_dim", head_dim, 1), at_least("window", window, 0);
     at_least("sinks", sinks, 0), at_least("tokens", tokens, 1);
-    if (element_bytes != 2 && element_bytes != 4)
-        throw ValueError("element_bytes: expected 2 or 4, got " + std::to_string(element_bytes));
+    if (element_bytes != 1 && element_bytes != 2 && element_bytes != 4)
+        throw ValueError("element_bytes: expected 1, 2 or 4, got " + std::to_string(element_bytes));
 
     const double H = static_cast<double>(heads), d = static_cast<double>(head_dim);
-    const double e = static_cast<double>(element_bytes), T = static_cast<double>(tokens);
+    // int8 rows (q8_0) carry a float32 scale per 32 values: 1.125 bytes a value.
+    const double e = element_bytes == 1 ? 1.125 : static_cast<double>(element_bytes), T = static_cast<double>(tokens);
     // Bytes are the bytes read: what a step writes goes to lines it has just read (S, the sums) or
     // is small beside its reads (the output, the new pair).
     const double inputs = 3 * 4 * H * d;  // q, k and v, float32, per token

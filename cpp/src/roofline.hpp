@@ -29,7 +29,7 @@ struct StepWork {
 };
 // `rule` is one of drop, cumulative, ema (summary memories), linear, gated, delta, gated_delta
 // (matrix memories); ValueError for another or for sizes out of range. element_bytes: 4, or 2 for
-// float16/bfloat16 storage.
+// float16/bfloat16 storage, or 1 for int8 (q8_0: counted with its scales, 1.125 bytes a value).
 StepWork step_work(const std::string& rule, int64_t heads, int64_t head_dim, int64_t window, int64_t sinks,
                    int64_t element_bytes, int64_t tokens);
 

@@ -1,4 +1,4 @@
-// Slots in 16 bits: a fold updates float32 rows and rounds them back.
+// Slots in 16 or 8 bits: a fold updates float32 rows and rounds them back.
 #include "rule.hpp"
 
 #include <cstring>
@@ -25,13 +25,13 @@ void SlotRule::set_position(int64_t lane, int64_t s, const float* key, double po
     float* row = scratch<Rope>(static_cast<size_t>(dims_.dk));  // key may be a SlotEdit's scratch
     std::memcpy(row, key, sizeof(float) * dims_.dk);
     dims_.rope->rotate_at(row, position);
-    store_row(read_k_.lane(lane) + s * dims_.dk * slot_bytes(), row, dims_.dk, slot_dtype_);
+    store_row(read_k_.lane(lane) + s * key_bytes(), row, dims_.dk, slot_dtype_);
     slot_pos_.lane<double>(lane)[s] = position;
 }
 
 void SlotRule::move_positions(int64_t lane, int64_t to, int64_t from, int64_t n) {
     if (!keeps_positions() || n <= 0) return;
-    const size_t row = static_cast<size_t>(dims_.dk * slot_bytes());
+    const size_t row = static_cast<size_t>(key_bytes());
     std::memmove(read_k_.lane(lane) + to * row, read_k_.lane(lane) + from * row, n * row);
     double* pos = slot_pos_.lane<double>(lane);
     std::memmove(pos + to, pos + from, sizeof(double) * n);

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "attention.hpp"
 #include "buffer.hpp"
 #include "kernels/kernels.hpp"
 #include "kvfold/kvfold.hpp"
@@ -130,19 +131,26 @@ class SlotRule : public Rule {
     virtual int64_t visible_slots(int64_t folded) const { return folded > 0 ? max_slots() : 0; }
     // Slot holding the oldest summary after `folded` folds (slots form a ring).
     virtual int64_t oldest_slot(int64_t /*folded*/) const { return 0; }
+    // The row of a lane's slots that holds slot s (s < visible_slots(folded), in the order memory() and
+    // visible() show them); attention reads rows [0, visible_slots) in whatever order they are.
+    virtual int64_t slot_row(int64_t /*lane*/, int64_t folded, int64_t s) const {
+        return (oldest_slot(folded) + s) % max_slots();
+    }
     // A logit bias per slot ([max_slots] floats of a lane), added to the scaled scores; null for none.
     virtual const float* slot_bias(int64_t /*lane*/) const { return nullptr; }
 
     // Slot s of a lane, as stored (slot_dtype()); keys as folded (un-rotated with a RoPE).
-    const void* slot_key(int64_t lane, int64_t s) const { return slot_k_.lane(lane) + s * dims_.dk * slot_bytes(); }
+    const void* slot_key(int64_t lane, int64_t s) const { return slot_k_.lane(lane) + s * key_bytes(); }
     // The key attention reads: with a RoPE, the slot's key rotated at its position.
     const void* read_key(int64_t lane, int64_t s) const {
-        return keeps_positions() ? read_k_.lane(lane) + s * dims_.dk * slot_bytes() : slot_key(lane, s);
+        return keeps_positions() ? read_k_.lane(lane) + s * key_bytes() : slot_key(lane, s);
     }
-    const void* slot_value(int64_t lane, int64_t s) const { return slot_v_.lane(lane) + s * dims_.dv * slot_bytes(); }
+    const void* slot_value(int64_t lane, int64_t s) const { return slot_v_.lane(lane) + s * value_bytes(); }
 
    protected:
-    int64_t slot_bytes() const { return slot_dtype_ == DType::float32 ? 4 : 2; }  // per value
+    // Bytes of a key slot and of a value slot in slot_dtype().
+    int64_t key_bytes() const { return static_cast<int64_t>(row_bytes(slot_dtype_, dims_.dk)); }
+    int64_t value_bytes() const { return static_cast<int64_t>(row_bytes(slot_dtype_, dims_.dv)); }
     // A lane's slots as float32, for the rules whose state they are.
     float* state_keys(int64_t lane) { return slot_k_.lane<float>(lane); }
     float* state_values(int64_t lane) { return slot_v_.lane<float>(lane); }
@@ -155,8 +163,8 @@ class SlotRule : public Rule {
             : rule_(rule),
               lane_(lane),
               s_(s),
-              key_(rule.slot_k_.lane(lane) + s * rule.dims_.dk * rule.slot_bytes()),
-              value_(rule.slot_v_.lane(lane) + s * rule.dims_.dv * rule.slot_bytes()),
+              key_(rule.slot_k_.lane(lane) + s * rule.key_bytes()),
+              value_(rule.slot_v_.lane(lane) + s * rule.value_bytes()),
               k_(static_cast<float*>(key_)),
               v_(static_cast<float*>(value_)) {
             if (rule.slot_dtype_ != DType::float32) widen();
@@ -181,14 +189,20 @@ class SlotRule : public Rule {
     // Plans the slot buffers and registers them together with the rule's own state.
     void plan_slots(int64_t slots) {
         slot_dtype_ = slots_are_state() ? DType::float32 : dims_.dtype;
-        slot_k_.plan(dims_.lanes, slot_bytes() * slots * dims_.dk);
-        slot_v_.plan(dims_.lanes, slot_bytes() * slots * dims_.dv);
+        slot_k_.plan(dims_.lanes, key_bytes() * slots);
+        slot_v_.plan(dims_.lanes, value_bytes() * slots);
         buffers_ = {&slot_k_, &slot_v_};
         derived_.clear();
         if (keeps_positions()) {
-            add_buffer(read_k_, slot_bytes() * slots * dims_.dk);
+            add_buffer(read_k_, key_bytes() * slots);
             add_buffer(slot_pos_, sizeof(double) * slots);
         }
+    }
+    // For rules that write the slots from state of their own: the slots (and with a RoPE their read
+    // keys and positions) are derived, left out of the state format and written again by rebuild().
+    void derive_slots() {
+        for (const LaneBuffer* b : {&slot_k_, &slot_v_, &read_k_, &slot_pos_})
+            if (std::find(buffers_.begin(), buffers_.end(), b) != buffers_.end()) derived_.push_back(b);
     }
     // With a RoPE: slot s of a lane stands at `position`, and its read key is `key` (float32, as
     // folded) rotated there.
@@ -207,6 +221,41 @@ class RowRule : public SlotRule {
    public:
     void fold(int64_t, const float*, const float*, int64_t, int64_t) final {}
     virtual void fold_row(int64_t row, const float* k, const float* v, int64_t count) = 0;
+};
+
+// One slot that is a running average in float64 (Cumulative, EMA): per lane, accumulators for the
+// key, the value and, with a RoPE, the position take acc = keep * acc + add * pair, and the slot
+// reads acc * scale.
+class AccumulatorRule : public SlotRule {
+   public:
+    void plan(const Dims& d) override {
+        Rule::plan(d);
+        plan_slots(1);
+        add_buffer(acc_k_, sizeof(double) * d.dk);
+        add_buffer(acc_v_, sizeof(double) * d.dv);
+        if (keeps_positions()) add_buffer(acc_p_, sizeof(double));
+    }
+    int64_t max_slots() const override { return 1; }
+    bool averages_pairs() const override { return true; }
+
+   protected:
+    void accumulate(int64_t lane, const float* k, const float* v, int64_t position, double keep, double add,
+                    double scale) {
+        const Kernels& K = kernels();
+        SlotEdit slot(*this, lane, 0);
+        K.axpby_f64(acc_k_.lane<double>(lane), keep, k, add, slot.keys(), scale, dims_.dk);
+        K.axpby_f64(acc_v_.lane<double>(lane), keep, v, add, slot.values(), scale, dims_.dv);
+        double p = 0;
+        if (keeps_positions()) {
+            double& acc = *acc_p_.lane<double>(lane);
+            acc = keep * acc + add * static_cast<double>(position);
+            p = acc * scale;
+        }
+        slot.store(p);
+    }
+
+   private:
+    LaneBuffer acc_k_, acc_v_, acc_p_;
 };
 
 // Matrix memories (the linear-attention family) hold S (d_k x d_v) per lane, read linearly; the

@@ -18,6 +18,8 @@ struct Model {
     MemoryCache::Impl& c;
     int64_t dk() const { return c.cfg.head_dim; }
     int64_t dv() const { return c.cfg.value_dim; }
+    int64_t key_bytes() const { return static_cast<int64_t>(row_bytes(c.cfg.dtype, dk())); }  // a stored row
+    int64_t value_bytes() const { return static_cast<int64_t>(row_bytes(c.cfg.dtype, dv())); }
 
     // The pair a token's placement pushes out of the window (or the token's own, with window = 0).
     struct Evicted {
@@ -31,17 +33,17 @@ struct Model {
     // the input itself when window = 0, else a float32 copy of the evicted pair in ek/ev.
     Evicted place(int64_t lane, int64_t len, const float* kt, const float* vt, int64_t p, float* ek, float* ev) {
         const Config& cfg = c.cfg;
-        const size_t es = dtype_size(cfg.dtype);
+        const int64_t kb = key_bytes(), vb = value_bytes();
         if (len < cfg.sinks) {
-            store_row(c.sink_k.lane(lane) + len * dk() * es, kt, dk(), cfg.dtype);
-            store_row(c.sink_v.lane(lane) + len * dv() * es, vt, dv(), cfg.dtype);
+            store_row(c.sink_k.lane(lane) + len * kb, kt, dk(), cfg.dtype);
+            store_row(c.sink_v.lane(lane) + len * vb, vt, dv(), cfg.dtype);
             return {};
         }
         int64_t j = len - cfg.sinks;  // index among non-sink tokens
         if (cfg.window == 0) return {j, kt, vt, p};
         const WindowPlace at = enter_window(c, lane, j);
-        uint8_t* wk = c.win_k.lane(lane) + at.row * dk() * es;
-        uint8_t* wv = c.win_v.lane(lane) + at.row * dv() * es;
+        uint8_t* wk = c.win_k.lane(lane) + at.row * kb;
+        uint8_t* wv = c.win_v.lane(lane) + at.row * vb;
         int64_t* wp = c.rope.on() ? c.win_pos.lane<int64_t>(lane) + at.row : nullptr;
         Evicted out;
         if (at.evicts) {

@@ -1,13 +1,13 @@
-// The state format, version 2: a cache's configuration and state, little-endian throughout.
+// The state format, version 3: a cache's configuration and state, little-endian throughout.
 //
 //   offset  size  field
 //        0     8  magic "KVFOLD\r\n" (4b 56 46 4f 4c 44 0d 0a)
-//        8     4  u32 format version (2; version 1 is read too)
+//        8     4  u32 format version (3; versions 1 and 2 are read too)
 //       12     4  u32 flags (0; reserved)
 //       16     8  u64 total size of the state in bytes, this header and the CRC included
 //       24        config: i64 batch_size, num_heads, head_dim, value_dim, num_query_heads, window,
 //                 sinks; f64 scale (0 = 1/sqrt(head_dim)); u8 dtype (0 float32, 1 float16,
-//                 2 bfloat16); u8 check_finite (0 or 1)
+//                 2 bfloat16, version 3: 3 int8); u8 check_finite (0 or 1)
 //                 version 2: f64 rope theta (0: no RoPE), i64 rope dim (0: the whole head), u8 rope
 //                 layout (0 half, 1 interleaved), u8 retain (0 fifo, 1 tova, 2 h2o), i64 recent (-1:
 //                 the default)
@@ -22,6 +22,7 @@
 //                 positions, with tova or h2o the window's scores and order; then the rule's buffers,
 //                 in the order they are registered)
 //
+// Version 3 adds the dtype int8 (rows in the q8_0 layout, kernels/q8.hpp) and nothing else.
 // Version 1 has no RoPE, retention or positions: a cache read from it is fifo, without a RoPE, and
 // each row's last position is its length minus one.
 //   total-4        u32 CRC32 (zlib's) of every byte before it
@@ -40,7 +41,7 @@ namespace kvfold {
 namespace {
 
 constexpr char kMagic[8] = {'K', 'V', 'F', 'O', 'L', 'D', '\r', '\n'};
-constexpr uint32_t kFormatVersion = 2;
+constexpr uint32_t kFormatVersion = 3;
 constexpr uint32_t kMaxName = 1 << 12;
 constexpr size_t kHeader = MemoryCache::kStateHeader;  // magic, version, flags, total size
 constexpr int64_t kMaxLength = int64_t(1) << 62;       // tokens per row; far from overflow
@@ -236,7 +237,9 @@ std::unique_ptr<MemoryCache> MemoryCache::from_bytes(const void* data, size_t si
     g.sinks = r.get<int64_t>("sinks");
     g.scale = r.get<double>("scale");
     uint8_t dtype = r.get<uint8_t>("dtype");
-    if (dtype > 2) Reader::fail("dtype code " + std::to_string(dtype) + " is not 0, 1 or 2");
+    if (dtype > (version >= 3 ? 3 : 2))
+        Reader::fail("dtype code " + std::to_string(dtype) + " is not 0, 1, 2" +
+                     (version >= 3 ? " or 3" : " (3, int8, from format version 3 on)"));
     g.dtype = static_cast<DType>(dtype);
     uint8_t check_finite = r.get<uint8_t>("check_finite");
     if (check_finite > 1) Reader::fail("check_finite is " + std::to_string(check_finite) + ", expected 0 or 1");

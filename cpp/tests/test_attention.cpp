@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "../src/attention.hpp"
+#include "../src/half.hpp"
 #include "../src/kernels/kernels.hpp"
 #include "check.hpp"
 
@@ -49,15 +50,20 @@ Stored make_rows(int64_t rows, int64_t dk, int64_t dv, DType dtype, unsigned see
 }
 
 // float64 softmax attention of one query over the concatenated rows; bias[p], when not empty, holds
-// a logit per row of part p.
+// a logit per row of part p. Rows stored as bfloat16 meet the query as the active table's bfloat16
+// scores read it (rounded to bfloat16 on avx512bf16).
 std::vector<double> expected(const float* q, const std::vector<Stored>& parts, int64_t dk, int64_t dv, float scale,
                              const std::vector<std::vector<float>>& bias = {}) {
     std::vector<double> scores, out(dv, 0.0);
     std::vector<const float*> values;
+    std::vector<float> q_bf16(q, q + dk);
+    if (kernels().bf16_scores_round_query)
+        for (float& x : q_bf16) x = bf16_to_float(float_to_bf16(x));
     for (size_t p = 0; p < parts.size(); ++p)
         for (int64_t j = 0; j < parts[p].rows; ++j) {
+            const float* qp = parts[p].dtype == DType::bfloat16 ? q_bf16.data() : q;
             double s = 0;
-            for (int64_t i = 0; i < dk; ++i) s += double(q[i]) * parts[p].k[j * dk + i];
+            for (int64_t i = 0; i < dk; ++i) s += double(qp[i]) * parts[p].k[j * dk + i];
             scores.push_back(s * scale + (p < bias.size() && !bias[p].empty() ? bias[p][j] : 0.0));
             values.push_back(&parts[p].v[j * dv]);
         }

@@ -12,8 +12,8 @@ using namespace kvfold;
 TEST(roofline_fma_peak_is_plausible_for_every_backend) {
     for (const std::string& name : available_backends()) {
         const double peak = roofline::fma_peak(name, 0.02);
-        // Between a slow emulator's 10 MFLOP/s and 10 TFLOP/s on one core.
-        CHECK(std::isfinite(peak) && peak > 1e7 && peak < 1e13);
+        // Between 1 MFLOP/s (an emulator, or valgrind on a busy core) and 10 TFLOP/s on one core.
+        CHECK(std::isfinite(peak) && peak > 1e6 && peak < 1e13);
     }
     bool refused = false;
     try {

@@ -208,7 +208,7 @@ TEST(from_bytes_rejects_bad_headers) {
     rejects(s.substr(0, s.size() - 1));
     rejects(s + "x");
     std::string future = s;
-    future[8] = 3;  // newer than this build reads
+    future[8] = 4;  // newer than this build reads
     rejects(future);
     std::string body = s.substr(0, s.size() - 4);
     std::string huge = body;

@@ -105,8 +105,10 @@ class MemoryCache(_core.MemoryCache):
     the ``recent`` newest (default ``window // 2``). Summary rules only (not the matrix rules nor Custom).
     ``kvfold.reference.StreamCache`` is the model both follow.
 
-    ``dtype`` ("float32", "float16", "bfloat16") is how sinks, window and memory slots are stored (GRU and
-    Custom slots, being their state, and matrix memories stay float32); compute is float32.
+    ``dtype`` ("float32", "float16", "bfloat16", "int8") is how sinks, window and memory slots are stored (GRU
+    and Custom slots, being their state, and matrix memories stay float32); compute is float32. "int8" is
+    llama.cpp's q8_0: every 32 values share a float32 scale (max |x| / 127); scores multiply the int8 keys
+    by the query quantized the same way, accumulating in float32.
     Inputs of any real dtype and layout are converted; NaN/Inf is rejected unless ``check_finite=False``.
     Bad input raises ValueError or TypeError and leaves the cache as it was.
 

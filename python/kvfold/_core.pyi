@@ -74,17 +74,8 @@ class MemoryCache(metaclass=_pybind11_type):
         out: Optional[npt.NDArray[np.float32]] = None,
         positions: Optional[npt.ArrayLike] = None,
     ) -> npt.NDArray[np.float32]: ...
-    def _step_overhead(
-        self,
-        q: npt.ArrayLike,
-        k: npt.ArrayLike,
-        v: npt.ArrayLike,
-        *,
-        decay: Optional[npt.ArrayLike] = None,
-        beta: Optional[npt.ArrayLike] = None,
-        out: Optional[npt.NDArray[np.float32]] = None,
-        positions: Optional[npt.ArrayLike] = None,
-    ) -> npt.NDArray[np.float32]: ...
+    # step's arguments, checked and converted, without the step (the benchmark's binding overhead)
+    _step_overhead = step
     def forward(
         self,
         q: npt.ArrayLike,

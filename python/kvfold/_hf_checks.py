@@ -18,8 +18,8 @@ def storage_dtype(dtype: Any) -> str:
         if dtype not in _DTYPES:
             raise ValueError(f"dtype: expected torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
         return _DTYPES[dtype]
-    if dtype not in ("float32", "float16", "bfloat16"):
-        raise ValueError(f"dtype: expected 'float32', 'float16' or 'bfloat16', got {dtype!r}")
+    if dtype not in ("float32", "float16", "bfloat16", "int8"):
+        raise ValueError(f"dtype: expected 'float32', 'float16', 'bfloat16' or 'int8', got {dtype!r}")
     return dtype
 
 

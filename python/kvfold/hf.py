@@ -48,7 +48,8 @@ class FoldCache(Cache):
 
     ``rule`` folds the pairs pushed out of the window (``None`` means ``rules.Drop()``: a sliding window,
     StreamingLLM with ``sinks``); ``window`` recent pairs and the first ``sinks`` pairs are kept exactly.
-    ``dtype`` is how sinks, window and memory slots are stored ("float32", "float16", "bfloat16" or a torch dtype).
+    ``dtype`` is how sinks, window and memory slots are stored ("float32", "float16", "bfloat16", "int8" or a
+    torch dtype).
     Only summary rules: their slots are key/value pairs the model's softmax attention reads.
 
     ``rope`` (``kvfold.RoPE``, e.g. ``RoPE.from_config(model.config)``): fold pairs un-rotated and read each

@@ -46,6 +46,19 @@ py::array step_call(MemoryCache& c, const py::handle& q_obj, const py::handle& k
     return o.array;
 }
 
+// A per-row property (MemoryCache::lengths, last_positions), read without the GIL, as a (B,) int64 array.
+template <std::vector<int64_t> (MemoryCache::*Get)() const>
+py::array_t<int64_t> per_row(const MemoryCache& c) {
+    std::vector<int64_t> l;
+    {
+        ReleaseGil release;
+        l = (c.*Get)();
+    }
+    py::array_t<int64_t> a(static_cast<py::ssize_t>(l.size()));
+    std::copy(l.begin(), l.end(), a.mutable_data());
+    return a;
+}
+
 }  // namespace
 
 void bind_cache(py::module_& m) {
@@ -277,13 +290,9 @@ void bind_cache(py::module_& m) {
             "The visible set [sinks | slots | window] per row, oldest first, padded: keys (B, H, n, d_k), "
             "values (B, H, n, d_v), mask (B, n). out=(keys, values): float32 arrays with room for at least n\n"
             "rows per head (keys (B, H, rows, d_k)) are filled instead (padding rows with zeros) and returned.")
-        .def_property_readonly(
-            "visible_size",
-            [](const MemoryCache& c) {
-                ReleaseGil release;
-                return c.visible_size();
-            },
-            "Pairs in the largest row's visible set: the n of visible().")
+        .def_property_readonly("visible_size",
+                               py::cpp_function(&MemoryCache::visible_size, py::call_guard<ReleaseGil>()),
+                               "Pairs in the largest row's visible set: the n of visible().")
         .def(
             "reset",
             [](MemoryCache& c, const py::object& rows) {
@@ -297,13 +306,8 @@ void bind_cache(py::module_& m) {
                 c.reset_rows(r.data(), static_cast<int64_t>(r.size()));
             },
             py::arg("rows") = py::none(), "Back to empty, for all rows or the given rows.")
-        .def(
-            "checkpoint",
-            [](const MemoryCache& c) {
-                ReleaseGil release;
-                return c.checkpoint();
-            },
-            "An immutable snapshot of the state; rollback restores it. Costs one copy of the state.")
+        .def("checkpoint", &MemoryCache::checkpoint, py::call_guard<ReleaseGil>(),
+             "An immutable snapshot of the state; rollback restores it. Costs one copy of the state.")
         .def(
             "rollback",
             [](MemoryCache& c, const kvfold::Checkpoint& cp, const py::object& rows) {
@@ -333,38 +337,12 @@ void bind_cache(py::module_& m) {
                 return py::bytes(s);
             },
             "The cache's configuration and state in kvfold's versioned binary format.")
+        .def_property_readonly("length", &per_row<&MemoryCache::lengths>, "Tokens seen per row, (B,) int64.")
         .def_property_readonly(
-            "length",
-            [](const MemoryCache& c) {
-                std::vector<int64_t> l;
-                {
-                    ReleaseGil release;
-                    l = c.lengths();
-                }
-                py::array_t<int64_t> a(static_cast<py::ssize_t>(l.size()));
-                std::copy(l.begin(), l.end(), a.mutable_data());
-                return a;
-            },
-            "Tokens seen per row, (B,) int64.")
-        .def_property_readonly(
-            "last_position",
-            [](const MemoryCache& c) {
-                std::vector<int64_t> l;
-                {
-                    ReleaseGil release;
-                    l = c.last_positions();
-                }
-                py::array_t<int64_t> a(static_cast<py::ssize_t>(l.size()));
-                std::copy(l.begin(), l.end(), a.mutable_data());
-                return a;
-            },
+            "last_position", &per_row<&MemoryCache::last_positions>,
             "Each row's latest position, (B,) int64 (0 before its first token): positions= may not go below it.")
         .def_property_readonly(
-            "nbytes",
-            [](const MemoryCache& c) {
-                ReleaseGil release;
-                return c.nbytes();
-            },
+            "nbytes", py::cpp_function(&MemoryCache::nbytes, py::call_guard<ReleaseGil>()),
             "Bytes held by the cache; fixed at construction, changed only by a reorder that changes the batch size.")
         .def_property_readonly("batch_size", [](const MemoryCache& c) { return c.config().batch_size; })
         .def_property_readonly("num_heads", [](const MemoryCache& c) { return c.config().num_heads; })

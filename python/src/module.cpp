@@ -30,8 +30,10 @@ PYBIND11_MODULE(_core, m) {
         }
     });
 
-    m.def("simd_backend", &kvfold::simd_backend, "Name of the SIMD kernels in use: scalar, avx2, avx512 or neon.");
-    m.def("available_backends", &kvfold::available_backends, "SIMD backends this machine can run, best last.");
+    m.def("simd_backend", &kvfold::simd_backend,
+          "Name of the SIMD kernels in use: scalar, avx2, avx512, avx512bf16 or neon.");
+    m.def("available_backends", &kvfold::available_backends,
+          "SIMD backends this machine can run, least capable first (avx512bf16 runs only when named).");
     m.def("_set_simd_backend", &kvfold::set_simd_backend, py::arg("name"));
     m.def(
         "_threads_without_gil", [] { return threads_without_gil.load(std::memory_order_relaxed); },

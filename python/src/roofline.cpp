@@ -15,22 +15,10 @@ namespace kvfold_py {
 
 void bind_roofline(py::module_& m) {
     namespace rf = kvfold::roofline;
-    m.def(
-        "_fma_peak",
-        [](const std::string& backend, double seconds) {
-            ReleaseGil release;
-            return rf::fma_peak(backend, seconds);
-        },
-        py::arg("backend"), py::arg("seconds"),
-        "FLOP/s of one core running independent FMA chains in the backend's vectors (best round).");
-    m.def(
-        "_read_bandwidth",
-        [](int64_t bytes, double seconds) {
-            ReleaseGil release;
-            return rf::read_bandwidth(bytes, seconds);
-        },
-        py::arg("bytes"), py::arg("seconds"),
-        "Bytes/s one core reads from a buffer of this size, read again and again (best round).");
+    m.def("_fma_peak", &rf::fma_peak, py::arg("backend"), py::arg("seconds"), py::call_guard<ReleaseGil>(),
+          "FLOP/s of one core running independent FMA chains in the backend's vectors (best round).");
+    m.def("_read_bandwidth", &rf::read_bandwidth, py::arg("bytes"), py::arg("seconds"), py::call_guard<ReleaseGil>(),
+          "Bytes/s one core reads from a buffer of this size, read again and again (best round).");
     m.def(
         "_step_work",
         [](const std::string& rule, int64_t heads, int64_t head_dim, int64_t window, int64_t sinks,

@@ -52,7 +52,7 @@ typedef enum kvfold_status {
 } kvfold_status;
 
 /* Storage type of the pairs a cache keeps; compute is float32. */
-typedef enum kvfold_dtype { KVFOLD_FLOAT32 = 0, KVFOLD_FLOAT16 = 1, KVFOLD_BFLOAT16 = 2 } kvfold_dtype;
+typedef enum kvfold_dtype { KVFOLD_FLOAT32 = 0, KVFOLD_FLOAT16 = 1, KVFOLD_BFLOAT16 = 2, KVFOLD_INT8 = 3 } kvfold_dtype;
 
 typedef struct kvfold_cache kvfold_cache;           /* a cache (opaque) */
 typedef struct kvfold_checkpoint kvfold_checkpoint; /* an immutable snapshot of a cache (opaque) */

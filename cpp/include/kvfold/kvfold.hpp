@@ -29,8 +29,9 @@ struct KVFOLD_API RuntimeError : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
 
-// Storage type of the pairs a cache keeps (sinks, window, memory slots). Compute is float32.
-enum class DType : uint8_t { float32 = 0, float16 = 1, bfloat16 = 2 };
+// Storage type of the pairs a cache keeps (sinks, window, memory slots). Compute is float32, but for
+// int8 (q8_0: blocks of 32 values with a float32 scale each), whose scores multiply int8 by int8.
+enum class DType : uint8_t { float32 = 0, float16 = 1, bfloat16 = 2, int8 = 3 };
 KVFOLD_API DType parse_dtype(const std::string& name);
 KVFOLD_API const char* dtype_name(DType dtype);
 KVFOLD_API size_t dtype_size(DType dtype);
@@ -222,15 +223,16 @@ class KVFOLD_API MemoryCache {
     std::unique_ptr<Impl> impl_;
 };
 
-// The kernels chosen at load time: "scalar", "avx2", "avx512" or "neon".
+// The kernels chosen at load time: "scalar", "avx2", "avx512", "avx512bf16" or "neon".
 KVFOLD_API const char* simd_backend();
-// Backends this machine can run, best last.
+// Backends this machine can run, least capable first. "avx512bf16" (bfloat16 keys scored by
+// vdpbf16ps, the query rounded to bfloat16) runs only when named, never by default.
 KVFOLD_API std::vector<std::string> available_backends();
-// Every backend name kvfold knows: scalar, avx2, avx512, neon.
+// Every backend name kvfold knows: scalar, avx2, avx512, avx512bf16, neon.
 KVFOLD_API std::vector<std::string> known_backends();
 // Caps the backend, as the environment variable KVFOLD_SIMD does at load time: the best kernels at
 // or below the cap run (a cap above what the machine runs means the best it runs; a name of another
-// architecture caps nothing). Throws ValueError for a name kvfold does not know.
+// architecture caps nothing, and leaves the default). Throws ValueError for a name kvfold does not know.
 KVFOLD_API void set_simd_backend(const std::string& name);
 
 // Threads a call may use, the calling thread included (work splits over batch rows x KV heads

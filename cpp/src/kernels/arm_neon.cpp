@@ -163,7 +163,36 @@ void solve_unit_lower(const float* a, int64_t lda, float* x, int64_t ldx, int64_
 
 #include "table-inl.hpp"
 
-constexpr Kernels table = filled_table("neon");
+// int8 rows (q8-inl.hpp): the codes of a block multiply into int16 (vmull_s8; two products of codes
+// in [-127, 127] never overflow 16 bits) and add pairwise into 4 int32 (vpadalq_s16), exact.
+inline float q8_row_dot_neon(const int8_t* qc, const float* qs, const int8_t* kc, const uint8_t* row, int64_t d,
+                             int64_t first, int64_t n) {
+    const float* ks = q8_scales(row, d) + first;
+    float32x4_t acc = vdupq_n_f32(0);
+    for (int64_t b = 0; b < n; ++b) {
+        int32x4_t dot = vdupq_n_s32(0);
+        for (int h = 0; h < 2; ++h) {
+            const int8x16_t q = vld1q_s8(qc + kQ8Block * b + 16 * h), k = vld1q_s8(kc + kQ8Block * b + 16 * h);
+            const int16x8_t p = vmlal_s8(vmull_s8(vget_low_s8(q), vget_low_s8(k)), vget_high_s8(q), vget_high_s8(k));
+            dot = vpadalq_s16(dot, p);
+        }
+        acc = vfmaq_n_f32(acc, vcvtq_f32_s32(dot), qs[b] * ks[b]);
+    }
+    return vaddvq_f32(acc);
+}
+
+void scores_q8_neon(const float* q, int64_t q_stride, int64_t nq, const uint8_t* k, int64_t rows, int64_t d,
+                    float scale, float* s, int64_t s_stride) {
+    q8_scores_with(q8_row_dot_neon, q, q_stride, nq, k, rows, d, scale, s, s_stride);
+}
+
+constexpr Kernels make_table() {
+    Kernels k = filled_table("neon");
+    k.scores_q8 = scores_q8_neon;
+    return k;
+}
+
+constexpr Kernels table = make_table();
 
 }  // namespace
 }  // namespace neon

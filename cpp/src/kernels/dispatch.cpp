@@ -61,6 +61,11 @@ bool cpu_has_avx512() {
     bool f = b & (1u << 16), dq = b & (1u << 17), bw = b & (1u << 30), vl = b & (1u << 31);
     return f && dq && bw && vl;
 }
+
+bool cpu_has_avx512bf16() {
+    unsigned a, b, c, d;  // AVX512_BF16 is CPUID.(EAX=7, ECX=1):EAX[5]; the OS state is avx512's
+    return cpu_has_avx512() && cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 5));
+}
 #endif
 
 // Tables this machine can run, worst first.
@@ -69,6 +74,7 @@ std::vector<const Kernels*> detect() {
 #if defined(__x86_64__) || defined(_M_X64)
     if (cpu_has_avx2()) out.push_back(avx2_kernels());
     if (cpu_has_avx512()) out.push_back(avx512_kernels());
+    if (cpu_has_avx512bf16()) out.push_back(avx512bf16_kernels());
 #elif defined(__aarch64__)
     out.push_back(neon_kernels());  // NEON is baseline on aarch64
 #endif
@@ -81,9 +87,9 @@ const std::vector<const Kernels*>& runnable() {
 }
 
 // Every backend name, and this architecture's ladder of them, least capable first.
-const std::vector<std::string> kKnown = {"scalar", "avx2", "avx512", "neon"};
+const std::vector<std::string> kKnown = {"scalar", "avx2", "avx512", "avx512bf16", "neon"};
 #if defined(__x86_64__) || defined(_M_X64)
-const std::vector<std::string> kLadder = {"scalar", "avx2", "avx512"};
+const std::vector<std::string> kLadder = {"scalar", "avx2", "avx512", "avx512bf16"};
 #elif defined(__aarch64__)
 const std::vector<std::string> kLadder = {"scalar", "neon"};
 #else
@@ -96,16 +102,20 @@ int rung(const std::string& name) {
     return -1;
 }
 
+// Tables the machine runs but that are picked only when named: avx512bf16 rounds the query of a
+// bfloat16 cache to bfloat16 and measures no faster than avx512 (docs/performance.md).
+bool opt_in(const std::string& name) { return name == "avx512bf16"; }
+
 // The best table at or below the cap: a cap above what the machine runs means the best it runs,
-// and a name of another architecture caps nothing. Null for a name kvfold does not know.
+// and no cap, or a name of another architecture, means the best that is not opt-in. Null for a
+// name kvfold does not know.
 const Kernels* pick(const std::string& cap) {
     const auto& tables = runnable();
-    if (cap.empty()) return tables.back();
-    if (std::find(kKnown.begin(), kKnown.end(), cap) == kKnown.end()) return nullptr;
-    const int limit = rung(cap);
+    if (!cap.empty() && std::find(kKnown.begin(), kKnown.end(), cap) == kKnown.end()) return nullptr;
+    const int limit = cap.empty() ? -1 : rung(cap);
     const Kernels* best = tables.front();
     for (auto* t : tables)
-        if (limit < 0 || rung(t->name) <= limit) best = t;
+        if (limit < 0 ? !opt_in(t->name) : rung(t->name) <= limit) best = t;
     return best;
 }
 

@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "q8.hpp"
+
 namespace kvfold {
 
 // One sweep over a matrix memory S (rows: key dimensions, columns: value dimensions) of one KV
@@ -56,6 +58,9 @@ struct Gemm {
 
 struct Kernels {
     const char* name;
+    // scores_bf16 rounds the query to bfloat16 first (the avx512bf16 table's vdpbf16ps multiplies
+    // bfloat16 by bfloat16); the other tables score the float32 query. The kernels follow.
+    bool bf16_scores_round_query;
     // Rows in storage precision: f16 and bf16 rows are uint16_t bit patterns.
     float (*dot_f32)(const float* a, const float* b, int64_t n);
     float (*dot_f16)(const float* a, const uint16_t* b, int64_t n);
@@ -116,6 +121,17 @@ struct Kernels {
     //   are not read), x m x n (row i at x + i * ldx).
     void (*gemm)(const Gemm& g);
     void (*solve_unit_lower)(const float* a, int64_t lda, float* x, int64_t ldx, int64_t m, int64_t n);
+
+    // int8 rows (q8.hpp): a row of d values is q8_row_bytes(d) bytes, rows one after another. The
+    // conversions are exact functions of the row, the same bits in every table. scores_q8 quantizes
+    // each query like a row and multiplies int8 by int8; weighted_sum_q8 is weighted_sum over the
+    // rows as float32.
+    void (*f32_to_q8)(uint8_t* y, const float* x, int64_t n);
+    void (*q8_to_f32)(float* y, const uint8_t* x, int64_t n);
+    void (*scores_q8)(const float* q, int64_t q_stride, int64_t nq, const uint8_t* k, int64_t rows, int64_t d,
+                      float scale, float* s, int64_t s_stride);
+    void (*weighted_sum_q8)(const float* p, int64_t p_stride, int64_t nq, const uint8_t* v, int64_t rows, int64_t d,
+                            float* out, int64_t out_stride, bool add);
 };
 
 const Kernels& kernels();  // the active table
@@ -125,6 +141,7 @@ const Kernels* scalar_kernels();
 #if defined(__x86_64__) || defined(_M_X64)
 const Kernels* avx2_kernels();
 const Kernels* avx512_kernels();
+const Kernels* avx512bf16_kernels();  // avx512 with bfloat16 keys scored by vdpbf16ps (x86_avx512bf16.cpp)
 #elif defined(__aarch64__)
 const Kernels* neon_kernels();
 #endif

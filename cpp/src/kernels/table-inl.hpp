@@ -5,6 +5,7 @@
 // Include it at the end of the kernel file's namespace, inside its target region. No include
 // guard: each kernel file includes it once.
 
+#include "q8-inl.hpp"
 #include "rope-inl.hpp"
 
 constexpr Kernels filled_table(const char* name) {
@@ -43,5 +44,9 @@ constexpr Kernels filled_table(const char* name) {
     k.matrix_read = matrix_read;
     k.gemm = gemm;
     k.solve_unit_lower = solve_unit_lower;
+    k.f32_to_q8 = f32_to_q8;
+    k.q8_to_f32 = q8_to_f32;
+    k.scores_q8 = scores_q8;
+    k.weighted_sum_q8 = weighted_sum_q8;
     return k;
 }

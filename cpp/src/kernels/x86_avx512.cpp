@@ -510,8 +510,143 @@ void solve_unit_lower(const float* a, int64_t lda, float* x, int64_t ldx, int64_
 
 #include "table-inl.hpp"
 
+// int8 rows (q8-inl.hpp). Two blocks of codes are one register: vpmaddubsw multiplies |q| by k with
+// q's sign (llama.cpp's trick; codes are in [-127, 127], so no pair of products saturates 16 bits),
+// vpmaddwd sums them into 16 int32, exact, 8 per block; each block's 8 take the product of its two
+// scales. A last single block is a masked half.
+inline float q8_row_dot_avx512(const int8_t* qc, const float* qs, const int8_t* kc, const uint8_t* row, int64_t d,
+                               int64_t first, int64_t n) {
+    const float* ks = q8_scales(row, d) + first;
+    const __m512i ones = _mm512_set1_epi16(1);
+    const __m512i pair = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t b = 0; b < n; b += 2) {
+        const bool two = b + 1 < n;
+        const __mmask64 m = two ? ~__mmask64(0) : __mmask64(0xffffffffu);
+        const __m512i q = _mm512_maskz_loadu_epi8(m, qc + kQ8Block * b);
+        const __m512i k = _mm512_maskz_loadu_epi8(m, kc + kQ8Block * b);
+        const __m512i signed_k = _mm512_mask_sub_epi8(k, _mm512_movepi8_mask(q), _mm512_setzero_si512(), k);
+        const __m512i dot = _mm512_madd_epi16(_mm512_maddubs_epi16(_mm512_abs_epi8(q), signed_k), ones);
+        const __mmask8 m2 = two ? 3 : 1;
+        const __m128 scales = _mm_mul_ps(_mm_maskz_loadu_ps(m2, qs + b), _mm_maskz_loadu_ps(m2, ks + b));
+        acc =
+            _mm512_fmadd_ps(_mm512_permutexvar_ps(pair, _mm512_castps128_ps512(scales)), _mm512_cvtepi32_ps(dot), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+// Rows of at most 8 blocks (d <= 256): the query's codes, signs and scales go to registers once for
+// all rows, the rows' scales are multiplied by the query's in one register, and two rows' sums are
+// reduced together. P: pairs of blocks.
+template <int P>
+void q8_scores_pairs(const int8_t* qc, const float* qs, const uint8_t* k, int64_t rows, int64_t d, float* s) {
+    const int64_t nb = q8_blocks(d), row_bytes = q8_row_bytes(d);
+    const __mmask8 scale_mask = static_cast<__mmask8>((1u << nb) - 1);
+    const __m256 query_scales = _mm256_maskz_loadu_ps(scale_mask, qs);
+    const __m512i ones = _mm512_set1_epi16(1);
+    __m512i aq[P], pick[P];
+    __mmask64 neg[P], m[P];
+    KVFOLD_UNROLL(4)
+    for (int p = 0; p < P; ++p) {
+        m[p] = 2 * p + 1 < nb ? ~__mmask64(0) : __mmask64(0xffffffffu);
+        const __m512i q = _mm512_maskz_loadu_epi8(m[p], qc + 2 * kQ8Block * p);
+        aq[p] = _mm512_abs_epi8(q);
+        neg[p] = _mm512_movepi8_mask(q);
+        pick[p] = _mm512_set_epi32(2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1,
+                                   2 * p + 1, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p);
+    }
+    auto row_sum = [&](const uint8_t* row) {
+        const __m512 scales =
+            _mm512_castps256_ps512(_mm256_mul_ps(query_scales, _mm256_maskz_loadu_ps(scale_mask, q8_scales(row, d))));
+        __m512 acc = _mm512_setzero_ps();
+        KVFOLD_UNROLL(4)
+        for (int p = 0; p < P; ++p) {
+            const __m512i x = _mm512_maskz_loadu_epi8(m[p], row + 2 * kQ8Block * p);
+            const __m512i signed_x = _mm512_mask_sub_epi8(x, neg[p], _mm512_setzero_si512(), x);
+            const __m512i dot = _mm512_madd_epi16(_mm512_maddubs_epi16(aq[p], signed_x), ones);
+            acc = _mm512_fmadd_ps(_mm512_permutexvar_ps(pick[p], scales), _mm512_cvtepi32_ps(dot), acc);
+        }
+        return acc;
+    };
+    int64_t j = 0;
+    for (; j + 2 <= rows; j += 2) {
+        const __m512 a0 = row_sum(k + j * row_bytes), a1 = row_sum(k + (j + 1) * row_bytes);
+        // [a0 | a1] halves added, then each 128-bit quarter to its first lane: row 0 in lane 0, row 1 in lane 8
+        __m512 t = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, 0x44), _mm512_shuffle_f32x4(a0, a1, 0xee));
+        t = _mm512_add_ps(t, _mm512_shuffle_f32x4(t, t, 0xb1));
+        t = _mm512_add_ps(t, _mm512_permute_ps(t, 0x4e));
+        t = _mm512_add_ps(t, _mm512_permute_ps(t, 0xb1));
+        s[j] = _mm512_cvtss_f32(t);
+        s[j + 1] = _mm_cvtss_f32(_mm512_extractf32x4_ps(t, 2));
+    }
+    if (j < rows) s[j] = _mm512_reduce_add_ps(row_sum(k + j * row_bytes));
+}
+
+void scores_q8_avx512(const float* q, int64_t q_stride, int64_t nq, const uint8_t* k, int64_t rows, int64_t d,
+                      float scale, float* s, int64_t s_stride) {
+    const int64_t nb = q8_blocks(d);
+    if (nb > 8) return q8_scores_with(q8_row_dot_avx512, q, q_stride, nq, k, rows, d, scale, s, s_stride);
+    using Pairs = void (*)(const int8_t*, const float*, const uint8_t*, int64_t, int64_t, float*);
+    static constexpr Pairs by_pairs[5] = {nullptr, q8_scores_pairs<1>, q8_scores_pairs<2>, q8_scores_pairs<3>,
+                                          q8_scores_pairs<4>};
+    alignas(64) int8_t qc[8 * kQ8Block];
+    float qs[8];
+    for (int64_t i = 0; i < nq; ++i) {
+        for (int64_t b = 0; b < nb; ++b) {
+            const int64_t at = b * kQ8Block, n = d - at < kQ8Block ? d - at : kQ8Block;
+            qs[b] = scale * q8_quantize_block(q + i * q_stride + at, n, qc + at);
+        }
+        by_pairs[(nb + 1) / 2](qc, qs, k, rows, d, s + i * s_stride);
+    }
+}
+
+// o[0 : 32 NB] (+)= sum_j p_j v_j over blocks [first, first + NB) of the rows, in 2 NB registers.
+template <int NB>
+void accumulate_q8(const float* p, const uint8_t* v, int64_t rows, int64_t d, int64_t first, float* o, bool add) {
+    __m512 acc[2 * NB];
+    KVFOLD_UNROLL(8)
+    for (int t = 0; t < 2 * NB; ++t) acc[t] = _mm512_setzero_ps();
+    const int64_t row_bytes = q8_row_bytes(d);
+    for (int64_t j = 0; j < rows; ++j, v += row_bytes) {
+        const int8_t* codes = reinterpret_cast<const int8_t*>(v) + kQ8Block * first;
+        const float* ks = q8_scales(v, d) + first;
+        KVFOLD_UNROLL(4)
+        for (int b = 0; b < NB; ++b) {
+            const __m512 w = _mm512_set1_ps(p[j] * ks[b]);
+            KVFOLD_UNROLL(2)
+            for (int t = 0; t < 2; ++t) {
+                const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + kQ8Block * b + 16 * t));
+                acc[2 * b + t] = _mm512_fmadd_ps(w, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(x)), acc[2 * b + t]);
+            }
+        }
+    }
+    KVFOLD_UNROLL(8)
+    for (int t = 0; t < 2 * NB; ++t) {
+        __m512 x = acc[t];
+        if (add) x = _mm512_add_ps(x, _mm512_loadu_ps(o + 16 * t));
+        _mm512_storeu_ps(o + 16 * t, x);
+    }
+}
+
+void weighted_sum_q8_avx512(const float* p, int64_t p_stride, int64_t nq, const uint8_t* v, int64_t rows, int64_t d,
+                            float* out, int64_t out_stride, bool add) {
+    if (d % kQ8Block) return weighted_sum_q8(p, p_stride, nq, v, rows, d, out, out_stride, add);
+    using Acc = void (*)(const float*, const uint8_t*, int64_t, int64_t, int64_t, float*, bool);
+    static constexpr Acc by_blocks[4] = {nullptr, accumulate_q8<1>, accumulate_q8<2>, accumulate_q8<3>};
+    const int64_t nb = d / kQ8Block;
+    for (int64_t i = 0; i < nq; ++i) {
+        const float* pi = p + i * p_stride;
+        float* o = out + i * out_stride;
+        int64_t b = 0;
+        for (; b + 4 <= nb; b += 4) accumulate_q8<4>(pi, v, rows, d, b, o + kQ8Block * b, add);
+        if (b < nb) by_blocks[nb - b](pi, v, rows, d, b, o + kQ8Block * b, add);
+    }
+}
+
 constexpr Kernels make_table() {
     Kernels k = filled_table("avx512");
+    k.scores_q8 = scores_q8_avx512;
+    k.weighted_sum_q8 = weighted_sum_q8_avx512;
     k.scores_bf16 = scores_bf16;  // even and odd values apart, see above
     k.weighted_sum_bf16 = weighted_sum_bf16;
     k.softmax = softmax_short;  // short blocks in one register, see above

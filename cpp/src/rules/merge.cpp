@@ -6,15 +6,20 @@
 // bias = "log_count". With a RoPE each slot also sums its pairs' positions, Sp, and stands at Sp / n.
 //
 // The float64 sums live in slots + 1 places that never move: `order` maps a slot's index to its place,
-// and its last entry is the free place the next folded pair takes. Derived from the sums, and rebuilt
-// from them after a load rather than saved: each place's mean key direction in float32 and its squared
-// norm, the float32 cosines of every two places, and each place's largest cosine with another. A fold
-// computes only the new slot's and the merged slot's cosines, one SIMD score pass each (O(slots * d)),
-// and keeps the largest of each place up to date in O(slots) (a place whose largest was the entry that
-// fell is scanned again), so finding the most similar pair reads only the places near the top. The
-// pairs whose float32 cosine comes within its rounding error of the largest are compared again in
-// float64, so the choice is the float64 one. Only the slots attention reads (storage dtype) move down
-// on a merge.
+// and its last entry is the free place the next folded pair takes. The rows attention reads (means in
+// the storage dtype, ln n, with a RoPE the rotated key) never move either: place p < slots is read
+// from row p, and place `slots`, when it holds a slot, from the free place's row (row_of). A merge
+// so writes the merged slot's row and the folded pair's, and moves at most one row; attention reads
+// the rows in this order (softmax does not depend on it), memory() and visible() in slot order. The
+// rows are a function of the sums and the order: derived, not saved, written again after a load.
+//
+// Derived from the sums, and rebuilt from them after a load rather than saved: each place's mean key
+// direction in float16 (half the bytes a fold reads) and its squared norm, the float32 cosines of every two places, and
+// each place's largest cosine with another. A fold computes only the new slot's and the merged slot's cosines, one SIMD
+// score pass each (O(slots * d)), and keeps the largest of each place up to date in O(slots) (a place whose largest was
+// the entry that fell is scanned again), so finding the most similar pair reads only the places near the top. The pairs
+// whose cosine comes within the rounding error of the float16 directions of the largest are compared again in float64,
+// so the choice is the float64 one.
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -37,21 +42,35 @@ class Merge final : public SlotRule {
         add_buffer(sum_v_, sizeof(double) * n * d.dv);
         add_buffer(count_, sizeof(double) * n);
         add_buffer(order_, sizeof(int64_t) * n);  // slot index -> place
-        add_buffer(bias_, sizeof(float) * slots_);
         if (keeps_positions()) add_buffer(sum_p_, sizeof(double) * n);
-        add_derived_buffer(unit_, sizeof(float) * n * d.dk);  // Sk / |Sk| of each place (0 for a zero key)
-        add_derived_buffer(norm2_, sizeof(double) * n);       // |Sk|^2 of each place
-        add_derived_buffer(cosine_, sizeof(float) * n * n);   // cosine of the mean keys of places p and q
-        add_derived_buffer(largest_, sizeof(float) * n);      // each place's largest cosine with another
-        // a float32 dot of unit vectors is within (d + 2) float32 roundings of the exact cosine
-        margin_ = 2.0f * static_cast<float>(d.dk + 2) * std::numeric_limits<float>::epsilon();
+        derive_slots();
+        add_derived_buffer(bias_, sizeof(float) * slots_);
+        add_derived_buffer(unit_, sizeof(uint16_t) * n * d.dk);  // Sk / |Sk| of each place (0 for a zero key)
+        add_derived_buffer(norm2_, sizeof(double) * n);          // |Sk|^2 of each place
+        add_derived_buffer(cosine_, sizeof(float) * n * n);      // cosine of the mean keys of places p and q
+        add_derived_buffer(largest_, sizeof(float) * n);         // each place's largest cosine with another
+        // The float32 dot of two float16 unit vectors is within e of the exact cosine: each vector is
+        // off by at most d16 in length (a float32 then a float16 rounding of each component, and below
+        // float16's normal range its spacing, 2^-24), the dot by (d + 2) float32 roundings; two
+        // cosines within 2e may be either way round.
+        const double d16 =
+            std::ldexp(1.0, -11) + std::ldexp(1.0, -23) + std::sqrt(static_cast<double>(d.dk)) * std::ldexp(1.0, -24);
+        const double e = 2.0 * d16 * (1.0 + d16) + 1.01 * static_cast<double>(d.dk + 2) * std::ldexp(1.0, -23);
+        margin_ = static_cast<float>(2.0 * e);
     }
 
-    // The places' directions and cosines, in the order folds would have written them.
+    // The places' directions and cosines, in the order folds would have written them, and the rows
+    // attention reads. Place `slots` holds a slot from the first merge on (no count is 0 after a fold);
+    // before it, places [0, slots) fill in order and the empty ones have count 0.
     void rebuild(int64_t lane) override {
         float* largest = largest_.lane<float>(lane);
         for (int64_t p = 0; p <= slots_; ++p) largest[p] = 0;  // the largest of an all-zero matrix
         for (int64_t p = 0; p <= slots_; ++p) update_cosines(lane, p);
+        const int64_t* order = order_.lane<int64_t>(lane);
+        const double* count = count_.lane<double>(lane);
+        const bool merging = count[slots_] > 0;
+        for (int64_t p = 0; p <= slots_; ++p)
+            if (merging ? p != order[slots_] : p < slots_ && count[p] > 0) write_slot(lane, p);
     }
 
     void fold(int64_t lane, const float* k, const float* v, int64_t count, int64_t position) override {
@@ -70,7 +89,7 @@ class Merge final : public SlotRule {
         if (keeps_positions()) sum_p_.lane<double>(lane)[p] = static_cast<double>(position);
         update_cosines(lane, p);
         if (s < slots_) {
-            write_slot(lane, s);
+            write_slot(lane, p);
             return;
         }
         int64_t a, b;
@@ -80,15 +99,22 @@ class Merge final : public SlotRule {
         add(sum_v_.lane<double>(lane) + pa * dv, sum_v_.lane<double>(lane) + pb * dv, dv);
         count_.lane<double>(lane)[pa] += count_.lane<double>(lane)[pb];
         if (keeps_positions()) sum_p_.lane<double>(lane)[pa] += sum_p_.lane<double>(lane)[pb];
-        remove(lane, b);
+        // Slot b leaves: later slots move down in the order, and b's place becomes the free one.
+        std::memmove(order + b, order + b + 1, sizeof(int64_t) * (slots_ - b));
+        order[slots_] = pb;
         update_cosines(lane, pa);
-        write_slot(lane, a);
-        if (b < slots_) write_slot(lane, slots_ - 1);  // the folded pair moved down into the last slot
+        // Rows: place `slots` was read from row p when p < slots, and is now read from row pb.
+        if (p < slots_ && pb != p && pb != slots_ && pa != slots_) move_row(lane, p, pb);
+        write_slot(lane, pa);
+        if (pb != p) write_slot(lane, p);  // the folded pair, unless it merged
     }
 
     int64_t max_slots() const override { return slots_; }
     bool averages_pairs() const override { return true; }
     int64_t visible_slots(int64_t folded) const override { return folded < slots_ ? folded : slots_; }
+    int64_t slot_row(int64_t lane, int64_t /*folded*/, int64_t s) const override {
+        return row_of(order_.lane<int64_t>(lane), order_.lane<int64_t>(lane)[s]);
+    }
     const float* slot_bias(int64_t lane) const override { return log_count_ ? bias_.lane<float>(lane) : nullptr; }
 
    private:
@@ -119,17 +145,20 @@ class Merge final : public SlotRule {
     void update_cosines(int64_t lane, int64_t p) {
         const int64_t dk = dims_.dk, n = slots_ + 1;
         const double* sk = sum_k_.lane<double>(lane) + p * dk;
-        float* units = unit_.lane<float>(lane);
+        uint16_t* units = unit_.lane<uint16_t>(lane);
         float* cos = cosine_.lane<float>(lane);
         float* largest = largest_.lane<float>(lane);
         const double norm2 = dot(sk, sk, dk), inv = norm2 > 0 ? 1.0 / std::sqrt(norm2) : 0.0;
         norm2_.lane<double>(lane)[p] = norm2;
-        for (int64_t i = 0; i < dk; ++i) units[p * dk + i] = static_cast<float>(sk[i] * inv);
-        thread_local std::vector<float> row;
+        thread_local std::vector<float> row, unit;
         thread_local std::vector<int64_t> rescan;
         row.resize(static_cast<size_t>(n));
+        unit.resize(static_cast<size_t>(dk));
         rescan.clear();
-        kernels().scores_f32(units + p * dk, dk, 1, units, n, dk, 1.0f, row.data(), n);
+        for (int64_t i = 0; i < dk; ++i) unit[i] = static_cast<float>(sk[i] * inv);
+        store_row(units + p * dk, unit.data(), dk, DType::float16);
+        load_row(unit.data(), units + p * dk, dk, DType::float16);  // as the other places see it
+        kernels().scores_f16(unit.data(), dk, 1, units, n, dk, 1.0f, row.data(), n);
         float own = -std::numeric_limits<float>::infinity();
         for (int64_t q = 0; q < n; ++q) {
             const float was = cos[q * n + p], c = row[q];
@@ -191,27 +220,26 @@ class Merge final : public SlotRule {
         }
     }
 
-    // Removes slot b of the slots + 1: later slots move down, and b's place becomes the free one.
-    void remove(int64_t lane, int64_t b) {
-        int64_t* order = order_.lane<int64_t>(lane);
-        const int64_t freed = order[b];
-        std::memmove(order + b, order + b + 1, sizeof(int64_t) * (slots_ - b));
-        order[slots_] = freed;
-        if (b + 1 < slots_) {  // stored slots b+1 .. slots-1 move down; the last is rewritten
-            const int64_t moved = slots_ - 1 - b, es = slot_bytes(), dk = dims_.dk, dv = dims_.dv;
-            uint8_t* keys = slot_k_.lane(lane);
-            uint8_t* values = slot_v_.lane(lane);
-            std::memmove(keys + b * dk * es, keys + (b + 1) * dk * es, moved * dk * es);
-            std::memmove(values + b * dv * es, values + (b + 1) * dv * es, moved * dv * es);
-            float* bias = bias_.lane<float>(lane);
-            std::memmove(bias + b, bias + b + 1, sizeof(float) * moved);
-            move_positions(lane, b, b + 1, moved);
-        }
+    // The row attention reads place p from: its own, or for place `slots` the free place's. (A damaged
+    // state's order may say anything: the row is kept in range.)
+    int64_t row_of(const int64_t* order, int64_t p) const {
+        const int64_t r = p < slots_ ? p : order[slots_];
+        return r >= 0 && r < slots_ ? r : 0;
     }
 
-    // Slot s as attention reads it: the means, rounded once to the storage dtype, and ln n.
-    void write_slot(int64_t lane, int64_t s) {
-        const int64_t dk = dims_.dk, dv = dims_.dv, p = order_.lane<int64_t>(lane)[s];
+    // Row `from` as attention reads it copied to row `to`.
+    void move_row(int64_t lane, int64_t from, int64_t to) {
+        const int64_t kb = key_bytes(), vb = value_bytes();
+        std::memcpy(slot_k_.lane(lane) + to * kb, slot_k_.lane(lane) + from * kb, kb);
+        std::memcpy(slot_v_.lane(lane) + to * vb, slot_v_.lane(lane) + from * vb, vb);
+        float* bias = bias_.lane<float>(lane);
+        bias[to] = bias[from];
+        move_positions(lane, to, from, 1);
+    }
+
+    // Place p's row as attention reads it: the means, rounded once to the storage dtype, and ln n.
+    void write_slot(int64_t lane, int64_t p) {
+        const int64_t dk = dims_.dk, dv = dims_.dv, s = row_of(order_.lane<int64_t>(lane), p);
         thread_local std::vector<float> row;
         row.resize(static_cast<size_t>(dk + dv));
         const double n = count_.lane<double>(lane)[p], inv = 1.0 / n;
@@ -219,8 +247,8 @@ class Merge final : public SlotRule {
         const double* sv = sum_v_.lane<double>(lane) + p * dv;
         for (int64_t i = 0; i < dk; ++i) row[i] = static_cast<float>(sk[i] * inv);
         for (int64_t i = 0; i < dv; ++i) row[dk + i] = static_cast<float>(sv[i] * inv);
-        store_row(slot_k_.lane(lane) + s * dk * slot_bytes(), row.data(), dk, slot_dtype());
-        store_row(slot_v_.lane(lane) + s * dv * slot_bytes(), row.data() + dk, dv, slot_dtype());
+        store_row(slot_k_.lane(lane) + s * key_bytes(), row.data(), dk, slot_dtype());
+        store_row(slot_v_.lane(lane) + s * value_bytes(), row.data() + dk, dv, slot_dtype());
         bias_.lane<float>(lane)[s] = static_cast<float>(std::log(n));
         if (keeps_positions()) set_position(lane, s, row.data(), sum_p_.lane<double>(lane)[p] * inv);
     }
@@ -228,8 +256,8 @@ class Merge final : public SlotRule {
     int64_t slots_;
     bool log_count_;
     float margin_ = 0;
-    LaneBuffer sum_k_, sum_v_, count_, order_, bias_, sum_p_;  // the state
-    LaneBuffer unit_, norm2_, cosine_, largest_;               // derived from it
+    LaneBuffer sum_k_, sum_v_, count_, order_, sum_p_;   // the state
+    LaneBuffer bias_, unit_, norm2_, cosine_, largest_;  // derived from it
 };
 
 std::unique_ptr<Rule> make(const RuleSpec& spec) {

@@ -19,29 +19,15 @@ from __future__ import annotations
 
 from typing import Dict, Type
 
+from . import matrix, summary
 from ._base import _KINDS, Rule, from_spec
-from .matrix import Delta, Gated, GatedDelta, Linear, MatrixRule
-from .summary import EMA, GRU, Compressive, Cumulative, Custom, Drop, Merge, Moving, Weighted
+from .matrix import *  # noqa: F403  (its __all__: the matrix rules)
+from .summary import *  # noqa: F403  (its __all__: the summary rules)
 
-__all__ = [
-    "Rule",
-    "Drop",
-    "Cumulative",
-    "Moving",
-    "Weighted",
-    "EMA",
-    "Compressive",
-    "Merge",
-    "GRU",
-    "Linear",
-    "Gated",
-    "Delta",
-    "GatedDelta",
-    "Custom",
-    "MatrixRule",
-    "from_spec",
-    "kinds",
-]
+# Each rule module's __all__ lists its rules, so a new rule is exported from where it is defined.
+__all__ = ["Rule", "from_spec", "kinds"]
+__all__ += summary.__all__
+__all__ += matrix.__all__
 
 
 def kinds() -> Dict[str, Type[Rule]]:

@@ -11,6 +11,9 @@ import numpy as np
 
 from ._base import Reals, Rule, Token, _real, _reals
 
+# The rules kvfold.rules exports (a new rule adds its class here).
+__all__ = ["MatrixRule", "Linear", "Gated", "Delta", "GatedDelta"]
+
 State = Tuple[np.ndarray, Optional[np.ndarray]]  # S (H, d_k, d_v) and, for normalized Linear, z (H, d_k)
 
 

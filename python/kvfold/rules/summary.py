@@ -13,6 +13,9 @@ import numpy as np
 from .._checks import integer
 from ._base import Pair, Rule, _array, _real
 
+# The rules kvfold.rules exports (a new rule adds its class here).
+__all__ = ["Drop", "Cumulative", "Moving", "Weighted", "EMA", "Compressive", "Merge", "GRU", "Custom"]
+
 
 @dataclass(frozen=True)
 class Drop(Rule):

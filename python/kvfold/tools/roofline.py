@@ -36,7 +36,7 @@ def step_work(case: Any) -> Optional[Work]:
     kind = case.rule.kind
     if kind not in MODELED:
         return None
-    element_bytes = 4 if case.dtype == "float32" else 2
+    element_bytes = {"float32": 4, "int8": 1}.get(case.dtype, 2)
     b, f, footprint = _core._step_work(
         kind, case.heads, case.head_dim, case.window, case.sinks, element_bytes, max(case.tokens, 1)
     )
