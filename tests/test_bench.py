@@ -9,6 +9,7 @@ import pytest
 from kvfold import rules
 from kvfold.__main__ import main
 from kvfold.tools import bench
+from kvfold.tools.bench import ggml_peer
 
 PEERS = [p for p in bench.peers() if p.available]
 SMALL = [
@@ -27,9 +28,11 @@ MATRIX = [c for c in SMALL if c.matrix] + [
 @pytest.mark.parametrize("case", SMALL, ids=lambda c: c.name)
 @pytest.mark.parametrize("peer", PEERS, ids=lambda p: p.name)
 def test_peers_agree_with_kvfold(peer, case):
-    if not peer.supports(case):  # ONNX Runtime's attention and torch.cat windows need a window
-        assert (peer.name.startswith("onnxruntime") and not case.matrix) or (
-            peer.name == "torch-cat" and (case.matrix or case.window == 0)
+    if not peer.supports(case):  # ONNX Runtime's attention, torch.cat and ggml windows need a window
+        assert (
+            (peer.name.startswith("onnxruntime") and not case.matrix)
+            or (peer.name == "torch-cat" and (case.matrix or case.window == 0))
+            or (peer.name == "ggml" and not isinstance(case.rule, rules.Drop))
         )
         return
     assert bench._agreement(case, peer, threads=1) < 1e-5
@@ -41,7 +44,7 @@ def test_matrix_peers_prefill_like_kvfold(peer, case):
     """The peers' own prefill (chunked, or ONNX Runtime's operator over all tokens): 150 tokens,
     two chunks of 64 and a part of one."""
     case = replace(case, tokens=150)
-    if peer.name == "torch-cat":  # a way of writing windows, not matrix memories
+    if peer.name in ("torch-cat", "ggml"):  # ways of writing windows, not matrix memories
         assert not peer.supports(case)
         return
     assert peer.supports(case)
@@ -53,13 +56,31 @@ def test_peers_fill_from_empty_like_kvfold():
     case = bench.Case("fill", rules.Cumulative(), window=4, sinks=2, heads=2, head_dim=8)
     data = bench.make_data(case, seed=3)
     for peer in PEERS:
-        if peer.name.startswith("onnxruntime"):  # they attend over full buffers only, or run matrix rules
+        if peer.name.startswith("onnxruntime") or peer.name == "ggml":  # they attend over full buffers only
             continue
         theirs, ours = peer.memory(case, 1), bench.KvfoldMemory(case)
         for t in range(3):  # visible rows: 1, 2 sinks, then a window row; no memory yet
             a = ours.step(data["q"][0] + t, data["k"][0] - t, data["v"][0] * t)
             b = theirs.step(*(peer.convert(x) for x in (data["q"][0] + t, data["k"][0] - t, data["v"][0] * t)))
             assert np.abs(a - np.asarray(b)).max() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int8"])
+def test_ggml_peer_stores_the_cases_dtype(dtype):
+    """llama.cpp's cache in float16, bfloat16 or q8_0 against kvfold's in the same type: both round
+    the pairs alike (ggml also rounds the query and, for float16, its running sums)."""
+    import ggml as lib
+
+    ggml = next((p for p in PEERS if p.name == "ggml"), None)
+    if ggml is None:
+        pytest.skip("ggml-python is not installed")
+    case = bench.Case("drop", rules.Drop(), window=40, sinks=2, heads=2, head_dim=64, dtype=dtype)
+    exact = bench._agreements(replace(case, dtype="float32"), [ggml], threads=1)["ggml"]
+    rounded = bench._agreements(case, [ggml], threads=1)["ggml"]
+    assert exact < 1e-5 and rounded < 2e-2
+    memory = ggml.memory(case, 1)  # the tensor lives as long as its memory
+    stored = memory.k_cache.contents.type
+    assert stored == getattr(lib, ggml_peer.GGML_TYPES[dtype]) != lib.GGML_TYPE_F32
 
 
 @pytest.mark.one_backend

@@ -9,6 +9,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 
 from ... import rules
+from . import ggml_peer
 from .cases import Case
 from .matrix_peers import NumpyMatrix, OrtMatrix, TorchMatrix, _matrix_kind, _ort_linear_attention
 from .summary_peers import NumpyMemory, OrtMemory, TorchCatMemory, TorchMemory
@@ -49,10 +50,12 @@ def _numpy_blas_threads() -> Callable[[int], None]:
 
 
 def peers() -> List[Peer]:
-    """The peers of this machine: NumPy always, PyTorch and ONNX Runtime when installed."""
+    """The peers of this machine: NumPy always; PyTorch, ONNX Runtime and ggml (llama.cpp's kernels,
+    from the ggml-python package) when installed."""
     summary_rules = (rules.Drop, rules.Cumulative, rules.EMA)
     torch = _installed("torch")
     ort = _installed("onnxruntime") if _installed("onnx") else None
+    ggml = _installed("ggml")
 
     with_torch: Dict[str, Any] = {  # tensors from the NumPy data, torch's threads
         "convert": (lambda x: torch.from_numpy(np.ascontiguousarray(x))) if torch else (lambda x: x),
@@ -103,6 +106,14 @@ def peers() -> List[Peer]:
             lambda c: _matrix_kind(c) is not None,
             lambda c, n: OrtMatrix(c, n, domain=""),
             version=getattr(ort, "__version__", ""),
+        ),
+        # llama.cpp's flash attention over a cache in the case's own storage type (q8_0 for int8).
+        Peer(
+            "ggml",
+            ggml is not None,
+            ggml_peer.supports,
+            lambda c, n: ggml_peer.GgmlMemory(c, n),
+            version=getattr(ggml, "__version__", ""),
         ),
     ]
 
