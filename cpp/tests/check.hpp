@@ -42,6 +42,15 @@ inline void fail(const char* file, int line, const std::string& what) {
         if (!(cond)) check::fail(__FILE__, __LINE__, #cond); \
     } while (0)
 
+// CHECK, and the test ends at once when cond fails (what follows needs it).
+#define REQUIRE(cond)                               \
+    do {                                            \
+        if (!(cond)) {                              \
+            check::fail(__FILE__, __LINE__, #cond); \
+            return;                                 \
+        }                                           \
+    } while (0)
+
 #define CHECK_NEAR(a, b, tol)                                                                              \
     do {                                                                                                   \
         double a_ = (a), b_ = (b);                                                                         \

@@ -70,8 +70,7 @@ TEST(c_api_forward_takes_the_per_token_gates) {
     for (size_t i = 0; i < decay.size(); ++i) decay[i] = -0.05f * static_cast<float>(1 + i % 7);
     for (size_t i = 0; i < beta.size(); ++i) beta[i] = 0.1f * static_cast<float>(1 + i % 9);
     kvfold_cache* cache = create(c, r);
-    CHECK(cache != nullptr);
-    if (!cache) return;
+    REQUIRE(cache != nullptr);
     kvfold::MemoryCache ref(to_cpp(c), r.spec());
     std::vector<float> out(B * Hq * T * dv), want(out.size()), ungated(out.size());
     // The gated delta rule needs its gates: without them the call fails and changes nothing.
@@ -176,8 +175,7 @@ TEST(c_api_null_handles_and_pointers_are_errors) {
     // With a cache: each missing array is named, and nothing changes.
     const kvfold_config c = small_config();
     kvfold_cache* cache = create(c, CRule("cumulative", {}));
-    CHECK(cache != nullptr);
-    if (!cache) return;
+    REQUIRE(cache != nullptr);
     const auto before = bytes_of(cache);
     CHECK(kvfold_update(cache, x, nullptr, 1, nullptr) == KVFOLD_VALUE_ERROR);
     CHECK(contains(kvfold_last_error(cache), "v:"));
@@ -206,8 +204,7 @@ TEST(c_api_null_handles_and_pointers_are_errors) {
 TEST(c_api_bad_values_leave_the_cache_untouched) {
     const kvfold_config c = small_config();
     kvfold_cache* cache = create(c, CRule("ema", {{"alpha", {0.5}}}));
-    CHECK(cache != nullptr);
-    if (!cache) return;
+    REQUIRE(cache != nullptr);
     const int64_t T = 5;
     auto k = normal(2 * 2 * T * 5, 7), v = normal(2 * 2 * T * 3, 8);
     CHECK(kvfold_update(cache, k.data(), v.data(), T, nullptr) == KVFOLD_OK);

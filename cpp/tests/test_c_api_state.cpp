@@ -14,8 +14,7 @@ TEST(c_api_state_round_trips_through_bytes) {
     kvfold_config c = small_config();
     c.dtype = KVFOLD_FLOAT16;
     kvfold_cache* cache = create(c, CRule("moving", {{"n", {2}}}));
-    CHECK(cache != nullptr);
-    if (!cache) return;
+    REQUIRE(cache != nullptr);
     const int64_t T = 7;
     auto k = normal(2 * 2 * T * 5, 9), v = normal(2 * 2 * T * 3, 10), q = normal(2 * 4 * 5, 11);
     CHECK(kvfold_update(cache, k.data(), v.data(), T, nullptr) == KVFOLD_OK);
@@ -64,8 +63,7 @@ TEST(c_api_state_round_trips_through_bytes) {
 TEST(c_api_checkpoint_and_rollback) {
     const kvfold_config c = small_config();
     kvfold_cache* cache = create(c, CRule("weighted", {{"betas", {0.5, 1.0, 2.0}}}));
-    CHECK(cache != nullptr);
-    if (!cache) return;
+    REQUIRE(cache != nullptr);
     const int64_t T = 4;
     auto k = normal(2 * 2 * T * 5, 12), v = normal(2 * 2 * T * 3, 13);
     CHECK(kvfold_update(cache, k.data(), v.data(), T, nullptr) == KVFOLD_OK);
