@@ -19,16 +19,34 @@ void check_close(const std::vector<float>& a, const std::vector<float>& b, doubl
     CHECK(a.size() == b.size());
     for (size_t i = 0; i < a.size() && i < b.size(); ++i) CHECK_NEAR(a[i], b[i], tol);
 }
+// n random floats a and b (seeds seed and seed + 1), and b in float16 (h) and bfloat16 (bf), as the
+// scalar table rounds it.
+struct Inputs {
+    std::vector<float> a, b;
+    std::vector<uint16_t> h, bf;
+};
+Inputs inputs(int64_t n, unsigned seed) {
+    Inputs x{normal(n, seed), normal(n, seed + 1), std::vector<uint16_t>(n), std::vector<uint16_t>(n)};
+    scalar_kernels()->f32_to_f16(x.h.data(), x.b.data(), n);
+    scalar_kernels()->f32_to_bf16(x.bf.data(), x.b.data(), n);
+    return x;
+}
+// A conversion of the tested table gives the scalar one's output, bit for bit.
+template <class Out, class In>
+void same_conversion(void (*Kernels::*convert)(Out*, const In*, int64_t), const std::vector<In>& x) {
+    const int64_t n = static_cast<int64_t>(x.size());
+    std::vector<Out> want(x.size()), got(x.size());
+    (scalar_kernels()->*convert)(want.data(), x.data(), n);
+    (kernels().*convert)(got.data(), x.data(), n);
+    CHECK(std::memcmp(want.data(), got.data(), sizeof(Out) * x.size()) == 0);
+}
 }  // namespace
 
 TEST(kernels_match_scalar) {
     const Kernels& S = *scalar_kernels();
     const Kernels& K = kernels();
     for (int64_t n : kSizes) {
-        auto a = normal(n, 1), b = normal(n, 2);
-        std::vector<uint16_t> h(n), bf(n);
-        S.f32_to_f16(h.data(), b.data(), n);
-        S.f32_to_bf16(bf.data(), b.data(), n);
+        auto [a, b, h, bf] = inputs(n, 1);
         CHECK_NEAR(K.dot_f32(a.data(), b.data(), n), S.dot_f32(a.data(), b.data(), n), 1e-5);
         CHECK_NEAR(K.dot_f16(a.data(), h.data(), n), S.dot_f16(a.data(), h.data(), n), 1e-5);
         CHECK_NEAR(K.dot_bf16(a.data(), bf.data(), n), S.dot_bf16(a.data(), bf.data(), n), 1e-5);
@@ -276,17 +294,10 @@ TEST(elementwise_kernels_match_scalar) {
     const Kernels& S = *scalar_kernels();
     const Kernels& K = kernels();
     for (int64_t n : kSizes) {
-        auto a = normal(n, 3), b = normal(n, 4);
-        std::vector<uint16_t> h(n), bf(n);
-        S.f32_to_f16(h.data(), b.data(), n);
-        S.f32_to_bf16(bf.data(), b.data(), n);
+        auto [a, b, h, bf] = inputs(n, 3);
+        same_conversion(&Kernels::f16_to_f32, h);
+        same_conversion(&Kernels::bf16_to_f32, bf);
         std::vector<float> w1(n), w2(n);
-        S.f16_to_f32(w1.data(), h.data(), n);
-        K.f16_to_f32(w2.data(), h.data(), n);
-        CHECK(w1 == w2);
-        S.bf16_to_f32(w1.data(), bf.data(), n);
-        K.bf16_to_f32(w2.data(), bf.data(), n);
-        CHECK(w1 == w2);
         std::vector<float> y1 = a, y2 = a;
         S.axpy_f32(y1.data(), -0.75f, b.data(), n);
         K.axpy_f32(y2.data(), -0.75f, b.data(), n);
@@ -319,19 +330,11 @@ TEST(elementwise_kernels_match_scalar) {
 
 // Bit patterns that need care: signed zeros, subnormals, the largest finite, Inf and NaN.
 TEST(conversions_of_special_values_match_scalar) {
-    const Kernels& S = *scalar_kernels();
-    const Kernels& K = kernels();
     std::vector<float> x = {0.0f,  -0.0f,    1e-40f,   -1e-45f,   6e-8f, 3e-8f,       65504.0f,          65520.0f,
                             1e38f, -3.4e38f, INFINITY, -INFINITY, NAN,   1.00390625f, 1.0f + 1.0f / 128, -2.5f,
                             0.1f};
-    const int64_t n = static_cast<int64_t>(x.size());
-    std::vector<uint16_t> h1(n), h2(n), b1(n), b2(n);
-    S.f32_to_f16(h1.data(), x.data(), n);
-    K.f32_to_f16(h2.data(), x.data(), n);
-    CHECK(h1 == h2);
-    S.f32_to_bf16(b1.data(), x.data(), n);
-    K.f32_to_bf16(b2.data(), x.data(), n);
-    CHECK(b1 == b2);
+    same_conversion(&Kernels::f32_to_f16, x);
+    same_conversion(&Kernels::f32_to_bf16, x);
 }
 
 // Block attention kernels against the scalar table, for several query heads, odd row counts and
