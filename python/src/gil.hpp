@@ -21,12 +21,21 @@ namespace py = pybind11;
 // Python call while still counted.
 extern std::atomic<int> threads_without_gil;
 
-class ReleaseGil {
+// A guard that stays where it was made: neither copied nor assigned.
+class Pinned {
+   public:
+    Pinned(const Pinned&) = delete;
+    Pinned& operator=(const Pinned&) = delete;
+
+   protected:
+    Pinned() = default;
+    ~Pinned() = default;
+};
+
+class ReleaseGil : Pinned {
    public:
     ReleaseGil();
     ~ReleaseGil();
-    ReleaseGil(const ReleaseGil&) = delete;
-    ReleaseGil& operator=(const ReleaseGil&) = delete;
 
    private:
     PyThreadState* state_;
@@ -51,12 +60,10 @@ void or_wait_for_exit(F&& f) {
 }
 
 // PyGILState_Ensure / Release, for a C++ thread calling into Python.
-class AcquireGil {
+class AcquireGil : Pinned {
    public:
     AcquireGil();
     ~AcquireGil();
-    AcquireGil(const AcquireGil&) = delete;
-    AcquireGil& operator=(const AcquireGil&) = delete;
 
    private:
     PyGILState_STATE state_;
