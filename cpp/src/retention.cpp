@@ -45,7 +45,7 @@ void check_memory_options(const MemoryCache::Impl& c) {
     if (c.rope.on() && !(c.slots && c.slots->averages_pairs()))
         throw ValueError("rope: the slots of the " + kind +
                          " rule are not averages of folded pairs, so they have no position to rotate at; rope works "
-                         "with Drop, Cumulative, Moving, Weighted, EMA, Compressive(pool='mean') and Merge");
+                         "with the rules whose slots are");
     if (c.retain != Retain::fifo && (c.matrix || c.rows))
         throw ValueError(std::string("retain: '") + retain_name(c.retain) + "' chooses which pair the " + kind +
                          " rule folds by attention weight; it works with the summary rules that fold pair by pair "

@@ -95,8 +95,8 @@ class MemoryCache(_core.MemoryCache):
     ``update``, ``step`` and ``forward``; default: the tokens each row has seen). Each pair is folded
     un-rotated, and a memory slot's key is read rotated at the slot's position, the same average of
     the folded positions as its key is of the folded keys (``Sp / n`` for ``rules.Merge``). It takes the
-    rules whose slots average pairs: Drop, Cumulative, Moving, Weighted, EMA, Compressive(pool="mean")
-    and Merge.
+    rules whose slots average pairs (``rule.averages_pairs``; not GRU, Custom, Compressive(pool="max")
+    nor the matrix rules).
 
     ``retain``: which pair of the full window and the new one is folded. ``"fifo"`` (default): the
     oldest. ``"tova"``: the one the latest ``attend`` weighed least (its softmax weight averaged over the

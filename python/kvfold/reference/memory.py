@@ -62,7 +62,7 @@ def check_rope(rule: rules.Rule, rope: Optional[RoPE], head_dim: int) -> None:
     if not rule.averages_pairs:
         raise ValueError(
             f"rope: the slots of {rule!r} are not averages of folded pairs, so they have no position to rotate "
-            "at; rope works with Drop, Cumulative, Moving, Weighted, EMA, Compressive(pool='mean') and Merge"
+            "at; rope works with the rules whose slots are (rule.averages_pairs)"
         )
 
 
