@@ -7,13 +7,7 @@ import numpy as np
 
 import kvfold
 from kvfold import rules
-
-_w = np.random.default_rng(11)
-GRU = rules.GRU(
-    weight_ih=0.3 * _w.standard_normal((2, 24, 8)),
-    weight_hh=0.3 * _w.standard_normal((2, 24, 8)),
-    bias_ih=0.1 * _w.standard_normal((2, 24)),
-)  # per head; D = head_dim + value_dim = 8
+from rule_cases import every_rule
 
 
 def max_and_decay(mem_k, mem_v, k, v, count):
@@ -24,22 +18,7 @@ def max_and_decay(mem_k, mem_v, k, v, count):
     return mk, mv
 
 
-SERIALIZABLE = [
-    rules.Drop(),
-    rules.Cumulative(),
-    rules.Moving(3),
-    rules.Weighted((0.5, 0.0, 2.0)),
-    rules.EMA(0.3),
-    rules.Compressive(2, 3),
-    rules.Compressive(3, 2, "max"),
-    GRU,
-    rules.Linear(),
-    rules.Linear("elu1", normalize=True, mix=0.7),
-    rules.Gated(decay=[-0.1, -0.3]),
-    rules.Gated(mix=0.5),  # per-token decay
-    rules.Delta(beta=0.5),
-    rules.GatedDelta(),  # per-token decay and beta
-]
+SERIALIZABLE = every_rule(head_dim=5, value_dim=3)
 RULES = SERIALIZABLE + [rules.Custom(max_and_decay, slots=2)]
 DTYPES = ["float32", "float16", "bfloat16", "int8"]
 

@@ -13,22 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kvfold
-from kvfold import rules
+from rule_cases import every_rule
 
-_w = np.random.default_rng(1).standard_normal((2, 15, 5)) * 0.3  # GRU weights, D = d_k + d_v = 5
-RULES = [
-    rules.Drop(),
-    rules.Cumulative(),
-    rules.Moving(3),
-    rules.Weighted((1.0, 0.0, 2.0)),
-    rules.EMA(0.4),
-    rules.Compressive(2, 2),
-    rules.Compressive(3, 1, "max"),
-    rules.GRU(_w[0], _w[1]),
-    rules.Linear("elu1", normalize=True),
-    rules.Gated(),
-    rules.GatedDelta(decay=[-0.2, -0.1], beta=0.5),
-]
+RULES = every_rule(head_dim=3, value_dim=2)
 
 
 def valid_states():
@@ -47,7 +34,8 @@ def valid_states():
             dtype=["float32", "float16", "bfloat16", "int8"][i % 4],
         )
         T = 1 + 2 * i
-        gates = {"decay": -rng.random((c.batch_size, 2, T))} if rule == rules.Gated() else {}
+        gates = {"decay": -rng.random((c.batch_size, 2, T)), "beta": rng.random((c.batch_size, 2, T))}
+        gates = {name: gates[name] for name in rule.per_token_gates}
         c.update(rng.standard_normal((c.batch_size, 2, T, 3)), rng.standard_normal((c.batch_size, 2, T, 2)), **gates)
         states.append(c.to_bytes())
     return states

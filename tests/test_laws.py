@@ -7,19 +7,10 @@ from numpy.testing import assert_allclose
 
 import kvfold
 from kvfold import rules
+from rule_cases import SUMMARY
 
 SIZES = st.sampled_from([1, 3, 7, 17, 33])
-RULE = st.sampled_from(
-    [
-        rules.Drop(),
-        rules.Cumulative(),
-        rules.Moving(4),
-        rules.Weighted((1.0, 3.0)),
-        rules.EMA(0.2),
-        rules.Compressive(2, 3),
-        rules.Compressive(3, 2, "max"),
-    ]
-)
+RULE = st.sampled_from(SUMMARY)
 
 
 @st.composite

@@ -7,6 +7,7 @@ import pytest
 import kvfold
 from kvfold import rules
 from robustness_helpers import pairs, run_python, state
+from rule_cases import every_rule
 
 pytestmark = pytest.mark.one_backend
 
@@ -117,20 +118,7 @@ KINDS = {
         rules.GatedDelta,
     )
 }
-GOOD = [
-    rules.Drop(),
-    rules.Cumulative(),
-    rules.Moving(3),
-    rules.Weighted([1.0, 2.0]),
-    rules.EMA(0.5),
-    rules.Compressive(2, 2),
-    rules.Merge(3),
-    rules.GRU(np.zeros((24, 8)), np.zeros((24, 8))),
-    rules.Linear(),
-    rules.Gated(decay=[-0.1, -0.1]),
-    rules.Delta(beta=0.5),
-    rules.GatedDelta(decay=[-0.1, -0.1], beta=0.5),
-]
+GOOD = every_rule(head_dim=4, value_dim=4)
 
 
 @pytest.mark.parametrize("rule", GOOD, ids=lambda r: r.kind)

@@ -5,21 +5,21 @@ import pytest
 
 from conftest import SHAPES, blocks_then_forward, close, make_cache, shape_tokens, steps_match_reference
 from kvfold import reference, rules
+from rule_cases import SUMMARY, every_rule
 
-RULES = [
-    rules.Drop(),
-    rules.Cumulative(),
-    rules.Moving(3),
+# every summary rule (rule_cases.SUMMARY; the matrix rules: test_matrix.py) and edge cases: one
+# slot, a weight of 0, alpha 1, merges of few and many slots
+RULES = SUMMARY + [
     rules.Moving(1),
     rules.Weighted((0.5, 0.0, 2.0, 1.0)),
-    rules.EMA(0.3),
     rules.EMA(1.0),
-    rules.Compressive(3, 2),
-    rules.Compressive(2, 3, pool="max"),
     rules.Compressive(1, 1),
+    rules.Merge(1),
+    rules.Merge(7, bias=None),
+    rules.Merge(17),
 ]
 
-T = 23
+T = 30
 
 
 @pytest.mark.parametrize("rule", RULES, ids=repr)
@@ -30,10 +30,11 @@ def test_step_matches_reference(rule, shape, rng):
 
 @pytest.mark.parametrize("rule", RULES, ids=repr)
 @pytest.mark.parametrize("shape", SHAPES[1:5], ids=str)
-def test_blocks_and_forward_match_reference(rule, shape, rng):
-    # an uneven split into blocks, then forward over the rest
-    cache, ref = blocks_then_forward(rule, shape, rng, T, [(0, 1), (1, 6), (6, 13)])
-    close(cache.memory()[1], ref.memory()[1])
+def test_blocks_reset_and_forward_match_reference(rule, shape, rng):
+    # an uneven split into blocks, a row reset, then forward over the rest
+    cache, ref = blocks_then_forward(rule, shape, rng, T, [(0, 1), (1, 9), (9, 20)], reset_rows=[0])
+    for a, b in zip(cache.memory(), ref.memory()):
+        close(a, b)
 
 
 @pytest.mark.parametrize("rule", RULES, ids=repr)
@@ -69,3 +70,8 @@ def test_long_windows_and_large_groups_match_reference(rule, dims, rng):
     ref.reset(rows=[0])
     for t in range(90, 150):
         close(cache.step(q[:, :, t], k[:, :, t], v[:, :, t]), ref.step(q[:, :, t], k[:, :, t], v[:, :, t]))
+
+
+def test_every_kind_has_examples():
+    """A new rule adds its examples to tests/rule_cases.py, which the tests over every rule read."""
+    assert {r.kind for r in every_rule(2, 2)} | {rules.Custom.kind} == set(rules.kinds())

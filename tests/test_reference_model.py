@@ -10,6 +10,7 @@ from numpy.testing import assert_allclose
 import kvfold
 from kvfold import RoPE, reference, rules
 from kvfold.reference import MergeSlots, ReferenceCache, StreamCache, rotate
+from rule_cases import ROPE, SUMMARY
 
 pytestmark = pytest.mark.one_backend  # NumPy only: no kernel runs
 
@@ -199,16 +200,7 @@ def test_merge_slots_of_every_head_are_their_own(rng):
 # -- positions and RoPE in the caches -----------------------------------------------------------
 
 
-ROPE_RULES = [
-    rules.Drop(),
-    rules.Cumulative(),
-    rules.Moving(3),
-    rules.Weighted((1.0, 0.0, 2.0)),
-    rules.EMA(0.25),
-    rules.Compressive(2, 3),
-    rules.Merge(3),
-    rules.Merge(2, bias=None),
-]
+ROPE_RULES = ROPE
 
 
 @pytest.mark.parametrize("rule", ROPE_RULES, ids=repr)
@@ -265,17 +257,7 @@ def test_positions_are_checked_and_bad_ones_change_nothing(cls, rng):
 # -- retention ----------------------------------------------------------------------------------
 
 
-SUMMARY_RULES = [
-    rules.Drop(),
-    rules.Cumulative(),
-    rules.Moving(3),
-    rules.Weighted((0.5, 0.0, 2.0, 1.0)),
-    rules.EMA(0.3),
-    rules.Compressive(3, 2),
-    rules.Compressive(2, 3, pool="max"),
-    rules.Merge(3),
-    rules.Merge(1, bias=None),
-]
+SUMMARY_RULES = SUMMARY
 # (batch, KV heads, query heads, d_k, d_v, window, sinks)
 SHAPES = [(1, 1, 1, 1, 1, 0, 0), (2, 3, 3, 7, 5, 0, 2), (1, 2, 6, 17, 3, 4, 0), (2, 2, 4, 8, 7, 5, 3)]
 

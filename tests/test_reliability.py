@@ -14,6 +14,7 @@ import pytest
 
 import kvfold
 from kvfold import rules
+from rule_cases import SUMMARY
 
 # ---------------------------------------------------------------------------------------------
 # Long streams: 10^7 tokens in blocks, checked after every block against a float64 reference.
@@ -156,14 +157,7 @@ def run_stream(cache, seed, steps=300):
     return np.stack(outs)
 
 
-PARALLEL_RULES = [
-    rules.Cumulative(),
-    rules.Moving(5),
-    rules.EMA(0.1),
-    rules.Compressive(3, 4),
-    rules.Drop(),
-    rules.Weighted((1.0, 2.0)),
-]
+PARALLEL_RULES = SUMMARY
 
 
 @pytest.mark.one_backend

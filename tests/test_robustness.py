@@ -15,6 +15,7 @@ import pytest
 import kvfold
 from kvfold import rules
 from robustness_helpers import finishes, pairs, run_python, state
+from rule_cases import every_rule
 
 pytestmark = pytest.mark.one_backend
 
@@ -354,20 +355,9 @@ def test_a_custom_fn_that_returns_nan_is_refused_and_changes_nothing():
 # Under ThreadSanitizer (.ci/run builds the module with -fsanitize=thread) this is the race check.
 
 D = 4
-STRESS_RULES = [
-    rules.Drop(),
-    rules.Cumulative(),
-    rules.Moving(3),
-    rules.Weighted([1.0, 2.0]),
-    rules.EMA(0.3),
-    rules.Compressive(2, 2),
-    rules.Merge(3),
-    rules.GRU(np.full((6 * D, 2 * D), 0.05), np.full((6 * D, 2 * D), -0.05)),
-    rules.Linear(),
-    rules.Gated(decay=[-0.1, -0.2]),
-    rules.Delta(beta=0.5),
-    rules.GatedDelta(decay=[-0.1, -0.2], beta=0.5),
-    rules.Custom(lambda mk, mv, k, v, n: (0.5 * (mk + k[:, None]), mv)),
+# every rule whose gates, if any, are fixed (the operations pass none)
+STRESS_RULES = [r for r in every_rule(D, D) if not r.per_token_gates] + [
+    rules.Custom(lambda mk, mv, k, v, n: (0.5 * (mk + k[:, None]), mv))
 ]
 
 
@@ -390,7 +380,8 @@ def stress_operations(cache, rng):
         lambda: cache.attend(q, out=np.empty((2, 4, D), np.float32)),
     ]
     if cache.matrix_memory:
-        mutations.append(lambda: cache.load_memory(np.zeros((2, 2, D, D), np.float32)))
+        z = [np.zeros((2, 2, D), np.float32)] if getattr(cache.rule, "normalize", False) else []
+        mutations.append(lambda: cache.load_memory(np.zeros((2, 2, D, D), np.float32), *z))
     savable = cache.rule.kind != "custom"
     readers = [
         lambda: cache.length,

@@ -10,17 +10,9 @@ from conftest import make_cache as make
 from conftest import shape_tokens as data
 from conftest import tokens
 from kvfold import RoPE, reference, rules
+from rule_cases import ROPE
 
-SUMMARY = [
-    rules.Drop(),
-    rules.Cumulative(),
-    rules.EMA(0.3),
-    rules.Moving(3),
-    rules.Weighted([1.0, 2.0, 4.0]),
-    rules.Compressive(2, 3),
-    rules.Merge(3),
-    rules.Merge(2, bias=None),
-]
+SUMMARY = ROPE
 ROPES = [None, RoPE(10000.0), RoPE(100.0, dim=4, layout="interleaved")]
 RETAINS = [("fifo", None), ("tova", None), ("h2o", None), ("h2o", 1)]
 
