@@ -19,6 +19,16 @@ inline std::vector<float> normal(size_t n, unsigned seed, float scale = 1.0f) {
     return x;
 }
 
+// A cache of B rows, H KV heads and Hq query heads, d_k, d_v, a window and sinks (the order of the
+// Python tests' shapes), stored as dtype.
+inline kvfold::Config config(int64_t B, int64_t H, int64_t Hq, int64_t dk, int64_t dv, int64_t window, int64_t sinks,
+                             kvfold::DType dtype = kvfold::DType::float32) {
+    kvfold::Config c;
+    c.batch_size = B, c.num_heads = H, c.num_query_heads = Hq, c.head_dim = dk, c.value_dim = dv;
+    c.window = window, c.sinks = sinks, c.dtype = dtype;
+    return c;
+}
+
 // A rule of the given kind with scalar parameters.
 inline kvfold::RuleSpec rule(const char* kind, std::map<std::string, double> scalars = {}) {
     kvfold::RuleSpec s;

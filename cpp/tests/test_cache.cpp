@@ -7,33 +7,15 @@
 #include "fixtures.hpp"
 #include "kvfold/kvfold.hpp"
 
-using kvfold::Array;
-using kvfold::Config;
-using kvfold::MemoryCache;
-using kvfold::RuleSpec;
+using namespace kvfold;
 
 namespace {
 
+using fixtures::normal;
 using fixtures::rule;
 
-std::vector<float> random(size_t n, unsigned seed) {
-    std::mt19937 g(seed);
-    std::normal_distribution<float> d;
-    std::vector<float> x(n);
-    for (float& f : x) f = d(g);
-    return x;
-}
-
 Config config(int64_t B, int64_t H, int64_t d, int64_t window, int64_t sinks) {
-    Config c;
-    c.batch_size = B;
-    c.num_heads = H;
-    c.num_query_heads = H;
-    c.head_dim = d;
-    c.value_dim = d;
-    c.window = window;
-    c.sinks = sinks;
-    return c;
+    return fixtures::config(B, H, H, d, d, window, sinks);
 }
 
 }  // namespace
@@ -41,7 +23,7 @@ Config config(int64_t B, int64_t H, int64_t d, int64_t window, int64_t sinks) {
 TEST(cumulative_is_the_mean) {
     const int64_t d = 7, T = 50;
     MemoryCache cache(config(1, 1, d, 0, 0), rule("cumulative"));
-    auto k = random(T * d, 1), v = random(T * d, 2);
+    auto k = normal(T * d, 1), v = normal(T * d, 2);
     cache.update(k.data(), v.data(), T);
     std::vector<float> mk(d), mv(d);
     cache.memory(mk.data(), mv.data());
@@ -56,7 +38,7 @@ TEST(cumulative_is_the_mean) {
 TEST(one_slot_attention_returns_its_value) {
     const int64_t d = 17;
     MemoryCache cache(config(1, 1, d, 0, 0), rule("ema", {{"alpha", 0.5}}));
-    auto k = random(d, 3), v = random(d, 4), q = random(d, 5);
+    auto k = normal(d, 3), v = normal(d, 4), q = normal(d, 5);
     std::vector<float> out(d);
     cache.step(q.data(), k.data(), v.data(), out.data());
     for (int64_t i = 0; i < d; ++i) CHECK_NEAR(out[i], v[i], 1e-6);
@@ -64,7 +46,7 @@ TEST(one_slot_attention_returns_its_value) {
 
 TEST(empty_cache_attends_to_zeros) {
     MemoryCache cache(config(2, 3, 5, 4, 1), rule("drop"));
-    auto q = random(2 * 3 * 5, 6);
+    auto q = normal(2 * 3 * 5, 6);
     std::vector<float> out(2 * 3 * 5, 1.0f);
     cache.attend(q.data(), out.data());
     for (float x : out) CHECK(x == 0.0f);
@@ -73,7 +55,7 @@ TEST(empty_cache_attends_to_zeros) {
 TEST(window_longer_than_stream_is_full_attention) {
     const int64_t d = 33, T = 70;
     MemoryCache cache(config(1, 1, d, 128, 0), rule("drop"));
-    auto q = random(T * d, 7), k = random(T * d, 8), v = random(T * d, 9);
+    auto q = normal(T * d, 7), k = normal(T * d, 8), v = normal(T * d, 9);
     std::vector<float> out(T * d);
     cache.forward(q.data(), k.data(), v.data(), T, out.data());
     float scale = 1.0f / std::sqrt(float(d));
@@ -102,13 +84,13 @@ TEST(state_round_trip_is_bit_exact) {
     Config c = config(2, 2, d, 5, 2);
     c.dtype = kvfold::DType::float16;
     MemoryCache cache(c, spec);
-    auto k = random(2 * 2 * T * d, 10), v = random(2 * 2 * T * d, 11);
+    auto k = normal(2 * 2 * T * d, 10), v = normal(2 * 2 * T * d, 11);
     cache.update(k.data(), v.data(), T);
     std::string bytes = cache.to_bytes();
     auto loaded = MemoryCache::from_bytes(bytes.data(), bytes.size());
     CHECK(loaded->to_bytes() == bytes);
     CHECK(loaded->nbytes() == cache.nbytes());
-    auto q = random(2 * 2 * d, 12);
+    auto q = normal(2 * 2 * d, 12);
     std::vector<float> a(2 * 2 * d), b(2 * 2 * d);
     cache.attend(q.data(), a.data());
     loaded->attend(q.data(), b.data());
@@ -137,7 +119,7 @@ TEST(bad_configuration_is_a_value_error) {
 TEST(non_finite_input_is_rejected_and_changes_nothing) {
     const int64_t d = 4;
     MemoryCache cache(config(1, 1, d, 2, 0), rule("cumulative"));
-    auto k = random(d, 13), v = random(d, 14);
+    auto k = normal(d, 13), v = normal(d, 14);
     cache.update(k.data(), v.data(), 1);
     std::string before = cache.to_bytes();
     k[2] = NAN;
@@ -152,8 +134,8 @@ TEST(gated_delta_matches_the_recurrence) {
     c.value_dim = dv;
     MemoryCache cache(c, rule("gated_delta"));
     CHECK(cache.matrix_memory() && cache.memory_slots() == 0);
-    auto q = random(T * dk, 20), k = random(T * dk, 21), v = random(T * dv, 22), g = random(T * dk, 23),
-         beta = random(T, 24);
+    auto q = normal(T * dk, 20), k = normal(T * dk, 21), v = normal(T * dv, 22), g = normal(T * dk, 23),
+         beta = normal(T, 24);
     for (auto& x : k) x *= 0.3f;
     for (auto& x : g) x = -std::fabs(x) * 0.2f;
     for (auto& x : beta) x = std::fabs(x) * 0.5f;
@@ -190,7 +172,7 @@ TEST(matrix_state_with_windowed_gates_round_trips) {
     Config c = config(2, 2, d, 4, 1);
     c.num_query_heads = 4;
     MemoryCache cache(c, rule("gated"));
-    auto k = random(2 * 2 * T * d, 30), v = random(2 * 2 * T * d, 31), g = random(2 * 2 * T, 32);
+    auto k = normal(2 * 2 * T * d, 30), v = normal(2 * 2 * T * d, 31), g = normal(2 * 2 * T, 32);
     for (auto& x : g) x = -std::fabs(x);
     kvfold::TokenGates gates;
     gates.decay = g.data();
@@ -199,7 +181,7 @@ TEST(matrix_state_with_windowed_gates_round_trips) {
     auto loaded = MemoryCache::from_bytes(bytes.data(), bytes.size());
     CHECK(loaded->to_bytes() == bytes);
     // The window's gates were saved: both fold the same pairs with the same decays from here on.
-    auto k2 = random(2 * 2 * d, 33), q = random(2 * 4 * d, 34);
+    auto k2 = normal(2 * 2 * d, 33), q = normal(2 * 4 * d, 34);
     float g2[4] = {-0.1f, -0.2f, -0.3f, -0.4f};
     gates.decay = g2;
     std::vector<float> a(2 * 4 * d), b(2 * 4 * d);
@@ -221,8 +203,8 @@ TEST(matrix_forward_in_chunks_is_a_loop_of_step) {
     c.value_dim = dv;
     c.dtype = kvfold::DType::float16;
     MemoryCache blocks(c, rule("gated_delta")), steps(c, rule("gated_delta"));
-    auto q = random(B * Hq * T * dk, 40), k = random(B * H * T * dk, 41), v = random(B * H * T * dv, 42),
-         g = random(B * H * T, 43), beta = random(B * H * T, 44);
+    auto q = normal(B * Hq * T * dk, 40), k = normal(B * H * T * dk, 41), v = normal(B * H * T * dv, 42),
+         g = normal(B * H * T, 43), beta = normal(B * H * T, 44);
     for (auto& x : k) x *= 0.3f;
     for (auto& x : g) x = -std::fabs(x) * 0.3f;
     for (auto& x : beta) x = std::fabs(x) * 0.5f;

@@ -14,16 +14,7 @@ using namespace kvfold;
 
 namespace {
 
-Config small(int64_t batch = 2) {
-    Config c;
-    c.batch_size = batch;
-    c.num_heads = 2;
-    c.head_dim = c.value_dim = 4;
-    c.num_query_heads = 4;
-    c.window = 2;
-    c.sinks = 1;
-    return c;
-}
+Config small(int64_t batch = 2) { return fixtures::config(batch, 2, 4, 4, 4, 2, 1); }
 
 void feed(MemoryCache& cache, int64_t T, unsigned seed) {
     const Config& c = cache.config();

@@ -10,6 +10,7 @@
 
 #include "../src/parallel.hpp"
 #include "check.hpp"
+#include "fixtures.hpp"
 #include "kvfold/kvfold.hpp"
 
 using namespace kvfold;
@@ -64,13 +65,7 @@ TEST(parallel_for_nests_and_reports_errors) {
 TEST(cache_results_do_not_depend_on_threads) {
     RestoreThreads restore;
     const double before = set_min_shared_flops(0);  // every call with two lanes or more is shared
-    Config c;
-    c.batch_size = 2;
-    c.num_heads = 4;
-    c.num_query_heads = 8;
-    c.head_dim = c.value_dim = 64;
-    c.window = 70;
-    c.sinks = 2;
+    const Config c = fixtures::config(2, 4, 8, 64, 64, 70, 2);
     RuleSpec rule;
     rule.kind = "cumulative";
     const int64_t T = 90, nk = 2 * 4 * T * 64, nq = 2 * 8 * T * 64;

@@ -5,6 +5,7 @@
 #include <random>
 
 #include "check.hpp"
+#include "fixtures.hpp"
 #include "kvfold/kvfold.hpp"
 
 using kvfold::Array;
@@ -54,16 +55,7 @@ std::vector<RuleSpec> all_rules() {
 }
 
 Config config(int64_t B, kvfold::DType dtype = kvfold::DType::float16) {
-    Config c;
-    c.batch_size = B;
-    c.num_heads = 2;
-    c.num_query_heads = 4;
-    c.head_dim = 5;
-    c.value_dim = 3;
-    c.window = 4;
-    c.sinks = 1;
-    c.dtype = dtype;
-    return c;
+    return fixtures::config(B, 2, 4, 5, 3, 4, 1, dtype);
 }
 
 // Random tokens for rows fed in `order`: row r of the result gets the tokens of source row order[r].
