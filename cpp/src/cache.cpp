@@ -6,6 +6,7 @@
 #include "cache_checks.hpp"
 #include "cache_impl.hpp"
 #include "matrix_model.hpp"
+#include "names.hpp"
 #include "positions.hpp"
 #include "retention.hpp"
 #include "slot_model.hpp"
@@ -14,21 +15,12 @@ namespace kvfold {
 
 const char* version() { return KVFOLD_VERSION; }
 
+constexpr const char* kDTypeNames[] = {"float32", "float16", "bfloat16", "int8"};  // in DType's order
+
 DType parse_dtype(const std::string& name) {
-    if (name == "float32") return DType::float32;
-    if (name == "float16") return DType::float16;
-    if (name == "bfloat16") return DType::bfloat16;
-    if (name == "int8") return DType::int8;
-    throw ValueError("dtype: expected 'float32', 'float16', 'bfloat16' or 'int8', got '" + name + "'");
+    return from_name<DType>(kDTypeNames, name, "dtype", "'float32', 'float16', 'bfloat16' or 'int8'");
 }
-const char* dtype_name(DType t) {
-    switch (t) {
-        case DType::float16: return "float16";
-        case DType::bfloat16: return "bfloat16";
-        case DType::int8: return "int8";
-        default: return "float32";
-    }
-}
+const char* dtype_name(DType t) { return to_name(kDTypeNames, t); }
 // Bytes per value; an int8 row also carries a float32 scale per 32 values (row_bytes).
 size_t dtype_size(DType t) { return t == DType::float32 ? 4 : t == DType::int8 ? 1 : 2; }
 // ---------------------------------------------------------------------------------------------

@@ -7,22 +7,17 @@
 #include <string>
 #include <vector>
 
+#include "names.hpp"
+
 namespace kvfold {
 
+constexpr const char* kRetainNames[] = {"fifo", "tova", "h2o"};  // in Retain's order
+
 Retain parse_retain(const std::string& name) {
-    if (name == "fifo") return Retain::fifo;
-    if (name == "tova") return Retain::tova;
-    if (name == "h2o") return Retain::h2o;
-    throw ValueError("retain: expected one of 'fifo', 'tova', 'h2o', got '" + name + "'");
+    return from_name<Retain>(kRetainNames, name, "retain", "one of 'fifo', 'tova', 'h2o'");
 }
 
-const char* retain_name(Retain r) {
-    switch (r) {
-        case Retain::tova: return "tova";
-        case Retain::h2o: return "h2o";
-        default: return "fifo";
-    }
-}
+const char* retain_name(Retain r) { return to_name(kRetainNames, r); }
 
 int64_t checked_recent(const Config& c) {
     if (c.retain != Retain::fifo && c.retain != Retain::tova && c.retain != Retain::h2o)
