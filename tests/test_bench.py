@@ -69,11 +69,10 @@ def test_peers_fill_from_empty_like_kvfold():
 def test_ggml_peer_stores_the_cases_dtype(dtype):
     """llama.cpp's cache in float16, bfloat16 or q8_0 against kvfold's in the same type: both round
     the pairs alike (ggml also rounds the query and, for float16, its running sums)."""
-    import ggml as lib
-
     ggml = next((p for p in PEERS if p.name == "ggml"), None)
     if ggml is None:
         pytest.skip("ggml-python is not installed")
+    import ggml as lib
     case = bench.Case("drop", rules.Drop(), window=40, sinks=2, heads=2, head_dim=64, dtype=dtype)
     exact = bench._agreements(replace(case, dtype="float32"), [ggml], threads=1)["ggml"]
     rounded = bench._agreements(case, [ggml], threads=1)["ggml"]
