@@ -19,13 +19,15 @@
 // score pass each (O(slots * d)), and keeps the largest of each place up to date in O(slots) (a place whose largest was
 // the entry that fell is scanned again), so finding the most similar pair reads only the places near the top. The pairs
 // whose cosine comes within the rounding error of the float16 directions of the largest are compared again in float64,
-// so the choice is the float64 one.
+// so the choice is the float64 one (a pair alone within it needs no second look).
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <vector>
 
 #include "../attention.hpp"
+#include "../kernels/kernels.hpp"
+#include "../platform.hpp"
 #include "../rule.hpp"
 
 namespace kvfold {
@@ -74,12 +76,51 @@ class Merge final : public SlotRule {
     }
 
     void fold(int64_t lane, const float* k, const float* v, int64_t count, int64_t position) override {
+        const Merging m = take(lane, k, v, count, position);
+        if (m.a >= 0) merge(m);
+    }
+
+    // A step's folds, one lane behind the other: while lane i takes its pair and picks the slots to
+    // merge, the sums of lane i - 1's pair are on their way from memory, and lane i + 1's cosines and
+    // directions (attention has pushed them all out of cache since the last step).
+    void fold_lanes(const LaneFolds& f) override {
+        Merging held;
+        for (int64_t i = 0; i < f.n; ++i) {
+            if (i + 1 < f.n) prefetch_lane(f.lane[i + 1]);
+            const Merging m = take(f.lane[i], f.k[i], f.v[i], f.count[i], f.position[i]);
+            if (held.a >= 0) merge(held);
+            held = m;
+        }
+        if (held.a >= 0) merge(held);
+    }
+
+    int64_t max_slots() const override { return slots_; }
+    bool averages_pairs() const override { return true; }
+    int64_t visible_slots(int64_t folded) const override { return folded < slots_ ? folded : slots_; }
+    int64_t slot_row(int64_t lane, int64_t /*folded*/, int64_t s) const override {
+        return row_of(order_.lane<int64_t>(lane), order_.lane<int64_t>(lane)[s]);
+    }
+    const float* slot_bias(int64_t lane) const override { return log_count_ ? bias_.lane<float>(lane) : nullptr; }
+
+   private:
+    // A fold after its pair is in place: slots a < b to merge (a = -1: none), p the pair's place.
+    struct Merging {
+        int64_t lane = -1, a = -1, b = -1, p = -1;
+    };
+
+    // Puts the pair into the free place as the newest slot; when that makes slots + 1, picks the two
+    // to merge and asks for their sums.
+    Merging take(int64_t lane, const float* k, const float* v, int64_t count, int64_t position) {
         const int64_t dk = dims_.dk, dv = dims_.dv;
         int64_t* order = order_.lane<int64_t>(lane);
         const int64_t s = count < slots_ ? count : slots_;  // the new slot's index
         if (count <= slots_) order[s] = s;                  // filling up: slot i in place i
-        for (int64_t i = 0; i <= s; ++i)  // a state read from bytes is checked for its sizes, not its meaning:
-            if (order[i] < 0 || order[i] > slots_) return reset_order(order);  // never index by a bad place
+        for (int64_t i = 0; i <= s; ++i) {  // a state read from bytes is checked for its sizes, not its meaning:
+            if (order[i] < 0 || order[i] > slots_) {  // never index by a bad place
+                reset_order(order);
+                return {};
+            }
+        }
         const int64_t p = order[s];
         double* sk = sum_k_.lane<double>(lane) + p * dk;
         double* sv = sum_v_.lane<double>(lane) + p * dv;
@@ -90,10 +131,21 @@ class Merge final : public SlotRule {
         update_cosines(lane, p);
         if (s < slots_) {
             write_slot(lane, p);
-            return;
+            return {};
         }
-        int64_t a, b;
-        most_similar(lane, &a, &b);
+        Merging m{lane, 0, 1, p};
+        most_similar(lane, &m.a, &m.b);
+        for (int64_t place : {order[m.a], order[m.b]}) {
+            prefetch_bytes(sum_k_.lane<double>(lane) + place * dk, sizeof(double) * dk);
+            prefetch_bytes(sum_v_.lane<double>(lane) + place * dv, sizeof(double) * dv);
+        }
+        return m;
+    }
+
+    // Slots a and b merge (sums and counts add into a's place), b leaves.
+    void merge(const Merging& m) {
+        const int64_t dk = dims_.dk, dv = dims_.dv, lane = m.lane, a = m.a, b = m.b, p = m.p;
+        int64_t* order = order_.lane<int64_t>(lane);
         const int64_t pa = order[a], pb = order[b];
         add(sum_k_.lane<double>(lane) + pa * dk, sum_k_.lane<double>(lane) + pb * dk, dk);
         add(sum_v_.lane<double>(lane) + pa * dv, sum_v_.lane<double>(lane) + pb * dv, dv);
@@ -109,15 +161,28 @@ class Merge final : public SlotRule {
         if (pb != p) write_slot(lane, p);  // the folded pair, unless it merged
     }
 
-    int64_t max_slots() const override { return slots_; }
-    bool averages_pairs() const override { return true; }
-    int64_t visible_slots(int64_t folded) const override { return folded < slots_ ? folded : slots_; }
-    int64_t slot_row(int64_t lane, int64_t /*folded*/, int64_t s) const override {
-        return row_of(order_.lane<int64_t>(lane), order_.lane<int64_t>(lane)[s]);
+    static void prefetch_bytes(const void* p, size_t bytes) {
+        const char* c = static_cast<const char*>(p);
+        for (size_t i = 0; i < bytes; i += 64) prefetch(c + i);
     }
-    const float* slot_bias(int64_t lane) const override { return log_count_ ? bias_.lane<float>(lane) : nullptr; }
 
-   private:
+    // What taking a pair reads of a lane: the directions, cosines and per-place numbers, and the
+    // sums of the free place the pair goes to.
+    void prefetch_lane(int64_t lane) const {
+        const int64_t dk = dims_.dk, dv = dims_.dv, n = slots_ + 1;
+        prefetch_bytes(unit_.lane(lane), sizeof(uint16_t) * n * dk);
+        prefetch_bytes(cosine_.lane(lane), sizeof(float) * n * n);
+        prefetch_bytes(largest_.lane(lane), sizeof(float) * n);
+        prefetch_bytes(norm2_.lane(lane), sizeof(double) * n);
+        prefetch_bytes(count_.lane(lane), sizeof(double) * n);
+        prefetch_bytes(order_.lane(lane), sizeof(int64_t) * n);
+        const int64_t free = order_.lane<int64_t>(lane)[slots_];
+        if (free >= 0 && free <= slots_) {
+            prefetch_bytes(sum_k_.lane<double>(lane) + free * dk, sizeof(double) * dk);
+            prefetch_bytes(sum_v_.lane<double>(lane) + free * dv, sizeof(double) * dv);
+        }
+    }
+
     // Four running sums: independent chains the CPU overlaps (one sum would wait on every add).
     static double dot(const double* x, const double* y, int64_t d) {
         double s[4] = {0, 0, 0, 0};
@@ -154,24 +219,26 @@ class Merge final : public SlotRule {
         thread_local std::vector<int64_t> rescan;
         row.resize(static_cast<size_t>(n));
         unit.resize(static_cast<size_t>(dk));
-        rescan.clear();
-        for (int64_t i = 0; i < dk; ++i) unit[i] = static_cast<float>(sk[i] * inv);
+        rescan.resize(static_cast<size_t>(n));
+        const Kernels& K = kernels();
+        K.mul_f64(unit.data(), sk, inv, dk);
         store_row(units + p * dk, unit.data(), dk, DType::float16);
         load_row(unit.data(), units + p * dk, dk, DType::float16);  // as the other places see it
-        kernels().scores_f16(unit.data(), dk, 1, units, n, dk, 1.0f, row.data(), n);
+        K.scores_f16(unit.data(), dk, 1, units, n, dk, 1.0f, row.data(), n);
         float own = -std::numeric_limits<float>::infinity();
+        int64_t stale = 0;  // rows to scan again
         for (int64_t q = 0; q < n; ++q) {
-            const float was = cos[q * n + p], c = row[q];
+            const float was = cos[q * n + p], c = row[q], l = largest[q];
             cos[p * n + q] = cos[q * n + p] = c;
             if (q == p) continue;
             own = std::max(own, c);
-            if (c >= largest[q])
-                largest[q] = c;
-            else if (was == largest[q])
-                rescan.push_back(q);
+            // Without branches: which entries grow a row's largest is a coin toss to the CPU.
+            largest[q] = c >= l ? c : l;
+            rescan[stale] = q;
+            stale += !(c >= l) & (was == l);
         }
         largest[p] = own;
-        for (int64_t q : rescan) largest[q] = largest_of_row(cos + q * n, q, n);
+        for (int64_t i = 0; i < stale; ++i) largest[rescan[i]] = largest_of_row(cos + rescan[i] * n, rescan[i], n);
     }
 
     // The largest of row q's n cosines but its own (q's with itself).
@@ -207,16 +274,31 @@ class Merge final : public SlotRule {
         for (int64_t p = 0; p < n; ++p) best = std::max(best, largest[p]);
         for (int64_t i = 0; i < n; ++i) slot_of[order[i]] = i;
         const float near = best - margin_;
-        double exact = -std::numeric_limits<double>::infinity();
-        *a = 0, *b = 1;
+        // The pairs within rounding of the largest; one alone is the largest in float64 as well.
+        thread_local std::vector<int64_t> pairs;
+        pairs.clear();
         for (int64_t p = 0; p + 1 < n; ++p) {
             if (!(largest[p] >= near)) continue;
-            for (int64_t q = p + 1; q < n; ++q) {
-                if (!(cos[p * n + q] >= near)) continue;
-                const double c = exact_cosine(lane, p, q);
-                const int64_t i = std::min(slot_of[p], slot_of[q]), j = std::max(slot_of[p], slot_of[q]);
-                if (c > exact || (c == exact && (i < *a || (i == *a && j < *b)))) exact = c, *a = i, *b = j;
-            }
+            for (int64_t q = p + 1; q < n; ++q)
+                if (cos[p * n + q] >= near) pairs.push_back(p * n + q);
+        }
+        const auto slots_of = [&](int64_t pair, int64_t* i, int64_t* j) {
+            const int64_t x = slot_of[pair / n], y = slot_of[pair % n];
+            *i = std::min(x, y), *j = std::max(x, y);
+        };
+        *a = 0, *b = 1;
+        if (pairs.size() == 1) return slots_of(pairs[0], a, b);
+        const int64_t dk = dims_.dk;
+        for (int64_t pair : pairs) {
+            prefetch_bytes(sum_k_.lane<double>(lane) + pair / n * dk, sizeof(double) * dk);
+            prefetch_bytes(sum_k_.lane<double>(lane) + pair % n * dk, sizeof(double) * dk);
+        }
+        double exact = -std::numeric_limits<double>::infinity();
+        for (int64_t pair : pairs) {
+            const double c = exact_cosine(lane, pair / n, pair % n);
+            int64_t i, j;
+            slots_of(pair, &i, &j);
+            if (c > exact || (c == exact && (i < *a || (i == *a && j < *b)))) exact = c, *a = i, *b = j;
         }
     }
 
@@ -240,17 +322,28 @@ class Merge final : public SlotRule {
     // Place p's row as attention reads it: the means, rounded once to the storage dtype, and ln n.
     void write_slot(int64_t lane, int64_t p) {
         const int64_t dk = dims_.dk, dv = dims_.dv, s = row_of(order_.lane<int64_t>(lane), p);
-        thread_local std::vector<float> row;
-        row.resize(static_cast<size_t>(dk + dv));
         const double n = count_.lane<double>(lane)[p], inv = 1.0 / n;
         const double* sk = sum_k_.lane<double>(lane) + p * dk;
         const double* sv = sum_v_.lane<double>(lane) + p * dv;
-        for (int64_t i = 0; i < dk; ++i) row[i] = static_cast<float>(sk[i] * inv);
-        for (int64_t i = 0; i < dv; ++i) row[dk + i] = static_cast<float>(sv[i] * inv);
-        store_row(slot_k_.lane(lane) + s * key_bytes(), row.data(), dk, slot_dtype());
-        store_row(slot_v_.lane(lane) + s * value_bytes(), row.data() + dk, dv, slot_dtype());
+        uint8_t* key = slot_k_.lane(lane) + s * key_bytes();
+        uint8_t* value = slot_v_.lane(lane) + s * value_bytes();
+        const Kernels& K = kernels();
+        const float* mean_k;
+        if (slot_dtype() == DType::float32) {  // straight into the rows
+            K.mul_f64(reinterpret_cast<float*>(key), sk, inv, dk);
+            K.mul_f64(reinterpret_cast<float*>(value), sv, inv, dv);
+            mean_k = reinterpret_cast<const float*>(key);
+        } else {
+            thread_local std::vector<float> row;
+            row.resize(static_cast<size_t>(dk + dv));
+            K.mul_f64(row.data(), sk, inv, dk);
+            K.mul_f64(row.data() + dk, sv, inv, dv);
+            store_row(key, row.data(), dk, slot_dtype());
+            store_row(value, row.data() + dk, dv, slot_dtype());
+            mean_k = row.data();
+        }
         bias_.lane<float>(lane)[s] = static_cast<float>(std::log(n));
-        if (keeps_positions()) set_position(lane, s, row.data(), sum_p_.lane<double>(lane)[p] * inv);
+        if (keeps_positions()) set_position(lane, s, mean_k, sum_p_.lane<double>(lane)[p] * inv);
     }
 
     int64_t slots_;
