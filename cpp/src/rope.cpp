@@ -51,30 +51,38 @@ void Rope::rotate(float* x, const float* cos, const float* sin) const {
 }
 
 void Rope::rotate_at(float* x, double p) const {
-    // The angles of the two positions a thread used last: a fold turns the evicted pair back at -p,
-    // a merged slot at its own position, and a new slot at +p, in every head of a row.
+    // The angles of the positions a thread used last: a fold turns the evicted pair back at -p, a
+    // merged slot at its own (fractional) position, and a new slot at +p, in every head of a row.
+    // Whole positions are kept by position (with tova or h2o each head folds a pair of its own, and
+    // every head folds each pair in turn); the last two others by recency.
     struct Kept {
         uint64_t id = 0;
         double at = -1;
         std::vector<float> table;  // cos, sin, -sin of the angles at position `at` >= 0
     };
+    constexpr size_t kWhole = 512;  // whole positions kept, position % kWhole
     thread_local Kept kept[2];
+    thread_local std::vector<Kept> whole(kWhole);
     thread_local int newest = 0;
     const double at = std::fabs(p);
     const size_t n = static_cast<size_t>(pairs_);
-    int k = newest;
-    if (kept[k].id != id_ || kept[k].at != at) {
-        k = 1 - newest;
-        if (kept[k].id != id_ || kept[k].at != at) {
-            kept[k].table.resize(3 * n);
-            angles(at, kept[k].table.data(), kept[k].table.data() + n);
-            for (size_t i = 0; i < n; ++i) kept[k].table[2 * n + i] = -kept[k].table[n + i];
-            kept[k].id = id_;
-            kept[k].at = at;
-        }
+    Kept* k = nullptr;
+    if (at == std::floor(at) && at < 0x1p53) {
+        k = &whole[static_cast<size_t>(static_cast<uint64_t>(at) % kWhole)];
+    } else {
+        int i = newest;
+        if (kept[i].id != id_ || kept[i].at != at) i = 1 - newest;  // kept, or the older one goes
+        newest = i;
+        k = &kept[i];
     }
-    newest = k;
-    rotate(x, kept[k].table.data(), kept[k].table.data() + (p < 0 ? 2 * n : n));
+    if (k->id != id_ || k->at != at) {
+        k->table.resize(3 * n);
+        angles(at, k->table.data(), k->table.data() + n);
+        for (size_t i = 0; i < n; ++i) k->table[2 * n + i] = -k->table[n + i];
+        k->id = id_;
+        k->at = at;
+    }
+    rotate(x, k->table.data(), k->table.data() + (p < 0 ? 2 * n : n));
 }
 
 }  // namespace kvfold
