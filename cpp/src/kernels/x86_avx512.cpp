@@ -14,6 +14,11 @@
 #pragma GCC diagnostic ignored "-Waggressive-loop-optimizations"
 #endif
 #include <immintrin.h>
+#if defined(_MSC_VER) && !defined(__clang__)
+#include <intrin.h>
+#else
+#include <cpuid.h>
+#endif
 
 #include <cmath>
 #include <type_traits>
@@ -535,6 +540,32 @@ inline float q8_row_dot_avx512(const int8_t* qc, const float* qs, const int8_t* 
     return _mm512_reduce_add_ps(acc);
 }
 
+// q8_quantize_block (q8.hpp) 32 values at a time, to the same bits: the largest magnitude by its
+// bit pattern, the same float32 divisions, and products rounded to nearest even as nearbyint does.
+inline float q8_quantize_block_avx512(const float* x, int64_t n, int8_t* codes) {
+    const __mmask16 m0 = tail(n), m1 = n > 16 ? tail(n - 16) : 0;
+    const __m512 a = _mm512_maskz_loadu_ps(m0, x), b = _mm512_maskz_loadu_ps(m1, x + 16);
+    const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
+    const uint32_t largest = _mm512_reduce_max_epu32(_mm512_max_epu32(
+        _mm512_and_si512(_mm512_castps_si512(a), magnitude), _mm512_and_si512(_mm512_castps_si512(b), magnitude)));
+    const float amax = bits_float(largest);
+    if (largest >= 0x7f800000u || amax < kQ8Smallest) {
+        std::memset(codes, 0, kQ8Block);
+        return largest >= 0x7f800000u ? std::numeric_limits<float>::quiet_NaN() : 0.0f;
+    }
+    const float scale = amax / 127.0f;
+    const __m512 inverse = _mm512_set1_ps(1.0f / scale);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes),
+                     _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(a, inverse))));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + 16),
+                     _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(b, inverse))));
+    return scale;
+}
+
+// Rows streamed from memory are requested this many rows ahead (past the last row too: a request
+// never faults, and the next call usually reads on from there).
+constexpr int64_t kQ8Ahead = 16;
+
 // Rows of at most 8 blocks (d <= 256): the query's codes, signs and scales go to registers once for
 // all rows, the rows' scales are multiplied by the query's in one register, and two rows' sums are
 // reduced together. P: pairs of blocks.
@@ -570,6 +601,7 @@ void q8_scores_pairs(const int8_t* qc, const float* qs, const uint8_t* k, int64_
     };
     int64_t j = 0;
     for (; j + 2 <= rows; j += 2) {
+        for (int64_t at = 0; at < 2 * row_bytes; at += 64) prefetch(k + (j + kQ8Ahead) * row_bytes + at);
         const __m512 a0 = row_sum(k + j * row_bytes), a1 = row_sum(k + (j + 1) * row_bytes);
         // [a0 | a1] halves added, then each 128-bit quarter to its first lane: row 0 in lane 0, row 1 in lane 8
         __m512 t = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, 0x44), _mm512_shuffle_f32x4(a0, a1, 0xee));
@@ -582,21 +614,85 @@ void q8_scores_pairs(const int8_t* qc, const float* qs, const uint8_t* k, int64_
     if (j < rows) s[j] = _mm512_reduce_add_ps(row_sum(k + j * row_bytes));
 }
 
+// AVX512_VNNI (Cascade Lake, Ice Lake, Zen 4 on): not every AVX-512 CPU has it, so its kernels
+// are a target region of their own, taken at run time when the CPU has it.
+bool cpu_has_vnni() {
+#if defined(_MSC_VER) && !defined(__clang__)
+    int r[4];
+    __cpuidex(r, 7, 0);
+    return r[2] & (1 << 11);
+#else
+    unsigned a, b, c, d;  // CPUID.(EAX=7, ECX=0):ECX[11]
+    return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (c & (1u << 11));
+#endif
+}
+const bool kVnni = cpu_has_vnni();
+
+KVFOLD_TARGET_BEGIN("avx512f,avx512dq,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
+
+// q8_scores_pairs with vpdpbusd, which multiplies unsigned by signed bytes and adds each four
+// products to a 32-bit lane: the key codes k become unsigned as k + 128 (their top bit flipped),
+// and each lane starts from -128 times the sum of its four query codes, so the sum is exact.
+template <int P>
+void q8_scores_pairs_vnni(const int8_t* qc, const float* qs, const uint8_t* k, int64_t rows, int64_t d, float* s) {
+    const int64_t nb = q8_blocks(d), row_bytes = q8_row_bytes(d);
+    const __mmask8 scale_mask = static_cast<__mmask8>((1u << nb) - 1);
+    const __m256 query_scales = _mm256_maskz_loadu_ps(scale_mask, qs);
+    const __m512i flip = _mm512_set1_epi8(-128);
+    __m512i q[P], bias[P], pick[P];
+    __mmask64 m[P];
+    KVFOLD_UNROLL(4)
+    for (int p = 0; p < P; ++p) {
+        m[p] = 2 * p + 1 < nb ? ~__mmask64(0) : __mmask64(0xffffffffu);
+        q[p] = _mm512_maskz_loadu_epi8(m[p], qc + 2 * kQ8Block * p);
+        bias[p] = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), flip, q[p]));
+        pick[p] = _mm512_set_epi32(2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1,
+                                   2 * p + 1, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p);
+    }
+    auto row_sum = [&](const uint8_t* row) {
+        const __m512 scales =
+            _mm512_castps256_ps512(_mm256_mul_ps(query_scales, _mm256_maskz_loadu_ps(scale_mask, q8_scales(row, d))));
+        __m512 acc = _mm512_setzero_ps();
+        KVFOLD_UNROLL(4)
+        for (int p = 0; p < P; ++p) {
+            const __m512i x = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m[p], row + 2 * kQ8Block * p), flip);
+            const __m512i dot = _mm512_dpbusd_epi32(bias[p], x, q[p]);
+            acc = _mm512_fmadd_ps(_mm512_permutexvar_ps(pick[p], scales), _mm512_cvtepi32_ps(dot), acc);
+        }
+        return acc;
+    };
+    int64_t j = 0;
+    for (; j + 2 <= rows; j += 2) {
+        for (int64_t at = 0; at < 2 * row_bytes; at += 64) prefetch(k + (j + kQ8Ahead) * row_bytes + at);
+        const __m512 a0 = row_sum(k + j * row_bytes), a1 = row_sum(k + (j + 1) * row_bytes);
+        __m512 t = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, 0x44), _mm512_shuffle_f32x4(a0, a1, 0xee));
+        t = _mm512_add_ps(t, _mm512_shuffle_f32x4(t, t, 0xb1));
+        t = _mm512_add_ps(t, _mm512_permute_ps(t, 0x4e));
+        t = _mm512_add_ps(t, _mm512_permute_ps(t, 0xb1));
+        s[j] = _mm512_cvtss_f32(t);
+        s[j + 1] = _mm_cvtss_f32(_mm512_extractf32x4_ps(t, 2));
+    }
+    if (j < rows) s[j] = _mm512_reduce_add_ps(row_sum(k + j * row_bytes));
+}
+
+KVFOLD_TARGET_END
+
 void scores_q8_avx512(const float* q, int64_t q_stride, int64_t nq, const uint8_t* k, int64_t rows, int64_t d,
                       float scale, float* s, int64_t s_stride) {
     const int64_t nb = q8_blocks(d);
     if (nb > 8) return q8_scores_with(q8_row_dot_avx512, q, q_stride, nq, k, rows, d, scale, s, s_stride);
     using Pairs = void (*)(const int8_t*, const float*, const uint8_t*, int64_t, int64_t, float*);
-    static constexpr Pairs by_pairs[5] = {nullptr, q8_scores_pairs<1>, q8_scores_pairs<2>, q8_scores_pairs<3>,
-                                          q8_scores_pairs<4>};
+    static constexpr Pairs by_pairs[2][5] = {
+        {nullptr, q8_scores_pairs<1>, q8_scores_pairs<2>, q8_scores_pairs<3>, q8_scores_pairs<4>},
+        {nullptr, q8_scores_pairs_vnni<1>, q8_scores_pairs_vnni<2>, q8_scores_pairs_vnni<3>, q8_scores_pairs_vnni<4>}};
     alignas(64) int8_t qc[8 * kQ8Block];
     float qs[8];
     for (int64_t i = 0; i < nq; ++i) {
         for (int64_t b = 0; b < nb; ++b) {
             const int64_t at = b * kQ8Block, n = d - at < kQ8Block ? d - at : kQ8Block;
-            qs[b] = scale * q8_quantize_block(q + i * q_stride + at, n, qc + at);
+            qs[b] = scale * q8_quantize_block_avx512(q + i * q_stride + at, n, qc + at);
         }
-        by_pairs[(nb + 1) / 2](qc, qs, k, rows, d, s + i * s_stride);
+        by_pairs[kVnni][(nb + 1) / 2](qc, qs, k, rows, d, s + i * s_stride);
     }
 }
 
@@ -608,6 +704,8 @@ void accumulate_q8(const float* p, const uint8_t* v, int64_t rows, int64_t d, in
     for (int t = 0; t < 2 * NB; ++t) acc[t] = _mm512_setzero_ps();
     const int64_t row_bytes = q8_row_bytes(d);
     for (int64_t j = 0; j < rows; ++j, v += row_bytes) {
+        if (first == 0)
+            for (int64_t at = 0; at < row_bytes; at += 64) prefetch(v + kQ8Ahead * row_bytes + at);
         const int8_t* codes = reinterpret_cast<const int8_t*>(v) + kQ8Block * first;
         const float* ks = q8_scales(v, d) + first;
         KVFOLD_UNROLL(4)
