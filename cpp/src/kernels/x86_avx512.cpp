@@ -562,25 +562,28 @@ inline float q8_quantize_block_avx512(const float* x, int64_t n, int8_t* codes) 
     return scale;
 }
 
-// Rows streamed from memory are requested this many rows ahead (past the last row too: a request
-// never faults, and the next call usually reads on from there).
-constexpr int64_t kQ8Ahead = 16;
+// Two blocks of codes, or one (Half: the rest of the register zero). Plain loads: rows streamed
+// from memory by masked loads were read several times slower on an AMD CPU.
+inline __m512i load_pair(const uint8_t* p, bool half) {
+    return half ? _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))
+                : _mm512_loadu_si512(p);
+}
 
 // Rows of at most 8 blocks (d <= 256): the query's codes, signs and scales go to registers once for
 // all rows, the rows' scales are multiplied by the query's in one register, and two rows' sums are
 // reduced together. P: pairs of blocks.
-template <int P>
+template <int P, bool Half>
 void q8_scores_pairs(const int8_t* qc, const float* qs, const uint8_t* k, int64_t rows, int64_t d, float* s) {
     const int64_t nb = q8_blocks(d), row_bytes = q8_row_bytes(d);
     const __mmask8 scale_mask = static_cast<__mmask8>((1u << nb) - 1);
     const __m256 query_scales = _mm256_maskz_loadu_ps(scale_mask, qs);
     const __m512i ones = _mm512_set1_epi16(1);
     __m512i aq[P], pick[P];
-    __mmask64 neg[P], m[P];
+    __mmask64 neg[P];
     KVFOLD_UNROLL(4)
     for (int p = 0; p < P; ++p) {
-        m[p] = 2 * p + 1 < nb ? ~__mmask64(0) : __mmask64(0xffffffffu);
-        const __m512i q = _mm512_maskz_loadu_epi8(m[p], qc + 2 * kQ8Block * p);
+        const __mmask64 m = Half && p + 1 == P ? __mmask64(0xffffffffu) : ~__mmask64(0);
+        const __m512i q = _mm512_maskz_loadu_epi8(m, qc + 2 * kQ8Block * p);
         aq[p] = _mm512_abs_epi8(q);
         neg[p] = _mm512_movepi8_mask(q);
         pick[p] = _mm512_set_epi32(2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1,
@@ -592,7 +595,7 @@ void q8_scores_pairs(const int8_t* qc, const float* qs, const uint8_t* k, int64_
         __m512 acc = _mm512_setzero_ps();
         KVFOLD_UNROLL(4)
         for (int p = 0; p < P; ++p) {
-            const __m512i x = _mm512_maskz_loadu_epi8(m[p], row + 2 * kQ8Block * p);
+            const __m512i x = load_pair(row + 2 * kQ8Block * p, Half && p + 1 == P);
             const __m512i signed_x = _mm512_mask_sub_epi8(x, neg[p], _mm512_setzero_si512(), x);
             const __m512i dot = _mm512_madd_epi16(_mm512_maddubs_epi16(aq[p], signed_x), ones);
             acc = _mm512_fmadd_ps(_mm512_permutexvar_ps(pick[p], scales), _mm512_cvtepi32_ps(dot), acc);
@@ -601,7 +604,6 @@ void q8_scores_pairs(const int8_t* qc, const float* qs, const uint8_t* k, int64_
     };
     int64_t j = 0;
     for (; j + 2 <= rows; j += 2) {
-        for (int64_t at = 0; at < 2 * row_bytes; at += 64) prefetch(k + (j + kQ8Ahead) * row_bytes + at);
         const __m512 a0 = row_sum(k + j * row_bytes), a1 = row_sum(k + (j + 1) * row_bytes);
         // [a0 | a1] halves added, then each 128-bit quarter to its first lane: row 0 in lane 0, row 1 in lane 8
         __m512 t = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, 0x44), _mm512_shuffle_f32x4(a0, a1, 0xee));
@@ -633,18 +635,17 @@ KVFOLD_TARGET_BEGIN("avx512f,avx512dq,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c
 // q8_scores_pairs with vpdpbusd, which multiplies unsigned by signed bytes and adds each four
 // products to a 32-bit lane: the key codes k become unsigned as k + 128 (their top bit flipped),
 // and each lane starts from -128 times the sum of its four query codes, so the sum is exact.
-template <int P>
+template <int P, bool Half>
 void q8_scores_pairs_vnni(const int8_t* qc, const float* qs, const uint8_t* k, int64_t rows, int64_t d, float* s) {
     const int64_t nb = q8_blocks(d), row_bytes = q8_row_bytes(d);
     const __mmask8 scale_mask = static_cast<__mmask8>((1u << nb) - 1);
     const __m256 query_scales = _mm256_maskz_loadu_ps(scale_mask, qs);
     const __m512i flip = _mm512_set1_epi8(-128);
     __m512i q[P], bias[P], pick[P];
-    __mmask64 m[P];
     KVFOLD_UNROLL(4)
     for (int p = 0; p < P; ++p) {
-        m[p] = 2 * p + 1 < nb ? ~__mmask64(0) : __mmask64(0xffffffffu);
-        q[p] = _mm512_maskz_loadu_epi8(m[p], qc + 2 * kQ8Block * p);
+        const __mmask64 m = Half && p + 1 == P ? __mmask64(0xffffffffu) : ~__mmask64(0);
+        q[p] = _mm512_maskz_loadu_epi8(m, qc + 2 * kQ8Block * p);
         bias[p] = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), flip, q[p]));
         pick[p] = _mm512_set_epi32(2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1,
                                    2 * p + 1, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p);
@@ -655,7 +656,7 @@ void q8_scores_pairs_vnni(const int8_t* qc, const float* qs, const uint8_t* k, i
         __m512 acc = _mm512_setzero_ps();
         KVFOLD_UNROLL(4)
         for (int p = 0; p < P; ++p) {
-            const __m512i x = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m[p], row + 2 * kQ8Block * p), flip);
+            const __m512i x = _mm512_xor_si512(load_pair(row + 2 * kQ8Block * p, Half && p + 1 == P), flip);
             const __m512i dot = _mm512_dpbusd_epi32(bias[p], x, q[p]);
             acc = _mm512_fmadd_ps(_mm512_permutexvar_ps(pick[p], scales), _mm512_cvtepi32_ps(dot), acc);
         }
@@ -663,7 +664,6 @@ void q8_scores_pairs_vnni(const int8_t* qc, const float* qs, const uint8_t* k, i
     };
     int64_t j = 0;
     for (; j + 2 <= rows; j += 2) {
-        for (int64_t at = 0; at < 2 * row_bytes; at += 64) prefetch(k + (j + kQ8Ahead) * row_bytes + at);
         const __m512 a0 = row_sum(k + j * row_bytes), a1 = row_sum(k + (j + 1) * row_bytes);
         __m512 t = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, 0x44), _mm512_shuffle_f32x4(a0, a1, 0xee));
         t = _mm512_add_ps(t, _mm512_shuffle_f32x4(t, t, 0xb1));
@@ -682,9 +682,16 @@ void scores_q8_avx512(const float* q, int64_t q_stride, int64_t nq, const uint8_
     const int64_t nb = q8_blocks(d);
     if (nb > 8) return q8_scores_with(q8_row_dot_avx512, q, q_stride, nq, k, rows, d, scale, s, s_stride);
     using Pairs = void (*)(const int8_t*, const float*, const uint8_t*, int64_t, int64_t, float*);
-    static constexpr Pairs by_pairs[2][5] = {
-        {nullptr, q8_scores_pairs<1>, q8_scores_pairs<2>, q8_scores_pairs<3>, q8_scores_pairs<4>},
-        {nullptr, q8_scores_pairs_vnni<1>, q8_scores_pairs_vnni<2>, q8_scores_pairs_vnni<3>, q8_scores_pairs_vnni<4>}};
+    static constexpr Pairs by_pairs[2][2][5] = {
+        // [VNNI][a last single block][pairs]
+        {{nullptr, q8_scores_pairs<1, false>, q8_scores_pairs<2, false>, q8_scores_pairs<3, false>,
+          q8_scores_pairs<4, false>},
+         {nullptr, q8_scores_pairs<1, true>, q8_scores_pairs<2, true>, q8_scores_pairs<3, true>,
+          q8_scores_pairs<4, true>}},
+        {{nullptr, q8_scores_pairs_vnni<1, false>, q8_scores_pairs_vnni<2, false>, q8_scores_pairs_vnni<3, false>,
+          q8_scores_pairs_vnni<4, false>},
+         {nullptr, q8_scores_pairs_vnni<1, true>, q8_scores_pairs_vnni<2, true>, q8_scores_pairs_vnni<3, true>,
+          q8_scores_pairs_vnni<4, true>}}};
     alignas(64) int8_t qc[8 * kQ8Block];
     float qs[8];
     for (int64_t i = 0; i < nq; ++i) {
@@ -692,7 +699,7 @@ void scores_q8_avx512(const float* q, int64_t q_stride, int64_t nq, const uint8_
             const int64_t at = b * kQ8Block, n = d - at < kQ8Block ? d - at : kQ8Block;
             qs[b] = scale * q8_quantize_block_avx512(q + i * q_stride + at, n, qc + at);
         }
-        by_pairs[kVnni][(nb + 1) / 2](qc, qs, k, rows, d, s + i * s_stride);
+        by_pairs[kVnni][nb % 2][(nb + 1) / 2](qc, qs, k, rows, d, s + i * s_stride);
     }
 }
 
@@ -704,8 +711,6 @@ void accumulate_q8(const float* p, const uint8_t* v, int64_t rows, int64_t d, in
     for (int t = 0; t < 2 * NB; ++t) acc[t] = _mm512_setzero_ps();
     const int64_t row_bytes = q8_row_bytes(d);
     for (int64_t j = 0; j < rows; ++j, v += row_bytes) {
-        if (first == 0)
-            for (int64_t at = 0; at < row_bytes; at += 64) prefetch(v + kQ8Ahead * row_bytes + at);
         const int8_t* codes = reinterpret_cast<const int8_t*>(v) + kQ8Block * first;
         const float* ks = q8_scales(v, d) + first;
         KVFOLD_UNROLL(4)
