@@ -515,10 +515,17 @@ void solve_unit_lower(const float* a, int64_t lda, float* x, int64_t ldx, int64_
 
 #include "table-inl.hpp"
 
+// Two blocks of codes, or one (Half: the rest of the register zero). Plain loads: rows streamed
+// from memory by masked loads were read several times slower on an AMD CPU.
+inline __m512i load_pair(const void* p, bool half) {
+    return half ? _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))
+                : _mm512_loadu_si512(p);
+}
+
 // int8 rows (q8-inl.hpp). Two blocks of codes are one register: vpmaddubsw multiplies |q| by k with
 // q's sign (llama.cpp's trick; codes are in [-127, 127], so no pair of products saturates 16 bits),
 // vpmaddwd sums them into 16 int32, exact, 8 per block; each block's 8 take the product of its two
-// scales. A last single block is a masked half.
+// scales. A last single block is a half register.
 inline float q8_row_dot_avx512(const int8_t* qc, const float* qs, const int8_t* kc, const uint8_t* row, int64_t d,
                                int64_t first, int64_t n) {
     const float* ks = q8_scales(row, d) + first;
@@ -529,7 +536,7 @@ inline float q8_row_dot_avx512(const int8_t* qc, const float* qs, const int8_t* 
         const bool two = b + 1 < n;
         const __mmask64 m = two ? ~__mmask64(0) : __mmask64(0xffffffffu);
         const __m512i q = _mm512_maskz_loadu_epi8(m, qc + kQ8Block * b);
-        const __m512i k = _mm512_maskz_loadu_epi8(m, kc + kQ8Block * b);
+        const __m512i k = load_pair(kc + kQ8Block * b, !two);
         const __m512i signed_k = _mm512_mask_sub_epi8(k, _mm512_movepi8_mask(q), _mm512_setzero_si512(), k);
         const __m512i dot = _mm512_madd_epi16(_mm512_maddubs_epi16(_mm512_abs_epi8(q), signed_k), ones);
         const __mmask8 m2 = two ? 3 : 1;
@@ -560,13 +567,6 @@ inline float q8_quantize_block_avx512(const float* x, int64_t n, int8_t* codes) 
     _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + 16),
                      _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(b, inverse))));
     return scale;
-}
-
-// Two blocks of codes, or one (Half: the rest of the register zero). Plain loads: rows streamed
-// from memory by masked loads were read several times slower on an AMD CPU.
-inline __m512i load_pair(const uint8_t* p, bool half) {
-    return half ? _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))
-                : _mm512_loadu_si512(p);
 }
 
 // Rows of at most 8 blocks (d <= 256): the query's codes, signs and scales go to registers once for
