@@ -238,23 +238,41 @@ class AccumulatorRule : public SlotRule {
     int64_t max_slots() const override { return 1; }
     bool averages_pairs() const override { return true; }
 
-   protected:
-    void accumulate(int64_t lane, const float* k, const float* v, int64_t position, double keep, double add,
-                    double scale) {
-        const Kernels& K = kernels();
+    void fold(int64_t lane, const float* k, const float* v, int64_t count, int64_t position) final {
+        const Weights w = weights(count);
         SlotEdit slot(*this, lane, 0);
-        K.axpby_f64(acc_k_.lane<double>(lane), keep, k, add, slot.keys(), scale, dims_.dk);
-        K.axpby_f64(acc_v_.lane<double>(lane), keep, v, add, slot.values(), scale, dims_.dv);
+        sums(lane, k, v, w, slot.keys(), slot.values());
         double p = 0;
         if (keeps_positions()) {
             double& acc = *acc_p_.lane<double>(lane);
-            acc = keep * acc + add * static_cast<double>(position);
-            p = acc * scale;
+            acc = w.keep * acc + w.add * static_cast<double>(position);
+            p = acc * w.scale;
         }
         slot.store(p);
     }
+    // A decode step's lanes: float32 slots without positions are written by the sums directly.
+    void fold_lanes(const LaneFolds& f) final {
+        if (slot_dtype() != DType::float32 || keeps_positions()) return SlotRule::fold_lanes(f);
+        for (int64_t i = 0; i < f.n; ++i)
+            sums(f.lane[i], f.k[i], f.v[i], weights(f.count[i]), slot_k_.lane<float>(f.lane[i]),
+                 slot_v_.lane<float>(f.lane[i]));
+    }
+
+   protected:
+    // acc = keep * acc + add * pair, read as acc * scale.
+    struct Weights {
+        double keep, add, scale;
+    };
+    // The weights of the fold into a lane that has had `count` pairs.
+    virtual Weights weights(int64_t count) const = 0;
 
    private:
+    void sums(int64_t lane, const float* k, const float* v, const Weights& w, float* key, float* value) {
+        const Kernels& K = kernels();
+        K.axpby_f64(acc_k_.lane<double>(lane), w.keep, k, w.add, key, w.scale, dims_.dk);
+        K.axpby_f64(acc_v_.lane<double>(lane), w.keep, v, w.add, value, w.scale, dims_.dv);
+    }
+
     LaneBuffer acc_k_, acc_v_, acc_p_;
 };
 

@@ -33,14 +33,14 @@ struct Model {
     // the input itself when window = 0, else a float32 copy of the evicted pair in ek/ev.
     Evicted place(int64_t lane, int64_t len, const float* kt, const float* vt, int64_t p, float* ek, float* ev) {
         const Config& cfg = c.cfg;
-        const int64_t kb = key_bytes(), vb = value_bytes();
         if (len < cfg.sinks) {
-            store_row(c.sink_k.lane(lane) + len * kb, kt, dk(), cfg.dtype);
-            store_row(c.sink_v.lane(lane) + len * vb, vt, dv(), cfg.dtype);
+            store_row(c.sink_k.lane(lane) + len * key_bytes(), kt, dk(), cfg.dtype);
+            store_row(c.sink_v.lane(lane) + len * value_bytes(), vt, dv(), cfg.dtype);
             return {};
         }
         int64_t j = len - cfg.sinks;  // index among non-sink tokens
         if (cfg.window == 0) return {j, kt, vt, p};
+        const int64_t kb = key_bytes(), vb = value_bytes();
         const WindowPlace at = enter_window(c, lane, j);
         uint8_t* wk = c.win_k.lane(lane) + at.row * kb;
         uint8_t* wv = c.win_v.lane(lane) + at.row * vb;

@@ -96,16 +96,24 @@ void f32_to_bf16(uint16_t* y, const float* x, int64_t n) {
     for (; i < n; ++i) y[i] = float_to_bf16(x[i]);
 }
 
+// A float is finite when its exponent bits are not all ones: the largest exponent field of the
+// values tells, kept in four registers so that the loop is no chain of dependent steps.
 bool all_finite(const float* x, int64_t n) {
-    // A float is finite when its exponent bits are not all ones.
-    const __m256i mask = _mm256_set1_epi32(0x7f800000);
-    __m256i bad = _mm256_setzero_si256();
+    const __m256i exponent = _mm256_set1_epi32(0x7f800000);
+    __m256i e0 = _mm256_setzero_si256(), e1 = e0, e2 = e0, e3 = e0;
+    auto field = [&](const float* p) {
+        return _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), exponent);
+    };
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        __m256i e = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i)), mask);
-        bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(e, mask));
+    for (; i + 32 <= n; i += 32) {
+        e0 = _mm256_max_epu32(e0, field(x + i));
+        e1 = _mm256_max_epu32(e1, field(x + i + 8));
+        e2 = _mm256_max_epu32(e2, field(x + i + 16));
+        e3 = _mm256_max_epu32(e3, field(x + i + 24));
     }
-    if (!_mm256_testz_si256(bad, bad)) return false;
+    for (; i + 8 <= n; i += 8) e0 = _mm256_max_epu32(e0, field(x + i));
+    const __m256i e = _mm256_max_epu32(_mm256_max_epu32(e0, e1), _mm256_max_epu32(e2, e3));
+    if (_mm256_movemask_epi8(_mm256_cmpeq_epi32(e, exponent))) return false;
     for (; i < n; ++i)
         if (!std::isfinite(x[i])) return false;
     return true;
@@ -129,19 +137,29 @@ void mul_f64(float* y, const double* s, double a, int64_t n) {
     for (; i + 4 <= n; i += 4) _mm_storeu_ps(y + i, _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_loadu_pd(s + i), va)));
     for (; i < n; ++i) y[i] = static_cast<float>(s[i] * a);
 }
-void axpby_f64(double* s, double a, const float* x, double b, float* y, double c, int64_t n) {
-    __m256d va = _mm256_set1_pd(a), vb = _mm256_set1_pd(b), vc = _mm256_set1_pd(c);
+// s = a s + b x, y = c s. Cumulative has a = b = 1 and EMA c = 1: the multiplications by 1 are
+// left out (they are exact, so the result is the same).
+template <bool Keep, bool Scale>
+void axpby_f64_as(double* s, double a, const float* x, double b, float* y, double c, int64_t n) {
+    const __m256d va = _mm256_set1_pd(a), vb = _mm256_set1_pd(b), vc = _mm256_set1_pd(c);
     int64_t i = 0;
     for (; i + 4 <= n; i += 4) {
-        __m256d vs =
-            _mm256_fmadd_pd(va, _mm256_loadu_pd(s + i), _mm256_mul_pd(vb, _mm256_cvtps_pd(_mm_loadu_ps(x + i))));
-        _mm256_storeu_pd(s + i, vs);
-        _mm_storeu_ps(y + i, _mm256_cvtpd_ps(_mm256_mul_pd(vc, vs)));
+        const __m256d vx = _mm256_cvtps_pd(_mm_loadu_ps(x + i)), vs = _mm256_loadu_pd(s + i);
+        const __m256d r = Keep ? _mm256_fmadd_pd(va, vs, _mm256_mul_pd(vb, vx)) : _mm256_add_pd(vs, vx);
+        _mm256_storeu_pd(s + i, r);
+        _mm_storeu_ps(y + i, _mm256_cvtpd_ps(Scale ? _mm256_mul_pd(vc, r) : r));
     }
     for (; i < n; ++i) {
         s[i] = a * s[i] + b * x[i];
         y[i] = static_cast<float>(c * s[i]);
     }
+}
+
+void axpby_f64(double* s, double a, const float* x, double b, float* y, double c, int64_t n) {
+    const bool keep = a != 1 || b != 1, scale = c != 1;
+    if (keep)
+        return scale ? axpby_f64_as<true, true>(s, a, x, b, y, c, n) : axpby_f64_as<true, false>(s, a, x, b, y, c, n);
+    return scale ? axpby_f64_as<false, true>(s, a, x, b, y, c, n) : axpby_f64_as<false, false>(s, a, x, b, y, c, n);
 }
 void max_f32(float* y, const float* x, int64_t n) {
     int64_t i = 0;

@@ -173,13 +173,23 @@ float exp_sum(float* x, float shift, int64_t n) {
     return _mm512_reduce_add_ps(acc);
 }
 
+// A float is finite when its exponent bits are not all ones: the largest exponent field of the
+// values tells, kept in four registers so that the loop is no chain of dependent steps.
 bool all_finite(const float* x, int64_t n) {
-    constexpr int kNanOrInf = 0x01 | 0x08 | 0x10 | 0x80;  // quiet NaN, +Inf, -Inf, signalling NaN
-    __mmask16 bad = 0;
+    const __m512i exponent = _mm512_set1_epi32(0x7f800000);
+    __m512i e0 = _mm512_setzero_si512(), e1 = e0, e2 = e0, e3 = e0;
+    auto field = [&](const float* p) { return _mm512_and_si512(_mm512_loadu_si512(p), exponent); };
     int64_t i = 0;
-    for (; i + 16 <= n; i += 16) bad |= _mm512_fpclass_ps_mask(_mm512_loadu_ps(x + i), kNanOrInf);
-    if (i < n) bad |= _mm512_mask_fpclass_ps_mask(first(n - i), _mm512_maskz_loadu_ps(first(n - i), x + i), kNanOrInf);
-    return bad == 0;
+    for (; i + 64 <= n; i += 64) {
+        e0 = _mm512_max_epu32(e0, field(x + i));
+        e1 = _mm512_max_epu32(e1, field(x + i + 16));
+        e2 = _mm512_max_epu32(e2, field(x + i + 32));
+        e3 = _mm512_max_epu32(e3, field(x + i + 48));
+    }
+    for (; i + 16 <= n; i += 16) e0 = _mm512_max_epu32(e0, field(x + i));
+    if (i < n) e1 = _mm512_max_epu32(e1, _mm512_and_si512(_mm512_maskz_loadu_epi32(first(n - i), x + i), exponent));
+    const __m512i e = _mm512_max_epu32(_mm512_max_epu32(e0, e1), _mm512_max_epu32(e2, e3));
+    return _mm512_cmpeq_epi32_mask(e, exponent) == 0;
 }
 
 // float64 accumulators: 8 at a time, s op= x.
@@ -200,22 +210,34 @@ inline __m512d minus(__m512d s, __m512d x) { return _mm512_sub_pd(s, x); }
 void add_f64(double* s, const float* x, int64_t n) { update_f64<plus>(s, x, n); }
 void sub_f64(double* s, const float* x, int64_t n) { update_f64<minus>(s, x, n); }
 
-void axpby_f64(double* s, double a, const float* x, double b, float* y, double c, int64_t n) {
-    __m512d va = _mm512_set1_pd(a), vb = _mm512_set1_pd(b), vc = _mm512_set1_pd(c);
+// s = a s + b x, y = c s. Cumulative has a = b = 1 and EMA c = 1: the multiplications by 1 are
+// left out (they are exact, so the result is the same).
+template <bool Keep, bool Scale>
+void axpby_f64_as(double* s, double a, const float* x, double b, float* y, double c, int64_t n) {
+    const __m512d va = _mm512_set1_pd(a), vb = _mm512_set1_pd(b), vc = _mm512_set1_pd(c);
+    auto step = [&](__m512d vs, __m512d vx) {
+        return Keep ? _mm512_fmadd_pd(va, vs, _mm512_mul_pd(vb, vx)) : _mm512_add_pd(vs, vx);
+    };
+    auto read = [&](__m512d vs) { return _mm512_cvtpd_ps(Scale ? _mm512_mul_pd(vc, vs) : vs); };
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
-        __m512d vs =
-            _mm512_fmadd_pd(va, _mm512_loadu_pd(s + i), _mm512_mul_pd(vb, _mm512_cvtps_pd(_mm256_loadu_ps(x + i))));
+        const __m512d vs = step(_mm512_loadu_pd(s + i), _mm512_cvtps_pd(_mm256_loadu_ps(x + i)));
         _mm512_storeu_pd(s + i, vs);
-        _mm256_storeu_ps(y + i, _mm512_cvtpd_ps(_mm512_mul_pd(vc, vs)));
+        _mm256_storeu_ps(y + i, read(vs));
     }
     if (i < n) {
-        __mmask8 m = first8(n - i);
-        __m512d vx = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, x + i));
-        __m512d vs = _mm512_fmadd_pd(va, _mm512_maskz_loadu_pd(m, s + i), _mm512_mul_pd(vb, vx));
+        const __mmask8 m = first8(n - i);
+        const __m512d vs = step(_mm512_maskz_loadu_pd(m, s + i), _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, x + i)));
         _mm512_mask_storeu_pd(s + i, m, vs);
-        _mm256_mask_storeu_ps(y + i, m, _mm512_cvtpd_ps(_mm512_mul_pd(vc, vs)));
+        _mm256_mask_storeu_ps(y + i, m, read(vs));
     }
+}
+
+void axpby_f64(double* s, double a, const float* x, double b, float* y, double c, int64_t n) {
+    const bool keep = a != 1 || b != 1, scale = c != 1;
+    if (keep)
+        return scale ? axpby_f64_as<true, true>(s, a, x, b, y, c, n) : axpby_f64_as<true, false>(s, a, x, b, y, c, n);
+    return scale ? axpby_f64_as<false, true>(s, a, x, b, y, c, n) : axpby_f64_as<false, false>(s, a, x, b, y, c, n);
 }
 
 void mul_f64(float* y, const double* s, double a, int64_t n) {

@@ -8,9 +8,7 @@ namespace {
 class Cumulative final : public AccumulatorRule {
    public:
     // The accumulators are running sums, read divided by the count.
-    void fold(int64_t lane, const float* k, const float* v, int64_t count, int64_t position) override {
-        accumulate(lane, k, v, position, 1.0, 1.0, 1.0 / static_cast<double>(count + 1));
-    }
+    Weights weights(int64_t count) const override { return {1.0, 1.0, 1.0 / static_cast<double>(count + 1)}; }
 };
 
 std::unique_ptr<Rule> make(const RuleSpec&) { return std::make_unique<Cumulative>(); }

@@ -8,9 +8,9 @@ namespace {
 class EMA final : public AccumulatorRule {
    public:
     explicit EMA(double alpha) : alpha_(alpha) {}
-    void fold(int64_t lane, const float* k, const float* v, int64_t count, int64_t position) override {
+    Weights weights(int64_t count) const override {
         double a = count == 0 ? 1.0 : alpha_;  // weight 1 sets Mem to the pair (Mem starts at zero)
-        accumulate(lane, k, v, position, 1.0 - a, a, 1.0);
+        return {1.0 - a, a, 1.0};
     }
 
    private:
