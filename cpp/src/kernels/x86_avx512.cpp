@@ -260,6 +260,19 @@ void max_f32(float* y, const float* x, int64_t n) {
     }
 }
 
+// The lane sums of four vectors, reduced together: halves, then quarters of all four are added
+// across registers, and the last four lanes of each within its quarter (16 instructions where four
+// separate reductions take 40).
+inline __m128 sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+    const __m512 b0 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, 0x44), _mm512_shuffle_f32x4(a0, a1, 0xEE));
+    const __m512 b1 = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, 0x44), _mm512_shuffle_f32x4(a2, a3, 0xEE));
+    __m512 c = _mm512_add_ps(_mm512_shuffle_f32x4(b0, b1, 0x88), _mm512_shuffle_f32x4(b0, b1, 0xDD));
+    c = _mm512_add_ps(c, _mm512_permute_ps(c, 0x4E));
+    c = _mm512_add_ps(c, _mm512_permute_ps(c, 0xB1));
+    return _mm512_castps512_ps128(
+        _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), c));
+}
+
 // Four rows against one query: four independent FMA chains keep both FMA pipes busy.
 template <class E>
 inline void dot4(const float* q, const typename E::T* k, int64_t d, float scale, float* s) {
@@ -283,10 +296,7 @@ inline void dot4(const float* q, const typename E::T* k, int64_t d, float scale,
         a2 = _mm512_fmadd_ps(x, E::load(k2 + i, m), a2);
         a3 = _mm512_fmadd_ps(x, E::load(k3 + i, m), a3);
     }
-    s[0] = scale * _mm512_reduce_add_ps(a0);
-    s[1] = scale * _mm512_reduce_add_ps(a1);
-    s[2] = scale * _mm512_reduce_add_ps(a2);
-    s[3] = scale * _mm512_reduce_add_ps(a3);
+    _mm_storeu_ps(s, _mm_mul_ps(_mm_set1_ps(scale), sum4(a0, a1, a2, a3)));
 }
 
 template <class E>
