@@ -84,3 +84,55 @@ void weighted_sum_q8(const float* p, int64_t p_stride, int64_t nq, const uint8_t
         }
     }
 }
+
+// The weighted sum in vectors, for a file whose traits W (simd-inl.hpp) also load int8 codes:
+// W::load_i8(p) widens W::kLanes codes at p to float32. Rows of whole blocks only.
+// o[0 : 32 NB] (+)= sum_j p_j v_j over blocks [first, first + NB) of the rows, in 32 NB / kLanes
+// registers.
+template <class W, int NB>
+void q8_accumulate(const float* p, const uint8_t* v, int64_t rows, int64_t d, int64_t first, float* o, bool add) {
+    constexpr int kPerBlock = kQ8Block / W::kLanes;
+    typename W::F acc[kPerBlock * NB];
+    KVFOLD_UNROLL(16)
+    for (int t = 0; t < kPerBlock * NB; ++t) acc[t] = W::zero();
+    const int64_t row_bytes = q8_row_bytes(d);
+    for (int64_t j = 0; j < rows; ++j, v += row_bytes) {
+        const int8_t* codes = reinterpret_cast<const int8_t*>(v) + kQ8Block * first;
+        const float* ks = q8_scales(v, d) + first;
+        KVFOLD_UNROLL(4)
+        for (int b = 0; b < NB; ++b) {
+            const typename W::F w = W::set1(p[j] * ks[b]);
+            KVFOLD_UNROLL(4)
+            for (int t = 0; t < kPerBlock; ++t) {
+                const int at = kPerBlock * b + t;
+                acc[at] = W::fma(w, W::load_i8(codes + W::kLanes * at), acc[at]);
+            }
+        }
+    }
+    KVFOLD_UNROLL(16)
+    for (int t = 0; t < kPerBlock * NB; ++t) {
+        typename W::F x = acc[t];
+        if (add) x = W::add(x, W::load(o + W::kLanes * t));
+        W::store(o + W::kLanes * t, x);
+    }
+}
+
+// MaxBlocks (at most 4) blocks at a time, the rest in one call; rows with a partial block go to
+// the plain loops above.
+template <class W, int MaxBlocks>
+void q8_weighted_sum_vectors(const float* p, int64_t p_stride, int64_t nq, const uint8_t* v, int64_t rows, int64_t d,
+                             float* out, int64_t out_stride, bool add) {
+    static_assert(MaxBlocks >= 1 && MaxBlocks <= 4, "by_blocks below holds up to 3");
+    if (d % kQ8Block) return weighted_sum_q8(p, p_stride, nq, v, rows, d, out, out_stride, add);
+    using Acc = void (*)(const float*, const uint8_t*, int64_t, int64_t, int64_t, float*, bool);
+    static constexpr Acc by_blocks[4] = {nullptr, q8_accumulate<W, 1>, q8_accumulate<W, 2>, q8_accumulate<W, 3>};
+    const int64_t nb = d / kQ8Block;
+    for (int64_t i = 0; i < nq; ++i) {
+        const float* pi = p + i * p_stride;
+        float* o = out + i * out_stride;
+        int64_t b = 0;
+        for (; b + MaxBlocks <= nb; b += MaxBlocks)
+            q8_accumulate<W, MaxBlocks>(pi, v, rows, d, b, o + kQ8Block * b, add);
+        if (b < nb) by_blocks[nb - b](pi, v, rows, d, b, o + kQ8Block * b, add);
+    }
+}

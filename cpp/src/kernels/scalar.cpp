@@ -4,6 +4,7 @@
 
 #include "../half.hpp"
 #include "kernels.hpp"
+#include "target.hpp"  // KVFOLD_UNROLL in the vector skeletons of q8-inl.hpp
 
 namespace kvfold {
 namespace scalar {

@@ -319,53 +319,19 @@ void scores_q8_avx2(const float* q, int64_t q_stride, int64_t nq, const uint8_t*
     q8_scores_with(q8_row_dot_avx2, q, q_stride, nq, k, rows, d, scale, s, s_stride);
 }
 
-// o[0 : 32 NB] (+)= sum_j p_j v_j over blocks [first, first + NB) of the rows, in 4 NB registers.
-template <int NB>
-void accumulate_q8(const float* p, const uint8_t* v, int64_t rows, int64_t d, int64_t first, float* o, bool add) {
-    __m256 acc[4 * NB];
-    KVFOLD_UNROLL(16)
-    for (int t = 0; t < 4 * NB; ++t) acc[t] = _mm256_setzero_ps();
-    const int64_t row_bytes = q8_row_bytes(d);
-    for (int64_t j = 0; j < rows; ++j, v += row_bytes) {
-        const int8_t* codes = reinterpret_cast<const int8_t*>(v) + kQ8Block * first;
-        const float* ks = q8_scales(v, d) + first;
-        KVFOLD_UNROLL(4)
-        for (int b = 0; b < NB; ++b) {
-            const __m256 w = _mm256_set1_ps(p[j] * ks[b]);
-            KVFOLD_UNROLL(4)
-            for (int t = 0; t < 4; ++t) {
-                const __m128i x = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + kQ8Block * b + 8 * t));
-                acc[4 * b + t] = _mm256_fmadd_ps(w, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(x)), acc[4 * b + t]);
-            }
-        }
+// The weighted sum (q8-inl.hpp) reads 8 codes at a time, widened to float32.
+struct Q8 : V {
+    static F load_i8(const int8_t* p) {
+        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
     }
-    KVFOLD_UNROLL(16)
-    for (int t = 0; t < 4 * NB; ++t) {
-        __m256 x = acc[t];
-        if (add) x = _mm256_add_ps(x, _mm256_loadu_ps(o + 8 * t));
-        _mm256_storeu_ps(o + 8 * t, x);
-    }
-}
-
-void weighted_sum_q8_avx2(const float* p, int64_t p_stride, int64_t nq, const uint8_t* v, int64_t rows, int64_t d,
-                          float* out, int64_t out_stride, bool add) {
-    if (d % kQ8Block) return weighted_sum_q8(p, p_stride, nq, v, rows, d, out, out_stride, add);
-    const int64_t nb = d / kQ8Block;
-    for (int64_t i = 0; i < nq; ++i) {
-        const float* pi = p + i * p_stride;
-        float* o = out + i * out_stride;
-        int64_t b = 0;
-        for (; b + 2 <= nb; b += 2) accumulate_q8<2>(pi, v, rows, d, b, o + kQ8Block * b, add);
-        if (b < nb) accumulate_q8<1>(pi, v, rows, d, b, o + kQ8Block * b, add);
-    }
-}
+};
 
 constexpr Kernels make_table() {
     Kernels k = filled_table("avx2");
     k.scores_bf16 = scores_bf16;  // even and odd values apart, see above
     k.weighted_sum_bf16 = weighted_sum_bf16;
     k.scores_q8 = scores_q8_avx2;
-    k.weighted_sum_q8 = weighted_sum_q8_avx2;
+    k.weighted_sum_q8 = q8_weighted_sum_vectors<Q8, 2>;
     return k;
 }
 

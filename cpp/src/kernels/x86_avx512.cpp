@@ -735,53 +735,17 @@ void scores_q8_avx512(const float* q, int64_t q_stride, int64_t nq, const uint8_
     }
 }
 
-// o[0 : 32 NB] (+)= sum_j p_j v_j over blocks [first, first + NB) of the rows, in 2 NB registers.
-template <int NB>
-void accumulate_q8(const float* p, const uint8_t* v, int64_t rows, int64_t d, int64_t first, float* o, bool add) {
-    __m512 acc[2 * NB];
-    KVFOLD_UNROLL(8)
-    for (int t = 0; t < 2 * NB; ++t) acc[t] = _mm512_setzero_ps();
-    const int64_t row_bytes = q8_row_bytes(d);
-    for (int64_t j = 0; j < rows; ++j, v += row_bytes) {
-        const int8_t* codes = reinterpret_cast<const int8_t*>(v) + kQ8Block * first;
-        const float* ks = q8_scales(v, d) + first;
-        KVFOLD_UNROLL(4)
-        for (int b = 0; b < NB; ++b) {
-            const __m512 w = _mm512_set1_ps(p[j] * ks[b]);
-            KVFOLD_UNROLL(2)
-            for (int t = 0; t < 2; ++t) {
-                const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + kQ8Block * b + 16 * t));
-                acc[2 * b + t] = _mm512_fmadd_ps(w, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(x)), acc[2 * b + t]);
-            }
-        }
+// The weighted sum (q8-inl.hpp) reads 16 codes at a time, widened to float32.
+struct Q8 : V {
+    static F load_i8(const int8_t* p) {
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
     }
-    KVFOLD_UNROLL(8)
-    for (int t = 0; t < 2 * NB; ++t) {
-        __m512 x = acc[t];
-        if (add) x = _mm512_add_ps(x, _mm512_loadu_ps(o + 16 * t));
-        _mm512_storeu_ps(o + 16 * t, x);
-    }
-}
-
-void weighted_sum_q8_avx512(const float* p, int64_t p_stride, int64_t nq, const uint8_t* v, int64_t rows, int64_t d,
-                            float* out, int64_t out_stride, bool add) {
-    if (d % kQ8Block) return weighted_sum_q8(p, p_stride, nq, v, rows, d, out, out_stride, add);
-    using Acc = void (*)(const float*, const uint8_t*, int64_t, int64_t, int64_t, float*, bool);
-    static constexpr Acc by_blocks[4] = {nullptr, accumulate_q8<1>, accumulate_q8<2>, accumulate_q8<3>};
-    const int64_t nb = d / kQ8Block;
-    for (int64_t i = 0; i < nq; ++i) {
-        const float* pi = p + i * p_stride;
-        float* o = out + i * out_stride;
-        int64_t b = 0;
-        for (; b + 4 <= nb; b += 4) accumulate_q8<4>(pi, v, rows, d, b, o + kQ8Block * b, add);
-        if (b < nb) by_blocks[nb - b](pi, v, rows, d, b, o + kQ8Block * b, add);
-    }
-}
+};
 
 constexpr Kernels make_table() {
     Kernels k = filled_table("avx512");
     k.scores_q8 = scores_q8_avx512;
-    k.weighted_sum_q8 = weighted_sum_q8_avx512;
+    k.weighted_sum_q8 = q8_weighted_sum_vectors<Q8, 4>;
     k.scores_bf16 = scores_bf16;  // even and odd values apart, see above
     k.weighted_sum_bf16 = weighted_sum_bf16;
     k.softmax = softmax_short;  // short blocks in one register, see above
