@@ -1,6 +1,17 @@
 // The roofline's two measuring loops, written once over a vector-traits type V (F, kLanes, set1,
-// load, add, fma, sum) and included by roofline.cpp inside each ISA's target region. No include
+// load, store, add, fma) and included by roofline.cpp inside each ISA's target region. No include
 // guard: included once per region, each in its own namespace.
+
+// The lanes of a added in order, through memory (not _mm512_reduce_add_ps: GCC 12 warns inside
+// it, GCC bug 105593). Once per call, outside the timed loops.
+template <class V>
+float sum(typename V::F a) {
+    float x[V::kLanes];
+    V::store(x, a);
+    float total = 0;
+    for (float v : x) total += v;
+    return total;
+}
 
 // kChains (roofline.cpp) independent chains of multiply-adds acc = acc * a + b, so that several
 // are in flight while each waits out the latency of the one before. a < 1 keeps every value finite.
@@ -15,7 +26,7 @@ float fma_chains(int64_t iterations, float a, float b) {
         for (int i = 0; i < kChains; ++i) acc[i] = V::fma(acc[i], va, vb);
     }
     float total = 0;
-    for (int i = 0; i < kChains; ++i) total += V::sum(acc[i]);
+    for (int i = 0; i < kChains; ++i) total += sum<V>(acc[i]);
     return total;
 }
 
@@ -33,6 +44,6 @@ float read_passes(const float* x, int64_t n, int64_t passes) {
         }
     }
     float total = 0;
-    for (int j = 0; j < 8; ++j) total += V::sum(acc[j]);
+    for (int j = 0; j < 8; ++j) total += sum<V>(acc[j]);
     return total;
 }

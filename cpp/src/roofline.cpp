@@ -37,11 +37,7 @@ struct V {
     static F load(const float* p) { return _mm_loadu_ps(p); }
     static F add(F a, F b) { return _mm_add_ps(a, b); }
     static F fma(F a, F b, F c) { return _mm_add_ps(_mm_mul_ps(a, b), c); }
-    static float sum(F a) {
-        float x[4];
-        _mm_storeu_ps(x, a);
-        return x[0] + x[1] + x[2] + x[3];
-    }
+    static void store(float* p, F a) { _mm_storeu_ps(p, a); }
 };
 #elif defined(__aarch64__)
 struct V {
@@ -51,7 +47,7 @@ struct V {
     static F load(const float* p) { return vld1q_f32(p); }
     static F add(F a, F b) { return vaddq_f32(a, b); }
     static F fma(F a, F b, F c) { return vfmaq_f32(c, a, b); }
-    static float sum(F a) { return vaddvq_f32(a); }
+    static void store(float* p, F a) { vst1q_f32(p, a); }
 };
 #else
 struct V {
@@ -61,7 +57,7 @@ struct V {
     static F load(const float* p) { return *p; }
     static F add(F a, F b) { return a + b; }
     static F fma(F a, F b, F c) { return a * b + c; }
-    static float sum(F a) { return a; }
+    static void store(float* p, F a) { *p = a; }
 };
 #endif
 #include "roofline-inl.hpp"
@@ -77,11 +73,7 @@ struct V {
     static F load(const float* p) { return _mm256_loadu_ps(p); }
     static F add(F a, F b) { return _mm256_add_ps(a, b); }
     static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
-    static float sum(F a) {
-        float x[8];
-        _mm256_storeu_ps(x, a);
-        return x[0] + x[1] + x[2] + x[3] + x[4] + x[5] + x[6] + x[7];
-    }
+    static void store(float* p, F a) { _mm256_storeu_ps(p, a); }
 };
 #include "roofline-inl.hpp"
 }  // namespace avx2
@@ -96,13 +88,7 @@ struct V {
     static F load(const float* p) { return _mm512_loadu_ps(p); }
     static F add(F a, F b) { return _mm512_add_ps(a, b); }
     static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
-    static float sum(F a) {  // not _mm512_reduce_add_ps: GCC 12 warns inside it (GCC bug 105593)
-        float x[16];
-        _mm512_storeu_ps(x, a);
-        float total = 0;
-        for (float v : x) total += v;
-        return total;
-    }
+    static void store(float* p, F a) { _mm512_storeu_ps(p, a); }
 };
 #include "roofline-inl.hpp"
 }  // namespace avx512
