@@ -604,6 +604,24 @@ inline float q8_quantize_block_avx512(const float* x, int64_t n, int8_t* codes) 
 // Rows of at most 8 blocks (d <= 256): the query's codes, signs and scales go to registers once for
 // all rows, the rows' scales are multiplied by the query's in one register, and two rows' sums are
 // reduced together. P: pairs of blocks.
+// s[j] = the sum of row_sum(row j)'s lanes, rows two at a time, their sums reduced together.
+// Inlined into each caller, whose target region then holds row_sum too.
+template <class RowSum>
+KVFOLD_ALWAYS_INLINE void q8_score_rows(RowSum row_sum, const uint8_t* k, int64_t rows, int64_t row_bytes, float* s) {
+    int64_t j = 0;
+    for (; j + 2 <= rows; j += 2) {
+        const __m512 a0 = row_sum(k + j * row_bytes), a1 = row_sum(k + (j + 1) * row_bytes);
+        // [a0 | a1] halves added, then each 128-bit quarter to its first lane: row 0 in lane 0, row 1 in lane 8
+        __m512 t = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, 0x44), _mm512_shuffle_f32x4(a0, a1, 0xee));
+        t = _mm512_add_ps(t, _mm512_shuffle_f32x4(t, t, 0xb1));
+        t = _mm512_add_ps(t, _mm512_permute_ps(t, 0x4e));
+        t = _mm512_add_ps(t, _mm512_permute_ps(t, 0xb1));
+        s[j] = _mm512_cvtss_f32(t);
+        s[j + 1] = _mm_cvtss_f32(_mm512_extractf32x4_ps(t, 2));
+    }
+    if (j < rows) s[j] = _mm512_reduce_add_ps(row_sum(k + j * row_bytes));
+}
+
 template <int P, bool Half>
 void q8_scores_pairs(const int8_t* qc, const float* qs, const uint8_t* k, int64_t rows, int64_t d, float* s) {
     const int64_t nb = q8_blocks(d), row_bytes = q8_row_bytes(d);
@@ -634,18 +652,7 @@ void q8_scores_pairs(const int8_t* qc, const float* qs, const uint8_t* k, int64_
         }
         return acc;
     };
-    int64_t j = 0;
-    for (; j + 2 <= rows; j += 2) {
-        const __m512 a0 = row_sum(k + j * row_bytes), a1 = row_sum(k + (j + 1) * row_bytes);
-        // [a0 | a1] halves added, then each 128-bit quarter to its first lane: row 0 in lane 0, row 1 in lane 8
-        __m512 t = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, 0x44), _mm512_shuffle_f32x4(a0, a1, 0xee));
-        t = _mm512_add_ps(t, _mm512_shuffle_f32x4(t, t, 0xb1));
-        t = _mm512_add_ps(t, _mm512_permute_ps(t, 0x4e));
-        t = _mm512_add_ps(t, _mm512_permute_ps(t, 0xb1));
-        s[j] = _mm512_cvtss_f32(t);
-        s[j + 1] = _mm_cvtss_f32(_mm512_extractf32x4_ps(t, 2));
-    }
-    if (j < rows) s[j] = _mm512_reduce_add_ps(row_sum(k + j * row_bytes));
+    q8_score_rows(row_sum, k, rows, row_bytes, s);
 }
 
 // AVX512_VNNI (Cascade Lake, Ice Lake, Zen 4 on): not every AVX-512 CPU has it, so its kernels
@@ -662,6 +669,9 @@ bool cpu_has_vnni() {
 }
 const bool kVnni = cpu_has_vnni();
 
+// A region of its own, not nested in the file's: Clang applies only the outer of two pushed
+// target attributes.
+KVFOLD_TARGET_END
 KVFOLD_TARGET_BEGIN("avx512f,avx512dq,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
 
 // q8_scores_pairs with vpdpbusd, which multiplies unsigned by signed bytes and adds each four
@@ -694,20 +704,11 @@ void q8_scores_pairs_vnni(const int8_t* qc, const float* qs, const uint8_t* k, i
         }
         return acc;
     };
-    int64_t j = 0;
-    for (; j + 2 <= rows; j += 2) {
-        const __m512 a0 = row_sum(k + j * row_bytes), a1 = row_sum(k + (j + 1) * row_bytes);
-        __m512 t = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, 0x44), _mm512_shuffle_f32x4(a0, a1, 0xee));
-        t = _mm512_add_ps(t, _mm512_shuffle_f32x4(t, t, 0xb1));
-        t = _mm512_add_ps(t, _mm512_permute_ps(t, 0x4e));
-        t = _mm512_add_ps(t, _mm512_permute_ps(t, 0xb1));
-        s[j] = _mm512_cvtss_f32(t);
-        s[j + 1] = _mm_cvtss_f32(_mm512_extractf32x4_ps(t, 2));
-    }
-    if (j < rows) s[j] = _mm512_reduce_add_ps(row_sum(k + j * row_bytes));
+    q8_score_rows(row_sum, k, rows, row_bytes, s);
 }
 
 KVFOLD_TARGET_END
+KVFOLD_TARGET_BEGIN("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,f16c")
 
 void scores_q8_avx512(const float* q, int64_t q_stride, int64_t nq, const uint8_t* k, int64_t rows, int64_t d,
                       float scale, float* s, int64_t s_stride) {
