@@ -304,11 +304,9 @@ void scores(const float* q, int64_t q_stride, int64_t nq, const typename E::T* k
             float* s, int64_t s_stride) {
     int64_t j = 0;
     for (; j + 4 <= rows; j += 4, k += 4 * d) {
-        // float32 rows streamed from memory are read faster with the lines 16 rows ahead requested
-        // early; half rows are bound by their conversions, and the extra instructions only cost.
-        if (std::is_same<E, F32>::value)
-            for (int64_t r = 0; r < 4 * d * 4; r += 64)
-                _mm_prefetch(reinterpret_cast<const char*>(k + 16 * d) + r, _MM_HINT_T0);
+        // rows streamed from memory are read faster with the lines 16 rows ahead requested early
+        for (int64_t r = 0; r < 4 * d * int64_t(sizeof(*k)); r += 64)
+            _mm_prefetch(reinterpret_cast<const char*>(k + 16 * d) + r, _MM_HINT_T0);
         for (int64_t i = 0; i < nq; ++i) dot4<E>(q + i * q_stride, k, d, scale, s + i * s_stride + j);
     }
     for (; j < rows; ++j, k += d)
