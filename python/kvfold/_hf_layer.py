@@ -295,8 +295,10 @@ class FoldLayer(CacheLayerMixin):
     def is_croppable(self) -> bool:
         return self.record_past
 
-    def activate_past_recording(self) -> None:
-        """Keep a checkpoint before each update (a copy of the state) so that ``crop`` can take tokens back."""
+    def activate_past_recording(self, **kwargs: Any) -> None:
+        """Keep a checkpoint before each update (a copy of the state) so that ``crop`` can take tokens back.
+        A checkpoint per update serves any number of steps back, so transformers' options for recurrent
+        layers (``recurrent_states_to_keep``) change nothing here."""
         self.record_past = True
 
     def crop(self, tokens_to_remove: int) -> None:

@@ -138,10 +138,11 @@ class FoldCache(Cache):
             self.layers.append(layer)
         return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
 
-    def activate_past_recording(self) -> None:
-        """Record a checkpoint before each update so that ``crop`` can take tokens back."""
+    def activate_past_recording(self, **kwargs: Any) -> None:
+        """Record a checkpoint before each update so that ``crop`` can take tokens back. transformers'
+        options for recurrent layers (``recurrent_states_to_keep``) are passed on to the layers."""
         self._record_past = True
-        super().activate_past_recording()
+        super().activate_past_recording(**kwargs)
 
     @property
     def is_croppable(self) -> bool:
