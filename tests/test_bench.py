@@ -73,6 +73,7 @@ def test_ggml_peer_stores_the_cases_dtype(dtype):
     if ggml is None:
         pytest.skip("ggml-python is not installed")
     import ggml as lib
+
     case = bench.Case("drop", rules.Drop(), window=40, sinks=2, heads=2, head_dim=64, dtype=dtype)
     exact = bench._agreements(replace(case, dtype="float32"), [ggml], threads=1)["ggml"]
     rounded = bench._agreements(case, [ggml], threads=1)["ggml"]
