@@ -82,9 +82,11 @@ size_t physical_memory();
 
 // The bytes this process may still allocate, as far as kvfold can tell, and what limits them: the
 // machine's memory, a cgroup's memory limit, the address-space and data rlimits.
+// `what` is a string literal: the value read once is a static that threads still running at exit
+// may copy, so it must have nothing for a destructor to free.
 struct MemoryLimit {
     size_t bytes = SIZE_MAX;
-    std::string what = "this machine's memory";
+    const char* what = "this machine's memory";
     void at_most(size_t n, const char* why) {
         if (n < bytes) bytes = n, what = why;
     }
