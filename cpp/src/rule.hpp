@@ -3,8 +3,10 @@
 #pragma once
 
 #include <algorithm>
+#include <initializer_list>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "attention.hpp"
@@ -313,11 +315,24 @@ constexpr const char* kBetaRange = "beta in [0, 2] keeps the delta update from g
 // A kind of rule, declared in the rule's own file: its name in specs and saved state, the numeric
 // parameters and string options its spec may carry (the registry refuses any other), and how to
 // build it (make checks the values).
+// Kinds are statics that a thread still running at exit may read; they hold no destructor to run.
+struct NameList {
+    static constexpr int kMax = 8;
+    const char* names[kMax] = {};
+    int size = 0;
+    constexpr NameList(std::initializer_list<const char*> list) {
+        for (const char* n : list) names[size++] = n;
+    }
+    const char* const* begin() const { return names; }
+    const char* const* end() const { return names + size; }
+};
+
 struct RuleKind {
     const char* name;
-    std::vector<std::string> params, options;
+    NameList params, options;
     std::unique_ptr<Rule> (*make)(const RuleSpec&);
 };
+static_assert(std::is_trivially_destructible_v<RuleKind>, "a rule kind outlives the threads that read it");
 
 // Builds the rule a spec describes (parameters checked, nothing allocated).
 std::unique_ptr<Rule> make_rule(const RuleSpec& spec);

@@ -14,8 +14,8 @@ namespace {
 
 // A short list: it holds one entry per cache that some thread is calling right now.
 std::vector<std::pair<const MemoryCache*, int>>& calls_in_flight() {
-    static std::vector<std::pair<const MemoryCache*, int>> calls;
-    return calls;
+    static auto* calls = new std::vector<std::pair<const MemoryCache*, int>>;  // never destroyed, as in dispatch.cpp
+    return *calls;
 }
 bool in_flight(const MemoryCache& c) {
     for (const auto& entry : calls_in_flight())

@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -81,23 +82,24 @@ std::vector<const Kernels*> detect() {
     return out;
 }
 
+// Never destroyed, like every static here: a thread still inside kvfold at exit may pick a table.
 const std::vector<const Kernels*>& runnable() {
-    static const std::vector<const Kernels*> tables = detect();
-    return tables;
+    static const auto* tables = new std::vector<const Kernels*>(detect());
+    return *tables;
 }
 
 // Every backend name, and this architecture's ladder of them, least capable first.
-const std::vector<std::string> kKnown = {"scalar", "avx2", "avx512", "avx512bf16", "neon"};
+constexpr const char* kKnown[] = {"scalar", "avx2", "avx512", "avx512bf16", "neon"};
 #if defined(__x86_64__) || defined(_M_X64)
-const std::vector<std::string> kLadder = {"scalar", "avx2", "avx512", "avx512bf16"};
+constexpr const char* kLadder[] = {"scalar", "avx2", "avx512", "avx512bf16"};
 #elif defined(__aarch64__)
-const std::vector<std::string> kLadder = {"scalar", "neon"};
+constexpr const char* kLadder[] = {"scalar", "neon"};
 #else
-const std::vector<std::string> kLadder = {"scalar"};
+constexpr const char* kLadder[] = {"scalar"};
 #endif
 
 int rung(const std::string& name) {
-    for (size_t i = 0; i < kLadder.size(); ++i)
+    for (size_t i = 0; i < std::size(kLadder); ++i)
         if (kLadder[i] == name) return static_cast<int>(i);
     return -1;
 }
@@ -111,7 +113,7 @@ bool opt_in(const std::string& name) { return name == "avx512bf16"; }
 // name kvfold does not know.
 const Kernels* pick(const std::string& cap) {
     const auto& tables = runnable();
-    if (!cap.empty() && std::find(kKnown.begin(), kKnown.end(), cap) == kKnown.end()) return nullptr;
+    if (!cap.empty() && std::find(std::begin(kKnown), std::end(kKnown), cap) == std::end(kKnown)) return nullptr;
     const int limit = cap.empty() ? -1 : rung(cap);
     const Kernels* best = tables.front();
     for (auto* t : tables)
@@ -140,13 +142,13 @@ std::vector<std::string> available_backends() {
     return names;
 }
 
-std::vector<std::string> known_backends() { return kKnown; }
+std::vector<std::string> known_backends() { return {std::begin(kKnown), std::end(kKnown)}; }
 
 void set_simd_backend(const std::string& name) {
     const Kernels* t = pick(name);
     if (!t) {
         std::string names;
-        for (auto& n : kKnown) names += (names.empty() ? "" : ", ") + n;
+        for (const char* n : kKnown) names += (names.empty() ? "" : ", ") + std::string(n);
         throw ValueError("simd backend: expected one of " + names + ", got '" + name + "'");
     }
     active.store(t);

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "q8.hpp"
 
@@ -133,6 +134,8 @@ struct Kernels {
     void (*weighted_sum_q8)(const float* p, int64_t p_stride, int64_t nq, const uint8_t* v, int64_t rows, int64_t d,
                             float* out, int64_t out_stride, bool add);
 };
+static_assert(std::is_trivially_destructible_v<Kernels>,
+              "tables are statics that a thread still running at exit may read");
 
 const Kernels& kernels();  // the active table
 

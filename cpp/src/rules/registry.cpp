@@ -21,16 +21,16 @@ const RuleKind* const kinds[] = {
 #undef KVFOLD_RULE
 };
 
-std::string joined(const std::vector<std::string>& names) {
+std::string joined(const NameList& names) {
     std::string out;
-    for (const auto& n : names) out += (out.empty() ? "'" : ", '") + n + "'";
+    for (const char* n : names) out += (out.empty() ? "'" : ", '") + std::string(n) + "'";
     return out.empty() ? "none" : out;
 }
 
 // A spec carries only the keys its kind declares: a stray one (a typo, a newer version's parameter
 // in saved state) is refused rather than ignored.
 template <class Map>
-void check_keys(const RuleKind& kind, const Map& given, const std::vector<std::string>& known, const char* what) {
+void check_keys(const RuleKind& kind, const Map& given, const NameList& known, const char* what) {
     for (const auto& item : given)
         if (std::find(known.begin(), known.end(), item.first) == known.end())
             throw ValueError(std::string(kind.name) + " rule: takes no " + what + " '" + item.first + "' (its " + what +
