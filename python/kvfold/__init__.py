@@ -8,7 +8,6 @@ Queries attend over ``[sinks | memory | window]``.
 
 from __future__ import annotations
 
-import numbers
 import os
 import warnings
 from typing import Any, Iterable, Optional, Type
@@ -16,6 +15,7 @@ from typing import Any, Iterable, Optional, Type
 import numpy.typing as npt
 
 from . import _core, _state, rules
+from ._arguments import CacheArguments, takes
 from ._checks import integer
 from ._core import available_backends, simd_backend
 from ._state import Checkpoint
@@ -117,64 +117,29 @@ class MemoryCache(_core.MemoryCache):
     ``select`` and ``concat`` rearrange, split and join batch rows.
     """
 
-    def __init__(
-        self,
-        rule: Optional[rules.Rule],
-        num_heads: int,
-        head_dim: int,
-        value_dim: Optional[int] = None,
-        num_query_heads: Optional[int] = None,
-        batch_size: int = 1,
-        window: int = 0,
-        sinks: int = 0,
-        scale: Optional[float] = None,
-        dtype: str = "float32",
-        check_finite: bool = True,
-        rope: Optional[RoPE] = None,
-        retain: str = "fifo",
-        recent: Optional[int] = None,
-    ) -> None:
+    @takes(CacheArguments)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         if "_rule" in self.__dict__:
             raise TypeError(
                 "MemoryCache: this cache is already initialized; make a new cache instead of calling __init__ again"
             )
-        rule = rules.Drop() if rule is None else rule
-        if not isinstance(rule, rules.Rule):
-            raise TypeError(f"rule: expected a kvfold.rules rule (e.g. rules.Cumulative()), got {type(rule).__name__}")
-        num_heads = integer("num_heads", num_heads)
-        head_dim = integer("head_dim", head_dim)
-        value_dim = head_dim if value_dim is None else integer("value_dim", value_dim)
-        num_query_heads = num_heads if num_query_heads is None else integer("num_query_heads", num_query_heads)
-        if scale is None:
-            scale = 0.0
-        elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-            raise TypeError(f"scale: expected a real number or None, got {type(scale).__name__} {scale!r}")
-        elif not float(scale) > 0:
-            raise ValueError(f"scale: expected a finite number > 0, got {scale!r}")
-        if not isinstance(dtype, str):
-            dtype = getattr(dtype, "__name__", str(dtype))
-        if not isinstance(check_finite, bool):
-            raise TypeError(f"check_finite: expected True or False, got {type(check_finite).__name__}")
-        if rope is not None and not isinstance(rope, RoPE):
-            raise TypeError(f"rope: expected a kvfold.RoPE or None, got {type(rope).__name__}")
-        if not isinstance(retain, str):
-            raise TypeError(f"retain: expected 'fifo', 'tova' or 'h2o', got {type(retain).__name__}")
-        recent = -1 if recent is None else integer("recent", recent)
+        a = CacheArguments(*args, **kwargs)
+        rule = rules.Drop() if a.rule is None else a.rule
         super().__init__(
             rule._spec(),
-            batch_size=integer("batch_size", batch_size),
-            num_heads=num_heads,
-            head_dim=head_dim,
-            value_dim=value_dim,
-            num_query_heads=num_query_heads,
-            window=integer("window", window),
-            sinks=integer("sinks", sinks),
-            scale=float(scale),
-            dtype=str(dtype),
-            check_finite=check_finite,
-            rope=None if rope is None else (rope.theta, rope.dim or 0, rope.layout),
-            retain=retain,
-            recent=recent,
+            batch_size=a.batch_size,
+            num_heads=a.num_heads,
+            head_dim=a.head_dim,
+            value_dim=a.head_dim if a.value_dim is None else a.value_dim,
+            num_query_heads=a.num_heads if a.num_query_heads is None else a.num_query_heads,
+            window=a.window,
+            sinks=a.sinks,
+            scale=0.0 if a.scale is None else float(a.scale),
+            dtype=a.dtype,
+            check_finite=a.check_finite,
+            rope=None if a.rope is None else (a.rope.theta, a.rope.dim or 0, a.rope.layout),
+            retain=a.retain,
+            recent=-1 if a.recent is None else a.recent,
         )
         self._rule = rule
 

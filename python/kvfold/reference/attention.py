@@ -8,6 +8,7 @@ from typing import Any, List, Optional
 import numpy as np
 
 from .. import rules
+from .._arguments import WithRope, takes
 from ..rope import RoPE
 from .memory import check_rope
 
@@ -77,27 +78,19 @@ def check_positions(positions: Any, last: List[Optional[int]], lengths: List[int
 class Layout:
     """The arguments of ``kvfold.MemoryCache`` that shape a cache, checked and filled in as it does."""
 
-    def __init__(
-        self,
-        rule: Optional[rules.Rule],
-        num_heads: int,
-        head_dim: int,
-        value_dim: Optional[int] = None,
-        num_query_heads: Optional[int] = None,
-        batch_size: int = 1,
-        window: int = 0,
-        sinks: int = 0,
-        scale: Optional[float] = None,
-        rope: Optional[RoPE] = None,
-    ) -> None:
-        self.rule = rules.Drop() if rule is None else rule
-        self.num_heads, self.head_dim = num_heads, head_dim
-        self.value_dim = head_dim if value_dim is None else value_dim
-        self.num_query_heads = num_heads if num_query_heads is None else num_query_heads
-        self.batch_size, self.window, self.sinks = batch_size, window, sinks
-        self.scale = 1.0 / np.sqrt(head_dim) if scale is None else scale
-        check_rope(self.rule, rope, head_dim)
-        self.rope = rope
+    @takes(WithRope)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._configure(WithRope(*args, **kwargs))
+
+    def _configure(self, a: WithRope) -> None:
+        self.rule = rules.Drop() if a.rule is None else a.rule
+        self.num_heads, self.head_dim = a.num_heads, a.head_dim
+        self.value_dim = a.head_dim if a.value_dim is None else a.value_dim
+        self.num_query_heads = a.num_heads if a.num_query_heads is None else a.num_query_heads
+        self.batch_size, self.window, self.sinks = a.batch_size, a.window, a.sinks
+        self.scale = 1.0 / np.sqrt(a.head_dim) if a.scale is None else a.scale
+        check_rope(self.rule, a.rope, a.head_dim)
+        self.rope = a.rope
         self.reset()
 
     def reset(self, rows: Optional[List[int]] = None) -> None:

@@ -9,7 +9,7 @@ from typing import Any, List, Optional, Tuple
 import numpy as np
 
 from .. import rules
-from ..rope import RoPE
+from .._arguments import WithRetention, takes
 from ..rules.summary import MergeSlots
 from .attention import RETAIN, Layout, check_positions, rotate, softmax_weights
 from .memory import Slot, max_slots, memory_slots, merge_slots
@@ -36,38 +36,26 @@ class StreamCache(Layout):
     memory, visible, visible_size, reset, length; and ``visible_bias()``, the logit bias of each visible pair.
     """
 
-    def __init__(
-        self,
-        rule: Optional[rules.Rule],
-        num_heads: int,
-        head_dim: int,
-        value_dim: Optional[int] = None,
-        num_query_heads: Optional[int] = None,
-        batch_size: int = 1,
-        window: int = 0,
-        sinks: int = 0,
-        scale: Optional[float] = None,
-        rope: Optional[RoPE] = None,
-        retain: str = "fifo",
-        recent: Optional[int] = None,
-    ) -> None:
-        if rule is not None and not isinstance(rule, rules.Rule):
-            raise TypeError(f"rule: expected a kvfold.rules rule, got {type(rule).__name__}")
-        if rule is not None and rule.matrix:
-            raise ValueError(f"rule: StreamCache models summary rules; {rule!r} is a matrix rule (ReferenceCache)")
-        if num_query_heads is not None and num_query_heads % num_heads:
-            raise ValueError(f"num_query_heads: expected a multiple of num_heads={num_heads}, got {num_query_heads}")
-        super().__init__(rule, num_heads, head_dim, value_dim, num_query_heads, batch_size, window, sinks, scale, rope)
-        if retain not in RETAIN:
-            raise ValueError(f"retain: expected one of {', '.join(map(repr, RETAIN))}, got {retain!r}")
-        self.retain = retain
-        if recent is not None and retain != "h2o":
+    @takes(WithRetention)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        a = WithRetention(*args, **kwargs)
+        if a.rule is not None and a.rule.matrix:
+            raise ValueError(f"rule: StreamCache models summary rules; {a.rule!r} is a matrix rule (ReferenceCache)")
+        if a.num_query_heads is not None and a.num_query_heads % a.num_heads:
             raise ValueError(
-                f"recent: only retain='h2o' keeps a recent part, got recent={recent} with retain={retain!r}"
+                f"num_query_heads: expected a multiple of num_heads={a.num_heads}, got {a.num_query_heads}"
             )
-        self.recent = (window // 2 if recent is None else recent) if retain == "h2o" else 0
-        if not 0 <= self.recent <= window:
-            raise ValueError(f"recent: expected an integer in [0, window={window}], got {recent}")
+        self._configure(a)
+        if a.retain not in RETAIN:
+            raise ValueError(f"retain: expected one of {', '.join(map(repr, RETAIN))}, got {a.retain!r}")
+        self.retain = a.retain
+        if a.recent is not None and a.retain != "h2o":
+            raise ValueError(
+                f"recent: only retain='h2o' keeps a recent part, got recent={a.recent} with retain={a.retain!r}"
+            )
+        self.recent = (a.window // 2 if a.recent is None else a.recent) if a.retain == "h2o" else 0
+        if not 0 <= self.recent <= a.window:
+            raise ValueError(f"recent: expected an integer in [0, window={a.window}], got {a.recent}")
 
     @property
     def length(self) -> np.ndarray:
