@@ -8,6 +8,10 @@ import numpy.typing as npt
 __version__: str
 
 _Spec = Tuple[str, Dict[str, npt.NDArray[np.float64]], Dict[str, str], Any]
+_Array = npt.ArrayLike  # tokens in, of any real dtype and layout
+_Gate = Optional[npt.ArrayLike]  # a matrix rule's per-token gate, or positions
+_F32 = npt.NDArray[np.float32]
+_Out = Optional[_F32]  # written into when given
 
 def simd_backend() -> str: ...
 def available_backends() -> List[str]: ...
@@ -38,7 +42,10 @@ def _threads_without_gil() -> int: ...
 class _pybind11_type(type):
     """pybind11's metaclass of every class it binds (pybind11_builtins.pybind11_type)."""
 
-class Checkpoint(metaclass=_pybind11_type):
+@type_check_only
+class _State(metaclass=_pybind11_type):
+    """What a cache and its checkpoints both tell about the state they hold."""
+
     @property
     def batch_size(self) -> int: ...
     @property
@@ -48,52 +55,37 @@ class Checkpoint(metaclass=_pybind11_type):
     @property
     def _rule_spec(self) -> _Spec: ...
 
-class MemoryCache(metaclass=_pybind11_type):
+class Checkpoint(_State): ...
+
+class MemoryCache(_State):
     # (spec, batch_size, num_heads, head_dim, value_dim, num_query_heads, window, sinks, scale, dtype,
     # check_finite, rope=(theta, dim, layout) or None, retain, recent=-1), (other) for a copy, (other, rows)
     # for select, (caches) for concat, (data) from bytes
     def __init__(self, *args: Any, **kwargs: Any) -> None: ...
     def update(
-        self,
-        k: npt.ArrayLike,
-        v: npt.ArrayLike,
-        *,
-        decay: Optional[npt.ArrayLike] = None,
-        beta: Optional[npt.ArrayLike] = None,
-        positions: Optional[npt.ArrayLike] = None,
+        self, k: _Array, v: _Array, *, decay: _Gate = None, beta: _Gate = None, positions: _Gate = None
     ) -> None: ...
-    def attend(self, q: npt.ArrayLike, *, out: Optional[npt.NDArray[np.float32]] = None) -> npt.NDArray[np.float32]: ...
+    def attend(self, q: _Array, *, out: _Out = None) -> _F32: ...
     def step(
         self,
-        q: npt.ArrayLike,
-        k: npt.ArrayLike,
-        v: npt.ArrayLike,
+        q: _Array,
+        k: _Array,
+        v: _Array,
         *,
-        decay: Optional[npt.ArrayLike] = None,
-        beta: Optional[npt.ArrayLike] = None,
-        out: Optional[npt.NDArray[np.float32]] = None,
-        positions: Optional[npt.ArrayLike] = None,
-    ) -> npt.NDArray[np.float32]: ...
+        decay: _Gate = None,
+        beta: _Gate = None,
+        out: _Out = None,
+        positions: _Gate = None,
+    ) -> _F32: ...
     # step's arguments, checked and converted, without the step (the benchmark's binding overhead)
     _step_overhead = step
     def forward(
-        self,
-        q: npt.ArrayLike,
-        k: npt.ArrayLike,
-        v: npt.ArrayLike,
-        *,
-        decay: Optional[npt.ArrayLike] = None,
-        beta: Optional[npt.ArrayLike] = None,
-        positions: Optional[npt.ArrayLike] = None,
-    ) -> npt.NDArray[np.float32]: ...
+        self, q: _Array, k: _Array, v: _Array, *, decay: _Gate = None, beta: _Gate = None, positions: _Gate = None
+    ) -> _F32: ...
     # summary rules: (keys, values); matrix rules: S, or (S, z) when normalized
-    def memory(
-        self,
-    ) -> Union[Tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]], npt.NDArray[np.float32]]: ...
+    def memory(self) -> Union[Tuple[_F32, _F32], _F32]: ...
     def load_memory(self, S: npt.ArrayLike, z: Optional[npt.ArrayLike] = None) -> None: ...
-    def visible(
-        self, *, out: Optional[Tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]] = None
-    ) -> Tuple[npt.NDArray[np.float32], npt.NDArray[np.float32], npt.NDArray[np.bool_]]: ...
+    def visible(self, *, out: Optional[Tuple[_F32, _F32]] = None) -> Tuple[_F32, _F32, npt.NDArray[np.bool_]]: ...
     @property
     def visible_size(self) -> int: ...
     def reset(self, rows: Optional[npt.ArrayLike] = None) -> None: ...
@@ -102,13 +94,7 @@ class MemoryCache(metaclass=_pybind11_type):
     def reorder(self, indices: npt.ArrayLike) -> None: ...
     def to_bytes(self) -> bytes: ...
     @property
-    def length(self) -> npt.NDArray[np.int64]: ...
-    @property
     def last_position(self) -> npt.NDArray[np.int64]: ...
-    @property
-    def nbytes(self) -> int: ...
-    @property
-    def batch_size(self) -> int: ...
     @property
     def num_heads(self) -> int: ...
     @property
@@ -137,5 +123,3 @@ class MemoryCache(metaclass=_pybind11_type):
     def memory_slots(self) -> int: ...
     @property
     def matrix_memory(self) -> bool: ...
-    @property
-    def _rule_spec(self) -> _Spec: ...

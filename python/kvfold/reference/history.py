@@ -12,6 +12,8 @@ from ..rules.summary import sigmoid
 from .attention import Layout, check_positions, rotate, softmax_attend
 from .memory import Slot, matrix_fold, matrix_read, max_slots, memory_slots
 
+Gate = Optional[np.ndarray]  # a matrix rule's per-token decay or beta
+
 
 class ReferenceCache(Layout):
     """The same model and API as ``kvfold.MemoryCache`` (update, attend, step, forward, memory,
@@ -52,12 +54,7 @@ class ReferenceCache(Layout):
         return h[:s], h[s:f], h[f:]
 
     def update(
-        self,
-        k: np.ndarray,
-        v: np.ndarray,
-        decay: Optional[np.ndarray] = None,
-        beta: Optional[np.ndarray] = None,
-        positions: Any = None,
+        self, k: np.ndarray, v: np.ndarray, decay: Gate = None, beta: Gate = None, positions: Any = None
     ) -> None:
         k, v = np.asarray(k, np.float64), np.asarray(v, np.float64)
         single = k.ndim == 3
@@ -176,25 +173,13 @@ class ReferenceCache(Layout):
         return out
 
     def step(
-        self,
-        q: np.ndarray,
-        k: np.ndarray,
-        v: np.ndarray,
-        decay: Optional[np.ndarray] = None,
-        beta: Optional[np.ndarray] = None,
-        positions: Any = None,
+        self, q: np.ndarray, k: np.ndarray, v: np.ndarray, decay: Gate = None, beta: Gate = None, positions: Any = None
     ) -> np.ndarray:
         self.update(k, v, decay, beta, positions)
         return self.attend(q)
 
     def forward(
-        self,
-        q: np.ndarray,
-        k: np.ndarray,
-        v: np.ndarray,
-        decay: Optional[np.ndarray] = None,
-        beta: Optional[np.ndarray] = None,
-        positions: Any = None,
+        self, q: np.ndarray, k: np.ndarray, v: np.ndarray, decay: Gate = None, beta: Gate = None, positions: Any = None
     ) -> np.ndarray:
         last = [p[-1] if p else None for p in self.positions]
         pos = check_positions(positions, last, [len(h) for h in self.history], q.shape[2], False)
