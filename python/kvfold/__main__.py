@@ -9,7 +9,7 @@ import argparse
 import importlib
 import math
 import sys
-from typing import Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from . import __version__
 from .rules import Rule
@@ -183,6 +183,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _same_names(args: argparse.Namespace, *names: str) -> Dict[str, Any]:
+    """The options a tool takes as keywords of the same names."""
+    return {name: getattr(args, name) for name in names}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -199,15 +204,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .tools.eval import run as evaluate
 
         evaluate(
-            tokens=args.tokens,
-            budgets=args.budgets,
-            chunk=args.chunk,
-            out=args.out,
             progress=not args.no_progress,
-            threads=args.threads,
-            segments=args.segments,
-            text=args.text,
             kinds=args.memory,
+            **_same_names(args, "tokens", "budgets", "chunk", "out", "threads", "segments", "text"),
         )
         return 0
     if args.command == "generate":
@@ -216,14 +215,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return generate(
             args.prompt,
             args.rule,
-            window=args.window,
-            sinks=args.sinks,
-            max_new_tokens=args.max_new_tokens,
-            sample=args.sample,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            seed=args.seed,
             chat=not args.raw,
+            **_same_names(args, "window", "sinks", "max_new_tokens", "sample", "temperature", "top_p", "seed"),
         )
     if args.command == "bench":
         from .tools import bench as b
