@@ -9,6 +9,7 @@ import pytest
 from numpy.testing import assert_allclose
 
 import kvfold
+from conftest import make_cache
 from kvfold import reference, rules
 
 
@@ -30,17 +31,7 @@ def query(cache, rng):
 
 
 def test_properties_and_repr():
-    c = kvfold.MemoryCache(
-        rules.Compressive(4, 2, "max"),
-        num_heads=2,
-        head_dim=16,
-        num_query_heads=8,
-        batch_size=3,
-        window=5,
-        sinks=2,
-        dtype="float16",
-        check_finite=False,
-    )
+    c = make_cache(rules.Compressive(4, 2, "max"), (3, 2, 8, 16, 16, 5, 2), dtype="float16", check_finite=False)
     assert (c.num_heads, c.head_dim, c.value_dim, c.num_query_heads) == (2, 16, 16, 8)
     assert (c.batch_size, c.window, c.sinks, c.dtype, c.check_finite) == (3, 5, 2, "float16", False)
     assert c.scale == pytest.approx(0.25)
@@ -63,17 +54,7 @@ def test_rule_none_is_drop_and_reprs_are_readable():
 
 def test_explicit_scale_is_used(rng):
     c = make(scale=0.7)
-    r = reference.ReferenceCache(
-        rules.EMA(0.5),
-        num_heads=2,
-        head_dim=4,
-        value_dim=3,
-        num_query_heads=4,
-        batch_size=2,
-        window=3,
-        sinks=1,
-        scale=0.7,
-    )
+    r = make_cache(rules.EMA(0.5), (2, 2, 4, 4, 3, 3, 1), cls=reference.ReferenceCache, scale=0.7)  # as make()
     k, v = feed(c, rng)
     r.update(k, v)
     q = query(c, rng)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import kvfold
+from conftest import make_cache
 from kvfold import rules
 
 
@@ -54,53 +55,29 @@ def test_bad_thread_counts_are_refused(value, error, words):
     assert kvfold.get_num_threads() == 2
 
 
+# (rule, shape as in conftest.SHAPES, other keywords)
 CONFIGS = [
-    dict(rule=rules.Cumulative(), batch_size=2, num_heads=8, num_query_heads=16, head_dim=64, window=80, sinks=2),
-    dict(rule=rules.EMA(0.2), batch_size=3, num_heads=4, num_query_heads=4, head_dim=96, window=0, sinks=0),
-    dict(
-        rule=rules.Drop(),
-        batch_size=1,
-        num_heads=6,
-        num_query_heads=24,
-        head_dim=64,
-        window=200,
-        sinks=4,
-        dtype="float16",
+    (rules.Cumulative(), (2, 8, 16, 64, 64, 80, 2), {}),
+    (rules.EMA(0.2), (3, 4, 4, 96, 96, 0, 0), {}),
+    (rules.Drop(), (1, 6, 24, 64, 64, 200, 4), {"dtype": "float16"}),
+    (rules.Gated(decay=np.full((4, 32), -0.05)), (2, 4, 8, 32, 32, 16, 2), {}),
+    (
+        rules.GRU(*np.random.default_rng(3).uniform(-0.1, 0.1, (2, 96, 32)).astype(np.float32)),
+        (3, 4, 8, 16, 16, 5, 1),
+        {},
     ),
-    dict(
-        rule=rules.Gated(decay=np.full((4, 32), -0.05)),
-        batch_size=2,
-        num_heads=4,
-        num_query_heads=8,
-        head_dim=32,
-        window=16,
-        sinks=2,
-    ),
-    dict(
-        rule=rules.GRU(*np.random.default_rng(3).uniform(-0.1, 0.1, (2, 96, 32)).astype(np.float32)),
-        batch_size=3,
-        num_heads=4,
-        num_query_heads=8,
-        head_dim=16,
-        window=5,
-        sinks=1,
-    ),
-    dict(
-        rule=rules.GRU(*np.random.default_rng(4).uniform(-0.1, 0.1, (2, 3, 96, 32)).astype(np.float32)),
-        batch_size=2,
-        num_heads=3,
-        num_query_heads=3,
-        head_dim=16,
-        window=0,
-        sinks=0,
+    (
+        rules.GRU(*np.random.default_rng(4).uniform(-0.1, 0.1, (2, 3, 96, 32)).astype(np.float32)),
+        (2, 3, 3, 16, 16, 0, 0),
+        {},
     ),
 ]
 
 
 def run_everything(cfg, seed):
     """update, attend, step and forward on one cache; every output and the final state."""
-    cfg = dict(cfg)
-    cache = kvfold.MemoryCache(cfg.pop("rule"), **cfg)
+    rule, shape, keywords = cfg
+    cache = make_cache(rule, shape, **keywords)
     rng = np.random.default_rng(seed)
     B, H, Hq, d = cache.batch_size, cache.num_heads, cache.num_query_heads, cache.head_dim
     outs = []
@@ -126,7 +103,7 @@ def run_everything(cfg, seed):
     return outs, cache.to_bytes()
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: repr(c["rule"]))
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: repr(c[0]))
 def test_results_do_not_depend_on_the_thread_count(cfg, share_everything):
     kvfold.set_num_threads(1)
     want_outs, want_state = run_everything(cfg, seed=5)
