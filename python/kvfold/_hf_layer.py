@@ -3,16 +3,17 @@ model's own attention or by kvfold's (``_hf_attention``)."""
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from . import MemoryCache, rules
 from ._hf_attention import pending
 from ._hf_checks import check_summary_rule, takes
-from .rope import RoPE
+
+if TYPE_CHECKING:
+    from .hf import FoldCache
 
 
 def _as_float32(x: torch.Tensor) -> np.ndarray:
@@ -30,28 +31,18 @@ def _position_ids(args: Tuple[Any, ...], kwargs: Any) -> Optional[torch.Tensor]:
 
 
 class FoldLayer(CacheLayerMixin):
-    """One layer's cache: a memory (``kvfold.MemoryCache`` unless ``memory_class`` says otherwise) made
-    when the layer sees which attention reads its first block."""
+    """One layer of ``cache`` (a ``FoldCache``), with its settings: a memory (``kvfold.MemoryCache`` unless
+    the cache's ``memory`` says otherwise) made when the layer sees which attention reads its first block."""
 
     is_sliding = False
     is_compileable = False
 
-    def __init__(
-        self,
-        rule: rules.Rule,
-        window: int,
-        sinks: int,
-        dtype: str,
-        check_finite: bool = True,
-        rope: Optional[RoPE] = None,
-        retain: str = "fifo",
-        recent: Optional[int] = None,
-        memory_class: Any = None,
-    ) -> None:
+    def __init__(self, cache: FoldCache) -> None:
         super().__init__()
-        self.rule, self.window, self.sinks, self.storage_dtype = rule, window, sinks, dtype
-        self.check_finite, self.rope, self.retain, self.recent = check_finite, rope, retain, recent
-        self.memory_class = MemoryCache if memory_class is None else memory_class
+        self.rule, self.window, self.sinks = cache.rule, cache.window, cache.sinks
+        self.storage_dtype, self.check_finite = cache.storage_dtype, cache.check_finite
+        self.rope, self.retain, self.recent = cache.rope, cache.retain, cache.recent
+        self.memory_class = cache.memory_class
         self.memory: Any = None
         self.attention: Optional[str] = None  # "kvfold" or "model", from the first block on
         self.seen = 0  # tokens fed, the same for every row

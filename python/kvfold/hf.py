@@ -122,17 +122,7 @@ class FoldCache(Cache):
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         while len(self.layers) <= layer_idx:
-            layer = FoldLayer(
-                self.rule,
-                self.window,
-                self.sinks,
-                self.storage_dtype,
-                self.check_finite,
-                self.rope,
-                self.retain,
-                self.recent,
-                self.memory_class,
-            )
+            layer = FoldLayer(self)
             if self._record_past:
                 layer.activate_past_recording()
             self.layers.append(layer)
