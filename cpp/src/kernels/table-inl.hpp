@@ -8,15 +8,17 @@
 #include "q8-inl.hpp"
 #include "rope-inl.hpp"
 
+// A kernel written once over the stored element type, under its float32, float16 and bfloat16 names.
+#define KVFOLD_EACH_STORAGE(k, kernel) \
+    k.kernel##_f32 = kernel<F32>;      \
+    k.kernel##_f16 = kernel<F16>;      \
+    k.kernel##_bf16 = kernel<BF16>
+
 constexpr Kernels filled_table(const char* name) {
     Kernels k{};
     k.name = name;
-    k.dot_f32 = dot<F32>;
-    k.dot_f16 = dot<F16>;
-    k.dot_bf16 = dot<BF16>;
-    k.axpy_f32 = axpy<F32>;
-    k.axpy_f16 = axpy<F16>;
-    k.axpy_bf16 = axpy<BF16>;
+    KVFOLD_EACH_STORAGE(k, dot);
+    KVFOLD_EACH_STORAGE(k, axpy);
     k.f32_to_f16 = f32_to_f16;
     k.f16_to_f32 = widen<F16>;
     k.f32_to_bf16 = f32_to_bf16;
@@ -31,12 +33,8 @@ constexpr Kernels filled_table(const char* name) {
     k.axpby_f64 = axpby_f64;
     k.max_f32 = max_f32;
     k.rotate = rotate;
-    k.scores_f32 = scores<F32>;
-    k.scores_f16 = scores<F16>;
-    k.scores_bf16 = scores<BF16>;
-    k.weighted_sum_f32 = weighted_sum<F32>;
-    k.weighted_sum_f16 = weighted_sum<F16>;
-    k.weighted_sum_bf16 = weighted_sum<BF16>;
+    KVFOLD_EACH_STORAGE(k, scores);
+    KVFOLD_EACH_STORAGE(k, weighted_sum);
     k.softmax = softmax;
     k.softmax_block = softmax_block;
     k.exp_f32 = exp_f32;
@@ -50,3 +48,5 @@ constexpr Kernels filled_table(const char* name) {
     k.weighted_sum_q8 = weighted_sum_q8;
     return k;
 }
+
+#undef KVFOLD_EACH_STORAGE
