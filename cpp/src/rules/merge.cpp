@@ -14,12 +14,13 @@
 // rows are a function of the sums and the order: derived, not saved, written again after a load.
 //
 // Derived from the sums, and rebuilt from them after a load rather than saved: each place's mean key
-// direction in float16 (half the bytes a fold reads) and its squared norm, the float32 cosines of every two places, and
-// each place's largest cosine with another. A fold computes only the new slot's and the merged slot's cosines, one SIMD
-// score pass each (O(slots * d)), and keeps the largest of each place up to date in O(slots) (a place whose largest was
-// the entry that fell is scanned again), so finding the most similar pair reads only the places near the top. The pairs
-// whose cosine comes within the rounding error of the float16 directions of the largest are compared again in float64,
-// so the choice is the float64 one (a pair alone within it needs no second look).
+// direction in float16 (half the bytes a fold reads) and its squared norm, the float32 cosines of every two places
+// (-inf on the diagonal), and each place's largest cosine with another. A fold computes only the new slot's and the
+// merged slot's cosines, one SIMD score pass each (O(slots * d)), and keeps the largest of each place up to date in
+// O(slots) (a place whose largest was the entry that fell is scanned again), so finding the most similar pair reads
+// only the places near the top. The pairs whose cosine comes within the rounding error of the float16 directions of the
+// largest are compared again in float64, so the choice is the float64 one (a pair alone within it needs no second
+// look).
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -65,8 +66,11 @@ class Merge final : public SlotRule {
     // attention reads. Place `slots` holds a slot from the first merge on (no count is 0 after a fold);
     // before it, places [0, slots) fill in order and the empty ones have count 0.
     void rebuild(int64_t lane) override {
+        const int64_t n = slots_ + 1;
+        float* cos = cosine_.lane<float>(lane);
         float* largest = largest_.lane<float>(lane);
-        for (int64_t p = 0; p <= slots_; ++p) largest[p] = 0;  // the largest of an all-zero matrix
+        for (int64_t p = 0; p < n * n; ++p) cos[p] = p % (n + 1) ? 0.0f : kSelf;
+        for (int64_t p = 0; p < n; ++p) largest[p] = 0;  // the largest of an all-zero matrix
         for (int64_t p = 0; p <= slots_; ++p) update_cosines(lane, p);
         const int64_t* order = order_.lane<int64_t>(lane);
         const double* count = count_.lane<double>(lane);
@@ -230,29 +234,23 @@ class Merge final : public SlotRule {
         store_row(units + p * dk, unit.data(), dk, DType::float16);
         load_row(unit.data(), units + p * dk, dk, DType::float16);  // as the other places see it
         K.scores_f16(unit.data(), dk, 1, units, n, dk, 1.0f, row.data(), n);
-        float own = -std::numeric_limits<float>::infinity();
+        row[p] = kSelf;
         int64_t stale = 0;  // rows to scan again
         for (int64_t q = 0; q < n; ++q) {
             const float was = cos[q * n + p], c = row[q], l = largest[q];
-            cos[p * n + q] = cos[q * n + p] = c;
-            if (q == p) continue;
-            own = std::max(own, c);
+            cos[q * n + p] = c;
             // Without branches: which entries grow a row's largest is a coin toss to the CPU.
             largest[q] = c >= l ? c : l;
             rescan[stale] = q;
             stale += !(c >= l) & (was == l);
         }
-        largest[p] = own;
-        for (int64_t i = 0; i < stale; ++i) largest[rescan[i]] = largest_of_row(cos + rescan[i] * n, rescan[i], n);
+        std::memcpy(cos + p * n, row.data(), sizeof(float) * n);
+        largest[p] = K.max(row.data(), n);
+        for (int64_t i = 0; i < stale; ++i) largest[rescan[i]] = K.max(cos + rescan[i] * n, n);
     }
 
-    // The largest of row q's n cosines but its own (q's with itself).
-    static float largest_of_row(const float* row, int64_t q, int64_t n) {
-        float m = -std::numeric_limits<float>::infinity();
-        for (int64_t i = 0; i < n; ++i)
-            if (i != q) m = std::max(m, row[i]);
-        return m;
-    }
+    // A place's cosine with itself, kept so that the largest of a row is the largest of all its entries.
+    static constexpr float kSelf = -std::numeric_limits<float>::infinity();
 
     // The float64 cosine of the mean keys in places p and q (0 when either is zero), with the squared
     // norms kept when the places were last written.
