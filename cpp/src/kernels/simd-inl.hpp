@@ -251,8 +251,9 @@ void tiled_matrix_read(const MatrixPass& m) {
 // kernels.hpp), in register tiles of R rows x NV vectors. Column panels (NV vectors wide) stay in
 // L1 while the row tiles pass over them.
 
-// gemm: each row of b is loaded once per tile and every a value is broadcast from memory.
-template <int R, class Tile>
+// gemm: each row of b is loaded once per tile and every a value is broadcast from memory. TransA
+// is g.trans_a, a constant: the tile's a values then sit at fixed offsets from one pointer.
+template <int R, bool TransA, class Tile>
 void gemm_tile(const Gemm& g, int64_t i0, int64_t j0, int64_t k, const Tile& tile) {
     constexpr int NV = Tile::kVectors;
     F acc[R][NV];
@@ -261,7 +262,7 @@ void gemm_tile(const Gemm& g, int64_t i0, int64_t j0, int64_t k, const Tile& til
         KVFOLD_UNROLL(8)
         for (int t = 0; t < NV; ++t) acc[r][t] = V::zero();
     }
-    const int64_t row = g.trans_a ? 1 : g.lda, col = g.trans_a ? g.lda : 1;  // a[i][p] at a + i * row + p * col
+    const int64_t row = TransA ? 1 : g.lda, col = TransA ? g.lda : 1;  // a[i][p] at a + i * row + p * col
     const float* a = g.a + i0 * row;
     const float* b = g.b + j0;
     for (int64_t p = 0; p < k; ++p, a += col, b += g.ldb) {
@@ -296,7 +297,12 @@ void tiled_gemm(const Gemm& g) {
             const int64_t k = g.lower_a && i0 + rows < g.k ? i0 + rows : g.k;
             with_vectors<NV>(w, [&](auto nv, int64_t last) {
                 const Tile<decltype(nv)::value> tile(last);
-                with_count<1, R>(rows, [&](auto r) { gemm_tile<decltype(r)::value>(g, i0, j0, k, tile); });
+                with_count<1, R>(rows, [&](auto r) {
+                    if (g.trans_a)
+                        gemm_tile<decltype(r)::value, true>(g, i0, j0, k, tile);
+                    else
+                        gemm_tile<decltype(r)::value, false>(g, i0, j0, k, tile);
+                });
             });
         }
     }
