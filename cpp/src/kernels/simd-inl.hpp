@@ -295,7 +295,10 @@ void tiled_gemm(const Gemm& g) {
         for (int64_t i0 = g.lower_c ? j0 / R * R : 0; i0 < g.m; i0 += R) {
             const int64_t rows = g.m - i0 < R ? g.m - i0 : R;
             const int64_t k = g.lower_a && i0 + rows < g.k ? i0 + rows : g.k;
-            with_vectors<NV>(w, [&](auto nv, int64_t last) {
+            // lower_c: a tile that reaches the diagonal computes only the vectors left of its last row's diagonal
+            const int64_t cols = g.lower_c && i0 + rows - j0 < w ? i0 + rows - j0 : w;
+            if (cols <= 0) continue;
+            with_vectors<NV>(cols, [&](auto nv, int64_t last) {
                 const Tile<decltype(nv)::value> tile(last);
                 with_count<1, R>(rows, [&](auto r) {
                     if (g.trans_a)
