@@ -207,7 +207,7 @@ void fold_piece(const ChunkInput& in, Arena& arena) {
                 for (int64_t i = 0; i < dk; ++i) xk[i] = w * k[i];
             }
         }
-        K.solve_unit_lower(L, n, X, ldx, n, ldx);
+        K.solve_unit_lower(L, n, X, ldx, n, dv + dk);                // the padding columns stay unread
         Gemm w = product(n, dv, dk, X + dv, ldx, in.S, dv, X, ldx);  // U = X_v - X_k S_0
         w.alpha = -1;
         w.accumulate = true;
