@@ -254,14 +254,14 @@ void fold_piece(const ChunkInput& in, Arena& arena) {
             }
     }
 
-    // The state at the end of the piece: S_n = diag(gamma_{n-1}) S_0 + Kh^T U.
+    // The state at the end of the piece: S_n = diag(gamma_{n-1}) S_0 + Kh^T U (one decay per head:
+    // the product scales S_0 as it adds, with no pass of its own over S).
     if (d.per_key)
         for (int64_t i = 0; i < dk; ++i) K.scale(in.S + i * dv, d.gamma[(n - 1) * dk + i], dv);
-    else if (!d.none)
-        K.scale(in.S, d.gamma[n - 1], dk * dv);
     Gemm update = product(dk, dv, n, kh, ldkh, U, ldu, in.S, dv);
     update.trans_a = true;
     update.accumulate = true;
+    if (!d.none && !d.per_key) update.beta = d.gamma[n - 1];
     K.gemm(update);
     if (in.z)
         for (int64_t t = 0; t < n; ++t) K.axpy_f32(in.z, 1.0f, in.k + t * ldk, dk);

@@ -234,6 +234,7 @@ TEST(gemm_matches_the_formula) {
                 for (int shape = 0; shape < 5; ++shape) {
                     const bool lower_a = shape == 1, lower_c = shape == 2, accumulate = shape >= 3,
                                trans_a = shape == 4;
+                    const float beta = shape == 3 ? 0.75f : 1.0f;
                     if ((m * n * k) % 3 && shape == 0 && m > 9) continue;  // a sample of the plain products
                     const int64_t lda = trans_a ? m + 3 : k + 3, ldb = n + 5, ldc = n + 2;
                     auto a = normal((trans_a ? k : m) * lda, ++seed), b = normal(k * ldb, ++seed);
@@ -247,14 +248,14 @@ TEST(gemm_matches_the_formula) {
                         for (int64_t j = 0; j < n; ++j) {
                             double sum = 0;
                             for (int64_t p = 0; p < k; ++p) sum += double(at(i, p)) * b[p * ldb + j];
-                            want[i * n + j] = -0.5 * sum + (accumulate ? c0[i * ldc + j] : 0.0);
+                            want[i * n + j] = -0.5 * sum + (accumulate ? beta * c0[i * ldc + j] : 0.0);
                         }
                     for (const Kernels* table : {scalar_kernels(), &kernels()}) {
                         std::vector<float> c = c0;
                         Gemm g;
                         g.m = m, g.n = n, g.k = k;
                         g.a = a.data(), g.lda = lda, g.b = b.data(), g.ldb = ldb, g.c = c.data(), g.ldc = ldc;
-                        g.alpha = -0.5f;
+                        g.alpha = -0.5f, g.beta = beta;
                         g.accumulate = accumulate, g.trans_a = trans_a, g.lower_a = lower_a, g.lower_c = lower_c;
                         table->gemm(g);
                         for (int64_t i = 0; i < m; ++i) {

@@ -37,7 +37,7 @@ struct MatrixPass {
 };
 
 // A small matrix product, the building block of the chunked prefill (chunked.cpp):
-//   c = alpha a b, or c += alpha a b when accumulate,
+//   c = alpha a b, or c = alpha a b + beta c when accumulate,
 // with a m x k (row i at a + i * lda; with trans_a, a[i][p] is at a + p * lda + i: a k x m matrix
 // used transposed), b k x n (row p at b + p * ldb), c m x n (row i at c + i * ldc).
 // Two triangular shapes skip work:
@@ -51,7 +51,7 @@ struct Gemm {
     int64_t ldb = 0;
     float* c = nullptr;
     int64_t ldc = 0;
-    float alpha = 1;
+    float alpha = 1, beta = 1;  // beta: only when accumulate
     bool accumulate = false;
     bool trans_a = false;
     bool lower_a = false, lower_c = false;

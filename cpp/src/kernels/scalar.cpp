@@ -136,8 +136,8 @@ void gemm(const Gemm& g) {
         float* c = g.c + i * g.ldc;
         const int64_t n = g.lower_c && i + 1 < g.n ? i + 1 : g.n;
         const int64_t k = g.lower_a && i + 1 < g.k ? i + 1 : g.k;
-        if (!g.accumulate)
-            for (int64_t j = 0; j < n; ++j) c[j] = 0;
+        if (!g.accumulate || g.beta != 1)
+            for (int64_t j = 0; j < n; ++j) c[j] = g.accumulate ? g.beta * c[j] : 0;
         for (int64_t p = 0; p < k; ++p) {
             const float w = g.alpha * (g.trans_a ? g.a[p * g.lda + i] : g.a[i * g.lda + p]);
             const float* b = g.b + p * g.ldb;

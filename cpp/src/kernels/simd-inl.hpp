@@ -276,13 +276,15 @@ void gemm_tile(const Gemm& g, int64_t i0, int64_t j0, int64_t k, const Tile& til
             for (int t = 0; t < NV; ++t) acc[r][t] = V::fma(w, bp[t], acc[r][t]);
         }
     }
-    const F alpha = V::set1(g.alpha);
+    const F alpha = V::set1(g.alpha), beta = V::set1(g.beta);
     KVFOLD_UNROLL(8)
     for (int r = 0; r < R; ++r) {
         float* c = g.c + (i0 + r) * g.ldc + j0;
         KVFOLD_UNROLL(8)
         for (int t = 0; t < NV; ++t)
-            tile.store(c, t, g.accumulate ? V::fma(alpha, acc[r][t], tile.load(c, t)) : V::mul(alpha, acc[r][t]));
+            tile.store(
+                c, t,
+                g.accumulate ? V::fma(alpha, acc[r][t], V::mul(beta, tile.load(c, t))) : V::mul(alpha, acc[r][t]));
     }
 }
 
