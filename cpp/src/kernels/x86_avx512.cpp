@@ -599,9 +599,6 @@ inline float q8_quantize_block_avx512(const float* x, int64_t n, int8_t* codes) 
     return scale;
 }
 
-// Rows of at most 8 blocks (d <= 256): the query's codes, signs and scales go to registers once for
-// all rows, the rows' scales are multiplied by the query's in one register, and two rows' sums are
-// reduced together. P: pairs of blocks.
 // s[j] = the sum of row_sum(row j)'s lanes, rows two at a time, their sums reduced together.
 // Inlined into each caller, whose target region then holds row_sum too.
 template <class RowSum>
@@ -620,6 +617,25 @@ KVFOLD_ALWAYS_INLINE void q8_score_rows(RowSum row_sum, const uint8_t* k, int64_
     if (j < rows) s[j] = _mm512_reduce_add_ps(row_sum(k + j * row_bytes));
 }
 
+// The query's block pair p: its codes, or the first block's and zeros (half).
+KVFOLD_ALWAYS_INLINE __m512i q8_query_pair(const int8_t* qc, int p, bool half) {
+    return _mm512_maskz_loadu_epi8(half ? __mmask64(0xffffffffu) : ~__mmask64(0), qc + 2 * kQ8Block * p);
+}
+
+// The lanes of block pair p's sums take scale 2p (first 8) and 2p + 1 (last 8) of q8_pair_scales.
+KVFOLD_ALWAYS_INLINE __m512i q8_pick(int p) {
+    return _mm512_set_epi32(2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1,
+                            2 * p, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p);
+}
+
+// The products of the query's block scales and the row's (mask: its blocks), in the low 8 lanes.
+KVFOLD_ALWAYS_INLINE __m512 q8_pair_scales(__m256 query_scales, __mmask8 mask, const uint8_t* row, int64_t d) {
+    return _mm512_castps256_ps512(_mm256_mul_ps(query_scales, _mm256_maskz_loadu_ps(mask, q8_scales(row, d))));
+}
+
+// Rows of at most 8 blocks (d <= 256): the query's codes, signs and scales go to registers once for
+// all rows, the rows' scales are multiplied by the query's in one register, and two rows' sums are
+// reduced together. P: pairs of blocks.
 template <int P, bool Half>
 void q8_scores_pairs(const int8_t* qc, const float* qs, const uint8_t* k, int64_t rows, int64_t d, float* s) {
     const int64_t nb = q8_blocks(d), row_bytes = q8_row_bytes(d);
@@ -630,16 +646,13 @@ void q8_scores_pairs(const int8_t* qc, const float* qs, const uint8_t* k, int64_
     __mmask64 neg[P];
     KVFOLD_UNROLL(4)
     for (int p = 0; p < P; ++p) {
-        const __mmask64 m = Half && p + 1 == P ? __mmask64(0xffffffffu) : ~__mmask64(0);
-        const __m512i q = _mm512_maskz_loadu_epi8(m, qc + 2 * kQ8Block * p);
+        const __m512i q = q8_query_pair(qc, p, Half && p + 1 == P);
         aq[p] = _mm512_abs_epi8(q);
         neg[p] = _mm512_movepi8_mask(q);
-        pick[p] = _mm512_set_epi32(2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1,
-                                   2 * p + 1, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p);
+        pick[p] = q8_pick(p);
     }
     auto row_sum = [&](const uint8_t* row) {
-        const __m512 scales =
-            _mm512_castps256_ps512(_mm256_mul_ps(query_scales, _mm256_maskz_loadu_ps(scale_mask, q8_scales(row, d))));
+        const __m512 scales = q8_pair_scales(query_scales, scale_mask, row, d);
         __m512 acc = _mm512_setzero_ps();
         KVFOLD_UNROLL(4)
         for (int p = 0; p < P; ++p) {
@@ -684,15 +697,12 @@ void q8_scores_pairs_vnni(const int8_t* qc, const float* qs, const uint8_t* k, i
     __m512i q[P], bias[P], pick[P];
     KVFOLD_UNROLL(4)
     for (int p = 0; p < P; ++p) {
-        const __mmask64 m = Half && p + 1 == P ? __mmask64(0xffffffffu) : ~__mmask64(0);
-        q[p] = _mm512_maskz_loadu_epi8(m, qc + 2 * kQ8Block * p);
+        q[p] = q8_query_pair(qc, p, Half && p + 1 == P);
         bias[p] = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), flip, q[p]));
-        pick[p] = _mm512_set_epi32(2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1, 2 * p + 1,
-                                   2 * p + 1, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p, 2 * p);
+        pick[p] = q8_pick(p);
     }
     auto row_sum = [&](const uint8_t* row) {
-        const __m512 scales =
-            _mm512_castps256_ps512(_mm256_mul_ps(query_scales, _mm256_maskz_loadu_ps(scale_mask, q8_scales(row, d))));
+        const __m512 scales = q8_pair_scales(query_scales, scale_mask, row, d);
         __m512 acc = _mm512_setzero_ps();
         KVFOLD_UNROLL(4)
         for (int p = 0; p < P; ++p) {
