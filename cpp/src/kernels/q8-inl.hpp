@@ -116,6 +116,7 @@ void q8_accumulate(const float* p, const uint8_t* v, int64_t rows, int64_t d, in
     for (int64_t j = 0; j < rows; ++j, v += row_bytes) {
         const int8_t* codes = reinterpret_cast<const int8_t*>(v) + kQ8Block * first;
         const float* ks = q8_scales(v, d) + first;
+        if (first == 0) q8_prefetch(v + kQ8Ahead, row_bytes);  // the whole row: later passes find it
         KVFOLD_UNROLL(4)
         for (int b = 0; b < NB; ++b) {
             const typename W::F w = W::set1(p[j] * ks[b]);
