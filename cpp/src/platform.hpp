@@ -58,6 +58,19 @@ inline void prefetch(const void* p) {
 #endif
 }
 
+// Asks for the lines of [p, p + bytes) into L1, for data read within about a microsecond: with
+// prefetch()'s hint, into L2, such reads still waited. Past the end of a buffer it never faults.
+inline void prefetch_l1(const void* p, size_t bytes) {
+    const char* c = static_cast<const char*>(p);
+    for (size_t i = 0; i < bytes; i += 64) {
+#if defined(__GNUC__) || defined(__clang__)
+        __builtin_prefetch(c + i, 0, 3);
+#elif defined(_M_X64)
+        _mm_prefetch(c + i, _MM_HINT_T0);
+#endif
+    }
+}
+
 // Memory aligned to `align` (a power of two, a multiple of sizeof(void*)), or null; release it
 // with aligned_free.
 inline void* aligned_alloc_bytes(size_t align, size_t n) {

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Optional, Type
 import numpy.typing as npt
 
 from . import _core, _state, rules
-from ._arguments import CacheArguments, takes
+from ._arguments import CacheArguments, parameters_of
 from ._checks import integer
 from ._core import available_backends, simd_backend
 from ._state import Checkpoint
@@ -117,7 +117,7 @@ class MemoryCache(_core.MemoryCache):
     ``select`` and ``concat`` rearrange, split and join batch rows.
     """
 
-    @takes(CacheArguments)
+    @parameters_of(CacheArguments)
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         if "_rule" in self.__dict__:
             raise TypeError(

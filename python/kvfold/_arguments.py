@@ -2,7 +2,7 @@
 
 ``kvfold.MemoryCache`` takes ``CacheArguments``; the reference models take the groups they model
 (``reference.Layout``: ``WithRope``, ``reference.StreamCache``: ``WithRetention``). Each constructor is an
-``__init__(self, *args, **kwargs)`` marked ``@takes(...)``, so that help(), ``inspect.signature`` and type
+``__init__(self, *args, **kwargs)`` marked ``@parameters_of(...)``, so that help(), ``inspect.signature`` and type
 checkers see the parameters listed here. What a value means (ranges, shapes, defaults filled in from other
 arguments) is each cache's own check.
 """
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     P = ParamSpec("P")
 
 
-def takes(arguments: Callable[P, Any]) -> Callable[[Callable[..., None]], Callable[Concatenate[Any, P], None]]:
+def parameters_of(arguments: Callable[P, Any]) -> Callable[[Callable[..., None]], Callable[Concatenate[Any, P], None]]:
     """Mark an ``__init__(self, *args, **kwargs)`` as taking the parameters of ``arguments``."""
 
     def mark(init: Callable[..., None]) -> Any:

@@ -15,18 +15,6 @@ constexpr int64_t kQ8Chunk = 16;  // query blocks quantized at a time: 512 value
 // bandwidth); nearer distances gained less.
 constexpr int64_t kQ8Ahead = 8192;
 
-// Asks for lines of the bytes [p, p + n), one per 64: calls that walk a stream in order reach
-// every line of it (prefetch never faults, past the rows' end either).
-inline void q8_prefetch(const uint8_t* p, int64_t n) {
-    for (int64_t at = 0; at < n; at += 64) {
-#if defined(__GNUC__) || defined(__clang__)
-        __builtin_prefetch(p + at, 0, 3);  // into L1: read next
-#else
-        prefetch(p + at);
-#endif
-    }
-}
-
 void f32_to_q8(uint8_t* y, const float* x, int64_t n) { q8_quantize_row(y, x, n); }
 
 void q8_to_f32(float* y, const uint8_t* x, int64_t n) {
@@ -68,7 +56,7 @@ void q8_scores_with(RowDot dot, const float* q, int64_t q_stride, int64_t nq, co
             }
             for (int64_t j = 0; j < rows; ++j) {
                 const uint8_t* row = k + j * row_bytes;
-                if (first == 0) q8_prefetch(row + kQ8Ahead, row_bytes);
+                if (first == 0) prefetch_l1(row + kQ8Ahead, row_bytes);
                 const float part =
                     dot(qc, qs, reinterpret_cast<const int8_t*>(row) + first * kQ8Block, row, d, first, n);
                 si[j] = first ? si[j] + part : part;
@@ -116,7 +104,7 @@ void q8_accumulate(const float* p, const uint8_t* v, int64_t rows, int64_t d, in
     for (int64_t j = 0; j < rows; ++j, v += row_bytes) {
         const int8_t* codes = reinterpret_cast<const int8_t*>(v) + kQ8Block * first;
         const float* ks = q8_scales(v, d) + first;
-        if (first == 0) q8_prefetch(v + kQ8Ahead, row_bytes);  // the whole row: later passes find it
+        if (first == 0) prefetch_l1(v + kQ8Ahead, row_bytes);  // the whole row: later passes find it
         KVFOLD_UNROLL(4)
         for (int b = 0; b < NB; ++b) {
             const typename W::F w = W::set1(p[j] * ks[b]);

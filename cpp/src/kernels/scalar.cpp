@@ -3,7 +3,7 @@
 #include <cstring>
 
 #include "../half.hpp"
-#include "../platform.hpp"  // prefetch in the vector skeletons of q8-inl.hpp
+#include "../platform.hpp"  // prefetch_l1 in the vector skeletons of q8-inl.hpp
 #include "kernels.hpp"
 #include "target.hpp"  // KVFOLD_UNROLL in the vector skeletons of q8-inl.hpp
 

@@ -605,7 +605,7 @@ template <class RowSum>
 KVFOLD_ALWAYS_INLINE void q8_score_rows(RowSum row_sum, const uint8_t* k, int64_t rows, int64_t row_bytes, float* s) {
     int64_t j = 0;
     for (; j + 2 <= rows; j += 2) {
-        q8_prefetch(k + j * row_bytes + kQ8Ahead, 2 * row_bytes);
+        prefetch_l1(k + j * row_bytes + kQ8Ahead, 2 * row_bytes);
         const __m512 a0 = row_sum(k + j * row_bytes), a1 = row_sum(k + (j + 1) * row_bytes);
         // [a0 | a1] halves added, then each 128-bit quarter to its first lane: row 0 in lane 0, row 1 in lane 8
         __m512 t = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, 0x44), _mm512_shuffle_f32x4(a0, a1, 0xee));

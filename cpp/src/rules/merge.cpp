@@ -140,8 +140,8 @@ class Merge final : public SlotRule {
         Merging m{lane, 0, 1, p};
         most_similar(lane, &m.a, &m.b);
         for (int64_t place : {order[m.a], order[m.b]}) {
-            prefetch_bytes(sum_k_.lane<double>(lane) + place * dk, sizeof(double) * dk);
-            prefetch_bytes(sum_v_.lane<double>(lane) + place * dv, sizeof(double) * dv);
+            prefetch_l1(sum_k_.lane<double>(lane) + place * dk, sizeof(double) * dk);
+            prefetch_l1(sum_v_.lane<double>(lane) + place * dv, sizeof(double) * dv);
         }
         return m;
     }
@@ -165,30 +165,20 @@ class Merge final : public SlotRule {
         if (pb != p) write_slot(lane, p);  // the folded pair, unless it merged
     }
 
-    // Into L1: a fold reads the lines soon after (with prefetch()'s hint, into L2, its reads still waited).
-    static void prefetch_bytes(const void* p, size_t bytes) {
-        const char* c = static_cast<const char*>(p);
-#if defined(__GNUC__) || defined(__clang__)
-        for (size_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 3);
-#else
-        for (size_t i = 0; i < bytes; i += 64) prefetch(c + i);
-#endif
-    }
-
     // What taking a pair reads of a lane: the directions, cosines and per-place numbers, and the
     // sums of the free place the pair goes to.
     void prefetch_lane(int64_t lane) const {
         const int64_t dk = dims_.dk, dv = dims_.dv, n = slots_ + 1;
-        prefetch_bytes(unit_.lane(lane), sizeof(uint16_t) * n * dk);
-        prefetch_bytes(cosine_.lane(lane), sizeof(float) * n * n);
-        prefetch_bytes(largest_.lane(lane), sizeof(float) * n);
-        prefetch_bytes(norm2_.lane(lane), sizeof(double) * n);
-        prefetch_bytes(count_.lane(lane), sizeof(double) * n);
-        prefetch_bytes(order_.lane(lane), sizeof(int64_t) * n);
+        prefetch_l1(unit_.lane(lane), sizeof(uint16_t) * n * dk);
+        prefetch_l1(cosine_.lane(lane), sizeof(float) * n * n);
+        prefetch_l1(largest_.lane(lane), sizeof(float) * n);
+        prefetch_l1(norm2_.lane(lane), sizeof(double) * n);
+        prefetch_l1(count_.lane(lane), sizeof(double) * n);
+        prefetch_l1(order_.lane(lane), sizeof(int64_t) * n);
         const int64_t free = order_.lane<int64_t>(lane)[slots_];
         if (free >= 0 && free <= slots_) {
-            prefetch_bytes(sum_k_.lane<double>(lane) + free * dk, sizeof(double) * dk);
-            prefetch_bytes(sum_v_.lane<double>(lane) + free * dv, sizeof(double) * dv);
+            prefetch_l1(sum_k_.lane<double>(lane) + free * dk, sizeof(double) * dk);
+            prefetch_l1(sum_v_.lane<double>(lane) + free * dv, sizeof(double) * dv);
         }
     }
 
@@ -293,8 +283,8 @@ class Merge final : public SlotRule {
         if (pairs.size() == 1) return slots_of(pairs[0], a, b);
         const int64_t dk = dims_.dk;
         for (int64_t pair : pairs) {
-            prefetch_bytes(sum_k_.lane<double>(lane) + pair / n * dk, sizeof(double) * dk);
-            prefetch_bytes(sum_k_.lane<double>(lane) + pair % n * dk, sizeof(double) * dk);
+            prefetch_l1(sum_k_.lane<double>(lane) + pair / n * dk, sizeof(double) * dk);
+            prefetch_l1(sum_k_.lane<double>(lane) + pair % n * dk, sizeof(double) * dk);
         }
         double exact = -std::numeric_limits<double>::infinity();
         for (int64_t pair : pairs) {

@@ -8,7 +8,7 @@ from typing import Any, List, Optional
 import numpy as np
 
 from .. import rules
-from .._arguments import WithRope, takes
+from .._arguments import WithRope, parameters_of
 from ..rope import RoPE
 from .memory import check_rope
 
@@ -78,7 +78,7 @@ def check_positions(positions: Any, last: List[Optional[int]], lengths: List[int
 class Layout:
     """The arguments of ``kvfold.MemoryCache`` that shape a cache, checked and filled in as it does."""
 
-    @takes(WithRope)
+    @parameters_of(WithRope)
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._configure(WithRope(*args, **kwargs))
 

@@ -9,7 +9,7 @@ from typing import Any, List, Optional, Tuple
 import numpy as np
 
 from .. import rules
-from .._arguments import WithRetention, takes
+from .._arguments import WithRetention, parameters_of
 from ..rules.summary import MergeSlots
 from .attention import RETAIN, Layout, check_positions, rotate, softmax_weights
 from .memory import Slot, max_slots, memory_slots, merge_slots
@@ -36,7 +36,7 @@ class StreamCache(Layout):
     memory, visible, visible_size, reset, length; and ``visible_bias()``, the logit bias of each visible pair.
     """
 
-    @takes(WithRetention)
+    @parameters_of(WithRetention)
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         a = WithRetention(*args, **kwargs)
         if a.rule is not None and a.rule.matrix:
