@@ -22,22 +22,23 @@ struct F32 {
     }
     static float one(float x) { return x; }
 };
-struct F16 {
+
+// The two 16-bit formats: IEEE float16 and bfloat16 (float32's top half).
+enum class Half16 { f16, bf16 };
+template <Half16 Format>
+struct Half {
     using T = uint16_t;
     template <class... Mask>
     static F load(const uint16_t* p, Mask... m) {
-        return V::load_f16(p, m...);
+        if constexpr (Format == Half16::f16)
+            return V::load_f16(p, m...);
+        else
+            return V::load_bf16(p, m...);
     }
-    static float one(uint16_t h) { return half_to_float(h); }
+    static float one(uint16_t h) { return Format == Half16::f16 ? half_to_float(h) : bf16_to_float(h); }
 };
-struct BF16 {
-    using T = uint16_t;
-    template <class... Mask>
-    static F load(const uint16_t* p, Mask... m) {
-        return V::load_bf16(p, m...);
-    }
-    static float one(uint16_t h) { return bf16_to_float(h); }
-};
+using F16 = Half<Half16::f16>;
+using BF16 = Half<Half16::bf16>;
 
 // exp(x) = 2^n e^r with n = round(x log2 e) and r = x - n ln 2 (ln 2 in two parts, so r is exact);
 // e^r by the Cephes expf polynomial: about 1 ulp. The caller clamps x to where V::pow2 is exact;
