@@ -235,6 +235,14 @@ void matrix_product_rates(const std::vector<std::string>& filters) {
     }
 }
 
+int usage(std::FILE* to, int status, const char* bad = nullptr) {
+    if (bad) std::fprintf(to, "kvfold-bench: unknown option or missing value: %s\n", bad);
+    std::fprintf(to,
+                 "usage: kvfold-bench [--threads N] [--backend NAME] [--chunk N] [--cpu-time] [NAME-SUBSTRING ...]\n"
+                 "Times the cases whose names contain one of the substrings (all cases when none is given).\n");
+    return status;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -249,6 +257,10 @@ int main(int argc, char** argv) {
             cpu_time = true;
         else if (a == "--backend" && i + 1 < argc)
             kvfold::set_simd_backend(argv[++i]);
+        else if (a == "--help" || a == "-h")
+            return usage(stdout, 0);
+        else if (a.rfind("-", 0) == 0)  // an option misspelled or missing its value, not a case name
+            return usage(stderr, 2, a.c_str());
         else
             filters.push_back(a);
     }
