@@ -198,13 +198,13 @@ def test_storage_dtypes_match_the_model(dtype, memory, rng):
 
 
 def test_long_windows_record_the_weights_of_every_block(rng):
-    """Visible sets longer than one attention block (64 rows) record TOVA weights across blocks."""
-    shape = (1, 2, 4, 16, 8, 150, 4)
+    """Visible sets longer than one attention block (512 rows) record TOVA weights across blocks."""
+    shape = (1, 2, 4, 16, 8, 1100, 4)
     kw = options(RoPE(10000.0), "tova", None)
-    q, k, v = data(rng, shape, 200)
-    p = positions(rng, 1, 200)
+    q, k, v = data(rng, shape, 1150)
+    p = positions(rng, 1, 1150)
     cache, ref = make(rules.Merge(8), shape, **kw), make(rules.Merge(8), shape, reference.StreamCache, **kw)
-    for t in range(200):
+    for t in range(1150):
         close(
             cache.step(q[:, :, t], k[:, :, t], v[:, :, t], positions=p[:, t]),
             ref.step(q[:, :, t], k[:, :, t], v[:, :, t], positions=p[:, t]),

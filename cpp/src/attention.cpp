@@ -11,8 +11,13 @@
 namespace kvfold {
 namespace {
 
-constexpr int64_t kBlock = 64;  // rows scored, exponentiated and applied together
-constexpr int64_t kGroup = 8;   // query heads that share a pass over the rows
+// A long visible set is read in blocks of kBlock rows: the keys of a block, then its values. Long
+// blocks keep each a long sequential stream from memory; each switch between the key and value
+// streams costs a ramp-up the sweep waits for (a 261-row window read in blocks of 64 was about 7%
+// slower). A visible set of at most kShort rows is one block, taken side by side with others.
+constexpr int64_t kBlock = 512;
+constexpr int64_t kShort = 64;
+constexpr int64_t kGroup = 8;  // query heads that share a pass over the rows
 
 // A run of rows inside one segment.
 struct Rows {
@@ -107,29 +112,29 @@ int64_t visible_rows(const Attention& a) {
     return n;
 }
 
-// A short visible set (at most kBlock rows: every decode step of a summary memory or a short
+// A short visible set (at most kShort rows: every decode step of a summary memory or a short
 // window) is one block: its scores, one softmax, and the weighted values, segment after segment.
 void score_short(const Kernels& K, const Attention& a, int64_t dk, float scale, float* s) {
     for (int64_t seg = 0, at = 0; seg < a.count; at += a.segments[seg++].rows)
         if (a.segments[seg].rows)
             score_rows(K, Rows{&a.segments[seg], 0, a.segments[seg].rows}, a.q, a.q_stride, a.nq, dk, scale, s + at,
-                       kBlock);
+                       kShort);
 }
 
-// Adds the weights p (nq rows of kBlock, the visible set's rows in order) of the segments that record them.
+// Adds the weights p (nq rows of kShort, the visible set's rows in order) of the segments that record them.
 void record_short(const Attention& a, const float* p) {
     for (int64_t seg = 0, at = 0; seg < a.count; at += a.segments[seg++].rows) {
         float* w = a.segments[seg].weights;
         if (!w) continue;
         for (int64_t i = 0; i < a.nq; ++i)
-            for (int64_t j = 0; j < a.segments[seg].rows; ++j) w[j] += a.weight_share * p[i * kBlock + at + j];
+            for (int64_t j = 0; j < a.segments[seg].rows; ++j) w[j] += a.weight_share * p[i * kShort + at + j];
     }
 }
 
 void weigh_short(const Kernels& K, const Attention& a, int64_t dv, const float* p) {
     for (int64_t seg = 0, at = 0; seg < a.count; at += a.segments[seg++].rows)
         if (a.segments[seg].rows)
-            weigh_rows(K, Rows{&a.segments[seg], 0, a.segments[seg].rows}, p + at, kBlock, a.nq, dv, a.out,
+            weigh_rows(K, Rows{&a.segments[seg], 0, a.segments[seg].rows}, p + at, kShort, a.nq, dv, a.out,
                        a.out_stride, at > 0);
 }
 
@@ -244,22 +249,22 @@ constexpr int kBatch = 4;  // problems taken through each step together
 // At most kBatch problems of at most kGroup query heads each. The short ones go step by step side
 // by side, so that their short dependency chains overlap.
 void attend_batch(const Kernels& K, const Attention* problems, int count, int64_t dk, int64_t dv, float scale) {
-    float scores[kBatch][kGroup * kBlock];
+    float scores[kBatch][kGroup * kShort];
     int64_t rows[kBatch];
     for (int p = 0; p < count; ++p) {
         rows[p] = visible_rows(problems[p]);
-        if (rows[p] > 1 && rows[p] <= kBlock) score_short(K, problems[p], dk, scale, scores[p]);
+        if (rows[p] > 1 && rows[p] <= kShort) score_short(K, problems[p], dk, scale, scores[p]);
     }
     for (int p = 0; p < count; ++p)
-        if (rows[p] > 1 && rows[p] <= kBlock)
-            for (int64_t i = 0; i < problems[p].nq; ++i) K.softmax(scores[p] + i * kBlock, rows[p]);
+        if (rows[p] > 1 && rows[p] <= kShort)
+            for (int64_t i = 0; i < problems[p].nq; ++i) K.softmax(scores[p] + i * kShort, rows[p]);
     for (int p = 0; p < count; ++p) {
         const Attention& a = problems[p];
         if (rows[p] == 0)
             for (int64_t i = 0; i < a.nq; ++i) std::memset(a.out + i * a.out_stride, 0, sizeof(float) * dv);
         else if (rows[p] == 1)
             attend_one_row(a, dv);
-        else if (rows[p] <= kBlock) {
+        else if (rows[p] <= kShort) {
             record_short(a, scores[p]);
             weigh_short(K, a, dv, scores[p]);
         } else

@@ -87,10 +87,11 @@ TEST(attention_matches_float64_softmax) {
         int64_t dk, dv, nq;
     };
     const Case cases[] = {
-        {{0, 1, 0}, DType::float32, 128, 128, 1}, {{4, 1, 0}, DType::float16, 17, 33, 3},
-        {{4, 1, 60}, DType::float32, 33, 17, 1},  {{3, 2, 130}, DType::bfloat16, 64, 64, 2},
-        {{0, 0, 0}, DType::float32, 8, 8, 4},     {{1, 0, 200}, DType::float16, 7, 5, 11},
-        {{0, 8, 63}, DType::float32, 130, 1, 9},  {{2, 0, 1}, DType::bfloat16, 1, 3, 1},
+        {{0, 1, 0}, DType::float32, 128, 128, 1},  {{4, 1, 0}, DType::float16, 17, 33, 3},
+        {{4, 1, 60}, DType::float32, 33, 17, 1},   {{3, 2, 130}, DType::bfloat16, 64, 64, 2},
+        {{0, 0, 0}, DType::float32, 8, 8, 4},      {{1, 0, 200}, DType::float16, 7, 5, 11},
+        {{0, 8, 63}, DType::float32, 130, 1, 9},   {{2, 0, 1}, DType::bfloat16, 1, 3, 1},
+        {{4, 1, 1100}, DType::float32, 33, 17, 2}, {{3, 2, 600}, DType::bfloat16, 16, 16, 9},
     };
     for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); ++c) {
         const Case& k = cases[c];
@@ -122,7 +123,7 @@ TEST(batched_problems_are_independent) {
     std::vector<Attention> problems;
     for (int64_t c = 0; c < count; ++c) {
         std::vector<Stored> parts;
-        const int64_t rows[3] = {c % 3, c % 2, c * 13};  // some empty, some beyond one block
+        const int64_t rows[3] = {c % 3, c % 2, c * 13 + (c == 5) * 600};  // some empty, some beyond one block
         for (int s = 0; s < 3; ++s)
             parts.push_back(make_rows(rows[s], dk, dv, s == 2 ? DType::float16 : DType::float32, 7 * c + s));
         stored.push_back(parts);
@@ -149,7 +150,7 @@ TEST(batched_problems_are_independent) {
 // in the one-block softmax and in the online softmax of long visible sets alike.
 TEST(row_bias_is_added_to_the_scores) {
     const float scale = 0.25f;
-    const int64_t cases[][3] = {{2, 5, 9}, {0, 70, 3}, {4, 3, 100}, {0, 1, 0}};  // sinks, slots, window
+    const int64_t cases[][3] = {{2, 5, 9}, {0, 70, 3}, {4, 3, 100}, {0, 1, 0}, {2, 600, 450}};  // sinks, slots, window
     for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); ++c) {
         const int64_t dk = 19, dv = 11, nq = 3;
         std::vector<Stored> parts;
