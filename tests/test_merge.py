@@ -148,3 +148,20 @@ def test_merge_choices_by_hand(slots, keys):
     ref.update(k, v)
     for a, b in zip(cache.memory(), ref.memory()):
         close(a, b)
+
+
+@pytest.mark.parametrize("slots", [3, 8])
+def test_many_merges_of_near_keys_keep_the_float64_choices(slots, rng):
+    """Keys near three directions, so that many pairs' cosines are within float16 rounding of each
+    other, merged hundreds of times: merged slots, whose cosines come from their parents', still merge
+    the pair the float64 reference does (the values, token numbers, tell which pairs merged)."""
+    n = 400
+    pool = rng.standard_normal((3, 4))
+    k = (pool[rng.integers(0, 3, n)] + 1e-2 * rng.standard_normal((n, 4))).astype(np.float32)[None, None]
+    v = np.arange(n, dtype=np.float32)[None, None, :, None]
+    cache = kvfold.MemoryCache(rules.Merge(slots), num_heads=1, head_dim=4, value_dim=1)
+    ref = reference.StreamCache(rules.Merge(slots), num_heads=1, head_dim=4, value_dim=1)
+    for t in range(0, n, 50):
+        cache.update(k[:, :, t : t + 50], v[:, :, t : t + 50])
+        ref.update(k[:, :, t : t + 50], v[:, :, t : t + 50])
+        np.testing.assert_allclose(cache.memory()[1], ref.memory()[1], rtol=1e-5)
