@@ -91,16 +91,18 @@ void check_storable(const char* name, const float* x, const std::vector<int64_t>
     if (dtype == DType::float32 || dtype == DType::int8) return;
     const uint32_t limit = dtype == DType::float16 ? 0x477FF000u : 0x7F7F8000u;  // 65520.0f, bf16 halfway to Inf
     const int64_t n = count(shape);
-    constexpr int64_t kPiece = 4096;  // the max of each piece's magnitudes first: a loop that vectorizes
+    // Each piece is first asked whether any magnitude reaches the limit, by a signed compare (the
+    // magnitude's bits are below 2^31) and an or: a loop that vectorizes with SSE2 alone.
+    constexpr int64_t kPiece = 4096;
     for (int64_t at = 0; at < n; at += kPiece) {
         const int64_t m = std::min(kPiece, n - at);
-        uint32_t largest = 0;
+        int32_t over = 0;
         for (int64_t j = 0; j < m; ++j) {
-            uint32_t bits;
+            int32_t bits;
             std::memcpy(&bits, x + at + j, sizeof bits);
-            largest = std::max(largest, bits & 0x7FFFFFFFu);
+            over |= (bits & 0x7FFFFFFF) >= static_cast<int32_t>(limit);
         }
-        if (largest < limit) continue;
+        if (!over) continue;
         for (int64_t i = at;; ++i) {
             uint32_t bits;
             std::memcpy(&bits, x + i, sizeof bits);
