@@ -1,5 +1,6 @@
 #include "rope.hpp"
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdio>
@@ -39,49 +40,32 @@ Rope::Rope(const RoPE& r, int64_t head_dim) {
 }
 
 namespace {
-// sin and cos of x in float64, within about an ulp of the exact ones (an ulp in float32 is 2^29 of
-// them), for |x| <= kSinCosMax: x less the nearest multiple k of pi/2, taken off in three parts of 33
-// bits each (k * part is exact for |k| < 2^20), then fdlibm's polynomials on [-pi/4, pi/4]. A few
-// times cheaper than std::sin and std::cos, and free of calls, so the loop over the pairs overlaps.
-constexpr double kSinCosMax = 0x1p19;
-void sincos_reduced(double x, double* s, double* c) {
-    constexpr double kRound = 0x1.8p52;  // adding it rounds to a whole number (std::nearbyint may be a call)
-    const double k = (x * 6.36619772367581382433e-01 + kRound) - kRound;
-    const double r =
-        ((x - k * 1.57079632673412561417e+00) - k * 6.07710050630396597660e-11) - k * 2.02226624871116645580e-21;
-    const double z = r * r;
-    const double ps =
-        8.33333333332248946124e-03 +
-        z * (-1.98412698298579493134e-04 +
-             z * (2.75573137070700676789e-06 + z * (-2.50507602534068634195e-08 + z * 1.58969099521155010221e-10)));
-    const double sr = r + z * r * (-1.66666666666666324348e-01 + z * ps);
-    const double pc = z * (4.16666666666666019037e-02 +
-                           z * (-1.38888888888741095749e-03 +
-                                z * (2.48015872894767294178e-05 +
-                                     z * (-2.75573143513906633035e-07 +
-                                          z * (2.08757232129817482790e-09 + z * -1.13596475577881948265e-11)))));
-    const double hz = 0.5 * z, w = 1.0 - hz;
-    const double cr = w + (((1.0 - w) - hz) + z * pc);
-    // x = r + q pi/2 (mod 2 pi): picked by index, not by branches (q is a coin toss to the CPU).
-    const int64_t q = static_cast<int64_t>(k) & 3;
-    const double both[2] = {sr, cr}, sign[2] = {1.0, -1.0};
-    *s = both[q & 1] * sign[q >> 1];
-    *c = both[(q & 1) ^ 1] * sign[((q + 1) >> 1) & 1];
-}
+constexpr double kSinCosMax = 0x1p19;  // the reach of Kernels::sincos_f64's reduction
 }  // namespace
 
 void Rope::angles(double p, float* cos, float* sin) const {
-    for (int64_t i = 0; i < pairs_; ++i) {
-        const double a = p * inv_freq_[i];
-        double s, c;
-        if (std::fabs(a) <= kSinCosMax) {
-            sincos_reduced(a, &s, &c);
-        } else {
-            s = std::sin(a);
-            c = std::cos(a);
+    constexpr int64_t kChunk = 64;
+    double a[kChunk];
+    const Kernels& K = kernels();
+    for (int64_t at = 0; at < pairs_; at += kChunk) {
+        const int64_t n = std::min(kChunk, pairs_ - at);
+        bool reduced = true;
+        for (int64_t i = 0; i < n; ++i) {
+            a[i] = p * inv_freq_[at + i];
+            reduced &= std::fabs(a[i]) <= kSinCosMax;
         }
-        cos[i] = static_cast<float>(c);
-        sin[i] = static_cast<float>(s);
+        if (reduced) {
+            K.sincos_f64(a, cos + at, sin + at, n);
+            continue;
+        }
+        for (int64_t i = 0; i < n; ++i) {  // past the reduction's reach (positions beyond about 2^19)
+            if (std::fabs(a[i]) <= kSinCosMax) {
+                K.sincos_f64(a + i, cos + at + i, sin + at + i, 1);
+            } else {
+                cos[at + i] = static_cast<float>(std::cos(a[i]));
+                sin[at + i] = static_cast<float>(std::sin(a[i]));
+            }
+        }
     }
 }
 

@@ -89,6 +89,8 @@ struct Kernels {
     // RoPE: pair i of x turns by the angle whose cos and sin are given (n pairs): pair i is
     // (x[i], x[i + n]), or (x[2i], x[2i + 1]) when interleaved (rope-inl.hpp).
     void (*rotate)(float* x, const float* cos, const float* sin, int64_t n, bool interleaved);
+    // cos and sin of x[i], |x[i]| <= 2^19, in float64 rounded once to float32 (rope-inl.hpp)
+    void (*sincos_f64)(const double* x, float* cos, float* sin, int64_t n);
 
     // Attention over a block of rows, for nq query heads that share the rows (grouped-query
     // attention reads each key and value row once for the whole group). Row j of k or v starts at

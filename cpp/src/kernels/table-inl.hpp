@@ -33,6 +33,7 @@ constexpr Kernels filled_table(const char* name) {
     k.axpby_f64 = axpby_f64;
     k.max_f32 = max_f32;
     k.rotate = rotate;
+    k.sincos_f64 = sincos_f64;
     KVFOLD_EACH_STORAGE(k, scores);
     KVFOLD_EACH_STORAGE(k, weighted_sum);
     k.softmax = softmax;
