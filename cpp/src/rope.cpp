@@ -46,25 +46,20 @@ constexpr double kSinCosMax = 0x1p19;  // the reach of Kernels::sincos_f64's red
 void Rope::angles(double p, float* cos, float* sin) const {
     constexpr int64_t kChunk = 64;
     double a[kChunk];
-    const Kernels& K = kernels();
     for (int64_t at = 0; at < pairs_; at += kChunk) {
         const int64_t n = std::min(kChunk, pairs_ - at);
-        bool reduced = true;
+        bool far = false;  // an angle past the kernel's reach (positions beyond about 2^19): libm's
         for (int64_t i = 0; i < n; ++i) {
             a[i] = p * inv_freq_[at + i];
-            reduced &= std::fabs(a[i]) <= kSinCosMax;
+            if (!(std::fabs(a[i]) <= kSinCosMax)) far = true, a[i] = 0;
         }
-        if (reduced) {
-            K.sincos_f64(a, cos + at, sin + at, n);
-            continue;
-        }
-        for (int64_t i = 0; i < n; ++i) {  // past the reduction's reach (positions beyond about 2^19)
-            if (std::fabs(a[i]) <= kSinCosMax) {
-                K.sincos_f64(a + i, cos + at + i, sin + at + i, 1);
-            } else {
-                cos[at + i] = static_cast<float>(std::cos(a[i]));
-                sin[at + i] = static_cast<float>(std::sin(a[i]));
-            }
+        kernels().sincos_f64(a, cos + at, sin + at, n);
+        if (!far) continue;
+        for (int64_t i = 0; i < n; ++i) {
+            const double x = p * inv_freq_[at + i];
+            if (std::fabs(x) <= kSinCosMax) continue;
+            cos[at + i] = static_cast<float>(std::cos(x));
+            sin[at + i] = static_cast<float>(std::sin(x));
         }
     }
 }
