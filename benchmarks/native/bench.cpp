@@ -181,6 +181,7 @@ std::vector<Case> cases() {
         {"decode cumulative w256 s4 bf16", rule("cumulative"), 32, 128, 256, 4, DType::bfloat16, 0},
         {"decode drop w4096 s4", rule("drop"), 32, 128, 4096, 4, f32, 0},
         {"decode drop w256", rule("drop"), 32, 128, 256, 0, f32, 0, false, {}, Retain::fifo, true},
+        {"decode merge(32) w0", merge(32), 32, 128, 0, 0, f32, 0, false, {}, Retain::fifo, true},
         {"decode merge(32) w256 s4", merge(32), 32, 128, 256, 4, f32, 0, false, {}, Retain::fifo, true},
         {"decode merge(32) w256 s4 rope", merge(32), 32, 128, 256, 4, f32, 0, false, rope, Retain::fifo, true},
         {"decode merge(32) w256 s4 rope tova", merge(32), 32, 128, 256, 4, f32, 0, false, rope, Retain::tova, true},
