@@ -40,7 +40,9 @@ Rope::Rope(const RoPE& r, int64_t head_dim) {
 }
 
 namespace {
-constexpr double kSinCosMax = 0x1p19;  // the reach of Kernels::sincos_f64's reduction
+// Angles the reduction of Kernels::sincos_f64 does not reach (positions beyond about 2^19, or NaN)
+// go to libm.
+bool past_kernel_reach(double x) { return !(std::fabs(x) <= 0x1p19); }
 }  // namespace
 
 void Rope::angles(double p, float* cos, float* sin) const {
@@ -48,16 +50,16 @@ void Rope::angles(double p, float* cos, float* sin) const {
     double a[kChunk];
     for (int64_t at = 0; at < pairs_; at += kChunk) {
         const int64_t n = std::min(kChunk, pairs_ - at);
-        bool far = false;  // an angle past the kernel's reach (positions beyond about 2^19): libm's
+        bool far = false;  // such angles are zeroed for the kernel, then taken from libm
         for (int64_t i = 0; i < n; ++i) {
             a[i] = p * inv_freq_[at + i];
-            if (!(std::fabs(a[i]) <= kSinCosMax)) far = true, a[i] = 0;
+            if (past_kernel_reach(a[i])) far = true, a[i] = 0;
         }
         kernels().sincos_f64(a, cos + at, sin + at, n);
         if (!far) continue;
         for (int64_t i = 0; i < n; ++i) {
             const double x = p * inv_freq_[at + i];
-            if (std::fabs(x) <= kSinCosMax) continue;
+            if (!past_kernel_reach(x)) continue;
             cos[at + i] = static_cast<float>(std::cos(x));
             sin[at + i] = static_cast<float>(std::sin(x));
         }
