@@ -31,6 +31,7 @@
 
 #include "kernels/kernels.hpp"
 #include "kvfold/kvfold.hpp"
+#include "platform.hpp"
 
 namespace kvfold {
 namespace {
@@ -75,11 +76,13 @@ void multiply(float* y, const float* a, const float* b, int64_t n) {  // y = a (
     for (int64_t i = 0; i < n; ++i) y[i] = a[i] * b[i];
 }
 
+// c = a b as a Gemm; it requests a little of `ahead` per tile (see ChunkInput).
 Gemm product(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
-             int64_t ldc) {
+             int64_t ldc, Requests* ahead) {
     Gemm g;
     g.m = m, g.n = n, g.k = k;
     g.a = a, g.lda = lda, g.b = b, g.ldb = ldb, g.c = c, g.ldc = ldc;
+    g.ahead = ahead;
     return g;
 }
 
@@ -187,7 +190,7 @@ void fold_piece(const ChunkInput& in, Arena& arena) {
             kq = m, ldkq = dk;
         }
         float* L = arena.take(n * n);
-        Gemm g = product(n, n, dk, kq, ldkq, kt, n, L, n);
+        Gemm g = product(n, n, dk, kq, ldkq, kt, n, L, n, in.ahead);
         g.lower_c = true;
         K.gemm(g);
         keep_lower(L, n, d.D, true);
@@ -207,8 +210,8 @@ void fold_piece(const ChunkInput& in, Arena& arena) {
                 for (int64_t i = 0; i < dk; ++i) xk[i] = w * k[i];
             }
         }
-        K.solve_unit_lower(L, n, X, ldx, n, dv + dk);                // the padding columns stay unread
-        Gemm w = product(n, dv, dk, X + dv, ldx, in.S, dv, X, ldx);  // U = X_v - X_k S_0
+        K.solve_unit_lower(L, n, X, ldx, n, dv + dk);                          // the padding columns stay unread
+        Gemm w = product(n, dv, dk, X + dv, ldx, in.S, dv, X, ldx, in.ahead);  // U = X_v - X_k S_0
         w.alpha = -1;
         w.accumulate = true;
         K.gemm(w);
@@ -232,16 +235,16 @@ void fold_piece(const ChunkInput& in, Arena& arena) {
             }
             q_scores = qe, q_state = qg, ldq = dk;
         }
-        Gemm scores = product(n, n, dk, q_scores, ldq, kt, n, P, n);
+        Gemm scores = product(n, n, dk, q_scores, ldq, kt, n, P, n, in.ahead);
         scores.lower_c = true;
         K.gemm(scores);
         keep_lower(P, n, d.D, false);
-        Gemm past = product(n, dv, dk, q_state, ldq, in.S, dv, out, in.out_row);
+        Gemm past = product(n, dv, dk, q_state, ldq, in.S, dv, out, in.out_row, in.ahead);
         past.alpha = in.scale;
         K.gemm(past);
         if (!d.none && !d.per_key)
             for (int64_t t = 0; t < n; ++t) K.scale(out + t * in.out_row, d.gamma[t], dv);
-        Gemm own = product(n, dv, n, P, n, U, ldu, out, in.out_row);
+        Gemm own = product(n, dv, n, P, n, U, ldu, out, in.out_row, in.ahead);
         own.alpha = in.scale;
         own.accumulate = true;
         own.lower_a = true;
@@ -258,7 +261,7 @@ void fold_piece(const ChunkInput& in, Arena& arena) {
     // the product scales S_0 as it adds, with no pass of its own over S).
     if (d.per_key)
         for (int64_t i = 0; i < dk; ++i) K.scale(in.S + i * dv, d.gamma[(n - 1) * dk + i], dv);
-    Gemm update = product(dk, dv, n, kh, ldkh, U, ldu, in.S, dv);
+    Gemm update = product(dk, dv, n, kh, ldkh, U, ldu, in.S, dv, in.ahead);
     update.trans_a = true;
     update.accumulate = true;
     if (!d.none && !d.per_key) update.beta = d.gamma[n - 1];
@@ -301,6 +304,7 @@ void fold_chunked(const ChunkInput& run) {
         fold_piece(piece, arena);
         first += piece.n;
     }
+    if (run.ahead) run.ahead->rest();
 }
 
 int64_t chunk_size() { return chunk.load(std::memory_order_relaxed); }

@@ -7,6 +7,8 @@
 
 namespace kvfold {
 
+class Requests;  // platform.hpp
+
 // One run of pairs for fold_chunked: S (d_k x d_v) takes pair i = (k_i, v_i) with its gates, for
 // i = 0 .. n-1, per token t:
 //   S_t = diag(exp(g_t)) S_{t-1} + k_t u_t^T,  u_t = v_t, or for the delta rules
@@ -29,6 +31,7 @@ struct ChunkInput {
     float* S = nullptr;  // d_k x d_v, row-major
     float* z = nullptr;  // d_k, normalized linear attention only
     float eps = 0;
+    Requests* ahead = nullptr;  // memory wanted next (the next run's rows): requested as the products go
 };
 
 void fold_chunked(const ChunkInput& in);

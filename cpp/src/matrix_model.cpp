@@ -160,7 +160,9 @@ struct MatrixModel {
             if (not_finite && !finite_rows(lane, k, v, q, first, n)) return;
             FoldRun run{n, rows.data(), rows.data() + C, gates.data(), {}, dk(), dv()};
             if (q) run.qs = queries(lane, q, out, first);
-            if (first + C < T) request_rows(lane, k, v, q, first + C, std::min(C, T - first - C));
+            Requests next;
+            if (first + C < T) request_rows(next, lane, k, v, q, first + C, std::min(C, T - first - C));
+            run.ahead = &next;
             c.matrix->fold_read_run(lane, run);
         }
         if (cfg.sinks == 0 && cfg.window == 0) return;
@@ -185,12 +187,13 @@ struct MatrixModel {
         return finite;
     }
 
-    // Asks for the rows of the chunk that folds at tokens [t, t + n) while the one before it is
+    // The rows of the chunk that folds at tokens [t, t + n), to request while the one before it is
     // computed: a long block's rows come from memory, at a pace the hardware prefetcher does not
     // follow from chunk to chunk.
-    void request_rows(int64_t lane, const float* k, const float* v, const float* q, int64_t t, int64_t n) const {
-        auto request = [](const float* p, int64_t floats) {
-            for (int64_t i = 0; i < floats; i += 16) prefetch(p + i);
+    void request_rows(Requests& next, int64_t lane, const float* k, const float* v, const float* q, int64_t t,
+                      int64_t n) const {
+        auto request = [&](const float* p, int64_t floats) {
+            if (floats > 0) next.add(p, sizeof(float) * static_cast<size_t>(floats));
         };
         const int64_t pairs = std::max<int64_t>(0, t - c.cfg.window);  // the pairs folded then
         request(k + pairs * dk(), (t + n - c.cfg.window - pairs) * dk());

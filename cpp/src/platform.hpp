@@ -71,6 +71,35 @@ inline void prefetch_l1(const void* p, size_t bytes) {
     }
 }
 
+// Ranges of memory wanted soon, requested a few cache lines at a time between pieces of other
+// work. A burst of hundreds of requests stalls the core until the first ones arrive (each holds a
+// line fill buffer for its trip to memory); spread out, they arrive while the work goes on.
+class Requests {
+   public:
+    void add(const void* p, size_t bytes) {
+        if (count_ < kRanges && bytes) ranges_[count_++] = {static_cast<const char*>(p), bytes};
+    }
+    // The next `lines` cache lines (fewer at the end).
+    void some(int lines) {
+        for (; lines > 0 && at_ < count_; --lines) {
+            prefetch(ranges_[at_].p + offset_);
+            offset_ += 64;
+            if (offset_ >= ranges_[at_].bytes) ++at_, offset_ = 0;
+        }
+    }
+    void rest() { some(std::numeric_limits<int>::max()); }
+
+   private:
+    static constexpr int kRanges = 16;  // more are left out: these are hints
+    struct Range {
+        const char* p;
+        size_t bytes;
+    };
+    Range ranges_[kRanges] = {};
+    int count_ = 0, at_ = 0;
+    size_t offset_ = 0;
+};
+
 // Memory aligned to `align` (a power of two, a multiple of sizeof(void*)), or null; release it
 // with aligned_free.
 inline void* aligned_alloc_bytes(size_t align, size_t n) {

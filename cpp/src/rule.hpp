@@ -56,6 +56,7 @@ struct FoldRun {
     const TokenGate* gate = nullptr;
     LaneQueries qs;
     int64_t q_step = 0, out_step = 0;
+    Requests* ahead = nullptr;  // memory the caller reads next, to request while the run computes
 };
 
 // One pair for each of several lanes (a decode step's): pair i goes into lane[i], which has had
@@ -294,6 +295,7 @@ class MatrixRule : public Rule {
     virtual void read(int64_t lane, const LaneQueries& qs) const = 0;
     // fold_read pair after pair; a rule may compute the same another way (chunked.hpp).
     virtual void fold_read_run(int64_t lane, const FoldRun& run) {
+        if (run.ahead) run.ahead->rest();
         for (int64_t i = 0; i < run.n; ++i) {
             LaneQueries qs = run.qs;
             if (qs.count) qs.q += i * run.q_step, qs.out += i * run.out_step;

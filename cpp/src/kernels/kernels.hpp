@@ -12,6 +12,8 @@
 
 namespace kvfold {
 
+class Requests;  // platform.hpp
+
 // One sweep over a matrix memory S (rows: key dimensions, columns: value dimensions) of one KV
 // head. matrix_step first updates S,
 //   S <- diag(a) S + k u^T,  u = v, or u = beta (v - (diag(a) S)^T k) for the delta rules,
@@ -55,6 +57,7 @@ struct Gemm {
     bool accumulate = false;
     bool trans_a = false;
     bool lower_a = false, lower_c = false;
+    Requests* ahead = nullptr;  // memory wanted after the product: requested a little per tile
 };
 
 struct Kernels {

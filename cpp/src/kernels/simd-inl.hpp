@@ -289,6 +289,10 @@ void gemm_tile(const Gemm& g, int64_t i0, int64_t j0, int64_t k, const Tile& til
     }
 }
 
+// Gemm::ahead's lines requested per tile: the chunked prefill's products of a chunk have about a
+// hundred tiles for the next chunk's 768 lines, and each tile computes long enough for 8 to arrive.
+constexpr int kLinesPerTile = 8;
+
 template <template <int> class Tile, int R, int NV>
 void tiled_gemm(const Gemm& g) {
     constexpr int64_t kCols = NV * kLanes;
@@ -301,6 +305,7 @@ void tiled_gemm(const Gemm& g) {
             // lower_c: a tile that reaches the diagonal computes only the vectors left of its last row's diagonal
             const int64_t cols = g.lower_c && i0 + rows - j0 < w ? i0 + rows - j0 : w;
             if (cols <= 0) continue;
+            if (g.ahead) g.ahead->some(kLinesPerTile);
             with_vectors<NV>(cols, [&](auto nv, int64_t last) {
                 const Tile<decltype(nv)::value> tile(last);
                 with_count<1, R>(rows, [&](auto r) {

@@ -153,6 +153,7 @@ class LinearAttention final : public MatrixRule {
         in.scale = normalize_ ? 1.0f : run.qs.scale;
         in.S = S_.lane<float>(lane);
         if (normalize_) in.z = z_.lane<float>(lane), in.eps = eps_;
+        in.ahead = run.ahead;
         fold_chunked(in);
     }
 
