@@ -68,6 +68,21 @@ bool cpu_has_avx512bf16() {
     return cpu_has_avx512() && cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 5));
 }
 #endif
+}  // namespace
+
+#if defined(__x86_64__) || defined(_M_X64)
+bool cpu_has_avx512vnni() {
+    unsigned a, b, c, d;  // CPUID.(EAX=7, ECX=0):ECX[11]
+    return cpu_has_avx512() && cpuid_count(7, 0, &a, &b, &c, &d) && (c & (1u << 11));
+}
+
+bool cpu_is_intel() {
+    unsigned a, b, c, d;  // leaf 0's vendor string, "GenuineIntel", in ebx, edx, ecx
+    return cpuid_count(0, 0, &a, &b, &c, &d) && b == 0x756e6547 && d == 0x49656e69 && c == 0x6c65746e;
+}
+#endif
+
+namespace {
 
 // Tables this machine can run, worst first.
 std::vector<const Kernels*> detect() {

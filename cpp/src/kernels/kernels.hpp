@@ -150,6 +150,10 @@ const Kernels* scalar_kernels();
 const Kernels* avx2_kernels();
 const Kernels* avx512_kernels();
 const Kernels* avx512bf16_kernels();  // avx512 with bfloat16 keys scored by vdpbf16ps (x86_avx512bf16.cpp)
+
+// What the x86 kernels choose between at run time (dispatch.cpp reads CPUID).
+bool cpu_has_avx512vnni();
+bool cpu_is_intel();
 #elif defined(__aarch64__)
 const Kernels* neon_kernels();
 #endif

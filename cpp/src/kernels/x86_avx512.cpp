@@ -14,11 +14,6 @@
 #pragma GCC diagnostic ignored "-Waggressive-loop-optimizations"
 #endif
 #include <immintrin.h>
-#if defined(_MSC_VER) && !defined(__clang__)
-#include <intrin.h>
-#else
-#include <cpuid.h>
-#endif
 
 #include <cmath>
 #include <type_traits>
@@ -299,14 +294,21 @@ inline void dot4(const float* q, const typename E::T* k, int64_t d, float scale,
     _mm_storeu_ps(s, _mm_mul_ps(_mm_set1_ps(scale), sum4(a0, a1, a2, a3)));
 }
 
+// Keys streamed from L3 or DRAM are read faster with their lines requested ahead: 16 rows ahead on
+// AMD cores; 2 KB ahead on Intel cores, where a request that reaches DRAM before the L2's own
+// prefetcher does holds a line fill buffer for its whole trip. There, 16 rows ahead, a window of
+// 4096 float32 rows took 12% longer to read from DRAM, and 8% less time from a large L3: the
+// windows of a model's many layers come from DRAM.
+const bool kKeysAheadShort = cpu_is_intel();
+
 template <class E>
 void scores(const float* q, int64_t q_stride, int64_t nq, const typename E::T* k, int64_t rows, int64_t d, float scale,
             float* s, int64_t s_stride) {
+    const int64_t row_bytes = d * int64_t(sizeof(*k));
+    const char* ahead = reinterpret_cast<const char*>(k) + (kKeysAheadShort ? 2048 : 16 * row_bytes);
     int64_t j = 0;
-    for (; j + 4 <= rows; j += 4, k += 4 * d) {
-        // rows streamed from memory are read faster with the lines 16 rows ahead requested early
-        for (int64_t r = 0; r < 4 * d * int64_t(sizeof(*k)); r += 64)
-            _mm_prefetch(reinterpret_cast<const char*>(k + 16 * d) + r, _MM_HINT_T0);
+    for (; j + 4 <= rows; j += 4, k += 4 * d, ahead += 4 * row_bytes) {
+        for (int64_t r = 0; r < 4 * row_bytes; r += 64) _mm_prefetch(ahead + r, _MM_HINT_T0);
         for (int64_t i = 0; i < nq; ++i) dot4<E>(q + i * q_stride, k, d, scale, s + i * s_stride + j);
     }
     for (; j < rows; ++j, k += d)
@@ -669,17 +671,7 @@ void q8_scores_pairs(const int8_t* qc, const float* qs, const uint8_t* k, int64_
 
 // AVX512_VNNI (Cascade Lake, Ice Lake, Zen 4 on): not every AVX-512 CPU has it, so its kernels
 // are a target region of their own, taken at run time when the CPU has it.
-bool cpu_has_vnni() {
-#if defined(_MSC_VER) && !defined(__clang__)
-    int r[4];
-    __cpuidex(r, 7, 0);
-    return r[2] & (1 << 11);
-#else
-    unsigned a, b, c, d;  // CPUID.(EAX=7, ECX=0):ECX[11]
-    return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (c & (1u << 11));
-#endif
-}
-const bool kVnni = cpu_has_vnni();
+const bool kVnni = cpu_has_avx512vnni();
 
 // A region of its own, not nested in the file's: Clang applies only the outer of two pushed
 // target attributes.
