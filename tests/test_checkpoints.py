@@ -256,3 +256,43 @@ def test_concat_of_one_cache_with_itself(rng):
     feed(c, rng)
     assert kvfold.MemoryCache.concat([c, c]).to_bytes() == c.select([0, 1, 0, 1]).to_bytes()
     assert kvfold.MemoryCache.concat(x for x in [c]).to_bytes() == c.to_bytes()
+
+
+# ---------------------------------------------------------------------------------------------
+# A decode step whose one visible row is a summary slot (window 0, no sinks) writes its output
+# straight from the rule's sums and the slot rows only when something else reads them.
+
+LAGGING = {
+    "to_bytes": lambda c, q, k, v: c.to_bytes(),
+    "memory": lambda c, q, k, v: [m.tobytes() for m in c.memory()],
+    "visible": lambda c, q, k, v: [m.tobytes() for m in c.visible()],
+    "attend": lambda c, q, k, v: c.attend(q).tobytes(),
+    "update": lambda c, q, k, v: (c.update(k, v), c.to_bytes()),
+    "forward": lambda c, q, k, v: (c.forward(q[:, :, None], k, v).tobytes(), c.to_bytes()),
+    "copy": lambda c, q, k, v: (copy.deepcopy(c).to_bytes(), pickle.loads(pickle.dumps(c)).to_bytes()),
+    "checkpoint": lambda c, q, k, v: (lambda cp: (c.reset(), c.rollback(cp), c.to_bytes()))(c.checkpoint()),
+    "rollback rows": lambda c, q, k, v: (lambda cp: (c.reset(), c.rollback(cp, rows=[1]), c.to_bytes()))(
+        c.checkpoint()
+    ),
+    "select": lambda c, q, k, v: c.select([1, 0, 1]).to_bytes(),
+    "concat": lambda c, q, k, v: kvfold.MemoryCache.concat([c, c]).to_bytes(),
+    "reorder": lambda c, q, k, v: (c.reorder([1, 0]), c.to_bytes()),
+    "reset rows": lambda c, q, k, v: (c.reset([0]), c.to_bytes()),
+}
+
+
+@pytest.mark.parametrize("read", LAGGING.values(), ids=list(LAGGING))
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("rule", [rules.Cumulative(), rules.EMA(0.3)], ids=repr)
+def test_every_call_after_decode_steps_of_one_slot_sees_the_slots_they_folded(rule, dtype, read, rng):
+    fast, twin = make(rule, window=0, sinks=0, dtype=dtype), make(rule, window=0, sinks=0, dtype=dtype)
+    for _ in range(3):  # the slots of `fast` lag three folds (float32) when `read` comes
+        k, v, _ = tokens(rule, rng, 2, 2, 1)
+        q = queries(fast, rng)
+        out = fast.step(q, k[:, :, 0], v[:, :, 0])
+        twin.update(k, v)
+        assert np.array_equal(out, twin.attend(q))  # both the slot's value, in every query head
+    k, v, _ = tokens(rule, rng, 2, 2, 3)
+    q = queries(fast, rng)
+    assert read(fast, q, k[:, :, :1], v[:, :, :1]) == read(twin, q, k[:, :, :1], v[:, :, :1])
+    assert fast.to_bytes() == twin.to_bytes()

@@ -142,6 +142,7 @@ void MemoryCache::Impl::swap_state(Impl& other) {
     for (size_t i = 0; i < mine.size(); ++i) mine[i]->swap(*theirs[i]);
     std::swap(length, other.length);
     std::swap(last_pos, other.last_pos);
+    std::swap(slots_behind, other.slots_behind);
     if (cfg.batch_size != other.cfg.batch_size) {
         std::swap(cfg.batch_size, other.cfg.batch_size);
         std::swap(lanes, other.lanes);
@@ -189,7 +190,7 @@ const char* kEmptyCheckpoint = "checkpoint: expected a checkpoint taken with che
 void MemoryCache::rollback(const Checkpoint& cp) {
     if (!cp.state_) throw ValueError(kEmptyCheckpoint);
     const Impl& src = cp.state_->impl();
-    CacheLock lock(impl().mu);
+    SettledLock lock(impl());
     check_restorable(src, impl());
     impl().copy_state_from(src);
 }
@@ -197,7 +198,7 @@ void MemoryCache::rollback(const Checkpoint& cp) {
 void MemoryCache::rollback_rows(const Checkpoint& cp, const int64_t* rows, int64_t count) {
     if (!cp.state_) throw ValueError(kEmptyCheckpoint);
     const Impl& src = cp.state_->impl();
-    CacheLock lock(impl().mu);
+    SettledLock lock(impl());
     check_restorable(src, impl());
     check_rows("rows", rows, count, impl().cfg.batch_size, true);
     for (int64_t i = 0; i < count; ++i) impl().copy_rows_from(src, rows + i, 1, rows[i]);
@@ -207,14 +208,14 @@ void MemoryCache::rollback_rows(const Checkpoint& cp, const int64_t* rows, int64
 // Batch operations
 
 void MemoryCache::reorder(const int64_t* indices, int64_t count) {
-    CacheLock lock(impl().mu);
+    SettledLock lock(impl());
     check_rows("indices", indices, count, impl().cfg.batch_size, false);
     auto next = gather(impl(), indices, count);  // may throw; this cache is untouched until the swap
     impl().swap_state(*next);
 }
 
 std::unique_ptr<MemoryCache> MemoryCache::select(const int64_t* rows, int64_t count) const {
-    CacheLock lock(impl().mu);
+    SettledLock lock(impl());
     check_rows("rows", rows, count, impl().cfg.batch_size, false);
     return std::unique_ptr<MemoryCache>(new MemoryCache(gather(impl(), rows, count)));
 }
@@ -228,8 +229,8 @@ std::unique_ptr<MemoryCache> MemoryCache::concat(const std::vector<const MemoryC
     std::vector<int64_t> batches;
     int64_t total = 0;
     for (size_t i = 0; i < caches.size(); ++i) {
-        const Impl& c = caches[i]->impl();
-        CacheLock lock(c.mu);
+        Impl& c = caches[i]->impl();
+        SettledLock lock(c);
         if (!first) first = std::make_unique<Shape>(c);
         auto [theirs, expected] = difference(Shape(c), *first, true);
         if (!theirs.empty())
@@ -246,8 +247,8 @@ std::unique_ptr<MemoryCache> MemoryCache::concat(const std::vector<const MemoryC
     int64_t at = 0;
     std::vector<int64_t> rows;
     for (size_t i = 0; i < caches.size(); ++i) {
-        const Impl& c = caches[i]->impl();
-        CacheLock lock(c.mu);
+        Impl& c = caches[i]->impl();
+        SettledLock lock(c);
         if (c.cfg.batch_size != batches[i])
             throw ValueError("caches[" + std::to_string(i) + "]: its batch size changed during concat");
         rows.resize(static_cast<size_t>(batches[i]));

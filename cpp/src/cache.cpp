@@ -31,7 +31,7 @@ MemoryCache::MemoryCache(const Config& config, const RuleSpec& rule) : impl_(std
 }
 MemoryCache::MemoryCache(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 MemoryCache::MemoryCache(const MemoryCache& other) {
-    CacheLock lock(other.impl().mu);
+    SettledLock lock(other.impl());
     impl_ = std::make_unique<Impl>(other.impl());
 }
 MemoryCache::~MemoryCache() = default;
@@ -57,7 +57,7 @@ bool MemoryCache::matrix_memory() const { return impl().matrix != nullptr; }
 bool MemoryCache::matrix_normalized() const { return impl().normalized; }
 
 void MemoryCache::update(const float* k, const float* v, int64_t T, const TokenGates& gates, const int64_t* positions) {
-    CacheLock lock(impl().mu);
+    SettledLock lock(impl());
     Impl& c = impl();
     const Positions pos{positions, T, c.length.data()};
     check_tokens(c, k, v, T, gates);
@@ -70,7 +70,7 @@ void MemoryCache::update(const float* k, const float* v, int64_t T, const TokenG
 }
 
 void MemoryCache::attend(const float* q, float* out) {
-    CacheLock lock(impl().mu);
+    SettledLock lock(impl());
     check_queries(impl(), q, 0);
     if (impl().matrix) return matrix_attend(impl(), q, out);
     attend_all(impl(), q, out);
@@ -78,7 +78,7 @@ void MemoryCache::attend(const float* q, float* out) {
 
 void MemoryCache::step(const float* q, const float* k, const float* v, float* out, const TokenGates& gates,
                        const int64_t* positions) {
-    CacheLock lock(impl().mu);
+    CacheLock lock(impl().mu);  // run_lanes settles the slots, unless the step folds into its output
     Impl& c = impl();
     const Positions pos{positions, 1, c.length.data()};
     check_tokens(c, k, v, 1, gates);
@@ -97,7 +97,7 @@ void MemoryCache::step(const float* q, const float* k, const float* v, float* ou
 
 void MemoryCache::forward(const float* q, const float* k, const float* v, int64_t T, float* out,
                           const TokenGates& gates, const int64_t* positions) {
-    CacheLock lock(impl().mu);
+    CacheLock lock(impl().mu);  // as step's
     Impl& c = impl();
     const Positions pos{positions, T, c.length.data()};
     if (matrix_checks_as_it_folds(c, T)) {
@@ -123,7 +123,7 @@ void MemoryCache::forward(const float* q, const float* k, const float* v, int64_
 }
 
 void MemoryCache::memory(float* keys, float* values) const {
-    CacheLock lock(impl().mu);
+    SettledLock lock(impl());
     const Impl& c = impl();
     if (c.matrix) {
         const int64_t dk = c.cfg.head_dim, dv = c.cfg.value_dim;
@@ -151,7 +151,7 @@ void MemoryCache::memory(float* keys, float* values) const {
 }
 
 void MemoryCache::load_memory(const float* keys, const float* values) {
-    CacheLock lock(impl().mu);
+    SettledLock lock(impl());
     Impl& c = impl();
     const Config& g = c.cfg;
     const std::string& kind = c.spec.kind;
@@ -176,14 +176,14 @@ void MemoryCache::load_memory(const float* keys, const float* values) {
 }
 
 int64_t MemoryCache::visible_size() const {
-    CacheLock lock(impl().mu);
+    SettledLock lock(impl());
     int64_t n = 0;
     for (int64_t len : impl().length) n = std::max(n, impl().visible_rows(len));
     return n;
 }
 
 int64_t MemoryCache::visible(float* keys, float* values, uint8_t* mask, int64_t rows) const {
-    CacheLock lock(impl().mu);
+    SettledLock lock(impl());
     const Impl& c = impl();
     const Config& g = c.cfg;
     const int64_t dk = g.head_dim, dv = g.value_dim, H = g.num_heads;
@@ -224,7 +224,7 @@ int64_t MemoryCache::visible(float* keys, float* values, uint8_t* mask, int64_t 
 }
 
 void MemoryCache::reset() {
-    CacheLock lock(impl().mu);
+    SettledLock lock(impl());
     for (LaneBuffer* b : impl().buffers())
         if (b->bytes()) std::memset(b->data(), 0, b->bytes());
     for (int64_t& len : impl().length) len = 0;
@@ -232,7 +232,7 @@ void MemoryCache::reset() {
 }
 
 void MemoryCache::reset_rows(const int64_t* rows, int64_t count) {
-    CacheLock lock(impl().mu);
+    SettledLock lock(impl());
     Impl& c = impl();
     const int64_t B = c.cfg.batch_size, H = c.cfg.num_heads;
     for (int64_t i = 0; i < count; ++i)
@@ -248,17 +248,17 @@ void MemoryCache::reset_rows(const int64_t* rows, int64_t count) {
 }
 
 std::vector<int64_t> MemoryCache::lengths() const {
-    CacheLock lock(impl().mu);
+    SettledLock lock(impl());
     return impl().length;
 }
 
 std::vector<int64_t> MemoryCache::last_positions() const {
-    CacheLock lock(impl().mu);
+    SettledLock lock(impl());
     return impl().last_pos;
 }
 
 size_t MemoryCache::nbytes() const {
-    CacheLock lock(impl().mu);
+    SettledLock lock(impl());
     size_t total = sizeof(int64_t) * (impl().length.size() + impl().last_pos.size());
     for (const LaneBuffer* b : impl().buffers()) total += b->bytes();
     return total;

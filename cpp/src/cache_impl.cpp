@@ -87,6 +87,13 @@ void MemoryCache::Impl::copy_state_from(const Impl& o) {
         if (dst[i]->bytes()) std::memcpy(dst[i]->data(), src[i]->data(), dst[i]->bytes());
     length = o.length;
     last_pos = o.last_pos;
+    slots_behind = o.slots_behind;
+}
+
+void MemoryCache::Impl::settle() {
+    if (!slots_behind) return;
+    for (int64_t lane = 0; lane < lanes; ++lane) slots->write_slots(lane, folded(length[lane / cfg.num_heads]));
+    slots_behind = false;
 }
 
 std::vector<LaneBuffer*> MemoryCache::Impl::buffers() {

@@ -40,7 +40,10 @@ struct MemoryCache::Impl {
     LaneBuffer win_score, win_order;
     std::vector<int64_t> length;    // tokens seen per row
     std::vector<int64_t> last_pos;  // each row's latest position (0 before its first token)
-    mutable CacheMutex mu;          // one call at a time; the GIL is released
+    // A decode step whose rule folds into its output (SlotRule::folds_into_output) leaves the slot
+    // rows behind; settle() writes them. Every call but such a step settles first (SettledLock).
+    bool slots_behind = false;
+    mutable CacheMutex mu;  // one call at a time; the GIL is released
 
     // Checks the configuration and sizes every buffer; allocates nothing.
     Impl(const Config& config, const RuleSpec& rule_spec);
@@ -56,6 +59,8 @@ struct MemoryCache::Impl {
     // size) and gives it ours; the rule object and the mutex stay (batch_ops.cpp).
     void swap_state(Impl& other);
 
+    void settle();  // writes the slot rows a decode step left behind (slots_behind)
+
     // Every per-lane buffer: the cache's own, then the rule's.
     std::vector<LaneBuffer*> buffers();
     std::vector<const LaneBuffer*> buffers() const;
@@ -70,6 +75,16 @@ struct MemoryCache::Impl {
     int64_t visible_rows(int64_t len) const {
         return sinks_held(len) + (slots ? slots->visible_slots(folded(len)) : 0) + window_held(len);
     }
+};
+
+// The cache's lock, with its slot rows settled once it is held: what every call but a decode step
+// takes (a step settles unless it folds into its output).
+class SettledLock {
+   public:
+    explicit SettledLock(MemoryCache::Impl& c) : lock_(c.mu) { c.settle(); }
+
+   private:
+    CacheLock lock_;
 };
 
 }  // namespace kvfold

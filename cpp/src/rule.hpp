@@ -14,6 +14,7 @@
 #include "kernels/kernels.hpp"
 #include "kvfold/kvfold.hpp"
 #include "rope.hpp"
+#include "scratch.hpp"
 
 namespace kvfold {
 
@@ -68,6 +69,9 @@ struct LaneFolds {
     const float* const* v = nullptr;
     const int64_t* count = nullptr;
     const int64_t* position = nullptr;
+    // Set only for a rule whose folds_into_output(): lane i's value slot is written to values[i]
+    // instead of the lane's slot rows (see SlotRule::folds_into_output).
+    float* const* values = nullptr;
 };
 
 // A rule: its per-lane memory, one of three kinds, each an interface of its own: key/value slots
@@ -116,6 +120,13 @@ class SlotRule : public Rule {
     virtual void fold_lanes(const LaneFolds& f) {
         for (int64_t i = 0; i < f.n; ++i) fold(f.lane[i], f.k[i], f.v[i], f.count[i], f.position[i]);
     }
+    // Whether fold_lanes can write each lane's value slot straight into a decode step's output
+    // (LaneFolds::values) and leave the slot rows behind the rule's own state: for a step whose
+    // one visible row is that slot, the rows would be written only to be copied out. The cache
+    // then calls write_slots for every lane before anything else reads the rows.
+    virtual bool folds_into_output() const { return false; }
+    // Writes a lane's slot rows from the rule's state, after `folded` pairs.
+    virtual void write_slots(int64_t /*lane*/, int64_t /*folded*/) {}
 
     // Whether every slot is an average of folded pairs, with weights that depend on the order of the
     // pairs alone. Only such rules take a RoPE: a slot then keeps the same average of the pairs'
@@ -253,12 +264,23 @@ class AccumulatorRule : public SlotRule {
         }
         slot.store(p);
     }
-    // A decode step's lanes: float32 slots without positions are written by the sums directly.
+    // A decode step's lanes: float32 slots without positions are written by the sums directly, or
+    // the values into the step's output (the keys then go to scratch).
     void fold_lanes(const LaneFolds& f) final {
-        if (slot_dtype() != DType::float32 || keeps_positions()) return SlotRule::fold_lanes(f);
+        if (!folds_into_output()) return SlotRule::fold_lanes(f);
+        float* key = f.values ? scratch<AccumulatorRule>(static_cast<size_t>(dims_.dk)) : nullptr;
         for (int64_t i = 0; i < f.n; ++i)
-            sums(f.lane[i], f.k[i], f.v[i], weights(f.count[i]), slot_k_.lane<float>(f.lane[i]),
-                 slot_v_.lane<float>(f.lane[i]));
+            sums(f.lane[i], f.k[i], f.v[i], weights(f.count[i]), key ? key : slot_k_.lane<float>(f.lane[i]),
+                 f.values ? f.values[i] : slot_v_.lane<float>(f.lane[i]));
+    }
+    bool folds_into_output() const final { return slot_dtype() == DType::float32 && !keeps_positions(); }
+    // The rows the last fold would have written (folded - 1 pairs before it).
+    void write_slots(int64_t lane, int64_t folded) final {
+        if (folded <= 0) return;
+        const double scale = weights(folded - 1).scale;
+        const Kernels& K = kernels();
+        K.mul_f64(slot_k_.lane<float>(lane), acc_k_.lane<double>(lane), scale, dims_.dk);
+        K.mul_f64(slot_v_.lane<float>(lane), acc_v_.lane<double>(lane), scale, dims_.dv);
     }
 
    protected:

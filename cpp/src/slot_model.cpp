@@ -62,17 +62,28 @@ void run_lanes(MemoryCache::Impl& c, const float* q, const float* k, const float
     if (T == 1 && g.window == 0 && g.sinks == 0 && c.memory_slots == 1) {
         // Each lane then sees its one slot alone after the fold: its softmax weight is 1, so every
         // query head of the lane reads the slot's value as stored (as attend does for one row).
+        // A rule that folds into the output writes it there itself, into the lane's first query head.
+        const bool into_output = c.slots->folds_into_output();
+        if (!into_output) c.settle();
         parallel_for(c.lanes, attend_flops(c) + 4.0 * (dk + dv), [&](int64_t lo, int64_t hi) {
-            m.step_lanes(lo, hi, k, v, pos);
+            thread_local std::vector<float*> heads;  // each lane's first query head in out
+            heads.resize(static_cast<size_t>(hi - lo));
             for (int64_t lane = lo; lane < hi; ++lane) {
-                const int64_t b = lane / H, hq = b * Hq + (lane % H) * c.group;
-                for (int64_t j = 0; j < c.group; ++j)
-                    load_row(out + (hq + j) * dv, c.slots->slot_value(lane, 0), dv, c.slots->slot_dtype());
+                const int64_t b = lane / H;
+                heads[lane - lo] = out + (b * Hq + (lane - b * H) * c.group) * dv;
+            }
+            m.step_lanes(lo, hi, k, v, pos, into_output ? heads.data() : nullptr);
+            for (int64_t lane = lo; lane < hi; ++lane) {
+                float* o = heads[lane - lo];
+                if (!into_output) load_row(o, c.slots->slot_value(lane, 0), dv, c.slots->slot_dtype());
+                for (int64_t j = 1; j < c.group; ++j) std::memcpy(o + j * dv, o, sizeof(float) * dv);
             }
         });
+        c.slots_behind = into_output;
         for (int64_t& len : c.length) len += 1;
         return;
     }
+    c.settle();
     parallel_for(c.lanes, T * (attend_flops(c) + 4.0 * (dk + dv)), [&](int64_t lo, int64_t hi) {
         float* ek = scratch<MemoryCache>(dk + dv);
         LaneBatch batch;

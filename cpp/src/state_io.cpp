@@ -135,7 +135,7 @@ std::vector<Buffer*> saved(std::vector<Buffer*> all, const Rule& rule) {
 }  // namespace
 
 std::string MemoryCache::to_bytes() const {
-    CacheLock lock(impl().mu);
+    SettledLock lock(impl());
     const Impl& c = impl();
     if (c.spec.kind == "custom")
         throw ValueError(
