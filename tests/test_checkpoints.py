@@ -264,6 +264,7 @@ def test_concat_of_one_cache_with_itself(rng):
 
 LAGGING = {
     "to_bytes": lambda c, q, k, v: c.to_bytes(),
+    "counts": lambda c, q, k, v: (c.length.tobytes(), c.last_position.tobytes(), c.nbytes, c.visible_size),
     "memory": lambda c, q, k, v: [m.tobytes() for m in c.memory()],
     "visible": lambda c, q, k, v: [m.tobytes() for m in c.visible()],
     "attend": lambda c, q, k, v: c.attend(q).tobytes(),

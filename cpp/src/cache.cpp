@@ -176,7 +176,7 @@ void MemoryCache::load_memory(const float* keys, const float* values) {
 }
 
 int64_t MemoryCache::visible_size() const {
-    SettledLock lock(impl());
+    CacheLock lock(impl().mu);  // counts, not slot rows: nothing to settle
     int64_t n = 0;
     for (int64_t len : impl().length) n = std::max(n, impl().visible_rows(len));
     return n;
@@ -248,17 +248,17 @@ void MemoryCache::reset_rows(const int64_t* rows, int64_t count) {
 }
 
 std::vector<int64_t> MemoryCache::lengths() const {
-    SettledLock lock(impl());
+    CacheLock lock(impl().mu);  // as visible_size's
     return impl().length;
 }
 
 std::vector<int64_t> MemoryCache::last_positions() const {
-    SettledLock lock(impl());
+    CacheLock lock(impl().mu);  // as visible_size's
     return impl().last_pos;
 }
 
 size_t MemoryCache::nbytes() const {
-    SettledLock lock(impl());
+    CacheLock lock(impl().mu);  // as visible_size's
     size_t total = sizeof(int64_t) * (impl().length.size() + impl().last_pos.size());
     for (const LaneBuffer* b : impl().buffers()) total += b->bytes();
     return total;

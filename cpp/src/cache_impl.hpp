@@ -41,7 +41,9 @@ struct MemoryCache::Impl {
     std::vector<int64_t> length;    // tokens seen per row
     std::vector<int64_t> last_pos;  // each row's latest position (0 before its first token)
     // A decode step whose rule folds into its output (SlotRule::folds_into_output) leaves the slot
-    // rows behind; settle() writes them. Every call but such a step settles first (SettledLock).
+    // rows behind; settle() writes them. Every call that reads or writes the rows settles first
+    // (SettledLock); those that read only counts and sizes do not, so reading them between steps
+    // (a model's layer asks visible_size at each step) costs nothing.
     bool slots_behind = false;
     mutable CacheMutex mu;  // one call at a time; the GIL is released
 
@@ -77,8 +79,8 @@ struct MemoryCache::Impl {
     }
 };
 
-// The cache's lock, with its slot rows settled once it is held: what every call but a decode step
-// takes (a step settles unless it folds into its output).
+// The cache's lock, with its slot rows settled once it is held: what every call that reads or writes
+// the rows takes (a decode step settles in run_lanes, unless it folds into its output).
 class SettledLock {
    public:
     explicit SettledLock(MemoryCache::Impl& c) : lock_(c.mu) { c.settle(); }
