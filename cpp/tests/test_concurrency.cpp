@@ -23,8 +23,8 @@ void feed(MemoryCache& cache, int64_t T, unsigned seed) {
     cache.update(k.data(), v.data(), T);
 }
 
-// The kinds that take no learned weights (GRU) and no Python (Custom), one example each.
-std::vector<RuleSpec> sample_kinds() {
+// Every kind but GRU (learned weights) and Custom (Python), one example each.
+std::vector<RuleSpec> every_kind() {
     RuleSpec gated_delta = fixtures::rule("gated_delta", {{"beta", 0.5}}), gated = fixtures::rule("gated");
     gated_delta.arrays["decay"] = gated.arrays["decay"] = Array{{2}, {-0.1, -0.2}};
     RuleSpec weighted = fixtures::rule("weighted");
@@ -47,7 +47,7 @@ std::vector<RuleSpec> sample_kinds() {
 }  // namespace
 
 TEST(threads_a_reorder_never_replaces_what_readers_read) {
-    for (const RuleSpec& spec : sample_kinds()) {
+    for (const RuleSpec& spec : every_kind()) {
         MemoryCache cache(small(), spec);
         feed(cache, 5, 1);
         const int64_t slots = cache.memory_slots();
@@ -113,7 +113,7 @@ TEST(threads_two_caches_whose_folds_call_each_other_do_not_deadlock) {
 }
 
 TEST(threads_mixing_mutations_and_reads) {
-    for (const RuleSpec& spec : sample_kinds()) {
+    for (const RuleSpec& spec : every_kind()) {
         MemoryCache cache(small(), spec);
         feed(cache, 6, 7);
         const Checkpoint cp = cache.checkpoint();
