@@ -227,7 +227,7 @@ class Merge final : public SlotRule {
         row[p] = kSelf;
         int64_t stale = 0;  // rows to scan again
         for (int64_t q = 0; q < n; ++q) {
-            const float was = cos[q * n + p], c = row[q], l = largest[q];
+            const float was = cos[p * n + q], c = row[q], l = largest[q];  // symmetric: row p is column p
             cos[q * n + p] = c;
             // Without branches: which entries grow a row's largest is a coin toss to the CPU.
             largest[q] = c >= l ? c : l;
