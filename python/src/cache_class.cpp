@@ -195,9 +195,11 @@ void bind_cache(py::module_& m) {
                 if (c.matrix_memory()) {
                     auto S = new_floats({g.batch_size, g.num_heads, g.head_dim, g.value_dim});
                     if (!c.matrix_normalized()) {
-                        ReleaseGil release;
-                        c.memory(S.mutable_data(), nullptr);
-                        return S;
+                        {
+                            ReleaseGil release;
+                            c.memory(S.mutable_data(), nullptr);
+                        }
+                        return S;  // with the GIL: returning takes a reference
                     }
                     auto z = new_floats({g.batch_size, g.num_heads, g.head_dim});
                     {
