@@ -204,6 +204,9 @@ def test_visible_into_caller_arrays_with_room_to_spare(rng):
     assert m2[:, :7].all() and not m2[:, 7:].any()
 
 
+SHARED = np.zeros(2 * 2 * 8 * 4, np.float32)
+
+
 @pytest.mark.parametrize(
     "out, error, words",
     [
@@ -212,6 +215,11 @@ def test_visible_into_caller_arrays_with_room_to_spare(rng):
         ((np.zeros((2, 2, 8, 4)), np.zeros((2, 2, 8, 3))), TypeError, ["float32"]),
         ((np.zeros((2, 8, 4), np.float32), np.zeros((2, 8, 3), np.float32)), ValueError, ["rows"]),
         (np.zeros((2, 2, 8, 4), np.float32), TypeError, ["tuple"]),
+        (  # the values would overwrite the keys
+            (SHARED.reshape(2, 2, 8, 4), SHARED[:96].reshape(2, 2, 8, 3)),
+            ValueError,
+            ["out", "separate arrays", "share memory"],
+        ),
     ],
 )
 def test_visible_out_errors(out, error, words, rng):

@@ -280,6 +280,16 @@ def test_bad_positions_change_nothing(rng):
         (lambda: cache.update(*one, positions=[8, 5]), ValueError, "positions: row 0 goes backwards, from 9 to 8"),
         (lambda: cache.update(*one, positions=[9, -1]), ValueError, "positions: expected integers >= 0, got -1"),
         (
+            lambda: cache.update(*one, positions=np.array([9, 2**64 - 1], np.uint64)),
+            ValueError,
+            "positions: expected integers up to 2\\^63 - 1, got 18446744073709551615",
+        ),
+        (
+            lambda: cache.update(*one, positions=[2**63, 2**63]),
+            ValueError,
+            "positions: expected integers up to 2\\^63 - 1, got 9223372036854775808",
+        ),
+        (
             lambda: cache.update(*one, positions=[9.0, 5.0]),
             TypeError,
             "positions: expected integers, got dtype float64",

@@ -2,6 +2,7 @@
 #include "cache_args.hpp"
 
 #include <algorithm>
+#include <cstdint>
 #include <string>
 #include <utility>
 #include <vector>
@@ -70,6 +71,13 @@ const int64_t* read_positions(const MemoryCache& c, const py::object& obj, const
     if (shape_of(a) != want)
         throw kvfold::ValueError("positions: expected shape " + shape_str(want) +
                                  (t.single ? " for one token" : " for a block") + ", got " + shape_str(shape_of(a)));
+    if (kind == 'u' && a.itemsize() == 8) {  // the cast to int64 would wrap the largest ones round
+        const auto u = py::array_t<uint64_t, py::array::c_style | py::array::forcecast>::ensure(a);
+        for (py::ssize_t i = 0; i < u.size(); ++i)
+            if (u.data()[i] > static_cast<uint64_t>(INT64_MAX))
+                throw kvfold::ValueError("positions: expected integers up to 2^63 - 1, got " +
+                                         std::to_string(u.data()[i]));
+    }
     keep = PositionArray::ensure(a);
     if (!keep) throw kvfold::TypeError("positions: expected integers that int64 holds");
     return keep.data();

@@ -274,6 +274,9 @@ void bind_cache(py::module_& m) {
                     }
                     float* kd = check_out(k, {g.batch_size, g.num_heads, rows, g.head_dim});
                     float* vd = check_out(v, {g.batch_size, g.num_heads, rows, g.value_dim});
+                    if (overlaps(k, v))
+                        throw kvfold::ValueError(
+                            "out: expected separate arrays for the keys and the values, got two that share memory");
                     py::array_t<bool> mask(std::vector<py::ssize_t>{g.batch_size, rows});
                     auto* md = reinterpret_cast<uint8_t*>(mask.mutable_data());
                     int64_t n;
