@@ -58,10 +58,11 @@ def parse(data):
     out["last_position"] = list(struct.unpack_from(f"<{out['batch_size']}q", data, at))
     at += 8 * out["batch_size"]
     lanes = out["batch_size"] * out["num_heads"]
-    out["lane_bytes"] = []
+    out["lane_bytes"], out["buffer_at"] = [], []
     for _ in range(take("I")):
         lane_bytes = take("Q")
         out["lane_bytes"].append(lane_bytes)
+        out["buffer_at"].append(at)  # lane 0's bytes, the other lanes' after them
         at += lane_bytes * lanes
     out["crc"] = take("I")
     assert at == len(data) == out["total"]
@@ -195,6 +196,74 @@ def test_bad_input_gets_a_precise_value_error(rng):
         assert message.startswith("data: invalid kvfold state: "), (name, message)
         for w in words:
             assert w in message, (name, w, message)
+
+
+def written(data, at, value):
+    """The state with `value` (bytes) at offset `at`, resealed as a writer would."""
+    return reseal(data[:at] + value + data[at + len(value) : -4])
+
+
+# A value no cache with check_finite=True stores, as each dtype stores it: the first value of a row
+# (int8: the scale of the row's first block, after its 32 codes).
+NOT_FINITE = {
+    "float32": (0, struct.pack("<f", float("nan"))),
+    "float16": (0, struct.pack("<H", 0x7C00)),
+    "bfloat16": (0, struct.pack("<H", 0x7FC0)),
+    "int8": (32, struct.pack("<f", float("inf"))),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_stored_nan_or_inf_is_refused_unless_check_finite_is_off(dtype, rng):
+    c = make(rules.Cumulative(), dtype=dtype)
+    feed(c, rng)
+    data = c.to_bytes()
+    f = parse(data)
+    offset, value = NOT_FINITE[dtype]
+    sink_key = f["buffer_at"][0] + offset
+    acc_k = f["buffer_at"][-2]  # float64 running sums: the key's, then the value's
+    for bad in (written(data, sink_key, value), written(data, acc_k, struct.pack("<d", float("-inf")))):
+        with pytest.raises(ValueError, match="invalid kvfold state: buffer [0-9]+ holds a NaN or an Inf, which a"):
+            kvfold.MemoryCache.from_bytes(bad)
+        check_finite_at = 24 + 8 * 8 + 1
+        assert bad[check_finite_at] == 1
+        lenient = kvfold.MemoryCache.from_bytes(written(bad, check_finite_at, b"\0"))
+        assert not lenient.check_finite
+
+
+@pytest.mark.parametrize(
+    "place, value, words",
+    [
+        ("count", 0.0, ["merge slot 0 counts 0 pairs, expected a whole number from 1 to 11"]),
+        ("count", float("nan"), ["merge slot 0 counts nan pairs"]),
+        ("count", -1.0, ["counts -1 pairs"]),
+        ("count", 1.5, ["counts 1.5 pairs"]),
+        ("count", 1e308, ["counts 1e+308 pairs"]),
+        ("count", "one more", ["the merge slots count 12 pairs, the lane has folded 11"]),
+        ("order", 9, ["merge slot 0 is in place 9, expected a place from 0 to 3 that no other slot holds"]),
+        ("order", 1, ["merge slot 1 is in place 1"]),  # slot 0 taken there
+    ],
+)
+def test_merge_slots_that_no_folds_could_leave_are_refused(place, value, words, rng):
+    c = make(rules.Merge(3), window=2, sinks=0, check_finite=False)  # no finite-value check to hide behind
+    feed(c, rng, T=13)  # 11 pairs folded into 3 slots per lane
+    data = c.to_bytes()
+    at = parse(data)["buffer_at"]
+    # sinks k, v (empty) and window k, v, then the sums of keys and values, the counts and the order
+    count, order = at[-2], at[-1]
+    slot0 = struct.unpack_from("<q", data, order)[0]
+    if value == "one more":
+        value = struct.unpack_from("<d", data, count + 8 * slot0)[0] + 1
+    bad = (
+        written(data, count + 8 * slot0, struct.pack("<d", value))
+        if place == "count"
+        else written(data, order, struct.pack("<q", value))
+    )
+    with pytest.raises(ValueError) as info:
+        kvfold.MemoryCache.from_bytes(bad)
+    assert str(info.value).startswith("data: invalid kvfold state: ")
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
 
 
 def test_every_truncation_and_every_byte_flip_is_caught(rng):

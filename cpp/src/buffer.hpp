@@ -8,6 +8,7 @@
 #include <new>
 #include <utility>
 
+#include "kvfold/kvfold.hpp"
 #include "platform.hpp"
 
 #if defined(__linux__)
@@ -21,6 +22,16 @@ constexpr size_t kHugePage = size_t(2) << 20;
 
 inline size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
 
+// What a buffer holds, for checking a state read from bytes: values that finite inputs keep finite
+// (rows of d values in a storage dtype, float32 or float64 numbers), or anything else.
+struct Holds {
+    enum Kind : uint8_t { other, rows, f32, f64 } kind = other;
+    DType dtype = DType::float32;  // of the rows
+    int64_t d = 0;                 // values per row
+};
+inline Holds rows_of(DType dtype, int64_t d) { return {Holds::rows, dtype, d}; }
+constexpr Holds kFloat32{Holds::f32}, kFloat64{Holds::f64};
+
 // Every buffer of a cache is a LaneBuffer: sized first (plan), allocated once (allocate), never
 // grown. Reset, copy, reorder and the state format treat all of them alike.
 class LaneBuffer {
@@ -30,7 +41,8 @@ class LaneBuffer {
     LaneBuffer& operator=(const LaneBuffer&) = delete;
     ~LaneBuffer() { aligned_free(data_); }
 
-    void plan(int64_t lanes, size_t bytes_per_lane) {
+    void plan(int64_t lanes, size_t bytes_per_lane, Holds holds = {}) {
+        holds_ = holds;
         lanes_ = lanes;
         lane_bytes_ = bytes_per_lane;
         stride_ = bytes_per_lane ? round_up(bytes_per_lane, kAlign) : 0;
@@ -66,6 +78,7 @@ class LaneBuffer {
     int64_t lanes() const { return lanes_; }
     size_t stride() const { return stride_; }
     size_t lane_bytes() const { return lane_bytes_; }  // without the alignment padding
+    Holds holds() const { return holds_; }
     size_t bytes() const { return data_ ? planned_bytes() : 0; }
     uint8_t* data() { return data_; }
     const uint8_t* data() const { return data_; }
@@ -90,6 +103,7 @@ class LaneBuffer {
         std::swap(lanes_, o.lanes_);
         std::swap(lane_bytes_, o.lane_bytes_);
         std::swap(stride_, o.stride_);
+        std::swap(holds_, o.holds_);
     }
 
    private:
@@ -97,6 +111,7 @@ class LaneBuffer {
     int64_t lanes_ = 0;
     size_t lane_bytes_ = 0;
     size_t stride_ = 0;
+    Holds holds_;
 };
 
 }  // namespace kvfold

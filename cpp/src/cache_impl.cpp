@@ -57,15 +57,15 @@ MemoryCache::Impl::Impl(const Config& c, const RuleSpec& s) : cfg(c), spec(s) {
     memory_slots = slots ? slots->max_slots() : 0;
     normalized = matrix && matrix->normalized();
     const size_t kb = row_bytes(c.dtype, c.head_dim), vb = row_bytes(c.dtype, c.value_dim);
-    sink_k.plan(lanes, kb * c.sinks);
-    sink_v.plan(lanes, vb * c.sinks);
-    win_k.plan(lanes, kb * c.window);
-    win_v.plan(lanes, vb * c.window);
+    sink_k.plan(lanes, kb * c.sinks, rows_of(c.dtype, c.head_dim));
+    sink_v.plan(lanes, vb * c.sinks, rows_of(c.dtype, c.value_dim));
+    win_k.plan(lanes, kb * c.window, rows_of(c.dtype, c.head_dim));
+    win_v.plan(lanes, vb * c.window, rows_of(c.dtype, c.value_dim));
     if (matrix && (matrix->takes_decay() || matrix->takes_beta()))
         gate_stride = 2 + (matrix->takes_decay() ? c.head_dim : 0);
-    win_gates.plan(lanes, sizeof(float) * c.window * gate_stride);
+    win_gates.plan(lanes, sizeof(float) * c.window * gate_stride, kFloat32);
     win_pos.plan(lanes, rope.on() ? sizeof(int64_t) * c.window : 0);
-    win_score.plan(lanes, retain != Retain::fifo ? sizeof(float) * c.window : 0);
+    win_score.plan(lanes, retain != Retain::fifo ? sizeof(float) * c.window : 0, kFloat32);
     win_order.plan(lanes, retain != Retain::fifo ? sizeof(int64_t) * c.window : 0);
 
     const size_t need = planned_bytes();

@@ -32,9 +32,14 @@
 // first, then every count against the bytes that remain, before anything is allocated.
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstring>
+#include <string>
+#include <vector>
 
+#include "attention.hpp"
 #include "cache_impl.hpp"
+#include "kernels/kernels.hpp"
 #include "retention.hpp"
 
 namespace kvfold {
@@ -130,6 +135,31 @@ template <class Buffer>
 std::vector<Buffer*> saved(std::vector<Buffer*> all, const Rule& rule) {
     all.erase(std::remove_if(all.begin(), all.end(), [&](const LaneBuffer* b) { return rule.derived(b); }), all.end());
     return all;
+}
+
+// Whether the values of a buffer that finite inputs keep finite (Holds) are all finite.
+bool holds_finite(const LaneBuffer& b) {
+    Holds h = b.holds();
+    if (h.kind == Holds::rows && h.dtype == DType::float32) h.kind = Holds::f32;  // no conversion needed
+    const Kernels& K = kernels();
+    std::vector<float> row(static_cast<size_t>(h.kind == Holds::rows ? h.d : 0));
+    for (int64_t lane = 0; lane < b.lanes(); ++lane) {
+        const uint8_t* p = b.lane(lane);
+        const size_t n = b.lane_bytes();
+        if (h.kind == Holds::f32 && !K.all_finite(reinterpret_cast<const float*>(p), n / sizeof(float))) return false;
+        if (h.kind == Holds::f64)
+            for (size_t i = 0; i < n; i += sizeof(double)) {
+                double x;
+                std::memcpy(&x, p + i, sizeof x);
+                if (!std::isfinite(x)) return false;
+            }
+        if (h.kind == Holds::rows)
+            for (size_t at = 0, step = row_bytes(h.dtype, h.d); step && at + step <= n; at += step) {
+                load_row(row.data(), p + at, h.d, h.dtype);
+                if (!K.all_finite(row.data(), h.d)) return false;
+            }
+    }
+    return true;
 }
 
 }  // namespace
@@ -340,6 +370,14 @@ std::unique_ptr<MemoryCache> MemoryCache::from_bytes(const void* data, size_t si
             std::memcpy(b->lane(lane), r.take(lane_bytes, "buffer"), lane_bytes);
     }
     if (r.left()) Reader::fail(std::to_string(r.left()) + " unexpected bytes after the last buffer");
+    for (size_t i = 0; g.check_finite && i < bufs.size(); ++i)
+        if (!holds_finite(*bufs[i]))
+            Reader::fail("buffer " + std::to_string(i) +
+                         " holds a NaN or an Inf, which a cache with check_finite=True never stores");
+    for (int64_t lane = 0; lane < impl->lanes; ++lane) {
+        const std::string wrong = impl->rule->check_loaded(lane, impl->folded(impl->length[lane / g.num_heads]));
+        if (!wrong.empty()) Reader::fail(wrong);
+    }
     for (int64_t lane = 0; lane < impl->lanes; ++lane) impl->rule->rebuild(lane);
     try {
         check_window_order(*impl);

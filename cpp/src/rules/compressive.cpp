@@ -15,9 +15,9 @@ class Compressive final : public SlotRule {
         Rule::plan(d);
         plan_slots(slots_);
         if (!max_) {  // the open pair's running sum
-            add_buffer(sum_k_, sizeof(double) * d.dk);
-            add_buffer(sum_v_, sizeof(double) * d.dv);
-            if (keeps_positions()) add_buffer(sum_p_, sizeof(double));
+            add_buffer(sum_k_, sizeof(double) * d.dk, kFloat64);
+            add_buffer(sum_v_, sizeof(double) * d.dv, kFloat64);
+            if (keeps_positions()) add_buffer(sum_p_, sizeof(double), kFloat64);
         }
     }
     void fold(int64_t lane, const float* k, const float* v, int64_t count, int64_t position) override {

@@ -62,7 +62,7 @@ class LinearAttention final : public MatrixRule {
 
     void plan(const Dims& d) override {
         Rule::plan(d);
-        add_buffer(S_, sizeof(float) * d.dk * d.dv);
+        add_buffer(S_, sizeof(float) * d.dk * d.dv);  // unchecked on load: finite pairs may sum past float32
         if (normalize_) add_buffer(z_, sizeof(float) * d.dk);
         if (has_decay_) plan_decay(d);
         if (has_beta_) {

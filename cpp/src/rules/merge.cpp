@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "../attention.hpp"
+#include "../cache_checks.hpp"
 #include "../kernels/kernels.hpp"
 #include "../platform.hpp"
 #include "../rule.hpp"
@@ -41,11 +42,11 @@ class Merge final : public SlotRule {
         Rule::plan(d);
         plan_slots(slots_);
         const size_t n = static_cast<size_t>(slots_ + 1);  // the slots and the pair just folded
-        add_buffer(sum_k_, sizeof(double) * n * d.dk);
-        add_buffer(sum_v_, sizeof(double) * n * d.dv);
-        add_buffer(count_, sizeof(double) * n);
+        add_buffer(sum_k_, sizeof(double) * n * d.dk, kFloat64);
+        add_buffer(sum_v_, sizeof(double) * n * d.dv, kFloat64);
+        add_buffer(count_, sizeof(double) * n, kFloat64);
         add_buffer(order_, sizeof(int64_t) * n);  // slot index -> place
-        if (keeps_positions()) add_buffer(sum_p_, sizeof(double) * n);
+        if (keeps_positions()) add_buffer(sum_p_, sizeof(double) * n, kFloat64);
         derive_slots();
         add_derived_buffer(bias_, sizeof(float) * slots_);
         add_derived_buffer(unit_, sizeof(uint16_t) * n * d.dk);  // Sk / |Sk| of each place (0 for a zero key)
@@ -77,6 +78,30 @@ class Merge final : public SlotRule {
         const bool merging = count[slots_] > 0;
         for (int64_t p = 0; p <= slots_; ++p)
             if (merging ? p != order[slots_] : p < slots_ && count[p] > 0) write_slot(lane, p);
+    }
+
+    // The live slots sit in distinct places and count whole numbers of pairs, the folded pairs in all.
+    std::string check_loaded(int64_t lane, int64_t folded) const override {
+        const int64_t* order = order_.lane<int64_t>(lane);
+        const double* count = count_.lane<double>(lane);
+        std::vector<bool> taken(static_cast<size_t>(slots_ + 1));
+        double pairs = 0;
+        for (int64_t s = 0; s < std::min(folded, slots_); ++s) {
+            const int64_t p = order[s];
+            if (p < 0 || p > slots_ || taken[p])
+                return "merge slot " + std::to_string(s) + " is in place " + std::to_string(p) +
+                       ", expected a place from 0 to " + std::to_string(slots_) + " that no other slot holds";
+            taken[p] = true;
+            const double n = count[p];
+            if (!(n >= 1 && n <= static_cast<double>(folded) && n == std::floor(n)))
+                return "merge slot " + std::to_string(s) + " counts " + number_str(n) +
+                       " pairs, expected a whole number from 1 to " + std::to_string(folded);
+            pairs += n;
+        }
+        if (std::fabs(pairs - static_cast<double>(folded)) > std::ldexp(static_cast<double>(folded), -50))
+            return "the merge slots count " + number_str(pairs) + " pairs, the lane has folded " +
+                   std::to_string(folded);
+        return {};
     }
 
     void fold(int64_t lane, const float* k, const float* v, int64_t count, int64_t position) override {

@@ -14,13 +14,13 @@ class Moving final : public SlotRule {
     void plan(const Dims& d) override {
         Rule::plan(d);
         plan_slots(1);
-        add_buffer(ring_k_, sizeof(float) * n_ * d.dk);
-        add_buffer(ring_v_, sizeof(float) * n_ * d.dv);
-        add_buffer(sum_k_, sizeof(double) * d.dk);
-        add_buffer(sum_v_, sizeof(double) * d.dv);
+        add_buffer(ring_k_, sizeof(float) * n_ * d.dk, kFloat32);
+        add_buffer(ring_v_, sizeof(float) * n_ * d.dv, kFloat32);
+        add_buffer(sum_k_, sizeof(double) * d.dk, kFloat64);
+        add_buffer(sum_v_, sizeof(double) * d.dv, kFloat64);
         if (keeps_positions()) {
             add_buffer(ring_p_, sizeof(int64_t) * n_);
-            add_buffer(sum_p_, sizeof(double));
+            add_buffer(sum_p_, sizeof(double), kFloat64);
         }
     }
     void fold(int64_t lane, const float* k, const float* v, int64_t count, int64_t position) override {

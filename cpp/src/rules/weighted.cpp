@@ -20,8 +20,8 @@ class Weighted final : public SlotRule {
     void plan(const Dims& d) override {
         Rule::plan(d);
         plan_slots(1);
-        add_buffer(ring_k_, sizeof(float) * n() * d.dk);
-        add_buffer(ring_v_, sizeof(float) * n() * d.dv);
+        add_buffer(ring_k_, sizeof(float) * n() * d.dk, kFloat32);
+        add_buffer(ring_v_, sizeof(float) * n() * d.dv, kFloat32);
         if (keeps_positions()) add_buffer(ring_p_, sizeof(int64_t) * n());
     }
     void fold(int64_t lane, const float* k, const float* v, int64_t count, int64_t position) override {
