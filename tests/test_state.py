@@ -53,6 +53,7 @@ def parse(data):
         at += 8 * n
     out["arrays"] = arrays
     out["options"] = {text(): text() for _ in range(take("I"))}
+    out["length_at"] = at
     out["length"] = list(struct.unpack_from(f"<{out['batch_size']}q", data, at))
     at += 8 * out["batch_size"]
     out["last_position"] = list(struct.unpack_from(f"<{out['batch_size']}q", data, at))
@@ -242,6 +243,7 @@ def test_a_stored_nan_or_inf_is_refused_unless_check_finite_is_off(dtype, rng):
         ("count", "one more", ["the merge slots count 12 pairs, the lane has folded 11"]),
         ("order", 9, ["merge slot 0 is in place 9, expected a place from 0 to 3 that no other slot holds"]),
         ("order", 1, ["merge slot 1 is in place 1"]),  # slot 0 taken there
+        ("free place", "slot 0's", ["merge slot 3 is in place", "that no other slot holds"]),
     ],
 )
 def test_merge_slots_that_no_folds_could_leave_are_refused(place, value, words, rng):
@@ -254,16 +256,30 @@ def test_merge_slots_that_no_folds_could_leave_are_refused(place, value, words, 
     slot0 = struct.unpack_from("<q", data, order)[0]
     if value == "one more":
         value = struct.unpack_from("<d", data, count + 8 * slot0)[0] + 1
-    bad = (
-        written(data, count + 8 * slot0, struct.pack("<d", value))
-        if place == "count"
-        else written(data, order, struct.pack("<q", value))
-    )
+    if place == "count":
+        bad = written(data, count + 8 * slot0, struct.pack("<d", value))
+    elif place == "order":
+        bad = written(data, order, struct.pack("<q", value))
+    else:  # the place the next pair takes is one a slot holds
+        bad = written(data, order + 8 * 3, struct.pack("<q", slot0))
     with pytest.raises(ValueError) as info:
         kvfold.MemoryCache.from_bytes(bad)
     assert str(info.value).startswith("data: invalid kvfold state: ")
     for w in words:
         assert w in str(info.value), (w, str(info.value))
+
+
+def test_a_row_at_the_longest_length_refuses_more_tokens_and_still_saves(rng):
+    c = make(rules.Cumulative())
+    feed(c, rng)
+    data = c.to_bytes()
+    longest = written(data, parse(data)["length_at"], struct.pack("<q", 2**62))
+    full = kvfold.MemoryCache.from_bytes(longest)
+    assert full.length.tolist() == [2**62, 11]
+    k, v, _ = tokens(full.rule, rng, 2, 2, 1)
+    with pytest.raises(ValueError, match=r"k: expected at most 0 tokens \(a row holds at most 2\^62, row 0 has"):
+        full.update(k, v)
+    assert full.to_bytes() == longest
 
 
 def test_every_truncation_and_every_byte_flip_is_caught(rng):

@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "cache_checks.hpp"
 #include "cache_impl.hpp"
 
 namespace kvfold {
@@ -98,15 +99,6 @@ std::pair<std::string, std::string> difference(const Shape& a, const Shape& b, b
         if (it.x != it.y) return {field(it.name, it.x), field(it.name, it.y)};
     if (!same_rule(a.spec, b.spec)) return {field("rule", describe_rule(a.spec)), field("rule", describe_rule(b.spec))};
     return {};
-}
-
-void check_rows(const char* name, const int64_t* rows, int64_t count, int64_t batch, bool allow_empty) {
-    if (count < 0 || (count == 0 && !allow_empty))
-        throw ValueError(std::string(name) + ": expected at least one row index, got none");
-    for (int64_t i = 0; i < count; ++i)
-        if (rows[i] < 0 || rows[i] >= batch)
-            throw ValueError(std::string(name) + ": expected row indices in [0, " + std::to_string(batch) + "), got " +
-                             std::to_string(rows[i]) + " at position " + std::to_string(i));
 }
 
 // A new state of `count` rows gathered from c; checks the size before allocating.

@@ -234,11 +234,8 @@ void MemoryCache::reset() {
 void MemoryCache::reset_rows(const int64_t* rows, int64_t count) {
     SettledLock lock(impl());
     Impl& c = impl();
-    const int64_t B = c.cfg.batch_size, H = c.cfg.num_heads;
-    for (int64_t i = 0; i < count; ++i)
-        if (rows[i] < 0 || rows[i] >= B)
-            throw ValueError("rows: expected row indices in [0, " + std::to_string(B) + "), got " +
-                             std::to_string(rows[i]) + " at position " + std::to_string(i));
+    const int64_t H = c.cfg.num_heads;
+    check_rows("rows", rows, count, c.cfg.batch_size, true);
     for (int64_t i = 0; i < count; ++i) {
         for (LaneBuffer* buf : c.buffers())
             for (int64_t h = 0; h < H; ++h) buf->zero_lane(rows[i] * H + h);

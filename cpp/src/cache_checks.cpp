@@ -56,16 +56,20 @@ std::string index_str(int64_t i, const std::vector<int64_t>& shape) {
     return shape_str(index);
 }
 
-int64_t count(const std::vector<int64_t>& shape) {
+// The values of an array of `shape`; a shape whose count int64 cannot hold is no array's.
+int64_t count(const char* name, const std::vector<int64_t>& shape) {
     int64_t n = 1;
-    for (int64_t d : shape) n *= d;
+    for (int64_t d : shape)
+        if (mul_overflow(n, d, &n))
+            throw ValueError(std::string(name) + ": an array of shape " + shape_str(shape) +
+                             " has more values than int64 counts");
     return n;
 }
 
 }  // namespace
 
 void check_finite(const char* name, const float* x, const std::vector<int64_t>& shape) {
-    if (all_finite(x, count(shape))) return;
+    if (all_finite(x, count(name, shape))) return;
     int64_t i = 0;
     while (std::isfinite(x[i])) ++i;
     throw ValueError(std::string(name) + ": expected finite values, got " + (std::isnan(x[i]) ? "NaN" : "Inf") +
@@ -77,7 +81,7 @@ namespace {
 // Finite values in [lo, hi]: gates whose meaning has a range.
 void check_within(const char* name, const float* x, const std::vector<int64_t>& shape, float lo, float hi,
                   const char* why) {
-    const int64_t n = count(shape);
+    const int64_t n = count(name, shape);
     for (int64_t i = 0; i < n; ++i)
         if (!(x[i] >= lo && x[i] <= hi))
             throw ValueError(std::string(name) + ": expected values in [" + number_str(lo) + ", " + number_str(hi) +
@@ -90,7 +94,7 @@ void check_within(const char* name, const float* x, const std::vector<int64_t>& 
 void check_storable(const char* name, const float* x, const std::vector<int64_t>& shape, DType dtype) {
     if (dtype == DType::float32 || dtype == DType::int8) return;
     const uint32_t limit = dtype == DType::float16 ? 0x477FF000u : 0x7F7F8000u;  // 65520.0f, bf16 halfway to Inf
-    const int64_t n = count(shape);
+    const int64_t n = count(name, shape);
     // Each piece is first asked whether any magnitude reaches the limit, by a signed compare (the
     // magnitude's bits are below 2^31) and an or: a loop that vectorizes with SSE2 alone.
     constexpr int64_t kPiece = 4096;
@@ -156,13 +160,30 @@ void check_gates(const MemoryCache::Impl& c, const TokenGates& gates, int64_t T)
 
 }  // namespace
 
+void check_rows(const char* name, const int64_t* rows, int64_t count, int64_t batch, bool allow_empty) {
+    if (count < 0)
+        throw ValueError(std::string(name) + ": expected a count of rows >= 0, got " + std::to_string(count));
+    if (count == 0 && !allow_empty) throw ValueError(std::string(name) + ": expected at least one row index, got none");
+    for (int64_t i = 0; i < count; ++i)
+        if (rows[i] < 0 || rows[i] >= batch)
+            throw ValueError(std::string(name) + ": expected row indices in [0, " + std::to_string(batch) + "), got " +
+                             std::to_string(rows[i]) + " at position " + std::to_string(i));
+}
+
 // Validates a block of tokens before anything changes.
 void check_tokens(const MemoryCache::Impl& c, const float* k, const float* v, int64_t T, const TokenGates& gates,
                   bool values) {
     if (T < 1) throw ValueError("k: expected at least one token (T >= 1), got T=" + std::to_string(T));
+    for (int64_t b = 0; b < c.cfg.batch_size; ++b)
+        if (T > MemoryCache::Impl::kMaxLength - c.length[b])
+            throw ValueError("k: expected at most " + std::to_string(MemoryCache::Impl::kMaxLength - c.length[b]) +
+                             " tokens (a row holds at most 2^62, row " + std::to_string(b) + " has " +
+                             std::to_string(c.length[b]) + "), got T=" + std::to_string(T));
+    const Config& g = c.cfg;
+    count("k", {g.batch_size, g.num_heads, T, g.head_dim});  // shapes int64 counts: no index overflows
+    count("v", {g.batch_size, g.num_heads, T, g.value_dim});
     check_gates(c, gates, T);
     if (!c.cfg.check_finite || !values) return;
-    const Config& g = c.cfg;
     check_finite("k", k, {g.batch_size, g.num_heads, T, g.head_dim});
     check_finite("v", v, {g.batch_size, g.num_heads, T, g.value_dim});
     check_storable("k", k, {g.batch_size, g.num_heads, T, g.head_dim}, g.dtype);
@@ -170,8 +191,9 @@ void check_tokens(const MemoryCache::Impl& c, const float* k, const float* v, in
 }
 
 void check_queries(const MemoryCache::Impl& c, const float* q, int64_t T) {
-    if (!c.cfg.check_finite) return;
     const Config& g = c.cfg;
+    count("q", {g.batch_size, g.num_query_heads, std::max<int64_t>(T, 1), g.head_dim});
+    if (!c.cfg.check_finite) return;
     if (T == 0)
         check_finite("q", q, {g.batch_size, g.num_query_heads, g.head_dim});
     else

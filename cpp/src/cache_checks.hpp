@@ -13,6 +13,8 @@ namespace kvfold {
 std::string number_str(double x);
 std::string describe(const Config& c);
 void check_range(const char* name, int64_t value, int64_t lo, int64_t hi);
+// Row indices in [0, batch), `count` of them (none only when allow_empty).
+void check_rows(const char* name, const int64_t* rows, int64_t count, int64_t batch, bool allow_empty);
 // Finite values (NaN or Inf named by their index in `shape`).
 void check_finite(const char* name, const float* x, const std::vector<int64_t>& shape);
 

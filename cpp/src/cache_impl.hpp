@@ -67,6 +67,9 @@ struct MemoryCache::Impl {
     std::vector<LaneBuffer*> buffers();
     std::vector<const LaneBuffer*> buffers() const;
 
+    // Tokens a row holds at most (far from overflow): the state format refuses longer rows.
+    static constexpr int64_t kMaxLength = int64_t(1) << 62;
+
     // Where a row's tokens sit, from its length.
     int64_t sinks_held(int64_t len) const { return len < cfg.sinks ? len : cfg.sinks; }
     int64_t window_held(int64_t len) const {

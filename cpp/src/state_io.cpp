@@ -49,7 +49,6 @@ constexpr char kMagic[8] = {'K', 'V', 'F', 'O', 'L', 'D', '\r', '\n'};
 constexpr uint32_t kFormatVersion = 3;
 constexpr uint32_t kMaxName = 1 << 12;
 constexpr size_t kHeader = MemoryCache::kStateHeader;  // magic, version, flags, total size
-constexpr int64_t kMaxLength = int64_t(1) << 62;       // tokens per row; far from overflow
 
 bool little_endian_host() {
     const uint16_t one = 1;
@@ -305,7 +304,8 @@ std::unique_ptr<MemoryCache> MemoryCache::from_bytes(const void* data, size_t si
             count *= static_cast<size_t>(n);
         }
         a.data.resize(count);
-        std::memcpy(a.data.data(), r.take(sizeof(double) * count, "rule array values"), sizeof(double) * count);
+        const uint8_t* values = r.take(sizeof(double) * count, "rule array values");
+        if (count) std::memcpy(a.data.data(), values, sizeof(double) * count);  // an empty vector's data may be null
         spec.arrays[name] = std::move(a);
     }
     uint32_t options = r.get<uint32_t>("rule option count");
@@ -321,7 +321,7 @@ std::unique_ptr<MemoryCache> MemoryCache::from_bytes(const void* data, size_t si
     std::vector<int64_t> length(static_cast<size_t>(g.batch_size));
     std::memcpy(length.data(), r.take(sizeof(int64_t) * length.size(), "lengths"), sizeof(int64_t) * length.size());
     for (size_t b = 0; b < length.size(); ++b)
-        if (length[b] < 0 || length[b] > kMaxLength)
+        if (length[b] < 0 || length[b] > Impl::kMaxLength)
             Reader::fail("length of row " + std::to_string(b) + " is " + std::to_string(length[b]) +
                          ", expected 0 to 2^62");
 
@@ -343,7 +343,8 @@ std::unique_ptr<MemoryCache> MemoryCache::from_bytes(const void* data, size_t si
     } catch (const ValueError& e) {
         Reader::fail(std::string("the stored configuration is invalid: ") + e.what());
     }
-    // Every state byte is in the data, so what is allocated is bounded by the input size.
+    // Every state byte is in the data, so the state allocated is bounded by the input size (what a rule
+    // derives from it, such as Merge's slots x slots cosines, only by the memory limit, as for any cache).
     size_t state = 0;
     for (const LaneBuffer* b : saved(impl->buffers(), *impl->rule)) {
         size_t n;

@@ -210,6 +210,37 @@ TEST(from_bytes_rejects_bad_headers) {
     CHECK(reseal(body) == s);
 }
 
+TEST(a_token_count_past_a_rows_limit_or_an_arrays_count_is_refused) {
+    MemoryCache c(config(2), spec("cumulative"));
+    Tokens t(3, 5);
+    t.feed(c, {0, 1});
+    const std::string before = c.to_bytes();
+    // never read: the count is refused first
+    CHECK_THROWS(c.update(t.k.data(), t.v.data(), int64_t(1) << 62), kvfold::ValueError);  // a row holds 2^62
+    CHECK_THROWS(c.update(t.k.data(), t.v.data(), int64_t(1) << 61), kvfold::ValueError);  // B H T d_k > 2^63
+    std::vector<float> out(1);
+    CHECK_THROWS(c.forward(t.k.data(), t.k.data(), t.v.data(), int64_t(1) << 61, out.data()), kvfold::ValueError);
+    const int64_t rows[] = {0};
+    CHECK_THROWS(c.reset_rows(rows, -1), kvfold::ValueError);
+    CHECK(c.to_bytes() == before);
+}
+
+TEST(a_stored_rule_array_may_be_empty_and_is_then_refused_by_the_rule) {
+    MemoryCache c(config(1), spec("weighted", {{"betas", {0.5, 0.0, 2.0}}}));
+    std::string body = c.to_bytes();
+    body.resize(body.size() - 4);
+    // the header (116 bytes), the kind "weighted", one array: its name "betas", rank 1, then its shape
+    const size_t shape_at = 116 + 4 + 8 + 4 + 4 + 5 + 4;
+    int64_t three;
+    std::memcpy(&three, &body[shape_at], 8);
+    REQUIRE(three == 3);
+    const int64_t zero = 0;
+    std::memcpy(&body[shape_at], &zero, 8);
+    body.erase(shape_at + 8, 3 * sizeof(double));
+    const std::string empty = reseal(body);
+    CHECK_THROWS(MemoryCache::from_bytes(empty.data(), empty.size()), kvfold::ValueError);
+}
+
 TEST(from_bytes_fuzz) {
     // Mutations of valid states, resealed half of the time so they get past the CRC: each either
     // loads and then writes back the same bytes, or is a ValueError.
@@ -249,6 +280,14 @@ TEST(from_bytes_fuzz) {
             std::vector<float> q(c->config().batch_size * c->config().num_query_heads * c->config().head_dim, 0.5f);
             std::vector<float> out(c->config().batch_size * c->config().num_query_heads * c->config().value_dim);
             c->attend(q.data(), out.data());
+            // and folds on without reading or writing out of bounds (or refuses, unchanged)
+            const Config& g = c->config();
+            std::vector<float> k(g.batch_size * g.num_heads * g.head_dim, 0.25f);
+            std::vector<float> v(g.batch_size * g.num_heads * g.value_dim, -0.5f);
+            try {
+                for (int step = 0; step < 3; ++step) c->step(q.data(), k.data(), v.data(), out.data());
+            } catch (const kvfold::ValueError&) {
+            }
             ++loaded;
         } catch (const kvfold::ValueError&) {
         }

@@ -80,19 +80,22 @@ class Merge final : public SlotRule {
             if (merging ? p != order[slots_] : p < slots_ && count[p] > 0) write_slot(lane, p);
     }
 
-    // The live slots sit in distinct places and count whole numbers of pairs, the folded pairs in all.
+    // The places given out so far are distinct (all of them, the free one too, from the first merge
+    // on), and the live slots count whole numbers of pairs, the folded pairs in all.
     std::string check_loaded(int64_t lane, int64_t folded) const override {
         const int64_t* order = order_.lane<int64_t>(lane);
         const double* count = count_.lane<double>(lane);
         std::vector<bool> taken(static_cast<size_t>(slots_ + 1));
-        double pairs = 0;
-        for (int64_t s = 0; s < std::min(folded, slots_); ++s) {
+        for (int64_t s = 0; s < (folded > slots_ ? slots_ + 1 : folded); ++s) {
             const int64_t p = order[s];
             if (p < 0 || p > slots_ || taken[p])
                 return "merge slot " + std::to_string(s) + " is in place " + std::to_string(p) +
                        ", expected a place from 0 to " + std::to_string(slots_) + " that no other slot holds";
             taken[p] = true;
-            const double n = count[p];
+        }
+        double pairs = 0;
+        for (int64_t s = 0; s < std::min(folded, slots_); ++s) {
+            const double n = count[order[s]];
             if (!(n >= 1 && n <= static_cast<double>(folded) && n == std::floor(n)))
                 return "merge slot " + std::to_string(s) + " counts " + number_str(n) +
                        " pairs, expected a whole number from 1 to " + std::to_string(folded);
