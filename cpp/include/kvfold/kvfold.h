@@ -141,9 +141,10 @@ KVFOLD_API const char* kvfold_last_error(const kvfold_cache* cache);
 KVFOLD_API const char* kvfold_status_name(int status);
 /* The library version, e.g. "0.1.0". */
 KVFOLD_API const char* kvfold_version(void);
-/* The kernels chosen at load time: "scalar", "avx2", "avx512" or "neon". */
+/* The kernels in use: "scalar", "avx2", "avx512", "avx512bf16" or "neon". */
 KVFOLD_API const char* kvfold_simd_backend(void);
-/* Caps the kernels (as the environment variable KVFOLD_SIMD does at load time). */
+/* Caps the kernels at one of those names (as the environment variable KVFOLD_SIMD does at load
+   time); "" restores the choice made without a cap. */
 KVFOLD_API kvfold_status kvfold_set_simd_backend(const char* name);
 /* Threads a call may use, the caller included: n in [1, 1024]. Results do not depend on it. */
 KVFOLD_API kvfold_status kvfold_set_num_threads(int64_t n);
