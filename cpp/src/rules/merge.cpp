@@ -148,12 +148,6 @@ class Merge final : public SlotRule {
         int64_t* order = order_.lane<int64_t>(lane);
         const int64_t s = count < slots_ ? count : slots_;  // the new slot's index
         if (count <= slots_) order[s] = s;                  // filling up: slot i in place i
-        for (int64_t i = 0; i <= s; ++i) {  // a state read from bytes is checked for its sizes, not its meaning:
-            if (order[i] < 0 || order[i] > slots_) {  // never index by a bad place
-                reset_order(order);
-                return {};
-            }
-        }
         const int64_t p = order[s];
         double* sk = sum_k_.lane<double>(lane) + p * dk;
         double* sv = sum_v_.lane<double>(lane) + p * dv;
@@ -223,12 +217,6 @@ class Merge final : public SlotRule {
 
     static void add(double* x, const double* y, int64_t d) {
         for (int64_t i = 0; i < d; ++i) x[i] += y[i];
-    }
-
-    // Places out of range come only from a damaged or hand-made state; start its places over as the
-    // identity (its slots mean nothing then, but nothing is read out of bounds).
-    void reset_order(int64_t* order) const {
-        for (int64_t i = 0; i <= slots_; ++i) order[i] = i;
     }
 
     // Place p's key direction and squared norm from its sums, and its cosines with every place (stale
