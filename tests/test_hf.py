@@ -195,7 +195,7 @@ def test_storage_dtypes(model, ids):
 def test_bad_arguments():
     with pytest.raises(TypeError, match="rule: expected a kvfold.rules rule"):
         FoldCache("cumulative")
-    with pytest.raises(ValueError, match="window: expected an integer >= 0, got -1"):
+    with pytest.raises(ValueError, match="window: expected an integer in \\[0, 4294967296\\], got -1"):
         FoldCache(window=-1)
     with pytest.raises(TypeError, match="sinks: expected an integer"):
         FoldCache(sinks=2.5)

@@ -218,3 +218,57 @@ def _fed(model, ids):
     cache = FoldCache(rules.Merge(3), window=4)
     run(model, ids, cache, 3)
     return cache
+
+
+def test_padding_or_a_shorter_model_window_is_refused_not_ignored(model, ids):
+    """kvfold's attention reads no mask: a padded batch, or a model whose own sliding window is shorter than
+    the cache's, would be attended wrongly, so it is refused, and the cache stays as it was."""
+    mask = torch.ones_like(ids[:, :8])
+    mask[0, :3] = 0  # row 0 left-padded
+    cache = FoldCache(window=64)
+    with torch.no_grad(), pytest.raises(ValueError, match="attention_mask: kvfold's attention takes the causal"):
+        model(ids[:, :8], attention_mask=mask, cache=cache)
+    assert cache.get_seq_length() == 0 and all(layer._block is None for layer in cache.layers)
+    close(run(model, ids, cache, 5), run(model, ids, DynamicCache(), 5))  # then unpadded, as a fresh cache
+    mistral = tiny("Mistral")
+    mistral.config.sliding_window = 5
+    with pytest.raises(ValueError, match="window=8 is longer than the model's sliding window of 5 tokens"):
+        run(mistral, ids, FoldCache(window=8), 4)
+    # a window within the model's: each token reads its last 5 pairs, as the model does
+    close(run(mistral, ids, FoldCache(window=5), 4), run(mistral, ids, DynamicCache(), 4))
+
+
+def test_a_reset_cache_is_a_fresh_one(model, ids):
+    prompt = ids[:1, :9]
+    kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    cache = FoldCache(rules.Cumulative(), window=4)
+    model.generate(prompt, cache=cache, num_beams=3, **kw)  # three rows
+    cache.reset()
+    assert torch.equal(
+        model.generate(prompt, cache=cache, **kw),
+        model.generate(prompt, cache=FoldCache(rules.Cumulative(), window=4), **kw),
+    )
+
+
+def test_recording_keeps_what_a_crop_can_reach_and_no_more(model, ids):
+    cache = FoldCache(rules.Cumulative(), window=4, sinks=1)
+    cache.activate_past_recording(recurrent_states_to_keep=3)  # as transformers asks for assisted decoding
+    run(model, ids, cache, 1)
+    assert max(len(layer._history) for layer in cache.layers) <= 4  # not one per token fed
+    with pytest.raises(ValueError, match="crop: cannot remove 5 of 29 tokens"):
+        cache.crop(-5)
+    cache.crop(-3)
+    replay = FoldCache(rules.Cumulative(), window=4, sinks=1)
+    run(model, ids[:, :26], replay, 1)
+    close(run(model, ids[:, 26:], cache, 1), run(model, ids[:, 26:], replay, 1), atol=1e-5)
+
+
+def test_a_rule_the_memory_refuses_leaves_the_cache_as_before(ids):
+    model = tiny()
+    cache = FoldCache(rules.Custom(lambda mk, mv, k, v, n: (mk, mv)), window=2, retain="tova")
+    for _ in range(2):  # the same clear error each time, nothing half made
+        with torch.no_grad(), pytest.raises(ValueError, match="retain: 'tova' chooses which pair"):
+            model(ids[:, :4], cache=cache)
+        assert cache.get_seq_length() == 0 and all(layer._block is None for layer in cache.layers)
+    with pytest.raises(ValueError, match=r"window: expected an integer in \[0, 4294967296\], got 1099511627776"):
+        FoldCache(window=2**40)

@@ -15,7 +15,6 @@ namespace {
 
 constexpr int64_t kMaxDim = int64_t(1) << 20;  // heads, head_dim, value_dim
 constexpr int64_t kMaxBatch = int64_t(1) << 24;
-constexpr int64_t kMaxTokens = int64_t(1) << 32;  // window, sinks
 
 }  // namespace
 
@@ -28,8 +27,8 @@ MemoryCache::Impl::Impl(const Config& c, const RuleSpec& s) : cfg(c), spec(s) {
     if (c.num_query_heads % c.num_heads)
         throw ValueError("num_query_heads: expected a multiple of num_heads=" + std::to_string(c.num_heads) + ", got " +
                          std::to_string(c.num_query_heads));
-    check_range("window", c.window, 0, kMaxTokens);
-    check_range("sinks", c.sinks, 0, kMaxTokens);
+    check_range("window", c.window, 0, kMaxWindow);
+    check_range("sinks", c.sinks, 0, kMaxWindow);
     if (c.scale == 0)
         scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.head_dim)));
     else if (std::isfinite(c.scale) && c.scale > 0 && std::isfinite(static_cast<float>(c.scale)) &&

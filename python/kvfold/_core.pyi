@@ -30,6 +30,7 @@ def _set_min_shared_flops(flops: float) -> float: ...
 
 MAX_THREADS: int
 MAX_CHUNK: int
+MAX_WINDOW: int
 
 def _check_rule(spec: _Spec) -> None: ...
 

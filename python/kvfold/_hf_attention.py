@@ -34,7 +34,7 @@ def kvfold_attention(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     pending.block = (None, None)
-    return layer.attend_block(query, scaling), None
+    return layer.attend_block(query, scaling, attention_mask, kwargs.get("sliding_window")), None
 
 
 AttentionInterface.register("kvfold", kvfold_attention)

@@ -30,6 +30,26 @@ def _position_ids(args: Tuple[Any, ...], kwargs: Any) -> Optional[torch.Tensor]:
     return None
 
 
+# A recorded block: (tokens seen before it, state before it, queries or None, k, v, positions).
+Recorded = Tuple[int, Any, Optional[np.ndarray], np.ndarray, np.ndarray, Optional[np.ndarray]]
+
+
+def _check_causal(mask: Optional[torch.Tensor], T: int) -> None:
+    """kvfold's attention reads no mask: the block's own causal one. A mask that hides more (padding) is
+    refused rather than ignored."""
+    if mask is None:
+        return
+    allowed = mask if mask.dtype == torch.bool else mask == 0
+    kv = allowed.shape[-1]
+    causal = torch.ones(T, kv, dtype=torch.bool, device=allowed.device).tril(kv - T)
+    if allowed.dim() != 4 or allowed.shape[-2] != T or not torch.equal(allowed, causal.expand_as(allowed)):
+        raise ValueError(
+            "attention_mask: kvfold's attention takes the causal mask of a block and nothing more, got a mask that "
+            "also hides pairs (padding); feed rows of equal length without padding, or load the model with "
+            "attn_implementation='sdpa' or 'eager', where FoldCache streams padding like any token"
+        )
+
+
 class FoldLayer(CacheLayerMixin):
     """One layer of ``cache`` (a ``FoldCache``), with its settings: a memory (``kvfold.MemoryCache`` unless
     the cache's ``memory`` says otherwise) made when the layer sees which attention reads its first block."""
@@ -47,8 +67,8 @@ class FoldLayer(CacheLayerMixin):
         self.attention: Optional[str] = None  # "kvfold" or "model", from the first block on
         self.seen = 0  # tokens fed, the same for every row
         self.record_past = False
-        # (seen, state before, queries or None, k, v, positions) per block, when recording
-        self._history: List[Tuple[int, Any, Optional[np.ndarray], np.ndarray, np.ndarray, Optional[np.ndarray]]] = []
+        self.states_to_keep: Optional[int] = None  # tokens a crop may take back (None: any number)
+        self._history: List[Recorded] = []  # per block, when recording
         # a block handed to the model, not yet in the memory: (k, v, positions)
         self._block: Optional[Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]] = None
         self._shape: Tuple[int, int, int, int] = (0, 0, 0, 0)  # B, H, d_k, d_v
@@ -135,23 +155,37 @@ class FoldLayer(CacheLayerMixin):
         self.seen += T
         return key_states, value_states
 
-    def attend_block(self, query: torch.Tensor, scaling: Optional[float]) -> torch.Tensor:
-        """kvfold's attention over the block the last update handed out: (B, T, Hq, d_v)."""
+    def attend_block(
+        self,
+        query: torch.Tensor,
+        scaling: Optional[float],
+        attention_mask: Optional[torch.Tensor] = None,
+        sliding_window: Optional[int] = None,
+    ) -> torch.Tensor:
+        """kvfold's attention over the block the last update handed out: (B, T, Hq, d_v). On any error the
+        layer is as before the update (the memory validates everything before it takes the block)."""
         assert self._block is not None
         k, v, positions = self._block
-        self.attention = "kvfold"
-        if self.memory is None:
-            self._make_memory(num_query_heads=query.shape[1], scale=scaling)
-        q = _as_float32(query)
-        before = self._snapshot() if self.record_past else None
         self._block = None
         try:
+            _check_causal(attention_mask, k.shape[2])
+            if sliding_window is not None and self.window > sliding_window:
+                raise ValueError(
+                    f"FoldCache: window={self.window} is longer than the model's sliding window of {sliding_window} "
+                    "tokens, so kvfold's attention would read pairs the model's does not; use a window of at most "
+                    f"{sliding_window}"
+                )
+            if self.memory is None:
+                self._make_memory(num_query_heads=query.shape[1], scale=scaling)
+            q = _as_float32(query)
+            before = self._snapshot() if self.record_past else None
             out = self.memory.forward(q, k, v, **({} if positions is None else {"positions": positions}))
         except Exception:
-            self.seen -= k.shape[2]  # validated first: the memory did not take the block
+            self.seen -= k.shape[2]
             raise
+        self.attention = "kvfold"
         if self.record_past:
-            self._history.append((self.seen - k.shape[2], before, q.copy(), k.copy(), v.copy(), positions))
+            self._remember((self.seen - k.shape[2], before, q.copy(), k.copy(), v.copy(), positions))
         return torch.from_numpy(np.asarray(out, np.float32)).to(query.dtype).transpose(1, 2).contiguous()
 
     def _settle(self) -> None:
@@ -184,7 +218,18 @@ class FoldLayer(CacheLayerMixin):
         before = self._snapshot() if self.record_past else None
         self.memory.update(k, v, **({} if positions is None else {"positions": positions}))
         if self.record_past:
-            self._history.append((seen_before, before, None, k.copy(), v.copy(), positions))
+            self._remember((seen_before, before, None, k.copy(), v.copy(), positions))
+
+    def _remember(self, entry: Recorded) -> None:
+        """Records a block, and forgets the blocks no crop can reach: one goes back at most
+        ``recurrent_states_to_keep`` tokens (when transformers gives it), or into the newest block."""
+        self._history.append(entry)
+        if self.states_to_keep is None:
+            return
+        start = entry[0]
+        reach = min(start, start + entry[3].shape[2] - self.states_to_keep)
+        kept = [i for i, h in enumerate(self._history) if h[0] <= reach]
+        del self._history[: kept[-1] if kept else 0]
 
     def _model_update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, positions: Optional[np.ndarray]
@@ -249,9 +294,9 @@ class FoldLayer(CacheLayerMixin):
         return int(getattr(self.memory, "nbytes", 0))
 
     def reset(self) -> None:
-        if self.memory is not None:
-            self.memory.reset()
-        self.seen, self._history, self._block = 0, [], None
+        """Back to a fresh layer: the next block may have another batch size or attention."""
+        self.memory, self.attention, self.is_initialized = None, None, False
+        self.seen, self._history, self._block, self._shape = 0, [], None, (0, 0, 0, 0)
 
     def offload(self) -> None:  # the memory lives in host RAM already
         pass
@@ -286,11 +331,12 @@ class FoldLayer(CacheLayerMixin):
     def is_croppable(self) -> bool:
         return self.record_past
 
-    def activate_past_recording(self, **kwargs: Any) -> None:
-        """Keep a checkpoint before each update (a copy of the state) so that ``crop`` can take tokens back.
-        A checkpoint per update serves any number of steps back, so transformers' options for recurrent
-        layers (``recurrent_states_to_keep``) change nothing here."""
+    def activate_past_recording(self, recurrent_states_to_keep: Optional[int] = None, **kwargs: Any) -> None:
+        """Keep a checkpoint before each update (a copy of the state) so that ``crop`` can take tokens back:
+        ``recurrent_states_to_keep`` tokens (transformers' option for recurrent layers) or into the newest
+        block; any number when it is None."""
         self.record_past = True
+        self.states_to_keep = recurrent_states_to_keep
 
     def crop(self, tokens_to_remove: int) -> None:
         """Removes the last ``-tokens_to_remove`` tokens (a positive value is the length to keep).

@@ -27,13 +27,14 @@ Needs torch and transformers (``pip install kvfold[hf]``); the rest of kvfold do
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from transformers.cache_utils import Cache
 
 from . import MemoryCache, rules
 from ._checks import integer
+from ._core import MAX_WINDOW
 from ._hf_attention import kvfold_attention
 from ._hf_checks import check_summary_rule, storage_dtype, takes
 from ._hf_layer import FoldLayer
@@ -77,7 +78,8 @@ class FoldCache(Cache):
         if not isinstance(rule, rules.Rule):
             raise TypeError(f"rule: expected a kvfold.rules rule (e.g. rules.Cumulative()), got {type(rule).__name__}")
         check_summary_rule(rule)
-        self.rule, self.window, self.sinks = rule, integer("window", window, 0), integer("sinks", sinks, 0)
+        self.rule = rule
+        self.window, self.sinks = integer("window", window, 0, MAX_WINDOW), integer("sinks", sinks, 0, MAX_WINDOW)
         self.storage_dtype = storage_dtype(dtype)
         if not isinstance(check_finite, bool):
             raise TypeError(f"check_finite: expected True or False, got {type(check_finite).__name__}")
@@ -108,6 +110,7 @@ class FoldCache(Cache):
             )
         self.rope, self.retain, self.recent = rope, retain, recent
         self._record_past = False
+        self._record_options: Dict[str, Any] = {}
         super().__init__(layers=[])
 
     def __repr__(self) -> str:
@@ -124,14 +127,14 @@ class FoldCache(Cache):
         while len(self.layers) <= layer_idx:
             layer = FoldLayer(self)
             if self._record_past:
-                layer.activate_past_recording()
+                layer.activate_past_recording(**self._record_options)
             self.layers.append(layer)
         return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
 
     def activate_past_recording(self, **kwargs: Any) -> None:
         """Record a checkpoint before each update so that ``crop`` can take tokens back. transformers'
         options for recurrent layers (``recurrent_states_to_keep``) are passed on to the layers."""
-        self._record_past = True
+        self._record_past, self._record_options = True, kwargs
         super().activate_past_recording(**kwargs)
 
     @property

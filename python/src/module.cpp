@@ -43,6 +43,7 @@ PYBIND11_MODULE(_core, m) {
     m.def("get_num_threads", &kvfold::get_num_threads, "Threads a call may use, the calling thread included.");
     m.attr("MAX_THREADS") = kvfold::kMaxThreads;
     m.attr("MAX_CHUNK") = kvfold::kMaxChunk;
+    m.attr("MAX_WINDOW") = kvfold::kMaxWindow;
     m.def("set_chunk_size", &kvfold::set_chunk_size, py::arg("chunk_size"));
     m.def("get_chunk_size", &kvfold::get_chunk_size, "Tokens per chunk when a matrix rule takes a block.");
     m.def("_set_min_shared_flops", &kvfold::set_min_shared_flops, py::arg("flops"),

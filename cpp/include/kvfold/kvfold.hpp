@@ -89,6 +89,9 @@ enum class Retain : uint8_t { fifo = 0, tova = 1, h2o = 2 };
 KVFOLD_API Retain parse_retain(const std::string& name);
 KVFOLD_API const char* retain_name(Retain retain);
 
+// The longest window, and the most sinks, a cache keeps.
+constexpr int64_t kMaxWindow = int64_t(1) << 32;
+
 struct Config {
     int64_t batch_size = 1;
     int64_t num_heads = 1;        // KV heads
