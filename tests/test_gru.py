@@ -55,13 +55,14 @@ def test_matches_torch_grucell(per_head, dk, dv, rng):
 SHAPES = SHAPES[:5]
 
 
+@pytest.mark.parametrize("model", [reference.ReferenceCache, reference.StreamCache], ids=lambda c: c.__name__)
 @pytest.mark.parametrize("per_head, bias", [(False, True), (True, True), (False, False)])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_matches_reference(shape, per_head, bias, rng):
+def test_matches_reference(shape, per_head, bias, model, rng):
     B, H, Hq, dk, dv, window, sinks = shape
     rule = rules.GRU(**weights(rng, dk + dv, H if per_head else None, bias))
     kw = dict(num_heads=H, head_dim=dk, value_dim=dv, num_query_heads=Hq, batch_size=B, window=window, sinks=sinks)
-    cache, ref = kvfold.MemoryCache(rule, **kw), reference.ReferenceCache(rule, **kw)
+    cache, ref = kvfold.MemoryCache(rule, **kw), model(rule, **kw)
     T = 15
     q, k, v = tokens(rng, B, Hq, T, dk), tokens(rng, B, H, T, dk), tokens(rng, B, H, T, dv)
     for t in range(8):

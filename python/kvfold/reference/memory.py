@@ -75,9 +75,10 @@ class Slot(NamedTuple):
     bias: Union[float, np.ndarray]
 
 
-def memory_slots(rule: rules.Rule, folded: List[Tuple[np.ndarray, np.ndarray, Any]]) -> List[Slot]:
+def memory_slots(rule: rules.Rule, folded: List[Tuple[np.ndarray, np.ndarray, Any]], head: int = 0) -> List[Slot]:
     """The memory after folding ``(k, v, position)`` triples in order: for the averaging rules the
-    position is averaged as a value is (an extra value column); Merge keeps its position sum."""
+    position is averaged as a value is (an extra value column); Merge keeps its position sum. Pairs
+    are (H, d) for a batch row or (d,) for one lane, KV head ``head`` (whose weights a GRU uses)."""
     if isinstance(rule, rules.Merge):  # per head: each lane merges its own slots
         if not folded:
             return []
@@ -92,6 +93,12 @@ def memory_slots(rule: rules.Rule, folded: List[Tuple[np.ndarray, np.ndarray, An
             Slot(*(np.stack([np.asarray(head[s][f]) for head in per_head]) for f in range(4)))
             for s in range(len(per_head[0]))
         ]
+    if isinstance(rule, rules.GRU) and folded and folded[0][0].ndim == 1:  # one lane: its head's cell
+        dk = len(folded[0][0])
+        state = np.zeros(dk + len(folded[0][1]))
+        for k, v, _ in folded:
+            state = gru_cell(rule, head, np.concatenate([k, v]), state)
+        return [Slot(state[:dk], state[dk:], math.nan, 0.0)]
     if not rule.averages_pairs:
         return [Slot(k, v, math.nan, 0.0) for k, v in fold_memory(rule, [(k, v) for k, v, _ in folded])]
     with_position = [

@@ -19,7 +19,8 @@ class _Lane:
     """One batch row's KV head in a StreamCache: sinks, the window (oldest first, with positions and
     the recorded weights, NaN while unscored) and the memory."""
 
-    def __init__(self, rule: rules.Rule, dk: int, dv: int) -> None:
+    def __init__(self, rule: rules.Rule, head: int, dk: int, dv: int) -> None:
+        self.head = head  # the KV head (a GRU may have weights per head)
         self.sink_k, self.sink_v = np.zeros((0, dk)), np.zeros((0, dv))
         self.k, self.v = np.zeros((0, dk)), np.zeros((0, dv))
         self.position = np.zeros(0, dtype=np.int64)
@@ -66,13 +67,13 @@ class StreamCache(Layout):
             self._length = [0] * self.batch_size
             self._last: List[Optional[int]] = [None] * self.batch_size
             self.lanes = [
-                [_Lane(self.rule, self.head_dim, self.value_dim) for _ in range(self.num_heads)]
+                [_Lane(self.rule, h, self.head_dim, self.value_dim) for h in range(self.num_heads)]
                 for _ in range(self.batch_size)
             ]
             return
         for b in rows:
             self._length[b], self._last[b] = 0, None
-            self.lanes[b] = [_Lane(self.rule, self.head_dim, self.value_dim) for _ in range(self.num_heads)]
+            self.lanes[b] = [_Lane(self.rule, h, self.head_dim, self.value_dim) for h in range(self.num_heads)]
 
     def copy(self) -> "StreamCache":
         return copy.deepcopy(self)
@@ -129,7 +130,7 @@ class StreamCache(Layout):
             if lane.merge is not None and isinstance(self.rule, rules.Merge):
                 lane.slots = merge_slots(self.rule, lane.merge)
             else:
-                lane.slots = memory_slots(self.rule, lane.folded)
+                lane.slots = memory_slots(self.rule, lane.folded, lane.head)
         return lane.slots
 
     def _visible(self, lane: _Lane) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
