@@ -312,8 +312,8 @@ class Merge final : public SlotRule {
         }
     }
 
-    // The row attention reads place p from: its own, or for place `slots` the free place's. (A damaged
-    // state's order may say anything: the row is kept in range.)
+    // The row attention reads place p from: its own, or for place `slots` the free place's (kept in
+    // range whatever the order holds; a loaded state's order is checked, see check_loaded).
     int64_t row_of(const int64_t* order, int64_t p) const {
         const int64_t r = p < slots_ ? p : order[slots_];
         return r >= 0 && r < slots_ ? r : 0;
