@@ -47,28 +47,29 @@ bool all_finite(const float* x, int64_t n) {
 }
 
 // Flat index i of an array of `shape`, as "(a, b, ...)".
-std::string index_str(int64_t i, const std::vector<int64_t>& shape) {
-    std::vector<int64_t> index(shape.size());
-    for (size_t a = shape.size(), rest = static_cast<size_t>(i); a-- > 0;) {
-        index[a] = static_cast<int64_t>(rest % shape[a]);
-        rest /= shape[a];
+std::string index_str(int64_t i, const ArrayShape& shape) {
+    const std::vector<int64_t> axes = shape.axes();
+    std::vector<int64_t> index(axes.size());
+    for (size_t a = axes.size(), rest = static_cast<size_t>(i); a-- > 0;) {
+        index[a] = static_cast<int64_t>(rest % axes[a]);
+        rest /= axes[a];
     }
     return shape_str(index);
 }
 
 // The values of an array of `shape`; a shape whose count int64 cannot hold is no array's.
-int64_t count(const char* name, const std::vector<int64_t>& shape) {
+int64_t count(const char* name, const ArrayShape& shape) {
     int64_t n = 1;
     for (int64_t d : shape)
         if (mul_overflow(n, d, &n))
-            throw ValueError(std::string(name) + ": an array of shape " + shape_str(shape) +
+            throw ValueError(std::string(name) + ": an array of shape " + shape_str(shape.axes()) +
                              " has more values than int64 counts");
     return n;
 }
 
 }  // namespace
 
-void check_finite(const char* name, const float* x, const std::vector<int64_t>& shape) {
+void check_finite(const char* name, const float* x, const ArrayShape& shape) {
     if (all_finite(x, count(name, shape))) return;
     int64_t i = 0;
     while (std::isfinite(x[i])) ++i;
@@ -79,8 +80,7 @@ void check_finite(const char* name, const float* x, const std::vector<int64_t>& 
 namespace {
 
 // Finite values in [lo, hi]: gates whose meaning has a range.
-void check_within(const char* name, const float* x, const std::vector<int64_t>& shape, float lo, float hi,
-                  const char* why) {
+void check_within(const char* name, const float* x, const ArrayShape& shape, float lo, float hi, const char* why) {
     const int64_t n = count(name, shape);
     for (int64_t i = 0; i < n; ++i)
         if (!(x[i] >= lo && x[i] <= hi))
@@ -91,7 +91,7 @@ void check_within(const char* name, const float* x, const std::vector<int64_t>& 
 
 // Finite values that the storage dtype holds: float16 rounds |x| >= 65520 to Inf, bfloat16 rounds
 // |x| >= 0x7f7f8000 (about 3.3961e38) to Inf; int8 scales hold every finite value.
-void check_storable(const char* name, const float* x, const std::vector<int64_t>& shape, DType dtype) {
+void check_storable(const char* name, const float* x, const ArrayShape& shape, DType dtype) {
     if (dtype == DType::float32 || dtype == DType::int8) return;
     const uint32_t limit = dtype == DType::float16 ? 0x477FF000u : 0x7F7F8000u;  // 65520.0f, bf16 halfway to Inf
     const int64_t n = count(name, shape);
@@ -147,8 +147,8 @@ void check_gates(const MemoryCache::Impl& c, const TokenGates& gates, int64_t T)
     if (!c.cfg.check_finite) return;
     const Config& g = c.cfg;
     if (gates.decay) {
-        std::vector<int64_t> shape{g.batch_size, g.num_heads, T};
-        if (gates.decay_per_key) shape.push_back(g.head_dim);
+        const ArrayShape shape = gates.decay_per_key ? ArrayShape{g.batch_size, g.num_heads, T, g.head_dim}
+                                                     : ArrayShape{g.batch_size, g.num_heads, T};
         check_finite("decay", gates.decay, shape);
         check_within("decay", gates.decay, shape, -FLT_MAX, 0, kDecayRange);
     }
