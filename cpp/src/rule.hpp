@@ -268,12 +268,11 @@ class AccumulatorRule : public SlotRule {
         slot.store(p);
     }
     // A decode step's lanes: float32 slots without positions are written by the sums directly, or
-    // the values into the step's output (the keys then go to scratch).
+    // the values into the step's output (the keys then are not written: write_slots does it).
     void fold_lanes(const LaneFolds& f) final {
         if (!folds_into_output()) return SlotRule::fold_lanes(f);
-        float* key = f.values ? scratch<AccumulatorRule>(static_cast<size_t>(dims_.dk)) : nullptr;
         for (int64_t i = 0; i < f.n; ++i)
-            sums(f.lane[i], f.k[i], f.v[i], weights(f.count[i]), key ? key : slot_k_.lane<float>(f.lane[i]),
+            sums(f.lane[i], f.k[i], f.v[i], weights(f.count[i]), f.values ? nullptr : slot_k_.lane<float>(f.lane[i]),
                  f.values ? f.values[i] : slot_v_.lane<float>(f.lane[i]));
     }
     bool folds_into_output() const final { return slot_dtype() == DType::float32 && !keeps_positions(); }

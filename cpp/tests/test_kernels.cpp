@@ -76,6 +76,14 @@ TEST(kernels_match_scalar) {
         for (int64_t i = 0; i < n; ++i) CHECK_NEAR(s1[i], s2[i], 1e-12);
         for (int64_t i = 0; i < n; ++i)
             CHECK(f1[i] == static_cast<float>(0.5 * s1[i]) && std::fabs(f1[i] - f2[i]) <= 1e-6f);
+        // Without a slot to write (y null) the sums are the same, whichever multiplications by 1 are left out.
+        for (double keep : {1.0, 0.75})
+            for (double scale : {1.0, 0.5}) {
+                std::vector<double> with(n, 1.0), without(n, 1.0);
+                K.axpby_f64(with.data(), keep, b.data(), 1.0, f2.data(), scale, n);
+                K.axpby_f64(without.data(), keep, b.data(), 1.0, nullptr, scale, n);
+                CHECK(with == without);
+            }
     }
 }
 

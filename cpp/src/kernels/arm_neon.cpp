@@ -121,11 +121,11 @@ void axpby_f64(double* s, double a, const float* x, double b, float* y, double c
         float64x2_t hi = vfmaq_n_f64(vmulq_n_f64(vcvt_high_f64_f32(x4), b), vld1q_f64(s + i + 2), a);
         vst1q_f64(s + i, lo);
         vst1q_f64(s + i + 2, hi);
-        vst1q_f32(y + i, vcvt_high_f32_f64(vcvt_f32_f64(vmulq_n_f64(lo, c)), vmulq_n_f64(hi, c)));
+        if (y) vst1q_f32(y + i, vcvt_high_f32_f64(vcvt_f32_f64(vmulq_n_f64(lo, c)), vmulq_n_f64(hi, c)));
     }
     for (; i < n; ++i) {
         s[i] = a * s[i] + b * x[i];
-        y[i] = static_cast<float>(c * s[i]);
+        if (y) y[i] = static_cast<float>(c * s[i]);
     }
 }
 

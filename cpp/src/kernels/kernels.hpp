@@ -86,7 +86,8 @@ struct Kernels {
     void (*add_f64)(double* s, const float* x, int64_t n);            // s += x
     void (*sub_f64)(double* s, const float* x, int64_t n);            // s -= x
     void (*mul_f64)(float* y, const double* s, double a, int64_t n);  // y = s * a
-    // One pass of a fold: s = a * s + b * x, then the visible slot y = c * s in float32.
+    // One pass of a fold: s = a * s + b * x, then the visible slot y = c * s in float32 (y may be
+    // null when the slot is not wanted).
     void (*axpby_f64)(double* s, double a, const float* x, double b, float* y, double c, int64_t n);
     void (*max_f32)(float* y, const float* x, int64_t n);  // y = max(y, x)
     // RoPE: pair i of x turns by the angle whose cos and sin are given (n pairs): pair i is

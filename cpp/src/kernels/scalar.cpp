@@ -78,7 +78,7 @@ void mul_f64(float* y, const double* s, double a, int64_t n) {
 void axpby_f64(double* s, double a, const float* x, double b, float* y, double c, int64_t n) {
     for (int64_t i = 0; i < n; ++i) {
         s[i] = a * s[i] + b * x[i];
-        y[i] = static_cast<float>(c * s[i]);
+        if (y) y[i] = static_cast<float>(c * s[i]);
     }
 }
 void max_f32(float* y, const float* x, int64_t n) {

@@ -137,9 +137,9 @@ void mul_f64(float* y, const double* s, double a, int64_t n) {
     for (; i + 4 <= n; i += 4) _mm_storeu_ps(y + i, _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_loadu_pd(s + i), va)));
     for (; i < n; ++i) y[i] = static_cast<float>(s[i] * a);
 }
-// s = a s + b x, y = c s. Cumulative has a = b = 1 and EMA c = 1: the multiplications by 1 are
-// left out (they are exact, so the result is the same).
-template <bool Keep, bool Scale>
+// s = a s + b x, y = c s (y null: not wanted). Cumulative has a = b = 1 and EMA c = 1: the
+// multiplications by 1 are left out (they are exact, so the result is the same).
+template <bool Keep, bool Scale, bool Read>
 void axpby_f64_as(double* s, double a, const float* x, double b, float* y, double c, int64_t n) {
     const __m256d va = _mm256_set1_pd(a), vb = _mm256_set1_pd(b), vc = _mm256_set1_pd(c);
     int64_t i = 0;
@@ -147,19 +147,26 @@ void axpby_f64_as(double* s, double a, const float* x, double b, float* y, doubl
         const __m256d vx = _mm256_cvtps_pd(_mm_loadu_ps(x + i)), vs = _mm256_loadu_pd(s + i);
         const __m256d r = Keep ? _mm256_fmadd_pd(va, vs, _mm256_mul_pd(vb, vx)) : _mm256_add_pd(vs, vx);
         _mm256_storeu_pd(s + i, r);
-        _mm_storeu_ps(y + i, _mm256_cvtpd_ps(Scale ? _mm256_mul_pd(vc, r) : r));
+        if (Read) _mm_storeu_ps(y + i, _mm256_cvtpd_ps(Scale ? _mm256_mul_pd(vc, r) : r));
     }
     for (; i < n; ++i) {
         s[i] = a * s[i] + b * x[i];
-        y[i] = static_cast<float>(c * s[i]);
+        if (Read) y[i] = static_cast<float>(c * s[i]);
     }
+}
+
+template <bool Keep, bool Scale>
+void axpby_f64_read(double* s, double a, const float* x, double b, float* y, double c, int64_t n) {
+    return y ? axpby_f64_as<Keep, Scale, true>(s, a, x, b, y, c, n)
+             : axpby_f64_as<Keep, false, false>(s, a, x, b, y, c, n);
 }
 
 void axpby_f64(double* s, double a, const float* x, double b, float* y, double c, int64_t n) {
     const bool keep = a != 1 || b != 1, scale = c != 1;
     if (keep)
-        return scale ? axpby_f64_as<true, true>(s, a, x, b, y, c, n) : axpby_f64_as<true, false>(s, a, x, b, y, c, n);
-    return scale ? axpby_f64_as<false, true>(s, a, x, b, y, c, n) : axpby_f64_as<false, false>(s, a, x, b, y, c, n);
+        return scale ? axpby_f64_read<true, true>(s, a, x, b, y, c, n)
+                     : axpby_f64_read<true, false>(s, a, x, b, y, c, n);
+    return scale ? axpby_f64_read<false, true>(s, a, x, b, y, c, n) : axpby_f64_read<false, false>(s, a, x, b, y, c, n);
 }
 void max_f32(float* y, const float* x, int64_t n) {
     int64_t i = 0;

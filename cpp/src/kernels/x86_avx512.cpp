@@ -205,9 +205,9 @@ inline __m512d minus(__m512d s, __m512d x) { return _mm512_sub_pd(s, x); }
 void add_f64(double* s, const float* x, int64_t n) { update_f64<plus>(s, x, n); }
 void sub_f64(double* s, const float* x, int64_t n) { update_f64<minus>(s, x, n); }
 
-// s = a s + b x, y = c s. Cumulative has a = b = 1 and EMA c = 1: the multiplications by 1 are
-// left out (they are exact, so the result is the same).
-template <bool Keep, bool Scale>
+// s = a s + b x, y = c s (y null: not wanted). Cumulative has a = b = 1 and EMA c = 1: the
+// multiplications by 1 are left out (they are exact, so the result is the same).
+template <bool Keep, bool Scale, bool Read>
 void axpby_f64_as(double* s, double a, const float* x, double b, float* y, double c, int64_t n) {
     const __m512d va = _mm512_set1_pd(a), vb = _mm512_set1_pd(b), vc = _mm512_set1_pd(c);
     auto step = [&](__m512d vs, __m512d vx) {
@@ -218,21 +218,28 @@ void axpby_f64_as(double* s, double a, const float* x, double b, float* y, doubl
     for (; i + 8 <= n; i += 8) {
         const __m512d vs = step(_mm512_loadu_pd(s + i), _mm512_cvtps_pd(_mm256_loadu_ps(x + i)));
         _mm512_storeu_pd(s + i, vs);
-        _mm256_storeu_ps(y + i, read(vs));
+        if (Read) _mm256_storeu_ps(y + i, read(vs));
     }
     if (i < n) {
         const __mmask8 m = first8(n - i);
         const __m512d vs = step(_mm512_maskz_loadu_pd(m, s + i), _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, x + i)));
         _mm512_mask_storeu_pd(s + i, m, vs);
-        _mm256_mask_storeu_ps(y + i, m, read(vs));
+        if (Read) _mm256_mask_storeu_ps(y + i, m, read(vs));
     }
+}
+
+template <bool Keep, bool Scale>
+void axpby_f64_read(double* s, double a, const float* x, double b, float* y, double c, int64_t n) {
+    return y ? axpby_f64_as<Keep, Scale, true>(s, a, x, b, y, c, n)
+             : axpby_f64_as<Keep, false, false>(s, a, x, b, y, c, n);
 }
 
 void axpby_f64(double* s, double a, const float* x, double b, float* y, double c, int64_t n) {
     const bool keep = a != 1 || b != 1, scale = c != 1;
     if (keep)
-        return scale ? axpby_f64_as<true, true>(s, a, x, b, y, c, n) : axpby_f64_as<true, false>(s, a, x, b, y, c, n);
-    return scale ? axpby_f64_as<false, true>(s, a, x, b, y, c, n) : axpby_f64_as<false, false>(s, a, x, b, y, c, n);
+        return scale ? axpby_f64_read<true, true>(s, a, x, b, y, c, n)
+                     : axpby_f64_read<true, false>(s, a, x, b, y, c, n);
+    return scale ? axpby_f64_read<false, true>(s, a, x, b, y, c, n) : axpby_f64_read<false, false>(s, a, x, b, y, c, n);
 }
 
 void mul_f64(float* y, const double* s, double a, int64_t n) {
