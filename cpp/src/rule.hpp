@@ -69,9 +69,6 @@ struct LaneFolds {
     const float* const* v = nullptr;
     const int64_t* count = nullptr;
     const int64_t* position = nullptr;
-    // Set only for a rule whose folds_into_output(): lane i's value slot is written to values[i]
-    // instead of the lane's slot rows (see SlotRule::folds_into_output).
-    float* const* values = nullptr;
 };
 
 // A rule: its per-lane memory, one of three kinds, each an interface of its own: key/value slots
@@ -123,11 +120,16 @@ class SlotRule : public Rule {
     virtual void fold_lanes(const LaneFolds& f) {
         for (int64_t i = 0; i < f.n; ++i) fold(f.lane[i], f.k[i], f.v[i], f.count[i], f.position[i]);
     }
-    // Whether fold_lanes can write each lane's value slot straight into a decode step's output
-    // (LaneFolds::values) and leave the slot rows behind the rule's own state: for a step whose
-    // one visible row is that slot, the rows would be written only to be copied out. The cache
-    // then calls write_slots for every lane before anything else reads the rows.
+    // Whether the rule can fold a decode step into its output (fold_tokens_into), leaving the slot
+    // rows behind its own state: for a step whose one visible row is that slot, the rows would be
+    // written only to be copied out. The cache then calls write_slots for every lane before
+    // anything else reads the rows.
     virtual bool folds_into_output() const { return false; }
+    // A decode step of lanes [lo, hi) with no window and no sinks (a rule that folds_into_output):
+    // lane l folds its own token, row l of k and v, after row_count[l / heads] pairs, and writes
+    // its value slot to values[l - lo].
+    virtual void fold_tokens_into(int64_t /*lo*/, int64_t /*hi*/, const float* /*k*/, const float* /*v*/,
+                                  const int64_t* /*row_count*/, float* const* /*values*/) {}
     // Writes a lane's slot rows from the rule's state, after `folded` pairs.
     virtual void write_slots(int64_t /*lane*/, int64_t /*folded*/) {}
 
@@ -267,15 +269,21 @@ class AccumulatorRule : public SlotRule {
         }
         slot.store(p);
     }
-    // A decode step's lanes: float32 slots without positions are written by the sums directly, or
-    // the values into the step's output (the keys then are not written: write_slots does it).
+    // A decode step's lanes: float32 slots without positions are written by the sums directly.
     void fold_lanes(const LaneFolds& f) final {
         if (!folds_into_output()) return SlotRule::fold_lanes(f);
         for (int64_t i = 0; i < f.n; ++i)
-            sums(f.lane[i], f.k[i], f.v[i], weights(f.count[i]), f.values ? nullptr : slot_k_.lane<float>(f.lane[i]),
-                 f.values ? f.values[i] : slot_v_.lane<float>(f.lane[i]));
+            sums(f.lane[i], f.k[i], f.v[i], weights(f.count[i]), slot_k_.lane<float>(f.lane[i]),
+                 slot_v_.lane<float>(f.lane[i]));
     }
     bool folds_into_output() const final { return slot_dtype() == DType::float32 && !keeps_positions(); }
+    // The values go to the output and the keys nowhere (write_slots writes them when read).
+    void fold_tokens_into(int64_t lo, int64_t hi, const float* k, const float* v, const int64_t* row_count,
+                          float* const* values) final {
+        for (int64_t lane = lo; lane < hi; ++lane)
+            sums(lane, k + lane * dims_.dk, v + lane * dims_.dv, weights(row_count[lane / dims_.heads]), nullptr,
+                 values[lane - lo]);
+    }
     // The rows the last fold would have written (folded - 1 pairs before it).
     void write_slots(int64_t lane, int64_t folded) final {
         if (folded <= 0) return;

@@ -72,7 +72,10 @@ void run_lanes(MemoryCache::Impl& c, const float* q, const float* k, const float
                 const int64_t b = lane / H;
                 heads[lane - lo] = out + (b * Hq + (lane - b * H) * c.group) * dv;
             }
-            m.step_lanes(lo, hi, k, v, pos, into_output ? heads.data() : nullptr);
+            if (into_output)  // the token is the pair to fold: nothing to place (no window, no sinks)
+                c.slots->fold_tokens_into(lo, hi, k, v, c.length.data(), heads.data());
+            else
+                m.step_lanes(lo, hi, k, v, pos);
             for (int64_t lane = lo; lane < hi; ++lane) {
                 float* o = heads[lane - lo];
                 if (!into_output) load_row(o, c.slots->slot_value(lane, 0), dv, c.slots->slot_dtype());

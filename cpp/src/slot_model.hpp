@@ -71,15 +71,12 @@ struct Model {
 
     // A decode step's token of lanes [lo, hi) (row `lane` of k and v each) placed, and the pairs it
     // pushes out folded in one call (SlotRule::fold_lanes), so a rule may compute the lanes together.
-    // With `values` (a rule that folds_into_output), lane lo + i's value slot goes to values[i].
-    void step_lanes(int64_t lo, int64_t hi, const float* k, const float* v, const Positions& pos,
-                    float* const* values = nullptr) {
+    void step_lanes(int64_t lo, int64_t hi, const float* k, const float* v, const Positions& pos) {
         const int64_t n = hi - lo;
         float* copies = scratch<LaneFolds>(n * (dk() + dv()));
         thread_local std::vector<int64_t> lanes, counts, positions;
         thread_local std::vector<const float*> rows;
-        thread_local std::vector<float*> outs;  // values, for the lanes that fold
-        lanes.resize(n), counts.resize(n), positions.resize(n), rows.resize(2 * n), outs.resize(n);
+        lanes.resize(n), counts.resize(n), positions.resize(n), rows.resize(2 * n);
         int64_t m = 0;
         for (int64_t lane = lo; lane < hi; ++lane) {
             float* ek = copies + (lane - lo) * (dk() + dv());
@@ -87,10 +84,9 @@ struct Model {
             const Evicted e = place(lane, c.length[b], k + lane * dk(), v + lane * dv(), pos.at(b, 0), ek, ek + dk());
             if (e.count < 0) continue;
             lanes[m] = lane, rows[m] = key_to_fold(e, ek), rows[n + m] = e.v;
-            counts[m] = e.count, positions[m] = e.position, outs[m] = values ? values[lane - lo] : nullptr, ++m;
+            counts[m] = e.count, positions[m] = e.position, ++m;
         }
-        c.slots->fold_lanes(LaneFolds{m, lanes.data(), rows.data(), rows.data() + n, counts.data(), positions.data(),
-                                      values ? outs.data() : nullptr});
+        c.slots->fold_lanes(LaneFolds{m, lanes.data(), rows.data(), rows.data() + n, counts.data(), positions.data()});
     }
 
     // One lane takes T tokens (k: T x d_k, v: T x d_v) from a row length of len0.
