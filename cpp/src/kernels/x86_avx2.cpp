@@ -155,18 +155,16 @@ void axpby_f64_as(double* s, double a, const float* x, double b, float* y, doubl
     }
 }
 
-template <bool Keep, bool Scale>
-void axpby_f64_read(double* s, double a, const float* x, double b, float* y, double c, int64_t n) {
-    return y ? axpby_f64_as<Keep, Scale, true>(s, a, x, b, y, c, n)
-             : axpby_f64_as<Keep, false, false>(s, a, x, b, y, c, n);
-}
-
 void axpby_f64(double* s, double a, const float* x, double b, float* y, double c, int64_t n) {
     const bool keep = a != 1 || b != 1, scale = c != 1;
+    if (!y)
+        return keep ? axpby_f64_as<true, false, false>(s, a, x, b, y, c, n)
+                    : axpby_f64_as<false, false, false>(s, a, x, b, y, c, n);
     if (keep)
-        return scale ? axpby_f64_read<true, true>(s, a, x, b, y, c, n)
-                     : axpby_f64_read<true, false>(s, a, x, b, y, c, n);
-    return scale ? axpby_f64_read<false, true>(s, a, x, b, y, c, n) : axpby_f64_read<false, false>(s, a, x, b, y, c, n);
+        return scale ? axpby_f64_as<true, true, true>(s, a, x, b, y, c, n)
+                     : axpby_f64_as<true, false, true>(s, a, x, b, y, c, n);
+    return scale ? axpby_f64_as<false, true, true>(s, a, x, b, y, c, n)
+                 : axpby_f64_as<false, false, true>(s, a, x, b, y, c, n);
 }
 void max_f32(float* y, const float* x, int64_t n) {
     int64_t i = 0;
