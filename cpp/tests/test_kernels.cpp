@@ -353,7 +353,7 @@ TEST(attention_kernels_match_scalar) {
     const Kernels& K = kernels();
     for (int64_t d :
          {int64_t(1), int64_t(7), int64_t(16), int64_t(33), int64_t(48), int64_t(100), int64_t(128), int64_t(133)}) {
-        for (int64_t rows : {int64_t(1), int64_t(3), int64_t(4), int64_t(5), int64_t(17), int64_t(64)}) {
+        for (int64_t rows : {int64_t(1), int64_t(3), int64_t(4), int64_t(5), int64_t(17), int64_t(64), int64_t(70)}) {
             for (int64_t nq : {int64_t(1), int64_t(3)}) {
                 const int64_t stride = 70;
                 auto q = normal(nq * d, 5), k = normal(rows * d, 6), p = normal(nq * stride, 7);
