@@ -1,7 +1,8 @@
 // The element-wise and row kernels of the SIMD files without masked moves (AVX2, NEON), written
 // once over their vector traits V: whole vectors, then a scalar loop for the last few values.
 // (AVX-512 masks its last vector instead, and has its own.) Besides what simd-inl.hpp asks of V:
-//   V::kDotChains  independent FMA chains in a dot product, and
+//   V::kDotChains  independent FMA chains in a dot product,
+//   V::sum4        the lane sums of four vectors, stored to four floats, and
 //   V::reduce_max  the largest lane;
 // and, before this file, exp_neg (exp for x <= 0) and exp_any (exp over the whole float range).
 //
@@ -90,10 +91,45 @@ void exp_f32(float* y, const float* x, int64_t n) {
     for (; i < n; ++i) y[i] = std::exp(x[i]);
 }
 
+// Four rows against one query, two FMA chains each: eight chains keep both FMA pipes busy, and the
+// four sums are reduced together (V::sum4).
+template <class E>
+inline void dot4(const float* q, const typename E::T* k, int64_t d, float scale, float* s) {
+    F a[8];
+    for (int c = 0; c < 8; ++c) a[c] = V::zero();
+    int64_t i = 0;
+    for (; i + 2 * kLanes <= d; i += 2 * kLanes) {
+        const F x0 = V::load(q + i), x1 = V::load(q + i + kLanes);
+        KVFOLD_UNROLL(4)
+        for (int r = 0; r < 4; ++r) {
+            a[2 * r] = V::fma(x0, E::load(k + r * d + i), a[2 * r]);
+            a[2 * r + 1] = V::fma(x1, E::load(k + r * d + i + kLanes), a[2 * r + 1]);
+        }
+    }
+    for (; i + kLanes <= d; i += kLanes) {
+        const F x = V::load(q + i);
+        KVFOLD_UNROLL(4)
+        for (int r = 0; r < 4; ++r) a[2 * r] = V::fma(x, E::load(k + r * d + i), a[2 * r]);
+    }
+    float sums[4];
+    V::sum4(V::add(a[0], a[1]), V::add(a[2], a[3]), V::add(a[4], a[5]), V::add(a[6], a[7]), sums);
+    for (int r = 0; r < 4; ++r) {
+        for (int64_t t = i; t < d; ++t) sums[r] += q[t] * E::one(k[r * d + t]);
+        s[r] = scale * sums[r];
+    }
+}
+
+// Rows of 16-bit values are scored four at a time: their conversions, not the reads, bound the
+// pass (a window of 256 float16 rows took 0.93x the time). float32 rows are scored one at a time:
+// four at a time, their reads interleaved, a window of 4096 rows streamed from DRAM took 1.2x.
 template <class E>
 void scores(const float* q, int64_t q_stride, int64_t nq, const typename E::T* k, int64_t rows, int64_t d, float scale,
             float* s, int64_t s_stride) {
-    for (int64_t j = 0; j < rows; ++j, k += d)
+    int64_t j = 0;
+    if (sizeof(*k) == 2)
+        for (; j + 4 <= rows; j += 4, k += 4 * d)
+            for (int64_t i = 0; i < nq; ++i) dot4<E>(q + i * q_stride, k, d, scale, s + i * s_stride + j);
+    for (; j < rows; ++j, k += d)
         for (int64_t i = 0; i < nq; ++i) s[i * s_stride + j] = scale * dot<E>(q + i * q_stride, k, d);
 }
 
