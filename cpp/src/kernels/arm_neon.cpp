@@ -46,9 +46,6 @@ struct V {
         return vmulq_f32(p, vreinterpretq_f32_s32(e));
     }
     static float sum(F x) { return vaddvq_f32(x); }
-    static void sum4(F a0, F a1, F a2, F a3, float* out) {  // the lane sums of four vectors
-        vst1q_f32(out, vpaddq_f32(vpaddq_f32(a0, a1), vpaddq_f32(a2, a3)));
-    }
     static float reduce_max(F x) { return vmaxvq_f32(x); }
     static constexpr int kDotChains = 4;
     static constexpr bool kRequestNext = false;  // see update_tile

@@ -1,8 +1,7 @@
 // The element-wise and row kernels of the SIMD files without masked moves (AVX2, NEON), written
 // once over their vector traits V: whole vectors, then a scalar loop for the last few values.
 // (AVX-512 masks its last vector instead, and has its own.) Besides what simd-inl.hpp asks of V:
-//   V::kDotChains  independent FMA chains in a dot product,
-//   V::sum4        the lane sums of four vectors, stored to four floats, and
+//   V::kDotChains  independent FMA chains in a dot product, and
 //   V::reduce_max  the largest lane;
 // and, before this file, exp_neg (exp for x <= 0) and exp_any (exp over the whole float range).
 //
@@ -91,46 +90,54 @@ void exp_f32(float* y, const float* x, int64_t n) {
     for (; i < n; ++i) y[i] = std::exp(x[i]);
 }
 
-// Four rows against one query, two FMA chains each: eight chains keep both FMA pipes busy, and the
-// four sums are reduced together (V::sum4).
-template <class E>
-inline void dot4(const float* q, const typename E::T* k, int64_t d, float scale, float* s) {
-    F a[8];
-    for (int c = 0; c < 8; ++c) a[c] = V::zero();
-    int64_t i = 0;
-    for (; i + 2 * kLanes <= d; i += 2 * kLanes) {
-        const F x0 = V::load(q + i), x1 = V::load(q + i + kLanes);
-        KVFOLD_UNROLL(4)
-        for (int r = 0; r < 4; ++r) {
-            a[2 * r] = V::fma(x0, E::load(k + r * d + i), a[2 * r]);
-            a[2 * r + 1] = V::fma(x1, E::load(k + r * d + i + kLanes), a[2 * r + 1]);
-        }
-    }
-    for (; i + kLanes <= d; i += kLanes) {
-        const F x = V::load(q + i);
-        KVFOLD_UNROLL(4)
-        for (int r = 0; r < 4; ++r) a[2 * r] = V::fma(x, E::load(k + r * d + i), a[2 * r]);
-    }
-    float sums[4];
-    V::sum4(V::add(a[0], a[1]), V::add(a[2], a[3]), V::add(a[4], a[5]), V::add(a[6], a[7]), sums);
-    for (int r = 0; r < 4; ++r) {
-        for (int64_t t = i; t < d; ++t) sums[r] += q[t] * E::one(k[r * d + t]);
-        s[r] = scale * sums[r];
-    }
-}
+// Without masked moves a row's columns take more than one pass (AVX2's 16 registers hold 64 of
+// them): the rows go by in blocks of kRowBlock, each read in all its passes while it is in L1, so
+// that the window streams in order. One pass per column slice over all 256 rows of a float32
+// window took 1.2x the time, its later passes reading lines the prefetcher had not asked for.
+constexpr int64_t kRowBlock = 32;
 
-// Rows of 16-bit values are scored four at a time: their conversions, not the reads, bound the
-// pass (a window of 256 float16 rows took 0.93x the time). float32 rows are scored one at a time:
-// four at a time, their reads interleaved, a window of 4096 rows streamed from DRAM took 1.2x.
+// Scores a block of rows at a time, as weighted_sum reads values: each slice of 8 vectors of the
+// columns over the whole block (the query's slice in registers), a vector of partial sums per row
+// carried from slice to slice and summed across its lanes once at the end. Scored one row at a
+// time (a call and a lane sum per row), a prefill over a window of 256 float32 rows took 1.15x
+// the time, and a decode step over 256 float16 rows 1.1x.
 template <class E>
 void scores(const float* q, int64_t q_stride, int64_t nq, const typename E::T* k, int64_t rows, int64_t d, float scale,
             float* s, int64_t s_stride) {
-    int64_t j = 0;
-    if (sizeof(*k) == 2)
-        for (; j + 4 <= rows; j += 4, k += 4 * d)
-            for (int64_t i = 0; i < nq; ++i) dot4<E>(q + i * q_stride, k, d, scale, s + i * s_stride + j);
-    for (; j < rows; ++j, k += d)
-        for (int64_t i = 0; i < nq; ++i) s[i * s_stride + j] = scale * dot<E>(q + i * q_stride, k, d);
+    constexpr int64_t kSlice = 8 * kLanes;
+    const int64_t whole = d / kLanes * kLanes;  // columns in whole vectors; the rest one by one
+    F part[kRowBlock];
+    for (int64_t j0 = 0; j0 < rows; j0 += kRowBlock, k += kRowBlock * d) {
+        const int64_t n = rows - j0 < kRowBlock ? rows - j0 : kRowBlock;
+        for (int64_t i = 0; i < nq; ++i) {
+            const float* qi = q + i * q_stride;
+            int64_t c = 0;
+            for (; c + kSlice <= whole; c += kSlice) {
+                F x[8];
+                for (int t = 0; t < 8; ++t) x[t] = V::load(qi + c + kLanes * t);
+                for (int64_t j = 0; j < n; ++j) {
+                    const typename E::T* row = k + j * d + c;
+                    F a = c ? part[j] : V::zero(), b = V::zero();  // two chains
+                    for (int t = 0; t < 8; t += 2) {
+                        a = V::fma(x[t], E::load(row + kLanes * t), a);
+                        b = V::fma(x[t + 1], E::load(row + kLanes * (t + 1)), b);
+                    }
+                    part[j] = V::add(a, b);
+                }
+            }
+            if (c < whole)
+                for (int64_t j = 0; j < n; ++j) {
+                    F a = c ? part[j] : V::zero();
+                    for (int64_t t = c; t < whole; t += kLanes) a = V::fma(V::load(qi + t), E::load(k + j * d + t), a);
+                    part[j] = a;
+                }
+            for (int64_t j = 0; j < n; ++j) {
+                float sum = whole ? V::sum(part[j]) : 0.0f;
+                for (int64_t t = whole; t < d; ++t) sum += qi[t] * E::one(k[j * d + t]);
+                s[i * s_stride + j0 + j] = scale * sum;
+            }
+        }
+    }
 }
 
 // o (R vectors) (+)= sum_j p_j v_j[0 : R kLanes]: the output stays in registers while the rows
@@ -148,12 +155,6 @@ void accumulate(const float* p, const typename E::T* v, int64_t rows, int64_t d,
     KVFOLD_UNROLL(8)
     for (int r = 0; r < R; ++r) V::store(o + kLanes * r, acc[r]);
 }
-
-// Without masked moves a row's columns take more than one pass (AVX2's 16 registers hold 64 of
-// them): the rows go by in blocks of kRowBlock, each read in all its passes while it is in L1, so
-// that the window streams in order. One pass per column slice over all 256 rows of a float32
-// window took 1.2x the time, its later passes reading lines the prefetcher had not asked for.
-constexpr int64_t kRowBlock = 32;
 
 template <class E>
 void weighted_sum(const float* p, int64_t p_stride, int64_t nq, const typename E::T* v, int64_t rows, int64_t d,

@@ -53,10 +53,6 @@ struct V {
         return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
     }
     static float sum(F x) { return hsum(x); }
-    static void sum4(F a0, F a1, F a2, F a3, float* out) {  // the lane sums of four vectors
-        const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-        _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
-    }
     static float reduce_max(F x) {
         __m128 h = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
         h = _mm_max_ps(h, _mm_movehl_ps(h, h));
