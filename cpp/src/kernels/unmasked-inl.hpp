@@ -96,6 +96,14 @@ void exp_f32(float* y, const float* x, int64_t n) {
 // window took 1.2x the time, its later passes reading lines the prefetcher had not asked for.
 constexpr int64_t kRowBlock = 32;
 
+// Calls block(first, n, add_block) for the rows in blocks of kRowBlock. A weighted sum's block adds
+// to the output when the caller asked it to or an earlier block has written it.
+template <class Block>
+inline void for_row_blocks(int64_t rows, bool add, Block block) {
+    for (int64_t first = 0; first < rows; first += kRowBlock)
+        block(first, rows - first < kRowBlock ? rows - first : kRowBlock, add || first > 0);
+}
+
 // Scores a block of rows at a time, as weighted_sum reads values: each slice of 8 vectors of the
 // columns over the whole block (the query's slice in registers), a vector of partial sums per row
 // carried from slice to slice and summed across its lanes once at the end. Scored one row at a
@@ -107,8 +115,8 @@ void scores(const float* q, int64_t q_stride, int64_t nq, const typename E::T* k
     constexpr int64_t kSlice = 8 * kLanes;
     const int64_t whole = d / kLanes * kLanes;  // columns in whole vectors; the rest one by one
     F part[kRowBlock];
-    for (int64_t j0 = 0; j0 < rows; j0 += kRowBlock, k += kRowBlock * d) {
-        const int64_t n = rows - j0 < kRowBlock ? rows - j0 : kRowBlock;
+    for_row_blocks(rows, false, [&](int64_t j0, int64_t n, bool) {
+        const typename E::T* k0 = k + j0 * d;
         for (int64_t i = 0; i < nq; ++i) {
             const float* qi = q + i * q_stride;
             int64_t c = 0;
@@ -116,7 +124,7 @@ void scores(const float* q, int64_t q_stride, int64_t nq, const typename E::T* k
                 F x[8];
                 for (int t = 0; t < 8; ++t) x[t] = V::load(qi + c + kLanes * t);
                 for (int64_t j = 0; j < n; ++j) {
-                    const typename E::T* row = k + j * d + c;
+                    const typename E::T* row = k0 + j * d + c;
                     F a = c ? part[j] : V::zero(), b = V::zero();  // two chains
                     for (int t = 0; t < 8; t += 2) {
                         a = V::fma(x[t], E::load(row + kLanes * t), a);
@@ -128,16 +136,16 @@ void scores(const float* q, int64_t q_stride, int64_t nq, const typename E::T* k
             if (c < whole)
                 for (int64_t j = 0; j < n; ++j) {
                     F a = c ? part[j] : V::zero();
-                    for (int64_t t = c; t < whole; t += kLanes) a = V::fma(V::load(qi + t), E::load(k + j * d + t), a);
+                    for (int64_t t = c; t < whole; t += kLanes) a = V::fma(V::load(qi + t), E::load(k0 + j * d + t), a);
                     part[j] = a;
                 }
             for (int64_t j = 0; j < n; ++j) {
                 float sum = whole ? V::sum(part[j]) : 0.0f;
-                for (int64_t t = whole; t < d; ++t) sum += qi[t] * E::one(k[j * d + t]);
+                for (int64_t t = whole; t < d; ++t) sum += qi[t] * E::one(k0[j * d + t]);
                 s[i * s_stride + j0 + j] = scale * sum;
             }
         }
-    }
+    });
 }
 
 // o (R vectors) (+)= sum_j p_j v_j[0 : R kLanes]: the output stays in registers while the rows
@@ -162,23 +170,22 @@ void weighted_sum(const float* p, int64_t p_stride, int64_t nq, const typename E
     using Acc = void (*)(const float*, const typename E::T*, int64_t, int64_t, float*, bool);
     static constexpr Acc by_registers[8] = {nullptr,          accumulate<E, 1>, accumulate<E, 2>, accumulate<E, 3>,
                                             accumulate<E, 4>, accumulate<E, 5>, accumulate<E, 6>, accumulate<E, 7>};
-    for (int64_t j0 = 0; j0 < rows; j0 += kRowBlock, v += kRowBlock * d) {
-        const int64_t n = rows - j0 < kRowBlock ? rows - j0 : kRowBlock;
-        const bool add_block = add || j0 > 0;
+    for_row_blocks(rows, add, [&](int64_t j0, int64_t n, bool add_block) {
+        const typename E::T* v0 = v + j0 * d;
         for (int64_t i = 0; i < nq; ++i) {
             const float* pi = p + i * p_stride + j0;
             float* o = out + i * out_stride;
             int64_t c = 0;
-            for (; c + 8 * kLanes <= d; c += 8 * kLanes) accumulate<E, 8>(pi, v + c, n, d, o + c, add_block);
+            for (; c + 8 * kLanes <= d; c += 8 * kLanes) accumulate<E, 8>(pi, v0 + c, n, d, o + c, add_block);
             if (int64_t regs = (d - c) / kLanes) {
-                by_registers[regs](pi, v + c, n, d, o + c, add_block);
+                by_registers[regs](pi, v0 + c, n, d, o + c, add_block);
                 c += kLanes * regs;
             }
             for (; c < d; ++c) {
                 float sum = add_block ? o[c] : 0.0f;
-                for (int64_t j = 0; j < n; ++j) sum += pi[j] * E::one(v[j * d + c]);
+                for (int64_t j = 0; j < n; ++j) sum += pi[j] * E::one(v0[j * d + c]);
                 o[c] = sum;
             }
         }
-    }
+    });
 }

@@ -3,7 +3,6 @@
 #include <immintrin.h>
 
 #include <cmath>
-#include <cstdlib>
 #include <type_traits>
 
 #include "../half.hpp"
@@ -289,17 +288,16 @@ void weighted_sum_bf16(const float* p, int64_t p_stride, int64_t nq, const uint1
     if (d % 16) return weighted_sum<BF16>(p, p_stride, nq, v, rows, d, out, out_stride, add);
     using Acc = void (*)(const float*, const uint16_t*, int64_t, int64_t, float*, bool);
     static constexpr Acc by_blocks[4] = {nullptr, accumulate_bf16<1>, accumulate_bf16<2>, accumulate_bf16<3>};
-    for (int64_t j0 = 0; j0 < rows; j0 += kRowBlock, v += kRowBlock * d) {  // as weighted_sum does
-        const int64_t n = rows - j0 < kRowBlock ? rows - j0 : kRowBlock;
-        const bool add_block = add || j0 > 0;
+    for_row_blocks(rows, add, [&](int64_t j0, int64_t n, bool add_block) {  // as weighted_sum does
+        const uint16_t* v0 = v + j0 * d;
         for (int64_t i = 0; i < nq; ++i) {
             const float* pi = p + i * p_stride + j0;
             float* o = out + i * out_stride;
             int64_t c = 0;
-            for (; c + 64 <= d; c += 64) accumulate_bf16<4>(pi, v + c, n, d, o + c, add_block);
-            if (c < d) by_blocks[(d - c) / 16](pi, v + c, n, d, o + c, add_block);
+            for (; c + 64 <= d; c += 64) accumulate_bf16<4>(pi, v0 + c, n, d, o + c, add_block);
+            if (c < d) by_blocks[(d - c) / 16](pi, v0 + c, n, d, o + c, add_block);
         }
-    }
+    });
 }
 
 #include "softmax-inl.hpp"
