@@ -150,14 +150,30 @@ def test_merge_choices_by_hand(slots, keys):
         close(a, b)
 
 
-@pytest.mark.parametrize("slots", [3, 8])
-def test_many_merges_of_near_keys_keep_the_float64_choices(slots, rng):
-    """Keys near three directions, so that many pairs' cosines are within float16 rounding of each
-    other, merged hundreds of times: merged slots, whose cosines come from their parents', still merge
-    the pair the float64 reference does (the values, token numbers, tell which pairs merged)."""
-    n = 400
+def near_three_directions(rng, n):
     pool = rng.standard_normal((3, 4))
-    k = (pool[rng.integers(0, 3, n)] + 1e-2 * rng.standard_normal((n, 4))).astype(np.float32)[None, None]
+    return pool[rng.integers(0, 3, n)] + 1e-2 * rng.standard_normal((n, 4))
+
+
+def three_directions_apart(rng, n):
+    """Unit keys 120 degrees apart, a little off: slots of different directions must merge."""
+    angle = 2 * np.pi * rng.integers(0, 3, n) / 3 + 1e-3 * rng.standard_normal(n)
+    return np.stack([np.cos(angle), np.sin(angle), 1e-3 * rng.standard_normal(n), np.zeros(n)], 1)
+
+
+def scattered(rng, n):
+    return rng.standard_normal((n, 4))
+
+
+@pytest.mark.parametrize("keys", [near_three_directions, three_directions_apart, scattered])
+@pytest.mark.parametrize("slots", [3, 8])
+def test_many_merges_keep_the_float64_choices(slots, keys, rng):
+    """Merged hundreds of times, the slots merge the pair the float64 reference does (the values,
+    token numbers, tell which pairs merged): with keys near three directions many cosines are within
+    float16 rounding of each other, and a merged slot's cosines come from its parents'; with keys
+    that point apart, its parents' cosines would bound it too loosely and it is scored again."""
+    n = 400
+    k = keys(rng, n).astype(np.float32)[None, None]
     v = np.arange(n, dtype=np.float32)[None, None, :, None]
     cache = kvfold.MemoryCache(rules.Merge(slots), num_heads=1, head_dim=4, value_dim=1)
     ref = reference.StreamCache(rules.Merge(slots), num_heads=1, head_dim=4, value_dim=1)

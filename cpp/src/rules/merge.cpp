@@ -15,12 +15,13 @@
 //
 // Derived from the sums, and rebuilt from them after a load rather than saved: each place's mean key
 // direction in float16 (half the bytes a fold reads) and its squared norm, the float32 cosines of every two places
-// (-inf on the diagonal), and each place's largest cosine with another. A fold computes only the new slot's and the
-// merged slot's cosines, one SIMD score pass each (O(slots * d)), and keeps the largest of each place up to date in
-// O(slots) (a place whose largest was the entry that fell is scanned again), so finding the most similar pair reads
-// only the places near the top. The pairs whose cosine comes within the rounding error of the float16 directions of the
-// largest are compared again in float64, so the choice is the float64 one (a pair alone within it needs no second
-// look).
+// (-inf on the diagonal), and each place's largest cosine with another. A fold scores the new slot against every
+// direction, one SIMD pass (O(slots * d)); the merged slot's cosines are its parents', weighed by their norms
+// (O(slots)), unless that widens their error bound too far (see merged_cosines). The largest of each place is kept up
+// to date in O(slots) (a place whose largest was the entry that fell is scanned again), so finding the most similar
+// pair reads only the places near the top. The pairs whose cosine comes within the error bound of the largest are
+// compared again in float64, so the choice is the float64 one (a pair alone within it needs no second look).
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -53,6 +54,7 @@ class Merge final : public SlotRule {
         add_derived_buffer(norm2_, sizeof(double) * n);          // |Sk|^2 of each place
         add_derived_buffer(cosine_, sizeof(float) * n * n);      // cosine of the mean keys of places p and q
         add_derived_buffer(largest_, sizeof(float) * n);         // each place's largest cosine with another
+        add_derived_buffer(spread_, sizeof(float) * n);          // each place's error factor, see merged_cosines
         // The float32 dot of two float16 unit vectors is within e of the exact cosine: each vector is
         // off by at most d16 in length (a float32 then a float16 rounding of each component, and below
         // float16's normal range its spacing, 2^-24), the dot by (d + 2) float32 roundings; two
@@ -61,18 +63,23 @@ class Merge final : public SlotRule {
             std::ldexp(1.0, -11) + std::ldexp(1.0, -23) + std::sqrt(static_cast<double>(d.dk)) * std::ldexp(1.0, -24);
         const double e = 2.0 * d16 * (1.0 + d16) + 1.01 * static_cast<double>(d.dk + 2) * std::ldexp(1.0, -23);
         margin_ = static_cast<float>(2.0 * e);
+        // A merged cosine is computed in float32 from its parents' weights and cosines, a few roundings of
+        // 2^-24 of its parents' weight: within 2^-21 / e of e times that weight, which widens the factor a
+        // little (see merged_cosines).
+        round_ = std::ldexp(1.0, -21) / e;
     }
 
-    // The places' directions and cosines, in the order folds would have written them, and the rows
-    // attention reads. Place `slots` holds a slot from the first merge on (no count is 0 after a fold);
-    // before it, places [0, slots) fill in order and the empty ones have count 0.
+    // The places' directions and cosines, every place scored, and the rows attention reads. (Merges
+    // computed some cosines from their parents' instead; both are within the bounds most_similar
+    // allows, so the loaded state chooses as the original would.) Place `slots` holds a slot from the first merge on
+    // (no count is 0 after a fold); before it, places [0, slots) fill in order and the empty ones have count 0.
     void rebuild(int64_t lane) override {
         const int64_t n = slots_ + 1;
         float* cos = cosine_.lane<float>(lane);
         float* largest = largest_.lane<float>(lane);
         for (int64_t p = 0; p < n * n; ++p) cos[p] = p % (n + 1) ? 0.0f : kSelf;
         for (int64_t p = 0; p < n; ++p) largest[p] = 0;  // the largest of an all-zero matrix
-        for (int64_t p = 0; p <= slots_; ++p) update_cosines(lane, p);
+        for (int64_t p = 0; p <= slots_; ++p) score_place(lane, p);
         const int64_t* order = order_.lane<int64_t>(lane);
         const double* count = count_.lane<double>(lane);
         const bool merging = count[slots_] > 0;
@@ -155,7 +162,7 @@ class Merge final : public SlotRule {
         for (int64_t i = 0; i < dv; ++i) sv[i] = v[i];
         count_.lane<double>(lane)[p] = 1;
         if (keeps_positions()) sum_p_.lane<double>(lane)[p] = static_cast<double>(position);
-        update_cosines(lane, p);
+        score_place(lane, p);
         if (s < slots_) {
             write_slot(lane, p);
             return {};
@@ -174,6 +181,8 @@ class Merge final : public SlotRule {
         const int64_t dk = dims_.dk, dv = dims_.dv, lane = m.lane, a = m.a, b = m.b, p = m.p;
         int64_t* order = order_.lane<int64_t>(lane);
         const int64_t pa = order[a], pb = order[b];
+        const double* norm2 = norm2_.lane<double>(lane);
+        const double norm_a = std::sqrt(norm2[pa]), norm_b = std::sqrt(norm2[pb]);  // before they add
         add(sum_k_.lane<double>(lane) + pa * dk, sum_k_.lane<double>(lane) + pb * dk, dk);
         add(sum_v_.lane<double>(lane) + pa * dv, sum_v_.lane<double>(lane) + pb * dv, dv);
         count_.lane<double>(lane)[pa] += count_.lane<double>(lane)[pb];
@@ -181,7 +190,7 @@ class Merge final : public SlotRule {
         // Slot b leaves: later slots move down in the order, and b's place becomes the free one.
         std::memmove(order + b, order + b + 1, sizeof(int64_t) * (slots_ - b));
         order[slots_] = pb;
-        update_cosines(lane, pa);
+        merged_cosines(lane, pa, pb, norm_a, norm_b);
         // Rows: place `slots` was read from row p when p < slots, and is now read from row pb.
         if (p < slots_ && pb != p && pb != slots_ && pa != slots_) move_row(lane, p, pb);
         write_slot(lane, pa);
@@ -195,6 +204,7 @@ class Merge final : public SlotRule {
         prefetch_l1(unit_.lane(lane), sizeof(uint16_t) * n * dk);
         prefetch_l1(cosine_.lane(lane), sizeof(float) * n * n);
         prefetch_l1(largest_.lane(lane), sizeof(float) * n);
+        prefetch_l1(spread_.lane(lane), sizeof(float) * n);
         prefetch_l1(norm2_.lane(lane), sizeof(double) * n);
         prefetch_l1(count_.lane(lane), sizeof(double) * n);
         prefetch_l1(order_.lane(lane), sizeof(int64_t) * n);
@@ -219,29 +229,77 @@ class Merge final : public SlotRule {
         for (int64_t i = 0; i < d; ++i) x[i] += y[i];
     }
 
-    // Place p's key direction and squared norm from its sums, and its cosines with every place (stale
-    // places included: a place's entries are rewritten whenever it takes a slot). The largest cosine of
-    // every place stays the largest of its row: it grows with a new entry above it, and a row whose
-    // largest may have been the entry replaced is scanned again.
-    void update_cosines(int64_t lane, int64_t p) {
-        const int64_t dk = dims_.dk, n = slots_ + 1;
+    // Place p's key direction from its sums, in float16 and as the other places read it (0 for a zero
+    // key), and its squared norm.
+    const float* direction(int64_t lane, int64_t p) {
+        const int64_t dk = dims_.dk;
         const double* sk = sum_k_.lane<double>(lane) + p * dk;
-        uint16_t* units = unit_.lane<uint16_t>(lane);
-        float* cos = cosine_.lane<float>(lane);
-        float* largest = largest_.lane<float>(lane);
+        uint16_t* unit16 = unit_.lane<uint16_t>(lane) + p * dk;
         const double norm2 = dot(sk, sk, dk), inv = norm2 > 0 ? 1.0 / std::sqrt(norm2) : 0.0;
         norm2_.lane<double>(lane)[p] = norm2;
-        thread_local std::vector<float> row, unit;
-        thread_local std::vector<int64_t> rescan;
-        row.resize(static_cast<size_t>(n));
+        thread_local std::vector<float> unit;
         unit.resize(static_cast<size_t>(dk));
-        rescan.resize(static_cast<size_t>(n));
-        const Kernels& K = kernels();
-        K.mul_f64(unit.data(), sk, inv, dk);
-        store_row(units + p * dk, unit.data(), dk, DType::float16);
-        load_row(unit.data(), units + p * dk, dk, DType::float16);  // as the other places see it
-        K.scores_f16(unit.data(), dk, 1, units, n, dk, 1.0f, row.data(), n);
+        kernels().mul_f64(unit.data(), sk, inv, dk);
+        store_row(unit16, unit.data(), dk, DType::float16);
+        load_row(unit.data(), unit16, dk, DType::float16);
+        return unit.data();
+    }
+
+    // Place p's cosines with every place (stale places included: a place's entries are rewritten whenever it
+    // takes a slot), scored from the float16 directions: each within e of the float64 cosine.
+    void score_place(int64_t lane, int64_t p) { score_place(lane, p, direction(lane, p)); }
+    void score_place(int64_t lane, int64_t p, const float* unit) {
+        const int64_t dk = dims_.dk, n = slots_ + 1;
+        float* row = scratch_row(n);
+        kernels().scores_f16(unit, dk, 1, unit_.lane<uint16_t>(lane), n, dk, 1.0f, row, n);
         row[p] = kSelf;
+        spread_.lane<float>(lane)[p] = 1;
+        set_cosines(lane, p, row);
+    }
+
+    // Place pa's cosines after place pb's sums were added to it. The merged key is the sum of its parents',
+    // so its cosine with q is (|a| cos(a, q) + |b| cos(b, q)) / |a + b|: no pass over the directions.
+    // Every cosine (p, q) is kept within e * spread[p] * spread[q] of the float64 one (spread 1 when
+    // scored); a merged cosine's error is its parents' weighed the same way, so its spread is
+    // (|a| spread[a] + |b| spread[b]) / |a + b|, a little more for its own rounding. That grows when the
+    // parents' keys point apart; past kMaxSpread the place is scored again instead.
+    void merged_cosines(int64_t lane, int64_t pa, int64_t pb, double norm_a, double norm_b) {
+        const int64_t n = slots_ + 1;
+        float* spread = spread_.lane<float>(lane);
+        const float* unit = direction(lane, pa);
+        const double norm = std::sqrt(norm2_.lane<double>(lane)[pa]);
+        const double merged = (norm_a * spread[pa] + norm_b * spread[pb]) / norm * (1.0 + round_);
+        if (!(norm_a > 0 && norm_b > 0 && merged <= kMaxSpread)) return score_place(lane, pa, unit);
+        const float* cos = cosine_.lane<float>(lane);
+        const float* ca = cos + pa * n;
+        const float* cb = cos + pb * n;
+        const float wa = static_cast<float>(norm_a / norm), wb = static_cast<float>(norm_b / norm);
+        float* row = scratch_row(n);
+        for (int64_t q = 0; q < n; ++q) row[q] = wa * ca[q] + wb * cb[q];
+        row[pa] = row[pb] = kSelf;  // (pb is free now; its entries are written again when it takes a pair)
+        spread[pa] = static_cast<float>(merged * (1 + std::ldexp(1.0, -23)));  // rounded up
+        set_cosines(lane, pa, row);
+    }
+
+    // How far a merged place's cosine error may grow, over e, before the place is scored again: the
+    // margin most_similar compares within grows with its square.
+    static constexpr double kMaxSpread = 1.5;
+
+    static float* scratch_row(int64_t n) {
+        thread_local std::vector<float> row;
+        row.resize(static_cast<size_t>(n));
+        return row.data();
+    }
+
+    // Row and column p of the cosines set to `row` (row[p] = kSelf). The largest cosine of every place
+    // stays the largest of its row: it grows with a new entry above it, and a row whose largest may have
+    // been the entry replaced is scanned again.
+    void set_cosines(int64_t lane, int64_t p, const float* row) {
+        const int64_t n = slots_ + 1;
+        float* cos = cosine_.lane<float>(lane);
+        float* largest = largest_.lane<float>(lane);
+        thread_local std::vector<int64_t> rescan;
+        rescan.resize(static_cast<size_t>(n));
         int64_t stale = 0;  // rows to scan again
         for (int64_t q = 0; q < n; ++q) {
             const float was = cos[p * n + q], c = row[q], l = largest[q];  // symmetric: row p is column p
@@ -251,8 +309,9 @@ class Merge final : public SlotRule {
             rescan[stale] = q;
             stale += !(c >= l) & (was == l);
         }
-        std::memcpy(cos + p * n, row.data(), sizeof(float) * n);
-        largest[p] = K.max(row.data(), n);
+        std::memcpy(cos + p * n, row, sizeof(float) * n);
+        const Kernels& K = kernels();
+        largest[p] = K.max(row, n);
         for (int64_t i = 0; i < stale; ++i) largest[rescan[i]] = K.max(cos + rescan[i] * n, n);
     }
 
@@ -278,12 +337,10 @@ class Merge final : public SlotRule {
         const int64_t* order = order_.lane<int64_t>(lane);
         const float* cos = cosine_.lane<float>(lane);
         const float* largest = largest_.lane<float>(lane);
-        thread_local std::vector<int64_t> slot_of;  // place -> slot index
-        slot_of.resize(n);
-        float best = -std::numeric_limits<float>::infinity();
-        for (int64_t p = 0; p < n; ++p) best = std::max(best, largest[p]);
-        for (int64_t i = 0; i < n; ++i) slot_of[order[i]] = i;
-        const float near = best - margin_;
+        const Kernels& K = kernels();
+        const float best = K.max(largest, n), widest = std::max(1.0f, K.max(spread_.lane<float>(lane), n));
+        // Each cosine is within margin / 2 * spread^2 of the float64 one (merged_cosines).
+        const float near = best - margin_ * widest * widest;
         // The pairs within rounding of the largest; one alone is the largest in float64 as well.
         thread_local std::vector<int64_t> pairs;
         pairs.clear();
@@ -292,8 +349,9 @@ class Merge final : public SlotRule {
             for (int64_t q = p + 1; q < n; ++q)
                 if (cos[p * n + q] >= near) pairs.push_back(p * n + q);
         }
+        const auto slot_of = [&](int64_t place) { return std::find(order, order + n, place) - order; };
         const auto slots_of = [&](int64_t pair, int64_t* i, int64_t* j) {
-            const int64_t x = slot_of[pair / n], y = slot_of[pair % n];
+            const int64_t x = slot_of(pair / n), y = slot_of(pair % n);
             *i = std::min(x, y), *j = std::max(x, y);
         };
         *a = 0, *b = 1;
@@ -359,8 +417,9 @@ class Merge final : public SlotRule {
     int64_t slots_;
     bool log_count_;
     float margin_ = 0;
-    LaneBuffer sum_k_, sum_v_, count_, order_, sum_p_;   // the state
-    LaneBuffer bias_, unit_, norm2_, cosine_, largest_;  // derived from it
+    double round_ = 0;
+    LaneBuffer sum_k_, sum_v_, count_, order_, sum_p_;            // the state
+    LaneBuffer bias_, unit_, norm2_, cosine_, largest_, spread_;  // derived from it
 };
 
 std::unique_ptr<Rule> make(const RuleSpec& spec) {
