@@ -293,14 +293,23 @@ void gemm_tile(const Gemm& g, int64_t i0, int64_t j0, int64_t k, const Tile& til
 // hundred tiles for the next chunk's 768 lines, and each tile computes long enough for 8 to arrive.
 constexpr int kLinesPerTile = 8;
 
+// Rows of the next tile when `left` remain: R, but a last tile of fewer than R - 2 rows would keep
+// too few FMA chains in flight, so R + 2 .. 2R - 3 rows go as two near-equal tiles.
+template <int R>
+inline int64_t tile_rows(int64_t left) {
+    if (left <= R) return left;
+    if (left < 2 * R - 2 && left - R < R - 2) return (left + 1) / 2;
+    return R;
+}
+
 template <template <int> class Tile, int R, int NV>
 void tiled_gemm(const Gemm& g) {
     constexpr int64_t kCols = NV * kLanes;
     const int64_t n = tiled_columns<Tile>(g.n);
     for (int64_t j0 = 0; j0 < n; j0 += kCols) {
         const int64_t w = n - j0 < kCols ? n - j0 : kCols;
-        for (int64_t i0 = g.lower_c ? j0 / R * R : 0; i0 < g.m; i0 += R) {
-            const int64_t rows = g.m - i0 < R ? g.m - i0 : R;
+        for (int64_t i0 = 0, rows = 0; i0 < g.m; i0 += rows) {
+            rows = tile_rows<R>(g.m - i0);
             const int64_t k = g.lower_a && i0 + rows < g.k ? i0 + rows : g.k;
             // lower_c: a tile that reaches the diagonal computes only the vectors left of its last row's diagonal
             const int64_t cols = g.lower_c && i0 + rows - j0 < w ? i0 + rows - j0 : w;
