@@ -326,6 +326,13 @@ TEST(elementwise_kernels_match_scalar) {
         S.sub_f64(s1.data(), b.data(), n);
         K.sub_f64(s2.data(), b.data(), n);
         for (int64_t i = 0; i < n; ++i) CHECK(s1[i] == s2[i]);  // float64 sums of float32: exact
+        std::vector<double> t1(n, -1.0), t2(n, -1.0);
+        S.set_f64(t1.data(), b.data(), n);
+        K.set_f64(t2.data(), b.data(), n);
+        for (int64_t i = 0; i < n; ++i) CHECK(t1[i] == double(b[i]) && t2[i] == t1[i]);
+        S.add_sums_f64(s1.data(), t1.data(), n);
+        K.add_sums_f64(s2.data(), t2.data(), n);
+        for (int64_t i = 0; i < n; ++i) CHECK(s1[i] == s2[i]);
         S.mul_f64(w1.data(), s1.data(), 1.0 / 3.0, n);
         K.mul_f64(w2.data(), s2.data(), 1.0 / 3.0, n);
         CHECK(w1 == w2);

@@ -112,6 +112,20 @@ inline float64x2_t minus(float64x2_t s, float64x2_t x) { return vsubq_f64(s, x);
 
 void add_f64(double* s, const float* x, int64_t n) { update_f64<plus>(s, x, n); }
 void sub_f64(double* s, const float* x, int64_t n) { update_f64<minus>(s, x, n); }
+void set_f64(double* s, const float* x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        float32x4_t x4 = vld1q_f32(x + i);
+        vst1q_f64(s + i, vcvt_f64_f32(vget_low_f32(x4)));
+        vst1q_f64(s + i + 2, vcvt_high_f64_f32(x4));
+    }
+    for (; i < n; ++i) s[i] = x[i];
+}
+void add_sums_f64(double* s, const double* t, int64_t n) {
+    int64_t i = 0;
+    for (; i + 2 <= n; i += 2) vst1q_f64(s + i, vaddq_f64(vld1q_f64(s + i), vld1q_f64(t + i)));
+    for (; i < n; ++i) s[i] += t[i];
+}
 
 void axpby_f64(double* s, double a, const float* x, double b, float* y, double c, int64_t n) {
     int64_t i = 0;

@@ -85,6 +85,8 @@ struct Kernels {
     // Accumulators of the summary rules, float64 so long streams stay exact.
     void (*add_f64)(double* s, const float* x, int64_t n);            // s += x
     void (*sub_f64)(double* s, const float* x, int64_t n);            // s -= x
+    void (*set_f64)(double* s, const float* x, int64_t n);            // s = x
+    void (*add_sums_f64)(double* s, const double* t, int64_t n);      // s += t (two slots' sums merge)
     void (*mul_f64)(float* y, const double* s, double a, int64_t n);  // y = s * a
     // One pass of a fold: s = a * s + b * x, then the visible slot y = c * s in float32 (y may be
     // null when the slot is not wanted).

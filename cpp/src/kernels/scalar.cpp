@@ -72,6 +72,12 @@ void add_f64(double* s, const float* x, int64_t n) {
 void sub_f64(double* s, const float* x, int64_t n) {
     for (int64_t i = 0; i < n; ++i) s[i] -= x[i];
 }
+void set_f64(double* s, const float* x, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) s[i] = x[i];
+}
+void add_sums_f64(double* s, const double* t, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) s[i] += t[i];
+}
 void mul_f64(float* y, const double* s, double a, int64_t n) {
     for (int64_t i = 0; i < n; ++i) y[i] = static_cast<float>(s[i] * a);
 }

@@ -29,6 +29,8 @@ constexpr Kernels filled_table(const char* name) {
     k.all_finite = all_finite;
     k.add_f64 = add_f64;
     k.sub_f64 = sub_f64;
+    k.set_f64 = set_f64;
+    k.add_sums_f64 = add_sums_f64;
     k.mul_f64 = mul_f64;
     k.axpby_f64 = axpby_f64;
     k.max_f32 = max_f32;

@@ -131,6 +131,16 @@ void sub_f64(double* s, const float* x, int64_t n) {
         _mm256_storeu_pd(s + i, _mm256_sub_pd(_mm256_loadu_pd(s + i), _mm256_cvtps_pd(_mm_loadu_ps(x + i))));
     for (; i < n; ++i) s[i] -= x[i];
 }
+void set_f64(double* s, const float* x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) _mm256_storeu_pd(s + i, _mm256_cvtps_pd(_mm_loadu_ps(x + i)));
+    for (; i < n; ++i) s[i] = x[i];
+}
+void add_sums_f64(double* s, const double* t, int64_t n) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) _mm256_storeu_pd(s + i, _mm256_add_pd(_mm256_loadu_pd(s + i), _mm256_loadu_pd(t + i)));
+    for (; i < n; ++i) s[i] += t[i];
+}
 void mul_f64(float* y, const double* s, double a, int64_t n) {
     __m256d va = _mm256_set1_pd(a);
     int64_t i = 0;

@@ -204,6 +204,23 @@ inline __m512d minus(__m512d s, __m512d x) { return _mm512_sub_pd(s, x); }
 
 void add_f64(double* s, const float* x, int64_t n) { update_f64<plus>(s, x, n); }
 void sub_f64(double* s, const float* x, int64_t n) { update_f64<minus>(s, x, n); }
+void set_f64(double* s, const float* x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm512_storeu_pd(s + i, _mm512_cvtps_pd(_mm256_loadu_ps(x + i)));
+    if (i < n) {
+        __mmask8 m = first8(n - i);
+        _mm512_mask_storeu_pd(s + i, m, _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, x + i)));
+    }
+}
+void add_sums_f64(double* s, const double* t, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm512_storeu_pd(s + i, _mm512_add_pd(_mm512_loadu_pd(s + i), _mm512_loadu_pd(t + i)));
+    if (i < n) {
+        __mmask8 m = first8(n - i);
+        _mm512_mask_storeu_pd(s + i, m,
+                              _mm512_add_pd(_mm512_maskz_loadu_pd(m, s + i), _mm512_maskz_loadu_pd(m, t + i)));
+    }
+}
 
 // s = a s + b x, y = c s (y null: not wanted). Cumulative has a = b = 1 and EMA c = 1: the
 // multiplications by 1 are left out (they are exact, so the result is the same).
