@@ -338,28 +338,39 @@ class Merge final : public SlotRule {
         const float best = K.max(largest, n), widest = std::max(1.0f, K.max(spread_.lane<float>(lane), n));
         // Each cosine is within margin / 2 * spread^2 of the float64 one (merged_cosines).
         const float near = best - margin_ * widest * widest;
-        // The pairs within rounding of the largest; one alone is the largest in float64 as well.
-        thread_local std::vector<int64_t> pairs;
-        pairs.clear();
+        // The pairs within rounding of the largest; one alone is the largest in float64 as well. Gathered
+        // without branches (which entries come near the top is a coin toss to the CPU): each index is
+        // written, and the count moves on past it when it is near.
+        thread_local std::vector<int64_t> rows, found;
+        rows.resize(static_cast<size_t>(n));
+        int64_t near_rows = 0, count = 0;
         for (int64_t p = 0; p + 1 < n; ++p) {
-            if (!(largest[p] >= near)) continue;
-            for (int64_t q = p + 1; q < n; ++q)
-                if (cos[p * n + q] >= near) pairs.push_back(p * n + q);
+            rows[near_rows] = p;
+            near_rows += largest[p] >= near;
         }
+        for (int64_t r = 0; r < near_rows; ++r) {
+            if (found.size() < static_cast<size_t>(count + n)) found.resize(static_cast<size_t>(count + n));
+            for (int64_t p = rows[r], q = p + 1; q < n; ++q) {
+                found[count] = p * n + q;
+                count += cos[p * n + q] >= near;
+            }
+        }
+        const int64_t* pairs = found.data();
         const auto slot_of = [&](int64_t place) { return std::find(order, order + n, place) - order; };
         const auto slots_of = [&](int64_t pair, int64_t* i, int64_t* j) {
             const int64_t x = slot_of(pair / n), y = slot_of(pair % n);
             *i = std::min(x, y), *j = std::max(x, y);
         };
         *a = 0, *b = 1;
-        if (pairs.size() == 1) return slots_of(pairs[0], a, b);
+        if (count == 1) return slots_of(pairs[0], a, b);
         const int64_t dk = dims_.dk;
-        for (int64_t pair : pairs) {
-            prefetch_l1(sum_k_.lane<double>(lane) + pair / n * dk, sizeof(double) * dk);
-            prefetch_l1(sum_k_.lane<double>(lane) + pair % n * dk, sizeof(double) * dk);
+        for (int64_t x = 0; x < count; ++x) {
+            prefetch_l1(sum_k_.lane<double>(lane) + pairs[x] / n * dk, sizeof(double) * dk);
+            prefetch_l1(sum_k_.lane<double>(lane) + pairs[x] % n * dk, sizeof(double) * dk);
         }
         double exact = -std::numeric_limits<double>::infinity();
-        for (int64_t pair : pairs) {
+        for (int64_t x = 0; x < count; ++x) {
+            const int64_t pair = pairs[x];
             const double c = exact_cosine(lane, pair / n, pair % n);
             int64_t i, j;
             slots_of(pair, &i, &j);
