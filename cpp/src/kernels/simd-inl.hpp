@@ -294,11 +294,11 @@ void gemm_tile(const Gemm& g, int64_t i0, int64_t j0, int64_t k, const Tile& til
 constexpr int kLinesPerTile = 8;
 
 // Rows of the next tile when `left` remain: R, but a last tile of fewer than R - 2 rows would keep
-// too few FMA chains in flight, so R + 2 .. 2R - 3 rows go as two near-equal tiles.
+// too few FMA chains in flight, so R + 1 .. 2R - 3 rows go as two near-equal tiles.
 template <int R>
 inline int64_t tile_rows(int64_t left) {
     if (left <= R) return left;
-    if (left < 2 * R - 2 && left - R < R - 2) return (left + 1) / 2;
+    if (left < 2 * R - 2) return (left + 1) / 2;
     return R;
 }
 
