@@ -15,12 +15,13 @@
 //
 // Derived from the sums, and rebuilt from them after a load rather than saved: each place's mean key
 // direction in float16 (half the bytes a fold reads) and its squared norm, the float32 cosines of every two places
-// (-inf on the diagonal), and each place's largest cosine with another. A fold scores the new slot against every
-// direction, one SIMD pass (O(slots * d)); the merged slot's cosines are its parents', weighed by their norms
-// (O(slots)), unless that widens their error bound too far (see merged_cosines). The largest of each place is kept up
-// to date in O(slots) (a place whose largest was the entry that fell is scanned again), so finding the most similar
-// pair reads only the places near the top. The pairs whose cosine comes within the error bound of the largest are
-// compared again in float64, so the choice is the float64 one (a pair alone within it needs no second look).
+// (-inf on the diagonal), each place's largest cosine with another, and each place's error factor (its spread, see
+// merged_cosines). A fold scores the new slot against every direction, one SIMD pass (O(slots * d)); the merged
+// slot's cosines are its parents', weighed by their norms (O(slots)), unless that widens their error bound too far
+// (see merged_cosines). The largest of each place is kept up to date in O(slots) (a place whose largest was the entry
+// that fell is scanned again), so finding the most similar pair reads only the places near the top. The pairs whose
+// cosine comes within the error bound of the largest are compared again in float64, so the choice is the float64 one
+// (a pair alone within it needs no second look).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
