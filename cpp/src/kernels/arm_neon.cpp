@@ -46,6 +46,10 @@ struct V {
         return vmulq_f32(p, vreinterpretq_f32_s32(e));
     }
     static float sum(F x) { return vaddvq_f32(x); }
+    // y[i] = scale * (the sum of x[i]'s lanes) for i < 4, the four at once.
+    static void sum4(float* y, const F* x, float scale) {
+        vst1q_f32(y, vmulq_n_f32(vpaddq_f32(vpaddq_f32(x[0], x[1]), vpaddq_f32(x[2], x[3])), scale));
+    }
     static float reduce_max(F x) { return vmaxvq_f32(x); }
     static constexpr int kDotChains = 4;
     static constexpr bool kRequestNext = false;  // see update_tile

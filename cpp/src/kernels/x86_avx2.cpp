@@ -52,6 +52,12 @@ struct V {
         return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
     }
     static float sum(F x) { return hsum(x); }
+    // y[i] = scale * (the sum of x[i]'s lanes) for i < 4, the four at once.
+    static void sum4(float* y, const F* x, float scale) {
+        const F h = _mm256_hadd_ps(_mm256_hadd_ps(x[0], x[1]), _mm256_hadd_ps(x[2], x[3]));
+        const __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        _mm_storeu_ps(y, _mm_mul_ps(_mm_set1_ps(scale), s));
+    }
     static float reduce_max(F x) {
         __m128 h = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
         h = _mm_max_ps(h, _mm_movehl_ps(h, h));
