@@ -353,6 +353,28 @@ TEST(conversions_of_special_values_match_scalar) {
     same_conversion(&Kernels::f32_to_bf16, x);
 }
 
+// A key's score does not depend on where it sits among the rows (in a group of four, past the last
+// group, in a later block): a window's pair scores the same as it moves through the ring.
+TEST(a_keys_score_does_not_depend_on_its_place) {
+    const Kernels& K = kernels();
+    for (int64_t d : {int64_t(16), int64_t(100), int64_t(128)}) {
+        const int64_t rows = 39;  // a block of 32, then a group of four and three rows past it
+        auto q = normal(2 * d, 8), key = normal(d, 9);
+        std::vector<float> k(rows * d), s(2 * rows);
+        for (int64_t j = 0; j < rows; ++j) std::copy(key.begin(), key.end(), k.begin() + j * d);
+        std::vector<uint16_t> kh(rows * d), kb(rows * d);
+        K.f32_to_f16(kh.data(), k.data(), rows * d);
+        K.f32_to_bf16(kb.data(), k.data(), rows * d);
+        for (int dtype = 0; dtype < 3; ++dtype) {
+            if (dtype == 0) K.scores_f32(q.data(), d, 2, k.data(), rows, d, 0.5f, s.data(), rows);
+            if (dtype == 1) K.scores_f16(q.data(), d, 2, kh.data(), rows, d, 0.5f, s.data(), rows);
+            if (dtype == 2) K.scores_bf16(q.data(), d, 2, kb.data(), rows, d, 0.5f, s.data(), rows);
+            for (int64_t i = 0; i < 2; ++i)
+                for (int64_t j = 1; j < rows; ++j) CHECK(s[i * rows + j] == s[i * rows]);
+        }
+    }
+}
+
 // Block attention kernels against the scalar table, for several query heads, odd row counts and
 // sizes that exercise every tail, in each storage precision.
 TEST(attention_kernels_match_scalar) {

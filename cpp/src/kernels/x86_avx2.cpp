@@ -230,13 +230,37 @@ inline __m256 odd_bf16(__m256i x) {
     return _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(int(0xffff0000u))));
 }
 inline __m256i load_block(const uint16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-constexpr int64_t kPairBlocks = 32;  // rows of up to 512 values go in pairs
+constexpr int64_t kQueryBlocks = 32;  // the split query holds rows of up to 512 values
+
+// The scores of R (4 or 1) rows of nb blocks against the split query (qe, qo): two chains a row,
+// the lane sums of the four at once. One row is summed in all four places, so that a row's score
+// does not depend on R.
+template <int R>
+inline void bf16_rows(const __m256* qe, const __m256* qo, const uint16_t* k, int64_t d, int64_t nb, float scale,
+                      float* s) {
+    __m256 e[4], o[4];
+    KVFOLD_UNROLL(4)
+    for (int r = 0; r < R; ++r) e[r] = o[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        KVFOLD_UNROLL(4)
+        for (int r = 0; r < R; ++r) {
+            const __m256i x = load_block(k + r * d + 16 * b);
+            e[r] = _mm256_fmadd_ps(qe[b], even_bf16(x), e[r]);
+            o[r] = _mm256_fmadd_ps(qo[b], odd_bf16(x), o[r]);
+        }
+    }
+    KVFOLD_UNROLL(4)
+    for (int r = 0; r < 4; ++r) e[r] = r < R ? _mm256_add_ps(e[r], o[r]) : e[0];
+    float y[4];
+    V::sum4(R == 4 ? s : y, e, scale);
+    if (R == 1) s[0] = y[0];
+}
 
 void scores_bf16(const float* q, int64_t q_stride, int64_t nq, const uint16_t* k, int64_t rows, int64_t d, float scale,
                  float* s, int64_t s_stride) {
-    if (d % 16 || d > 16 * kPairBlocks) return scores<BF16>(q, q_stride, nq, k, rows, d, scale, s, s_stride);
+    if (d % 16 || d > 16 * kQueryBlocks) return scores<BF16>(q, q_stride, nq, k, rows, d, scale, s, s_stride);
     const int64_t nb = d / 16;
-    __m256 qe[kPairBlocks], qo[kPairBlocks];
+    __m256 qe[kQueryBlocks], qo[kQueryBlocks];
     for (int64_t i = 0; i < nq; ++i, s += s_stride) {
         const float* qi = q + i * q_stride;
         for (int64_t b = 0; b < nb; ++b) {  // [q0 q2 q8 q10 q4 q6 q12 q14] -> [q0 q2 q4 ... q14]
@@ -244,30 +268,9 @@ void scores_bf16(const float* q, int64_t q_stride, int64_t nq, const uint16_t* k
             qe[b] = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(lo, hi, 0x88)), 0xd8));
             qo[b] = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(lo, hi, 0xdd)), 0xd8));
         }
-        const uint16_t* kj = k;
         int64_t j = 0;
-        for (; j + 2 <= rows; j += 2, kj += 2 * d) {  // two rows: four independent FMA chains
-            __m256 e0 = _mm256_setzero_ps(), o0 = _mm256_setzero_ps(), e1 = _mm256_setzero_ps(),
-                   o1 = _mm256_setzero_ps();
-            for (int64_t b = 0; b < nb; ++b) {
-                const __m256i x0 = load_block(kj + 16 * b), x1 = load_block(kj + d + 16 * b);
-                e0 = _mm256_fmadd_ps(qe[b], even_bf16(x0), e0);
-                o0 = _mm256_fmadd_ps(qo[b], odd_bf16(x0), o0);
-                e1 = _mm256_fmadd_ps(qe[b], even_bf16(x1), e1);
-                o1 = _mm256_fmadd_ps(qo[b], odd_bf16(x1), o1);
-            }
-            s[j] = scale * hsum(_mm256_add_ps(e0, o0));
-            s[j + 1] = scale * hsum(_mm256_add_ps(e1, o1));
-        }
-        if (j < rows) {
-            __m256 e0 = _mm256_setzero_ps(), o0 = _mm256_setzero_ps();
-            for (int64_t b = 0; b < nb; ++b) {
-                const __m256i x0 = load_block(kj + 16 * b);
-                e0 = _mm256_fmadd_ps(qe[b], even_bf16(x0), e0);
-                o0 = _mm256_fmadd_ps(qo[b], odd_bf16(x0), o0);
-            }
-            s[j] = scale * hsum(_mm256_add_ps(e0, o0));
-        }
+        for (; j + 4 <= rows; j += 4) bf16_rows<4>(qe, qo, k + j * d, d, nb, scale, s + j);
+        for (; j < rows; ++j) bf16_rows<1>(qe, qo, k + j * d, d, nb, scale, s + j);
     }
 }
 
