@@ -290,12 +290,13 @@ inline __m128 sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
         _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), c));
 }
 
-// Four rows against one query: four independent FMA chains keep both FMA pipes busy.
+// Four rows, `stride` apart, against one query: four independent FMA chains keep both FMA pipes
+// busy. (Stride 0 scores one row, the same way.)
 template <class E>
-inline void dot4(const float* q, const typename E::T* k, int64_t d, float scale, float* s) {
-    const typename E::T* k1 = k + d;
-    const typename E::T* k2 = k + 2 * d;
-    const typename E::T* k3 = k + 3 * d;
+inline void dot4(const float* q, const typename E::T* k, int64_t stride, int64_t d, float scale, float* s) {
+    const typename E::T* k1 = k + stride;
+    const typename E::T* k2 = k + 2 * stride;
+    const typename E::T* k3 = k + 3 * stride;
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i + 16 <= d; i += 16) {
@@ -336,10 +337,14 @@ void scores(const float* q, int64_t q_stride, int64_t nq, const typename E::T* k
     for (; j + 4 <= rows; j += 4, k += 4 * d, ahead += 4 * row_bytes) {
         if (rows > kStreamRows)
             for (int64_t r = 0; r < 4 * row_bytes; r += 64) _mm_prefetch(ahead + r, _MM_HINT_T0);
-        for (int64_t i = 0; i < nq; ++i) dot4<E>(q + i * q_stride, k, d, scale, s + i * s_stride + j);
+        for (int64_t i = 0; i < nq; ++i) dot4<E>(q + i * q_stride, k, d, d, scale, s + i * s_stride + j);
     }
-    for (; j < rows; ++j, k += d)
-        for (int64_t i = 0; i < nq; ++i) s[i * s_stride + j] = scale * dot<E>(q + i * q_stride, k, d);
+    // The last rows as in a group of four, so that a row's score does not depend on its place.
+    for (float y[4]; j < rows; ++j, k += d)
+        for (int64_t i = 0; i < nq; ++i) {
+            dot4<E>(q + i * q_stride, k, 0, d, scale, y);
+            s[i * s_stride + j] = y[0];
+        }
 }
 
 // o (16 R floats, the last register masked by `last`) += sum_j p_j v_j[0 : 16 R]: the output stays
