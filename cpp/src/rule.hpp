@@ -280,9 +280,13 @@ class AccumulatorRule : public SlotRule {
     // The values go to the output and the keys nowhere (write_slots writes them when read).
     void fold_tokens_into(int64_t lo, int64_t hi, const float* k, const float* v, const int64_t* row_count,
                           float* const* values) final {
-        for (int64_t lane = lo; lane < hi; ++lane)
-            sums(lane, k + lane * dims_.dk, v + lane * dims_.dv, weights(row_count[lane / dims_.heads]), nullptr,
-                 values[lane - lo]);
+        // The lanes of a row have folded as many pairs: the row's weights, taken once for all its lanes.
+        for (int64_t lane = lo; lane < hi;) {
+            const int64_t row = lane / dims_.heads, end = std::min(hi, (row + 1) * dims_.heads);
+            const Weights w = weights(row_count[row]);
+            for (; lane < end; ++lane)
+                sums(lane, k + lane * dims_.dk, v + lane * dims_.dv, w, nullptr, values[lane - lo]);
+        }
     }
     // The rows the last fold would have written (folded - 1 pairs before it).
     void write_slots(int64_t lane, int64_t folded) final {
