@@ -136,6 +136,52 @@ def test_bad_numbers_are_usage_errors_before_anything_loads(argv, capsys, monkey
     assert f"argument {flag}: expected " in err and repr(argv[-1]) in err
 
 
+BAD_MEMORIES = [
+    (["--recent", "3"], "recent: only retain='h2o' keeps a recent part, got recent=3 with retain='tova'"),
+    (["--retain", "h2o", "--window", "8", "--recent", "9"], "recent: expected an integer in [0, window=8], got 9"),
+    (["--rule", "full", "--retain", "tova"], "retain: the full cache keeps every pair and folds none"),
+    (["--rule", "full", "--recent", "2"], "recent: the full cache keeps every pair and folds none"),
+]
+
+
+@pytest.mark.one_backend
+@pytest.mark.parametrize("argv, message", BAD_MEMORIES, ids=[" ".join(a) for a, _ in BAD_MEMORIES])
+def test_memories_that_cannot_be_are_usage_errors_before_the_model_loads(argv, message, capsys, monkeypatch):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from kvfold.tools import smollm2
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model loaded for a memory that cannot be")
+
+    monkeypatch.setattr(smollm2, "model_file", lambda: Path("SmolLM2.gguf"))  # as if installed
+    monkeypatch.setattr(smollm2, "load", loaded)
+    with pytest.raises(SystemExit) as exit:
+        main(["generate", "--prompt", "hi", *argv])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: kvfold" in err and f"error: generate: {message}" in err
+
+
+@pytest.mark.one_backend
+def test_generate_writes_with_the_best_memory_of_64_pairs_unless_told_otherwise():
+    from kvfold.__main__ import _parser
+
+    args = _parser().parse_args(["generate", "--prompt", "hi"])
+    assert (args.rule, args.window, args.sinks, args.rope, args.retain, args.recent) == (
+        rules.Merge(16),
+        48,
+        0,
+        True,
+        None,
+        None,
+    )
+    args = _parser().parse_args(
+        ["generate", "--prompt", "hi", "--rule", "ema:0.1", "--no-rope", "--retain", "h2o", "--recent", "2"]
+    )
+    assert (args.rule, args.rope, args.retain, args.recent) == (rules.EMA(0.1), False, "h2o", 2)
+
+
 def hidden(tmp_path, module):
     """A folder that, first on PYTHONPATH, makes ``import module`` fail as if it were not installed."""
     (tmp_path / module).mkdir()

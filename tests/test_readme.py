@@ -2,6 +2,7 @@
 test line is what .ci/run runs."""
 
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,17 @@ def test_a_readme_python_block_runs_as_written(index, tmp_path):
     code = blocks("python")[index]
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, f"README.md python block {index + 1}:\n{code}\n{out.stderr}"
+
+
+def test_the_readme_command_lines_are_ones_kvfold_takes():
+    """Each ``kvfold ...`` line of the README's shell blocks parses as written (they run elsewhere: the
+    demo and the bench in their own tests, generate in tests/test_hf.py)."""
+    from kvfold.__main__ import _parser
+
+    lines = [line for block in blocks("bash") for line in block.splitlines() if line.startswith("kvfold ")]
+    assert {shlex.split(line, comments=True)[1] for line in lines} == {"demo", "bench", "generate"}
+    for line in lines:
+        _parser().parse_args(shlex.split(line, comments=True)[1:])  # SystemExit(2) if an option is unknown
 
 
 def test_the_readme_test_line_is_what_ci_runs():

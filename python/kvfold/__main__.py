@@ -146,13 +146,30 @@ def _parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    from .tools.generate import RULE_HELP
+    from .reference import RETAIN
+    from .tools.generate import DEFAULT_RETAIN, RULE_HELP
 
     gen = commands.add_parser("generate", help="SmolLM2-135M writing with a fixed-size memory (needs kvfold[hf])")
     gen.add_argument("--prompt", required=True, help="what to ask")
-    gen.add_argument("--rule", type=_rule, default="cumulative", help=f"{RULE_HELP} (default cumulative)")
-    gen.add_argument("--window", type=_integer(0), default=60, help="recent pairs kept exactly (default 60)")
-    gen.add_argument("--sinks", type=_integer(0), default=4, help="first pairs kept exactly (default 4)")
+    # The default memory is the best of 64 pairs per layer and KV head that `kvfold eval` measures (docs/eval.md).
+    gen.add_argument("--rule", type=_rule, default="merge:16", help=f"{RULE_HELP} (default merge:16)")
+    gen.add_argument("--window", type=_integer(0), default=48, help="pairs kept exactly besides sinks (default 48)")
+    gen.add_argument("--sinks", type=_integer(0), default=0, help="first pairs kept exactly (default 0)")
+    gen.add_argument(
+        "--rope",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fold keys un-rotated and read each memory slot rotated at its mean position (default on)",
+    )
+    gen.add_argument(
+        "--retain",
+        choices=RETAIN,
+        help="which window pair is folded: the oldest (fifo), the one the newest query weighs least (tova), "
+        f"or the least weighed over all queries, the --recent newest kept (h2o) (default {DEFAULT_RETAIN})",
+    )
+    gen.add_argument(
+        "--recent", type=_integer(0), help="with --retain h2o: newest pairs never folded (default half the window)"
+    )
     gen.add_argument("--max-new-tokens", type=_integer(1), default=200, help="default 200")
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--temperature", type=_real(0), default=0.7, help="with --sample (default 0.7)")
@@ -210,13 +227,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         )
         return 0
     if args.command == "generate":
+        from .tools.generate import memory
         from .tools.generate import run as generate
 
+        options = _same_names(args, "window", "sinks", "rope", "retain", "recent")
+        try:
+            memory(args.rule, **options)
+        except (TypeError, ValueError) as error:
+            parser.error(f"generate: {error}")
         return generate(
             args.prompt,
             args.rule,
             chat=not args.raw,
-            **_same_names(args, "window", "sinks", "max_new_tokens", "sample", "temperature", "top_p", "seed"),
+            **options,
+            **_same_names(args, "max_new_tokens", "sample", "temperature", "top_p", "seed"),
         )
     if args.command == "bench":
         from .tools import bench as b

@@ -212,7 +212,6 @@ def run(
         raise ValueError(f"segments: expected at least 1, got {segments}")
     import torch
 
-    from .. import hf  # noqa: F401  (registers the "kvfold" attention)
     from . import smollm2
 
     grid = select(memories(budgets), kinds)
@@ -224,18 +223,17 @@ def run(
         raise ValueError(
             f"text: {segments} segments of {tokens} tokens need {segments * tokens} tokens, {source} has {ids.shape[1]}"
         )
-    threads_before, attention_before = torch.get_num_threads(), model.config._attn_implementation
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    model.set_attn_implementation("kvfold")
     try:
-        results = [Result(m.name, m.kind, tokens if m.rule is None else m.budget) for m in grid]
-        bar = _Progress(segments * tokens, progress)
-        for s in range(segments):
-            _measure(model, ids[:, s * tokens : (s + 1) * tokens], grid, results, chunk, bar)
-        bar.close()
+        with smollm2.kvfold_attention(model):
+            results = [Result(m.name, m.kind, tokens if m.rule is None else m.budget) for m in grid]
+            bar = _Progress(segments * tokens, progress)
+            for s in range(segments):
+                _measure(model, ids[:, s * tokens : (s + 1) * tokens], grid, results, chunk, bar)
+            bar.close()
     finally:
         torch.set_num_threads(threads_before)
-        model.set_attn_implementation(attention_before)
     target = Path(out)
     target.mkdir(parents=True, exist_ok=True)
     write_csv(results, target / "eval.csv")

@@ -67,6 +67,51 @@ def parse_rule(text: str) -> Optional[rules.Rule]:
     raise ValueError(f"rule: expected one of {RULE_HELP}, got {text!r}")
 
 
+# A fixed memory's retention when none is named: with Merge slots, the best memory `kvfold eval` measures.
+DEFAULT_RETAIN = "tova"
+
+
+def memory(
+    rule: Optional[rules.Rule],
+    window: int,
+    sinks: int,
+    rope: bool = True,
+    retain: Optional[str] = None,
+    recent: Optional[int] = None,
+    config: Any = None,
+) -> Any:
+    """The cache ``run`` writes with: a FoldCache, or transformers' DynamicCache for ``rule=None``.
+
+    ``retain`` None is DEFAULT_RETAIN. With ``rope`` the FoldCache folds keys un-rotated and reads its slots
+    rotated, with the RoPE of ``config`` (the model's); without a config it is made without one, so that
+    the options are checked before a model loads. ValueError or TypeError, naming the option, for a
+    memory that cannot be."""
+    from transformers import DynamicCache
+
+    from ..hf import FoldCache
+    from ..rope import RoPE
+
+    if rule is None:
+        for name, value in (("retain", retain), ("recent", recent)):
+            if value is not None:
+                raise ValueError(f"{name}: the full cache keeps every pair and folds none, got {name}={value!r}")
+        return DynamicCache()
+    position = RoPE.from_config(config) if rope and config is not None else None
+    retain = DEFAULT_RETAIN if retain is None else retain
+    return FoldCache(rule, window=window, sinks=sinks, rope=position, retain=retain, recent=recent)
+
+
+def describe(cache: Any) -> str:
+    """The memory ``memory`` made, in words, for the line after the text."""
+    from ..hf import FoldCache
+
+    if not isinstance(cache, FoldCache):
+        return "grows with every token"
+    text = f"fixed: {cache.rule!r}, window {cache.window}, sinks {cache.sinks}"
+    text += "" if cache.rope is None else ", RoPE-aware folding"
+    return text + f", retain {cache.retain}" + ("" if cache.recent is None else f" (recent {cache.recent})")
+
+
 def run(
     prompt: str,
     rule: Optional[rules.Rule],
@@ -78,13 +123,19 @@ def run(
     top_p: float = 0.9,
     seed: int = 0,
     chat: bool = True,
+    rope: bool = True,
+    retain: Optional[str] = None,
+    recent: Optional[int] = None,
 ) -> int:
+    """SmolLM2 answers ``prompt`` with the memory of ``memory(rule, window, sinks, rope, retain, recent)``,
+    streaming the text, then prints the cache's bytes. The model's attention runs through kvfold, which
+    reads every memory as it is (slot biases, RoPE-aware slots, retention by attention weight)."""
     import torch
-    from transformers import DynamicCache, TextStreamer
+    from transformers import TextStreamer
 
-    from ..hf import FoldCache
     from . import smollm2
 
+    memory(rule, window, sinks, rope, retain, recent)  # a bad memory fails before the model loads
     model, tokenizer = smollm2.load()
     if chat:
         text = tokenizer.apply_chat_template(
@@ -93,26 +144,25 @@ def run(
     else:
         text = prompt
     inputs = tokenizer(text, return_tensors="pt")
-    cache = DynamicCache() if rule is None else FoldCache(rule, window=window, sinks=sinks)
+    cache = memory(rule, window, sinks, rope, retain, recent, config=model.config)
     torch.manual_seed(seed)
     options = dict(do_sample=True, temperature=temperature, top_p=top_p) if sample else dict(do_sample=False)
-    model.generate(
-        **inputs,
-        cache=cache,
-        max_new_tokens=max_new_tokens,
-        streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
-        pad_token_id=tokenizer.eos_token_id,
-        **options,
-    )
+    with smollm2.kvfold_attention(model):
+        model.generate(
+            **inputs,
+            cache=cache,
+            max_new_tokens=max_new_tokens,
+            streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
+            pad_token_id=tokenizer.eos_token_id,
+            **options,
+        )
     layers = len(cache.layers)
     if rule is None:
         held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
-        note = "grows with every token"
     else:
         held = cache.nbytes
-        note = f"fixed: {rule!r}, window {window}, sinks {sinks}"
     print(
-        f"\n[cache: {held:,} bytes in {layers} layers ({held // max(layers, 1):,} per layer), {note}; "
-        f"{cache.get_seq_length()} tokens seen]"
+        f"\n[cache: {held:,} bytes in {layers} layers ({held // max(layers, 1):,} per layer), "
+        f"{describe(cache)}; {cache.get_seq_length()} tokens seen]"
     )
     return 0

@@ -7,11 +7,12 @@ CPython's own documentation as bundled in ``pydoc_data.topics``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any, Tuple
+from typing import Any, Iterator, Tuple
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -47,6 +48,21 @@ def load() -> Tuple[Any, Any]:
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, local_files_only=True, dtype=torch.float32)
     return model.eval(), tokenizer
+
+
+@contextlib.contextmanager
+def kvfold_attention(model: Any) -> Iterator[Any]:
+    """The model runs its attention through kvfold inside the block (``attn_implementation="kvfold"``), and
+    as before after it. A FoldCache's memory then applies what the model's own attention cannot: RoPE-aware
+    slots, attention-chosen retention and slot logit biases; with any other cache it is ``sdpa``."""
+    from .. import hf  # noqa: F401  (registers the "kvfold" attention)
+
+    before = model.config._attn_implementation
+    model.set_attn_implementation("kvfold")
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(before)
 
 
 def bundled_text() -> str:
