@@ -210,8 +210,8 @@ def test_demo_compares_with_the_reference_and_a_full_cache(capsys):
     full = 300 * 2 * 8 * 2 * 4  # tokens x heads x (key + value) x float32
     assert f"full float32 KV cache of these 300 tokens would hold {full:,} bytes" in out
     assert "kvfold.reference (kvfold's NumPy implementation written from the formulas)" in out
-    rows = [line for line in out.splitlines() if line.startswith(("window", "sinks", "cumulative", "gated"))]
-    assert len(rows) == 10
+    rows = [line for line in out.splitlines() if line.startswith(("window", "sinks", "cumulative", "gated", "TOVA"))]
+    assert len(rows) == 12
     for row in rows:
         assert float(row.split()[-1]) < 1e-4  # the relative difference from the reference
 

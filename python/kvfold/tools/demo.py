@@ -12,13 +12,22 @@ stream, softmax outputs do not). The stream is made a block at a time and never 
 from __future__ import annotations
 
 import time
-from typing import Iterator, Tuple
+from functools import partial
+from typing import Iterator, NamedTuple, Tuple
 
 import numpy as np
 
 from .. import MemoryCache, reference, rules, simd_backend
 
 Block = Tuple[np.ndarray, np.ndarray, np.ndarray]  # q (T, query heads, d), k and v (T, heads, d)
+
+
+class Memory(NamedTuple):
+    name: str
+    rule: rules.Rule
+    window: int = 0
+    sinks: int = 0
+    retain: str = "fifo"
 
 
 def _stream(tokens: int, heads: int, query_heads: int, d: int, block: int = 1024, seed: int = 0) -> Iterator[Block]:
@@ -49,16 +58,18 @@ def _size(nbytes: int) -> str:
 def run(tokens: int = 20000, check: int = 256, heads: int = 8, head_dim: int = 64) -> int:
     query_heads = heads * 4
     memories = [
-        ("window 64 (sliding)", rules.Drop(), 64, 0),
-        ("sinks 4 + window 60", rules.Drop(), 60, 4),
-        ("cumulative, window 0", rules.Cumulative(), 0, 0),
-        ("window 63 + cumulative", rules.Cumulative(), 63, 0),
-        ("window 63 + moving(256)", rules.Moving(256), 63, 0),
-        ("window 63 + weighted(1,2,3,4)", rules.Weighted((1, 2, 3, 4)), 63, 0),
-        ("window 63 + ema(0.05)", rules.EMA(0.05), 63, 0),
-        ("window 56 + compressive(8x32)", rules.Compressive(8, 32), 56, 0),
-        ("gated linear attention (RetNet)", rules.Gated(decay=np.log(1 - 2.0 ** (-5 - np.arange(heads)))), 0, 0),
-        ("window 63 + linear attention", rules.Linear("elu1", normalize=True), 63, 0),
+        Memory("window 64 (sliding)", rules.Drop(), 64),
+        Memory("sinks 4 + window 60", rules.Drop(), 60, 4),
+        Memory("cumulative, window 0", rules.Cumulative()),
+        Memory("window 63 + cumulative", rules.Cumulative(), 63),
+        Memory("window 63 + moving(256)", rules.Moving(256), 63),
+        Memory("window 63 + weighted(1,2,3,4)", rules.Weighted((1, 2, 3, 4)), 63),
+        Memory("window 63 + ema(0.05)", rules.EMA(0.05), 63),
+        Memory("window 56 + compressive(8x32)", rules.Compressive(8, 32), 56),
+        Memory("gated linear attention (RetNet)", rules.Gated(decay=np.log(1 - 2.0 ** (-5 - np.arange(heads))))),
+        Memory("window 63 + linear attention", rules.Linear("elu1", normalize=True), 63),
+        Memory("sinks 4 + window 52 + merge(8)", rules.Merge(8), 52, 4),
+        Memory("TOVA window 56 + merge(8)", rules.Merge(8), 56, retain="tova"),
     ]
     check = min(check, tokens)
     full = tokens * heads * head_dim * 2 * 4  # float32 keys and values of every token
@@ -69,9 +80,14 @@ def run(tokens: int = 20000, check: int = 256, heads: int = 8, head_dim: int = 6
     print(f"a full float32 KV cache of these {tokens} tokens would hold {full:,} bytes ({_size(full)}) and grow")
     print(f"{'memory':32s} {'cache bytes':>12s} {'tokens/s':>10s} {'max rel. diff vs reference':>27s}")
     worst = 0.0
-    for name, rule, window, sinks in memories:
-        cache = MemoryCache(rule, heads, head_dim, num_query_heads=query_heads, window=window, sinks=sinks)
-        ref = reference.ReferenceCache(rule, heads, head_dim, num_query_heads=query_heads, window=window, sinks=sinks)
+    for name, rule, window, sinks, retain in memories:
+        cache = MemoryCache(
+            rule, heads, head_dim, num_query_heads=query_heads, window=window, sinks=sinks, retain=retain
+        )
+        # ReferenceCache recomputes each step from the whole history; which pairs attention-chosen retention
+        # keeps depends on every step's weights, which StreamCache models step by step.
+        model = reference.ReferenceCache if retain == "fifo" else partial(reference.StreamCache, retain=retain)
+        ref = model(rule, heads, head_dim, num_query_heads=query_heads, window=window, sinks=sinks)
         before = cache.nbytes
         diff, seconds, t = 0.0, 0.0, 0
         for q, k, v in _stream(tokens, heads, query_heads, head_dim):
