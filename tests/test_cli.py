@@ -182,6 +182,19 @@ def test_generate_writes_with_the_best_memory_of_64_pairs_unless_told_otherwise(
     assert (args.rule, args.rope, args.retain, args.recent) == (rules.EMA(0.1), False, "h2o", 2)
 
 
+@pytest.mark.one_backend
+def test_eval_refuses_budgets_that_hold_a_whole_segment_before_the_model_loads(monkeypatch):
+    from kvfold.tools import eval as kveval
+    from kvfold.tools import smollm2
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model loaded for budgets that measure nothing")
+
+    monkeypatch.setattr(smollm2, "load", loaded)
+    with pytest.raises(ValueError, match=r"^budgets: expected budgets below tokens=64 .*, got \[64, 128\]$"):
+        kveval.run(tokens=64, budgets=(64, 128), progress=False)
+
+
 def hidden(tmp_path, module):
     """A folder that, first on PYTHONPATH, makes ``import module`` fail as if it were not installed."""
     (tmp_path / module).mkdir()

@@ -312,7 +312,7 @@ def test_eval_smoke_on_smollm2(tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text("A short text, read twice in pieces. " * 20, encoding="utf-8")
     results = kveval.run(
-        tokens=24, budgets=(16,), chunk=8, out=str(tmp_path), progress=False, segments=2, text=str(text)
+        tokens=24, budgets=(16, 24), chunk=8, out=str(tmp_path), progress=False, segments=2, text=str(text)
     )
     by_name = {r.memory: r for r in results}
     full = by_name["full cache"]
@@ -323,7 +323,10 @@ def test_eval_smoke_on_smollm2(tmp_path, capsys):
     assert max(streaming.kl) > 0  # 24 tokens do not fit 16 pairs
     assert (tmp_path / "eval.csv").read_text().count("\n") == len(results) + 1
     assert (tmp_path / "eval.png").stat().st_size > 1000
-    assert "| sinks 4 + TOVA 10 + merge 2, RoPE, log-count | 16 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "budgets 24 left out: a memory of 24 pairs holds a whole segment" in out  # every memory would be full
+    assert "| sinks 4 + TOVA 10 + merge 2, RoPE, log-count | 16 |" in out
+    assert {r.budget for r in results if r.kind != "full cache"} == {16}
     with pytest.raises(ValueError, match="text: 2 segments of 1000 tokens need 2000 tokens"):
         kveval.run(tokens=1000, budgets=(16,), out=str(tmp_path), progress=False, text=str(text))
 

@@ -220,11 +220,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "eval":
         from .tools.eval import run as evaluate
 
-        evaluate(
-            progress=not args.no_progress,
-            kinds=args.memory,
-            **_same_names(args, "tokens", "budgets", "chunk", "out", "threads", "segments", "text"),
-        )
+        try:
+            evaluate(
+                progress=not args.no_progress,
+                kinds=args.memory,
+                **_same_names(args, "tokens", "budgets", "chunk", "out", "threads", "segments", "text"),
+            )
+        except ValueError as error:  # options that fit no text or no memory: budgets, --text too short
+            parser.error(f"eval: {error}")
         return 0
     if args.command == "generate":
         from .tools.generate import memory

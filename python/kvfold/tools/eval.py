@@ -210,6 +210,16 @@ def run(
         raise ValueError(f"threads: expected at least 1, got {threads}")
     if segments < 1:
         raise ValueError(f"segments: expected at least 1, got {segments}")
+    # A memory of at least `tokens` pairs holds a whole segment: it is the full cache, whatever its kind.
+    whole = [n for n in budgets if n >= tokens]
+    budgets = [n for n in budgets if n < tokens]
+    if not budgets:
+        raise ValueError(
+            f"budgets: expected budgets below tokens={tokens} (a memory of that many pairs holds a whole segment), "
+            f"got {whole}"
+        )
+    if whole:
+        print(f"budgets {', '.join(map(str, whole))} left out: a memory of {tokens} pairs holds a whole segment")
     import torch
 
     from . import smollm2
