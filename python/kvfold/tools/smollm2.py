@@ -55,8 +55,8 @@ def load() -> Tuple[Any, Any]:
 @contextlib.contextmanager
 def read_once() -> Iterator[None]:
     """Inside the block, a GGUF file is parsed once: transformers makes a ``gguf.GGUFReader`` for the
-    tokenizer, one for the config and one for the weights, each parsing the whole vocabulary again (a
-    third of SmolLM2's load); here they are one reader. A reader only reads its file."""
+    tokenizer, one for the config and one for the weights, each parsing the whole vocabulary again (about
+    a quarter of SmolLM2's load); here they are one reader. A reader only reads its file."""
     try:
         import gguf
     except ImportError:  # transformers says what it needs
