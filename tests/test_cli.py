@@ -141,6 +141,8 @@ BAD_MEMORIES = [
     (["--retain", "h2o", "--window", "8", "--recent", "9"], "recent: expected an integer in [0, window=8], got 9"),
     (["--rule", "full", "--retain", "tova"], "retain: the full cache keeps every pair and folds none"),
     (["--rule", "full", "--recent", "2"], "recent: the full cache keeps every pair and folds none"),
+    (["--dtype", "float64"], "dtype: expected 'float32', 'float16', 'bfloat16' or 'int8', got 'float64'"),
+    (["--rule", "full", "--dtype", "int8"], "dtype: the full cache keeps the model's own tensors, got dtype='int8'"),
 ]
 
 
@@ -168,13 +170,14 @@ def test_generate_writes_with_the_best_memory_of_64_pairs_unless_told_otherwise(
     from kvfold.__main__ import _parser
 
     args = _parser().parse_args(["generate", "--prompt", "hi"])
-    assert (args.rule, args.window, args.sinks, args.rope, args.retain, args.recent) == (
+    assert (args.rule, args.window, args.sinks, args.rope, args.retain, args.recent, args.dtype) == (
         rules.Merge(16),
         48,
         0,
         True,
         None,
         None,
+        "float32",
     )
     args = _parser().parse_args(
         ["generate", "--prompt", "hi", "--rule", "ema:0.1", "--no-rope", "--retain", "h2o", "--recent", "2"]

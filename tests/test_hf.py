@@ -368,14 +368,27 @@ def test_generate_on_smollm2(capsys):
 @pytest.mark.parametrize(
     "argv, memory",
     [
-        ([], "Merge(slots=16, bias='log_count'), window 48, sinks 0, RoPE-aware folding, retain tova"),
+        ([], "Merge(slots=16, bias='log_count'), window 48, sinks 0, float32, RoPE-aware folding, retain tova"),
         (
-            ["--rule", "merge:4", "--window", "8", "--sinks", "2", "--retain", "h2o", "--recent", "4"],
-            "Merge(slots=4, bias='log_count'), window 8, sinks 2, RoPE-aware folding, retain h2o (recent 4)",
+            [
+                "--rule",
+                "merge:4",
+                "--window",
+                "8",
+                "--sinks",
+                "2",
+                "--retain",
+                "h2o",
+                "--recent",
+                "4",
+                "--dtype",
+                "int8",
+            ],
+            "Merge(slots=4, bias='log_count'), window 8, sinks 2, int8, RoPE-aware folding, retain h2o (recent 4)",
         ),
         (
-            ["--rule", "cumulative", "--window", "8", "--no-rope", "--retain", "fifo"],
-            "Cumulative(), window 8, sinks 0, retain fifo",
+            ["--rule", "cumulative", "--window", "8", "--no-rope", "--retain", "fifo", "--dtype", "bfloat16"],
+            "Cumulative(), window 8, sinks 0, bfloat16, retain fifo",
         ),
     ],
     ids=["default", "merge h2o", "cumulative"],

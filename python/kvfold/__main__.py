@@ -170,6 +170,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--recent", type=_integer(0), help="with --retain h2o: newest pairs never folded (default half the window)"
     )
+    gen.add_argument(
+        "--dtype",
+        default="float32",
+        help="how the memory stores its pairs: float32, float16, bfloat16 or int8 (default float32)",
+    )
     gen.add_argument("--max-new-tokens", type=_integer(1), default=200, help="default 200")
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--temperature", type=_real(0), default=0.7, help="with --sample (default 0.7)")
@@ -233,7 +238,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .tools.generate import memory
         from .tools.generate import run as generate
 
-        options = _same_names(args, "window", "sinks", "rope", "retain", "recent")
+        options = _same_names(args, "window", "sinks", "rope", "retain", "recent", "dtype")
         try:
             memory(args.rule, **options)
         except (TypeError, ValueError) as error:

@@ -78,14 +78,15 @@ def memory(
     rope: bool = True,
     retain: Optional[str] = None,
     recent: Optional[int] = None,
+    dtype: str = "float32",
     config: Any = None,
 ) -> Any:
     """The cache ``run`` writes with: a FoldCache, or transformers' DynamicCache for ``rule=None``.
 
-    ``retain`` None is DEFAULT_RETAIN. With ``rope`` the FoldCache folds keys un-rotated and reads its slots
-    rotated, with the RoPE of ``config`` (the model's); without a config it is made without one, so that
-    the options are checked before a model loads. ValueError or TypeError, naming the option, for a
-    memory that cannot be."""
+    ``retain`` None is DEFAULT_RETAIN; ``dtype`` is how the FoldCache stores its pairs. With ``rope`` the
+    FoldCache folds keys un-rotated and reads its slots rotated, with the RoPE of ``config`` (the model's);
+    without a config it is made without one, so that the options are checked before a model loads.
+    ValueError or TypeError, naming the option, for a memory that cannot be."""
     from transformers import DynamicCache
 
     from ..hf import FoldCache
@@ -95,10 +96,12 @@ def memory(
         for name, value in (("retain", retain), ("recent", recent)):
             if value is not None:
                 raise ValueError(f"{name}: the full cache keeps every pair and folds none, got {name}={value!r}")
+        if dtype != "float32":
+            raise ValueError(f"dtype: the full cache keeps the model's own tensors, got dtype={dtype!r}")
         return DynamicCache()
     position = RoPE.from_config(config) if rope and config is not None else None
     retain = DEFAULT_RETAIN if retain is None else retain
-    return FoldCache(rule, window=window, sinks=sinks, rope=position, retain=retain, recent=recent)
+    return FoldCache(rule, window=window, sinks=sinks, dtype=dtype, rope=position, retain=retain, recent=recent)
 
 
 def describe(cache: Any) -> str:
@@ -107,7 +110,7 @@ def describe(cache: Any) -> str:
 
     if not isinstance(cache, FoldCache):
         return "grows with every token"
-    text = f"fixed: {cache.rule!r}, window {cache.window}, sinks {cache.sinks}"
+    text = f"fixed: {cache.rule!r}, window {cache.window}, sinks {cache.sinks}, {cache.storage_dtype}"
     text += "" if cache.rope is None else ", RoPE-aware folding"
     return text + f", retain {cache.retain}" + ("" if cache.recent is None else f" (recent {cache.recent})")
 
@@ -126,8 +129,9 @@ def run(
     rope: bool = True,
     retain: Optional[str] = None,
     recent: Optional[int] = None,
+    dtype: str = "float32",
 ) -> int:
-    """SmolLM2 answers ``prompt`` with the memory of ``memory(rule, window, sinks, rope, retain, recent)``,
+    """SmolLM2 answers ``prompt`` with the memory of ``memory(rule, window, sinks, rope, retain, recent, dtype)``,
     streaming the text, then prints the cache's bytes. The model's attention runs through kvfold, which
     reads every memory as it is (slot biases, RoPE-aware slots, retention by attention weight)."""
     import torch
@@ -135,7 +139,7 @@ def run(
 
     from . import smollm2
 
-    memory(rule, window, sinks, rope, retain, recent)  # a bad memory fails before the model loads
+    memory(rule, window, sinks, rope, retain, recent, dtype)  # a bad memory fails before the model loads
     model, tokenizer = smollm2.load()
     if chat:
         text = tokenizer.apply_chat_template(
@@ -144,7 +148,7 @@ def run(
     else:
         text = prompt
     inputs = tokenizer(text, return_tensors="pt")
-    cache = memory(rule, window, sinks, rope, retain, recent, config=model.config)
+    cache = memory(rule, window, sinks, rope, retain, recent, dtype, config=model.config)
     torch.manual_seed(seed)
     options = dict(do_sample=True, temperature=temperature, top_p=top_p) if sample else dict(do_sample=False)
     with smollm2.kvfold_attention(model):
