@@ -17,9 +17,9 @@ pytestmark = [
 ]
 
 
-def blocks(language):
-    """The code blocks of README.md fenced as ```language, in order."""
-    return re.findall(rf"^```{language}\n(.*?)^```$", README.read_text(encoding="utf-8"), re.DOTALL | re.MULTILINE)
+def blocks(language, page=README):
+    """The code blocks of a page (README.md unless named) fenced as ```language, in order."""
+    return re.findall(rf"^```{language}\n(.*?)^```$", page.read_text(encoding="utf-8"), re.DOTALL | re.MULTILINE)
 
 
 def test_the_readme_has_python_blocks():
@@ -33,13 +33,14 @@ def test_a_readme_python_block_runs_as_written(index, tmp_path):
     assert out.returncode == 0, f"README.md python block {index + 1}:\n{code}\n{out.stderr}"
 
 
-def test_the_readme_command_lines_are_ones_kvfold_takes():
-    """Each ``kvfold ...`` line of the README's shell blocks parses as written (they run elsewhere: the
+@pytest.mark.parametrize("page, commands", [("README.md", {"demo", "bench", "generate"}), ("docs/hf.md", {"generate"})])
+def test_the_command_lines_of_a_page_are_ones_kvfold_takes(page, commands):
+    """Each ``kvfold ...`` line of the page's shell blocks parses as written (they run elsewhere: the
     demo and the bench in their own tests, generate in tests/test_hf.py)."""
     from kvfold.__main__ import _parser
 
-    lines = [line for block in blocks("bash") for line in block.splitlines() if line.startswith("kvfold ")]
-    assert {shlex.split(line, comments=True)[1] for line in lines} == {"demo", "bench", "generate"}
+    lines = [line for block in blocks("bash", ROOT / page) for line in block.splitlines() if line.startswith("kvfold ")]
+    assert {shlex.split(line, comments=True)[1] for line in lines} == commands
     for line in lines:
         _parser().parse_args(shlex.split(line, comments=True)[1:])  # SystemExit(2) if an option is unknown
 
