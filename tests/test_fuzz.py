@@ -103,7 +103,10 @@ def check_loaded(cache, data):
     v = rng.standard_normal((B, H, 2, cache.value_dim), dtype=np.float32)
     cache.attend(q)
     gates = {"decay": np.zeros((B, H, 2)), "beta": np.ones((B, H, 2))}
-    positions = cache.last_position[:, None] + np.arange(2)  # a state may hold positions ahead of its length
+    # A state may hold positions ahead of its length, up to the largest int64: the next two go on from
+    # there without overflowing (positions never decrease, so repeating the largest is allowed).
+    last = cache.last_position[:, None]
+    positions = last + np.minimum(np.arange(2), np.iinfo(np.int64).max - last)
     cache.update(k, v, positions=positions, **{name: gates[name] for name in cache.rule.per_token_gates})
     cache.visible()
     cache.memory()
