@@ -69,6 +69,17 @@ def test_read_bandwidth_is_a_plausible_rate(size):
     assert math.isfinite(rate) and 1e7 < rate < 1e13  # bytes/s of one core
 
 
+def test_read_loop_reads_whole_blocks_of_vectors():
+    loop = _core._ReadLoop(1000)
+    assert loop.bytes == 1024 and _core._ReadLoop(512).bytes == 512  # blocks of 8 512-bit vectors
+    loop.read()
+    loop.read(3)
+    with pytest.raises(ValueError, match="passes: expected an integer >= 1, got 0"):
+        loop.read(0)
+    with pytest.raises(ValueError, match=r"bytes: expected a buffer size in \[64, 2\^36\], got 63"):
+        _core._ReadLoop(63)
+
+
 def test_measuring_refuses_bad_arguments():
     with pytest.raises(ValueError, match="backend: expected one this machine runs .* got 'vax'"):
         _core._fma_peak("vax", 0.01)
@@ -87,6 +98,18 @@ def test_bound_is_the_longer_of_reading_and_computing():
         assert b.seconds == max(reading, computing) and b.memory == (reading >= computing)
         assert b.fraction(2 * b.seconds) == 0.5
     assert roof.bound(bench.Case("moving", rules.Moving(4))) is None
+
+
+def test_bound_takes_the_bandwidth_measured_beside_the_case():
+    roof = roofline.Roofline(seconds=0.01)
+    c = case("decode W256+S4+Cumulative")
+    w = roofline.step_work(c)
+    b = roof.bound(c, bandwidth=1e9)
+    assert b.memory and b.rate == 1e9 and b.seconds == w.bytes / 1e9
+    assert roof.bound(c, bandwidth=1e15).memory is False  # a bandwidth no core has: the FMA peak bounds it
+    reads = roof.reader(c)
+    assert reads.bytes >= w.footprint and reads.bytes - w.footprint < 1024
+    assert roof.reader(bench.Case("moving", rules.Moving(4))) is None
 
 
 def test_step_overhead_checks_like_step_and_changes_nothing():

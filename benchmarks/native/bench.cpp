@@ -9,7 +9,8 @@
 #include <cstdio>
 #include <cstring>
 #include <functional>
-#include <map>
+#include <memory>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -49,22 +50,30 @@ double now() {
     return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
 }
 
-// Seconds per call of fn: the best of 15 rounds of about 20 ms, so that a machine shared with other
-// work still shows an undisturbed round.
-double seconds_per_call(const std::function<void()>& fn) {
-    double t0 = now();
-    int64_t calls = 0;
-    while (now() - t0 < 0.02) fn(), ++calls;
-    double best = 1e30;
-    for (int round = 0; round < 15; ++round) {
-        double start = now();
-        for (int64_t i = 0; i < calls; ++i) fn();
-        best = std::min(best, (now() - start) / static_cast<double>(calls));
-    }
+// Seconds per call of each function: the best of 15 rounds of about 20 ms each, the functions
+// taken in turn, so that on a machine shared with other work each still shows an undisturbed round,
+// and the functions' best rounds come from the same stretch of time.
+std::vector<double> seconds_per_call(const std::vector<std::function<void()>>& fns) {
+    std::vector<int64_t> calls(fns.size());
+    for (size_t f = 0; f < fns.size(); ++f)
+        for (double t0 = now(); now() - t0 < 0.02;) fns[f](), ++calls[f];
+    std::vector<double> best(fns.size(), 1e30);
+    for (int round = 0; round < 15; ++round)
+        for (size_t f = 0; f < fns.size(); ++f) {
+            double start = now();
+            for (int64_t i = 0; i < calls[f]; ++i) fns[f]();
+            best[f] = std::min(best[f], (now() - start) / static_cast<double>(calls[f]));
+        }
     return best;
 }
 
-double run(const Case& k) {
+// A case's seconds per step (or per prefill token), and when it was timed with a read loop, the
+// loop's seconds per pass from rounds between the case's.
+struct Timing {
+    double seconds = 0, read_seconds = 0;
+};
+
+Timing run(const Case& k, const kvfold::roofline::ReadLoop* reads) {
     Config c;
     c.num_heads = c.num_query_heads = k.heads;
     c.head_dim = c.value_dim = k.dim;
@@ -77,6 +86,12 @@ double run(const Case& k) {
     const int64_t T = std::max<int64_t>(k.prefill, 1), n = k.heads * T * k.dim;
     auto q = normal(n, 1), kk = normal(n, 2), v = normal(n, 3);
     std::vector<float> out(n);
+    auto timed = [&](std::function<void()> call, double per) {
+        std::vector<std::function<void()>> fns{std::move(call)};
+        if (reads) fns.push_back([&] { reads->read(1); });
+        const std::vector<double> best = seconds_per_call(fns);
+        return Timing{best[0] / per, reads ? best[1] : 0.0};
+    };
     // Gates as a gated delta layer makes them: log decays in [-0.5, 0), betas in (0, 1), unit keys.
     // (64 folds beyond the window, so that a memory of up to 64 slots is full)
     const int64_t fill_tokens = k.window + k.sinks + 64, gate_tokens = std::max(T, fill_tokens);
@@ -96,51 +111,54 @@ double run(const Case& k) {
         }
     }
     if (k.prefill)
-        return seconds_per_call([&] {
-                   cache.reset();
-                   cache.forward(q.data(), kk.data(), v.data(), T, out.data(), gates);
-               }) /
-               T;
+        return timed(
+            [&] {
+                cache.reset();
+                cache.forward(q.data(), kk.data(), v.data(), T, out.data(), gates);
+            },
+            static_cast<double>(T));
     // Fill sinks and window first: a decode step then evicts, folds and attends over a full window.
     auto fill = normal(k.heads * fill_tokens * k.dim, 4);
     for (float& x : fill) x *= 0.1f;
     cache.update(fill.data(), fill.data(), fill_tokens, gates);
-    if (!k.varied_keys) return seconds_per_call([&] { cache.step(q.data(), kk.data(), v.data(), out.data(), gates); });
+    if (!k.varied_keys) return timed([&] { cache.step(q.data(), kk.data(), v.data(), out.data(), gates); }, 1);
     // Keys drawn once (a generator in the timed loop would add its own cost), a pool a few times the
     // visible set, so that a step's key is not one the window or the slots hold already.
     const int64_t pool = 3 * (k.window + k.sinks + 64) + 1, row = k.heads * k.dim;
     const auto keys = normal(pool * row, 9);
     int64_t next = 0;
-    return seconds_per_call([&] {
-        cache.step(q.data(), keys.data() + next * row, v.data(), out.data(), gates);
-        next = next + 1 == pool ? 0 : next + 1;
-    });
+    return timed(
+        [&] {
+            cache.step(q.data(), keys.data() + next * row, v.data(), out.data(), gates);
+            next = next + 1 == pool ? 0 : next + 1;
+        },
+        1);
 }
 
-// The roofline column: the case's time bound (its bytes over the read bandwidth measured at its
-// working-set size, or its FLOPs over the FMA peak, whichever is longer) over its measured time.
+// What one step of the case asks for, when the roofline models its rule.
+std::optional<kvfold::roofline::StepWork> work_of(const Case& k) {
+    try {
+        return kvfold::roofline::step_work(k.rule.kind, k.heads, k.dim, k.window, k.sinks,
+                                           static_cast<int64_t>(kvfold::dtype_size(k.dtype)),
+                                           std::max<int64_t>(k.prefill, 1));
+    } catch (const kvfold::ValueError&) {
+        return std::nullopt;  // a rule the roofline does not model
+    }
+}
+
+// The roofline column: the case's time bound (its bytes over the read bandwidth at its working-set
+// size, or its FLOPs over the FMA peak, whichever is longer) over its measured time.
 struct Bound {
-    double seconds = 0;  // 0: no model for this rule
+    double seconds = 0;
     bool memory = false;
     double rate = 0;  // bytes/s or FLOP/s of the bound
 };
 
-Bound bound_of(const Case& k, double peak) {
-    static std::map<double, double> bandwidth;  // measured once per working-set size
-    namespace rf = kvfold::roofline;
-    rf::StepWork w;
-    try {
-        w = rf::step_work(k.rule.kind, k.heads, k.dim, k.window, k.sinks,
-                          static_cast<int64_t>(kvfold::dtype_size(k.dtype)), std::max<int64_t>(k.prefill, 1));
-    } catch (const kvfold::ValueError&) {
-        return {};  // a rule the roofline does not model
-    }
-    double& bw = bandwidth[w.footprint];
-    if (bw == 0) bw = rf::read_bandwidth(std::max<int64_t>(64, static_cast<int64_t>(w.footprint)), 0.2);
+Bound bound_of(const kvfold::roofline::StepWork& w, double bandwidth, double peak) {
     Bound b;
-    b.memory = w.bytes / bw >= w.flops / peak;
-    b.seconds = b.memory ? w.bytes / bw : w.flops / peak;
-    b.rate = b.memory ? bw : peak;
+    b.memory = w.bytes / bandwidth >= w.flops / peak;
+    b.seconds = b.memory ? w.bytes / bandwidth : w.flops / peak;
+    b.rate = b.memory ? bandwidth : peak;
     return b;
 }
 
@@ -234,7 +252,7 @@ void matrix_product_rates(const std::vector<std::string>& filters) {
         g.a = a.data(), g.lda = s.trans_a ? s.m : s.k, g.b = b.data(), g.ldb = s.n, g.c = c.data(), g.ldc = s.n;
         g.trans_a = s.trans_a, g.lower_c = s.lower_c;
         const double flops = 2.0 * s.m * s.n * s.k * (s.lower_c ? 0.5 : 1.0);  // lower: the half that is wanted
-        std::printf("%-36s %14.1f\n", s.name, flops / seconds_per_call([&] { kvfold::kernels().gemm(g); }) * 1e-9);
+        std::printf("%-36s %14.1f\n", s.name, flops / seconds_per_call({[&] { kvfold::kernels().gemm(g); }})[0] * 1e-9);
     }
 }
 
@@ -286,12 +304,17 @@ int main(int argc, char** argv) {
         bool wanted = filters.empty();
         for (auto& f : filters) wanted |= k.name.find(f) != std::string::npos;
         if (!wanted) continue;
-        const double seconds = run(k);
-        const Bound b = bound_of(k, peak);
-        if (b.seconds == 0) {
+        // The read bandwidth at the case's working set, in rounds between the case's own.
+        const auto work = work_of(k);
+        std::unique_ptr<kvfold::roofline::ReadLoop> reads;
+        if (work) reads = std::make_unique<kvfold::roofline::ReadLoop>(std::max<int64_t>(64, work->footprint));
+        const Timing t = run(k, reads.get());
+        const double seconds = t.seconds;
+        if (!work) {
             std::printf("%-36s %14.3f %10s %9s\n", k.name.c_str(), seconds * 1e6, "-", "-");
             continue;
         }
+        const Bound b = bound_of(*work, static_cast<double>(reads->bytes()) / t.read_seconds, peak);
         std::printf("%-36s %14.3f %10.3f %8.0f%%  %s %.1f %s\n", k.name.c_str(), seconds * 1e6, b.seconds * 1e6,
                     100 * b.seconds / seconds, b.memory ? "read" : "FMA", b.rate * 1e-9, b.memory ? "GB/s" : "GFLOP/s");
     }

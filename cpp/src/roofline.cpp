@@ -171,21 +171,37 @@ double fma_peak(const std::string& backend, double seconds) {
                      seconds);
 }
 
-double read_bandwidth(int64_t bytes, double seconds) {
-    check_seconds(seconds);
+struct ReadLoop::Buffer {
+    LaneBuffer data;
+    int64_t floats = 0;
+    Loops loops{};
+};
+
+ReadLoop::ReadLoop(int64_t bytes) : buffer_(std::make_unique<Buffer>()) {
     constexpr int64_t kMin = 64, kMax = int64_t(1) << 36, kBlock = 8 * 16 * sizeof(float);
     if (bytes < kMin || bytes > kMax)
         throw ValueError("bytes: expected a buffer size in [64, 2^36], got " + std::to_string(bytes));
-    const Loops loops = loops_for(kernels().name);
+    buffer_->loops = loops_for(kernels().name);
     // Whole blocks of 8 of the widest vectors, so the loop has no tail.
-    const int64_t n = round_up(static_cast<size_t>(bytes), kBlock) / sizeof(float);
-    LaneBuffer buffer;  // aligned and on huge pages when large, as the cache's own buffers
-    buffer.plan(1, static_cast<size_t>(n) * sizeof(float));
-    buffer.allocate();
-    const float* x = buffer.lane<float>(0);
-    sink = loops.read_passes(x, n, 1);  // first touch: the pages are mapped before any timing
-    const double per_count = static_cast<double>(n) * sizeof(float);
-    return per_count * best_rate([&](int64_t count) { sink = loops.read_passes(x, n, count); }, seconds);
+    buffer_->floats = round_up(static_cast<size_t>(bytes), kBlock) / sizeof(float);
+    buffer_->data.plan(1, static_cast<size_t>(buffer_->floats) * sizeof(float));
+    buffer_->data.allocate();
+    read(1);  // first touch: the pages are mapped before any timing
+}
+
+ReadLoop::~ReadLoop() = default;
+
+int64_t ReadLoop::bytes() const { return buffer_->floats * static_cast<int64_t>(sizeof(float)); }
+
+void ReadLoop::read(int64_t passes) const {
+    if (passes < 1) throw ValueError("passes: expected an integer >= 1, got " + std::to_string(passes));
+    sink = buffer_->loops.read_passes(buffer_->data.lane<float>(0), buffer_->floats, passes);
+}
+
+double read_bandwidth(int64_t bytes, double seconds) {
+    check_seconds(seconds);
+    const ReadLoop loop(bytes);
+    return static_cast<double>(loop.bytes()) * best_rate([&](int64_t count) { loop.read(count); }, seconds);
 }
 
 StepWork step_work(const std::string& rule, int64_t heads, int64_t head_dim, int64_t window, int64_t sinks,

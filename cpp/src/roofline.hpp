@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 
 namespace kvfold {
@@ -15,9 +16,29 @@ namespace roofline {
 // several rounds over about `seconds`. ValueError for a backend this machine does not run.
 double fma_peak(const std::string& backend, double seconds);
 
-// Bytes per second the calling thread reads from a buffer of `bytes` bytes (64 to 2^36) read
-// again and again, with the vector loads of the active backend: the best of several rounds over
-// about `seconds`. L2-, L3- and DRAM-sized buffers read at very different rates.
+// A buffer of `bytes` bytes (64 to 2^36; ValueError otherwise), aligned and on huge pages when
+// large as the cache's own buffers, and mapped when made. read(passes) reads all of it `passes`
+// times (passes >= 1; ValueError otherwise) with the vector loads of the active backend. Timed in
+// rounds between a benchmark case's own, it gives the read bandwidth under the same conditions as
+// the case: on a machine shared with other work the rate moves from second to second, and a bound
+// measured apart from the case would move the case's fraction of it.
+class ReadLoop {
+   public:
+    explicit ReadLoop(int64_t bytes);
+    ~ReadLoop();
+    ReadLoop(const ReadLoop&) = delete;
+    ReadLoop& operator=(const ReadLoop&) = delete;
+    int64_t bytes() const;  // what one pass reads: `bytes` rounded up to whole blocks of the widest vectors
+    void read(int64_t passes) const;
+
+   private:
+    struct Buffer;
+    std::unique_ptr<Buffer> buffer_;
+};
+
+// Bytes per second the calling thread reads from a buffer of `bytes` bytes read again and again (a
+// ReadLoop): the best of several rounds over about `seconds`. L2-, L3- and DRAM-sized buffers read
+// at very different rates.
 double read_bandwidth(int64_t bytes, double seconds);
 
 // What one step of a benchmark case asks for: a decode step (tokens == 1), or one token of a

@@ -24,6 +24,19 @@ TEST(roofline_fma_peak_is_plausible_for_every_backend) {
     CHECK(refused);
 }
 
+TEST(roofline_read_loop_reads_whole_blocks) {
+    const roofline::ReadLoop loop(1000);
+    CHECK(loop.bytes() == 1024);  // blocks of 8 512-bit vectors
+    loop.read(2);
+    bool refused = false;
+    try {
+        loop.read(0);
+    } catch (const ValueError& e) {
+        refused = std::string(e.what()).find("passes: expected an integer >= 1, got 0") != std::string::npos;
+    }
+    CHECK(refused);
+}
+
 TEST(roofline_read_bandwidth_is_plausible) {
     for (int64_t bytes : {int64_t(64), int64_t(100), int64_t(1) << 16, int64_t(3) << 20}) {
         const double rate = roofline::read_bandwidth(bytes, 0.02);

@@ -56,6 +56,12 @@ class _ReadOnly(Generic[_T_co]):
 class _pybind11_type(type):
     """pybind11's metaclass of every class it binds (pybind11_builtins.pybind11_type)."""
 
+class _ReadLoop(metaclass=_pybind11_type):
+    def __init__(self, bytes: int) -> None: ...
+    @property
+    def bytes(self) -> int: ...
+    def read(self, passes: int = 1) -> None: ...
+
 @type_check_only
 class _State(metaclass=_pybind11_type):
     """What a cache and its checkpoints both tell about the state they hold."""

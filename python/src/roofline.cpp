@@ -19,6 +19,13 @@ void bind_roofline(py::module_& m) {
           "FLOP/s of one core running independent FMA chains in the backend's vectors (best round).");
     m.def("_read_bandwidth", &rf::read_bandwidth, py::arg("bytes"), py::arg("seconds"), py::call_guard<ReleaseGil>(),
           "Bytes/s one core reads from a buffer of this size, read again and again (best round).");
+    py::class_<rf::ReadLoop>(m, "_ReadLoop",
+                             "A buffer of `bytes` bytes, on huge pages when large, for timing reads beside a "
+                             "benchmark case.")
+        .def(py::init<int64_t>(), py::arg("bytes"))
+        .def_property_readonly("bytes", &rf::ReadLoop::bytes, "Bytes one pass reads (whole blocks of vectors).")
+        .def("read", &rf::ReadLoop::read, py::arg("passes") = 1, py::call_guard<ReleaseGil>(),
+             "Reads the whole buffer `passes` times.");
     m.def(
         "_step_work",
         [](const std::string& rule, int64_t heads, int64_t head_dim, int64_t window, int64_t sinks,

@@ -3,11 +3,13 @@
 In the same run as the cases, kvfold measures one core's limits: the FMA peak of each SIMD backend
 (independent chains of fused multiply-adds in its vectors) and the read bandwidth at each case's
 working-set size (a buffer of that size read again and again: L2-, L3- and DRAM-sized sets read at
-very different rates). A case's bytes and FLOPs per step come from one set of formulas in the C++
-core (``cpp/src/roofline.cpp``, ``step_work``): a decode step reads the visible keys and values
-(a matrix memory reads S), a prefill token does the attention's or the matrix rule's
-multiply-adds. The bound is the longer of bytes / bandwidth and FLOPs / peak; the fraction printed
-is bound / measured time, so 100% means the case runs at the machine's limit.
+very different rates). The benchmark reads that buffer in rounds between the case's own, so that on
+a machine shared with other work the bound and the time come from the same conditions. A case's
+bytes and FLOPs per step come from one set of formulas in the C++ core (``cpp/src/roofline.cpp``,
+``step_work``): a decode step reads the visible keys and values (a matrix memory reads S), a prefill
+token does the attention's or the matrix rule's multiply-adds. The bound is the longer of bytes /
+bandwidth and FLOPs / peak; the fraction printed is bound / measured time, so 100% means the case
+runs at the machine's limit.
 """
 
 from __future__ import annotations
@@ -75,17 +77,29 @@ class Roofline:
         self.bandwidths: Dict[int, float] = {}
 
     def bandwidth(self, footprint: float) -> float:
+        """Bytes/s one core reads at this working-set size, measured now (once per size)."""
         size = max(64, int(footprint))
         if size not in self.bandwidths:
             self.bandwidths[size] = _core._read_bandwidth(size, self.seconds)
         return self.bandwidths[size]
 
-    def bound(self, case: Any) -> Optional[Bound]:
-        """The case's bound with the active backend's peak, or None for a rule the formulas do not model."""
+    @staticmethod
+    def reader(case: Any) -> Optional[_core._ReadLoop]:
+        """A buffer of the case's working-set size whose ``read()`` the benchmark times beside the
+        case (its ``bytes`` over the seconds of a read are the bandwidth for ``bound``), or None for
+        a rule the formulas do not model."""
+        work = step_work(case)
+        return None if work is None else _core._ReadLoop(max(64, int(work.footprint)))
+
+    def bound(self, case: Any, bandwidth: Optional[float] = None) -> Optional[Bound]:
+        """The case's bound with the active backend's peak, or None for a rule the formulas do not model.
+        ``bandwidth``: bytes/s read at the case's working set beside it (default: measured now)."""
         work = step_work(case)
         if work is None:
             return None
-        peak, bandwidth = self.peaks[simd_backend()], self.bandwidth(work.footprint)
+        peak = self.peaks[simd_backend()]
+        if bandwidth is None:
+            bandwidth = self.bandwidth(work.footprint)
         memory = work.bytes / bandwidth >= work.flops / peak
         return Bound(
             work, work.bytes / bandwidth if memory else work.flops / peak, memory, bandwidth if memory else peak

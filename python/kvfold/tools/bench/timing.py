@@ -106,6 +106,11 @@ def _prefill_agreement(case: Case, peer: Peer, threads: int) -> float:
     return float(np.abs(ours - theirs).max() / np.abs(ours).max())
 
 
+# The runner that reads a buffer of the case's working set beside the implementations (see run).
+READ = "read bandwidth"
+READ_BYTES = 8 << 20
+
+
 def time_per_token(
     runners: Dict[str, Callable[[], Any]],
     tokens: int,
@@ -247,6 +252,14 @@ def run(
                     if p.supports(case):
                         report(f"{where} {p.name} setup")
                         runners[p.name] = _peer_runner(p, case, data, n)
+                # The bound's read bandwidth (one core's): passes over a buffer of the case's working set,
+                # in rounds between the implementations' rounds; at least 8 MB a call, so that the call
+                # itself is no part of the rate.
+                reads = roof.reader(case) if n == 1 else None
+                passes = 1
+                if reads is not None:
+                    passes = max(1, READ_BYTES // reads.bytes)
+                    runners[READ] = functools.partial(reads.read, passes)
                 times = time_per_token(
                     runners,
                     case.tokens,
@@ -256,11 +269,13 @@ def run(
                     warmup_calls=1 if quick else 2,
                     progress=functools.partial(_report_in, report, where),
                 )
+                bandwidth = None
+                if reads is not None:  # time_per_token divides each runner's time by the tokens: a read is one call
+                    bandwidth = reads.bytes * passes / (times.pop(READ) * case.tokens)
                 row = {"case": case.name, "threads": n, "us": {k: t * 1e6 for k, t in times.items()}}
                 bound = None
                 if n == 1:  # the bounds are one core's
-                    report(f"{where} read bandwidth at its working set")
-                    bound = roof.bound(case)
+                    bound = roof.bound(case, bandwidth)
                     bounds.append((case.name, bound))
                     if bound is not None:
                         row["of_bound"] = bound.fraction(times["kvfold"])
