@@ -68,7 +68,7 @@ std::vector<double> seconds_per_call(const std::vector<std::function<void()>>& f
 }
 
 // A case's seconds per step (or per prefill token), and when it was timed with a read loop, the
-// loop's seconds per pass from rounds between the case's.
+// loop's seconds per pass, from rounds between the case's.
 struct Timing {
     double seconds = 0, read_seconds = 0;
 };
@@ -88,9 +88,11 @@ Timing run(const Case& k, const kvfold::roofline::ReadLoop* reads) {
     std::vector<float> out(n);
     auto timed = [&](std::function<void()> call, double per) {
         std::vector<std::function<void()>> fns{std::move(call)};
-        if (reads) fns.push_back([&] { reads->read(1); });
+        // At least 8 MB a call, so that the call itself is no part of the rate of a small buffer.
+        const int64_t passes = reads ? std::max<int64_t>(1, (int64_t(8) << 20) / reads->bytes()) : 0;
+        if (reads) fns.push_back([&] { reads->read(passes); });
         const std::vector<double> best = seconds_per_call(fns);
-        return Timing{best[0] / per, reads ? best[1] : 0.0};
+        return Timing{best[0] / per, reads ? best[1] / static_cast<double>(passes) : 0.0};
     };
     // Gates as a gated delta layer makes them: log decays in [-0.5, 0), betas in (0, 1), unit keys.
     // (64 folds beyond the window, so that a memory of up to 64 slots is full)
