@@ -69,13 +69,11 @@ def test_read_bandwidth_is_a_plausible_rate(size):
     assert math.isfinite(rate) and 1e7 < rate < 1e13  # bytes/s of one core
 
 
-def test_read_loop_reads_whole_blocks_of_vectors():
+def test_read_loop_reads_whole_blocks_at_least_8_mb_a_call():
     loop = _core._ReadLoop(1000)
-    assert loop.bytes == 1024 and _core._ReadLoop(512).bytes == 512  # blocks of 8 512-bit vectors
+    assert (loop.bytes, loop.passes) == (1024, 8192)  # blocks of 8 512-bit vectors
+    assert (_core._ReadLoop(3 << 20).bytes, _core._ReadLoop(3 << 20).passes) == (3 << 20, 2)
     loop.read()
-    loop.read(3)
-    with pytest.raises(ValueError, match="passes: expected an integer >= 1, got 0"):
-        loop.read(0)
     with pytest.raises(ValueError, match=r"bytes: expected a buffer size in \[64, 2\^36\], got 63"):
         _core._ReadLoop(63)
 

@@ -88,11 +88,9 @@ Timing run(const Case& k, const kvfold::roofline::ReadLoop* reads) {
     std::vector<float> out(n);
     auto timed = [&](std::function<void()> call, double per) {
         std::vector<std::function<void()>> fns{std::move(call)};
-        // At least 8 MB a call, so that the call itself is no part of the rate of a small buffer.
-        const int64_t passes = reads ? std::max<int64_t>(1, (int64_t(8) << 20) / reads->bytes()) : 0;
-        if (reads) fns.push_back([&] { reads->read(passes); });
+        if (reads) fns.push_back([&] { reads->read(); });
         const std::vector<double> best = seconds_per_call(fns);
-        return Timing{best[0] / per, reads ? best[1] / static_cast<double>(passes) : 0.0};
+        return Timing{best[0] / per, reads ? best[1] / static_cast<double>(reads->passes()) : 0.0};
     };
     // Gates as a gated delta layer makes them: log decays in [-0.5, 0), betas in (0, 1), unit keys.
     // (64 folds beyond the window, so that a memory of up to 64 slots is full)
@@ -311,7 +309,7 @@ int main(int argc, char** argv) {
         std::unique_ptr<kvfold::roofline::ReadLoop> reads;
         if (work) reads = std::make_unique<kvfold::roofline::ReadLoop>(std::max<int64_t>(64, work->footprint));
         const Timing t = run(k, reads.get());
-        const double seconds = t.seconds;
+        const double seconds = t.seconds;  // per step, or per prefill token
         if (!work) {
             std::printf("%-36s %14.3f %10s %9s\n", k.name.c_str(), seconds * 1e6, "-", "-");
             continue;

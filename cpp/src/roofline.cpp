@@ -173,35 +173,43 @@ double fma_peak(const std::string& backend, double seconds) {
 
 struct ReadLoop::Buffer {
     LaneBuffer data;
-    int64_t floats = 0;
+    int64_t floats = 0, passes = 0;
     Loops loops{};
 };
 
 ReadLoop::ReadLoop(int64_t bytes) : buffer_(std::make_unique<Buffer>()) {
-    constexpr int64_t kMin = 64, kMax = int64_t(1) << 36, kBlock = 8 * 16 * sizeof(float);
+    constexpr int64_t kMin = 64, kMax = int64_t(1) << 36, kBlock = 8 * 16 * sizeof(float), kCall = int64_t(8) << 20;
     if (bytes < kMin || bytes > kMax)
         throw ValueError("bytes: expected a buffer size in [64, 2^36], got " + std::to_string(bytes));
-    buffer_->loops = loops_for(kernels().name);
+    Buffer& b = *buffer_;
+    b.loops = loops_for(kernels().name);
     // Whole blocks of 8 of the widest vectors, so the loop has no tail.
-    buffer_->floats = round_up(static_cast<size_t>(bytes), kBlock) / sizeof(float);
-    buffer_->data.plan(1, static_cast<size_t>(buffer_->floats) * sizeof(float));
-    buffer_->data.allocate();
-    read(1);  // first touch: the pages are mapped before any timing
+    b.floats = round_up(static_cast<size_t>(bytes), kBlock) / sizeof(float);
+    b.passes = std::max<int64_t>(1, kCall / this->bytes());
+    b.data.plan(1, static_cast<size_t>(b.floats) * sizeof(float));
+    b.data.allocate();
+    sink = b.loops.read_passes(b.data.lane<float>(0), b.floats, 1);  // first touch: mapped before any timing
 }
 
 ReadLoop::~ReadLoop() = default;
 
 int64_t ReadLoop::bytes() const { return buffer_->floats * static_cast<int64_t>(sizeof(float)); }
 
-void ReadLoop::read(int64_t passes) const {
-    if (passes < 1) throw ValueError("passes: expected an integer >= 1, got " + std::to_string(passes));
-    sink = buffer_->loops.read_passes(buffer_->data.lane<float>(0), buffer_->floats, passes);
+int64_t ReadLoop::passes() const { return buffer_->passes; }
+
+void ReadLoop::read() const {
+    sink = buffer_->loops.read_passes(buffer_->data.lane<float>(0), buffer_->floats, buffer_->passes);
 }
 
 double read_bandwidth(int64_t bytes, double seconds) {
     check_seconds(seconds);
     const ReadLoop loop(bytes);
-    return static_cast<double>(loop.bytes()) * best_rate([&](int64_t count) { loop.read(count); }, seconds);
+    const double per_read = static_cast<double>(loop.bytes() * loop.passes());
+    return per_read * best_rate(
+                          [&](int64_t count) {
+                              for (int64_t i = 0; i < count; ++i) loop.read();
+                          },
+                          seconds);
 }
 
 StepWork step_work(const std::string& rule, int64_t heads, int64_t head_dim, int64_t window, int64_t sinks,

@@ -17,19 +17,21 @@ namespace roofline {
 double fma_peak(const std::string& backend, double seconds);
 
 // A buffer of `bytes` bytes (64 to 2^36; ValueError otherwise), aligned and on huge pages when
-// large as the cache's own buffers, and mapped when made. read(passes) reads all of it `passes`
-// times (passes >= 1; ValueError otherwise) with the vector loads of the active backend. Timed in
-// rounds between a benchmark case's own, it gives the read bandwidth under the same conditions as
-// the case: on a machine shared with other work the rate moves from second to second, and a bound
-// measured apart from the case would move the case's fraction of it.
+// large as the cache's own buffers, and mapped when made. read() reads all of it passes() times
+// with the vector loads of the active backend: at least 8 MB a call, so that timing a call times
+// the reads, not the call. Timed in rounds between a benchmark case's own, it gives the read
+// bandwidth under the same conditions as the case: on a machine shared with other work the rate
+// moves from second to second, and a bound measured apart from the case would move the case's
+// fraction of it.
 class ReadLoop {
    public:
     explicit ReadLoop(int64_t bytes);
     ~ReadLoop();
     ReadLoop(const ReadLoop&) = delete;
     ReadLoop& operator=(const ReadLoop&) = delete;
-    int64_t bytes() const;  // what one pass reads: `bytes` rounded up to whole blocks of the widest vectors
-    void read(int64_t passes) const;
+    int64_t bytes() const;   // what one pass reads: `bytes` rounded up to whole blocks of the widest vectors
+    int64_t passes() const;  // passes a read() makes
+    void read() const;
 
    private:
     struct Buffer;

@@ -24,15 +24,17 @@ TEST(roofline_fma_peak_is_plausible_for_every_backend) {
     CHECK(refused);
 }
 
-TEST(roofline_read_loop_reads_whole_blocks) {
-    const roofline::ReadLoop loop(1000);
-    CHECK(loop.bytes() == 1024);  // blocks of 8 512-bit vectors
-    loop.read(2);
+TEST(roofline_read_loop_reads_whole_blocks_at_least_8_mb_a_call) {
+    const roofline::ReadLoop small(1000), large(int64_t(3) << 20);
+    CHECK(small.bytes() == 1024 && small.passes() == 8192);  // blocks of 8 512-bit vectors
+    CHECK(large.bytes() == int64_t(3) << 20 && large.passes() == 2);
+    small.read();
     bool refused = false;
     try {
-        loop.read(0);
+        roofline::ReadLoop(63);
     } catch (const ValueError& e) {
-        refused = std::string(e.what()).find("passes: expected an integer >= 1, got 0") != std::string::npos;
+        refused =
+            std::string(e.what()).find("bytes: expected a buffer size in [64, 2^36], got 63") != std::string::npos;
     }
     CHECK(refused);
 }

@@ -24,8 +24,8 @@ void bind_roofline(py::module_& m) {
                              "benchmark case.")
         .def(py::init<int64_t>(), py::arg("bytes"))
         .def_property_readonly("bytes", &rf::ReadLoop::bytes, "Bytes one pass reads (whole blocks of vectors).")
-        .def("read", &rf::ReadLoop::read, py::arg("passes") = 1, py::call_guard<ReleaseGil>(),
-             "Reads the whole buffer `passes` times.");
+        .def_property_readonly("passes", &rf::ReadLoop::passes, "Passes a read() makes: at least 8 MB.")
+        .def("read", &rf::ReadLoop::read, py::call_guard<ReleaseGil>(), "Reads the whole buffer `passes` times.");
     m.def(
         "_step_work",
         [](const std::string& rule, int64_t heads, int64_t head_dim, int64_t window, int64_t sinks,

@@ -86,8 +86,8 @@ class Roofline:
     @staticmethod
     def reader(case: Any) -> Optional[_core._ReadLoop]:
         """A buffer of the case's working-set size whose ``read()`` the benchmark times beside the
-        case (its ``bytes`` over the seconds of a read are the bandwidth for ``bound``), or None for
-        a rule the formulas do not model."""
+        case (``bytes * passes`` over the seconds of a read are the bandwidth for ``bound``), or None
+        for a rule the formulas do not model."""
         work = step_work(case)
         return None if work is None else _core._ReadLoop(max(64, int(work.footprint)))
 

@@ -108,7 +108,6 @@ def _prefill_agreement(case: Case, peer: Peer, threads: int) -> float:
 
 # The runner that reads a buffer of the case's working set beside the implementations (see run).
 READ = "read bandwidth"
-READ_BYTES = 8 << 20
 
 
 def time_per_token(
@@ -252,14 +251,11 @@ def run(
                     if p.supports(case):
                         report(f"{where} {p.name} setup")
                         runners[p.name] = _peer_runner(p, case, data, n)
-                # The bound's read bandwidth (one core's): passes over a buffer of the case's working set,
-                # in rounds between the implementations' rounds; at least 8 MB a call, so that the call
-                # itself is no part of the rate.
+                # The bound's read bandwidth (one core's): reads of a buffer of the case's working set, in
+                # rounds between the implementations' rounds.
                 reads = roof.reader(case) if n == 1 else None
-                passes = 1
                 if reads is not None:
-                    passes = max(1, READ_BYTES // reads.bytes)
-                    runners[READ] = functools.partial(reads.read, passes)
+                    runners[READ] = reads.read
                 times = time_per_token(
                     runners,
                     case.tokens,
@@ -271,7 +267,7 @@ def run(
                 )
                 bandwidth = None
                 if reads is not None:  # time_per_token divides each runner's time by the tokens: a read is one call
-                    bandwidth = reads.bytes * passes / (times.pop(READ) * case.tokens)
+                    bandwidth = reads.bytes * reads.passes / (times.pop(READ) * case.tokens)
                 row = {"case": case.name, "threads": n, "us": {k: t * 1e6 for k, t in times.items()}}
                 bound = None
                 if n == 1:  # the bounds are one core's
