@@ -136,3 +136,23 @@ def test_status_writes_a_log_a_line_at_a_time_and_seldom():
     status("second")  # within the hour: not written
     status.clear()
     assert stream.getvalue() == "first\n"
+
+
+@pytest.mark.one_backend
+def test_a_round_starts_after_an_untimed_call(monkeypatch):
+    """The runner before a round leaves its own data in the caches: each runner's first call after
+    another's (here 1 s on a fake clock, the others 1 ms) is not timed."""
+    from kvfold.tools.bench import timing
+
+    clock, last = [0.0], [""]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+
+    def runner(name):
+        def run():
+            clock[0] += 1.0 if last[0] != name else 1e-3
+            last[0] = name
+
+        return run
+
+    times = timing.time_per_token({"a": runner("a"), "b": runner("b")}, tokens=1, rounds=3, round_seconds=0.04)
+    assert times == {"a": pytest.approx(1e-3), "b": pytest.approx(1e-3)}

@@ -52,7 +52,8 @@ double now() {
 
 // Seconds per call of each function: the best of 15 rounds of about 20 ms each, the functions
 // taken in turn, so that on a machine shared with other work each still shows an undisturbed round,
-// and the functions' best rounds come from the same stretch of time.
+// and the functions' best rounds come from the same stretch of time. A round starts after one
+// untimed call: the function before it has left its own data in the caches.
 std::vector<double> seconds_per_call(const std::vector<std::function<void()>>& fns) {
     std::vector<int64_t> calls(fns.size());
     for (size_t f = 0; f < fns.size(); ++f)
@@ -60,6 +61,7 @@ std::vector<double> seconds_per_call(const std::vector<std::function<void()>>& f
     std::vector<double> best(fns.size(), 1e30);
     for (int round = 0; round < 15; ++round)
         for (size_t f = 0; f < fns.size(); ++f) {
+            if (fns.size() > 1) fns[f]();
             double start = now();
             for (int64_t i = 0; i < calls[f]; ++i) fns[f]();
             best[f] = std::min(best[f], (now() - start) / static_cast<double>(calls[f]));

@@ -121,10 +121,11 @@ def time_per_token(
 ) -> Dict[str, float]:
     """Seconds per token of each runner: the best of `rounds` rounds that take the runners in turn.
     Each runner first runs `warmup_calls` times (more if they take less than a quarter of
-    `round_seconds`), which sizes its rounds to about `round_seconds`. With several threads, each
-    runner's turn starts `settle_seconds` after the previous one ends: thread pools (OpenBLAS,
-    OpenMP, ONNX Runtime) keep spinning for a while after their work and would otherwise take cores
-    from whichever runner comes next. `progress` hears what runs next."""
+    `round_seconds`), which sizes its rounds to about `round_seconds`. With several runners, a round
+    starts after one untimed call: the runner before it has left its own data in the caches. With
+    several threads, each runner's turn starts `settle_seconds` after the previous one ends: thread
+    pools (OpenBLAS, OpenMP, ONNX Runtime) keep spinning for a while after their work and would
+    otherwise take cores from whichever runner comes next. `progress` hears what runs next."""
     calls = {}
     for name, run in runners.items():
         progress(f"{name} warm-up")
@@ -138,6 +139,8 @@ def time_per_token(
         for name, run in runners.items():
             progress(f"{name} round {r + 1}/{rounds}")
             time.sleep(settle_seconds)
+            if len(runners) > 1:
+                run()
             start = time.perf_counter()
             for _ in range(calls[name]):
                 run()
