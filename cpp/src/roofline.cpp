@@ -201,17 +201,6 @@ void ReadLoop::read() const {
     sink = buffer_->loops.read_passes(buffer_->data.lane<float>(0), buffer_->floats, buffer_->passes);
 }
 
-double read_bandwidth(int64_t bytes, double seconds) {
-    check_seconds(seconds);
-    const ReadLoop loop(bytes);
-    const double per_read = static_cast<double>(loop.bytes() * loop.passes());
-    return per_read * best_rate(
-                          [&](int64_t count) {
-                              for (int64_t i = 0; i < count; ++i) loop.read();
-                          },
-                          seconds);
-}
-
 StepWork step_work(const std::string& rule, int64_t heads, int64_t head_dim, int64_t window, int64_t sinks,
                    int64_t element_bytes, int64_t tokens) {
     const bool summary = rule == "drop" || rule == "cumulative" || rule == "ema";

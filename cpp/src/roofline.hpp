@@ -38,11 +38,6 @@ class ReadLoop {
     std::unique_ptr<Buffer> buffer_;
 };
 
-// Bytes per second the calling thread reads from a buffer of `bytes` bytes read again and again (a
-// ReadLoop): the best of several rounds over about `seconds`. L2-, L3- and DRAM-sized buffers read
-// at very different rates.
-double read_bandwidth(int64_t bytes, double seconds);
-
 // What one step of a benchmark case asks for: a decode step (tokens == 1), or one token of a
 // prefill of `tokens` tokens from an empty cache. B = 1, query heads = KV heads, d_k = d_v.
 struct StepWork {

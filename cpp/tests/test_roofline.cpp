@@ -39,20 +39,6 @@ TEST(roofline_read_loop_reads_whole_blocks_at_least_8_mb_a_call) {
     CHECK(refused);
 }
 
-TEST(roofline_read_bandwidth_is_plausible) {
-    for (int64_t bytes : {int64_t(64), int64_t(100), int64_t(1) << 16, int64_t(3) << 20}) {
-        const double rate = roofline::read_bandwidth(bytes, 0.02);
-        CHECK(std::isfinite(rate) && rate > 1e7 && rate < 1e13);
-    }
-    bool refused = false;
-    try {
-        roofline::read_bandwidth(63, 0.01);
-    } catch (const ValueError&) {
-        refused = true;
-    }
-    CHECK(refused);
-}
-
 TEST(roofline_step_work_follows_the_formulas) {
     // A window of 256 and 4 sinks, float32, H = 32, d = 128, one decode step: 261 rows (sinks,
     // window, the slot) of keys and values read, a score and a weighted sum per element.

@@ -17,8 +17,6 @@ void bind_roofline(py::module_& m) {
     namespace rf = kvfold::roofline;
     m.def("_fma_peak", &rf::fma_peak, py::arg("backend"), py::arg("seconds"), py::call_guard<ReleaseGil>(),
           "FLOP/s of one core running independent FMA chains in the backend's vectors (best round).");
-    m.def("_read_bandwidth", &rf::read_bandwidth, py::arg("bytes"), py::arg("seconds"), py::call_guard<ReleaseGil>(),
-          "Bytes/s one core reads from a buffer of this size, read again and again (best round).");
     py::class_<rf::ReadLoop>(m, "_ReadLoop",
                              "A buffer of `bytes` bytes, on huge pages when large, for timing reads beside a "
                              "benchmark case.")

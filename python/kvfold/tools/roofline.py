@@ -68,20 +68,11 @@ class Bound:
 
 
 class Roofline:
-    """One core's limits, measured when made (the FMA peak of every backend this machine runs) and
-    as cases ask (the read bandwidth, once per working-set size). ``seconds``: time per measurement."""
+    """One core's FMA peak for every backend this machine runs, measured when made (``seconds`` each),
+    and the bounds of cases whose read bandwidth the benchmark measures beside them (``reader``)."""
 
     def __init__(self, seconds: float = 0.2) -> None:
-        self.seconds = seconds
         self.peaks: Dict[str, float] = {name: _core._fma_peak(name, seconds) for name in available_backends()}
-        self.bandwidths: Dict[int, float] = {}
-
-    def bandwidth(self, footprint: float) -> float:
-        """Bytes/s one core reads at this working-set size, measured now (once per size)."""
-        size = max(64, int(footprint))
-        if size not in self.bandwidths:
-            self.bandwidths[size] = _core._read_bandwidth(size, self.seconds)
-        return self.bandwidths[size]
 
     @staticmethod
     def reader(case: Any) -> Optional[_core._ReadLoop]:
@@ -91,15 +82,13 @@ class Roofline:
         work = step_work(case)
         return None if work is None else _core._ReadLoop(max(64, int(work.footprint)))
 
-    def bound(self, case: Any, bandwidth: Optional[float] = None) -> Optional[Bound]:
-        """The case's bound with the active backend's peak, or None for a rule the formulas do not model.
-        ``bandwidth``: bytes/s read at the case's working set beside it (default: measured now)."""
+    def bound(self, case: Any, bandwidth: float) -> Optional[Bound]:
+        """The case's bound with the active backend's peak and ``bandwidth``, the bytes/s read at the
+        case's working set beside it, or None for a rule the formulas do not model."""
         work = step_work(case)
         if work is None:
             return None
         peak = self.peaks[simd_backend()]
-        if bandwidth is None:
-            bandwidth = self.bandwidth(work.footprint)
         memory = work.bytes / bandwidth >= work.flops / peak
         return Bound(
             work, work.bytes / bandwidth if memory else work.flops / peak, memory, bandwidth if memory else peak

@@ -268,13 +268,11 @@ def run(
                     warmup_calls=1 if quick else 2,
                     progress=functools.partial(_report_in, report, where),
                 )
-                bandwidth = None
-                if reads is not None:  # time_per_token divides each runner's time by the tokens: a read is one call
-                    bandwidth = reads.bytes * reads.passes / (times.pop(READ) * case.tokens)
-                row = {"case": case.name, "threads": n, "us": {k: t * 1e6 for k, t in times.items()}}
                 bound = None
+                if reads is not None:  # time_per_token divides each runner's time by the tokens: a read is one call
+                    bound = roof.bound(case, reads.bytes * reads.passes / (times.pop(READ) * case.tokens))
+                row = {"case": case.name, "threads": n, "us": {k: t * 1e6 for k, t in times.items()}}
                 if n == 1:  # the bounds are one core's
-                    bound = roof.bound(case, bandwidth)
                     bounds.append((case.name, bound))
                     if bound is not None:
                         row["of_bound"] = bound.fraction(times["kvfold"])
