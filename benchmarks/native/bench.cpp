@@ -205,6 +205,8 @@ std::vector<Case> cases() {
         {"decode merge(32) w256 s4", merge(32), 32, 128, 256, 4, f32, 0, false, {}, Retain::fifo, true},
         // The 256 rows of window 256 alone, as the evaluation's memory of 256 pairs spends them.
         {"decode merge(32) w220 s4", merge(32), 32, 128, 220, 4, f32, 0, false, {}, Retain::fifo, true},
+        // The 292 rows merge(32) w256 s4 attends over, with nothing to fold: the rest of its time is the fold.
+        {"decode drop w288 s4", rule("drop"), 32, 128, 288, 4, f32, 0, false, {}, Retain::fifo, true},
         {"decode merge(32) w256 s4 rope", merge(32), 32, 128, 256, 4, f32, 0, false, rope, Retain::fifo, true},
         {"decode merge(32) w256 s4 rope tova", merge(32), 32, 128, 256, 4, f32, 0, false, rope, Retain::tova, true},
         {"decode drop w256 tova", rule("drop"), 32, 128, 256, 0, f32, 0, false, {}, Retain::tova, true},
