@@ -63,7 +63,7 @@ const uint8_t* q8_rows_at(const void* base, int64_t first, int64_t d) {
 }
 
 void score_kernel(const Kernels& K, const Rows& r, const float* q, int64_t q_stride, int64_t nq, int64_t dk,
-                  float scale, float* s, int64_t s_stride, bool streamed) {
+                  float scale, float* s, int64_t s_stride) {
     const void* keys = r.seg->keys;
     switch (r.seg->dtype) {
         case DType::float16:
@@ -74,22 +74,21 @@ void score_kernel(const Kernels& K, const Rows& r, const float* q, int64_t q_str
         case DType::int8:
             return K.scores_q8(q, q_stride, nq, q8_rows_at(keys, r.first, dk), r.count, dk, scale, s, s_stride);
         default:
-            return (streamed ? K.scores_f32_streamed : K.scores_f32)(q, q_stride, nq, rows_at<float>(keys, r.first, dk),
-                                                                     r.count, dk, scale, s, s_stride);
+            return K.scores_f32(q, q_stride, nq, rows_at<float>(keys, r.first, dk), r.count, dk, scale, s, s_stride);
     }
 }
 
 // Scores of a run of rows for nq queries (s_stride apart), with the segment's logit bias if it has one.
 void score_rows(const Kernels& K, const Rows& r, const float* q, int64_t q_stride, int64_t nq, int64_t dk, float scale,
-                float* s, int64_t s_stride, bool streamed = false) {
-    score_kernel(K, r, q, q_stride, nq, dk, scale, s, s_stride, streamed);
+                float* s, int64_t s_stride) {
+    score_kernel(K, r, q, q_stride, nq, dk, scale, s, s_stride);
     if (const float* bias = r.seg->bias)
         for (int64_t i = 0; i < nq; ++i)
             for (int64_t j = 0; j < r.count; ++j) s[i * s_stride + j] += bias[r.first + j];
 }
 
 void weigh_rows(const Kernels& K, const Rows& r, const float* p, int64_t p_stride, int64_t nq, int64_t dv, float* out,
-                int64_t out_stride, bool add, bool streamed = false) {
+                int64_t out_stride, bool add) {
     const void* values = r.seg->values;
     switch (r.seg->dtype) {
         case DType::float16:
@@ -102,8 +101,8 @@ void weigh_rows(const Kernels& K, const Rows& r, const float* p, int64_t p_strid
             return K.weighted_sum_q8(p, p_stride, nq, q8_rows_at(values, r.first, dv), r.count, dv, out, out_stride,
                                      add);
         default:
-            return (streamed ? K.weighted_sum_f32_streamed : K.weighted_sum_f32)(
-                p, p_stride, nq, rows_at<float>(values, r.first, dv), r.count, dv, out, out_stride, add);
+            return K.weighted_sum_f32(p, p_stride, nq, rows_at<float>(values, r.first, dv), r.count, dv, out,
+                                      out_stride, add);
     }
 }
 
@@ -144,7 +143,7 @@ void weigh_short(const Kernels& K, const Attention& a, int64_t dv, const float* 
 int64_t score_block(const Kernels& K, Cursor& cursor, const Attention& a, int64_t dk, float scale, float* s) {
     int64_t filled = 0;
     for (Rows r; filled < kBlock && (r = cursor.next(kBlock - filled)).count; filled += r.count)
-        score_rows(K, r, a.q, a.q_stride, a.nq, dk, scale, s + filled, kBlock, a.streamed);
+        score_rows(K, r, a.q, a.q_stride, a.nq, dk, scale, s + filled, kBlock);
     return filled;
 }
 
@@ -153,7 +152,7 @@ void weigh_block(const Kernels& K, Cursor from, int64_t filled, const float* p, 
                  bool add) {
     for (int64_t done = 0; done < filled; add = true) {
         Rows r = from.next(filled - done);
-        weigh_rows(K, r, p + done, kBlock, a.nq, dv, a.out, a.out_stride, add, a.streamed);
+        weigh_rows(K, r, p + done, kBlock, a.nq, dv, a.out, a.out_stride, add);
         done += r.count;
     }
 }
@@ -290,8 +289,7 @@ void attend(const Attention* problems, int count, int64_t dk, int64_t dv, float 
                                    a.count,
                                    a.out + first * a.out_stride,
                                    a.out_stride,
-                                   a.weight_share,
-                                   a.streamed};
+                                   a.weight_share};
             if (n == kBatch) {
                 attend_batch(K, batch, n, dk, dv, scale);
                 n = 0;

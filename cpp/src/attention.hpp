@@ -31,9 +31,6 @@ struct Attention {
     float* out;
     int64_t out_stride;
     float weight_share = 1;  // see Segment::weights
-    // The rows are read once, from memory (a decode step): a long visible set of float32 rows goes
-    // through the streamed kernels.
-    bool streamed = false;
 };
 
 // out_i = softmax(scale * q_i . K + bias) V over all segments, in one pass over the rows with an online

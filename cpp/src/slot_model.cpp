@@ -48,7 +48,7 @@ void attend_all(MemoryCache::Impl& c, const float* q, float* out) {
         for (int64_t lane = lo; lane < hi; ++lane) {
             int64_t b = lane / g.num_heads, h = lane % g.num_heads;
             int64_t hq = b * g.num_query_heads + h * c.group;  // first query head of this lane
-            batch.add(m, lane, c.length[b], q + hq * g.head_dim, g.head_dim, out + hq * g.value_dim, g.value_dim, true);
+            batch.add(m, lane, c.length[b], q + hq * g.head_dim, g.head_dim, out + hq * g.value_dim, g.value_dim);
             if (batch.count == kLanes || lane + 1 == hi) batch.run(m);
         }
     });
@@ -104,7 +104,7 @@ void run_lanes(MemoryCache::Impl& c, const float* q, const float* k, const float
                                m.place(lane, len, k + (lane * T + t) * dk, v + (lane * T + t) * dv, pos.at(b, t), ek,
                                        ek + dk),
                                ek);
-                    batch.add(m, lane, len + 1, q + (hq * T + t) * dk, T * dk, out + (hq * T + t) * dv, T * dv, T == 1);
+                    batch.add(m, lane, len + 1, q + (hq * T + t) * dk, T * dk, out + (hq * T + t) * dv, T * dv);
                 }
                 batch.run(m);
             }

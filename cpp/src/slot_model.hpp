@@ -138,12 +138,11 @@ struct LaneBatch {
     Segment segs[kLanes][3];
     Attention problems[kLanes];
     int count = 0;
-    // All query heads of a lane: q rows at q0 + g * q_stride, outputs at o0 + g * o_stride; streamed
-    // when the lane's rows are read once in the call (Attention::streamed).
-    void add(const Model& m, int64_t lane, int64_t len, const float* q0, int64_t q_stride, float* o0, int64_t o_stride,
-             bool streamed) {
+    // All query heads of a lane: q rows at q0 + g * q_stride, outputs at o0 + g * o_stride.
+    void add(const Model& m, int64_t lane, int64_t len, const float* q0, int64_t q_stride, float* o0,
+             int64_t o_stride) {
         m.visible_set(lane, len, segs[count]);
-        problems[count] = Attention{q0, q_stride, m.c.group, segs[count], 3, o0, o_stride, 1.0f / m.c.group, streamed};
+        problems[count] = Attention{q0, q_stride, m.c.group, segs[count], 3, o0, o_stride, 1.0f / m.c.group};
         ++count;
     }
     void run(const Model& m) {

@@ -424,33 +424,6 @@ TEST(attention_kernels_match_scalar) {
     }
 }
 
-// The streamed kernels read the rows in another order but do the same arithmetic: a decode step
-// (streamed) and a prefill (blocks) give the same bits. Every shape, the ones a table streams and
-// the ones it hands to the block kernels.
-TEST(streamed_kernels_give_the_block_kernels_bits) {
-    for (const Kernels* table : {scalar_kernels(), &kernels()}) {
-        const Kernels& K = *table;
-        for (int64_t d : {int64_t(1), int64_t(32), int64_t(64), int64_t(100), int64_t(128), int64_t(256)}) {
-            for (int64_t rows :
-                 {int64_t(1), int64_t(3), int64_t(4), int64_t(31), int64_t(33), int64_t(70), int64_t(261)}) {
-                for (int64_t nq : {int64_t(1), int64_t(3)}) {
-                    auto q = normal(nq * d, 11), k = normal(rows * d, 12), p = normal(nq * rows, 13);
-                    std::vector<float> s1(nq * rows), s2(nq * rows);
-                    K.scores_f32(q.data(), d, nq, k.data(), rows, d, 0.5f, s1.data(), rows);
-                    K.scores_f32_streamed(q.data(), d, nq, k.data(), rows, d, 0.5f, s2.data(), rows);
-                    CHECK(std::memcmp(s1.data(), s2.data(), sizeof(float) * s1.size()) == 0);
-                    for (bool add : {false, true}) {
-                        std::vector<float> o1 = normal(nq * (d + 2), 14), o2 = o1;  // rows of d, 2 apart
-                        K.weighted_sum_f32(p.data(), rows, nq, k.data(), rows, d, o1.data(), d + 2, add);
-                        K.weighted_sum_f32_streamed(p.data(), rows, nq, k.data(), rows, d, o2.data(), d + 2, add);
-                        CHECK(std::memcmp(o1.data(), o2.data(), sizeof(float) * o1.size()) == 0);
-                    }
-                }
-            }
-        }
-    }
-}
-
 // A softmax in one block equals the online softmax over any split into blocks.
 TEST(softmax_blocks_agree_with_one_softmax) {
     const Kernels& K = kernels();

@@ -115,12 +115,6 @@ struct Kernels {
                              float* out, int64_t out_stride, bool add);
     void (*weighted_sum_bf16)(const float* p, int64_t p_stride, int64_t nq, const uint16_t* v, int64_t rows, int64_t d,
                               float* out, int64_t out_stride, bool add);
-    // The same over float32 rows read once, from memory (a decode step's long visible set): a table
-    // may read them in another order, for the same bits.
-    void (*scores_f32_streamed)(const float* q, int64_t q_stride, int64_t nq, const float* k, int64_t rows, int64_t d,
-                                float scale, float* s, int64_t s_stride);
-    void (*weighted_sum_f32_streamed)(const float* p, int64_t p_stride, int64_t nq, const float* v, int64_t rows,
-                                      int64_t d, float* out, int64_t out_stride, bool add);
     // s (n >= 1 scores) becomes softmax(s): a visible set that fits in one block.
     void (*softmax)(float* s, int64_t n);
     // One block of an online softmax: the n scores s become weights exp(s - m), m the running max

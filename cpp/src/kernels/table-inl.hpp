@@ -38,8 +38,6 @@ constexpr Kernels filled_table(const char* name) {
     k.sincos_f64 = sincos_f64;
     KVFOLD_EACH_STORAGE(k, scores);
     KVFOLD_EACH_STORAGE(k, weighted_sum);
-    k.scores_f32_streamed = k.scores_f32;
-    k.weighted_sum_f32_streamed = k.weighted_sum_f32;
     k.softmax = softmax;
     k.softmax_block = softmax_block;
     k.exp_f32 = exp_f32;

@@ -359,8 +359,6 @@ constexpr Kernels make_table() {
     k.weighted_sum_bf16 = weighted_sum_bf16;
     k.scores_q8 = scores_q8_avx2;
     k.weighted_sum_q8 = q8_weighted_sum_vectors<Q8, 2>;
-    k.scores_f32_streamed = scores_streamed<F32>;
-    k.weighted_sum_f32_streamed = weighted_sum_streamed<F32>;
     return k;
 }
 
