@@ -1,6 +1,7 @@
 """Laws the model must obey, checked over random configurations."""
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from numpy.testing import assert_allclose
@@ -41,6 +42,28 @@ def inputs(seed, cfg, T):
 @given(cfg=setups(), T=st.integers(1, 30), seed=st.integers(0, 2**31))
 def test_forward_is_a_loop_of_step(cfg, T, seed):
     q, k, v = inputs(seed, cfg, T)
+    a, b = kvfold.MemoryCache(**cfg), kvfold.MemoryCache(**cfg)
+    outs = np.stack([b.step(q[:, :, t], k[:, :, t], v[:, :, t]) for t in range(T)], axis=2)
+    np.testing.assert_array_equal(a.forward(q, k, v), outs)
+    assert a.to_bytes() == b.to_bytes()
+
+
+@pytest.mark.parametrize("head_dim", [64, 100, 128, 256])
+@pytest.mark.parametrize("group", [1, 2])
+def test_forward_is_a_loop_of_step_over_a_long_window(head_dim, group):
+    """Over a window longer than a short visible set, a decode step and a block give the same bits."""
+    cfg = dict(
+        rule=rules.Cumulative(),
+        num_heads=2,
+        num_query_heads=2 * group,
+        head_dim=head_dim,
+        value_dim=head_dim,
+        batch_size=1,
+        window=100,
+        sinks=2,
+    )
+    T = 140
+    q, k, v = inputs(head_dim + group, cfg, T)
     a, b = kvfold.MemoryCache(**cfg), kvfold.MemoryCache(**cfg)
     outs = np.stack([b.step(q[:, :, t], k[:, :, t], v[:, :, t]) for t in range(T)], axis=2)
     np.testing.assert_array_equal(a.forward(q, k, v), outs)
