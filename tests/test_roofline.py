@@ -66,7 +66,8 @@ def test_fma_peak_is_a_plausible_rate(backend):
 def test_read_loop_reads_whole_blocks_at_least_8_mb_a_call():
     loop = _core._ReadLoop(1000)
     assert (loop.bytes, loop.passes) == (1024, 8192)  # blocks of 8 512-bit vectors
-    assert (_core._ReadLoop(3 << 20).bytes, _core._ReadLoop(3 << 20).passes) == (3 << 20, 2)
+    large = _core._ReadLoop(3 << 20)
+    assert (large.bytes, large.passes) == (3 << 20, 2)
     loop.read()
     with pytest.raises(ValueError, match=r"bytes: expected a buffer size in \[64, 2\^36\], got 63"):
         _core._ReadLoop(63)
