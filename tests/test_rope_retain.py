@@ -142,6 +142,25 @@ def test_state_operations_mid_stream_continue_the_run(memory, rng, tmp_path):
 
 @pytest.mark.one_backend
 @pytest.mark.parametrize("memory", MEMORIES, ids=str)
+def test_a_state_with_unscored_pairs_round_trips(memory, rng, tmp_path):
+    # update() enters pairs that no query has scored yet; a state saved then must load and go on
+    # as the original does.
+    rule, kw, q, k, v, p = memory_case(memory, rng)
+    cache = make(rule, SHAPE, **kw)
+    cache.update(k[:, :, :7], v[:, :, :7], positions=p[:, :7])
+    cache.save(tmp_path / "state.kvfold")
+    restored = [kvfold.MemoryCache.from_bytes(cache.to_bytes()), kvfold.load(tmp_path / "state.kvfold")]
+    for c in [cache, *restored]:
+        c.update(k[:, :, 7:9], v[:, :, 7:9], positions=p[:, 7:9])
+    expected = [cache.step(q[:, :, t], k[:, :, t], v[:, :, t], positions=p[:, t]) for t in range(9, T)]
+    for c in restored:
+        for t, want in zip(range(9, T), expected):
+            close(c.step(q[:, :, t], k[:, :, t], v[:, :, t], positions=p[:, t]), want, 0)
+        assert c.to_bytes() == cache.to_bytes()
+
+
+@pytest.mark.one_backend
+@pytest.mark.parametrize("memory", MEMORIES, ids=str)
 def test_reorder_select_concat_match_the_model(memory, rng):
     rule, kw, q, k, v, p = memory_case(memory, rng)
     cache, ref = make(rule, SHAPE, **kw), make(rule, SHAPE, reference.StreamCache, **kw)

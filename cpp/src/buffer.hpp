@@ -23,14 +23,15 @@ constexpr size_t kHugePage = size_t(2) << 20;
 inline size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
 
 // What a buffer holds, for checking a state read from bytes: values that finite inputs keep finite
-// (rows of d values in a storage dtype, float32 or float64 numbers), or anything else.
+// (rows of d values in a storage dtype, float32 or float64 numbers, float32 attention scores, NaN
+// for a pair not scored yet), or anything else.
 struct Holds {
-    enum Kind : uint8_t { other, rows, f32, f64 } kind = other;
+    enum Kind : uint8_t { other, rows, f32, f64, scores } kind = other;
     DType dtype = DType::float32;  // of the rows
     int64_t d = 0;                 // values per row
 };
 inline Holds rows_of(DType dtype, int64_t d) { return {Holds::rows, dtype, d}; }
-constexpr Holds kFloat32{Holds::f32}, kFloat64{Holds::f64};
+constexpr Holds kFloat32{Holds::f32}, kFloat64{Holds::f64}, kScores{Holds::scores};
 
 // Every buffer of a cache is a LaneBuffer: sized first (plan), allocated once (allocate), never
 // grown. Reset, copy, reorder and the state format treat all of them alike.

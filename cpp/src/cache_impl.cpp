@@ -64,7 +64,7 @@ MemoryCache::Impl::Impl(const Config& c, const RuleSpec& s) : cfg(c), spec(s) {
         gate_stride = 2 + (matrix->takes_decay() ? c.head_dim : 0);
     win_gates.plan(lanes, sizeof(float) * c.window * gate_stride, kFloat32);
     win_pos.plan(lanes, rope.on() ? sizeof(int64_t) * c.window : 0);
-    win_score.plan(lanes, retain != Retain::fifo ? sizeof(float) * c.window : 0, kFloat32);
+    win_score.plan(lanes, retain != Retain::fifo ? sizeof(float) * c.window : 0, kScores);
     win_order.plan(lanes, retain != Retain::fifo ? sizeof(int64_t) * c.window : 0);
 
     const size_t need = planned_bytes();

@@ -136,7 +136,8 @@ std::vector<Buffer*> saved(std::vector<Buffer*> all, const Rule& rule) {
     return all;
 }
 
-// Whether the values of a buffer that finite inputs keep finite (Holds) are all finite.
+// Whether the values of a buffer that finite inputs keep finite (Holds) are all finite (a score may
+// also be NaN: its pair was not scored yet).
 bool holds_finite(const LaneBuffer& b) {
     Holds h = b.holds();
     if (h.kind == Holds::rows && h.dtype == DType::float32) h.kind = Holds::f32;  // no conversion needed
@@ -146,6 +147,12 @@ bool holds_finite(const LaneBuffer& b) {
         const uint8_t* p = b.lane(lane);
         const size_t n = b.lane_bytes();
         if (h.kind == Holds::f32 && !K.all_finite(reinterpret_cast<const float*>(p), n / sizeof(float))) return false;
+        if (h.kind == Holds::scores)
+            for (size_t i = 0; i < n; i += sizeof(float)) {
+                float x;
+                std::memcpy(&x, p + i, sizeof x);
+                if (std::isinf(x)) return false;
+            }
         if (h.kind == Holds::f64)
             for (size_t i = 0; i < n; i += sizeof(double)) {
                 double x;
