@@ -198,6 +198,26 @@ def test_eval_refuses_budgets_that_hold_a_whole_segment_before_the_model_loads(m
         kveval.run(tokens=64, budgets=(64, 128), progress=False)
 
 
+@pytest.mark.one_backend
+def test_eval_refuses_a_text_it_cannot_read_before_the_model_loads(monkeypatch, tmp_path):
+    from kvfold.tools import eval as kveval
+    from kvfold.tools import smollm2
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model loaded for a text that cannot be read")
+
+    monkeypatch.setattr(smollm2, "load", loaded)
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\u00e9".encode("latin-1"))
+    for path, words in [
+        (tmp_path / "missing.txt", r"^text: expected a readable file, '.*missing\.txt': No such file or directory$"),
+        (tmp_path, r"^text: expected a readable file, '.*': Is a directory$"),
+        (latin1, r"^text: expected a UTF-8 file, '.*latin1\.txt' has byte 0xe9 at 3$"),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            kveval.run(tokens=64, budgets=(16,), progress=False, text=str(path))
+
+
 def hidden(tmp_path, module):
     """A folder that, first on PYTHONPATH, makes ``import module`` fail as if it were not installed."""
     (tmp_path / module).mkdir()

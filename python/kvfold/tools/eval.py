@@ -185,6 +185,18 @@ def select(grid: List[Memory], kinds: Optional[Sequence[str]]) -> List[Memory]:
     return [m for m in grid if m.rule is None or m.kind in kinds]
 
 
+def read_text(path: str) -> str:
+    """The UTF-8 text of the file at ``path``; a file that cannot be read as such is a ValueError."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"text: expected a UTF-8 file, {path!r} has byte 0x{error.object[error.start]:02x} at {error.start}"
+        ) from None
+    except OSError as error:
+        raise ValueError(f"text: expected a readable file, {path!r}: {error.strerror or error}") from None
+
+
 def run(
     tokens: int = 1024,
     budgets: Sequence[int] = (64, 256),
@@ -220,13 +232,14 @@ def run(
         )
     if whole:
         print(f"budgets {', '.join(map(str, whole))} left out: a memory of {tokens} pairs holds a whole segment")
+    body = None if text is None else read_text(text)
     import torch
 
     from . import smollm2
 
     grid = select(memories(budgets), kinds)
     source = "CPython's documentation" if text is None else Path(text).name
-    body = smollm2.bundled_text() if text is None else Path(text).read_text(encoding="utf-8")
+    body = smollm2.bundled_text() if body is None else body
     model, tokenizer = smollm2.load()
     ids = tokenizer(body, return_tensors="pt").input_ids
     if ids.shape[1] < segments * tokens:
