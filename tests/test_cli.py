@@ -218,6 +218,24 @@ def test_eval_refuses_a_text_it_cannot_read_before_the_model_loads(monkeypatch, 
             kveval.run(tokens=64, budgets=(16,), progress=False, text=str(path))
 
 
+@pytest.mark.one_backend
+def test_eval_refuses_an_out_folder_it_cannot_make_before_the_model_loads(monkeypatch, tmp_path):
+    from kvfold.tools import eval as kveval
+    from kvfold.tools import smollm2
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model loaded for results that could not be written")
+
+    monkeypatch.setattr(smollm2, "load", loaded)
+    file = tmp_path / "results"
+    file.write_text("")
+    for out, words in [(file, "File exists"), (file / "eval", "Not a directory")]:
+        with pytest.raises(ValueError, match=rf"^out: expected a folder kvfold can write, '.*': {words}$"):
+            kveval.run(tokens=64, budgets=(16,), progress=False, out=str(out))
+    made = tmp_path / "new" / "eval"
+    assert kveval.writable_folder(str(made)) == made and made.is_dir()
+
+
 def hidden(tmp_path, module):
     """A folder that, first on PYTHONPATH, makes ``import module`` fail as if it were not installed."""
     (tmp_path / module).mkdir()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,6 +198,18 @@ def read_text(path: str) -> str:
         raise ValueError(f"text: expected a readable file, {path!r}: {error.strerror or error}") from None
 
 
+def writable_folder(path: str) -> Path:
+    """The folder at ``path``, made if missing, checked before the measurement it would hold."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"out: expected a folder kvfold can write, {path!r}: {error.strerror or error}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"out: expected a folder kvfold can write, {path!r} is read-only")
+    return folder
+
+
 def run(
     tokens: int = 1024,
     budgets: Sequence[int] = (64, 256),
@@ -233,6 +246,7 @@ def run(
     if whole:
         print(f"budgets {', '.join(map(str, whole))} left out: a memory of {tokens} pairs holds a whole segment")
     body = None if text is None else read_text(text)
+    target = writable_folder(out)
     import torch
 
     from . import smollm2
@@ -257,11 +271,9 @@ def run(
             bar.close()
     finally:
         torch.set_num_threads(threads_before)
-    target = Path(out)
-    target.mkdir(parents=True, exist_ok=True)
+    print(table(results, tokens, segments, source, model.config.num_hidden_layers))
     write_csv(results, target / "eval.csv")
     plot(results, target / "eval.png", f"{tokens} tokens of {source}")
-    print(table(results, tokens, segments, source, model.config.num_hidden_layers))
     print(f"\nwrote {target / 'eval.csv'} and {target / 'eval.png'}")
     return results
 
