@@ -58,11 +58,13 @@ def test_bad_dtypes(cache, bad, words):
 def test_non_finite(cache, value, word):
     k = np.zeros((2, 2, 1, 4))
     k[1, 0, 0, 3] = value
-    unchanged(cache, lambda: cache.update(k, np.zeros((2, 2, 1, 3))), ValueError, "k", word, "(1, 0, 0, 3)")
+    unchanged(cache, lambda: cache.update(k, np.zeros((2, 2, 1, 3))), ValueError, "k", word, "[b=1, h=0, t=0, d_k=3]")
+    # a single token's k has no T axis; the index names each axis, so it reads either way
+    unchanged(cache, lambda: cache.update(k[:, :, 0], V), ValueError, "k", word, "[b=1, h=0, t=0, d_k=3]")
     q = Q.astype(np.float64)
     q[0, 3, 1] = value
-    unchanged(cache, lambda: cache.attend(q), ValueError, "q", word)
-    unchanged(cache, lambda: cache.step(q, K, V), ValueError, "q", word)
+    unchanged(cache, lambda: cache.attend(q), ValueError, "q", word, "[b=0, hq=3, d_k=1]")
+    unchanged(cache, lambda: cache.step(q, K, V), ValueError, "q", word, "[b=0, hq=3, d_k=1]")
 
 
 def test_check_finite_false_skips_the_check():

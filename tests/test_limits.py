@@ -86,7 +86,9 @@ def test_values_that_half_storage_would_make_infinite_are_refused(dtype, big):
     before = state(cache)
     k, v = pairs(1, 2, 4)
     k[0, 1, 2] = big
-    with pytest.raises(ValueError, match=f"k: expected values that {dtype} storage holds.*index \\(0, 1, 0, 2\\)"):
+    with pytest.raises(
+        ValueError, match=f"k: expected values that {dtype} storage holds.*at \\[b=0, h=1, t=0, d_k=2\\]"
+    ):
         cache.update(k, v)
     assert state(cache) == before
     unchecked = kvfold.MemoryCache(rules.Cumulative(), 2, 4, window=2, dtype=dtype, check_finite=False)

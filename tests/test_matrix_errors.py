@@ -44,9 +44,14 @@ G, B1 = -np.ones((2, 2)), np.ones((2, 2))
             rules.Gated(),
             dict(decay=1),
             dict(decay=np.array([[0.0, np.nan], [0.0, 0.0]])),
-            ["decay", "NaN", "(0, 1, 0)"],
+            ["decay", "NaN", "[b=0, h=1, t=0]"],
         ),
-        (rules.Delta(), dict(beta=1), dict(beta=np.array([[0.0, 0.0], [np.inf, 0.0]])), ["beta", "Inf", "(1, 0, 0)"]),
+        (
+            rules.Delta(),
+            dict(beta=1),
+            dict(beta=np.array([[0.0, 0.0], [np.inf, 0.0]])),
+            ["beta", "Inf", "[b=1, h=0, t=0]"],
+        ),
         (rules.Gated(), dict(decay=1), dict(decay=np.zeros((2, 2), complex)), ["decay", "complex"]),
     ],
 )
@@ -100,7 +105,7 @@ def test_load_memory_errors():
     unchanged(cache, lambda: cache.load_memory(S, np.zeros((2, 2, 4))), ValueError, "z", "keeps no z")
     bad = S.copy()
     bad[1, 0, 2, 1] = np.nan
-    unchanged(cache, lambda: cache.load_memory(bad), ValueError, "S", "NaN", "(1, 0, 2, 1)")
+    unchanged(cache, lambda: cache.load_memory(bad), ValueError, "S", "NaN", "[b=1, h=0, d_k=2, d_v=1]")
     unchanged(cache, lambda: cache.load_memory("S"), TypeError, "S")
     normalized = fed(rules.Linear("elu1", normalize=True))
     unchanged(normalized, lambda: normalized.load_memory(S), ValueError, "z", "got none")
@@ -154,8 +159,15 @@ LONG_BLOCK_RULES = [rules.Linear(), rules.Linear(normalize=True), rules.GatedDel
 
 
 @pytest.mark.parametrize("rule", LONG_BLOCK_RULES, ids=repr)
-@pytest.mark.parametrize("name, where", [("k", (1, 0, 60, 3)), ("v", (0, 1, 0, 0)), ("q", (1, 3, 63, 2))])
-def test_a_long_block_with_one_bad_value_changes_nothing(rule, name, where):
+@pytest.mark.parametrize(
+    "name, where, index",
+    [
+        ("k", (1, 0, 60, 3), "[b=1, h=0, t=60, d_k=3]"),
+        ("v", (0, 1, 0, 0), "[b=0, h=1, t=0, d_v=0]"),
+        ("q", (1, 3, 63, 2), "[b=1, hq=3, t=63, d_k=2]"),
+    ],
+)
+def test_a_long_block_with_one_bad_value_changes_nothing(rule, name, where, index):
     """A long block into a matrix memory alone has its values checked chunk by chunk as they are folded:
     a NaN in any chunk, however late, gives the same error as a check before anything changes."""
     cache = fed(rule, window=0, sinks=0)
@@ -167,6 +179,6 @@ def test_a_long_block_with_one_bad_value_changes_nothing(rule, name, where):
     bad = {"k": k, "v": v, "q": q}[name].copy()
     bad[where] = np.nan
     args = {"q": q, "k": k, "v": v, name: bad}
-    unchanged(cache, lambda: cache.forward(**args), ValueError, name, "NaN", str(where))
+    unchanged(cache, lambda: cache.forward(**args), ValueError, name, "NaN", index)
     np.testing.assert_array_equal(cache.forward(q, k, v), expected)
     assert cache.to_bytes() == good.to_bytes()

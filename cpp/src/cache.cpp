@@ -166,8 +166,8 @@ void MemoryCache::load_memory(const float* keys, const float* values) {
         throw ValueError("z: the " + kind + " rule keeps no z (only normalize=True does), got one");
     const int64_t dk = g.head_dim, dv = g.value_dim;
     if (g.check_finite) {
-        check_finite("S", keys, {g.batch_size, g.num_heads, dk, dv});
-        if (values) check_finite("z", values, {g.batch_size, g.num_heads, dk});
+        check_finite("S", keys, {{"b", g.batch_size}, {"h", g.num_heads}, {"d_k", dk}, {"d_v", dv}});
+        if (values) check_finite("z", values, {{"b", g.batch_size}, {"h", g.num_heads}, {"d_k", dk}});
     }
     for (int64_t lane = 0; lane < c.lanes; ++lane) {
         std::memcpy(c.matrix->matrix_state(lane), keys + lane * dk * dv, sizeof(float) * dk * dv);

@@ -12,6 +12,12 @@
 
 namespace kvfold {
 
+std::vector<int64_t> ArrayShape::sizes() const {
+    std::vector<int64_t> s;
+    for (const Axis& a : *this) s.push_back(a.size);
+    return s;
+}
+
 std::string number_str(double x) {
     char buf[32];
     std::snprintf(buf, sizeof buf, "%.6g", x);
@@ -46,23 +52,26 @@ bool all_finite(const float* x, int64_t n) {
     return finite.load();
 }
 
-// Flat index i of an array of `shape`, as "(a, b, ...)".
+// Flat index i of an array of `shape`, as "[b=0, h=3, d_k=17]".
 std::string index_str(int64_t i, const ArrayShape& shape) {
-    const std::vector<int64_t> axes = shape.axes();
-    std::vector<int64_t> index(axes.size());
-    for (size_t a = axes.size(), rest = static_cast<size_t>(i); a-- > 0;) {
-        index[a] = static_cast<int64_t>(rest % axes[a]);
-        rest /= axes[a];
+    const std::vector<int64_t> sizes = shape.sizes();
+    std::vector<int64_t> index(sizes.size());
+    for (size_t a = sizes.size(), rest = static_cast<size_t>(i); a-- > 0;) {
+        index[a] = static_cast<int64_t>(rest % sizes[a]);
+        rest /= sizes[a];
     }
-    return shape_str(index);
+    std::string s = "[";
+    for (size_t a = 0; a < index.size(); ++a)
+        s += (a ? ", " : "") + std::string(shape.begin()[a].name) + "=" + std::to_string(index[a]);
+    return s + "]";
 }
 
 // The values of an array of `shape`; a shape whose count int64 cannot hold is no array's.
 int64_t count(const char* name, const ArrayShape& shape) {
     int64_t n = 1;
-    for (int64_t d : shape)
-        if (mul_overflow(n, d, &n))
-            throw ValueError(std::string(name) + ": an array of shape " + shape_str(shape.axes()) +
+    for (const Axis& a : shape)
+        if (mul_overflow(n, a.size, &n))
+            throw ValueError(std::string(name) + ": an array of shape " + shape_str(shape.sizes()) +
                              " has more values than int64 counts");
     return n;
 }
@@ -74,7 +83,7 @@ void check_finite(const char* name, const float* x, const ArrayShape& shape) {
     int64_t i = 0;
     while (std::isfinite(x[i])) ++i;
     throw ValueError(std::string(name) + ": expected finite values, got " + (std::isnan(x[i]) ? "NaN" : "Inf") +
-                     " at index " + index_str(i, shape) + " (check_finite=False skips this check)");
+                     " at " + index_str(i, shape) + " (check_finite=False skips this check)");
 }
 
 namespace {
@@ -85,7 +94,7 @@ void check_within(const char* name, const float* x, const ArrayShape& shape, flo
     for (int64_t i = 0; i < n; ++i)
         if (!(x[i] >= lo && x[i] <= hi))
             throw ValueError(std::string(name) + ": expected values in [" + number_str(lo) + ", " + number_str(hi) +
-                             "] (" + why + "), got " + number_str(x[i]) + " at index " + index_str(i, shape) +
+                             "] (" + why + "), got " + number_str(x[i]) + " at " + index_str(i, shape) +
                              " (check_finite=False skips this check)");
 }
 
@@ -113,7 +122,7 @@ void check_storable(const char* name, const float* x, const ArrayShape& shape, D
             if ((bits & 0x7FFFFFFFu) >= limit)
                 throw ValueError(std::string(name) + ": expected values that " + dtype_name(dtype) +
                                  " storage holds (|x| < " + (dtype == DType::float16 ? "65520" : "3.3961e38") +
-                                 "), got " + number_str(x[i]) + " at index " + index_str(i, shape) +
+                                 "), got " + number_str(x[i]) + " at " + index_str(i, shape) +
                                  ", which it would store as Inf (check_finite=False skips this check)");
         }
     }
@@ -145,16 +154,17 @@ void check_gates(const MemoryCache::Impl& c, const TokenGates& gates, int64_t T)
                 " or a constant " + name + " given to the rule, got none");
     }
     if (!c.cfg.check_finite) return;
-    const Config& g = c.cfg;
+    const int64_t B = c.cfg.batch_size, H = c.cfg.num_heads;
     if (gates.decay) {
-        const ArrayShape shape = gates.decay_per_key ? ArrayShape{g.batch_size, g.num_heads, T, g.head_dim}
-                                                     : ArrayShape{g.batch_size, g.num_heads, T};
+        const ArrayShape shape = gates.decay_per_key ? ArrayShape{{"b", B}, {"h", H}, {"t", T}, {"d_k", c.cfg.head_dim}}
+                                                     : ArrayShape{{"b", B}, {"h", H}, {"t", T}};
         check_finite("decay", gates.decay, shape);
         check_within("decay", gates.decay, shape, -FLT_MAX, 0, kDecayRange);
     }
     if (gates.beta) {
-        check_finite("beta", gates.beta, {g.batch_size, g.num_heads, T});
-        check_within("beta", gates.beta, {g.batch_size, g.num_heads, T}, 0, 2, kBetaRange);
+        const ArrayShape shape{{"b", B}, {"h", H}, {"t", T}};
+        check_finite("beta", gates.beta, shape);
+        check_within("beta", gates.beta, shape, 0, 2, kBetaRange);
     }
 }
 
@@ -180,24 +190,26 @@ void check_tokens(const MemoryCache::Impl& c, const float* k, const float* v, in
                              " tokens (a row holds at most 2^62, row " + std::to_string(b) + " has " +
                              std::to_string(c.length[b]) + "), got T=" + std::to_string(T));
     const Config& g = c.cfg;
-    count("k", {g.batch_size, g.num_heads, T, g.head_dim});  // shapes int64 counts: no index overflows
-    count("v", {g.batch_size, g.num_heads, T, g.value_dim});
+    const ArrayShape ks{{"b", g.batch_size}, {"h", g.num_heads}, {"t", T}, {"d_k", g.head_dim}};
+    const ArrayShape vs{{"b", g.batch_size}, {"h", g.num_heads}, {"t", T}, {"d_v", g.value_dim}};
+    count("k", ks);  // shapes int64 counts: no index overflows
+    count("v", vs);
     check_gates(c, gates, T);
     if (!c.cfg.check_finite || !values) return;
-    check_finite("k", k, {g.batch_size, g.num_heads, T, g.head_dim});
-    check_finite("v", v, {g.batch_size, g.num_heads, T, g.value_dim});
-    check_storable("k", k, {g.batch_size, g.num_heads, T, g.head_dim}, g.dtype);
-    check_storable("v", v, {g.batch_size, g.num_heads, T, g.value_dim}, g.dtype);
+    check_finite("k", k, ks);
+    check_finite("v", v, vs);
+    check_storable("k", k, ks, g.dtype);
+    check_storable("v", v, vs, g.dtype);
 }
 
 void check_queries(const MemoryCache::Impl& c, const float* q, int64_t T) {
     const Config& g = c.cfg;
-    count("q", {g.batch_size, g.num_query_heads, std::max<int64_t>(T, 1), g.head_dim});
+    count("q", {{"b", g.batch_size}, {"hq", g.num_query_heads}, {"t", std::max<int64_t>(T, 1)}, {"d_k", g.head_dim}});
     if (!c.cfg.check_finite) return;
     if (T == 0)
-        check_finite("q", q, {g.batch_size, g.num_query_heads, g.head_dim});
+        check_finite("q", q, {{"b", g.batch_size}, {"hq", g.num_query_heads}, {"d_k", g.head_dim}});
     else
-        check_finite("q", q, {g.batch_size, g.num_query_heads, T, g.head_dim});
+        check_finite("q", q, {{"b", g.batch_size}, {"hq", g.num_query_heads}, {"t", T}, {"d_k", g.head_dim}});
 }
 
 }  // namespace kvfold

@@ -12,19 +12,24 @@
 
 namespace kvfold {
 
-// An array's shape (at most four axes), held without a heap allocation: a decode step checks
-// several.
+// An array's shape (at most four axes), each axis with the name an index into it is printed with
+// ("b=0, h=3, t=0, d_k=17": a single token's k has no T axis, so a bare index would mislead),
+// held without a heap allocation: a decode step checks several.
+struct Axis {
+    const char* name;
+    int64_t size;
+};
 class ArrayShape {
    public:
-    ArrayShape(std::initializer_list<int64_t> axes) : n_(std::min(axes.size(), sizeof axes_ / sizeof *axes_)) {
+    ArrayShape(std::initializer_list<Axis> axes) : n_(std::min(axes.size(), sizeof axes_ / sizeof *axes_)) {
         std::copy_n(axes.begin(), n_, axes_);
     }
-    const int64_t* begin() const { return axes_; }
-    const int64_t* end() const { return axes_ + n_; }
-    std::vector<int64_t> axes() const { return {begin(), end()}; }
+    const Axis* begin() const { return axes_; }
+    const Axis* end() const { return axes_ + n_; }
+    std::vector<int64_t> sizes() const;
 
    private:
-    int64_t axes_[4] = {};
+    Axis axes_[4] = {};
     size_t n_;
 };
 
