@@ -46,8 +46,10 @@ def test_bad_shapes(cache, k, v, words):
         (np.array([["a"]]), ["k", "<U1"]),
         (np.zeros((2, 2, 4), bool), ["k", "bool"]),
         (np.zeros((2, 2, 4), object), ["k", "object"]),
-        ("text", ["k"]),
-        (None, ["k"]),
+        ("text", ["k", "expected a numeric array, got str"]),
+        (None, ["k", "expected a numeric array, got None"]),
+        ([[object()]], ["k", "expected a numeric array, got list"]),
+        ([[[1j] * 4] * 2] * 2, ["k", "complex128"]),
     ],
 )
 def test_bad_dtypes(cache, bad, words):

@@ -55,9 +55,15 @@ FloatArray as_floats(const char* name, const py::handle& obj) {
         throw kvfold::TypeError(std::string(name) + ": expected a numeric array, got " +
                                 std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
     char kind = a.dtype().kind();
-    if (kind != 'f' && kind != 'i' && kind != 'u')
+    if (kind != 'f' && kind != 'i' && kind != 'u') {
+        // None, a string, a list of objects: no dtype of the caller's to name, so name what was passed
+        if (!py::isinstance<py::array>(obj) && (kind == 'O' || kind == 'U' || kind == 'S'))
+            throw kvfold::TypeError(std::string(name) + ": expected a numeric array, got " +
+                                    (obj.is_none() ? std::string("None")
+                                                   : std::string(py::str(py::type::handle_of(obj).attr("__name__")))));
         throw kvfold::TypeError(std::string(name) + ": expected real numbers (a float or integer dtype), got dtype " +
                                 std::string(py::str(a.dtype())));
+    }
     if (kind == 'f' && a.itemsize() > 4) {
         // Narrowed here rather than by NumPy, which warns on overflow: values beyond float32 become
         // +-Inf, which the finite check then reports by index.
