@@ -1,6 +1,7 @@
 // EMA: the first folded pair sets Mem; then Mem_i = (1 - alpha) Mem_{i-1} + alpha kv_i.
 // The state is float64: in float32 the rounding error of a small alpha grows like eps / alpha.
 // With a RoPE the slot's position is the same average of the folded positions.
+#include "../cache_checks.hpp"
 #include "../rule.hpp"
 
 namespace kvfold {
@@ -19,7 +20,7 @@ class EMA final : public AccumulatorRule {
 
 std::unique_ptr<Rule> make(const RuleSpec& spec) {
     double alpha = scalar_param(spec, "alpha");
-    if (!(alpha > 0 && alpha <= 1)) throw ValueError("ema rule: alpha must be in (0, 1], got " + std::to_string(alpha));
+    if (!(alpha > 0 && alpha <= 1)) throw ValueError("ema rule: alpha must be in (0, 1], got " + number_str(alpha));
     return std::make_unique<EMA>(alpha);
 }
 }  // namespace

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <vector>
 
+#include "../cache_checks.hpp"
 #include "../rule.hpp"
 #include "../scratch.hpp"
 
@@ -163,7 +164,7 @@ std::vector<float> finite_floats(const char* name, const Array& a) {
     for (size_t i = 0; i < a.data.size(); ++i) {
         if (!std::isfinite(a.data[i]) || std::fabs(a.data[i]) > 3.4e38)
             throw ValueError(std::string("gru rule: ") + name + " must be finite float32 values, got " +
-                             std::to_string(a.data[i]) + " at flat index " + std::to_string(i));
+                             number_str(a.data[i]) + " at flat index " + std::to_string(i));
         out[i] = static_cast<float>(a.data[i]);
     }
     return out;

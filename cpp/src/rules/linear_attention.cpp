@@ -18,6 +18,7 @@
 #include <cstring>
 #include <vector>
 
+#include "../cache_checks.hpp"
 #include "../chunked.hpp"
 #include "../rule.hpp"
 #include "../scratch.hpp"
@@ -272,7 +273,7 @@ const Array* optional_param(const RuleSpec& spec, const char* name) {
     const Array& a = it->second;
     for (size_t i = 0; i < a.data.size(); ++i)
         if (!std::isfinite(a.data[i]))
-            throw ValueError(spec.kind + " rule: " + name + " must be finite, got " + std::to_string(a.data[i]) +
+            throw ValueError(spec.kind + " rule: " + name + " must be finite, got " + number_str(a.data[i]) +
                              " at flat index " + std::to_string(i));
     return &a;
 }
@@ -281,8 +282,7 @@ void check_values(const RuleSpec& spec, const char* name, const Array* a, double
     for (size_t i = 0; a && i < a->data.size(); ++i)
         if (!(a->data[i] >= lo && a->data[i] <= hi))
             throw ValueError(spec.kind + " rule: " + name + " must be " + (lo == -DBL_MAX ? "<= 0" : "in [0, 2]") +
-                             " (" + why + "), got " + std::to_string(a->data[i]) + " at flat index " +
-                             std::to_string(i));
+                             " (" + why + "), got " + number_str(a->data[i]) + " at flat index " + std::to_string(i));
 }
 
 void check_rank(const RuleSpec& spec, const char* name, const Array* a, size_t max_rank, const char* expected) {

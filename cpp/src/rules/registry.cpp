@@ -3,6 +3,7 @@
 #include <cmath>
 #include <limits>
 
+#include "../cache_checks.hpp"
 #include "../rule.hpp"
 
 namespace kvfold {
@@ -65,15 +66,17 @@ double scalar_param(const RuleSpec& spec, const char* name) {
         throw ValueError(spec.kind + " rule: " + name + " must be a scalar, got an array of " +
                          std::to_string(a.data.size()) + " values");
     if (!std::isfinite(a.data[0]))
-        throw ValueError(spec.kind + " rule: " + name + " must be finite, got " + std::to_string(a.data[0]));
+        throw ValueError(spec.kind + " rule: " + name + " must be finite, got " + number_str(a.data[0]));
     return a.data[0];
 }
 
 int64_t int_param(const RuleSpec& spec, const char* name, int64_t lo, int64_t hi) {
     double x = scalar_param(spec, name);
     if (x != std::floor(x) || x < static_cast<double>(lo) || x > static_cast<double>(hi))
-        throw ValueError(spec.kind + " rule: " + name + " must be an integer in [" + std::to_string(lo) + ", " +
-                         std::to_string(hi) + "], got " + std::to_string(x));
+        throw ValueError(
+            spec.kind + " rule: " + name + " must be an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) +
+            "], got " +
+            (x == std::floor(x) && std::fabs(x) < 0x1p62 ? std::to_string(static_cast<int64_t>(x)) : number_str(x)));
     return static_cast<int64_t>(x);
 }
 

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "../cache_checks.hpp"
 #include "../rule.hpp"
 
 namespace kvfold {
@@ -71,7 +72,7 @@ std::unique_ptr<Rule> make(const RuleSpec& spec) {
     for (size_t i = 0; i < b.data.size(); ++i)
         if (!std::isfinite(b.data[i]) || b.data[i] < 0)
             throw ValueError("weighted rule: betas must be finite and >= 0, got betas[" + std::to_string(i) +
-                             "] = " + std::to_string(b.data[i]));
+                             "] = " + number_str(b.data[i]));
     if (!(b.data.back() > 0))
         throw ValueError(
             "weighted rule: betas[-1] (the newest pair's weight) must be > 0 so every partial "
