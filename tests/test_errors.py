@@ -117,6 +117,7 @@ def test_reset_rows_errors(cache):
         (dict(scale=float("inf")), ValueError, ["scale"]),
         (dict(scale="x"), TypeError, ["scale"]),
         (dict(dtype="int4"), ValueError, ["dtype", "int4", "float16", "int8"]),
+        (dict(dtype=None), TypeError, ["dtype", "float16", "got None"]),
         (dict(check_finite=1), TypeError, ["check_finite"]),
         (dict(rule="cumulative"), TypeError, ["rule"]),
     ],

@@ -77,6 +77,8 @@ class WithStorage(Shape):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.dtype is None:
+            raise TypeError("dtype: expected 'float32', 'float16', 'bfloat16' or 'int8', got None")
         if not isinstance(self.dtype, str):  # a NumPy or Python type: its name
             object.__setattr__(self, "dtype", str(getattr(self.dtype, "__name__", self.dtype)))
         if not isinstance(self.check_finite, bool):
