@@ -185,28 +185,27 @@ def test_generate_writes_with_the_best_memory_of_64_pairs_unless_told_otherwise(
     assert (args.rule, args.rope, args.retain, args.recent) == (rules.EMA(0.1), False, "h2o", 2)
 
 
-@pytest.mark.one_backend
-def test_eval_refuses_budgets_that_hold_a_whole_segment_before_the_model_loads(monkeypatch):
+@pytest.fixture
+def eval_without_model(monkeypatch):
+    """kvfold.tools.eval with a model load that fails the test: what is checked must come first."""
     from kvfold.tools import eval as kveval
     from kvfold.tools import smollm2
 
     def loaded(*args, **kwargs):
-        raise AssertionError("the model loaded for budgets that measure nothing")
+        raise AssertionError("the model loaded before the options were checked")
 
     monkeypatch.setattr(smollm2, "load", loaded)
+    return kveval
+
+
+@pytest.mark.one_backend
+def test_eval_refuses_budgets_that_hold_a_whole_segment_before_the_model_loads(eval_without_model):
     with pytest.raises(ValueError, match=r"^budgets: expected budgets below tokens=64 .*, got \[64, 128\]$"):
-        kveval.run(tokens=64, budgets=(64, 128), progress=False)
+        eval_without_model.run(tokens=64, budgets=(64, 128), progress=False)
 
 
 @pytest.mark.one_backend
-def test_eval_refuses_a_text_it_cannot_read_before_the_model_loads(monkeypatch, tmp_path):
-    from kvfold.tools import eval as kveval
-    from kvfold.tools import smollm2
-
-    def loaded(*args, **kwargs):
-        raise AssertionError("the model loaded for a text that cannot be read")
-
-    monkeypatch.setattr(smollm2, "load", loaded)
+def test_eval_refuses_a_text_it_cannot_read_before_the_model_loads(eval_without_model, tmp_path):
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("caf\u00e9".encode("latin-1"))
     for path, words in [
@@ -215,25 +214,18 @@ def test_eval_refuses_a_text_it_cannot_read_before_the_model_loads(monkeypatch, 
         (latin1, r"^text: expected a UTF-8 file, '.*latin1\.txt' has byte 0xe9 at 3$"),
     ]:
         with pytest.raises(ValueError, match=words):
-            kveval.run(tokens=64, budgets=(16,), progress=False, text=str(path))
+            eval_without_model.run(tokens=64, budgets=(16,), progress=False, text=str(path))
 
 
 @pytest.mark.one_backend
-def test_eval_refuses_an_out_folder_it_cannot_make_before_the_model_loads(monkeypatch, tmp_path):
-    from kvfold.tools import eval as kveval
-    from kvfold.tools import smollm2
-
-    def loaded(*args, **kwargs):
-        raise AssertionError("the model loaded for results that could not be written")
-
-    monkeypatch.setattr(smollm2, "load", loaded)
+def test_eval_refuses_an_out_folder_it_cannot_make_before_the_model_loads(eval_without_model, tmp_path):
     file = tmp_path / "results"
     file.write_text("")
     for out, words in [(file, "File exists"), (file / "eval", "Not a directory")]:
         with pytest.raises(ValueError, match=rf"^out: expected a folder kvfold can write, '.*': {words}$"):
-            kveval.run(tokens=64, budgets=(16,), progress=False, out=str(out))
+            eval_without_model.run(tokens=64, budgets=(16,), progress=False, out=str(out))
     made = tmp_path / "new" / "eval"
-    assert kveval.writable_folder(str(made)) == made and made.is_dir()
+    assert eval_without_model.writable_folder(str(made)) == made and made.is_dir()
 
 
 def hidden(tmp_path, module):

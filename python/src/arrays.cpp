@@ -51,16 +51,13 @@ FloatArray as_floats(const char* name, const py::handle& obj) {
         a = py::array::ensure(obj);
     } catch (py::error_already_set&) {
     }
-    if (!a)
-        throw kvfold::TypeError(std::string(name) + ": expected a numeric array, got " +
-                                std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
+    if (!a) throw kvfold::TypeError(std::string(name) + ": expected a numeric array, got " + type_name(obj));
     char kind = a.dtype().kind();
     if (kind != 'f' && kind != 'i' && kind != 'u') {
         // None, a string, a list of objects: no dtype of the caller's to name, so name what was passed
         if (!py::isinstance<py::array>(obj) && (kind == 'O' || kind == 'U' || kind == 'S'))
             throw kvfold::TypeError(std::string(name) + ": expected a numeric array, got " +
-                                    (obj.is_none() ? std::string("None")
-                                                   : std::string(py::str(py::type::handle_of(obj).attr("__name__")))));
+                                    (obj.is_none() ? std::string("None") : type_name(obj)));
         throw kvfold::TypeError(std::string(name) + ": expected real numbers (a float or integer dtype), got dtype " +
                                 std::string(py::str(a.dtype())));
     }
@@ -126,8 +123,7 @@ py::array_t<float> new_floats(std::initializer_list<py::ssize_t> shape) {
 // An out= array must be exactly what the result would be: float32, C order, writable.
 float* check_out(const py::object& out, std::initializer_list<int64_t> shape) {
     if (!py::isinstance<py::array>(out))
-        throw kvfold::TypeError("out: expected a numpy.ndarray, got " +
-                                std::string(py::str(py::type::handle_of(out).attr("__name__"))));
+        throw kvfold::TypeError("out: expected a numpy.ndarray, got " + type_name(out));
     auto a = py::reinterpret_borrow<py::array>(out);
     if (!a.dtype().is(py::dtype::of<float>()))
         throw kvfold::TypeError("out: expected dtype float32, got " + std::string(py::str(a.dtype())));
