@@ -222,7 +222,8 @@ def _fed(model, ids):
 
 def test_padding_or_a_shorter_model_window_is_refused_not_ignored(model, ids):
     """kvfold's attention reads no mask: a padded batch, or a model whose own sliding window is shorter than
-    the cache's, would be attended wrongly, so it is refused, and the cache stays as it was."""
+    the cache's, would be attended wrongly, so it is refused, and the cache stays as it was. The mask of a
+    model's sliding window is no padding."""
     mask = torch.ones_like(ids[:, :8])
     mask[0, :3] = 0  # row 0 left-padded
     cache = FoldCache(window=64)
@@ -234,8 +235,13 @@ def test_padding_or_a_shorter_model_window_is_refused_not_ignored(model, ids):
     mistral.config.sliding_window = 5
     with pytest.raises(ValueError, match="window=8 is longer than the model's sliding window of 5 tokens"):
         run(mistral, ids, FoldCache(window=8), 4)
-    # a window within the model's: each token reads its last 5 pairs, as the model does
-    close(run(mistral, ids, FoldCache(window=5), 4), run(mistral, ids, DynamicCache(), 4))
+    # a window within the model's: each token reads its last 5 pairs, as the model does, also in a block
+    # longer than the model's window (whose mask hides the block's own older pairs)
+    for chunk in (4, 12):
+        close(run(mistral, ids, FoldCache(window=5), chunk), run(mistral, ids, DynamicCache(), chunk))
+    cache = FoldCache(window=5)
+    with torch.no_grad(), pytest.raises(ValueError, match="attention_mask: kvfold's attention takes the causal"):
+        mistral(ids[:, :8], attention_mask=mask, cache=cache)  # padding is still refused
 
 
 def test_a_reset_cache_is_a_fresh_one(model, ids):

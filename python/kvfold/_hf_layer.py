@@ -34,15 +34,19 @@ def _position_ids(args: Tuple[Any, ...], kwargs: Any) -> Optional[torch.Tensor]:
 Recorded = Tuple[int, Any, Optional[np.ndarray], np.ndarray, np.ndarray, Optional[np.ndarray]]
 
 
-def _check_causal(mask: Optional[torch.Tensor], T: int) -> None:
-    """kvfold's attention reads no mask: the block's own causal one. A mask that hides more (padding) is
-    refused rather than ignored."""
+def _check_causal(mask: Optional[torch.Tensor], T: int, sliding_window: Optional[int] = None) -> None:
+    """kvfold's attention reads no mask: the block's own causal one, which a model with a sliding window
+    narrows to its last ``sliding_window`` pairs (a window no longer than it reads no more). A mask that
+    hides more (padding) is refused rather than ignored."""
     if mask is None:
         return
     allowed = mask if mask.dtype == torch.bool else mask == 0
     kv = allowed.shape[-1]
-    causal = torch.ones(T, kv, dtype=torch.bool, device=allowed.device).tril(kv - T)
-    if allowed.dim() != 4 or allowed.shape[-2] != T or not torch.equal(allowed, causal.expand_as(allowed)):
+    ones = torch.ones(T, kv, dtype=torch.bool, device=allowed.device)
+    expected = ones.tril(kv - T)
+    if sliding_window is not None:
+        expected &= ~ones.tril(kv - T - sliding_window)
+    if allowed.dim() != 4 or allowed.shape[-2] != T or not torch.equal(allowed, expected.expand_as(allowed)):
         raise ValueError(
             "attention_mask: kvfold's attention takes the causal mask of a block and nothing more, got a mask that "
             "also hides pairs (padding); feed rows of equal length without padding, or load the model with "
@@ -168,13 +172,13 @@ class FoldLayer(CacheLayerMixin):
         k, v, positions = self._block
         self._block = None
         try:
-            _check_causal(attention_mask, k.shape[2])
             if sliding_window is not None and self.window > sliding_window:
                 raise ValueError(
                     f"FoldCache: window={self.window} is longer than the model's sliding window of {sliding_window} "
                     "tokens, so kvfold's attention would read pairs the model's does not; use a window of at most "
                     f"{sliding_window}"
                 )
+            _check_causal(attention_mask, k.shape[2], sliding_window)
             if self.memory is None:
                 self._make_memory(num_query_heads=query.shape[1], scale=scaling)
             q = _as_float32(query)
