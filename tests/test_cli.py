@@ -114,6 +114,7 @@ BAD_NUMBERS = [
     ["generate", "--prompt", "hi", "--seed", "-1"],
     ["bench", "--rounds", "0"],
     ["bench", "--threads", "1", "0"],
+    ["bench", "--threads", "1", "99999"],
 ]
 
 

@@ -12,22 +12,24 @@ import sys
 from typing import Any, Callable, Dict, List, Optional
 
 from . import __version__
+from ._core import MAX_THREADS
 from .rules import Rule
 
 
-def _integer(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``minimum``."""
+def _integer(minimum: int, maximum: Optional[int] = None) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum`` (and <= ``maximum``, when given)."""
+    expected = f"an integer >= {minimum}" if maximum is None else f"an integer in [{minimum}, {maximum}]"
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        if value is None or value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return value
 
-    parse.__name__ = f"integer >= {minimum}"
+    parse.__name__ = expected
     return parse
 
 
@@ -185,7 +187,7 @@ def _parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="time kvfold against NumPy, PyTorch and ONNX Runtime")
     bench.add_argument(
         "--threads",
-        type=_integer(1),
+        type=_integer(1, MAX_THREADS),
         nargs="+",
         default=[],
         help="thread counts to run (default: 1 and all cores; 1 with --quick)",
