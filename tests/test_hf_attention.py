@@ -137,6 +137,35 @@ def test_rope_from_config_unrotates_the_model_keys(model):
         assert np.allclose(a, b, atol=1e-5) == same
 
 
+SCALED_ROPES = [
+    dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64
+    ),
+    dict(rope_type="linear", factor=4.0),
+    dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=64),  # (its cos/sin scale too)
+]
+
+
+@pytest.mark.parametrize("scaling", SCALED_ROPES, ids=lambda s: s["rope_type"])
+def test_a_scaled_rope_is_read_from_the_config(ids, scaling):
+    """RoPE.from_config takes a scaled RoPE's frequencies as the model computes them. With them, one token's
+    layer-0 keys at 9 positions un-rotate to one vector (their running mean is the first one's key); with
+    theta's they do not."""
+    model = tiny_model("Llama", "kvfold", 0, rope_parameters=dict(scaling, rope_theta=1000.0))
+    rope = RoPE.from_config(model.config)
+    assert rope.frequencies == tuple(model.model.rotary_emb.inv_freq.tolist())
+    merged = FoldCache(rules.Merge(LENGTH), window=2, sinks=1, rope=rope)
+    close(run(model, ids, merged, 7), run(model, ids, DynamicCache(), 0))
+    x = torch.full((1, 9), 17)
+    first = FoldCache(rules.Cumulative(), rope=rope)
+    run(model, x[:, :1], first, 1)
+    for r, same in ((rope, True), (RoPE(1000.0), False)):
+        cache = FoldCache(rules.Cumulative(), rope=r)
+        run(model, x, cache, 3)
+        a, b = cache.layers[0].memory.memory()[0], first.layers[0].memory.memory()[0]
+        assert np.allclose(a, b, atol=1e-5) == same
+
+
 def test_generate_beam_search_and_assisted_decoding(model, ids):
     prompt = ids[:1, :9]
     kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=16, do_sample=False, pad_token_id=0)

@@ -111,9 +111,49 @@ def test_rope_from_a_hugging_face_config():
         head_dim, hidden_size, num_attention_heads = 64, 576, 9
 
     assert RoPE.from_config(Config()) == RoPE(100000.0)
-    Config.rope_parameters = {"rope_theta": 5e5, "rope_type": "llama3"}
-    with pytest.raises(ValueError, match="rope_type 'llama3'"):
-        RoPE.from_config(Config())
+    for kind in ("dynamic", "longrope"):  # (the other scaled types are read through transformers: test_hf_attention)
+        Config.rope_parameters = {"rope_theta": 5e5, "rope_type": kind}
+        with pytest.raises(ValueError, match=f"rope_type '{kind}' changes the frequencies with the sequence length"):
+            RoPE.from_config(Config())
+
+
+def test_rope_frequencies_replace_theta(rng):
+    x, p = rng.standard_normal((3, 10)), np.array([0.0, 3.5, 1234.25])
+    theta = RoPE(1e4, dim=6)
+    own = RoPE(1e4, dim=6, frequencies=[1e4 ** (-2 * i / 6) for i in range(3)])
+    close(rotate(own, x, p), rotate(theta, x, p))
+    scaled = RoPE(1e4, dim=6, frequencies=np.array([0.5, 0.25, 0.0]))  # a NumPy array, a pair left unturned
+    assert scaled.frequencies == (0.5, 0.25, 0.0) and hash(scaled) == hash(RoPE(1e4, 6, "half", (0.5, 0.25, 0)))
+    turned = rotate(scaled, x, p)
+    close(turned[:, [2, 5]], x[:, [2, 5]])
+    close(turned[1, [0, 3]], rotate(RoPE(1e4, dim=2), x[1, [0, 3]], 3.5 * 0.5))  # pair 0 at angle 0.5 p
+    close(rotate(scaled, turned, -p), x)
+    assert repr(scaled) == "RoPE(theta=10000.0, dim=6, layout='half', frequencies=(0.5, 0.25, 0.0))"
+
+
+@pytest.mark.parametrize(
+    "kw, error, words",
+    [
+        (dict(frequencies="0.5"), TypeError, "frequencies must be a sequence of real numbers, got str"),
+        (dict(frequencies=[[0.5, 0.1]]), TypeError, "got list of shape (1, 2) and dtype float64"),
+        (dict(frequencies=[True, False]), TypeError, "and dtype bool"),
+        (dict(frequencies=[0.5, None]), TypeError, "and dtype object"),
+        (dict(frequencies=[]), ValueError, "frequencies: expected one value per rotated pair, got none"),
+        (dict(frequencies=[0.5, float("nan")]), ValueError, "frequencies[1] must be finite, got nan"),
+        (dict(dim=4, frequencies=[0.5]), ValueError, "frequencies: expected dim / 2 = 2 values (one per rotated pair)"),
+    ],
+    ids=str,
+)
+def test_bad_rope_frequencies_are_refused(kw, error, words):
+    with pytest.raises(error) as e:
+        RoPE(1e4, **kw)
+    assert words in str(e.value)
+
+
+def test_rope_frequencies_must_fit_the_head():
+    for cls in (ReferenceCache, StreamCache):
+        with pytest.raises(ValueError, match=r"frequencies: expected head_dim / 2 = 4 values \(one per rotated pair\)"):
+            cls(None, num_heads=1, head_dim=8, rope=RoPE(1e4, frequencies=[1.0, 0.5, 0.25]))
 
 
 # -- Merge --------------------------------------------------------------------------------------

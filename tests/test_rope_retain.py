@@ -13,7 +13,8 @@ from kvfold import RoPE, reference, rules
 from rule_cases import ROPE
 
 SUMMARY = ROPE
-ROPES = [None, RoPE(10000.0), RoPE(100.0, dim=4, layout="interleaved")]
+# (the last: a scaled RoPE's own frequencies, as RoPE.from_config reads them for llama3 or yarn)
+ROPES = [None, RoPE(10000.0), RoPE(100.0, dim=4, layout="interleaved"), RoPE(100.0, dim=4, frequencies=(0.9, 0.02))]
 RETAINS = [("fifo", None), ("tova", None), ("h2o", None), ("h2o", 1)]
 
 # (batch, KV heads, query heads, d_k, d_v, window, sinks)
@@ -75,6 +76,7 @@ MEMORIES = [
     (rules.Cumulative(), RoPE(50.0, dim=4), "h2o", 1),
     (rules.Compressive(2, 2), RoPE(10000.0, layout="interleaved"), "fifo", None),
     (rules.Moving(2), None, "tova", None),
+    (rules.Merge(2), RoPE(10000.0, dim=4, frequencies=(0.6, 0.003)), "fifo", None),
 ]
 SHAPE = (2, 2, 4, 6, 5, 3, 1)
 
@@ -251,6 +253,10 @@ def core_cache(rope=None, retain="fifo", recent=-1, rule=MERGE, head_dim=8, wind
         (dict(rope=(1e4, 3, "half")), ValueError, "dim must be even"),
         (dict(rope=(1e4, 0, "half"), head_dim=7), ValueError, "needs an even head_dim, got 7"),
         (dict(rope=(1e4, 0, "diagonal")), ValueError, "layout must be 'half' or 'interleaved', got 'diagonal'"),
+        (dict(rope=(1e4, 0, "half", (1.0, 0.5))), ValueError, "frequencies: expected 4 values (one per pair of the 8"),
+        (dict(rope=(1e4, 4, "half", (1.0, float("inf")))), ValueError, "frequencies[1] must be finite, got inf"),
+        (dict(rope=(0.0, 0, "half", (1.0,) * 4)), ValueError, "expected dim 0, the half layout and no frequencies"),
+        (dict(rope=(1e4, 0)), TypeError, "rope: expected (theta, dim, layout[, frequencies]), got 2 items"),
         (dict(retain="lru"), ValueError, "retain: expected one of 'fifo', 'tova', 'h2o', got 'lru'"),
         (dict(retain="h2o", recent=5), ValueError, "recent: expected an integer in [0, window=4], got 5"),
         (dict(retain="h2o", recent=-2), ValueError, "recent: expected an integer in [0, window=4], got -2"),
@@ -376,3 +382,21 @@ def test_format_version_1_states_still_load(rng):
     assert loaded.last_position.tolist() == [4, 4]
     assert loaded.to_bytes() == new
     close(loaded.step(q[:, :, 0], k[:, :, 0], v[:, :, 0]), cache.step(q[:, :, 0], k[:, :, 0], v[:, :, 0]), 0)
+
+
+@pytest.mark.one_backend
+def test_a_rope_with_its_own_frequencies_is_format_version_4(rng):
+    """Frequencies equal to theta's give theta's run; only a state that has them is written as version 4,
+    so every other state stays readable by the kvfold versions that read up to 3."""
+    theta = RoPE(100.0, dim=4)
+    own = RoPE(100.0, dim=4, frequencies=(1.0, 0.1))  # 100 ** (-2 i / 4)
+    q, k, v = data(rng, SHAPE, T)
+    p = positions(rng, SHAPE[0], T)
+    a, b = make(rules.Merge(2), SHAPE, rope=theta), make(rules.Merge(2), SHAPE, rope=own)
+    close(a.forward(q, k, v, positions=p), b.forward(q, k, v, positions=p), 1e-6)
+    assert a.to_bytes()[8] == 3 and b.to_bytes()[8] == 4
+    loaded = kvfold.MemoryCache.from_bytes(b.to_bytes())
+    assert loaded.rope == own and loaded.to_bytes() == b.to_bytes()
+    with pytest.raises(ValueError) as e:
+        kvfold.MemoryCache.concat([a, b])
+    assert "like caches[0], got rope=RoPE(theta=100, dim=4, layout='half', frequencies=(1, 0.1))" in str(e.value)

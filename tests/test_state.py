@@ -132,7 +132,7 @@ def bad_states(data):
     yield "truncated", data[:-1], ["truncated", f"state is {len(data)} bytes", f"got {len(data) - 1}"]
     yield "half", data[: len(data) // 2], ["truncated"]
     yield "trailing bytes", data + b"\0\0", ["2 unexpected bytes after the end"]
-    yield "future version", data[:8] + struct.pack("<I", 4) + data[12:], ["format version 4 is newer", "upgrade"]
+    yield "future version", data[:8] + struct.pack("<I", 5) + data[12:], ["format version 5 is newer", "upgrade"]
     yield "version 0", data[:8] + struct.pack("<I", 0) + data[12:], ["format version 0"]
     yield "flipped bit", data[:40] + bytes([data[40] ^ 1]) + data[41:], ["CRC32 mismatch"]
     yield "bad crc", body + b"\0\0\0\0", ["CRC32 mismatch"]

@@ -68,7 +68,8 @@ def runtime_values():
     cache.update(np.ones((1, 2, 5, 4), np.float32), np.ones((1, 2, 5, 4), np.float32))
     h2o = kvfold.MemoryCache(rules.Cumulative(), num_heads=2, head_dim=4, window=4, retain="h2o", recent=2)
     matrix = kvfold.MemoryCache(rules.Linear(), num_heads=2, head_dim=4)
-    return [cache, cache.checkpoint()._state, h2o, matrix]
+    scaled = kvfold.MemoryCache(rules.Merge(2), num_heads=2, head_dim=4, rope=kvfold.RoPE(1e4, frequencies=(1.0, 0.1)))
+    return [cache, cache.checkpoint()._state, h2o, matrix, scaled]
 
 
 SIMPLE = {"int": int, "float": float, "str": str, "bool": bool}
@@ -91,7 +92,8 @@ def test_each_value_has_the_declared_type(owner, name):
             kind, numbers, options, _ = value
             assert type(kind) is str and all(type(x) is np.ndarray for x in numbers.values()), (name, value)
             assert all(type(x) is str for x in options.values()), (name, value)
-        elif annotation == "Optional[Tuple[float, int, str]]":
-            assert value is None or [type(x) for x in value] == [float, int, str], (name, value)
+        elif annotation == "Optional[Tuple[float, int, str, Tuple[float, ...]]]":
+            assert value is None or [type(x) for x in value] == [float, int, str, tuple], (name, value)
+            assert value is None or all(type(x) is float for x in value[3]), (name, value)
         else:
             pytest.fail(f"{name}: no check for the annotation {annotation}")

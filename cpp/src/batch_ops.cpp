@@ -59,8 +59,14 @@ std::string recent_str(const Config& c) {  // as the cache resolves it: -1 is wi
 
 std::string describe_rope(const RoPE& r) {
     if (r.theta == 0) return "None";
-    return "RoPE(theta=" + number(r.theta) + ", dim=" + (r.dim ? std::to_string(r.dim) : "None") +
-           ", layout=" + (r.interleaved ? "'interleaved'" : "'half'") + ")";
+    std::string text = "RoPE(theta=" + number(r.theta) + ", dim=" + (r.dim ? std::to_string(r.dim) : "None") +
+                       ", layout=" + (r.interleaved ? "'interleaved'" : "'half'");
+    if (!r.frequencies.empty()) {
+        text += ", frequencies=(";
+        for (size_t i = 0; i < r.frequencies.size(); ++i) text += (i ? ", " : "") + number(r.frequencies[i]);
+        text += r.frequencies.size() == 1 ? ",)" : ")";
+    }
+    return text + ")";
 }
 
 // A configuration as the state depends on it: the effective scale, not how it was given.

@@ -1,6 +1,8 @@
 // The C API's conversions between the C structs of kvfold.h (configuration, options, rule, gates)
 // and the C++ ones; each names the member it rejects.
+#include <cstddef>
 #include <string>
+#include <vector>
 
 #include "c_api_support.hpp"
 
@@ -55,23 +57,37 @@ kvfold::Config to_cpp(const kvfold_config& c) {
     return g;
 }
 
-// The first kvfold_options (every member through `recent`): the size callers of this version pass.
+// The sizes of kvfold_options callers pass: the first one (every member through `recent`) and this
+// header's, which adds the RoPE's frequencies.
+constexpr size_t kFirstOptionsSize = offsetof(kvfold_options, rope_frequencies);
 constexpr size_t kOptionsSize = sizeof(kvfold_options);
 
 void check_options_size(size_t size, const char* name) {
-    if (size != kOptionsSize)
-        fail(std::string(name) + ": expected sizeof(kvfold_options) = " + std::to_string(kOptionsSize) +
-             " bytes (set by kvfold_options_init), got " + std::to_string(size) +
+    if (size != kOptionsSize && size != kFirstOptionsSize)
+        fail(std::string(name) + ": expected sizeof(kvfold_options) = " + std::to_string(kOptionsSize) + " (or " +
+             std::to_string(kFirstOptionsSize) + ", an older kvfold.h's) bytes, set by kvfold_options_init, got " +
+             std::to_string(size) +
              (size > kOptionsSize ? " (the program was built against a newer kvfold.h than this library)" : ""));
 }
 
+bool has_frequencies(const kvfold_options& o) { return o.size >= kOptionsSize; }
+
 // The C form of the options of a configuration.
 void to_c(const kvfold::Config& g, kvfold_options* out) {
+    const std::vector<double>& frequencies = g.rope.frequencies;
+    if (!frequencies.empty() && !has_frequencies(*out))
+        fail("out->size: this cache's RoPE has frequencies of its own, which a kvfold_options of " +
+             std::to_string(out->size) + " bytes (an older kvfold.h's) cannot hold; expected " +
+             std::to_string(kOptionsSize));
     out->rope_theta = g.rope.theta;
     out->rope_dim = g.rope.dim;
     out->rope_layout = g.rope.interleaved ? KVFOLD_ROPE_INTERLEAVED : KVFOLD_ROPE_HALF;
     out->retain = static_cast<int>(g.retain);
     out->recent = g.recent;
+    if (has_frequencies(*out)) {
+        out->rope_frequencies = frequencies.empty() ? nullptr : frequencies.data();
+        out->rope_frequency_count = static_cast<int64_t>(frequencies.size());
+    }
 }
 
 // Sets the options on a configuration; the C++ constructor checks their values.
@@ -97,6 +113,15 @@ void apply(const kvfold_options& o, kvfold::Config* g) {
                 std::to_string(o.retain));
     }
     g->recent = o.recent;
+    if (!has_frequencies(o) || o.rope_frequency_count == 0) return;
+    if (o.rope_frequency_count < 0 || o.rope_frequency_count > g->head_dim / 2)
+        fail(
+            "options.rope_frequency_count: expected 0 (theta's) or the rotated dimensions / 2, at most head_dim / 2 "
+            "= " +
+            std::to_string(g->head_dim / 2) + ", got " + std::to_string(o.rope_frequency_count));
+    if (!o.rope_frequencies)
+        fail("options.rope_frequencies: expected " + std::to_string(o.rope_frequency_count) + " values, got NULL");
+    g->rope.frequencies.assign(o.rope_frequencies, o.rope_frequencies + o.rope_frequency_count);
 }
 
 kvfold::RuleSpec to_cpp(const kvfold_rule& r) {

@@ -12,9 +12,11 @@ namespace kvfold {
 
 Rope::Rope(const RoPE& r, int64_t head_dim) {
     if (r.theta == 0) {
-        if (r.dim != 0 || r.interleaved)
-            throw ValueError("rope: theta 0 means no RoPE; expected dim 0 and the half layout with it, got dim " +
-                             std::to_string(r.dim));
+        if (r.dim != 0 || r.interleaved || !r.frequencies.empty())
+            throw ValueError(
+                "rope: theta 0 means no RoPE; expected dim 0, the half layout and no frequencies with it, got dim " +
+                std::to_string(r.dim) + (r.interleaved ? ", the interleaved layout" : "") + " and " +
+                std::to_string(r.frequencies.size()) + " frequencies");
         return;
     }
     if (!(std::isfinite(r.theta) && r.theta > 0)) {
@@ -30,13 +32,26 @@ Rope::Rope(const RoPE& r, int64_t head_dim) {
         throw ValueError(
             r.dim == 0 ? "rope: a RoPE over the whole head needs an even head_dim, got " + std::to_string(head_dim)
                        : "rope: dim must be even (dimensions are rotated in pairs), got " + std::to_string(dim));
+    const size_t pairs = static_cast<size_t>(dim / 2);
+    if (!r.frequencies.empty() && r.frequencies.size() != pairs)
+        throw ValueError("rope: frequencies: expected " + std::to_string(pairs) + " values (one per pair of the " +
+                         std::to_string(dim) + " rotated dimensions), got " + std::to_string(r.frequencies.size()));
+    for (size_t i = 0; i < r.frequencies.size(); ++i)
+        if (!std::isfinite(r.frequencies[i])) {
+            char buf[32];
+            std::snprintf(buf, sizeof buf, "%.6g", r.frequencies[i]);
+            throw ValueError("rope: frequencies[" + std::to_string(i) + "] must be finite, got " + buf);
+        }
     static std::atomic<uint64_t> next_id{1};
     id_ = next_id.fetch_add(1, std::memory_order_relaxed);
     pairs_ = dim / 2;
     interleaved_ = r.interleaved;
-    inv_freq_.resize(static_cast<size_t>(pairs_));
-    for (int64_t i = 0; i < pairs_; ++i)
-        inv_freq_[i] = std::pow(r.theta, -2.0 * static_cast<double>(i) / static_cast<double>(dim));
+    inv_freq_ = r.frequencies;
+    if (inv_freq_.empty()) {
+        inv_freq_.resize(pairs);
+        for (int64_t i = 0; i < pairs_; ++i)
+            inv_freq_[i] = std::pow(r.theta, -2.0 * static_cast<double>(i) / static_cast<double>(dim));
+    }
 }
 
 namespace {

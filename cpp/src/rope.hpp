@@ -11,14 +11,14 @@ namespace kvfold {
 class Rope {
    public:
     Rope() = default;
-    // Checks `rope` against the head size (ValueError naming theta or dim); an empty Rope when
+    // Checks `rope` against the head size (ValueError naming theta, dim or frequencies); an empty Rope when
     // rope.theta == 0.
     Rope(const RoPE& rope, int64_t head_dim);
 
     bool on() const { return pairs_ > 0; }
     int64_t pairs() const { return pairs_; }  // pairs of dimensions rotated
 
-    // cos and sin (pairs() floats each) of position p's angles, p * theta^(-2i / dim), computed in
+    // cos and sin (pairs() floats each) of position p's angles, p * f_i (see RoPE), computed in
     // float64 and rounded once.
     void angles(double p, float* cos, float* sin) const;
     // x (a key) turned by the angles whose cos and sin are given.

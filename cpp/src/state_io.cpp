@@ -1,8 +1,8 @@
-// The state format, version 3: a cache's configuration and state, little-endian throughout.
+// The state format, version 4: a cache's configuration and state, little-endian throughout.
 //
 //   offset  size  field
 //        0     8  magic "KVFOLD\r\n" (4b 56 46 4f 4c 44 0d 0a)
-//        8     4  u32 format version (3; versions 1 and 2 are read too)
+//        8     4  u32 format version (4 for a RoPE with frequencies, else 3; 1 and 2 are read too)
 //       12     4  u32 flags (0; reserved)
 //       16     8  u64 total size of the state in bytes, this header and the CRC included
 //       24        config: i64 batch_size, num_heads, head_dim, value_dim, num_query_heads, window,
@@ -11,6 +11,7 @@
 //                 version 2: f64 rope theta (0: no RoPE), i64 rope dim (0: the whole head), u8 rope
 //                 layout (0 half, 1 interleaved), u8 retain (0 fifo, 1 tova, 2 h2o), i64 recent (-1:
 //                 the default)
+//                 version 4: u32 rope frequency count (rope dim / 2), f64 frequencies[count]
 //                 rule: str kind; u32 array count, then per array (by name): str name, u32 rank,
 //                 i64 shape[rank], f64 values[prod(shape)]; u32 option count, then per option (by
 //                 name): str name, str value
@@ -23,6 +24,8 @@
 //                 in the order they are registered)
 //
 // Version 3 adds the dtype int8 (rows in the q8_0 layout, kernels/q8.hpp) and nothing else.
+// Version 4 adds a RoPE's own frequencies (a model's scaled RoPE); a state without them is written as
+// version 3, so that the kvfold versions that read only 3 still read it.
 // Version 1 has no RoPE, retention or positions: a cache read from it is fifo, without a RoPE, and
 // each row's last position is its length minus one.
 //   total-4        u32 CRC32 (zlib's) of every byte before it
@@ -46,7 +49,7 @@ namespace kvfold {
 namespace {
 
 constexpr char kMagic[8] = {'K', 'V', 'F', 'O', 'L', 'D', '\r', '\n'};
-constexpr uint32_t kFormatVersion = 3;
+constexpr uint32_t kFormatVersion = 4;  // the newest this kvfold reads
 constexpr uint32_t kMaxName = 1 << 12;
 constexpr size_t kHeader = MemoryCache::kStateHeader;  // magic, version, flags, total size
 
@@ -181,10 +184,11 @@ std::string MemoryCache::to_bytes() const {
     Writer w;
     w.out.reserve(kHeader + 4096 + c.planned_bytes());
     w.raw(kMagic, 8);
-    w.put<uint32_t>(kFormatVersion);
+    const Config& g = c.cfg;
+    const std::vector<double>& frequencies = g.rope.frequencies;
+    w.put<uint32_t>(frequencies.empty() ? 3 : 4);
     w.put<uint32_t>(0);
     w.put<uint64_t>(0);  // total size, filled in below
-    const Config& g = c.cfg;
     for (int64_t x : {g.batch_size, g.num_heads, g.head_dim, g.value_dim, g.num_query_heads, g.window, g.sinks})
         w.put<int64_t>(x);
     w.put<double>(g.scale);
@@ -195,6 +199,10 @@ std::string MemoryCache::to_bytes() const {
     w.put<uint8_t>(g.rope.interleaved ? 1 : 0);
     w.put<uint8_t>(static_cast<uint8_t>(g.retain));
     w.put<int64_t>(g.recent);
+    if (!frequencies.empty()) {
+        w.put<uint32_t>(static_cast<uint32_t>(frequencies.size()));
+        for (double f : frequencies) w.put<double>(f);
+    }
     w.str(c.spec.kind);
     w.put<uint32_t>(static_cast<uint32_t>(c.spec.arrays.size()));
     for (const auto& [name, a] : c.spec.arrays) {
@@ -290,6 +298,14 @@ std::unique_ptr<MemoryCache> MemoryCache::from_bytes(const void* data, size_t si
         if (retain > 2) Reader::fail("retain code " + std::to_string(retain) + " is not 0, 1 or 2");
         g.retain = static_cast<Retain>(retain);
         g.recent = r.get<int64_t>("recent");
+    }
+    if (version >= 4) {
+        const uint32_t count = r.get<uint32_t>("rope frequency count");
+        if (count > r.left() / sizeof(double))
+            Reader::fail("the rope frequencies claim more values than the data holds");
+        g.rope.frequencies.resize(count);
+        const uint8_t* values = r.take(sizeof(double) * count, "rope frequencies");
+        if (count) std::memcpy(g.rope.frequencies.data(), values, sizeof(double) * count);
     }
 
     RuleSpec spec;

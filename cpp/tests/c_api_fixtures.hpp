@@ -110,6 +110,7 @@ inline kvfold_options options(double theta, int64_t dim, int layout, int retain,
 inline kvfold::Config to_cpp(const kvfold_config& c, const kvfold_options& o) {
     kvfold::Config g = to_cpp(c);
     g.rope = kvfold::RoPE{o.rope_theta, o.rope_dim, o.rope_layout == KVFOLD_ROPE_INTERLEAVED};
+    if (o.rope_frequencies) g.rope.frequencies.assign(o.rope_frequencies, o.rope_frequencies + o.rope_frequency_count);
     g.retain = static_cast<kvfold::Retain>(o.retain);
     g.recent = o.recent;
     return g;

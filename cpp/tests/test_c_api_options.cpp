@@ -1,6 +1,8 @@
 // The C API's options (RoPE, retention) and explicit positions: the same results as the C++ API,
 // and bad options or positions reported as errors that leave the cache unchanged.
+#include <cstddef>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -109,6 +111,74 @@ TEST(c_api_positions_turn_the_keys_of_a_rope_cache) {
         }
         kvfold_free(a), kvfold_free(b), kvfold_free(d);
     }
+}
+
+TEST(c_api_a_rope_with_its_own_frequencies) {
+    // A scaled RoPE's frequencies: the C++ API's results, through the state (format version 4) and
+    // kvfold_get_options; a program built against the first kvfold_options (ending at `recent`) still
+    // creates caches, and is told when a cache's options do not fit its struct.
+    const kvfold_config c = rope_config();
+    const CRule merge("merge", {{"slots", {2}}});
+    const double frequencies[2] = {0.7, 0.004};
+    kvfold_options o = options(100, 4, KVFOLD_ROPE_HALF, KVFOLD_RETAIN_FIFO);
+    o.rope_frequencies = frequencies, o.rope_frequency_count = 2;
+    kvfold_cache* cache = create(c, o, merge);
+    REQUIRE(cache != nullptr);
+    kvfold::MemoryCache ref(to_cpp(c, o), merge.spec());
+    const int64_t T = 8, B = 2, H = 2, Hq = 4, dk = 6, dv = 3;
+    auto q = normal(B * Hq * T * dk, 30), k = normal(B * H * T * dk, 31), v = normal(B * H * T * dv, 32);
+    std::vector<float> out(B * Hq * T * dv), want(out.size()), theta_out(out.size());
+    CHECK(kvfold_forward(cache, q.data(), k.data(), v.data(), T, out.data(), nullptr) == KVFOLD_OK);
+    ref.forward(q.data(), k.data(), v.data(), T, want.data());
+    CHECK(out == want);
+    kvfold_cache* by_theta = create(c, options(100, 4, KVFOLD_ROPE_HALF, KVFOLD_RETAIN_FIFO), merge);
+    REQUIRE(by_theta != nullptr);
+    CHECK(kvfold_forward(by_theta, q.data(), k.data(), v.data(), T, theta_out.data(), nullptr) == KVFOLD_OK);
+    CHECK(out != theta_out);
+    const auto bytes = bytes_of(cache);
+    CHECK(bytes.size() > 12 && bytes[8] == 4 && bytes_of(by_theta)[8] == 3);
+    kvfold_cache* copy = nullptr;
+    CHECK(kvfold_from_bytes(bytes.data(), bytes.size(), &copy) == KVFOLD_OK);
+    REQUIRE(copy != nullptr);
+    kvfold_options got;
+    kvfold_options_init(&got, sizeof got);
+    CHECK(kvfold_get_options(copy, &got) == KVFOLD_OK);
+    CHECK(got.rope_frequency_count == 2 && got.rope_frequencies && got.rope_frequencies[0] == 0.7 &&
+          got.rope_frequencies[1] == 0.004 && got.rope_dim == 4);
+    CHECK(bytes_of(copy) == bytes);
+    // The first options struct: taken for creating (theta's frequencies), refused for this cache's.
+    const size_t first = offsetof(kvfold_options, rope_frequencies);
+    kvfold_options small = options(100, 4, KVFOLD_ROPE_HALF, KVFOLD_RETAIN_FIFO);
+    small.size = first;
+    small.rope_frequencies = frequencies, small.rope_frequency_count = 2;  // beyond the size: not read
+    kvfold_cache* old = nullptr;
+    CHECK(kvfold_create_with_options(&c, &small, &merge.rule, &old) == KVFOLD_OK && old != nullptr);
+    CHECK(old && bytes_of(old)[8] == 3);
+    kvfold_options old_out = small;
+    CHECK(kvfold_get_options(old, &old_out) == KVFOLD_OK && old_out.rope_theta == 100);
+    CHECK(kvfold_get_options(copy, &old_out) == KVFOLD_VALUE_ERROR);
+    CHECK(contains(kvfold_last_error(copy), "frequencies of its own"));
+    // Bad frequencies: an error, no cache.
+    struct Bad {
+        int64_t count;
+        const double* values;
+        const char* named;
+    };
+    const double infinite[2] = {0.5, std::numeric_limits<double>::infinity()};
+    const Bad bad[] = {{3, frequencies, "expected 2 values"},
+                       {-1, frequencies, "options.rope_frequency_count"},
+                       {4, frequencies, "options.rope_frequency_count"},
+                       {2, nullptr, "options.rope_frequencies"},
+                       {2, infinite, "frequencies[1] must be finite"}};
+    for (const Bad& x : bad) {
+        kvfold_options b = o;
+        b.rope_frequency_count = x.count, b.rope_frequencies = x.values;
+        kvfold_cache* none = nullptr;
+        CHECK(kvfold_create_with_options(&c, &b, &merge.rule, &none) == KVFOLD_VALUE_ERROR && none == nullptr);
+        CHECK(contains(kvfold_last_error(nullptr), x.named));
+        if (!contains(kvfold_last_error(nullptr), x.named)) std::printf("  got: %s\n", kvfold_last_error(nullptr));
+    }
+    kvfold_free(cache), kvfold_free(by_theta), kvfold_free(copy), kvfold_free(old);
 }
 
 TEST(c_api_bad_options_and_positions_are_errors_that_change_nothing) {

@@ -137,7 +137,7 @@ class MemoryCache(_core.MemoryCache):
             scale=0.0 if a.scale is None else float(a.scale),
             dtype=a.dtype,
             check_finite=a.check_finite,
-            rope=None if a.rope is None else (a.rope.theta, a.rope.dim or 0, a.rope.layout),
+            rope=None if a.rope is None else (a.rope.theta, a.rope.dim or 0, a.rope.layout, a.rope.frequencies or ()),
             retain=a.retain,
             recent=-1 if a.recent is None else a.recent,
         )
@@ -155,7 +155,7 @@ class MemoryCache(_core.MemoryCache):
     def rope(self) -> Optional[RoPE]:
         """The cache's ``kvfold.RoPE``, or None."""
         r = self._rope
-        return None if r is None else RoPE(r[0], r[1] or None, r[2])
+        return None if r is None else RoPE(r[0], r[1] or None, r[2], r[3] or None)
 
     def copy(self) -> "MemoryCache":
         """An independent deep copy (configuration and state)."""

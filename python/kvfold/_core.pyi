@@ -76,8 +76,8 @@ class Checkpoint(_State): ...
 
 class MemoryCache(_State):
     # (spec, batch_size, num_heads, head_dim, value_dim, num_query_heads, window, sinks, scale, dtype,
-    # check_finite, rope=(theta, dim, layout) or None, retain, recent=-1), (other) for a copy, (other, rows)
-    # for select, (caches) for concat, (data) from bytes
+    # check_finite, rope=(theta, dim, layout, frequencies) or None, retain, recent=-1), (other) for a copy,
+    # (other, rows) for select, (caches) for concat, (data) from bytes
     def __init__(self, *args: Any, **kwargs: Any) -> None: ...
     def update(
         self, k: _Array, v: _Array, *, decay: _Gate = None, beta: _Gate = None, positions: _Gate = None
@@ -119,7 +119,7 @@ class MemoryCache(_State):
     scale: _ReadOnly[float]
     dtype: _ReadOnly[str]
     check_finite: _ReadOnly[bool]
-    _rope: _ReadOnly[Optional[Tuple[float, int, str]]]
+    _rope: _ReadOnly[Optional[Tuple[float, int, str, Tuple[float, ...]]]]
     retain: _ReadOnly[str]
     recent: _ReadOnly[Optional[int]]
     memory_slots: _ReadOnly[int]

@@ -12,7 +12,9 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
+
+import numpy as np
 
 from ._checks import integer
 
@@ -30,11 +32,15 @@ class RoPE:
     ``i`` and ``i + dim/2`` (Hugging Face Llama's ``rotate_half``), ``"interleaved"`` pairs ``2i`` and
     ``2i + 1`` (the original RoFormer and GPT-J layout). Pair ``(a, b)`` rotated by angle ``t`` is
     ``(a cos t - b sin t, b cos t + a sin t)``; dimensions from ``dim`` on are left as they are.
+    ``frequencies``: the angle per position of each pair, ``dim / 2`` finite numbers in place of
+    ``theta ** (-2 i / dim)``: a model's scaled RoPE (``linear``, ``llama3``, ``yarn``), as
+    ``from_config`` reads it; ``None``: theta's.
     """
 
     theta: float
     dim: Optional[int] = None
     layout: str = "half"
+    frequencies: Optional[Tuple[float, ...]] = None
 
     def __post_init__(self) -> None:
         theta = self.theta
@@ -52,12 +58,28 @@ class RoPE:
             raise TypeError(f"RoPE: layout must be 'half' or 'interleaved', got {type(self.layout).__name__}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"RoPE: layout must be 'half' or 'interleaved', got {self.layout!r}")
+        if self.frequencies is not None:
+            object.__setattr__(self, "frequencies", _frequencies(self.frequencies))
+            if self.dim is not None and len(self.frequencies) != self.dim // 2:
+                raise ValueError(
+                    f"RoPE: frequencies: expected dim / 2 = {self.dim // 2} values (one per rotated pair), "
+                    f"got {len(self.frequencies)}"
+                )
+
+    def __repr__(self) -> str:
+        text = f"RoPE(theta={self.theta!r}, dim={self.dim!r}, layout={self.layout!r}"
+        return text + ("" if self.frequencies is None else f", frequencies={self.frequencies!r}") + ")"
 
     def rotated_dims(self, head_dim: int) -> int:
         """The dimensions rotated in a head of ``head_dim``; ValueError if ``dim`` does not fit."""
         if self.dim is None:
             if head_dim % 2:
                 raise ValueError(f"rope: a RoPE over the whole head needs an even head_dim, got {head_dim}")
+            if self.frequencies is not None and len(self.frequencies) != head_dim // 2:
+                raise ValueError(
+                    f"rope: frequencies: expected head_dim / 2 = {head_dim // 2} values (one per rotated pair), "
+                    f"got {len(self.frequencies)}"
+                )
             return head_dim
         if self.dim > head_dim:
             raise ValueError(f"rope: dim must be at most head_dim={head_dim}, got dim={self.dim}")
@@ -66,15 +88,55 @@ class RoPE:
     @classmethod
     def from_config(cls, config: Any) -> "RoPE":
         """The RoPE of a Hugging Face Llama-family config (``rope_parameters`` or ``rope_theta``, and
-        ``partial_rotary_factor``); ValueError for rope scalings other than the default."""
+        ``partial_rotary_factor``). A scaled RoPE (``rope_type`` ``linear``, ``llama3``, ``yarn``, ...) gets
+        its frequencies from transformers, as the model computes them; ValueError for the types whose
+        frequencies change with the sequence length (``dynamic``, ``longrope``)."""
         params = getattr(config, "rope_parameters", None) or {}
         theta = params.get("rope_theta", getattr(config, "rope_theta", None))
         kind = params.get("rope_type", "default")
         if theta is None:
             raise ValueError("config: no rope_theta found (rope_parameters['rope_theta'] or rope_theta)")
-        if kind != "default":
-            raise ValueError(f"config: rope_type {kind!r} changes the frequencies; only 'default' is supported")
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        factor = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
-        dim = int(head_dim * factor)
-        return cls(theta, None if dim == head_dim else dim)
+        if kind == "default":
+            factor = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+            dim = int(head_dim * factor)
+            return cls(theta, None if dim == head_dim else dim)
+        if kind in SEQUENCE_DEPENDENT:
+            raise ValueError(
+                f"config: rope_type {kind!r} changes the frequencies with the sequence length; "
+                "a fixed-size memory needs fixed ones"
+            )
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        if kind not in ROPE_INIT_FUNCTIONS:
+            raise ValueError(f"config: rope_type {kind!r} is not one transformers knows")
+        inverse_frequencies, _ = ROPE_INIT_FUNCTIONS[kind](config, None)  # (the cos/sin scale rotates with the key)
+        frequencies = tuple(float(f) for f in inverse_frequencies.tolist())
+        dim = 2 * len(frequencies)
+        return cls(theta, None if dim == head_dim else dim, frequencies=frequencies)
+
+
+# RoPE types whose frequencies depend on the sequence length.
+SEQUENCE_DEPENDENT = ("dynamic", "longrope")
+
+
+def _frequencies(values: Any) -> Tuple[float, ...]:
+    """``values`` as a tuple of finite floats, or a TypeError/ValueError naming ``frequencies``."""
+    if isinstance(values, (str, bytes)):
+        raise TypeError(f"RoPE: frequencies must be a sequence of real numbers, got {type(values).__name__}")
+    try:
+        array = np.asarray(values)
+    except Exception as error:  # (a tensor on another device, a ragged list)
+        raise TypeError(f"RoPE: frequencies must be a sequence of real numbers, got {type(values).__name__}") from error
+    if array.ndim != 1 or array.dtype.kind not in "iuf":
+        raise TypeError(
+            "RoPE: frequencies must be a sequence of real numbers (one per rotated pair), got "
+            f"{type(values).__name__} of shape {array.shape} and dtype {array.dtype}"
+        )
+    if array.size == 0:
+        raise ValueError("RoPE: frequencies: expected one value per rotated pair, got none")
+    array = array.astype(np.float64)
+    bad = np.flatnonzero(~np.isfinite(array))
+    if bad.size:
+        raise ValueError(f"RoPE: frequencies[{bad[0]}] must be finite, got {float(array[bad[0]])!r}")
+    return tuple(float(f) for f in array)

@@ -78,14 +78,18 @@ void bind_cache(py::module_& m) {
                  c.scale = scale;
                  c.dtype = kvfold::parse_dtype(dtype);
                  c.check_finite = check_finite;
-                 if (!rope.is_none()) {  // (theta, dim, layout)
-                     auto r = rope.cast<std::tuple<double, int64_t, std::string>>();
-                     c.rope.theta = std::get<0>(r);
-                     c.rope.dim = std::get<1>(r);
-                     if (std::get<2>(r) != "half" && std::get<2>(r) != "interleaved")
-                         throw kvfold::ValueError("rope: layout must be 'half' or 'interleaved', got '" +
-                                                  std::get<2>(r) + "'");
-                     c.rope.interleaved = std::get<2>(r) == "interleaved";
+                 if (!rope.is_none()) {  // (theta, dim, layout[, frequencies (empty: theta's)])
+                     auto r = rope.cast<py::tuple>();
+                     if (r.size() != 3 && r.size() != 4)
+                         throw kvfold::TypeError("rope: expected (theta, dim, layout[, frequencies]), got " +
+                                                 std::to_string(r.size()) + " items");
+                     c.rope.theta = r[0].cast<double>();
+                     c.rope.dim = r[1].cast<int64_t>();
+                     const auto layout = r[2].cast<std::string>();
+                     if (layout != "half" && layout != "interleaved")
+                         throw kvfold::ValueError("rope: layout must be 'half' or 'interleaved', got '" + layout + "'");
+                     c.rope.interleaved = layout == "interleaved";
+                     if (r.size() == 4) c.rope.frequencies = r[3].cast<std::vector<double>>();
                  }
                  c.retain = kvfold::parse_retain(retain);
                  c.recent = recent;
@@ -364,9 +368,10 @@ void bind_cache(py::module_& m) {
             [](const MemoryCache& c) -> py::object {
                 const kvfold::RoPE& r = c.config().rope;
                 if (r.theta == 0) return py::none();
-                return py::make_tuple(r.theta, r.dim, r.interleaved ? "interleaved" : "half");
+                return py::make_tuple(r.theta, r.dim, r.interleaved ? "interleaved" : "half",
+                                      py::tuple(py::cast(r.frequencies)));
             },
-            "(theta, dim (0: the whole head), layout), or None without a RoPE.")
+            "(theta, dim (0: the whole head), layout, frequencies (empty: theta's)), or None without a RoPE.")
         .def_property_readonly(
             "retain", [](const MemoryCache& c) { return kvfold::retain_name(c.config().retain); },
             "Which window pair is folded when the window is full: 'fifo', 'tova' or 'h2o'.")

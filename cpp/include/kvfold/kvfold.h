@@ -128,6 +128,13 @@ typedef struct kvfold_options {
     int retain;        /* a kvfold_retain, default KVFOLD_RETAIN_FIFO */
     int64_t recent;    /* H2O: the newest window pairs never folded, in [0, window]; -1 (default):
                           window / 2 (other retentions: -1) */
+    /* Added after `recent` (a size that ends at `recent` is still taken, with these at their defaults):
+       with rope_theta, the angle per position of each rotated pair, rope_frequency_count (rope dim / 2)
+       finite values in place of theta^(-2i / dim), for a model's scaled RoPE (linear, llama3, yarn).
+       Null and 0 (default): theta's. The cache copies them; kvfold_get_options points into the cache
+       (valid while it lives). */
+    const double* rope_frequencies;
+    int64_t rope_frequency_count;
 } kvfold_options;
 
 /* ---- errors, library ---- */

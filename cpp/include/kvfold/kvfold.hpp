@@ -71,14 +71,16 @@ struct RuleSpec {
 KVFOLD_API void check_rule(const RuleSpec& spec);
 
 // Rotary position embedding of keys (a model's RoPE): pair i of the first `dim` dimensions turns by
-// p * theta^(-2i / dim) at position p; pair i is (i, i + dim/2) (half layout, Hugging Face Llama's
-// rotate_half) or (2i, 2i + 1) (interleaved). theta == 0: the cache has no RoPE. dim == 0: the whole head.
+// p * f_i at position p, f_i = theta^(-2i / dim) or, when given, frequencies[i] (a model's scaled RoPE:
+// linear, llama3, yarn); pair i is (i, i + dim/2) (half layout, Hugging Face Llama's rotate_half) or
+// (2i, 2i + 1) (interleaved). theta == 0: the cache has no RoPE. dim == 0: the whole head.
 // A cache with a RoPE folds each pair un-rotated (at minus its position) and reads a memory slot's key
 // rotated at the slot's position, the same average of the folded positions as its key is of the keys.
 struct RoPE {
     double theta = 0;
     int64_t dim = 0;
     bool interleaved = false;
+    std::vector<double> frequencies = {};  // dim / 2 finite values, or empty: theta's
 };
 
 // Which pair of the window and the new one is folded when the window is full: the oldest (fifo), the

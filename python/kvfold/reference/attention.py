@@ -18,11 +18,16 @@ RETAIN = ("fifo", "tova", "h2o")
 def rotate(rope: RoPE, x: np.ndarray, positions: Any) -> np.ndarray:
     """``x`` (..., d) rotated by ``rope`` at ``positions`` (broadcast against x's leading dimensions),
     float64: pair i (dimensions i and i + D/2 for layout "half", 2i and 2i + 1 for "interleaved", D the
-    rotated dimensions) turns by angle ``p * theta ** (-2 i / D)``; ``rotate(rope, rotate(rope, x, p), -p) == x``."""
+    rotated dimensions) turns by angle ``p * theta ** (-2 i / D)``, or ``p * rope.frequencies[i]`` when the RoPE
+    has its own; ``rotate(rope, rotate(rope, x, p), -p) == x``."""
     x = np.asarray(x, np.float64)
     D = rope.rotated_dims(x.shape[-1])
     half = D // 2
-    angle = np.asarray(positions, np.float64)[..., None] * rope.theta ** (-2.0 * np.arange(half) / D)
+    if rope.frequencies is None:
+        frequencies = rope.theta ** (-2.0 * np.arange(half) / D)
+    else:
+        frequencies = np.asarray(rope.frequencies, np.float64)
+    angle = np.asarray(positions, np.float64)[..., None] * frequencies
     cos, sin = np.cos(angle), np.sin(angle)
     a, b = (slice(0, half), slice(half, D)) if rope.layout == "half" else (slice(0, D, 2), slice(1, D, 2))
     out = x.copy()
