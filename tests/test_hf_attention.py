@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from transformers import DynamicCache  # noqa: E402
+from transformers import DynamicCache, Gemma3ForCausalLM, Gemma3TextConfig  # noqa: E402
 
 import kvfold.hf  # noqa: E402,F401  (registers the "kvfold" attention)
 from kvfold import MemoryCache, RoPE, rules  # noqa: E402
@@ -249,10 +249,10 @@ def _fed(model, ids):
     return cache
 
 
-def test_padding_or_a_shorter_model_window_is_refused_not_ignored(model, ids):
-    """kvfold's attention reads no mask: a padded batch, or a model whose own sliding window is shorter than
-    the cache's, would be attended wrongly, so it is refused, and the cache stays as it was. The mask of a
-    model's sliding window is no padding."""
+def test_padding_is_refused_not_ignored_and_a_model_window_is_kept(model, ids):
+    """kvfold's attention reads no mask: a padded batch would be attended wrongly, so it is refused, and the
+    cache stays as it was. The mask of a model's sliding window is no padding, and a layer under a sliding
+    window shorter than the cache's keeps exactly the model's window."""
     mask = torch.ones_like(ids[:, :8])
     mask[0, :3] = 0  # row 0 left-padded
     cache = FoldCache(window=64)
@@ -262,15 +262,51 @@ def test_padding_or_a_shorter_model_window_is_refused_not_ignored(model, ids):
     close(run(model, ids, cache, 5), run(model, ids, DynamicCache(), 5))  # then unpadded, as a fresh cache
     mistral = tiny("Mistral")
     mistral.config.sliding_window = 5
-    with pytest.raises(ValueError, match="window=8 is longer than the model's sliding window of 5 tokens"):
-        run(mistral, ids, FoldCache(window=8), 4)
-    # a window within the model's: each token reads its last 5 pairs, as the model does, also in a block
-    # longer than the model's window (whose mask hides the block's own older pairs)
+    # each token reads its last 5 pairs, as the model does, also in a block longer than the model's window
+    # (whose mask hides the block's own older pairs); a longer cache window keeps the model's 5 pairs
     for chunk in (4, 12):
-        close(run(mistral, ids, FoldCache(window=5), chunk), run(mistral, ids, DynamicCache(), chunk))
+        expected = run(mistral, ids, DynamicCache(), chunk)
+        close(run(mistral, ids, FoldCache(window=5), chunk), expected)
+        longer = FoldCache(rules.Merge(3), window=8, sinks=2, rope=RoPE(1000.0), retain="tova")
+        close(run(mistral, ids, longer, chunk), expected)
+        assert {(layer.memory.window, layer.memory.sinks, repr(layer.memory.rule)) for layer in longer.layers} == {
+            (5, 0, "Drop()")
+        }
     cache = FoldCache(window=5)
     with torch.no_grad(), pytest.raises(ValueError, match="attention_mask: kvfold's attention takes the causal"):
         mistral(ids[:, :8], attention_mask=mask, cache=cache)  # padding is still refused
+
+
+def test_local_and_global_layers_of_gemma3():
+    """Gemma 3 alternates layers under a sliding window (local) with layers that read everything (global).
+    A cache window longer than the local one: the local layers keep exactly the model's window, the global
+    ones fold, the C++ memory as the NumPy model. A window within it: every layer folds."""
+    config = Gemma3TextConfig(
+        vocab_size=101, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=512, sliding_window=6,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], attn_implementation="kvfold",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    gemma = Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in gemma.parameters():
+            p.mul_(4.0 if p.dim() > 1 else 1.0)
+    ids = token_ids(LENGTH)
+    expected = run(gemma, ids, DynamicCache(config=config), 0)
+    close(run(gemma, ids, FoldCache(window=LENGTH), 5), expected)
+    kw = dict(rule=rules.Merge(3), window=10, sinks=1, retain="tova")
+    cache = FoldCache(**kw)
+    got = run(gemma, ids, cache, 5)
+    close(got, run(gemma, ids, FoldCache(memory=StreamCache, **kw), 5))
+    assert [(layer.memory.window, layer.memory.rule) for layer in cache.layers] == [
+        (6, rules.Drop()),
+        (10, rules.Merge(3)),
+        (6, rules.Drop()),
+    ]
+    assert (got - expected).abs().max() > 1e-3  # the global layer folded
+    within = FoldCache(rules.Merge(3), window=4, sinks=1)
+    run(gemma, ids, within, 5)
+    assert {(layer.memory.window, layer.memory.rule) for layer in within.layers} == {(4, rules.Merge(3))}
 
 
 def test_a_reset_cache_is_a_fresh_one(model, ids):

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from . import rules
 from ._hf_attention import pending
 from ._hf_checks import check_summary_rule, takes
 
@@ -94,26 +95,33 @@ class FoldLayer(CacheLayerMixin):
         self.device, self.dtype = key_states.device, key_states.dtype
         self.is_initialized = True
 
-    def _make_memory(self, num_query_heads: Optional[int] = None, scale: Optional[float] = None) -> None:
+    def _make_memory(
+        self, num_query_heads: Optional[int] = None, scale: Optional[float] = None, sliding_window: Optional[int] = None
+    ) -> None:
+        """The layer's memory. Under a model's sliding window shorter than the cache's window (the local layers
+        of Gemma 2 and 3) the model reads nothing older than that window: the layer keeps exactly it, a plain
+        window of ``sliding_window`` pairs with nothing to fold."""
         B, H, dk, dv = self._shape
+        exact = sliding_window is not None and self.window > sliding_window
         kw: Dict[str, Any] = dict(
             num_heads=H,
             head_dim=dk,
             value_dim=dv,
             num_query_heads=num_query_heads,
             batch_size=B,
-            window=self.window,
-            sinks=self.sinks,
+            window=sliding_window if exact else self.window,
+            sinks=0 if exact else self.sinks,
             scale=scale,
         )
         if takes(self.memory_class, "dtype"):
             kw.update(dtype=self.storage_dtype, check_finite=self.check_finite)
-        if self.rope is not None:
+        if self.rope is not None and not exact:
             kw["rope"] = self.rope
-        if self.retain != "fifo":
+        if self.retain != "fifo" and not exact:
             kw.update(retain=self.retain, recent=self.recent)
-        memory = self.memory_class(self.rule, **kw)
-        check_summary_rule(self.rule, memory)
+        rule = rules.Drop() if exact else self.rule
+        memory = self.memory_class(rule, **kw)
+        check_summary_rule(rule, memory)
         self.memory = memory
 
     def _check(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -172,15 +180,9 @@ class FoldLayer(CacheLayerMixin):
         k, v, positions = self._block
         self._block = None
         try:
-            if sliding_window is not None and self.window > sliding_window:
-                raise ValueError(
-                    f"FoldCache: window={self.window} is longer than the model's sliding window of {sliding_window} "
-                    "tokens, so kvfold's attention would read pairs the model's does not; use a window of at most "
-                    f"{sliding_window}"
-                )
             _check_causal(attention_mask, k.shape[2], sliding_window)
             if self.memory is None:
-                self._make_memory(num_query_heads=query.shape[1], scale=scaling)
+                self._make_memory(num_query_heads=query.shape[1], scale=scaling, sliding_window=sliding_window)
             q = _as_float32(query)
             before = self._snapshot() if self.record_past else None
             out = self.memory.forward(q, k, v, **({} if positions is None else {"positions": positions}))
