@@ -285,6 +285,10 @@ def test_local_and_global_layers_of_gemma3():
         vocab_size=101, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, max_position_embeddings=512, sliding_window=6,
         layer_types=["sliding_attention", "full_attention", "sliding_attention"], attn_implementation="kvfold",
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        },
     )  # fmt: skip
     torch.manual_seed(0)
     gemma = Gemma3ForCausalLM(config).eval()
@@ -307,6 +311,21 @@ def test_local_and_global_layers_of_gemma3():
     within = FoldCache(rules.Merge(3), window=4, sinks=1)
     run(gemma, ids, within, 5)
     assert {(layer.memory.window, layer.memory.rule) for layer in within.layers} == {(4, rules.Merge(3))}
+    # Each layer type has its RoPE. One token repeated: the global layer's keys, un-rotated with the global
+    # RoPE, are one vector (the local layers keep the model's window and fold nothing)
+    assert RoPE.from_config(config, "sliding_attention") == RoPE(10000.0)
+    rope = RoPE.from_config(config, "full_attention")
+    assert rope.frequencies == tuple(gemma.model.rotary_emb.full_attention_inv_freq.tolist())
+    with pytest.raises(ValueError, match=r"layer_type: .* expected one of \['full_attention', 'sliding_attention'\]"):
+        RoPE.from_config(config)
+    x = torch.full((1, 16), 17)
+    first = FoldCache(rules.Cumulative(), window=7, rope=rope)
+    run(gemma, x[:, :8], first, 8)  # the global layer folds position 0
+    for r, same in ((rope, True), (RoPE(1e6), False)):
+        cache = FoldCache(rules.Cumulative(), window=7, rope=r)
+        run(gemma, x, cache, 4)
+        a, b = cache.layers[1].memory.memory()[0], first.layers[1].memory.memory()[0]
+        assert np.allclose(a, b, atol=1e-5) == same
 
 
 def test_a_reset_cache_is_a_fresh_one(model, ids):

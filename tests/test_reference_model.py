@@ -115,6 +115,18 @@ def test_rope_from_a_hugging_face_config():
         Config.rope_parameters = {"rope_theta": 5e5, "rope_type": kind}
         with pytest.raises(ValueError, match=f"rope_type '{kind}' changes the frequencies with the sequence length"):
             RoPE.from_config(Config())
+    with pytest.raises(ValueError, match="layer_type: this config has one RoPE for every layer; expected None"):
+        RoPE.from_config(Config(), "full_attention")
+    # a RoPE per layer type (Gemma 3)
+    Config.rope_parameters = {
+        "sliding_attention": {"rope_theta": 1e4, "rope_type": "default"},
+        "full_attention": {"rope_theta": 1e6, "rope_type": "default", "partial_rotary_factor": 0.5},
+    }
+    assert RoPE.from_config(Config(), "full_attention") == RoPE(1e6, dim=32)
+    assert RoPE.from_config(Config(), layer_type="sliding_attention") == RoPE(1e4)
+    for bad in (None, "chunked_attention"):
+        with pytest.raises(ValueError, match=r"layer_type: .* \['full_attention', 'sliding_attention'\], got"):
+            RoPE.from_config(Config(), bad)
 
 
 def test_rope_frequencies_replace_theta(rng):

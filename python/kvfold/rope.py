@@ -86,12 +86,24 @@ class RoPE:
         return self.dim
 
     @classmethod
-    def from_config(cls, config: Any) -> "RoPE":
+    def from_config(cls, config: Any, layer_type: Optional[str] = None) -> "RoPE":
         """The RoPE of a Hugging Face Llama-family config (``rope_parameters`` or ``rope_theta``, and
         ``partial_rotary_factor``). A scaled RoPE (``rope_type`` ``linear``, ``llama3``, ``yarn``, ...) gets
         its frequencies from transformers, as the model computes them; ValueError for the types whose
-        frequencies change with the sequence length (``dynamic``, ``longrope``)."""
+        frequencies change with the sequence length (``dynamic``, ``longrope``). ``layer_type``: for a
+        config whose RoPE differs by layer type (Gemma 3: ``"sliding_attention"``, ``"full_attention"``),
+        which one."""
         params = getattr(config, "rope_parameters", None) or {}
+        by_type = params and all(isinstance(p, dict) for p in params.values())
+        if by_type:
+            if layer_type not in params:
+                raise ValueError(
+                    f"layer_type: this config's RoPE differs by layer type; expected one of {sorted(params)}, "
+                    f"got {layer_type!r}"
+                )
+            params = params[layer_type]
+        elif layer_type is not None:
+            raise ValueError(f"layer_type: this config has one RoPE for every layer; expected None, got {layer_type!r}")
         theta = params.get("rope_theta", getattr(config, "rope_theta", None))
         kind = params.get("rope_type", "default")
         if theta is None:
@@ -110,7 +122,9 @@ class RoPE:
 
         if kind not in ROPE_INIT_FUNCTIONS:
             raise ValueError(f"config: rope_type {kind!r} is not one transformers knows")
-        inverse_frequencies, _ = ROPE_INIT_FUNCTIONS[kind](config, None)  # (the cos/sin scale rotates with the key)
+        # (a cos/sin scale, yarn's, rotates with the key: un-rotating and rotating back leave it in place)
+        kw = {} if layer_type is None else {"layer_type": layer_type}
+        inverse_frequencies, _ = ROPE_INIT_FUNCTIONS[kind](config, None, **kw)
         frequencies = tuple(float(f) for f in inverse_frequencies.tolist())
         dim = 2 * len(frequencies)
         return cls(theta, None if dim == head_dim else dim, frequencies=frequencies)
