@@ -8,7 +8,13 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from transformers import DynamicCache, Gemma3ForCausalLM, Gemma3TextConfig  # noqa: E402
+from transformers import (  # noqa: E402
+    DynamicCache,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    SmolLM3Config,
+    SmolLM3ForCausalLM,
+)
 
 import kvfold.hf  # noqa: E402,F401  (registers the "kvfold" attention)
 from kvfold import MemoryCache, RoPE, rules  # noqa: E402
@@ -326,6 +332,33 @@ def test_local_and_global_layers_of_gemma3():
         run(gemma, x, cache, 4)
         a, b = cache.layers[1].memory.memory()[0], first.layers[1].memory.memory()[0]
         assert np.allclose(a, b, atol=1e-5) == same
+
+
+def test_layers_without_rope_fold_their_keys_as_they_are():
+    """SmolLM3 leaves the keys of some layers unrotated (NoPE): with rope= the other layers un-rotate theirs,
+    these fold them as they are. One token repeated: in both kinds of layer the folded keys are one vector."""
+    config = SmolLM3Config(
+        vocab_size=101, pad_token_id=0, bos_token_id=1, eos_token_id=2, hidden_size=48, intermediate_size=96,
+        num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512,
+        no_rope_layers=[1, 0], attn_implementation="kvfold",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    smol = SmolLM3ForCausalLM(config).eval()
+    assert [layer.self_attn.use_rope for layer in smol.model.layers] == [1, 0]
+    rope = RoPE.from_config(config)
+    ids = token_ids(LENGTH)
+    close(
+        run(smol, ids, FoldCache(rules.Merge(LENGTH), window=2, sinks=1, rope=rope), 5),
+        run(smol, ids, DynamicCache(), 0),
+    )
+    x = torch.full((1, 9), 17)
+    first = FoldCache(rules.Cumulative(), rope=rope)
+    run(smol, x[:, :1], first, 1)
+    cache = FoldCache(rules.Cumulative(), rope=rope)
+    run(smol, x, cache, 3)
+    assert [layer.memory.rope for layer in cache.layers] == [rope, None]
+    for a, b in zip(cache.layers, first.layers):
+        np.testing.assert_allclose(a.memory.memory()[0], b.memory.memory()[0], atol=1e-5)
 
 
 def test_a_reset_cache_is_a_fresh_one(model, ids):

@@ -96,11 +96,16 @@ class FoldLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def _make_memory(
-        self, num_query_heads: Optional[int] = None, scale: Optional[float] = None, sliding_window: Optional[int] = None
+        self,
+        num_query_heads: Optional[int] = None,
+        scale: Optional[float] = None,
+        sliding_window: Optional[int] = None,
+        rotated: bool = True,
     ) -> None:
         """The layer's memory. Under a model's sliding window shorter than the cache's window (the local layers
         of Gemma 2 and 3) the model reads nothing older than that window: the layer keeps exactly it, a plain
-        window of ``sliding_window`` pairs with nothing to fold."""
+        window of ``sliding_window`` pairs with nothing to fold. Keys the model does not rotate (``rotated``
+        False) are folded as they are, without the cache's RoPE."""
         B, H, dk, dv = self._shape
         exact = sliding_window is not None and self.window > sliding_window
         kw: Dict[str, Any] = dict(
@@ -115,7 +120,7 @@ class FoldLayer(CacheLayerMixin):
         )
         if takes(self.memory_class, "dtype"):
             kw.update(dtype=self.storage_dtype, check_finite=self.check_finite)
-        if self.rope is not None and not exact:
+        if self.rope is not None and rotated and not exact:
             kw["rope"] = self.rope
         if self.retain != "fifo" and not exact:
             kw.update(retain=self.retain, recent=self.recent)
@@ -173,16 +178,18 @@ class FoldLayer(CacheLayerMixin):
         scaling: Optional[float],
         attention_mask: Optional[torch.Tensor] = None,
         sliding_window: Optional[int] = None,
+        rotated: bool = True,
     ) -> torch.Tensor:
         """kvfold's attention over the block the last update handed out: (B, T, Hq, d_v). On any error the
-        layer is as before the update (the memory validates everything before it takes the block)."""
+        layer is as before the update (the memory validates everything before it takes the block).
+        ``sliding_window``: the model's for this layer, if any; ``rotated``: whether the model rotates its keys."""
         assert self._block is not None
         k, v, positions = self._block
         self._block = None
         try:
             _check_causal(attention_mask, k.shape[2], sliding_window)
             if self.memory is None:
-                self._make_memory(num_query_heads=query.shape[1], scale=scaling, sliding_window=sliding_window)
+                self._make_memory(query.shape[1], scaling, sliding_window, rotated)
             q = _as_float32(query)
             before = self._snapshot() if self.record_past else None
             out = self.memory.forward(q, k, v, **({} if positions is None else {"positions": positions}))
