@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers")
 
 from transformers import (  # noqa: E402
     DynamicCache,
@@ -359,6 +359,44 @@ def test_layers_without_rope_fold_their_keys_as_they_are():
     assert [layer.memory.rope for layer in cache.layers] == [rope, None]
     for a, b in zip(cache.layers, first.layers):
         np.testing.assert_allclose(a.memory.memory()[0], b.memory.memory()[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["Cohere", "Glm"])
+def test_the_layout_of_the_rotation_is_the_model_s(family):
+    """Cohere and GLM pair dimensions 2i and 2i + 1 (GLM rotates half the head): from_config reads that off the
+    model's code. One token repeated: its keys un-rotate to one vector with that layout, not with Llama's."""
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=101, pad_token_id=0, bos_token_id=1, eos_token_id=2, hidden_size=48, intermediate_size=96,
+        num_hidden_layers=1, num_attention_heads=6, num_key_value_heads=2, attn_implementation="kvfold",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    lm = getattr(transformers, f"{family}ForCausalLM")(config).eval()
+    rope = RoPE.from_config(config)
+    assert rope.layout == "interleaved"
+    x = torch.full((1, 9), 17)
+    first = FoldCache(rules.Cumulative(), rope=rope)
+    run(lm, x[:, :1], first, 1)
+    for r, same in ((rope, True), (RoPE(rope.theta, rope.dim, "half"), False)):
+        cache = FoldCache(rules.Cumulative(), rope=r)
+        run(lm, x, cache, 3)
+        assert np.allclose(cache.layers[0].memory.memory()[0], first.layers[0].memory.memory()[0], atol=1e-5) == same
+
+
+def test_what_kvfold_attention_cannot_apply_is_refused():
+    """Gemma 2 soft-caps its attention logits: kvfold's attention would not, so it refuses, and the cache is
+    as before."""
+    config = transformers.Gemma2Config(
+        vocab_size=101, hidden_size=48, intermediate_size=96, num_hidden_layers=1, num_attention_heads=6,
+        num_key_value_heads=2, head_dim=8, attn_implementation="kvfold",
+    )  # fmt: skip
+    gemma2 = transformers.Gemma2ForCausalLM(config).eval()
+    cache = FoldCache(window=8)
+    with (
+        torch.no_grad(),
+        pytest.raises(ValueError, match=r"softcap: kvfold's attention does not apply the model's logit"),
+    ):
+        gemma2(token_ids(5), cache=cache)
+    assert cache.get_seq_length() == 0 and all(layer._block is None for layer in cache.layers)
 
 
 def test_a_reset_cache_is_a_fresh_one(model, ids):

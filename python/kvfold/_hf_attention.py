@@ -34,9 +34,7 @@ def kvfold_attention(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     pending.block = (None, None)
-    # (a layer without RoPE, SmolLM3's and Llama 4's NoPE layers, says so with use_rope)
-    rotated = bool(getattr(module, "use_rope", True))
-    return layer.attend_block(query, scaling, attention_mask, kwargs.get("sliding_window"), rotated), None
+    return layer.attend_block(query, scaling, attention_mask, module, **kwargs), None
 
 
 AttentionInterface.register("kvfold", kvfold_attention)

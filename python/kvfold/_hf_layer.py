@@ -55,6 +55,10 @@ def _check_causal(mask: Optional[torch.Tensor], T: int, sliding_window: Optional
         )
 
 
+# What a model's attention may ask of its attention function that kvfold's does not do: refused, not ignored.
+UNAPPLIED = {"softcap": "logit soft-capping (Gemma 2)", "s_aux": "attention sinks (gpt-oss)"}
+
+
 class FoldLayer(CacheLayerMixin):
     """One layer of ``cache`` (a ``FoldCache``), with its settings: a memory (``kvfold.MemoryCache`` unless
     the cache's ``memory`` says otherwise) made when the layer sees which attention reads its first block."""
@@ -177,18 +181,31 @@ class FoldLayer(CacheLayerMixin):
         query: torch.Tensor,
         scaling: Optional[float],
         attention_mask: Optional[torch.Tensor] = None,
-        sliding_window: Optional[int] = None,
-        rotated: bool = True,
+        module: Optional[torch.nn.Module] = None,
+        **kwargs: Any,
     ) -> torch.Tensor:
         """kvfold's attention over the block the last update handed out: (B, T, Hq, d_v). On any error the
         layer is as before the update (the memory validates everything before it takes the block).
-        ``sliding_window``: the model's for this layer, if any; ``rotated``: whether the model rotates its keys."""
+        ``module`` and ``kwargs``: the model's attention module and what it passes its attention function
+        (``sliding_window``; a layer without RoPE has ``use_rope`` false)."""
         assert self._block is not None
         k, v, positions = self._block
         self._block = None
+        sliding_window = kwargs.get("sliding_window")
         try:
+            for name, what in UNAPPLIED.items():
+                value = kwargs.get(name)
+                if value is not None:
+                    shown = (
+                        f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+                    )
+                    raise ValueError(
+                        f"{name}: kvfold's attention does not apply the model's {what}, got {name}={shown}; load "
+                        "the model with attn_implementation='eager', where FoldCache gives the model its pairs"
+                    )
             _check_causal(attention_mask, k.shape[2], sliding_window)
             if self.memory is None:
+                rotated = bool(getattr(module, "use_rope", True))
                 self._make_memory(query.shape[1], scaling, sliding_window, rotated)
             q = _as_float32(query)
             before = self._snapshot() if self.record_past else None

@@ -9,6 +9,7 @@ back at the slot's position when attention reads it. The rotation itself, in Num
 
 from __future__ import annotations
 
+import importlib
 import math
 import numbers
 from dataclasses import dataclass
@@ -109,10 +110,11 @@ class RoPE:
         if theta is None:
             raise ValueError("config: no rope_theta found (rope_parameters['rope_theta'] or rope_theta)")
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        layout = _layout(config)
         if kind == "default":
             factor = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
             dim = int(head_dim * factor)
-            return cls(theta, None if dim == head_dim else dim)
+            return cls(theta, None if dim == head_dim else dim, layout)
         if kind in SEQUENCE_DEPENDENT:
             raise ValueError(
                 f"config: rope_type {kind!r} changes the frequencies with the sequence length; "
@@ -127,7 +129,28 @@ class RoPE:
         inverse_frequencies, _ = ROPE_INIT_FUNCTIONS[kind](config, None, **kw)
         frequencies = tuple(float(f) for f in inverse_frequencies.tolist())
         dim = 2 * len(frequencies)
-        return cls(theta, None if dim == head_dim else dim, frequencies=frequencies)
+        return cls(theta, None if dim == head_dim else dim, layout, frequencies)
+
+
+def _layout(config: Any) -> str:
+    """How the model of ``config`` pairs the rotated dimensions, read off its modeling code's ``rotate_half``
+    (Llama's pairs i and i + dim/2; Cohere's, GLM's and ERNIE's pairs 2i and 2i + 1). "half" for a config
+    that names no transformers model."""
+    model_type = getattr(config, "model_type", None)
+    try:
+        module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    except (ImportError, TypeError, ValueError):
+        return "half"
+    rotate_half = getattr(module, "rotate_half", None)
+    if rotate_half is None:
+        return "half"
+    import torch
+
+    turned = rotate_half(torch.arange(1.0, 5.0)).tolist()
+    for layout, expected in (("half", [-3.0, -4.0, 1.0, 2.0]), ("interleaved", [-2.0, 1.0, -4.0, 3.0])):
+        if turned == expected:
+            return layout
+    raise ValueError(f"config: the {model_type} model pairs its rotated dimensions in a way kvfold does not know")
 
 
 # RoPE types whose frequencies depend on the sequence length.
