@@ -56,7 +56,12 @@ def _check_causal(mask: Optional[torch.Tensor], T: int, sliding_window: Optional
 
 
 # What a model's attention may ask of its attention function that kvfold's does not do: refused, not ignored.
-UNAPPLIED = {"softcap": "logit soft-capping (Gemma 2)", "s_aux": "attention sinks (gpt-oss)"}
+UNAPPLIED = {
+    "softcap": "logit soft-capping (Gemma 2)",
+    "s_aux": "attention sinks (gpt-oss)",
+    "sinks": "attention sinks",
+    "position_bias": "relative position bias (T5)",
+}
 
 
 class FoldLayer(CacheLayerMixin):
