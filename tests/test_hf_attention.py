@@ -332,6 +332,14 @@ def test_local_and_global_layers_of_gemma3():
         run(gemma, x, cache, 4)
         a, b = cache.layers[1].memory.memory()[0], first.layers[1].memory.memory()[0]
         assert np.allclose(a, b, atol=1e-5) == same
+    # rope="model": every layer folds with its own type's RoPE, local layers too when the window fits theirs
+    first = FoldCache(rules.Cumulative(), window=4, rope="model")
+    run(gemma, x[:, :5], first, 5)
+    cache = FoldCache(rules.Cumulative(), window=4, rope="model")
+    run(gemma, x, cache, 4)
+    assert [layer.memory.rope for layer in cache.layers] == [RoPE(10000.0), rope, RoPE(10000.0)]
+    for a, b in zip(cache.layers, first.layers):
+        np.testing.assert_allclose(a.memory.memory()[0], b.memory.memory()[0], atol=1e-5)
 
 
 def test_layers_without_rope_fold_their_keys_as_they_are():
@@ -359,6 +367,21 @@ def test_layers_without_rope_fold_their_keys_as_they_are():
     assert [layer.memory.rope for layer in cache.layers] == [rope, None]
     for a, b in zip(cache.layers, first.layers):
         np.testing.assert_allclose(a.memory.memory()[0], b.memory.memory()[0], atol=1e-5)
+    model_rope = FoldCache(rules.Cumulative(), rope="model")
+    run(smol, x, model_rope, 3)
+    assert [layer.memory.rope for layer in model_rope.layers] == [rope, None]
+
+
+def test_the_model_s_rope_needs_kvfold_attention(ids):
+    """rope="model" is read off the model's attention modules, which only kvfold's attention sees."""
+    sdpa = tiny(attention="sdpa")
+    cache = FoldCache(rules.Cumulative(), window=4, rope="model")
+    with pytest.raises(ValueError, match="rope='model' takes each layer's RoPE from the model's attention"):
+        run(sdpa, ids, cache, 5)
+    with pytest.raises(ValueError, match="rope: expected a kvfold.RoPE, 'model' or None, got 'auto'"):
+        FoldCache(rope="auto")
+    with pytest.raises(TypeError, match="rope: expected a kvfold.RoPE, 'model' or None, got float"):
+        FoldCache(rope=1e4)
 
 
 @pytest.mark.parametrize("family", ["Cohere", "Glm"])

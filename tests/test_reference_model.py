@@ -115,8 +115,8 @@ def test_rope_from_a_hugging_face_config():
         Config.rope_parameters = {"rope_theta": 5e5, "rope_type": kind}
         with pytest.raises(ValueError, match=f"rope_type '{kind}' changes the frequencies with the sequence length"):
             RoPE.from_config(Config())
-    with pytest.raises(ValueError, match="layer_type: this config has one RoPE for every layer; expected None"):
-        RoPE.from_config(Config(), "full_attention")
+    Config.rope_parameters = {"rope_theta": 5e5, "rope_type": "default"}
+    assert RoPE.from_config(Config(), "full_attention") == RoPE(5e5)  # one RoPE for every layer type
     # a RoPE per layer type (Gemma 3)
     Config.rope_parameters = {
         "sliding_attention": {"rope_theta": 1e4, "rope_type": "default"},

@@ -12,6 +12,7 @@ from transformers.cache_utils import CacheLayerMixin
 from . import rules
 from ._hf_attention import pending
 from ._hf_checks import check_summary_rule, takes
+from .rope import RoPE
 
 if TYPE_CHECKING:
     from .hf import FoldCache
@@ -109,12 +110,12 @@ class FoldLayer(CacheLayerMixin):
         num_query_heads: Optional[int] = None,
         scale: Optional[float] = None,
         sliding_window: Optional[int] = None,
-        rotated: bool = True,
+        module: Optional[torch.nn.Module] = None,
     ) -> None:
         """The layer's memory. Under a model's sliding window shorter than the cache's window (the local layers
         of Gemma 2 and 3) the model reads nothing older than that window: the layer keeps exactly it, a plain
-        window of ``sliding_window`` pairs with nothing to fold. Keys the model does not rotate (``rotated``
-        False) are folded as they are, without the cache's RoPE."""
+        window of ``sliding_window`` pairs with nothing to fold. ``module``: the model's attention, when
+        kvfold's runs (see ``_layer_rope``)."""
         B, H, dk, dv = self._shape
         exact = sliding_window is not None and self.window > sliding_window
         kw: Dict[str, Any] = dict(
@@ -129,14 +130,28 @@ class FoldLayer(CacheLayerMixin):
         )
         if takes(self.memory_class, "dtype"):
             kw.update(dtype=self.storage_dtype, check_finite=self.check_finite)
-        if self.rope is not None and rotated and not exact:
-            kw["rope"] = self.rope
+        rope = self._layer_rope(module)
+        if rope is not None and not exact:
+            kw["rope"] = rope
         if self.retain != "fifo" and not exact:
             kw.update(retain=self.retain, recent=self.recent)
         rule = rules.Drop() if exact else self.rule
         memory = self.memory_class(rule, **kw)
         check_summary_rule(rule, memory)
         self.memory = memory
+
+    def _layer_rope(self, module: Optional[torch.nn.Module]) -> Optional[RoPE]:
+        """The RoPE this layer folds with: none for keys the model leaves unrotated (SmolLM3's and Llama 4's
+        NoPE layers, whose attention has ``use_rope`` false); with ``rope="model"`` the one of the layer's
+        type (Gemma 3's local and global layers differ); else the cache's."""
+        if self.rope is None or not getattr(module, "use_rope", True):
+            return None
+        if isinstance(self.rope, RoPE):
+            return self.rope
+        assert module is not None  # rope="model" under the model's own attention is refused in _settle
+        config = module.config
+        layer_types = getattr(config, "layer_types", None)
+        return RoPE.from_config(config, None if layer_types is None else layer_types[module.layer_idx])
 
     def _check(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, H, dk, dv = self._shape
@@ -210,8 +225,7 @@ class FoldLayer(CacheLayerMixin):
                     )
             _check_causal(attention_mask, k.shape[2], sliding_window)
             if self.memory is None:
-                rotated = bool(getattr(module, "use_rope", True))
-                self._make_memory(query.shape[1], scaling, sliding_window, rotated)
+                self._make_memory(query.shape[1], scaling, sliding_window, module)
             q = _as_float32(query)
             before = self._snapshot() if self.record_past else None
             out = self.memory.forward(q, k, v, **({} if positions is None else {"positions": positions}))
@@ -236,6 +250,12 @@ class FoldLayer(CacheLayerMixin):
             raise ValueError(
                 f"retain={self.retain!r} keeps the pairs kvfold's attention weighs most: load the model with "
                 "attn_implementation='kvfold' (import kvfold.hf first)"
+            )
+        if isinstance(self.rope, str):
+            raise ValueError(
+                "rope='model' takes each layer's RoPE from the model's attention, which only kvfold's attention "
+                "shows: load the model with attn_implementation='kvfold' (import kvfold.hf first), or pass "
+                "rope=RoPE.from_config(model.config)"
             )
         if getattr(self.rule, "bias", None) == "log_count":
             raise ValueError(

@@ -28,7 +28,7 @@ Needs torch and transformers (``pip install kvfold[hf]``); the rest of kvfold do
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from transformers.cache_utils import Cache
@@ -55,7 +55,9 @@ class FoldCache(Cache):
     Only summary rules: their slots are key/value pairs the model's softmax attention reads.
 
     ``rope`` (``kvfold.RoPE``, e.g. ``RoPE.from_config(model.config)``): fold pairs un-rotated and read each
-    slot rotated at its position, with the model's positions. ``retain`` (``"fifo"``, ``"tova"``, ``"h2o"``
+    slot rotated at its position, with the model's positions; ``"model"``: each layer with the RoPE its
+    attention applies (by layer type, none for a layer without RoPE), which kvfold's attention reads off
+    the model. ``retain`` (``"fifo"``, ``"tova"``, ``"h2o"``
     with ``recent``): which window pair is folded when the window is full; the attention-chosen ones, like a
     Merge rule's log-count bias, need a model loaded with ``attn_implementation="kvfold"``.
     ``memory``: the class each layer's memory is made with, ``kvfold.MemoryCache`` by default (every
@@ -70,7 +72,7 @@ class FoldCache(Cache):
         sinks: int = 0,
         dtype: Any = "float32",
         check_finite: bool = True,
-        rope: Optional[RoPE] = None,
+        rope: Union[RoPE, str, None] = None,
         retain: str = "fifo",
         recent: Optional[int] = None,
         memory: Any = None,
@@ -88,8 +90,10 @@ class FoldCache(Cache):
         self.memory_class = MemoryCache if memory is None else memory
         if not callable(self.memory_class):
             raise TypeError(f"memory: expected a memory class such as kvfold.MemoryCache, got {type(memory).__name__}")
-        if rope is not None and not isinstance(rope, RoPE):
-            raise TypeError(f"rope: expected a kvfold.RoPE or None, got {type(rope).__name__}")
+        if rope is not None and not isinstance(rope, (RoPE, str)):
+            raise TypeError(f"rope: expected a kvfold.RoPE, 'model' or None, got {type(rope).__name__}")
+        if isinstance(rope, str) and rope != "model":
+            raise ValueError(f"rope: expected a kvfold.RoPE, 'model' or None, got {rope!r}")
         if retain not in RETAIN:
             raise ValueError(f"retain: expected one of {', '.join(map(repr, RETAIN))}, got {retain!r}")
         for name, wanted in (("rope", rope is not None), ("retain", retain != "fifo")):

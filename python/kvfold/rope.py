@@ -91,9 +91,9 @@ class RoPE:
         """The RoPE of a Hugging Face Llama-family config (``rope_parameters`` or ``rope_theta``, and
         ``partial_rotary_factor``). A scaled RoPE (``rope_type`` ``linear``, ``llama3``, ``yarn``, ...) gets
         its frequencies from transformers, as the model computes them; ValueError for the types whose
-        frequencies change with the sequence length (``dynamic``, ``longrope``). ``layer_type``: for a
-        config whose RoPE differs by layer type (Gemma 3: ``"sliding_attention"``, ``"full_attention"``),
-        which one."""
+        frequencies change with the sequence length (``dynamic``, ``longrope``). ``layer_type``: the layer's
+        type (``config.layer_types[i]``), which chooses for a config whose RoPE differs by layer type (Gemma
+        3: ``"sliding_attention"``, ``"full_attention"``) and is otherwise not needed."""
         params = getattr(config, "rope_parameters", None) or {}
         by_type = params and all(isinstance(p, dict) for p in params.values())
         if by_type:
@@ -103,8 +103,8 @@ class RoPE:
                     f"got {layer_type!r}"
                 )
             params = params[layer_type]
-        elif layer_type is not None:
-            raise ValueError(f"layer_type: this config has one RoPE for every layer; expected None, got {layer_type!r}")
+        else:
+            layer_type = None  # (transformers' functions then read the one RoPE)
         theta = params.get("rope_theta", getattr(config, "rope_theta", None))
         kind = params.get("rope_type", "default")
         if theta is None:
