@@ -113,7 +113,7 @@ class FoldLayer(CacheLayerMixin):
         module: Optional[torch.nn.Module] = None,
     ) -> None:
         """The layer's memory. Under a model's sliding window shorter than the cache's window (the local layers
-        of Gemma 2 and 3) the model reads nothing older than that window: the layer keeps exactly it, a plain
+        of Gemma 3) the model reads nothing older than that window: the layer keeps exactly it, a plain
         window of ``sliding_window`` pairs with nothing to fold. ``module``: the model's attention, when
         kvfold's runs (see ``_layer_rope``)."""
         B, H, dk, dv = self._shape

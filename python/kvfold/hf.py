@@ -16,7 +16,7 @@ Attention runs one of two ways, whichever the model uses (each layer finds out a
   ``[sinks | memory slots | window]``, so a token sees itself inside the window. This path applies what the
   model's attention cannot: slot logit biases (``rules.Merge(bias="log_count")``) and retention chosen by
   the attention weights (``retain="tova"`` or ``"h2o"``). A layer under a model sliding window shorter than
-  ``window`` (Gemma's local layers) keeps exactly that window: the model reads nothing older there. With
+  ``window`` (Gemma 3's local layers) keeps exactly that window: the model reads nothing older there. With
   any other cache the ``kvfold`` attention is ``sdpa``.
 
 Keys are kept as the model gave them, rotated at their original positions; with ``rope=`` the memory
